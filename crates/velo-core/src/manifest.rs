@@ -44,7 +44,7 @@ impl<W: Write> ManifestWriter<W> {
         trees: &mut [(Hash, Vec<u8>)],
         blob_count: Option<u64>,
     ) -> io::Result<Self> {
-        trees.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        trees.sort_unstable_by_key(|t| t.0);
         let mut w = ManifestWriter {
             out,
             hasher: blake3::Hasher::new(),
@@ -426,7 +426,9 @@ mod tests {
     use super::*;
     use crate::{Entry, Mode, Name};
 
-    fn sample() -> (Hash, Vec<(Hash, Vec<u8>)>, Vec<(Hash, Vec<u8>)>) {
+    type Objects = Vec<(Hash, Vec<u8>)>;
+
+    fn sample() -> (Hash, Objects, Objects) {
         let content = b"hello world".to_vec();
         let blob = Hash::of_blob(&content);
         let file = |name: &str| Entry {

@@ -1,0 +1,191 @@
+//! `velo doctor`: what this machine supports, and what to do where it falls short.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::{fmt, Ctx};
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    advice: &'static str,
+}
+
+/// Entry point of the hidden `__probe-userns` subcommand: can this process unshare a user
+/// namespace? Run in a child so the probing process keeps its own namespaces.
+pub fn probe_userns() -> Result<ExitCode> {
+    // SAFETY: only NEWUSER is unshared (never FILES), in a single-threaded child process
+    // that exits right after; no file descriptor table is split.
+    let result = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWUSER) };
+    Ok(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+fn check_userns() -> Check {
+    let output = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("__probe-userns")
+            .output()
+    });
+    let (ok, detail) = match output {
+        Ok(o) if o.status.success() => (
+            true,
+            "unprivileged user namespaces can be created".to_string(),
+        ),
+        Ok(o) => (
+            false,
+            format!(
+                "unshare(CLONE_NEWUSER) failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => (false, format!("could not run the probe: {e}")),
+    };
+    Check {
+        name: "user namespaces",
+        ok,
+        detail,
+        advice: "enable them: sysctl kernel.unprivileged_userns_clone=1 (Debian) or user.max_user_namespaces > 0; needed by velo run --isolate",
+    }
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> (bool, String) {
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    ((a, b) >= (major, minor), release)
+}
+
+fn check_overlay() -> Check {
+    let listed = std::fs::read_to_string("/proc/filesystems")
+        .map(|t| t.lines().any(|l| l.trim_end().ends_with("overlay")))
+        .unwrap_or(false);
+    let loadable = Path::new("/sys/module/overlay").exists() || listed;
+    let (new_enough, release) = kernel_at_least(5, 11);
+    Check {
+        name: "overlayfs",
+        ok: loadable && new_enough,
+        detail: format!(
+            "overlay {} in this kernel ({release}); unprivileged overlay mounts in a user namespace need Linux 5.11 or newer",
+            if loadable { "is available" } else { "is not available" }
+        ),
+        advice: "load the module (modprobe overlay) or use a newer kernel; needed by velo run --isolate",
+    }
+}
+
+fn check_fuse() -> Check {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse");
+    let helper = [
+        "/bin/fusermount3",
+        "/usr/bin/fusermount3",
+        "/bin/fusermount",
+        "/usr/bin/fusermount",
+    ]
+    .iter()
+    .find(|p| Path::new(p).exists());
+    let ok = device.is_ok();
+    let detail = match (&device, helper) {
+        (Ok(_), Some(h)) => format!("/dev/fuse opens; mount helper {h}"),
+        (Ok(_), None) => "/dev/fuse opens; no fusermount3 helper (only root can mount)".to_string(),
+        (Err(e), _) => format!("/dev/fuse: {e}"),
+    };
+    Check { name: "FUSE", ok, detail, advice: "install fuse3 (apt-get install fuse3) and make /dev/fuse available; needed by velo mount" }
+}
+
+fn check_reflink(store: &Path) -> Check {
+    let mut dir: PathBuf = store.to_path_buf();
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) => dir = p.to_path_buf(),
+            None => break,
+        }
+    }
+    let probe = || -> std::io::Result<()> {
+        let a = tempfile_in(&dir, "a")?;
+        let b = tempfile_in(&dir, "b")?;
+        std::fs::write(&a.0, b"velo reflink probe")?;
+        let src = std::fs::File::open(&a.0)?;
+        let dst = std::fs::OpenOptions::new().write(true).open(&b.0)?;
+        rustix::fs::ioctl_ficlone(&dst, &src).map_err(std::io::Error::from)
+    };
+    let result = probe();
+    Check {
+        name: "reflink",
+        ok: result.is_ok(),
+        detail: match result {
+            Ok(()) => format!("{} supports reflinks: ingest clones file extents instead of copying", dir.display()),
+            Err(e) => format!("{} cannot reflink ({e}): ingest copies file contents", dir.display()),
+        },
+        advice: "optional: put the store on btrfs or xfs (reflink=1) to make ingest and writable checkouts nearly free",
+    }
+}
+
+/// A temp file removed on drop.
+struct TempPath(PathBuf);
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tempfile_in(dir: &Path, tag: &str) -> std::io::Result<TempPath> {
+    let path = dir.join(format!(".velo-doctor-{}-{tag}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    Ok(TempPath(path))
+}
+
+pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
+    let store_state = match velo_store::Store::open(&ctx.store_path) {
+        Ok(s) => format!(
+            "store at {} (format {})",
+            s.root().display(),
+            velo_store::STORE_FORMAT_VERSION
+        ),
+        Err(e) => format!("{e}"),
+    };
+    let checks = [
+        check_reflink(&ctx.store_path),
+        check_fuse(),
+        check_userns(),
+        check_overlay(),
+    ];
+    if ctx.json {
+        let list: Vec<_> = checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail, "advice": if c.ok { None } else { Some(c.advice) }})).collect();
+        fmt::print_json(&json!({ "store": store_state, "checks": list }));
+    } else {
+        println!("{store_state}");
+        for c in &checks {
+            println!(
+                "{:<4} {:<16} {}",
+                if c.ok { "ok" } else { "no" },
+                c.name,
+                c.detail
+            );
+            if !c.ok {
+                println!("     {:<16} -> {}", "", c.advice);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,104 @@
+//! Formatting shared by the commands: sizes, modes, times, JSON of entries.
+
+use serde_json::{json, Map, Value};
+use velo_core::{Entry, EntryKind};
+
+/// `1.4 GiB`-style sizes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// `drwxr-xr-x`-style mode strings.
+pub fn mode_string(entry: &Entry) -> String {
+    let bits = entry.mode.bits();
+    let mut s = String::with_capacity(10);
+    s.push(match entry.kind {
+        EntryKind::File { .. } => '-',
+        EntryKind::Dir { .. } => 'd',
+        EntryKind::Symlink { .. } => 'l',
+    });
+    let special = [(0o4000, 's', 'S'), (0o2000, 's', 'S'), (0o1000, 't', 'T')];
+    for (i, (flag, lower, upper)) in special.iter().enumerate() {
+        let shift = 6 - 3 * i;
+        let triple = (bits >> shift) & 7;
+        s.push(if triple & 4 != 0 { 'r' } else { '-' });
+        s.push(if triple & 2 != 0 { 'w' } else { '-' });
+        let exec = triple & 1 != 0;
+        s.push(match (bits & flag != 0, exec) {
+            (true, true) => *lower,
+            (true, false) => *upper,
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}
+
+/// An RFC 3339 UTC time with nanoseconds.
+pub fn time(mtime_ns: i64) -> String {
+    let t = if mtime_ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(mtime_ns as u64)
+    } else {
+        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(mtime_ns.unsigned_abs())
+    };
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+/// Bytes as text; not-UTF-8 bytes become U+FFFD (JSON adds `path_bytes` then).
+pub fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Puts `key` (lossy text) and, when the bytes are not UTF-8, `key_bytes` (exact).
+pub fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+    obj.insert(key.into(), Value::String(lossy(bytes)));
+    if std::str::from_utf8(bytes).is_err() {
+        obj.insert(format!("{key}_bytes"), json!(bytes));
+    }
+}
+
+/// The JSON object of one entry: `path, kind, mode, size, mtime_ns, hash, target`.
+pub fn entry_json(path: &[u8], entry: &Entry) -> Value {
+    let mut obj = Map::new();
+    put_bytes(&mut obj, "path", path);
+    obj.insert("kind".into(), json!(entry.kind.label()));
+    obj.insert("mode".into(), json!(entry.mode.bits()));
+    obj.insert("mtime_ns".into(), json!(entry.mtime_ns));
+    match &entry.kind {
+        EntryKind::File { hash, size } => {
+            obj.insert("size".into(), json!(size));
+            obj.insert("hash".into(), json!(hash.to_hex()));
+            obj.insert("target".into(), Value::Null);
+        }
+        EntryKind::Dir { hash } => {
+            obj.insert("size".into(), json!(0));
+            obj.insert("hash".into(), json!(hash.to_hex()));
+            obj.insert("target".into(), Value::Null);
+        }
+        EntryKind::Symlink { target } => {
+            obj.insert("size".into(), json!(target.len()));
+            obj.insert("hash".into(), Value::Null);
+            put_bytes(&mut obj, "target", target);
+        }
+    }
+    Value::Object(obj)
+}
+
+/// Prints a JSON value on stdout.
+pub fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values always serialise")
+    );
+}

@@ -1,0 +1,249 @@
+//! `velo`: the command-line edge of Velo Rift.
+//!
+//! This crate owns argument parsing, output (human text, `--json`, progress bars) and exit
+//! codes; everything else is a call into `velo-ingest` and `velo-store`. Errors become
+//! `anyhow` chains here and nowhere below.
+
+mod doctor;
+mod fmt;
+mod read;
+mod write;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Velo Rift: content-addressed trees, stored once, projected anywhere.
+#[derive(Parser, Debug)]
+#[command(name = "velo", version, about, long_about = None)]
+struct Cli {
+    /// Store directory [default: $VR_THE_SOURCE, else $XDG_DATA_HOME/velo, else ~/.local/share/velo]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    /// Print one JSON document on stdout instead of text
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Store a directory's files once each and record it as a tree; prints the root hash
+    Ingest {
+        /// The directory to ingest (only read, never modified)
+        dir: PathBuf,
+        /// Also write the tree as a .velo manifest
+        #[arg(short = 'o', long = "output", value_name = "OUT.velo")]
+        output: Option<PathBuf>,
+        /// Register the root under this name (re-using a name moves it)
+        #[arg(long)]
+        name: Option<String>,
+        /// Leave out paths matching GLOB (a GLOB without '/' matches names at any depth)
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Keep each entry's mtime, or record zero for reproducible roots
+        #[arg(long, value_enum, default_value = "keep")]
+        mtime: MtimeArg,
+        /// Read every file even if the stat cache says it is unchanged
+        #[arg(long)]
+        no_cache: bool,
+        /// Skip the final flush to stable storage (faster; a power cut may lose the newest objects)
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// List a directory of a tree
+    Ls {
+        /// A root name, a tree hash (or unique prefix), or a .velo file
+        tree: String,
+        /// A directory inside the tree
+        path: Option<String>,
+        /// Long format: mode, size, mtime, name
+        #[arg(short = 'l')]
+        long: bool,
+        /// Recurse into subdirectories
+        #[arg(short = 'R')]
+        recursive: bool,
+    },
+    /// Write a file of a tree to stdout
+    Cat { tree: String, path: String },
+    /// Show one entry's metadata
+    Show { tree: String, path: String },
+    /// List paths added, removed or modified from the first tree to the second
+    Diff { from: String, to: String },
+    /// Write a tree as a .velo manifest
+    Export {
+        tree: String,
+        #[arg(short = 'o', long = "output", value_name = "OUT.velo")]
+        output: PathBuf,
+        /// Include every blob, so an empty store can import and run it
+        #[arg(long)]
+        with_blobs: bool,
+    },
+    /// Verify a .velo manifest and add its trees (and blobs) to the store
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// Register even if some blobs are neither in the file nor in the store
+        #[arg(long)]
+        partial: bool,
+    },
+    /// List registered roots
+    Roots,
+    /// Unregister a root name, or every registration of a root hash
+    Forget { name_or_root: String },
+    /// Summarise the store
+    Status,
+    /// Report (or with --run, delete) what no registered root reaches
+    Gc {
+        #[arg(long)]
+        run: bool,
+    },
+    /// Check the store; exit status 0 iff it is sound
+    Fsck {
+        /// Check metadata and structure only; do not re-hash blob contents
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Report what this machine supports (reflink, FUSE, user namespaces, overlayfs)
+    Doctor,
+    #[command(hide = true, name = "__probe-userns")]
+    ProbeUserns,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum MtimeArg {
+    Keep,
+    Zero,
+}
+
+fn default_store() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VR_THE_SOURCE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("velo");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
+    PathBuf::from(home).join(".local/share/velo")
+}
+
+fn init_logging() {
+    let level = match std::env::var("VRIFT_DEBUG") {
+        Ok(v) if ["trace", "debug", "info", "warn", "error"].contains(&v.as_str()) => v,
+        Ok(v) if !v.is_empty() && v != "0" => "debug".to_string(),
+        _ => "warn".to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::new(format!("warn,velo={level},velo_cli={level},velo_store={level},velo_ingest={level},velo_core={level}"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// Context handed to every command.
+pub struct Ctx {
+    store_path: PathBuf,
+    json: bool,
+}
+
+impl Ctx {
+    /// Opens the existing store (read commands never create one).
+    pub fn store(&self) -> anyhow::Result<velo_store::Store> {
+        Ok(velo_store::Store::open(&self.store_path)?)
+    }
+
+    /// Opens the store, creating it on first use (write commands).
+    pub fn store_or_create(&self) -> anyhow::Result<velo_store::Store> {
+        Ok(velo_store::Store::open_or_create(&self.store_path)?)
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    raise_fd_limit();
+    let cli = Cli::parse();
+    let ctx = Ctx {
+        store_path: cli.store.clone().unwrap_or_else(default_store),
+        json: cli.json,
+    };
+    let result = match cli.command {
+        Command::Ingest {
+            dir,
+            output,
+            name,
+            exclude,
+            mtime,
+            no_cache,
+            no_sync,
+        } => {
+            let options = velo_ingest::IngestOptions {
+                excludes: exclude,
+                mtime: match mtime {
+                    MtimeArg::Keep => velo_ingest::MtimePolicy::Keep,
+                    MtimeArg::Zero => velo_ingest::MtimePolicy::Zero,
+                },
+                name,
+                no_cache,
+                no_sync,
+            };
+            write::ingest(&ctx, &dir, &options, output.as_deref())
+        }
+        Command::Ls {
+            tree,
+            path,
+            long,
+            recursive,
+        } => read::ls(&ctx, &tree, path.as_deref(), long, recursive),
+        Command::Cat { tree, path } => read::cat(&ctx, &tree, &path),
+        Command::Show { tree, path } => read::show(&ctx, &tree, &path),
+        Command::Diff { from, to } => read::diff(&ctx, &from, &to),
+        Command::Export {
+            tree,
+            output,
+            with_blobs,
+        } => write::export(&ctx, &tree, &output, with_blobs),
+        Command::Import {
+            file,
+            name,
+            partial,
+        } => write::import(&ctx, &file, name, partial),
+        Command::Roots => write::roots(&ctx),
+        Command::Forget { name_or_root } => write::forget(&ctx, &name_or_root),
+        Command::Status => write::status(&ctx),
+        Command::Gc { run } => write::gc(&ctx, run),
+        Command::Fsck { quick } => write::fsck(&ctx, quick),
+        Command::Doctor => doctor::doctor(&ctx),
+        Command::ProbeUserns => doctor::probe_userns(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("velo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Deep trees keep one fd open per directory level and worker; raise the soft limit to the
+/// hard one so wide, deep trees do not run out.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
+    }
+}

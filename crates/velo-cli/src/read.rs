@@ -1,0 +1,253 @@
+//! Read-only commands over a TREE argument: `ls`, `cat`, `show`, `diff`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use velo_core::manifest::ManifestReader;
+use velo_core::{Entry, EntryKind, Hash};
+use velo_store::treeops::{self, Found, MemoryTrees, TreeSource};
+use velo_store::StoreError;
+
+use crate::{fmt, Ctx};
+
+/// A resolved TREE argument: where its trees come from, and its root.
+pub struct Resolved {
+    pub source: Box<dyn TreeSource>,
+    pub root: Hash,
+}
+
+fn from_manifest(path: &Path) -> Result<Resolved> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let bad = |e| StoreError::Manifest {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let reader = ManifestReader::open(std::io::BufReader::new(file)).map_err(bad)?;
+    let root = reader.root();
+    let trees = reader.trees().clone();
+    reader.skip_blobs_and_finish().map_err(bad)?;
+    Ok(Resolved {
+        source: Box::new(MemoryTrees(trees)),
+        root,
+    })
+}
+
+/// Resolves TREE: a `.velo` path (contains `/` or ends in `.velo`), a root name, a tree
+/// hash or unique prefix, or else an existing file.
+pub fn resolve(ctx: &Ctx, spec: &str) -> Result<Resolved> {
+    let store = ctx.store();
+    if spec.contains('/') || spec.ends_with(".velo") {
+        return from_manifest(Path::new(spec));
+    }
+    match store {
+        Ok(store) => match store.resolve(spec) {
+            Ok(root) => Ok(Resolved {
+                source: Box::new(store),
+                root,
+            }),
+            Err(StoreError::UnknownTree(_)) if Path::new(spec).is_file() => {
+                from_manifest(Path::new(spec))
+            }
+            Err(e) => Err(e.into()),
+        },
+        Err(_) if Path::new(spec).is_file() => from_manifest(Path::new(spec)),
+        Err(e) => Err(e).with_context(|| format!("cannot resolve {spec:?}")),
+    }
+}
+
+fn lookup_entry(resolved: &Resolved, path: &str) -> Result<Option<Entry>> {
+    Ok(
+        match treeops::lookup(resolved.source.as_ref(), resolved.root, path.as_bytes())? {
+            Found::Root(_) => None,
+            Found::Entry(e) => Some(e),
+        },
+    )
+}
+
+pub fn ls(
+    ctx: &Ctx,
+    spec: &str,
+    path: Option<&str>,
+    long: bool,
+    recursive: bool,
+) -> Result<ExitCode> {
+    let resolved = resolve(ctx, spec)?;
+    let path = path.unwrap_or("");
+    let dir = treeops::dir_at(resolved.source.as_ref(), resolved.root, path.as_bytes())?;
+    let prefix = path.trim_matches('/');
+    let mut json_entries = Vec::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
+    treeops::walk(
+        resolved.source.as_ref(),
+        dir,
+        prefix.as_bytes(),
+        recursive,
+        &mut |p, entry| {
+            if ctx.json {
+                json_entries.push(fmt::entry_json(p, entry));
+                return Ok(());
+            }
+            let shown = if recursive || !prefix.is_empty() {
+                fmt::lossy(p)
+            } else {
+                entry.name.to_string()
+            };
+            let line = if long {
+                let size = match &entry.kind {
+                    EntryKind::File { size, .. } => *size,
+                    EntryKind::Symlink { target } => target.len() as u64,
+                    EntryKind::Dir { .. } => 0,
+                };
+                let target = match &entry.kind {
+                    EntryKind::Symlink { target } => format!(" -> {}", fmt::lossy(target)),
+                    _ => String::new(),
+                };
+                format!(
+                    "{} {:>12} {} {}{}",
+                    fmt::mode_string(entry),
+                    size,
+                    fmt::time(entry.mtime_ns),
+                    shown,
+                    target
+                )
+            } else {
+                shown
+            };
+            if let Err(e) = writeln!(out, "{line}") {
+                failed = Some(e);
+            }
+            Ok(())
+        },
+    )?;
+    drop(out);
+    if let Some(e) = failed {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing to stdout");
+        }
+    }
+    if ctx.json {
+        fmt::print_json(&json!({ "root": resolved.root.to_hex(), "entries": json_entries }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn cat(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
+    let resolved = resolve(ctx, spec)?;
+    let entry = lookup_entry(&resolved, path)?;
+    let hash = match entry.map(|e| e.kind) {
+        Some(EntryKind::File { hash, .. }) => hash,
+        Some(EntryKind::Symlink { target }) => bail!(
+            "{path} is a symlink to {}; cat the target instead",
+            fmt::lossy(&target)
+        ),
+        _ => bail!("{path} is a directory; use velo ls"),
+    };
+    let store = ctx.store()?;
+    let mut blob = match store.open_blob(&hash) {
+        Ok(f) => f,
+        Err(StoreError::Missing { .. }) => bail!("the content of {path} (blob {hash}) is not in the store {}; import the manifest (with its blobs) first", store.root().display()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match std::io::copy(&mut blob, &mut stdout) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
+
+pub fn show(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
+    let resolved = resolve(ctx, spec)?;
+    let Some(entry) = lookup_entry(&resolved, path)? else {
+        let stats = treeops::stats(resolved.source.as_ref(), resolved.root)?;
+        if ctx.json {
+            fmt::print_json(
+                &json!({ "path": "", "kind": "dir", "hash": resolved.root.to_hex(), "files": stats.files, "dirs": stats.dirs, "symlinks": stats.symlinks, "bytes": stats.bytes }),
+            );
+        } else {
+            println!("path:     /\nkind:     dir (root)\nhash:     {}\nholds:    {} files, {} dirs, {} symlinks, {}", resolved.root, stats.files, stats.dirs, stats.symlinks, fmt::bytes(stats.bytes));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let shown_path = path.trim_matches('/');
+    if ctx.json {
+        fmt::print_json(&fmt::entry_json(shown_path.as_bytes(), &entry));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("path:     {shown_path}");
+    println!("kind:     {}", entry.kind.label());
+    println!(
+        "mode:     {:o} ({})",
+        entry.mode.bits(),
+        fmt::mode_string(&entry)
+    );
+    println!(
+        "mtime:    {} ({} ns)",
+        fmt::time(entry.mtime_ns),
+        entry.mtime_ns
+    );
+    match &entry.kind {
+        EntryKind::File { hash, size } => println!("size:     {size}\nhash:     {hash}"),
+        EntryKind::Dir { hash } => println!("tree:     {hash}"),
+        EntryKind::Symlink { target } => println!("target:   {}", fmt::lossy(target)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Trees from two sources, tried in turn (diff across a store and a .velo file).
+struct Both<'a>(&'a dyn TreeSource, &'a dyn TreeSource);
+
+impl TreeSource for Both<'_> {
+    fn tree(&self, hash: &Hash) -> velo_store::Result<velo_core::Tree> {
+        self.0.tree(hash).or_else(|_| self.1.tree(hash))
+    }
+}
+
+pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {
+    let a = resolve(ctx, from)?;
+    let b = resolve(ctx, to)?;
+    let both = Both(a.source.as_ref(), b.source.as_ref());
+    let changes = treeops::diff(&both, a.root, b.root)?;
+    if ctx.json {
+        let list: Vec<_> = changes
+            .iter()
+            .map(|c| {
+                let mut obj = serde_json::Map::new();
+                fmt::put_bytes(&mut obj, "path", &c.path);
+                obj.insert("change".into(), json!(c.change.label()));
+                obj.insert("kind".into(), json!(c.kind));
+                obj.insert("what".into(), json!(c.what));
+                serde_json::Value::Object(obj)
+            })
+            .collect();
+        fmt::print_json(
+            &json!({ "from": a.root.to_hex(), "to": b.root.to_hex(), "changes": list }),
+        );
+    } else {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for c in &changes {
+            let mark = match c.change {
+                treeops::ChangeKind::Added => 'A',
+                treeops::ChangeKind::Removed => 'D',
+                treeops::ChangeKind::Modified => 'M',
+            };
+            let what = if c.what.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", c.what.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "{mark} {}{}{what}",
+                fmt::lossy(&c.path),
+                if c.kind == "dir" { "/" } else { "" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,302 @@
+//! Commands that change or inspect the store as a whole: ingest, import, export, roots,
+//! forget, status, gc, fsck.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+use velo_ingest::{IngestOptions, Progress};
+use velo_store::{FsckOptions, ImportOptions};
+
+use crate::{fmt, Ctx};
+
+/// Shows a spinner with live counts on a terminal while `work` runs.
+fn with_progress<T>(progress: &Arc<Progress>, label: &'static str, work: impl FnOnce() -> T) -> T {
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .expect("valid template"),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (bar, done, progress) = (bar.clone(), done.clone(), progress.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let files = progress.files.load(Ordering::Relaxed);
+                let bytes = progress.bytes.load(Ordering::Relaxed);
+                bar.set_message(format!("{label}: {files} files, {}", fmt::bytes(bytes)));
+                bar.tick();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let result = work();
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    bar.finish_and_clear();
+    result
+}
+
+pub fn ingest(
+    ctx: &Ctx,
+    dir: &Path,
+    options: &IngestOptions,
+    output: Option<&Path>,
+) -> Result<ExitCode> {
+    if !dir.is_dir() {
+        if dir.exists() {
+            bail!(
+                "{} is not a directory: velo ingest takes a directory",
+                dir.display()
+            );
+        }
+        bail!("{} does not exist", dir.display());
+    }
+    let store = ctx.store_or_create()?;
+    let progress = Arc::new(Progress::default());
+    let report = with_progress(&progress, "ingesting", || {
+        velo_ingest::ingest(&store, dir, options, &progress)
+    })?;
+    let exported = match output {
+        Some(out) => Some(store.export(report.root, out, false)?),
+        None => None,
+    };
+    let s = report.stats;
+    if ctx.json {
+        let skipped: Vec<_> = report
+            .skipped
+            .iter()
+            .map(|k| json!({"path": k.path, "reason": k.reason}))
+            .collect();
+        fmt::print_json(&json!({
+            "root": report.root.to_hex(),
+            "name": options.name,
+            "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes,
+            "new_blobs": report.new_blobs, "new_bytes": report.new_bytes,
+            "cached_files": report.cached_files, "reflinked": report.reflinked,
+            "skipped": skipped,
+            "manifest": exported.as_ref().map(|e| e.path.clone()),
+            "seconds": report.seconds,
+        }));
+    } else {
+        println!("{}", report.root);
+        let excluded = report
+            .skipped
+            .iter()
+            .filter(|k| k.reason == "excluded")
+            .count();
+        let special = report.skipped.len() - excluded;
+        eprintln!(
+            "ingested {} files, {} dirs, {} symlinks, {} ({} in {} new blobs{}) in {:.2} s{}{}{}",
+            s.files,
+            s.dirs,
+            s.symlinks,
+            fmt::bytes(s.bytes),
+            fmt::bytes(report.new_bytes),
+            report.new_blobs,
+            if report.reflinked { ", reflinked" } else { "" },
+            report.seconds,
+            if excluded > 0 {
+                format!("; {excluded} excluded")
+            } else {
+                String::new()
+            },
+            if special > 0 {
+                format!("; {special} special files skipped (see warnings)")
+            } else {
+                String::new()
+            },
+            exported
+                .map(|e| format!("; wrote {}", e.path))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(ctx: &Ctx, spec: &str, output: &Path, with_blobs: bool) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let root = store.resolve(spec)?;
+    let report = store.export(root, output, with_blobs)?;
+    if ctx.json {
+        fmt::print_json(&serde_json::to_value(&report)?);
+    } else {
+        eprintln!(
+            "wrote {} ({} trees, {} blobs, {})",
+            report.path,
+            report.trees,
+            report.blobs,
+            fmt::bytes(report.file_bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn import(ctx: &Ctx, file: &Path, name: Option<String>, partial: bool) -> Result<ExitCode> {
+    if !file.is_file() {
+        bail!("{} is not a file", file.display());
+    }
+    let store = ctx.store_or_create()?;
+    let report = store.import(file, &ImportOptions { name, partial })?;
+    if ctx.json {
+        fmt::print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!("{}", report.root);
+        eprintln!(
+            "imported {} trees ({} new), {} blobs ({} new, {}){}",
+            report.trees,
+            report.new_trees,
+            report.blobs_in_file,
+            report.new_blobs,
+            fmt::bytes(report.new_bytes),
+            if report.missing_blobs > 0 {
+                format!("; {} blobs still missing (partial)", report.missing_blobs)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let roots = store.roots()?;
+    if ctx.json {
+        fmt::print_json(&json!({ "roots": roots }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in roots {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(r.created_unix),
+        );
+        println!(
+            "{:<24} {} {} {:>8} files {:>10}{}",
+            r.name.as_deref().unwrap_or("-"),
+            &r.root[..16],
+            when,
+            r.stats.files,
+            fmt::bytes(r.stats.bytes),
+            if r.partial { "  (partial)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn forget(ctx: &Ctx, name_or_root: &str) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let removed = store.forget(name_or_root)?;
+    if removed.is_empty() {
+        bail!("no registered root is named {name_or_root:?} or has that hash; see velo roots");
+    }
+    if ctx.json {
+        fmt::print_json(&json!({ "forgot": removed }));
+    } else {
+        for r in removed {
+            eprintln!(
+                "forgot {} ({}); velo gc --run frees what only it kept",
+                r.name.as_deref().unwrap_or("unnamed root"),
+                r.root
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(ctx: &Ctx) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let s = store.status()?;
+    if ctx.json {
+        fmt::print_json(&serde_json::to_value(&s)?);
+    } else {
+        println!("store:        {} (format {})", s.store, s.format_version);
+        println!("roots:        {}", s.roots);
+        println!("trees:        {}", s.trees);
+        println!(
+            "blobs:        {} ({} stored, {} on disk)",
+            s.blobs,
+            fmt::bytes(s.blob_bytes),
+            fmt::bytes(s.disk_bytes)
+        );
+        println!("logical:      {}", fmt::bytes(s.logical_bytes));
+        println!("dedup ratio:  {:.2}", s.dedup_ratio);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let r = store.gc(run)?;
+    if ctx.json {
+        fmt::print_json(&serde_json::to_value(&r)?);
+    } else if run {
+        eprintln!(
+            "freed {} trees, {} blobs, {}; removed {} temp files; kept {} roots",
+            r.trees,
+            r.blobs,
+            fmt::bytes(r.bytes),
+            r.temp_files,
+            r.roots
+        );
+    } else {
+        eprintln!(
+            "would free {} trees, {} blobs, {} and {} temp files (kept: {} roots); run `velo gc --run` to delete",
+            r.trees,
+            r.blobs,
+            fmt::bytes(r.bytes),
+            r.temp_files,
+            r.roots
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn fsck(ctx: &Ctx, quick: bool) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let r = store.fsck(FsckOptions {
+        verify_content: !quick,
+    })?;
+    if ctx.json {
+        fmt::print_json(&serde_json::to_value(&r)?);
+    } else {
+        for p in &r.problems {
+            println!("{}: {}: {}", p.kind, p.object, p.detail);
+        }
+        for s in &r.stray_files {
+            eprintln!("note: {s} in an object directory is not an object (left alone)");
+        }
+        eprintln!(
+            "checked {} blobs ({} hashed), {} trees, {} roots: {}{}",
+            r.blobs,
+            fmt::bytes(r.bytes_verified),
+            r.trees,
+            r.roots,
+            if r.ok {
+                "store is sound".to_string()
+            } else {
+                format!("{} problems", r.problems.len())
+            },
+            if r.unreachable_objects + r.temp_files > 0 {
+                format!(
+                    " ({} unreachable objects, {} temp files: velo gc --run removes them)",
+                    r.unreachable_objects, r.temp_files
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

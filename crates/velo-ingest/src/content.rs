@@ -1,0 +1,255 @@
+//! One file: find its hash (stat cache, else read it), store its content once.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::{Mode as FsMode, OFlags, Stat};
+use velo_core::Hash;
+use velo_store::{Staged, StoreError};
+
+use crate::statcache::Cached;
+use crate::walk::{ctime_ns, mtime_ns, Ctx};
+use crate::IngestError;
+
+/// Files up to this size are read whole into a per-thread buffer, then written if new;
+/// larger ones are streamed.
+const WHOLE_FILE_LIMIT: u64 = 8 << 20;
+const CHUNK: usize = 1 << 20;
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn same_version(a: &Stat, b: &Stat) -> bool {
+    a.st_size == b.st_size
+        && a.st_ino == b.st_ino
+        && mtime_ns(a) == mtime_ns(b)
+        && ctime_ns(a) == ctime_ns(b)
+}
+
+enum Outcome {
+    Stored(Hash),
+    /// The file changed while it was read; `Stat` is its newest state.
+    Changed(Stat),
+}
+
+impl Ctx<'_> {
+    /// Returns the file's blob hash and size, storing the content if the store lacks it.
+    pub(crate) fn file(
+        &self,
+        dirfd: BorrowedFd<'_>,
+        name: &[u8],
+        st: &Stat,
+        rel: &[u8],
+    ) -> Result<(Hash, u64), IngestError> {
+        let key = (st.st_dev, st.st_ino);
+        let size = st.st_size as u64;
+        if let Some(cached) = self.cache.entries.get(&key) {
+            if cached.size == size
+                && cached.mtime_ns == mtime_ns(st)
+                && cached.ctime_ns == ctime_ns(st)
+            {
+                let usable = !self.cache.verify_hits
+                    || self.knows(&cached.hash)
+                    || self.store.has_blob(&cached.hash);
+                if usable {
+                    self.cached_files.fetch_add(1, Ordering::Relaxed);
+                    self.remember(key, *cached);
+                    self.progress.files.fetch_add(1, Ordering::Relaxed);
+                    self.progress.bytes.fetch_add(size, Ordering::Relaxed);
+                    return Ok((cached.hash, size));
+                }
+            }
+        }
+        self.cache_changed.store(true, Ordering::Relaxed);
+        let mut current = *st;
+        for _attempt in 0..3 {
+            let fd = rustix::fs::openat(
+                dirfd,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+                FsMode::empty(),
+            )
+            .map_err(|e| self.source_error("cannot open", rel, e))?;
+            let file = File::from(fd);
+            match self.store_content(&file, &current, rel)? {
+                Outcome::Stored(hash) => {
+                    let (mtime, ctime) = (mtime_ns(&current), ctime_ns(&current));
+                    if mtime < self.racy_after_ns && ctime < self.racy_after_ns {
+                        self.remember(
+                            key,
+                            Cached {
+                                size: current.st_size as u64,
+                                mtime_ns: mtime,
+                                ctime_ns: ctime,
+                                hash,
+                            },
+                        );
+                    }
+                    self.progress.files.fetch_add(1, Ordering::Relaxed);
+                    self.progress
+                        .bytes
+                        .fetch_add(current.st_size as u64, Ordering::Relaxed);
+                    return Ok((hash, current.st_size as u64));
+                }
+                Outcome::Changed(newest) => current = newest,
+            }
+        }
+        Err(IngestError::Changed(self.path_of(rel)))
+    }
+
+    fn remember(&self, key: (u64, u64), cached: Cached) {
+        self.observed
+            .lock()
+            .expect("no panics hold this lock")
+            .insert(key, cached);
+    }
+
+    fn fstat(&self, file: &File, rel: &[u8]) -> Result<Stat, IngestError> {
+        rustix::fs::fstat(file).map_err(|e| self.source_error("cannot stat", rel, e))
+    }
+
+    fn read_error(&self, rel: &[u8]) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+        let path = self.path_of(rel);
+        move |source| IngestError::Source {
+            op: "cannot read",
+            path,
+            source,
+        }
+    }
+
+    fn write_error(&self) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+        move |e| StoreError::io("writing a blob into", self.store.root().join("tmp"))(e).into()
+    }
+
+    /// Whether the store has `hash` (asking the file system once per run and hash).
+    fn stored(&self, hash: &Hash) -> bool {
+        self.knows(hash) || self.store.has_blob(hash)
+    }
+
+    fn store_content(
+        &self,
+        file: &File,
+        before: &Stat,
+        rel: &[u8],
+    ) -> Result<Outcome, IngestError> {
+        let size = before.st_size as u64;
+        if size <= WHOLE_FILE_LIMIT {
+            return BUFFER.with(|buffer| {
+                let mut buf = buffer.borrow_mut();
+                buf.clear();
+                buf.reserve(size as usize + 1);
+                // One byte more than expected, so a file that grew shows up as a size change.
+                file.take(size + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(self.read_error(rel))?;
+                let hash = Hash::from(blake3::hash(&buf));
+                let after = self.fstat(file, rel)?;
+                if !same_version(before, &after) || buf.len() as u64 != size {
+                    return Ok(Outcome::Changed(after));
+                }
+                if self.stored(&hash) {
+                    self.learn(&hash);
+                    return Ok(Outcome::Stored(hash));
+                }
+                let mut staged = self.store.stage()?;
+                if !self.try_reflink(&mut staged, file) {
+                    staged.file().write_all(&buf).map_err(self.write_error())?;
+                } else if !same_version(before, &self.fstat(file, rel)?) {
+                    return Ok(Outcome::Changed(self.fstat(file, rel)?));
+                }
+                self.commit(staged, hash, size)?;
+                Ok(Outcome::Stored(hash))
+            });
+        }
+        // Large file: stream it, writing as we hash unless a reflink can replace the copy.
+        let mut staged = if self.reflink_works.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some(self.store.stage()?)
+        };
+        let hash = self.stream(file, staged.as_mut(), rel)?;
+        let after = self.fstat(file, rel)?;
+        if !same_version(before, &after) {
+            return Ok(Outcome::Changed(after));
+        }
+        if self.stored(&hash) {
+            self.learn(&hash);
+            return Ok(Outcome::Stored(hash));
+        }
+        let staged = match staged {
+            Some(staged) => staged,
+            None => {
+                let mut staged = self.store.stage()?;
+                if !self.try_reflink(&mut staged, file) {
+                    (&*file).rewind().map_err(self.read_error(rel))?;
+                    if self.stream(file, Some(&mut staged), rel)? != hash {
+                        return Ok(Outcome::Changed(self.fstat(file, rel)?));
+                    }
+                }
+                if !same_version(before, &self.fstat(file, rel)?) {
+                    return Ok(Outcome::Changed(self.fstat(file, rel)?));
+                }
+                staged
+            }
+        };
+        self.commit(staged, hash, size)?;
+        Ok(Outcome::Stored(hash))
+    }
+
+    /// Hashes the file from its current offset, copying into `staged` if given.
+    fn stream(
+        &self,
+        mut file: &File,
+        mut staged: Option<&mut Staged<'_>>,
+        rel: &[u8],
+    ) -> Result<Hash, IngestError> {
+        let mut hasher = blake3::Hasher::new();
+        let mut chunk = vec![0u8; CHUNK];
+        loop {
+            let n = file.read(&mut chunk).map_err(self.read_error(rel))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            if let Some(staged) = staged.as_deref_mut() {
+                staged
+                    .file()
+                    .write_all(&chunk[..n])
+                    .map_err(self.write_error())?;
+            }
+        }
+        Ok(Hash::from(hasher.finalize()))
+    }
+
+    /// Clones the source's extents into the staged file; false when this file system
+    /// cannot (after the first failure, no more attempts are made).
+    fn try_reflink(&self, staged: &mut Staged<'_>, source: &File) -> bool {
+        if !self.reflink_works.load(Ordering::Relaxed) {
+            return false;
+        }
+        match rustix::fs::ioctl_ficlone(staged.file(), source) {
+            Ok(()) => {
+                self.reflinked.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reflink unavailable; copying blobs instead");
+                self.reflink_works.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn commit(&self, staged: Staged<'_>, hash: Hash, size: u64) -> Result<(), IngestError> {
+        if self.store.commit_blob(staged, &hash)? {
+            self.new_blobs.fetch_add(1, Ordering::Relaxed);
+            self.new_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        self.learn(&hash);
+        Ok(())
+    }
+}

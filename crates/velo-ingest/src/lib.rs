@@ -1,0 +1,184 @@
+//! Ingest: turn a directory into a tree in the store.
+//!
+//! This crate owns the parallel walk, the per-file "store this content once" step
+//! (reflink when the file system can, else copy — never a hard link to the source, which
+//! a later edit of the source would corrupt), the stat cache, and the summary. It calls
+//! `velo-core` and `velo-store`; the CLI calls it.
+//!
+//! Key decision: **one pass, bottom-up, on rayon.** Each directory is read with its own
+//! fd (`openat`/`fstatat` relative to it, no path re-walks); its files and subdirectories
+//! are processed in parallel, and its tree is written as soon as its children are known,
+//! so memory follows the number of entries, never the number of bytes. A file's bytes are
+//! hashed from the same read that copies them, so a blob can never hold other bytes than
+//! its name says even if the source changes meanwhile (a change is detected by `fstat`
+//! before and after, and the file is read again).
+#![deny(missing_docs)]
+
+mod content;
+mod statcache;
+mod walk;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use velo_core::Hash;
+use velo_store::{RootRecord, RootStats, Store, StoreError};
+
+/// What to do with modification times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MtimePolicy {
+    /// Record each entry's mtime.
+    #[default]
+    Keep,
+    /// Record 0 for every entry, so trees that differ only in times get one hash.
+    Zero,
+}
+
+/// How to ingest.
+#[derive(Clone, Debug, Default)]
+pub struct IngestOptions {
+    /// Glob patterns to leave out. A pattern with a `/` matches the path relative to the
+    /// ingested directory; one without matches the entry's name at any depth.
+    pub excludes: Vec<String>,
+    /// mtime handling.
+    pub mtime: MtimePolicy,
+    /// Register the root under this name (else it is registered unnamed).
+    pub name: Option<String>,
+    /// Ignore the stat cache and read every file.
+    pub no_cache: bool,
+    /// Skip the final `syncfs` (faster, but a power loss may lose the newest objects).
+    pub no_sync: bool,
+}
+
+/// Counters a progress display can poll while an ingest runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Files done.
+    pub files: AtomicU64,
+    /// Bytes of files done.
+    pub bytes: AtomicU64,
+}
+
+/// An entry that was not ingested.
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    /// Path relative to the ingested directory.
+    pub path: String,
+    /// Why: `socket`, `fifo`, `block device`, `character device`, `excluded`.
+    pub reason: &'static str,
+}
+
+/// The summary of an ingest.
+#[derive(Clone, Debug)]
+pub struct IngestReport {
+    /// The root tree.
+    pub root: Hash,
+    /// Files, directories, symlinks and logical bytes of the tree.
+    pub stats: RootStats,
+    /// Blobs the store did not have before.
+    pub new_blobs: u64,
+    /// Bytes of those blobs.
+    pub new_bytes: u64,
+    /// Files whose hash came from the stat cache without reading them.
+    pub cached_files: u64,
+    /// Whether new blobs were reflinked rather than copied.
+    pub reflinked: bool,
+    /// Entries left out, with the reason.
+    pub skipped: Vec<Skipped>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Why an ingest failed. Nothing is registered when it does.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The store failed (full disk, damaged store, …).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the source failed.
+    #[error("{op} {path}: {source}")]
+    Source {
+        /// What was being done.
+        op: &'static str,
+        /// Which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The source is not a directory.
+    #[error("{0} is not a directory: velo ingest takes a directory")]
+    NotADirectory(PathBuf),
+    /// A file kept changing while it was read.
+    #[error("{0} changed while it was being read (three times in a row); ingest it again when it is quiet")]
+    Changed(PathBuf),
+    /// A bad `--exclude` pattern.
+    #[error("--exclude {pattern:?}: {message}")]
+    BadExclude {
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        message: String,
+    },
+    /// A name from the file system that a tree cannot hold.
+    #[error("{path}: {message}")]
+    BadEntry {
+        /// Which path.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Ingests `dir` into `store`: stores every content once, writes the trees, registers the
+/// root. The source is only read.
+pub fn ingest(
+    store: &Store,
+    dir: &Path,
+    options: &IngestOptions,
+    progress: &Progress,
+) -> Result<IngestReport, IngestError> {
+    let started = Instant::now();
+    if let Some(name) = &options.name {
+        velo_store::validate_root_name(name)?;
+    }
+    let source = std::fs::canonicalize(dir).map_err(|source| IngestError::Source {
+        op: "cannot open",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !source.is_dir() {
+        return Err(IngestError::NotADirectory(dir.to_path_buf()));
+    }
+    let _lock = store.lock_shared()?;
+    let walked = walk::run(store, &source, options, progress)?;
+    if walked.new_blobs > 0 || walked.new_trees > 0 {
+        if options.no_sync {
+            tracing::debug!("skipping syncfs (--no-sync)");
+        } else {
+            store.sync()?;
+        }
+    }
+    store.register_root(&RootRecord {
+        name: options.name.clone(),
+        root: walked.root.to_hex(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        stats: walked.stats,
+        partial: false,
+        source: Some(source.display().to_string()),
+    })?;
+    walked.save_cache(store);
+    Ok(IngestReport {
+        root: walked.root,
+        stats: walked.stats,
+        new_blobs: walked.new_blobs,
+        new_bytes: walked.new_bytes,
+        cached_files: walked.cached_files,
+        reflinked: walked.reflinked,
+        skipped: walked.skipped,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,358 @@
+//! The parallel, bottom-up directory walk.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode, OFlags, Stat};
+use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
+use velo_store::{RootStats, Store};
+
+use crate::statcache::{Cached, StatCache};
+use crate::{IngestError, IngestOptions, MtimePolicy, Progress, Skipped};
+
+/// What the walk produced.
+pub(crate) struct Walked {
+    pub root: Hash,
+    pub stats: RootStats,
+    pub new_blobs: u64,
+    pub new_bytes: u64,
+    pub new_trees: u64,
+    pub cached_files: u64,
+    pub reflinked: bool,
+    pub skipped: Vec<Skipped>,
+    cache: StatCache,
+    observed: HashMap<(u64, u64), Cached>,
+    cache_changed: bool,
+}
+
+impl Walked {
+    /// Writes the stat cache if anything in it changed.
+    pub fn save_cache(&self, store: &Store) {
+        if self.cache_changed
+            || self.cache.verify_hits
+            || self.observed.len() != self.cache.entries.len()
+        {
+            self.cache.save(store, &self.observed);
+        }
+    }
+}
+
+pub(crate) struct Ctx<'a> {
+    pub store: &'a Store,
+    pub options: &'a IngestOptions,
+    pub progress: &'a Progress,
+    source: &'a Path,
+    exclude_paths: GlobSet,
+    exclude_names: GlobSet,
+    pub cache: StatCache,
+    pub observed: Mutex<HashMap<(u64, u64), Cached>>,
+    pub cache_changed: AtomicBool,
+    /// Files changed at or after this time (ns) are not cached: see statcache.rs.
+    pub racy_after_ns: i64,
+    known: Vec<Mutex<HashSet<Hash>>>,
+    pub reflink_works: AtomicBool,
+    pub reflinked: AtomicBool,
+    pub new_blobs: AtomicU64,
+    pub new_bytes: AtomicU64,
+    new_trees: AtomicU64,
+    pub cached_files: AtomicU64,
+    skipped: Mutex<Vec<Skipped>>,
+}
+
+pub(crate) fn run(
+    store: &Store,
+    source: &Path,
+    options: &IngestOptions,
+    progress: &Progress,
+) -> Result<Walked, IngestError> {
+    let (exclude_paths, exclude_names) = build_excludes(&options.excludes)?;
+    let cache = if options.no_cache {
+        StatCache::load(store, Path::new("/dev/null/no-cache"))
+    } else {
+        StatCache::load(store, source)
+    };
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let ctx = Ctx {
+        store,
+        options,
+        progress,
+        source,
+        exclude_paths,
+        exclude_names,
+        observed: Mutex::new(HashMap::with_capacity(cache.entries.len())),
+        cache,
+        cache_changed: AtomicBool::new(false),
+        racy_after_ns: now_ns - 2_000_000_000,
+        known: (0..64).map(|_| Mutex::new(HashSet::new())).collect(),
+        reflink_works: AtomicBool::new(true),
+        reflinked: AtomicBool::new(false),
+        new_blobs: AtomicU64::new(0),
+        new_bytes: AtomicU64::new(0),
+        new_trees: AtomicU64::new(0),
+        cached_files: AtomicU64::new(0),
+        skipped: Mutex::new(Vec::new()),
+    };
+    let fd = rustix::fs::open(
+        source,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(|e| ctx.source_error("cannot open directory", b"", e))?;
+    let (root, stats) = ctx.dir(fd, Vec::new())?;
+    let mut skipped = ctx.skipped.into_inner().expect("no panics hold this lock");
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Walked {
+        root,
+        stats,
+        new_blobs: ctx.new_blobs.into_inner(),
+        new_bytes: ctx.new_bytes.into_inner(),
+        new_trees: ctx.new_trees.into_inner(),
+        cached_files: ctx.cached_files.into_inner(),
+        reflinked: ctx.reflinked.into_inner(),
+        skipped,
+        cache: ctx.cache,
+        observed: ctx.observed.into_inner().expect("no panics hold this lock"),
+        cache_changed: ctx.cache_changed.into_inner(),
+    })
+}
+
+fn build_excludes(patterns: &[String]) -> Result<(GlobSet, GlobSet), IngestError> {
+    let mut paths = GlobSetBuilder::new();
+    let mut names = GlobSetBuilder::new();
+    for pattern in patterns {
+        let trimmed = pattern.trim_end_matches('/');
+        let glob = GlobBuilder::new(trimmed)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| IngestError::BadExclude {
+                pattern: pattern.clone(),
+                message: e.kind().to_string(),
+            })?;
+        if trimmed.contains('/') {
+            paths.add(glob);
+        } else {
+            names.add(glob);
+        }
+    }
+    let build = |b: GlobSetBuilder| {
+        b.build().map_err(|e| IngestError::BadExclude {
+            pattern: patterns.join(" "),
+            message: e.to_string(),
+        })
+    };
+    Ok((build(paths)?, build(names)?))
+}
+
+pub(crate) fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(base.len() + 1 + name.len());
+    if !base.is_empty() {
+        p.extend_from_slice(base);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+// The casts are no-ops on x86_64 but not on every target's `struct stat`.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn mtime_ns(st: &Stat) -> i64 {
+    (st.st_mtime as i64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_mtime_nsec as i64)
+}
+
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn ctime_ns(st: &Stat) -> i64 {
+    (st.st_ctime as i64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_ctime_nsec as i64)
+}
+
+impl Ctx<'_> {
+    pub(crate) fn path_of(&self, rel: &[u8]) -> PathBuf {
+        self.source.join(OsStr::from_bytes(rel))
+    }
+
+    pub(crate) fn source_error(
+        &self,
+        op: &'static str,
+        rel: &[u8],
+        e: rustix::io::Errno,
+    ) -> IngestError {
+        IngestError::Source {
+            op,
+            path: self.path_of(rel),
+            source: e.into(),
+        }
+    }
+
+    fn excluded(&self, rel: &[u8], name: &[u8]) -> bool {
+        (!self.exclude_names.is_empty()
+            && self
+                .exclude_names
+                .is_match(Path::new(OsStr::from_bytes(name))))
+            || (!self.exclude_paths.is_empty()
+                && self
+                    .exclude_paths
+                    .is_match(Path::new(OsStr::from_bytes(rel))))
+    }
+
+    fn skip(&self, rel: &[u8], reason: &'static str) {
+        if reason != "excluded" {
+            tracing::warn!(path = %self.path_of(rel).display(), "skipping a {reason}: trees hold only files, directories and symlinks");
+        }
+        self.skipped
+            .lock()
+            .expect("no panics hold this lock")
+            .push(Skipped {
+                path: String::from_utf8_lossy(rel).into_owned(),
+                reason,
+            });
+    }
+
+    /// Records that the store holds `hash`; returns false if this run already knew.
+    pub(crate) fn learn(&self, hash: &Hash) -> bool {
+        self.known[usize::from(hash.0[0]) & 63]
+            .lock()
+            .expect("no panics hold this lock")
+            .insert(*hash)
+    }
+
+    pub(crate) fn knows(&self, hash: &Hash) -> bool {
+        self.known[usize::from(hash.0[0]) & 63]
+            .lock()
+            .expect("no panics hold this lock")
+            .contains(hash)
+    }
+
+    fn mtime(&self, st: &Stat) -> i64 {
+        match self.options.mtime {
+            MtimePolicy::Keep => mtime_ns(st),
+            MtimePolicy::Zero => 0,
+        }
+    }
+
+    fn entry(
+        &self,
+        rel: &[u8],
+        name: &[u8],
+        st: &Stat,
+        kind: EntryKind,
+    ) -> Result<Entry, IngestError> {
+        Ok(Entry {
+            name: Name::new(name).map_err(|e| IngestError::BadEntry {
+                path: self.path_of(rel),
+                message: e.to_string(),
+            })?,
+            mode: Mode::from_st_mode(st.st_mode),
+            mtime_ns: self.mtime(st),
+            kind,
+        })
+    }
+
+    /// Ingests one directory (given as an open fd) and returns its tree hash.
+    fn dir(&self, fd: OwnedFd, rel: Vec<u8>) -> Result<(Hash, RootStats), IngestError> {
+        let mut dir =
+            Dir::new(fd).map_err(|e| self.source_error("cannot read directory", &rel, e))?;
+        let mut files: Vec<(Vec<u8>, Stat)> = Vec::new();
+        let mut dirs: Vec<(Vec<u8>, Stat)> = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut stats = RootStats::default();
+        while let Some(item) = dir.read() {
+            let item = item.map_err(|e| self.source_error("cannot read directory", &rel, e))?;
+            let name = item.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let child = join(&rel, name);
+            if self.excluded(&child, name) {
+                self.skip(&child, "excluded");
+                continue;
+            }
+            let dirfd = dir.fd().expect("Dir always has an fd");
+            let st = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| self.source_error("cannot stat", &child, e))?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::RegularFile => files.push((name.to_vec(), st)),
+                FileType::Directory => dirs.push((name.to_vec(), st)),
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(dirfd, name, Vec::new())
+                        .map_err(|e| self.source_error("cannot read symlink", &child, e))?;
+                    let kind = EntryKind::Symlink {
+                        target: target.into_bytes().into(),
+                    };
+                    entries.push(self.entry(&child, name, &st, kind)?);
+                    stats.symlinks += 1;
+                }
+                FileType::Socket => self.skip(&child, "socket"),
+                FileType::Fifo => self.skip(&child, "fifo"),
+                FileType::BlockDevice => self.skip(&child, "block device"),
+                FileType::CharacterDevice => self.skip(&child, "character device"),
+                FileType::Unknown => self.skip(&child, "file of unknown type"),
+            }
+        }
+        let dirfd: BorrowedFd<'_> = dir.fd().expect("Dir always has an fd");
+        let (file_entries, dir_entries) = rayon::join(
+            || {
+                files
+                    .par_iter()
+                    .map(|(name, st)| {
+                        let child = join(&rel, name);
+                        let (hash, size) = self.file(dirfd, name, st, &child)?;
+                        self.entry(&child, name, st, EntryKind::File { hash, size })
+                    })
+                    .collect::<Result<Vec<Entry>, IngestError>>()
+            },
+            || {
+                dirs.par_iter()
+                    .map(|(name, st)| {
+                        let child = join(&rel, name);
+                        let fd = rustix::fs::openat(
+                            dirfd,
+                            name.as_slice(),
+                            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            FsMode::empty(),
+                        )
+                        .map_err(|e| self.source_error("cannot open directory", &child, e))?;
+                        let (hash, sub) = self.dir(fd, child.clone())?;
+                        Ok((self.entry(&child, name, st, EntryKind::Dir { hash })?, sub))
+                    })
+                    .collect::<Result<Vec<(Entry, RootStats)>, IngestError>>()
+            },
+        );
+        for entry in file_entries? {
+            if let EntryKind::File { size, .. } = entry.kind {
+                stats.files += 1;
+                stats.bytes += size;
+            }
+            entries.push(entry);
+        }
+        for (entry, sub) in dir_entries? {
+            stats.dirs += 1 + sub.dirs;
+            stats.files += sub.files;
+            stats.symlinks += sub.symlinks;
+            stats.bytes += sub.bytes;
+            entries.push(entry);
+        }
+        let tree = Tree::new(entries).map_err(|e| IngestError::BadEntry {
+            path: self.path_of(&rel),
+            message: e.to_string(),
+        })?;
+        let (hash, new) = self.store.put_tree(&tree)?;
+        if new {
+            self.new_trees.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((hash, stats))
+    }
+}

@@ -1,0 +1,299 @@
+//! `velo fsck`: is the store sound? Every object under its right name, read-only, every
+//! root complete.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use rayon::prelude::*;
+use serde::Serialize;
+use velo_core::{EntryKind, Hash, Tree};
+
+use crate::objects::ObjectKind;
+use crate::{Result, Store};
+
+/// What fsck checks.
+#[derive(Debug, Clone, Copy)]
+pub struct FsckOptions {
+    /// Re-hash every blob's content (the slow part); without it only metadata is checked.
+    pub verify_content: bool,
+}
+
+/// One thing that makes the store unsound.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    /// A stable label: `corrupt-blob`, `corrupt-tree`, `bad-mode`, `missing-blob`,
+    /// `missing-tree`, `blob-size`, `bad-root`.
+    pub kind: &'static str,
+    /// The object, root or path concerned.
+    pub object: String,
+    /// What is wrong, as a sentence.
+    pub detail: String,
+}
+
+/// The outcome of fsck.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckReport {
+    /// True iff `problems` is empty.
+    pub ok: bool,
+    /// Blob files checked (variants included).
+    pub blobs: u64,
+    /// Tree objects checked.
+    pub trees: u64,
+    /// Roots checked.
+    pub roots: u64,
+    /// Bytes whose hash was recomputed.
+    pub bytes_verified: u64,
+    /// Objects no root reaches (harmless; `gc --run` frees them).
+    pub unreachable_objects: u64,
+    /// Leftovers of interrupted commands in tmp/ (harmless; `gc --run` removes them).
+    pub temp_files: u64,
+    /// Files in the object directories that are not objects (left alone).
+    pub stray_files: Vec<String>,
+    /// What is wrong.
+    pub problems: Vec<Problem>,
+}
+
+fn problem(kind: &'static str, object: impl ToString, detail: impl ToString) -> Problem {
+    Problem {
+        kind,
+        object: object.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+impl Store {
+    /// Checks the whole store. Holds the shared lock, so gc cannot run meanwhile but
+    /// ingests can (their temp files are counted, not blamed).
+    pub fn fsck(&self, options: FsckOptions) -> Result<FsckReport> {
+        let _lock = self.lock_shared()?;
+        let (tree_list, mut strays) = self.list_objects(ObjectKind::Tree)?;
+        let (blob_list, blob_strays) = self.list_objects(ObjectKind::Blob)?;
+        strays.extend(blob_strays.into_iter().map(|s| format!("blobs/{s}")));
+
+        let tree_results: Vec<(Hash, std::result::Result<Tree, Problem>)> = tree_list
+            .par_iter()
+            .map(|(hash, _)| (*hash, self.check_tree(hash)))
+            .collect();
+        let mut problems = Vec::new();
+        let mut trees = HashMap::with_capacity(tree_results.len());
+        for (hash, result) in tree_results {
+            match result {
+                Ok(tree) => {
+                    trees.insert(hash, tree);
+                }
+                Err(p) => problems.push(p),
+            }
+        }
+
+        let blob_results: Vec<(Hash, bool, u64, u64, Vec<Problem>)> = blob_list
+            .par_iter()
+            .map(|(hash, exec)| {
+                let (size, verified, found) = self.check_blob(hash, *exec, options.verify_content);
+                (*hash, *exec, size, verified, found)
+            })
+            .collect();
+        let mut blob_sizes: HashMap<Hash, u64> = HashMap::with_capacity(blob_results.len());
+        let mut bytes_verified = 0;
+        for (hash, exec, size, verified, found) in blob_results {
+            bytes_verified += verified;
+            if !exec && found.is_empty() {
+                blob_sizes.insert(hash, size);
+            }
+            problems.extend(found);
+        }
+
+        let listed_trees: std::collections::HashSet<Hash> =
+            tree_list.iter().map(|(h, _)| *h).collect();
+        let listed_blobs: std::collections::HashSet<Hash> = blob_list
+            .iter()
+            .filter(|(_, exec)| !exec)
+            .map(|(h, _)| *h)
+            .collect();
+        // Reachability: every root complete.
+        let mut reachable_trees = std::collections::HashSet::new();
+        let mut reachable_blobs = std::collections::HashSet::new();
+        let records = match self.roots() {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(problem("bad-root", "refs/roots", e));
+                Vec::new()
+            }
+        };
+        for record in &records {
+            let label = record.name.clone().unwrap_or_else(|| record.root.clone());
+            let root = match record.hash() {
+                Ok(h) => h,
+                Err(e) => {
+                    problems.push(problem("bad-root", &label, e));
+                    continue;
+                }
+            };
+            let mut stack = vec![root];
+            reachable_trees.insert(root);
+            while let Some(hash) = stack.pop() {
+                let Some(tree) = trees.get(&hash) else {
+                    if !listed_trees.contains(&hash) {
+                        problems.push(problem(
+                            "missing-tree",
+                            hash,
+                            format!("tree is missing; root {label} needs it"),
+                        ));
+                    }
+                    continue;
+                };
+                for entry in tree.entries() {
+                    match &entry.kind {
+                        EntryKind::Dir { hash } => {
+                            if reachable_trees.insert(*hash) {
+                                stack.push(*hash);
+                            }
+                        }
+                        EntryKind::File { hash, size } => {
+                            if !reachable_blobs.insert(*hash) {
+                                continue;
+                            }
+                            match blob_sizes.get(hash) {
+                                Some(stored) if stored != size => problems.push(problem(
+                                    "blob-size",
+                                    hash,
+                                    format!(
+                                        "blob holds {stored} bytes but root {label} says {size}"
+                                    ),
+                                )),
+                                Some(_) => {}
+                                None if record.partial => {}
+                                None if listed_blobs.contains(hash) => {} // damaged: reported above
+                                None => problems.push(problem(
+                                    "missing-blob",
+                                    hash,
+                                    format!(
+                                        "blob is missing; root {label} needs it (file {:?})",
+                                        entry.name
+                                    ),
+                                )),
+                            }
+                        }
+                        EntryKind::Symlink { .. } => {}
+                    }
+                }
+            }
+        }
+        let unreachable = trees
+            .keys()
+            .filter(|h| !reachable_trees.contains(h))
+            .count()
+            + blob_sizes
+                .keys()
+                .filter(|h| !reachable_blobs.contains(h))
+                .count();
+        let temp_files = std::fs::read_dir(self.root.join("tmp"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+        Ok(FsckReport {
+            ok: problems.is_empty(),
+            blobs: blob_list.len() as u64,
+            trees: tree_list.len() as u64,
+            roots: records.len() as u64,
+            bytes_verified,
+            unreachable_objects: unreachable as u64,
+            temp_files,
+            stray_files: strays,
+            problems,
+        })
+    }
+
+    fn check_tree(&self, hash: &Hash) -> std::result::Result<Tree, Problem> {
+        let path = self.tree_path(hash);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if !meta.file_type().is_file() => {
+                return Err(problem(
+                    "corrupt-tree",
+                    hash,
+                    "tree object is not a regular file",
+                ))
+            }
+            Ok(meta) if meta.permissions().mode() & 0o7777 != 0o444 => {
+                return Err(problem(
+                    "bad-mode",
+                    hash,
+                    format!(
+                        "tree object has mode {:o}, must be 444 (read-only)",
+                        meta.permissions().mode() & 0o7777
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(problem("corrupt-tree", hash, format!("cannot stat: {e}"))),
+        }
+        self.get_tree(hash)
+            .map_err(|e| problem("corrupt-tree", hash, e))
+    }
+
+    /// Returns (size, bytes hashed, problems).
+    fn check_blob(&self, hash: &Hash, exec: bool, verify: bool) -> (u64, u64, Vec<Problem>) {
+        let mut path = self.blob_path(hash);
+        if exec {
+            path.as_mut_os_string().push(".x");
+        }
+        let label = if exec {
+            format!("{hash}.x")
+        } else {
+            hash.to_string()
+        };
+        let want_mode = if exec { 0o555 } else { 0o444 };
+        let mut found = Vec::new();
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                return (
+                    0,
+                    0,
+                    vec![problem("corrupt-blob", label, format!("cannot stat: {e}"))],
+                )
+            }
+        };
+        if !meta.file_type().is_file() {
+            return (
+                0,
+                0,
+                vec![problem("corrupt-blob", label, "blob is not a regular file")],
+            );
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode != want_mode {
+            found.push(problem(
+                "bad-mode",
+                &label,
+                format!("blob has mode {mode:o}, must be {want_mode:o}: a writable blob can be changed in place by any tree that links it"),
+            ));
+        }
+        let mut verified = 0;
+        if verify {
+            let result = std::fs::File::open(&path).and_then(|mut f| {
+                let mut hasher = blake3::Hasher::new();
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    verified += n as u64;
+                }
+                Ok(Hash::from(hasher.finalize()))
+            });
+            match result {
+                Ok(actual) if actual == *hash => {}
+                Ok(actual) => found.push(problem(
+                    "corrupt-blob",
+                    &label,
+                    format!("content hashes to {actual}"),
+                )),
+                Err(e) => found.push(problem("corrupt-blob", &label, format!("cannot read: {e}"))),
+            }
+        }
+        (meta.len(), verified, found)
+    }
+}

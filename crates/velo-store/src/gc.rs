@@ -1,0 +1,174 @@
+//! Garbage collection: delete what no registered root reaches.
+//!
+//! Protocol: the sweep runs under the exclusive store lock, which waits for every writer
+//! (ingest, import, commit) to finish, since each holds the shared lock from before it
+//! first checks "is this blob already stored?" until its root is registered. So no object
+//! a writer has seen, or is about to reference, can disappear under it. The gc generation
+//! is bumped *before* anything is deleted, so caches that remember "this blob is stored"
+//! re-check even if gc is killed half-way.
+
+use std::collections::HashSet;
+use std::fs;
+
+use serde::Serialize;
+use velo_core::{EntryKind, Hash};
+
+use crate::objects::{relative_name, ObjectKind};
+use crate::{sync_dir, Result, Store, StoreError};
+
+/// What gc found (and, with `ran`, deleted).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Whether objects were actually deleted (`gc --run`).
+    pub ran: bool,
+    /// Registered roots that were kept.
+    pub roots: usize,
+    /// Trees no root reaches.
+    pub trees: u64,
+    /// Blobs (distinct contents) no root reaches.
+    pub blobs: u64,
+    /// Bytes of those blobs (each variant file counted).
+    pub bytes: u64,
+    /// Leftover temp files of interrupted commands.
+    pub temp_files: u64,
+}
+
+impl Store {
+    /// Every tree and blob the registered roots reach. Fails if a reachable tree is missing
+    /// or damaged: then the store cannot know what that tree would have kept.
+    pub fn mark(&self) -> Result<(HashSet<Hash>, HashSet<Hash>)> {
+        let mut trees = HashSet::new();
+        let mut blobs = HashSet::new();
+        for record in self.roots()? {
+            let root = record.hash()?;
+            if !trees.insert(root) {
+                continue;
+            }
+            let mut stack = vec![root];
+            while let Some(hash) = stack.pop() {
+                let tree = self.get_tree(&hash).map_err(|e| {
+                    StoreError::Invalid(format!(
+                        "gc stopped without deleting anything: root {} reaches a tree it cannot read ({e})",
+                        record.name.as_deref().unwrap_or(&record.root)
+                    ))
+                })?;
+                for entry in tree.entries() {
+                    match &entry.kind {
+                        EntryKind::Dir { hash } => {
+                            if trees.insert(*hash) {
+                                stack.push(*hash);
+                            }
+                        }
+                        EntryKind::File { hash, .. } => {
+                            blobs.insert(*hash);
+                        }
+                        EntryKind::Symlink { .. } => {}
+                    }
+                }
+            }
+        }
+        Ok((trees, blobs))
+    }
+
+    /// Reports what no root reaches; with `run`, deletes it and stale temp files.
+    pub fn gc(&self, run: bool) -> Result<GcReport> {
+        let _lock = if run {
+            self.lock_exclusive()?
+        } else {
+            self.lock_shared()?
+        };
+        let roots = self.roots()?.len();
+        let (live_trees, live_blobs) = self.mark()?;
+        let (trees, _) = self.list_objects(ObjectKind::Tree)?;
+        let (blobs, _) = self.list_objects(ObjectKind::Blob)?;
+        let dead_trees: Vec<Hash> = trees
+            .into_iter()
+            .map(|(h, _)| h)
+            .filter(|h| !live_trees.contains(h))
+            .collect();
+        let dead_blobs: Vec<(Hash, bool)> = blobs
+            .into_iter()
+            .filter(|(h, _)| !live_blobs.contains(h))
+            .collect();
+        let mut report = GcReport {
+            ran: run,
+            roots,
+            trees: dead_trees.len() as u64,
+            blobs: dead_blobs
+                .iter()
+                .map(|(h, _)| h)
+                .collect::<HashSet<_>>()
+                .len() as u64,
+            ..GcReport::default()
+        };
+        for (hash, exec) in &dead_blobs {
+            let path = variant_path(self, hash, *exec);
+            report.bytes += fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+        }
+        let tmp = self.root.join("tmp");
+        let temps: Vec<_> = fs::read_dir(&tmp)
+            .map_err(StoreError::io("listing", &tmp))?
+            .flatten()
+            .collect();
+        report.temp_files = temps.len() as u64;
+        if !run {
+            return Ok(report);
+        }
+        if !dead_trees.is_empty() || !dead_blobs.is_empty() {
+            self.bump_gc_generation()?;
+        }
+        for hash in &dead_trees {
+            remove(&self.tree_path(hash))?;
+        }
+        for (hash, exec) in &dead_blobs {
+            remove(&variant_path(self, hash, *exec))?;
+        }
+        // Every writer holds the shared lock, so under the exclusive one nothing in tmp/ is
+        // in use: it is all left over from killed commands.
+        for entry in temps {
+            let path = entry.path();
+            let result = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            result.map_err(StoreError::io("removing temp file", &path))?;
+        }
+        tracing::info!(
+            trees = report.trees,
+            blobs = report.blobs,
+            bytes = report.bytes,
+            "gc swept"
+        );
+        Ok(report)
+    }
+
+    fn bump_gc_generation(&self) -> Result<()> {
+        let next = self.gc_generation() + 1;
+        let path = self.root.join("gc-generation");
+        let staged = self
+            .root
+            .join("tmp")
+            .join(format!("gc-generation.{}", std::process::id()));
+        fs::write(&staged, format!("{next}\n")).map_err(StoreError::io("writing", &staged))?;
+        fs::rename(&staged, &path).map_err(StoreError::io("writing", &path))?;
+        sync_dir(&self.root);
+        Ok(())
+    }
+}
+
+fn variant_path(store: &Store, hash: &Hash, exec: bool) -> std::path::PathBuf {
+    let mut rel = relative_name(hash);
+    if exec {
+        rel.push_str(".x");
+    }
+    store.root().join("blobs").join(rel)
+}
+
+fn remove(path: &std::path::Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("removing", path)(e)),
+    }
+}

@@ -1,0 +1,236 @@
+//! The on-disk content-addressable store of Velo Rift.
+//!
+//! This crate owns the store directory: its layout and `VERSION`, blob and tree objects,
+//! registered roots (`refs/roots`), the store lock, and the maintenance commands built on
+//! them (`gc`, `fsck`, `status`, `.velo` export and import). It calls only `velo-core`
+//! and the OS; the ingest, projection and CLI crates call it.
+//!
+//! Key decision: **safety from the file system, not from a daemon.** Every object is
+//! written to an anonymous (`O_TMPFILE`) or temporary file in `tmp/` and linked into place
+//! under its hash only when complete, so a name always means complete bytes and a `kill -9`
+//! leaves nothing half-written under an object name. Writers (ingest, import, commit) hold
+//! a shared `flock` on `lock` from their first object to their root's registration; `gc`
+//! sweeps only under the exclusive lock, so it can never delete an object that a running
+//! writer has found in the store and is about to reference. See docs/ARCHITECTURE.md.
+#![deny(missing_docs)]
+
+mod error;
+mod fsck;
+mod gc;
+mod objects;
+mod refs;
+mod status;
+mod transfer;
+pub mod treeops;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use rustix::fs::{Mode as FsMode, OFlags};
+
+pub use error::{is_no_space, Result, StoreError};
+pub use fsck::{FsckOptions, FsckReport, Problem};
+pub use gc::GcReport;
+pub use objects::Staged;
+pub use refs::{validate_root_name, RootRecord, RootStats};
+pub use status::StatusReport;
+pub use transfer::{ExportReport, ImportOptions, ImportReport};
+
+/// The store format this build reads and writes.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+
+/// An open store. Cheap to share between threads (`&Store` is all the API needs).
+pub struct Store {
+    root: PathBuf,
+    id: String,
+    blobs_dir: OwnedFd,
+    trees_dir: OwnedFd,
+    tmp_dir: OwnedFd,
+    tmpfile_supported: AtomicBool,
+    temp_counter: AtomicU64,
+}
+
+/// A held store lock; released on drop (or when the process dies).
+pub struct StoreLock {
+    _file: File,
+}
+
+const SUBDIRS: [&str; 6] = ["blobs", "trees", "refs", "refs/roots", "tmp", "cache"];
+
+impl Store {
+    /// Opens an existing store; fails clearly if there is none or it has another version.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store> {
+        let root = root.as_ref().to_path_buf();
+        let version_path = root.join("VERSION");
+        let text = match fs::read_to_string(&version_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let empty = fs::read_dir(&root).map(|mut d| d.next().is_none());
+                return Err(match empty {
+                    Err(_) | Ok(true) => StoreError::NoStore(root),
+                    Ok(false) => StoreError::NotAStore(root),
+                });
+            }
+            Err(e) => return Err(StoreError::io("reading", &version_path)(e)),
+        };
+        let mut lines = text.lines();
+        let header = lines.next().unwrap_or("");
+        let found = header.strip_prefix("velo-store ").unwrap_or(header).trim();
+        if found != STORE_FORMAT_VERSION.to_string() {
+            return Err(StoreError::Version {
+                path: root,
+                found: found.chars().take(40).collect(),
+                supported: STORE_FORMAT_VERSION,
+            });
+        }
+        let id = lines
+            .find_map(|l| l.strip_prefix("id "))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let open_dir = |name: &str| -> Result<OwnedFd> {
+            let path = root.join(name);
+            rustix::fs::open(
+                &path,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                FsMode::empty(),
+            )
+            .map_err(|e| StoreError::io("opening store directory", &path)(e.into()))
+        };
+        Ok(Store {
+            blobs_dir: open_dir("blobs")?,
+            trees_dir: open_dir("trees")?,
+            tmp_dir: open_dir("tmp")?,
+            root,
+            id,
+            tmpfile_supported: AtomicBool::new(true),
+            temp_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Opens the store at `root`, creating it (and its parents) if it does not exist yet.
+    /// Shard directories are created lazily, on first use.
+    pub fn open_or_create(root: impl AsRef<Path>) -> Result<Store> {
+        let root = root.as_ref();
+        if root.join("VERSION").exists() {
+            return Store::open(root);
+        }
+        fs::create_dir_all(root).map_err(StoreError::io("creating store directory", root))?;
+        let is_empty = fs::read_dir(root)
+            .map_err(StoreError::io("reading", root))?
+            .next()
+            .is_none();
+        let has_layout = SUBDIRS.iter().all(|d| root.join(d).is_dir());
+        if !is_empty && !has_layout {
+            return Err(StoreError::NotAStore(root.to_path_buf()));
+        }
+        for dir in SUBDIRS {
+            let path = root.join(dir);
+            match fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::io("creating", &path)(e)),
+            }
+        }
+        let mut random = [0u8; 16];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .map_err(StoreError::io("reading", "/dev/urandom"))?;
+        let id: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let staged = root.join(format!("VERSION.{}.new", std::process::id()));
+        let text = format!("velo-store {STORE_FORMAT_VERSION}\nid {id}\n");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&staged)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        write().map_err(StoreError::io("writing", &staged))?;
+        // link(2), not rename: when two commands create the store at once, the first wins
+        // and both then read the same id.
+        let linked = fs::hard_link(&staged, root.join("VERSION"));
+        let _ = fs::remove_file(&staged);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io("creating", root.join("VERSION"))(e)),
+        }
+        sync_dir(root);
+        tracing::info!(store = %root.display(), "created a new store");
+        Store::open(root)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A random id fixed when the store was created: caches keyed by it die with the store.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where caches private to this store live.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    /// Takes the shared lock that every writer holds while it inserts and registers.
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        self.lock(false)
+    }
+
+    /// Takes the exclusive lock gc holds while it sweeps; waits for running writers.
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        self.lock(true)
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<StoreLock> {
+        use rustix::fs::FlockOperation as Op;
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("opening lock file", &path))?;
+        let (try_op, wait_op) = if exclusive {
+            (Op::NonBlockingLockExclusive, Op::LockExclusive)
+        } else {
+            (Op::NonBlockingLockShared, Op::LockShared)
+        };
+        if rustix::fs::flock(&file, try_op).is_err() {
+            tracing::info!("waiting for other velo commands on this store to finish");
+            rustix::fs::flock(&file, wait_op)
+                .map_err(|e| StoreError::io("locking", &path)(e.into()))?;
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Flushes everything written to the store's file system to stable storage. Called
+    /// once before a root is registered, instead of one fsync per object.
+    pub fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.blobs_dir)
+            .map_err(|e| StoreError::io("syncing", &self.root)(e.into()))
+    }
+
+    /// The number of `gc --run` passes that deleted something: caches that remember
+    /// "this blob is in the store" must re-check when it changes.
+    pub fn gc_generation(&self) -> u64 {
+        fs::read_to_string(self.root.join("gc-generation"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// fsyncs a directory so a rename or link inside it is durable; failures only weaken
+/// durability, never correctness, so they are logged, not raised.
+pub(crate) fn sync_dir(path: &Path) {
+    if let Err(e) = File::open(path).and_then(|d| d.sync_all()) {
+        tracing::warn!(path = %path.display(), error = %e, "fsync of directory failed");
+    }
+}

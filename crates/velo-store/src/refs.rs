@@ -1,0 +1,250 @@
+//! Registered roots (`refs/roots/`): what gc keeps, and the names users give trees.
+//!
+//! One small JSON file per registration, replaced atomically. A named root lives at
+//! `refs/roots/<name>`; an unnamed one at `refs/roots/@<hash>` (`@` cannot start a name).
+
+use std::fs;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use velo_core::Hash;
+
+use crate::{sync_dir, Result, Store, StoreError};
+
+/// Counts of what a root holds, computed when it is registered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootStats {
+    /// Regular files (each entry counts, also when content repeats).
+    pub files: u64,
+    /// Directories, not counting the root itself.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Sum of all file sizes: the logical bytes of the tree.
+    pub bytes: u64,
+}
+
+/// One registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootRecord {
+    /// The user's name for it, if any.
+    pub name: Option<String>,
+    /// The root tree (hex).
+    pub root: String,
+    /// When it was registered (seconds since the epoch).
+    pub created_unix: u64,
+    /// What the tree holds.
+    #[serde(flatten)]
+    pub stats: RootStats,
+    /// Registered although some blobs are not in this store (`import --partial`).
+    #[serde(default)]
+    pub partial: bool,
+    /// Where it came from (a directory or a .velo file), for people reading `velo roots`.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl RootRecord {
+    /// The root hash.
+    pub fn hash(&self) -> Result<Hash> {
+        self.root.parse().map_err(|e: velo_core::HashParseError| {
+            StoreError::Invalid(format!("root record {:?}: {e}", self.name))
+        })
+    }
+
+    fn file_name(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => format!("@{}", self.root),
+        }
+    }
+}
+
+/// Checks a root name: 1–128 of `A-Z a-z 0-9 . _ + - @`, not starting with `.`, `-` or `@`.
+pub fn validate_root_name(name: &str) -> Result<()> {
+    let bad = |why| {
+        Err(StoreError::BadName {
+            name: name.chars().take(80).collect(),
+            why,
+        })
+    };
+    if name.is_empty() || name.len() > 128 {
+        return bad("a name has 1 to 128 characters");
+    }
+    if name.starts_with(['.', '-', '@']) {
+        return bad("a name cannot start with '.', '-' or '@'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-' | b'@'))
+    {
+        return bad("a name holds only letters, digits and . _ + - @");
+    }
+    Ok(())
+}
+
+impl Store {
+    fn roots_dir(&self) -> std::path::PathBuf {
+        self.root.join("refs/roots")
+    }
+
+    /// Registers (or re-points) a root. Durable when this returns.
+    pub fn register_root(&self, record: &RootRecord) -> Result<()> {
+        if let Some(name) = &record.name {
+            validate_root_name(name)?;
+        }
+        let dir = self.roots_dir();
+        let target = dir.join(record.file_name());
+        let staged = self.root.join("tmp").join(format!(
+            "ref-{}-{}.json",
+            std::process::id(),
+            self.temp_counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let json = serde_json::to_vec_pretty(record).expect("a root record always serialises");
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&staged)?;
+            f.write_all(&json)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&staged);
+            return Err(StoreError::io("writing", &target)(e));
+        }
+        fs::rename(&staged, &target).map_err(StoreError::io("registering root at", &target))?;
+        sync_dir(&dir);
+        Ok(())
+    }
+
+    /// Every registered root, named ones first, each group sorted.
+    pub fn roots(&self) -> Result<Vec<RootRecord>> {
+        let dir = self.roots_dir();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
+            let entry = entry.map_err(StoreError::io("listing", &dir))?;
+            let path = entry.path();
+            let text = fs::read(&path).map_err(StoreError::io("reading", &path))?;
+            let record: RootRecord = serde_json::from_slice(&text).map_err(|e| {
+                StoreError::Invalid(format!(
+                    "root record {} is damaged: {e}; remove it or run `velo forget`",
+                    path.display()
+                ))
+            })?;
+            out.push(record);
+        }
+        out.sort_by(|a, b| {
+            (a.name.is_none(), &a.name, &a.root).cmp(&(b.name.is_none(), &b.name, &b.root))
+        });
+        Ok(out)
+    }
+
+    /// The record registered under `name`, if any.
+    pub fn root_by_name(&self, name: &str) -> Result<Option<RootRecord>> {
+        if validate_root_name(name).is_err() {
+            return Ok(None);
+        }
+        let path = self.roots_dir().join(name);
+        match fs::read(&path) {
+            Ok(text) => serde_json::from_slice(&text).map(Some).map_err(|e| {
+                StoreError::Invalid(format!("root record {} is damaged: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("reading", &path)(e)),
+        }
+    }
+
+    /// Unregisters a name, or every registration of a root hash (or unique prefix).
+    /// Returns what was removed; an empty list means nothing matched.
+    pub fn forget(&self, name_or_root: &str) -> Result<Vec<RootRecord>> {
+        let records = self.roots()?;
+        let by_name: Vec<RootRecord> = records
+            .iter()
+            .filter(|r| r.name.as_deref() == Some(name_or_root))
+            .cloned()
+            .collect();
+        let chosen = if !by_name.is_empty() {
+            by_name
+        } else if name_or_root.len() >= 4 && name_or_root.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let lower = name_or_root.to_ascii_lowercase();
+            let matching: Vec<&RootRecord> = records
+                .iter()
+                .filter(|r| r.root.starts_with(&lower))
+                .collect();
+            let distinct: std::collections::BTreeSet<&str> =
+                matching.iter().map(|r| r.root.as_str()).collect();
+            if distinct.len() > 1 {
+                return Err(StoreError::Ambiguous(name_or_root.to_string()));
+            }
+            matching.into_iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        for record in &chosen {
+            let path = self.roots_dir().join(record.file_name());
+            fs::remove_file(&path).map_err(StoreError::io("removing", &path))?;
+        }
+        if !chosen.is_empty() {
+            sync_dir(&self.roots_dir());
+        }
+        Ok(chosen)
+    }
+
+    /// Resolves a TREE argument that is a root name, a full hash or a unique hash prefix
+    /// (at least 4 hex digits) of a tree in this store.
+    pub fn resolve(&self, spec: &str) -> Result<Hash> {
+        if let Some(record) = self.root_by_name(spec)? {
+            return record.hash();
+        }
+        if let Ok(hash) = spec.parse::<Hash>() {
+            if self.has_tree(&hash) {
+                return Ok(hash);
+            }
+            return Err(StoreError::Missing { kind: "tree", hash });
+        }
+        if spec.len() >= 4 && spec.len() < 64 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let prefix = spec.to_ascii_lowercase();
+            let shard = self.root.join("trees").join(&prefix[..2]);
+            let mut found = Vec::new();
+            if let Ok(entries) = fs::read_dir(&shard) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&prefix) {
+                        found.push(name);
+                    }
+                }
+            }
+            return match found.len() {
+                0 => Err(StoreError::UnknownTree(spec.to_string())),
+                1 => found[0]
+                    .parse()
+                    .map_err(|_| StoreError::UnknownTree(spec.to_string())),
+                _ => Err(StoreError::Ambiguous(spec.to_string())),
+            };
+        }
+        Err(StoreError::UnknownTree(spec.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_names_are_validated() {
+        for ok in ["app", "my-app_1.2+x", "a@b"] {
+            assert!(validate_root_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-flag",
+            "@anon",
+            "a/b",
+            "a b",
+            &"x".repeat(129),
+            "ü",
+        ] {
+            assert!(validate_root_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! `.velo` export and import.
+//!
+//! Import writes nothing until the whole file has been read and verified: blob contents
+//! are staged in a private directory under `tmp/`, and only after the checksum matches are
+//! trees written, blobs linked into place and the root registered.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use velo_core::manifest::{BlobReadError, ManifestReader, ManifestWriter};
+use velo_core::{EntryKind, Hash};
+
+use crate::treeops::{stats, MemoryTrees};
+use crate::{Result, RootRecord, RootStats, Store, StoreError};
+
+/// What an export wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The root exported.
+    pub root: String,
+    /// The file written.
+    pub path: String,
+    /// Tree objects in it.
+    pub trees: u64,
+    /// Blob contents in it (0 without `--with-blobs`).
+    pub blobs: u64,
+    /// Size of the file.
+    pub file_bytes: u64,
+}
+
+/// How to import.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Register under this name.
+    pub name: Option<String>,
+    /// Register even if some blobs are neither in the file nor in the store.
+    pub partial: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The root registered.
+    pub root: String,
+    /// Its registered name.
+    pub name: Option<String>,
+    /// Trees in the file.
+    pub trees: u64,
+    /// Trees the store did not have.
+    pub new_trees: u64,
+    /// Blobs the file carried.
+    pub blobs_in_file: u64,
+    /// Blobs the store did not have.
+    pub new_blobs: u64,
+    /// Bytes of those.
+    pub new_bytes: u64,
+    /// Blobs still missing (only with `partial`).
+    pub missing_blobs: u64,
+    /// What the tree holds.
+    #[serde(flatten)]
+    pub stats: RootStats,
+}
+
+/// Removes a staging directory however the import ends.
+struct StagingDir(PathBuf);
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Store {
+    /// Writes `root` and every tree it reaches (and with `with_blobs`, every blob) to
+    /// `out`, atomically: the file appears complete or not at all.
+    pub fn export(&self, root: Hash, out: &Path, with_blobs: bool) -> Result<ExportReport> {
+        let mut trees = Vec::new();
+        let mut blobs: HashMap<Hash, u64> = HashMap::new();
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut stack = vec![root];
+        while let Some(hash) = stack.pop() {
+            let bytes = self.tree_bytes(&hash)?;
+            let tree = velo_core::Tree::decode(&bytes).map_err(|e| StoreError::Corrupt {
+                kind: "tree",
+                hash,
+                detail: e.to_string(),
+            })?;
+            for entry in tree.entries() {
+                match &entry.kind {
+                    EntryKind::Dir { hash } if seen.insert(*hash) => stack.push(*hash),
+                    EntryKind::File { hash, size } => {
+                        blobs.insert(*hash, *size);
+                    }
+                    _ => {}
+                }
+            }
+            trees.push((hash, bytes));
+        }
+        let mut blob_list: Vec<(Hash, u64)> = blobs.into_iter().collect();
+        blob_list.sort_unstable();
+        if with_blobs {
+            if let Some((hash, _)) = blob_list.iter().find(|(h, _)| !self.has_blob(h)) {
+                return Err(StoreError::Missing {
+                    kind: "blob",
+                    hash: *hash,
+                });
+            }
+        }
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file_name = out
+            .file_name()
+            .ok_or_else(|| StoreError::Invalid(format!("{} is not a file path", out.display())))?;
+        let staged = dir.join(format!(
+            ".{}.{}.partial",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut write = || -> Result<u64> {
+            let file = File::create(&staged).map_err(StoreError::io("creating", &staged))?;
+            let count = with_blobs.then_some(blob_list.len() as u64);
+            let io = StoreError::io("writing", out);
+            let mut writer = ManifestWriter::new(
+                BufWriter::with_capacity(1 << 20, file),
+                root,
+                &mut trees,
+                count,
+            )
+            .map_err(StoreError::io("writing", out))?;
+            if with_blobs {
+                for (hash, size) in &blob_list {
+                    let mut content = BufReader::new(self.open_blob(hash)?);
+                    writer
+                        .blob(*hash, *size, &mut content)
+                        .map_err(StoreError::io("writing", out))?;
+                }
+            }
+            let file = writer.finish().map_err(StoreError::io("writing", out))?;
+            let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+            file.sync_all().map_err(StoreError::io("syncing", out))?;
+            Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
+        };
+        let file_bytes = match write() {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
+        fs::rename(&staged, out).map_err(StoreError::io("writing", out))?;
+        Ok(ExportReport {
+            root: root.to_hex(),
+            path: out.display().to_string(),
+            trees: trees.len() as u64,
+            blobs: if with_blobs {
+                blob_list.len() as u64
+            } else {
+                0
+            },
+            file_bytes,
+        })
+    }
+
+    /// Reads a `.velo` file completely, verifies it, then adds its trees and blobs to the
+    /// store and registers its root. On any error the store is left as it was.
+    pub fn import(&self, path: &Path, options: &ImportOptions) -> Result<ImportReport> {
+        if let Some(name) = &options.name {
+            crate::validate_root_name(name)?;
+        }
+        let bad = |source| StoreError::Manifest {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(StoreError::io("opening", path))?;
+        let mut reader =
+            ManifestReader::open(BufReader::with_capacity(1 << 20, file)).map_err(bad)?;
+        let _lock = self.lock_shared()?;
+        let n = self
+            .temp_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging_rel = format!("import-{}-{n}", std::process::id());
+        let staging = StagingDir(self.root.join("tmp").join(&staging_rel));
+        fs::create_dir(&staging.0).map_err(StoreError::io("creating", &staging.0))?;
+        let blobs_in_file = reader.blobs_left();
+        let mut staged: Vec<(Hash, u64)> = Vec::new();
+        let mut pending = HashMap::new();
+        loop {
+            // Peek is impossible on a stream, so each blob goes to a sink decided after its
+            // hash is known: a temp file, or nowhere when the store already has it.
+            let temp = staging
+                .0
+                .join(format!("blob-{}", staged.len() + pending.len()));
+            let mut sink = LazyFile::new(temp.clone());
+            let next = reader.next_blob(&mut sink);
+            match next {
+                Ok(None) => break,
+                Ok(Some((hash, size))) => {
+                    sink.finish().map_err(StoreError::io("writing", &temp))?;
+                    if !self.has_blob(&hash) {
+                        pending.insert(hash, (temp, size));
+                    } else {
+                        let _ = fs::remove_file(&temp);
+                    }
+                    staged.push((hash, size));
+                }
+                Err(BlobReadError::Decode(e)) => return Err(bad(e)),
+                Err(BlobReadError::Sink(e)) => {
+                    return Err(StoreError::io("staging blob in", &staging.0)(e))
+                }
+            }
+        }
+        let root = reader.root();
+        let trees = reader.trees().clone();
+        let referenced = reader.referenced_blobs().clone();
+        reader.finish().map_err(bad)?;
+
+        let missing: Vec<(&Hash, &u64)> = referenced
+            .iter()
+            .filter(|(h, _)| !pending.contains_key(*h) && !self.has_blob(h))
+            .collect();
+        if !missing.is_empty() && !options.partial {
+            return Err(StoreError::MissingBlobs {
+                count: missing.len(),
+                bytes: missing.iter().map(|(_, s)| **s).sum(),
+            });
+        }
+        let missing_blobs = missing.len() as u64;
+        let mut new_trees = 0;
+        for (hash, tree) in &trees {
+            if self.put_tree_encoded(hash, &tree.encode())? {
+                new_trees += 1;
+            }
+        }
+        let (mut new_blobs, mut new_bytes) = (0, 0);
+        for (hash, (temp, size)) in &pending {
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(temp)
+                .map_err(StoreError::io("opening", temp))?;
+            let rel = format!(
+                "{staging_rel}/{}",
+                temp.file_name().expect("named").to_string_lossy()
+            );
+            if self.commit_blob(self.adopt_temp(file, &rel), hash)? {
+                new_blobs += 1;
+                new_bytes += size;
+            }
+        }
+        self.sync()?;
+        let memory = MemoryTrees(trees);
+        let record = RootRecord {
+            name: options.name.clone(),
+            root: root.to_hex(),
+            created_unix: now_unix(),
+            stats: stats(&memory, root)?,
+            partial: missing_blobs > 0,
+            source: Some(path.display().to_string()),
+        };
+        self.register_root(&record)?;
+        Ok(ImportReport {
+            root: root.to_hex(),
+            name: options.name.clone(),
+            trees: memory.0.len() as u64,
+            new_trees,
+            blobs_in_file,
+            new_blobs,
+            new_bytes,
+            missing_blobs,
+            stats: record.stats,
+        })
+    }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A file created on the first write, so an empty blob or an already-stored one costs
+/// nothing but the sink's bookkeeping.
+struct LazyFile {
+    path: PathBuf,
+    file: Option<BufWriter<File>>,
+    created: bool,
+}
+
+impl LazyFile {
+    fn new(path: PathBuf) -> Self {
+        LazyFile {
+            path,
+            file: None,
+            created: false,
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        if !self.created {
+            File::create(&self.path)?;
+            self.created = true;
+        }
+        if let Some(f) = self.file.take() {
+            f.into_inner().map_err(|e| e.into_error())?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for LazyFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.file.is_none() {
+            self.file = Some(BufWriter::with_capacity(
+                256 << 10,
+                File::create(&self.path)?,
+            ));
+            self.created = true;
+        }
+        self.file.as_mut().expect("just set").write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}

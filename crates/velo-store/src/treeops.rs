@@ -1,0 +1,363 @@
+//! Reading trees without knowing where they live: path lookup, walks, counts and diffs over
+//! any [`TreeSource`] (the store, or the trees of a `.velo` file held in memory).
+//!
+//! Every walk is iterative: a hostile manifest may describe a directory chain far deeper
+//! than any stack.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use velo_core::{Entry, EntryKind, Hash, Tree};
+
+use crate::{Result, RootStats, Store, StoreError};
+
+/// Where trees come from.
+pub trait TreeSource: Sync {
+    /// The tree named `hash`, verified.
+    fn tree(&self, hash: &Hash) -> Result<Tree>;
+}
+
+impl TreeSource for Store {
+    fn tree(&self, hash: &Hash) -> Result<Tree> {
+        self.get_tree(hash)
+    }
+}
+
+/// Trees held in memory, e.g. those of a `.velo` file that was not imported.
+pub struct MemoryTrees(pub HashMap<Hash, Tree>);
+
+impl TreeSource for MemoryTrees {
+    fn tree(&self, hash: &Hash) -> Result<Tree> {
+        self.0.get(hash).cloned().ok_or(StoreError::Missing {
+            kind: "tree",
+            hash: *hash,
+        })
+    }
+}
+
+/// What a path inside a tree names.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// The path is the root itself.
+    Root(Hash),
+    /// An entry.
+    Entry(Entry),
+}
+
+/// Splits a path inside a tree into components; `.` and empty components are dropped.
+fn components(path: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                return Err(StoreError::Invalid(
+                    "paths inside a tree cannot contain '..'".into(),
+                ))
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
+/// Finds `path` (slash-separated, relative to the root) without following symlinks.
+pub fn lookup(src: &dyn TreeSource, root: Hash, path: &[u8]) -> Result<Found> {
+    let shown = || String::from_utf8_lossy(path).into_owned();
+    let parts = components(path)?;
+    let Some((last, parents)) = parts.split_last() else {
+        return Ok(Found::Root(root));
+    };
+    let mut current = root;
+    for part in parents {
+        let tree = src.tree(&current)?;
+        match tree.get(part).map(|e| &e.kind) {
+            Some(EntryKind::Dir { hash }) => current = *hash,
+            Some(_) => {
+                return Err(StoreError::NotADirectory {
+                    path: shown(),
+                    root,
+                })
+            }
+            None => {
+                return Err(StoreError::NoSuchPath {
+                    path: shown(),
+                    root,
+                })
+            }
+        }
+    }
+    let tree = src.tree(&current)?;
+    tree.get(last)
+        .cloned()
+        .map(Found::Entry)
+        .ok_or(StoreError::NoSuchPath {
+            path: shown(),
+            root,
+        })
+}
+
+/// The tree a path names, which must be a directory (or the root).
+pub fn dir_at(src: &dyn TreeSource, root: Hash, path: &[u8]) -> Result<Hash> {
+    match lookup(src, root, path)? {
+        Found::Root(h) => Ok(h),
+        Found::Entry(Entry {
+            kind: EntryKind::Dir { hash },
+            ..
+        }) => Ok(hash),
+        Found::Entry(_) => Err(StoreError::NotADirectory {
+            path: String::from_utf8_lossy(path).into_owned(),
+            root,
+        }),
+    }
+}
+
+fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(prefix.len() + 1 + name.len());
+    if !prefix.is_empty() {
+        p.extend_from_slice(prefix);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// Visits every entry below `dir` in pre-order (a directory before its contents, names
+/// ascending), with its path relative to `dir` prefixed by `prefix`. With `recursive` false
+/// only the direct entries are visited.
+pub fn walk(
+    src: &dyn TreeSource,
+    dir: Hash,
+    prefix: &[u8],
+    recursive: bool,
+    visit: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
+) -> Result<()> {
+    let mut stack: Vec<(Arc<Tree>, usize, Vec<u8>)> =
+        vec![(Arc::new(src.tree(&dir)?), 0, prefix.to_vec())];
+    while let Some((tree, index, base)) = stack.last_mut() {
+        let Some(entry) = tree.entries().get(*index) else {
+            stack.pop();
+            continue;
+        };
+        *index += 1;
+        let entry = entry.clone();
+        let path = join(base, entry.name.as_bytes());
+        visit(&path, &entry)?;
+        if let (true, EntryKind::Dir { hash }) = (recursive, &entry.kind) {
+            let child = Arc::new(src.tree(hash)?);
+            stack.push((child, 0, path));
+        }
+    }
+    Ok(())
+}
+
+/// Counts files, directories, symlinks and logical bytes below `root`; each subtree is
+/// read once however often it repeats.
+pub fn stats(src: &dyn TreeSource, root: Hash) -> Result<RootStats> {
+    let mut memo: HashMap<Hash, RootStats> = HashMap::new();
+    let mut loaded: HashMap<Hash, Tree> = HashMap::new();
+    let mut stack = vec![root];
+    while let Some(&hash) = stack.last() {
+        if memo.contains_key(&hash) {
+            stack.pop();
+            continue;
+        }
+        let tree = match loaded.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(src.tree(&hash)?),
+        };
+        let pending: Vec<Hash> = tree
+            .entries()
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Dir { hash } if !memo.contains_key(&hash) => Some(hash),
+                _ => None,
+            })
+            .collect();
+        if !pending.is_empty() {
+            stack.extend(pending);
+            continue;
+        }
+        let mut total = RootStats::default();
+        for entry in tree.entries() {
+            match &entry.kind {
+                EntryKind::File { size, .. } => {
+                    total.files += 1;
+                    total.bytes += size;
+                }
+                EntryKind::Symlink { .. } => total.symlinks += 1,
+                EntryKind::Dir { hash } => {
+                    let child = memo[hash];
+                    total.dirs += 1 + child.dirs;
+                    total.files += child.files;
+                    total.symlinks += child.symlinks;
+                    total.bytes += child.bytes;
+                }
+            }
+        }
+        memo.insert(hash, total);
+        loaded.remove(&hash);
+        stack.pop();
+    }
+    Ok(memo[&root])
+}
+
+/// How a path differs between two trees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Only in the second tree.
+    Added,
+    /// Only in the first tree.
+    Removed,
+    /// In both, different.
+    Modified,
+}
+
+impl ChangeKind {
+    /// `added`, `removed` or `modified`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "added",
+            ChangeKind::Removed => "removed",
+            ChangeKind::Modified => "modified",
+        }
+    }
+}
+
+/// One difference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Path relative to the roots.
+    pub path: Vec<u8>,
+    /// Added, removed or modified.
+    pub change: ChangeKind,
+    /// The entry kind (the new one when it changed).
+    pub kind: &'static str,
+    /// For modifications: which of `kind`, `content`, `target`, `mode`, `mtime` changed.
+    pub what: Vec<&'static str>,
+}
+
+/// Lists every path that differs between trees `a` and `b`. Subtrees with equal hashes
+/// are skipped without being read, so the cost follows the change, not the tree. A
+/// directory whose only difference is its mtime is not reported (its contents are).
+pub fn diff(src: &dyn TreeSource, a: Hash, b: Hash) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(a, b, Vec::new())];
+    while let Some((a, b, base)) = stack.pop() {
+        if a == b {
+            continue;
+        }
+        let (ta, tb) = (src.tree(&a)?, src.tree(&b)?);
+        let (ea, eb) = (ta.entries(), tb.entries());
+        let (mut i, mut j) = (0, 0);
+        let mut subdirs = Vec::new();
+        while i < ea.len() || j < eb.len() {
+            let order = match (ea.get(i), eb.get(j)) {
+                (Some(x), Some(y)) => x.name.cmp(&y.name),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    whole(src, &base, &ea[i], ChangeKind::Removed, &mut out)?;
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    whole(src, &base, &eb[j], ChangeKind::Added, &mut out)?;
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    let (x, y) = (&ea[i], &eb[j]);
+                    let path = join(&base, x.name.as_bytes());
+                    match (&x.kind, &y.kind) {
+                        (EntryKind::Dir { hash: hx }, EntryKind::Dir { hash: hy }) => {
+                            if x.mode != y.mode {
+                                out.push(Change {
+                                    path: path.clone(),
+                                    change: ChangeKind::Modified,
+                                    kind: "dir",
+                                    what: vec!["mode"],
+                                });
+                            }
+                            subdirs.push((*hx, *hy, path));
+                        }
+                        (EntryKind::Dir { .. }, _) | (_, EntryKind::Dir { .. }) => {
+                            whole(src, &base, x, ChangeKind::Removed, &mut out)?;
+                            whole(src, &base, y, ChangeKind::Added, &mut out)?;
+                        }
+                        (kx, ky) => {
+                            let mut what = Vec::new();
+                            match (kx, ky) {
+                                (
+                                    EntryKind::File { hash: hx, size: sx },
+                                    EntryKind::File { hash: hy, size: sy },
+                                ) => {
+                                    if hx != hy || sx != sy {
+                                        what.push("content");
+                                    }
+                                }
+                                (
+                                    EntryKind::Symlink { target: tx },
+                                    EntryKind::Symlink { target: ty },
+                                ) => {
+                                    if tx != ty {
+                                        what.push("target");
+                                    }
+                                }
+                                _ => what.push("kind"),
+                            }
+                            if x.mode != y.mode {
+                                what.push("mode");
+                            }
+                            if x.mtime_ns != y.mtime_ns {
+                                what.push("mtime");
+                            }
+                            if !what.is_empty() {
+                                out.push(Change {
+                                    path,
+                                    change: ChangeKind::Modified,
+                                    kind: ky.label(),
+                                    what,
+                                });
+                            }
+                        }
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        // Reverse so the pop order visits subdirectories by ascending name.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    out.sort_by(|x, y| x.path.cmp(&y.path));
+    Ok(out)
+}
+
+fn whole(
+    src: &dyn TreeSource,
+    base: &[u8],
+    entry: &Entry,
+    change: ChangeKind,
+    out: &mut Vec<Change>,
+) -> Result<()> {
+    let path = join(base, entry.name.as_bytes());
+    out.push(Change {
+        path: path.clone(),
+        change,
+        kind: entry.kind.label(),
+        what: Vec::new(),
+    });
+    if let EntryKind::Dir { hash } = entry.kind {
+        walk(src, hash, &path, true, &mut |p, e| {
+            out.push(Change {
+                path: p.to_vec(),
+                change,
+                kind: e.kind.label(),
+                what: Vec::new(),
+            });
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

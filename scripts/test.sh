@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages, cargo tools), then runs every check:
+# formatting, clippy, a bounded fuzz run of the .velo decoder, and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 e2fsprogs btrfs-progs xfsprogs util-linux)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+fi
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+if [ -d fuzz ]; then
+    echo "== fuzzing the .velo decoder for ${VELO_FUZZ_SECONDS:-60} s"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run manifest -- -max_total_time="${VELO_FUZZ_SECONDS:-60}" -rss_limit_mb=2048 2>&1 | tail -n 5)
+fi
+
+echo "== tests"
+cargo nextest run --workspace --no-fail-fast --profile "${NEXTEST_PROFILE:-default}"
