@@ -9,6 +9,8 @@ mod fmt;
 mod read;
 mod write;
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,7 +62,7 @@ enum Command {
         /// A root name, a tree hash (or unique prefix), or a .velo file
         tree: String,
         /// A directory inside the tree
-        path: Option<String>,
+        path: Option<OsString>,
         /// Long format: mode, size, mtime, name
         #[arg(short = 'l')]
         long: bool,
@@ -69,9 +71,9 @@ enum Command {
         recursive: bool,
     },
     /// Write a file of a tree to stdout
-    Cat { tree: String, path: String },
+    Cat { tree: String, path: OsString },
     /// Show one entry's metadata
-    Show { tree: String, path: String },
+    Show { tree: String, path: OsString },
     /// List paths added, removed or modified from the first tree to the second
     Diff { from: String, to: String },
     /// Write a tree as a .velo manifest
@@ -201,9 +203,15 @@ fn main() -> ExitCode {
             path,
             long,
             recursive,
-        } => read::ls(&ctx, &tree, path.as_deref(), long, recursive),
-        Command::Cat { tree, path } => read::cat(&ctx, &tree, &path),
-        Command::Show { tree, path } => read::show(&ctx, &tree, &path),
+        } => read::ls(
+            &ctx,
+            &tree,
+            path.as_deref().map(|p| p.as_bytes()),
+            long,
+            recursive,
+        ),
+        Command::Cat { tree, path } => read::cat(&ctx, &tree, path.as_bytes()),
+        Command::Show { tree, path } => read::show(&ctx, &tree, path.as_bytes()),
         Command::Diff { from, to } => read::diff(&ctx, &from, &to),
         Command::Export {
             tree,

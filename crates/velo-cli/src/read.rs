@@ -59,33 +59,43 @@ pub fn resolve(ctx: &Ctx, spec: &str) -> Result<Resolved> {
     }
 }
 
-fn lookup_entry(resolved: &Resolved, path: &str) -> Result<Option<Entry>> {
+fn lookup_entry(resolved: &Resolved, path: &[u8]) -> Result<Option<Entry>> {
     Ok(
-        match treeops::lookup(resolved.source.as_ref(), resolved.root, path.as_bytes())? {
+        match treeops::lookup(resolved.source.as_ref(), resolved.root, path)? {
             Found::Root(_) => None,
             Found::Entry(e) => Some(e),
         },
     )
 }
 
+fn trim_slashes(mut path: &[u8]) -> &[u8] {
+    while let [b'/', rest @ ..] = path {
+        path = rest;
+    }
+    while let [rest @ .., b'/'] = path {
+        path = rest;
+    }
+    path
+}
+
 pub fn ls(
     ctx: &Ctx,
     spec: &str,
-    path: Option<&str>,
+    path: Option<&[u8]>,
     long: bool,
     recursive: bool,
 ) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
-    let path = path.unwrap_or("");
-    let dir = treeops::dir_at(resolved.source.as_ref(), resolved.root, path.as_bytes())?;
-    let prefix = path.trim_matches('/');
+    let path = path.unwrap_or(b"");
+    let dir = treeops::dir_at(resolved.source.as_ref(), resolved.root, path)?;
+    let prefix = trim_slashes(path);
     let mut json_entries = Vec::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut failed = None;
     treeops::walk(
         resolved.source.as_ref(),
         dir,
-        prefix.as_bytes(),
+        prefix,
         recursive,
         &mut |p, entry| {
             if ctx.json {
@@ -136,9 +146,10 @@ pub fn ls(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn cat(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
+pub fn cat(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
-    let entry = lookup_entry(&resolved, path)?;
+    let entry = lookup_entry(&resolved, raw_path)?;
+    let path = fmt::lossy(raw_path);
     let hash = match entry.map(|e| e.kind) {
         Some(EntryKind::File { hash, .. }) => hash,
         Some(EntryKind::Symlink { target }) => bail!(
@@ -161,9 +172,9 @@ pub fn cat(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
     }
 }
 
-pub fn show(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
+pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
-    let Some(entry) = lookup_entry(&resolved, path)? else {
+    let Some(entry) = lookup_entry(&resolved, raw_path)? else {
         let stats = treeops::stats(resolved.source.as_ref(), resolved.root)?;
         if ctx.json {
             fmt::print_json(
@@ -174,9 +185,10 @@ pub fn show(ctx: &Ctx, spec: &str, path: &str) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    let shown_path = path.trim_matches('/');
+    let trimmed = trim_slashes(raw_path);
+    let shown_path = fmt::lossy(trimmed);
     if ctx.json {
-        fmt::print_json(&fmt::entry_json(shown_path.as_bytes(), &entry));
+        fmt::print_json(&fmt::entry_json(trimmed, &entry));
         return Ok(ExitCode::SUCCESS);
     }
     println!("path:     {shown_path}");

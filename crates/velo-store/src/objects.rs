@@ -314,10 +314,7 @@ impl Store {
 
     /// Every object file in a directory: (hash, is the executable variant, file name).
     /// Names that are not object names are returned in the second list.
-    pub(crate) fn list_objects(
-        &self,
-        kind: ObjectKind,
-    ) -> Result<ObjectListing> {
+    pub(crate) fn list_objects(&self, kind: ObjectKind) -> Result<ObjectListing> {
         let base = self.root.join(if kind == ObjectKind::Blob {
             "blobs"
         } else {
