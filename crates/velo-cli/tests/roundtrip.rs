@@ -670,3 +670,28 @@ fn gc_frees_only_what_no_root_reaches() {
     let err = env.fails(&["forget", "b"]);
     assert!(err.contains("no registered root"), "{err}");
 }
+
+#[test]
+fn a_store_inside_the_ingested_directory_is_not_ingested_into_itself() {
+    let env = Env::new();
+    let home = env.path("home");
+    fs::create_dir_all(home.join("project")).unwrap();
+    fs::write(home.join("project/file"), b"data").unwrap();
+    let store = home.join(".local/share/velo");
+    let out = Command::new(common::velo_bin())
+        .arg("--store")
+        .arg(&store)
+        .args(["--json", "ingest"])
+        .arg(&home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"], 1);
+    assert_eq!(report["skipped"][0]["path"], ".local/share/velo");
+    assert_eq!(report["skipped"][0]["reason"], "the velo store itself");
+}

@@ -65,7 +65,8 @@ pub struct Progress {
 pub struct Skipped {
     /// Path relative to the ingested directory.
     pub path: String,
-    /// Why: `socket`, `fifo`, `block device`, `character device`, `excluded`.
+    /// Why: `socket`, `fifo`, `block device`, `character device`, `excluded`,
+    /// `the velo store itself`.
     pub reason: &'static str,
 }
 

@@ -64,6 +64,8 @@ pub(crate) struct Ctx<'a> {
     new_trees: AtomicU64,
     pub cached_files: AtomicU64,
     skipped: Mutex<Vec<Skipped>>,
+    /// (dev, ino) of the store's root: never ingest the store into itself.
+    store_dir: Option<(u64, u64)>,
 }
 
 pub(crate) fn run(
@@ -101,6 +103,9 @@ pub(crate) fn run(
         new_trees: AtomicU64::new(0),
         cached_files: AtomicU64::new(0),
         skipped: Mutex::new(Vec::new()),
+        store_dir: rustix::fs::stat(store.root())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino)),
     };
     let fd = rustix::fs::open(
         source,
@@ -209,7 +214,9 @@ impl Ctx<'_> {
     }
 
     fn skip(&self, rel: &[u8], reason: &'static str) {
-        if reason != "excluded" {
+        if reason == "the velo store itself" {
+            tracing::warn!(path = %self.path_of(rel).display(), "skipping the velo store inside the ingested directory");
+        } else if reason != "excluded" {
             tracing::warn!(path = %self.path_of(rel).display(), "skipping a {reason}: trees hold only files, directories and symlinks");
         }
         self.skipped
@@ -285,6 +292,9 @@ impl Ctx<'_> {
                 .map_err(|e| self.source_error("cannot stat", &child, e))?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile => files.push((name.to_vec(), st)),
+                FileType::Directory if Some((st.st_dev, st.st_ino)) == self.store_dir => {
+                    self.skip(&child, "the velo store itself")
+                }
                 FileType::Directory => dirs.push((name.to_vec(), st)),
                 FileType::Symlink => {
                     let target = rustix::fs::readlinkat(dirfd, name, Vec::new())
