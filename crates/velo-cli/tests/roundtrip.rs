@@ -123,6 +123,26 @@ fn listed(env: &Env, tree: &str) -> BTreeMap<Vec<u8>, Meta> {
         .collect()
 }
 
+/// `[(obj[a], obj[b])]` of a JSON array of objects.
+fn pairs(list: &Value, a: &str, b: &str) -> Vec<(String, String)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o[a].as_str().unwrap().to_string(),
+                o[b].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
 fn touch_ns(path: &Path, secs: i64, nsec: u64) {
     let ts = rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec {
@@ -496,26 +516,13 @@ fn excludes_and_special_files_are_reported() {
         "special files must be warned about: {stderr}"
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let skipped: Vec<(String, String)> = report["skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["path"].as_str().unwrap().into(),
-                s["reason"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    let expected: Vec<(String, String)> = [
+    let skipped = pairs(&report["skipped"], "path", "reason");
+    let expected = owned(&[
         ("fifo", "fifo"),
         ("sock", "socket"),
         ("src/notes.tmp", "excluded"),
         ("target", "excluded"),
-    ]
-    .iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect();
+    ]);
     assert_eq!(skipped, expected);
     let paths: Vec<String> = listed(&env, report["root"].as_str().unwrap())
         .keys()
@@ -543,19 +550,9 @@ fn diff_lists_added_removed_and_modified_paths() {
     fs::set_permissions(b.join("sub/private"), fs::Permissions::from_mode(0o640)).unwrap();
     let (ra, rb) = (env.ingest(&a, &[]), env.ingest(&b, &[]));
     let d = env.json(&["diff", &ra, &rb]);
-    let changes: Vec<(String, String)> = d["changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["path"].as_str().unwrap().into(),
-                c["change"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let changes = pairs(&d["changes"], "path", "change");
     // cp -a keeps the hard link, so its second name changed too.
-    let want: Vec<(String, String)> = [
+    let want = owned(&[
         ("hardlink-to-plain", "modified"),
         ("new_dir", "added"),
         ("new_dir/new_file", "added"),
@@ -565,10 +562,7 @@ fn diff_lists_added_removed_and_modified_paths() {
         ("sub/deeper/deepest", "removed"),
         ("sub/deeper/deepest/same-as-plain", "removed"),
         ("sub/private", "modified"),
-    ]
-    .iter()
-    .map(|(p, c)| (p.to_string(), c.to_string()))
-    .collect();
+    ]);
     assert_eq!(changes, want);
     assert!(env.json(&["diff", &ra, &ra])["changes"]
         .as_array()
