@@ -76,6 +76,16 @@ enum Command {
     Show { tree: String, path: OsString },
     /// List paths added, removed or modified from the first tree to the second
     Diff { from: String, to: String },
+    /// Materialise a tree as a directory: hard links into the store, reflinks or copies
+    Checkout {
+        /// A root name, a tree hash (or unique prefix), or a .velo file
+        tree: String,
+        /// Where (must not exist, or be an empty directory)
+        dir: PathBuf,
+        /// hardlink: no data copied, files read-only; reflink/copy: independent writable files
+        #[arg(long, value_enum, default_value = "hardlink")]
+        mode: ModeArg,
+    },
     /// Write a tree as a .velo manifest
     Export {
         tree: String,
@@ -115,6 +125,13 @@ enum Command {
     Doctor,
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ModeArg {
+    Hardlink,
+    Reflink,
+    Copy,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -213,6 +230,14 @@ fn main() -> ExitCode {
         Command::Cat { tree, path } => read::cat(&ctx, &tree, path.as_bytes()),
         Command::Show { tree, path } => read::show(&ctx, &tree, path.as_bytes()),
         Command::Diff { from, to } => read::diff(&ctx, &from, &to),
+        Command::Checkout { tree, dir, mode } => {
+            let mode = match mode {
+                ModeArg::Hardlink => velo_project::CheckoutMode::Hardlink,
+                ModeArg::Reflink => velo_project::CheckoutMode::Reflink,
+                ModeArg::Copy => velo_project::CheckoutMode::Copy,
+            };
+            read::checkout(&ctx, &tree, &dir, mode)
+        }
         Command::Export {
             tree,
             output,

@@ -263,3 +263,30 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub fn checkout(
+    ctx: &Ctx,
+    spec: &str,
+    dir: &Path,
+    mode: velo_project::CheckoutMode,
+) -> Result<ExitCode> {
+    let resolved = resolve(ctx, spec)?;
+    let store = ctx.store()?;
+    let r = velo_project::checkout(&store, resolved.source.as_ref(), resolved.root, dir, mode)?;
+    if ctx.json {
+        fmt::print_json(&json!({
+            "root": resolved.root.to_hex(), "dir": dir.display().to_string(),
+            "files": r.files, "dirs": r.dirs, "symlinks": r.symlinks, "bytes": r.bytes,
+            "linked": r.linked, "reflinked": r.reflinked, "copied": r.copied,
+            "link_limit_fallbacks": r.link_limit_fallbacks, "cross_device": r.cross_device,
+            "seconds": r.seconds,
+        }));
+    } else {
+        eprintln!(
+            "checked out {} files ({} linked, {} reflinked, {} copied), {} dirs, {} symlinks into {} in {:.2} s{}",
+            r.files, r.linked, r.reflinked, r.copied, r.dirs, r.symlinks, dir.display(), r.seconds,
+            if r.link_limit_fallbacks > 0 { format!("; {} files copied at the link-count limit", r.link_limit_fallbacks) } else { String::new() }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

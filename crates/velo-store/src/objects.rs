@@ -182,7 +182,17 @@ impl Store {
     }
 
     fn commit_object(&self, kind: ObjectKind, staged: Staged<'_>, hash: &Hash) -> Result<bool> {
-        let rel = relative_name(hash);
+        self.link_staged(kind, staged, relative_name(hash), 0o444)
+    }
+
+    /// Sets the mode of a staged file and links it at `rel` in the object directory.
+    fn link_staged(
+        &self,
+        kind: ObjectKind,
+        staged: Staged<'_>,
+        rel: String,
+        mode: u32,
+    ) -> Result<bool> {
         let target_path = || {
             self.root
                 .join(if kind == ObjectKind::Blob {
@@ -192,7 +202,7 @@ impl Store {
                 })
                 .join(&rel)
         };
-        rustix::fs::fchmod(&staged.file, FsMode::from_raw_mode(0o444))
+        rustix::fs::fchmod(&staged.file, FsMode::from_raw_mode(mode))
             .map_err(|e| StoreError::io("setting mode of", target_path())(e.into()))?;
         let link = || -> std::result::Result<(), Errno> {
             match &staged.temp_name {
@@ -249,6 +259,25 @@ impl Store {
 
     fn shard_exists(&self, kind: ObjectKind, rel: &str) -> bool {
         rustix::fs::statat(self.dir(kind), &rel[..2], AtFlags::empty()).is_ok()
+    }
+
+    /// The path of the executable (0555) variant of a blob, made on first use. It is a
+    /// separate inode, so a tree that marks a file executable never changes the mode of
+    /// the blob other trees link to. The caller holds the shared store lock.
+    pub fn exec_variant(&self, hash: &Hash) -> Result<std::path::PathBuf> {
+        let rel = format!("{}.x", relative_name(hash));
+        let path = self.root.join("blobs").join(&rel);
+        if rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            return Ok(path);
+        }
+        let mut source = self.open_blob(hash)?;
+        let mut staged = self.stage()?;
+        if rustix::fs::ioctl_ficlone(staged.file(), &source).is_err() {
+            std::io::copy(&mut source, staged.file())
+                .map_err(StoreError::io("copying blob to", &path))?;
+        }
+        self.link_staged(ObjectKind::Blob, staged, rel, 0o555)?;
+        Ok(path)
     }
 
     /// Stores `bytes` as a blob; returns its hash and whether it was new.

@@ -2,8 +2,16 @@
 //! run the real `velo` binary against it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use serde_json::Value;
+use velo_core::Hash;
 
 pub fn velo_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_velo"))
@@ -102,4 +110,191 @@ pub fn require(capability: bool, what: &str) -> bool {
     }
     eprintln!("skipping: this test needs {what}");
     false
+}
+
+/// What the source says about one path: kind, mode, size, mtime, hash or target.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct Meta {
+    pub kind: String,
+    pub mode: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub hash: Option<String>,
+    pub target: Option<Vec<u8>>,
+}
+
+pub fn scan(root: &Path) -> BTreeMap<Vec<u8>, Meta> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in fs::read_dir(root.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let rel_child = rel.join(entry.file_name());
+            let meta = fs::symlink_metadata(entry.path()).unwrap();
+            let ft = meta.file_type();
+            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mode = meta.mode() & 0o7777;
+            let m = if ft.is_file() {
+                let bytes = fs::read(entry.path()).unwrap();
+                Meta {
+                    kind: "file".into(),
+                    mode,
+                    size: bytes.len() as u64,
+                    mtime_ns,
+                    hash: Some(Hash::of_blob(&bytes).to_hex()),
+                    target: None,
+                }
+            } else if ft.is_dir() {
+                stack.push(rel_child.clone());
+                Meta {
+                    kind: "dir".into(),
+                    mode,
+                    size: 0,
+                    mtime_ns,
+                    hash: None,
+                    target: None,
+                }
+            } else if ft.is_symlink() {
+                let t = fs::read_link(entry.path())
+                    .unwrap()
+                    .into_os_string()
+                    .into_vec();
+                Meta {
+                    kind: "symlink".into(),
+                    mode,
+                    size: t.len() as u64,
+                    mtime_ns,
+                    hash: None,
+                    target: Some(t),
+                }
+            } else {
+                continue;
+            };
+            out.insert(rel_child.as_os_str().as_bytes().to_vec(), m);
+        }
+    }
+    out
+}
+
+pub fn json_bytes(obj: &Value, key: &str) -> Option<Vec<u8>> {
+    if let Some(raw) = obj.get(format!("{key}_bytes")) {
+        return Some(
+            raw.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect(),
+        );
+    }
+    obj.get(key)
+        .and_then(|v| v.as_str())
+        .map(|s| s.as_bytes().to_vec())
+}
+
+pub fn listed(env: &Env, tree: &str) -> BTreeMap<Vec<u8>, Meta> {
+    let v = env.json(&["ls", tree, "-R"]);
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let kind = e["kind"].as_str().unwrap().to_string();
+            let m = Meta {
+                hash: if kind == "file" {
+                    e["hash"].as_str().map(String::from)
+                } else {
+                    None
+                },
+                target: if kind == "symlink" {
+                    json_bytes(e, "target")
+                } else {
+                    None
+                },
+                kind,
+                mode: e["mode"].as_u64().unwrap() as u32,
+                size: e["size"].as_u64().unwrap(),
+                mtime_ns: e["mtime_ns"].as_i64().unwrap(),
+            };
+            (json_bytes(e, "path").unwrap(), m)
+        })
+        .collect()
+}
+
+/// `[(obj[a], obj[b])]` of a JSON array of objects.
+pub fn pairs(list: &Value, a: &str, b: &str) -> Vec<(String, String)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o[a].as_str().unwrap().to_string(),
+                o[b].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+pub fn touch_ns(path: &Path, secs: i64, nsec: u64) {
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec as _,
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &ts,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+/// A tree with every awkward thing a real one has.
+pub fn awkward_tree(dir: &Path) {
+    fs::create_dir_all(dir.join("sub/deeper/deepest")).unwrap();
+    fs::create_dir_all(dir.join("empty_dir")).unwrap();
+    fs::write(dir.join("plain.txt"), b"plain\n").unwrap();
+    fs::write(dir.join("empty_file"), b"").unwrap();
+    fs::write(dir.join(".dotfile"), b"hidden but kept").unwrap();
+    fs::write(dir.join("sub/exec.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(dir.join("sub/exec.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join("sub/private"), b"secret").unwrap();
+    fs::set_permissions(dir.join("sub/private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(dir.join("sub/readonly"), b"ro").unwrap();
+    fs::set_permissions(dir.join("sub/readonly"), fs::Permissions::from_mode(0o444)).unwrap();
+    let big: Vec<u8> = (0..(9 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(dir.join("sub/deeper/big.bin"), &big).unwrap();
+    fs::write(
+        dir.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        b"not utf-8 name",
+    )
+    .unwrap();
+    fs::write(dir.join("sub/deeper/deepest/same-as-plain"), b"plain\n").unwrap();
+    std::os::unix::fs::symlink("../plain.txt", dir.join("sub/rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", dir.join("dangling")).unwrap();
+    std::os::unix::fs::symlink(
+        OsStr::from_bytes(b"\xff\xfe-target"),
+        dir.join("bytes-link"),
+    )
+    .unwrap();
+    fs::hard_link(dir.join("plain.txt"), dir.join("hardlink-to-plain")).unwrap();
+    fs::create_dir(dir.join("setgid_dir")).unwrap();
+    fs::set_permissions(dir.join("setgid_dir"), fs::Permissions::from_mode(0o2775)).unwrap();
+    touch_ns(&dir.join("plain.txt"), 1_600_000_000, 123_456_789);
+    touch_ns(&dir.join("sub/exec.sh"), -86_400 * 365 * 5, 5);
+    touch_ns(&dir.join("sub/rel-link"), 1_500_000_000, 42);
 }

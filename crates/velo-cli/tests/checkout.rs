@@ -1,0 +1,201 @@
+//! `velo checkout`: a tree as a link farm (or reflinks, or copies) equals its source.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::{awkward_tree, scan, Env};
+
+fn diff_r(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "diff -r {a:?} {b:?}:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn copy_checkout_equals_the_source_in_content_modes_and_mtimes() {
+    let env = Env::new();
+    let src = env.path("src");
+    awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let out = env.path("out");
+    let report = env.json(&["checkout", "t", out.to_str().unwrap(), "--mode", "copy"]);
+    assert_eq!(report["linked"], 0);
+    diff_r(&src, &out);
+    assert_eq!(
+        scan(&out),
+        scan(&src),
+        "modes, sizes, mtimes, symlink targets"
+    );
+    // Independent files: writing one leaves the store sound.
+    fs::write(out.join("plain.txt"), b"edited").unwrap();
+    env.fsck_ok();
+}
+
+#[test]
+fn hardlink_checkout_links_read_only_blobs_and_separate_executable_variants() {
+    let env = Env::new();
+    let src = env.path("src");
+    awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let out = env.path("farm");
+    let report = env.json(&["checkout", "t", out.to_str().unwrap()]);
+    assert!(report["linked"].as_u64().unwrap() > 5);
+    assert_eq!(report["copied"], 0);
+    diff_r(&src, &out);
+    let want = scan(&src);
+    let got = scan(&out);
+    for (path, meta) in &want {
+        let farm = &got[path];
+        assert_eq!(farm.kind, meta.kind, "{path:?}");
+        match meta.kind.as_str() {
+            "file" => {
+                let exec = meta.mode & 0o111 != 0;
+                assert_eq!(farm.mode, if exec { 0o555 } else { 0o444 }, "{path:?}");
+                assert_eq!(farm.hash, meta.hash);
+            }
+            _ => assert_eq!(farm, meta, "{path:?}"),
+        }
+    }
+    let exec = fs::metadata(out.join("sub/exec.sh")).unwrap();
+    let blob = env
+        .store
+        .join("blobs")
+        .join(&want[&b"sub/exec.sh".to_vec()].hash.clone().unwrap()[..2]);
+    let hash = want[&b"sub/exec.sh".to_vec()].hash.clone().unwrap();
+    let plain_blob = fs::metadata(blob.join(&hash)).unwrap();
+    let exec_blob = fs::metadata(blob.join(format!("{hash}.x"))).unwrap();
+    assert_eq!(
+        exec.ino(),
+        exec_blob.ino(),
+        "executables link the 0555 variant"
+    );
+    assert_ne!(
+        exec_blob.ino(),
+        plain_blob.ino(),
+        "the variant is its own inode"
+    );
+    assert_eq!(
+        plain_blob.mode() & 0o7777,
+        0o444,
+        "the plain blob keeps its mode"
+    );
+    env.fsck_ok();
+    // gc keeps the variant while a root needs the blob.
+    env.ok(&["gc", "--run"]);
+    assert!(blob.join(format!("{hash}.x")).exists());
+}
+
+#[test]
+fn checkout_refuses_a_non_empty_destination_and_leaves_it_alone() {
+    let env = Env::new();
+    let src = env.path("src");
+    awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let busy = env.path("busy");
+    fs::create_dir_all(&busy).unwrap();
+    fs::write(busy.join("mine"), b"precious").unwrap();
+    let err = env.fails(&["checkout", "t", busy.to_str().unwrap()]);
+    assert!(err.contains("not an empty directory"), "{err}");
+    assert_eq!(fs::read(busy.join("mine")).unwrap(), b"precious");
+}
+
+#[test]
+fn reflink_checkout_fails_clearly_where_unsupported_and_leaves_nothing() {
+    let env = Env::new();
+    let src = env.path("src");
+    awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let out = env.path("reflinked");
+    let result = env.run(&["checkout", "t", out.to_str().unwrap(), "--mode", "reflink"]);
+    if result.status.success() {
+        // A reflink-capable file system: the files are independent and equal.
+        diff_r(&src, &out);
+        return;
+    }
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("cannot reflink") && err.contains("--mode copy"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed checkout left {out:?} behind");
+}
+
+#[test]
+fn tens_of_thousands_of_identical_files_pass_the_link_count_limit() {
+    let env = Env::new();
+    let src = env.path("many");
+    // ext4 allows 65000 links to one inode; every empty file is the same blob.
+    for d in 0..66 {
+        let dir = src.join(format!("d{d:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            fs::File::create(dir.join(format!("e{f:03}"))).unwrap();
+        }
+    }
+    env.ingest(&src, &["--name", "many"]);
+    let out = env.path("farm");
+    let report = env.json(&["checkout", "many", out.to_str().unwrap()]);
+    assert_eq!(report["files"], 66_000);
+    let fallbacks = report["link_limit_fallbacks"].as_u64().unwrap();
+    let linked = report["linked"].as_u64().unwrap();
+    assert_eq!(fallbacks + linked, 66_000);
+    // On ext4 the limit is hit; on file systems without one, everything links.
+    if fallbacks > 0 {
+        assert!(linked >= 60_000, "linked only {linked}");
+    }
+    let sample = fs::metadata(out.join("d65/e999")).unwrap();
+    assert_eq!(sample.len(), 0);
+    assert_eq!(sample.permissions().mode() & 0o7777, 0o444);
+    env.fsck_ok();
+}
+
+#[test]
+fn a_store_on_another_file_system_falls_back_to_copies_once() {
+    // /dev/shm is a tmpfs on Linux; the test tree lives on the temp dir's file system.
+    let shm = Path::new("/dev/shm");
+    let same_fs = fs::metadata(shm).map(|m| m.dev()).ok()
+        == fs::metadata(std::env::temp_dir()).map(|m| m.dev()).ok();
+    if !common::require(
+        shm.is_dir() && !same_fs,
+        "/dev/shm on a different file system than the temp dir",
+    ) {
+        return;
+    }
+    let store = tempfile::tempdir_in(shm).unwrap();
+    let mut env = Env::new();
+    env.store = store.path().join("store");
+    let src = env.path("src");
+    awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let out = env.path("out");
+    let cmd = env
+        .cmd()
+        .args(["--json", "checkout", "t"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(cmd.status.success());
+    let stderr = String::from_utf8_lossy(&cmd.stderr);
+    assert_eq!(
+        stderr.matches("another file system").count(),
+        1,
+        "one notice: {stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&cmd.stdout).unwrap();
+    assert_eq!(report["cross_device"], true);
+    assert_eq!(report["linked"], 0);
+    diff_r(&src, &out);
+}

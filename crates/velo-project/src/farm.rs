@@ -1,0 +1,364 @@
+//! Checkout: a tree as directories, links or copies, and symlinks.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, Mode as FsMode, OFlags, Timespec, Timestamps, CWD};
+use rustix::io::Errno;
+use velo_core::{Entry, EntryKind, Hash};
+use velo_store::treeops::TreeSource;
+use velo_store::{Store, StoreError};
+
+/// How files are materialised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckoutMode {
+    /// Hard links to the store's read-only blobs: no data copied, files not writable.
+    Hardlink,
+    /// Reflinks (copy-on-write clones): independent writable files, no data copied.
+    /// Fails where the file system cannot reflink.
+    Reflink,
+    /// Plain copies: independent writable files.
+    Copy,
+}
+
+/// What a checkout did.
+#[derive(Clone, Debug, Default)]
+pub struct CheckoutReport {
+    /// Files materialised.
+    pub files: u64,
+    /// Directories created (the destination itself not counted).
+    pub dirs: u64,
+    /// Symlinks created.
+    pub symlinks: u64,
+    /// Logical bytes of the files.
+    pub bytes: u64,
+    /// Files hard-linked to the store.
+    pub linked: u64,
+    /// Files reflinked.
+    pub reflinked: u64,
+    /// Files copied.
+    pub copied: u64,
+    /// Hard links refused for the link-count limit (EMLINK) and copied instead.
+    pub link_limit_fallbacks: u64,
+    /// The store is on another file system than the destination (EXDEV): hard links were
+    /// impossible and files were reflinked or copied.
+    pub cross_device: bool,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Why a checkout failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    /// The store failed (missing or damaged object, …).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the destination failed.
+    #[error("{op} {path}: {source}")]
+    Dest {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The destination exists and is not an empty directory.
+    #[error("{0} exists and is not an empty directory; choose a new path")]
+    NotEmpty(PathBuf),
+    /// `--mode reflink` on a file system that cannot.
+    #[error("the file system of {0} cannot reflink from the store ({1}); use --mode copy, or put both on btrfs/xfs")]
+    ReflinkUnsupported(PathBuf, std::io::Error),
+}
+
+struct Ctx<'a> {
+    store: &'a Store,
+    trees: &'a dyn TreeSource,
+    mode: CheckoutMode,
+    dest: &'a Path,
+    cross_device: AtomicBool,
+    files: AtomicU64,
+    dirs: AtomicU64,
+    symlinks: AtomicU64,
+    bytes: AtomicU64,
+    linked: AtomicU64,
+    reflinked: AtomicU64,
+    copied: AtomicU64,
+    link_limit: AtomicU64,
+}
+
+fn timestamps(mtime_ns: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
+/// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+pub fn checkout(
+    store: &Store,
+    trees: &dyn TreeSource,
+    root: Hash,
+    dest: &Path,
+    mode: CheckoutMode,
+) -> Result<CheckoutReport, ProjectError> {
+    let started = Instant::now();
+    let mut created = false;
+    match std::fs::read_dir(dest) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(ProjectError::NotEmpty(dest.to_path_buf()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest).map_err(|source| ProjectError::Dest {
+                op: "creating",
+                path: dest.to_path_buf(),
+                source,
+            })?;
+            created = true;
+        }
+        Err(_) => return Err(ProjectError::NotEmpty(dest.to_path_buf())),
+    }
+    let result = checkout_into(store, trees, root, dest, mode);
+    if result.is_err() {
+        // Leave nothing half-made behind: the destination was new or empty.
+        remove_tree(dest);
+        if !created {
+            let _ = std::fs::create_dir(dest);
+        }
+    }
+    let mut report = result?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Removes a checkout, making its directories writable first (a tree may hold 0555 ones).
+fn remove_tree(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove a failed checkout");
+    }
+}
+
+fn checkout_into(
+    store: &Store,
+    trees: &dyn TreeSource,
+    root: Hash,
+    dest: &Path,
+    mode: CheckoutMode,
+) -> Result<CheckoutReport, ProjectError> {
+    // Blobs a checkout links must not be collected under it.
+    let _lock = store.lock_shared()?;
+    let ctx = Ctx {
+        store,
+        trees,
+        mode,
+        dest,
+        cross_device: AtomicBool::new(false),
+        files: AtomicU64::new(0),
+        dirs: AtomicU64::new(0),
+        symlinks: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        linked: AtomicU64::new(0),
+        reflinked: AtomicU64::new(0),
+        copied: AtomicU64::new(0),
+        link_limit: AtomicU64::new(0),
+    };
+    let fd = rustix::fs::open(
+        dest,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(|e| ctx.dest_error("opening", b"", e))?;
+    ctx.dir(root, fd.as_fd(), Vec::new())?;
+    Ok(CheckoutReport {
+        files: ctx.files.into_inner(),
+        dirs: ctx.dirs.into_inner(),
+        symlinks: ctx.symlinks.into_inner(),
+        bytes: ctx.bytes.into_inner(),
+        linked: ctx.linked.into_inner(),
+        reflinked: ctx.reflinked.into_inner(),
+        copied: ctx.copied.into_inner(),
+        link_limit_fallbacks: ctx.link_limit.into_inner(),
+        cross_device: ctx.cross_device.into_inner(),
+        seconds: 0.0,
+    })
+}
+
+fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = base.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+impl Ctx<'_> {
+    fn dest_error(&self, op: &'static str, rel: &[u8], e: Errno) -> ProjectError {
+        use std::os::unix::ffi::OsStrExt;
+        ProjectError::Dest {
+            op,
+            path: self.dest.join(std::ffi::OsStr::from_bytes(rel)),
+            source: e.into(),
+        }
+    }
+
+    fn dir(&self, tree: Hash, fd: BorrowedFd<'_>, rel: Vec<u8>) -> Result<(), ProjectError> {
+        let tree = self.trees.tree(&tree)?;
+        let entries = tree.entries();
+        entries
+            .par_iter()
+            .try_for_each(|entry| self.entry(entry, fd, &rel))?;
+        Ok(())
+    }
+
+    fn entry(&self, entry: &Entry, parent: BorrowedFd<'_>, rel: &[u8]) -> Result<(), ProjectError> {
+        let name = entry.name.as_bytes();
+        let path = join(rel, name);
+        match &entry.kind {
+            EntryKind::Dir { hash } => {
+                rustix::fs::mkdirat(parent, name, FsMode::from_raw_mode(0o700))
+                    .map_err(|e| self.dest_error("creating directory", &path, e))?;
+                let fd = rustix::fs::openat(
+                    parent,
+                    name,
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    FsMode::empty(),
+                )
+                .map_err(|e| self.dest_error("opening", &path, e))?;
+                self.dir(*hash, fd.as_fd(), path.clone())?;
+                // Mode and mtime last: filling the directory would change its mtime, and a
+                // read-only mode would stop the filling.
+                rustix::fs::fchmod(&fd, FsMode::from_raw_mode(entry.mode.bits()))
+                    .map_err(|e| self.dest_error("setting mode of", &path, e))?;
+                rustix::fs::futimens(&fd, &timestamps(entry.mtime_ns))
+                    .map_err(|e| self.dest_error("setting mtime of", &path, e))?;
+                self.dirs.fetch_add(1, Ordering::Relaxed);
+            }
+            EntryKind::Symlink { target } => {
+                rustix::fs::symlinkat(target.as_ref(), parent, name)
+                    .map_err(|e| self.dest_error("creating symlink", &path, e))?;
+                rustix::fs::utimensat(
+                    parent,
+                    name,
+                    &timestamps(entry.mtime_ns),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| self.dest_error("setting mtime of", &path, e))?;
+                self.symlinks.fetch_add(1, Ordering::Relaxed);
+            }
+            EntryKind::File { hash, size } => {
+                self.file(entry, *hash, parent, &path)?;
+                self.files.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(*size, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn file(
+        &self,
+        entry: &Entry,
+        hash: Hash,
+        parent: BorrowedFd<'_>,
+        path: &[u8],
+    ) -> Result<(), ProjectError> {
+        let name = entry.name.as_bytes();
+        if self.mode == CheckoutMode::Hardlink && !self.cross_device.load(Ordering::Relaxed) {
+            let source = if entry.mode.is_executable() {
+                self.store.exec_variant(&hash)?
+            } else {
+                self.store.blob_path(&hash)
+            };
+            match rustix::fs::linkat(CWD, &source, parent, name, AtFlags::empty()) {
+                Ok(()) => {
+                    self.linked.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(Errno::MLINK) => {
+                    // Thousands of identical files (often empty) exhaust the inode's link
+                    // count; this one gets its own read-only copy.
+                    self.link_limit.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Errno::XDEV) => {
+                    if !self.cross_device.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            store = %self.store.root().display(),
+                            dest = %self.dest.display(),
+                            "the store is on another file system: hard links are impossible, reflinking or copying instead"
+                        );
+                    }
+                }
+                Err(Errno::NOENT) if !source.exists() => {
+                    return Err(StoreError::Missing { kind: "blob", hash }.into());
+                }
+                Err(e) => return Err(self.dest_error("linking", path, e)),
+            }
+        }
+        // An independent file: reflink when possible, else copy; then the tree's metadata
+        // (a farm fallback stays read-only like the blob it stands in for).
+        let mode_bits = match self.mode {
+            CheckoutMode::Hardlink if entry.mode.is_executable() => 0o555,
+            CheckoutMode::Hardlink => 0o444,
+            _ => entry.mode.bits(),
+        };
+        let source = self.store.open_blob(&hash)?;
+        let dest: OwnedFd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+            FsMode::from_raw_mode(0o600),
+        )
+        .map_err(|e| self.dest_error("creating", path, e))?;
+        let mut dest = File::from(dest);
+        let reflinked = match (self.mode, rustix::fs::ioctl_ficlone(&dest, &source)) {
+            (_, Ok(())) => true,
+            (CheckoutMode::Reflink, Err(e)) => {
+                return Err(ProjectError::ReflinkUnsupported(
+                    self.dest.to_path_buf(),
+                    e.into(),
+                ));
+            }
+            (_, Err(_)) => false,
+        };
+        if reflinked {
+            self.reflinked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            std::io::copy(&mut &source, &mut dest).map_err(|source| ProjectError::Dest {
+                op: "copying into",
+                path: self
+                    .dest
+                    .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
+                source,
+            })?;
+            self.copied.fetch_add(1, Ordering::Relaxed);
+        }
+        rustix::fs::fchmod(&dest, FsMode::from_raw_mode(mode_bits))
+            .map_err(|e| self.dest_error("setting mode of", path, e))?;
+        rustix::fs::futimens(&dest, &timestamps(entry.mtime_ns))
+            .map_err(|e| self.dest_error("setting mtime of", path, e))?;
+        Ok(())
+    }
+}

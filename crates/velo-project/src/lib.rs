@@ -1,0 +1,16 @@
+//! Projections: making a tree appear as real files for real programs.
+//!
+//! This crate owns the link farm (`checkout`): a tree materialised as directories, hard
+//! links into the store (or reflinks, or copies) and symlinks. It calls `velo-core` and
+//! `velo-store`; the CLI calls it. The namespace sandbox and the shared
+//! commit(base, upper) → tree routine will live here too.
+//!
+//! Key decision: **a hard-linked farm shares the store's inodes.** It costs one `link(2)`
+//! per file and no data, but a file's mode and mtime are its blob's (0444, or 0555 for the
+//! executable variant, a separate inode): a farm never changes a blob's metadata, and a
+//! writer must get a copy (reflink or copy mode, or an overlay upper).
+#![deny(missing_docs)]
+
+mod farm;
+
+pub use farm::{checkout, CheckoutMode, CheckoutReport, ProjectError};
