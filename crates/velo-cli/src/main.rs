@@ -7,6 +7,7 @@
 mod doctor;
 mod fmt;
 mod read;
+mod run;
 mod write;
 
 use std::ffi::OsString;
@@ -86,6 +87,43 @@ enum Command {
         #[arg(long, value_enum, default_value = "hardlink")]
         mode: ModeArg,
     },
+    /// Run a command in a tree: `--isolate` runs it in a rootless namespace sandbox whose
+    /// root is an overlay of the layers' cached link farms and a copy-on-write upper
+    Run {
+        /// Run in the namespace sandbox (the only mode so far)
+        #[arg(long)]
+        isolate: bool,
+        /// A base layer below the manifest (repeatable; later ones on top)
+        #[arg(long = "base", value_name = "TREE")]
+        bases: Vec<String>,
+        /// The top layer: a root name, a tree hash, or a .velo file (imported first)
+        #[arg(long, value_name = "TREE")]
+        manifest: String,
+        /// Keep the copy-on-write upper in DIR (default: a temporary session directory)
+        #[arg(long, value_name = "DIR")]
+        upper: Option<PathBuf>,
+        /// Commit the run's changes into a new tree and write it to OUT.velo
+        #[arg(long, value_name = "OUT.velo")]
+        commit: Option<PathBuf>,
+        /// Commit the run's changes and register the new tree under NAME
+        #[arg(long)]
+        name: Option<String>,
+        /// none: an empty network namespace; host: the host's network
+        #[arg(long, value_enum, default_value = "none")]
+        net: NetArg,
+        /// Bind a host path in: SRC:DST or SRC:DST:ro
+        #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
+        binds: Vec<String>,
+        /// Working directory inside the sandbox
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Set an environment variable inside (K=V, repeatable)
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// The command and its arguments
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
     /// Write a tree as a .velo manifest
     Export {
         tree: String,
@@ -125,6 +163,16 @@ enum Command {
     Doctor,
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
+    #[command(hide = true, name = "__sandbox")]
+    SandboxStage1,
+    #[command(hide = true, name = "__sandbox-init")]
+    SandboxStage2,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NetArg {
+    None,
+    Host,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -255,6 +303,36 @@ fn main() -> ExitCode {
         Command::Fsck { quick } => write::fsck(&ctx, quick),
         Command::Doctor => doctor::doctor(&ctx),
         Command::ProbeUserns => doctor::probe_userns(),
+        Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
+        Command::SandboxStage2 => run::sandbox_stage(velo_project::sandbox::stage2),
+        Command::Run {
+            isolate,
+            bases,
+            manifest,
+            upper,
+            commit,
+            name,
+            net,
+            binds,
+            workdir,
+            env,
+            command,
+        } => {
+            let args = run::RunArgs {
+                isolate,
+                bases,
+                manifest,
+                upper,
+                commit,
+                name,
+                host_net: net == NetArg::Host,
+                binds,
+                workdir,
+                env,
+                command,
+            };
+            run::run(&ctx, args)
+        }
     };
     match result {
         Ok(code) => code,

@@ -183,3 +183,39 @@ pub fn ingest(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+/// Stores one regular file's content (copying it; the file is only read) and returns its
+/// blob hash and size. The caller holds the store's shared lock. Used by commits of
+/// overlay uppers, where files are few and a stat cache buys nothing.
+pub fn store_file(store: &Store, path: &Path) -> Result<(Hash, u64), IngestError> {
+    use std::io::{Read, Write};
+    let read_error = |source| IngestError::Source {
+        op: "cannot read",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut staged = store.stage()?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        staged.file().write_all(&buf[..n]).map_err(|e| {
+            IngestError::Store(StoreError::io(
+                "writing a blob into",
+                store.root().join("tmp"),
+            )(e))
+        })?;
+        size += n as u64;
+    }
+    let hash = Hash::from(hasher.finalize());
+    if !store.has_blob(&hash) {
+        store.commit_blob(staged, &hash)?;
+    }
+    Ok((hash, size))
+}

@@ -132,7 +132,7 @@ pub fn checkout(
     let result = checkout_into(store, trees, root, dest, mode);
     if result.is_err() {
         // Leave nothing half-made behind: the destination was new or empty.
-        remove_tree(dest);
+        velo_store::remove_tree(dest);
         if !created {
             let _ = std::fs::create_dir(dest);
         }
@@ -140,25 +140,6 @@ pub fn checkout(
     let mut report = result?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// Removes a checkout, making its directories writable first (a tree may hold 0555 ones).
-fn remove_tree(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(entry.path());
-                }
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(path) {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove a failed checkout");
-    }
 }
 
 fn checkout_into(

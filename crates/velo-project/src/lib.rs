@@ -11,6 +11,9 @@
 //! writer must get a copy (reflink or copy mode, or an overlay upper).
 #![deny(missing_docs)]
 
+pub mod commit;
 mod farm;
+pub mod sandbox;
+pub mod session;
 
 pub use farm::{checkout, CheckoutMode, CheckoutReport, ProjectError};

@@ -234,3 +234,32 @@ pub(crate) fn sync_dir(path: &Path) {
         tracing::warn!(path = %path.display(), error = %e, "fsync of directory failed");
     }
 }
+
+/// Removes a directory tree that may hold read-only directories (farms, checkouts,
+/// overlay work directories): directories are made writable first. Symlinks are never
+/// followed. Failures are logged, not raised: callers use it to clean up.
+pub fn remove_tree(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if !fs::symlink_metadata(&dir)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            continue;
+        }
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    match fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove"),
+    }
+}

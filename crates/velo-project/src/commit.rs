@@ -1,0 +1,150 @@
+//! commit(base, upper) → tree: the one routine that turns copy-on-write changes into a new
+//! sealed tree, for the sandbox now and for the shim and FUSE server later.
+//!
+//! The upper uses the kernel overlayfs format: a whiteout is a character device 0/0, an
+//! opaque directory carries `user.overlay.opaque` (or `trusted.overlay.opaque`) = `y`.
+//! Only the upper is read; unchanged subtrees of the base are reused by hash, so the cost
+//! follows the changed set, not the tree.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
+use velo_store::{Store, StoreError};
+
+use crate::ProjectError;
+
+/// Merges layers (bottom first) the way overlayfs stacks them: a directory present in
+/// several layers has the union of their entries; anything else in a higher layer hides
+/// the lower one.
+pub fn merge_layers(store: &Store, layers: &[Hash]) -> Result<Hash, ProjectError> {
+    let Some((&first, rest)) = layers.split_first() else {
+        return Err(ProjectError::Store(StoreError::Invalid(
+            "no layers to merge".into(),
+        )));
+    };
+    let mut merged = first;
+    for &upper in rest {
+        merged = merge_two(store, merged, upper)?;
+    }
+    Ok(merged)
+}
+
+fn merge_two(store: &Store, lower: Hash, upper: Hash) -> Result<Hash, ProjectError> {
+    if lower == upper {
+        return Ok(upper);
+    }
+    let mut entries: BTreeMap<Name, Entry> = store
+        .get_tree(&lower)?
+        .into_entries()
+        .into_iter()
+        .map(|e| (e.name.clone(), e))
+        .collect();
+    for entry in store.get_tree(&upper)?.into_entries() {
+        let merged = match (entries.get(&entry.name).map(|e| &e.kind), &entry.kind) {
+            (Some(EntryKind::Dir { hash: low }), EntryKind::Dir { hash: up }) => Entry {
+                kind: EntryKind::Dir {
+                    hash: merge_two(store, *low, *up)?,
+                },
+                ..entry
+            },
+            _ => entry,
+        };
+        entries.insert(merged.name.clone(), merged);
+    }
+    let tree = Tree::new(entries.into_values().collect())
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    Ok(store.put_tree(&tree)?.0)
+}
+
+fn is_opaque(path: &Path) -> bool {
+    let mut buf = [0u8; 8];
+    ["user.overlay.opaque", "trusted.overlay.opaque"]
+        .iter()
+        .any(|name| matches!(rustix::fs::lgetxattr(path, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y'))
+}
+
+fn dest_error(path: &Path) -> impl FnOnce(std::io::Error) -> ProjectError + '_ {
+    move |source| ProjectError::Dest {
+        op: "reading upper",
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Applies an overlay-format upper directory to `base`; returns the new root. The caller
+/// holds the store's shared lock.
+pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<Hash, ProjectError> {
+    let tree = commit_dir(store, Some(store.get_tree(&base)?), upper, true)?;
+    Ok(store.put_tree(&tree)?.0)
+}
+
+fn commit_dir(
+    store: &Store,
+    base: Option<Tree>,
+    dir: &Path,
+    is_root: bool,
+) -> Result<Tree, ProjectError> {
+    let mut entries: BTreeMap<Name, Entry> = match base {
+        Some(tree) if is_root || !is_opaque(dir) => tree
+            .into_entries()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    for item in std::fs::read_dir(dir).map_err(dest_error(dir))? {
+        let item = item.map_err(dest_error(dir))?;
+        let path = item.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(dest_error(&path))?;
+        let name = Name::new(item.file_name().as_bytes())
+            .map_err(|e| StoreError::Invalid(format!("{}: {e}", path.display())))?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            entries.remove(&name);
+            continue;
+        }
+        let mode = Mode::from_st_mode(meta.mode());
+        let mtime_ns = meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec());
+        let kind = if ft.is_dir() {
+            let below = match entries.get(&name).map(|e| &e.kind) {
+                Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
+                _ => None,
+            };
+            let sub = commit_dir(store, below, &path, false)?;
+            EntryKind::Dir {
+                hash: store.put_tree(&sub)?.0,
+            }
+        } else if ft.is_file() {
+            let (hash, size) = velo_ingest::store_file(store, &path).map_err(|e| match e {
+                velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
+                other => ProjectError::Store(StoreError::Invalid(other.to_string())),
+            })?;
+            EntryKind::File { hash, size }
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(dest_error(&path))?;
+            EntryKind::Symlink {
+                target: target.as_os_str().as_bytes().into(),
+            }
+        } else {
+            tracing::warn!(path = %path.display(), "not committing a socket, fifo or device");
+            continue;
+        };
+        entries.insert(
+            name.clone(),
+            Entry {
+                name,
+                mode,
+                mtime_ns,
+                kind,
+            },
+        );
+    }
+    Tree::new(entries.into_values().collect())
+        .map_err(|e| ProjectError::Store(StoreError::Invalid(e.to_string())))
+}
