@@ -12,16 +12,15 @@ if [ ! -x "$velo" ]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-deb=$(ls /var/cache/apt/archives/busybox-static_*.deb 2>/dev/null | head -n1 || true)
-if [ -z "$deb" ]; then
-    if [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q 'statically linked'; then
-        mkdir -p "$work/pkg/bin" && cp /bin/busybox "$work/pkg/bin/busybox"
-    else
+if dpkg -s busybox-static >/dev/null 2>&1; then
+    # The installed package's binary is the static one.
+    mkdir -p "$work/pkg/bin" && cp /bin/busybox "$work/pkg/bin/busybox"
+else
+    deb=$(ls /var/cache/apt/archives/busybox-static_*.deb 2>/dev/null | head -n1 || true)
+    if [ -z "$deb" ]; then
         (cd "$work" && { apt-get download busybox-static >/dev/null 2>&1 || { apt-get update -qq && apt-get download busybox-static; }; })
         deb=$(ls "$work"/busybox-static_*.deb)
     fi
-fi
-if [ -n "$deb" ]; then
     dpkg-deb -x "$deb" "$work/pkg"
 fi
 root="$work/root"

@@ -239,19 +239,22 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else if run {
         eprintln!(
-            "freed {} trees, {} blobs, {}; removed {} temp files; kept {} roots",
+            "freed {} trees, {} blobs, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
+            r.farms,
+            r.sessions,
             r.temp_files,
             r.roots
         );
     } else {
         eprintln!(
-            "would free {} trees, {} blobs, {} and {} temp files (kept: {} roots); run `velo gc --run` to delete",
+            "would free {} trees, {} blobs, {}, {} farms and {} temp files (kept: {} roots); run `velo gc --run` to delete",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
+            r.farms,
             r.temp_files,
             r.roots
         );

@@ -31,6 +31,10 @@ pub struct GcReport {
     pub bytes: u64,
     /// Leftover temp files of interrupted commands.
     pub temp_files: u64,
+    /// Cached link farms of trees no root reaches (and half-built ones).
+    pub farms: u64,
+    /// Session directories left by killed runs.
+    pub sessions: u64,
 }
 
 impl Store {
@@ -111,6 +115,25 @@ impl Store {
             .flatten()
             .collect();
         report.temp_files = temps.len() as u64;
+        let listing = |dir: &str| -> Vec<std::path::PathBuf> {
+            fs::read_dir(self.root.join(dir))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        let dead_farms: Vec<_> = listing("farms")
+            .into_iter()
+            .filter(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                !matches!(name.parse::<Hash>(), Ok(h) if live_trees.contains(&h))
+            })
+            .collect();
+        // Every run holds the shared lock, so under the exclusive one no session is live.
+        let sessions = if run { listing("sessions") } else { Vec::new() };
+        report.farms = dead_farms.len() as u64;
+        report.sessions = sessions.len() as u64;
         if !run {
             return Ok(report);
         }
@@ -122,6 +145,9 @@ impl Store {
         }
         for (hash, exec) in &dead_blobs {
             remove(&variant_path(self, hash, *exec))?;
+        }
+        for path in dead_farms.iter().chain(&sessions) {
+            crate::remove_tree(path);
         }
         // Every writer holds the shared lock, so under the exclusive one nothing in tmp/ is
         // in use: it is all left over from killed commands.

@@ -1,0 +1,476 @@
+//! `velo run --isolate`: the rootless sandbox over cached link farms, and its commits.
+//! Needs user namespaces, overlayfs in them, and Debian's busybox-static (scripts/test.sh
+//! installs it); under CI a missing piece fails the test with the reason.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+fn sandbox_supported() -> bool {
+    let probe = Command::new(common::velo_bin())
+        .arg("__probe-userns")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    common::require(probe, "unprivileged user namespaces (velo doctor explains)")
+        && common::require(
+            Path::new("/bin/busybox").exists(),
+            "Debian's busybox-static (/bin/busybox)",
+        )
+}
+
+/// busybox.velo made by the project's own script, and a tiny app layer.
+fn layers(env: &Env) -> (PathBuf, PathBuf) {
+    let busybox = env.path("busybox.velo");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup_busybox.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&busybox)
+        .env("VELO", common::velo_bin())
+        .env("VR_THE_SOURCE", &env.store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setup_busybox.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app = env.path("app");
+    fs::create_dir_all(app.join("app/dir")).unwrap();
+    fs::write(app.join("app/hello.sh"), b"echo hello from app\n").unwrap();
+    fs::write(app.join("app/gone"), b"to be deleted").unwrap();
+    fs::write(app.join("app/mode"), b"mode changes").unwrap();
+    fs::write(app.join("app/dir/old"), b"hidden by an opaque dir").unwrap();
+    let manifest = env.path("app.velo");
+    env.ok(&[
+        "ingest",
+        app.to_str().unwrap(),
+        "-o",
+        manifest.to_str().unwrap(),
+    ]);
+    (busybox, manifest)
+}
+
+fn run(
+    env: &Env,
+    busybox: &Path,
+    app: &Path,
+    extra: &[&str],
+    script: &str,
+) -> std::process::Output {
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(busybox)
+        .arg("--manifest")
+        .arg(app)
+        .args(extra)
+        .args(["--", "/bin/sh", "-c", script]);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn the_usage_guide_example_prints_uid_0_and_exit_codes_propagate() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let out = run(&env, &busybox, &app, &[], "id -u");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    for code in [0, 1, 7, 42, 255] {
+        let out = run(&env, &busybox, &app, &[], &format!("exit {code}"));
+        assert_eq!(out.status.code(), Some(code));
+    }
+    // The layers are there, the host is not.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        "cat /app/hello.sh; test -e /work && echo HOST; ls /dev; hostname",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hello from app"), "{text}");
+    assert!(
+        !text.contains("HOST"),
+        "host paths leak into the sandbox: {text}"
+    );
+    for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
+        assert!(text.lines().any(|l| l == dev), "/dev/{dev} missing: {text}");
+    }
+    env.fsck_ok();
+}
+
+#[test]
+fn commit_captures_new_changed_deleted_symlinked_chmodded_and_opaque() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let out_velo = env.path("out.velo");
+    let script = "echo new > /app/new && echo changed > /app/hello.sh && rm /app/gone && ln -s hello.sh /app/link \
+                  && chmod 700 /app/mode && rm -rf /app/dir && mkdir /app/dir && echo z > /app/dir/z && mkdir -p /opt/x";
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--commit", out_velo.to_str().unwrap(), "--name", "after"],
+        script,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out_velo.is_file());
+    let cat = |path: &str| env.ok(&["cat", "after", path]);
+    assert_eq!(cat("app/new"), "new\n");
+    assert_eq!(cat("app/hello.sh"), "changed\n");
+    assert_eq!(cat("app/dir/z"), "z\n");
+    assert!(env
+        .fails(&["show", "after", "app/gone"])
+        .contains("does not exist"));
+    assert!(
+        env.fails(&["show", "after", "app/dir/old"])
+            .contains("does not exist"),
+        "an opaque dir hides the lower"
+    );
+    assert_eq!(
+        env.json(&["show", "after", "app/link"])["target"],
+        "hello.sh"
+    );
+    assert_eq!(env.json(&["show", "after", "app/mode"])["mode"], 0o700);
+    assert_eq!(env.json(&["show", "after", "opt/x"])["kind"], "dir");
+    let busybox_bytes = env.run(&["cat", "after", "bin/busybox"]).stdout;
+    assert_eq!(
+        busybox_bytes,
+        fs::read("/bin/busybox").unwrap(),
+        "the base layer is in the commit, unchanged"
+    );
+    // The committed manifest runs: the new tree is a layer like any other.
+    let out = run(&env, &busybox, &out_velo, &[], "cat /app/new");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "new\n");
+    env.fsck_ok();
+}
+
+#[test]
+fn writes_stay_in_their_run_and_never_reach_the_store() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let before = fs::read("/bin/busybox").unwrap();
+    // As root inside: overwrite the shell's own binary through a copy of it, append to a
+    // layer file, chmod a farm file.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        "cp /bin/busybox /tmp/busybox && exec /tmp/busybox sh -c 'echo x > /bin/busybox && echo more >> /app/hello.sh \
+         && chmod 777 /app/gone && echo written > /app/leak && cat /bin/busybox'",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "x\n",
+        "the write happened inside"
+    );
+    env.fsck_ok();
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        "test ! -e /app/leak && cat /app/hello.sh && /bin/busybox true && echo clean",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text, "echo hello from app\nclean\n",
+        "a write leaked into the next run"
+    );
+    let hash = velo_core::Hash::of_blob(&before).to_hex();
+    let blob = env
+        .store
+        .join("blobs")
+        .join(&hash[..2])
+        .join(format!("{hash}.x"));
+    assert_eq!(fs::read(blob).unwrap(), before);
+}
+
+#[test]
+fn sigterm_reaches_the_command_and_nothing_is_left_behind() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let marker = format!("velo-sigterm-test-{}", std::process::id());
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args(["--", "/bin/sh", "-c", &format!("trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 1; done # {marker}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert_eq!(&first, b"ready\n");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "velo run did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(
+        rest.contains("got-term"),
+        "the command did not see SIGTERM: {rest:?}"
+    );
+    assert_eq!(status.code(), Some(3));
+    std::thread::sleep(Duration::from_millis(200));
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(&marker),
+        "processes survived the run"
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(env.store.to_str().unwrap()),
+        "mounts survived the run"
+    );
+    let sessions = env.store.join("sessions");
+    assert_eq!(
+        fs::read_dir(&sessions).map(|d| d.count()).unwrap_or(0),
+        0,
+        "session left behind"
+    );
+}
+
+#[test]
+fn two_runs_share_the_cached_farms_at_once() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let first = env.json(&[
+        "run",
+        "--isolate",
+        "--base",
+        busybox.to_str().unwrap(),
+        "--manifest",
+        app.to_str().unwrap(),
+        "--",
+        "/bin/true",
+    ]);
+    assert_eq!(
+        first["farms_built"].as_array().unwrap().len(),
+        2,
+        "the first run builds both farms"
+    );
+    let spawn = || {
+        env.cmd()
+            .args(["--json", "run", "--isolate", "--base"])
+            .arg(&busybox)
+            .arg("--manifest")
+            .arg(&app)
+            .args([
+                "--",
+                "/bin/sh",
+                "-c",
+                "sleep 1; echo $$ > /tmp/pid; cat /app/hello.sh",
+            ])
+            .output()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(spawn);
+        let b = s.spawn(spawn);
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    for out in [a, b] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(
+            &out.stdout[out.stdout.iter().position(|&c| c == b'{').unwrap()..],
+        )
+        .unwrap();
+        assert!(
+            json["farms_built"].as_array().unwrap().is_empty(),
+            "farms must be reused"
+        );
+    }
+}
+
+#[test]
+fn escape_attempts_fail() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let store = env.store.to_str().unwrap().to_string();
+    // The store is not there, mounting over /bin changes nothing outside, /proc shows only
+    // the sandbox's processes.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        &format!("test -e {store} && echo STORE; mount -t tmpfs none /bin 2>/dev/null; ls /proc | grep -c '^[0-9]'"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("STORE"), "{text}");
+    let procs: u32 = text.trim().lines().last().unwrap().parse().unwrap();
+    assert!(procs <= 4, "host processes visible: {procs}");
+    let out = run(&env, &busybox, &app, &[], "/bin/busybox true && echo ok");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    env.fsck_ok();
+    // `..` games with --bind and --workdir are refused before anything runs.
+    let host = env.path("hostdir");
+    fs::create_dir_all(&host).unwrap();
+    for bad in [
+        format!("{}:/../../etc", host.display()),
+        format!("{}:relative", host.display()),
+        format!("{}:/a/./b", host.display()),
+    ] {
+        let err = env.fails(&[
+            "run",
+            "--isolate",
+            "--manifest",
+            app.to_str().unwrap(),
+            "--bind",
+            &bad,
+            "--",
+            "/bin/true",
+        ]);
+        assert!(err.contains("--bind"), "{err}");
+    }
+    let err = env.fails(&[
+        "run",
+        "--isolate",
+        "--manifest",
+        app.to_str().unwrap(),
+        "--workdir",
+        "/../x",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(err.contains("workdir"), "{err}");
+    // A bind works, read-only when asked.
+    fs::write(host.join("f"), b"from host").unwrap();
+    let bind = format!("{}:/mnt/host:ro", host.display());
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--bind", &bind],
+        "cat /mnt/host/f; echo x > /mnt/host/g 2>/dev/null || echo refused",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from hostrefused\n");
+    assert!(!host.join("g").exists());
+}
+
+#[test]
+fn an_unprivileged_user_runs_with_their_own_store() {
+    if !sandbox_supported()
+        || !common::require(
+            common::is_root(),
+            "root (to become another user with setpriv)",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let home = env.path("nobody-home");
+    fs::create_dir_all(&home).unwrap();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(Command::new("chown")
+        .arg("65534:65534")
+        .arg(&home)
+        .status()
+        .unwrap()
+        .success());
+    let (busybox, app) = layers(&env);
+    // The user's store starts empty: the app layer must carry its blobs.
+    let app_full = env.path("app-full.velo");
+    let root = env.json(&["show", app.to_str().unwrap(), "/"])["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.ok(&[
+        "export",
+        &root,
+        "-o",
+        app_full.to_str().unwrap(),
+        "--with-blobs",
+    ]);
+    let app = app_full;
+    for f in [&busybox, &app] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(common::velo_bin())
+        .args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; echo hi > /tmp/x; cat /app/hello.sh",
+        ])
+        .env("HOME", &home)
+        .env_remove("VR_THE_SOURCE")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0\necho hello from app\n"
+    );
+    assert!(
+        home.join(".local/share/velo/VERSION").is_file(),
+        "the user's own store was created"
+    );
+}
