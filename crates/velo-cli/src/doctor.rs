@@ -30,6 +30,17 @@ pub fn probe_userns() -> Result<ExitCode> {
     })
 }
 
+/// Entry point of the hidden `__probe-overlay DIR` subcommand.
+pub fn probe_overlay(dir: &Path) -> Result<ExitCode> {
+    Ok(match velo_project::sandbox::probe_overlay(dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
 fn check_userns() -> Check {
     let output = std::env::current_exe().and_then(|exe| {
         std::process::Command::new(exe)
@@ -58,32 +69,37 @@ fn check_userns() -> Check {
     }
 }
 
-fn kernel_at_least(major: u32, minor: u32) -> (bool, String) {
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    ((a, b) >= (major, minor), release)
-}
-
-fn check_overlay() -> Check {
-    let listed = std::fs::read_to_string("/proc/filesystems")
-        .map(|t| t.lines().any(|l| l.trim_end().ends_with("overlay")))
-        .unwrap_or(false);
-    let loadable = Path::new("/sys/module/overlay").exists() || listed;
-    let (new_enough, release) = kernel_at_least(5, 11);
+fn check_overlay(store: &Path) -> Check {
+    // Probe where sessions live: the store's file system (or the nearest existing parent).
+    let mut dir: PathBuf = store.to_path_buf();
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) => dir = p.to_path_buf(),
+            None => break,
+        }
+    }
+    let output = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("__probe-overlay")
+            .arg(&dir)
+            .output()
+    });
+    let (ok, detail) = match output {
+        Ok(o) if o.status.success() => (
+            true,
+            format!(
+                "an overlay mounts in a user namespace with its upper on {}",
+                dir.display()
+            ),
+        ),
+        Ok(o) => (false, String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => (false, format!("could not run the probe: {e}")),
+    };
     Check {
         name: "overlayfs",
-        ok: loadable && new_enough,
-        detail: format!(
-            "overlay {} in this kernel ({release}); unprivileged overlay mounts in a user namespace need Linux 5.11 or newer",
-            if loadable { "is available" } else { "is not available" }
-        ),
-        advice: "load the module (modprobe overlay) or use a newer kernel; needed by velo run --isolate",
+        ok,
+        detail,
+        advice: "velo run --isolate needs overlayfs in a user namespace (Linux 5.11+, user xattrs on the store's file system)",
     }
 }
 
@@ -168,7 +184,7 @@ pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
         check_reflink(&ctx.store_path),
         check_fuse(),
         check_userns(),
-        check_overlay(),
+        check_overlay(&ctx.store_path),
     ];
     if ctx.json {
         let list: Vec<_> = checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail, "advice": if c.ok { None } else { Some(c.advice) }})).collect();

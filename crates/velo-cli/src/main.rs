@@ -163,6 +163,8 @@ enum Command {
     Doctor,
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
+    #[command(hide = true, name = "__probe-overlay")]
+    ProbeOverlay { dir: PathBuf },
     #[command(hide = true, name = "__sandbox")]
     SandboxStage1,
     #[command(hide = true, name = "__sandbox-init")]
@@ -303,6 +305,7 @@ fn main() -> ExitCode {
         Command::Fsck { quick } => write::fsck(&ctx, quick),
         Command::Doctor => doctor::doctor(&ctx),
         Command::ProbeUserns => doctor::probe_userns(),
+        Command::ProbeOverlay { dir } => doctor::probe_overlay(&dir),
         Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
         Command::SandboxStage2 => run::sandbox_stage(velo_project::sandbox::stage2),
         Command::Run {

@@ -519,3 +519,67 @@ pub fn is_real_dir(path: &Path) -> bool {
 pub fn arg_bytes(arg: &std::ffi::OsStr) -> Vec<u8> {
     arg.as_bytes().to_vec()
 }
+
+/// Checks that this process can create a user and mount namespace and mount an overlay
+/// whose upper lives under `dir` (the store's file system, where sessions live). Run it in
+/// a throwaway single-threaded process: it leaves that process in the new namespaces.
+pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    use rustix::thread::UnshareFlags as U;
+    // SAFETY: called only from the single-threaded `velo __probe-overlay`, without FILES.
+    unsafe { rustix::thread::unshare_unsafe(U::NEWUSER | U::NEWNS) }
+        .map_err(setup("creating namespaces", USERNS_HINT))?;
+    let write = |file: &str, text: String| {
+        std::fs::write(file, text).map_err(|source| SandboxError::Setup {
+            step: format!("writing {file}"),
+            source,
+            hint: USERNS_HINT,
+        })
+    };
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1\n"))?;
+    let base = dir.join(format!(".velo-probe-{}", std::process::id()));
+    let made = ["lower", "upper", "work", "merged"]
+        .iter()
+        .try_for_each(|d| std::fs::create_dir_all(base.join(d)));
+    let result = made
+        .map_err(|source| SandboxError::Setup {
+            step: format!("creating {}", base.display()),
+            source,
+            hint: "",
+        })
+        .and_then(|()| {
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={},userxattr",
+                base.join("lower").display(),
+                base.join("upper").display(),
+                base.join("work").display()
+            );
+            let options = std::ffi::CString::new(options)
+                .map_err(|_| SandboxError::Config("NUL in a path".into()))?;
+            rustix::mount::mount(
+                "overlay",
+                base.join("merged"),
+                "overlay",
+                MountFlags::empty(),
+                options.as_c_str(),
+            )
+            .map_err(setup(
+                "mounting an overlay in a user namespace",
+                OVERLAY_HINT,
+            ))?;
+            std::fs::write(base.join("merged/probe"), b"x").map_err(|source| {
+                SandboxError::Setup {
+                    step: "writing through the overlay".into(),
+                    source,
+                    hint: OVERLAY_HINT,
+                }
+            })?;
+            let _ = rustix::mount::unmount(base.join("merged"), UnmountFlags::DETACH);
+            Ok(())
+        });
+    velo_store::remove_tree(&base);
+    result
+}
