@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 e2fsprogs btrfs-progs xfsprogs util-linux busybox-static)
+packages=(fuse3 e2fsprogs btrfs-progs xfsprogs util-linux busybox-static debootstrap)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -13,6 +13,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+fi
+if [ "$(id -u)" = 0 ]; then
+    bash scripts/setup_debian_base.sh || echo "warning: no Debian base for the real-build test" >&2
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
