@@ -236,6 +236,21 @@ impl Ctx {
 }
 
 fn main() -> ExitCode {
+    // The sandbox stages sit on the start-up path of every `velo run --isolate`: skip the
+    // argument parser and the log filter for them.
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        Some("__sandbox") => {
+            return run::sandbox_stage(velo_project::sandbox::stage1).unwrap_or(ExitCode::FAILURE)
+        }
+        Some("__sandbox-init") => {
+            return run::sandbox_stage(velo_project::sandbox::stage2).unwrap_or(ExitCode::FAILURE)
+        }
+        _ => {}
+    }
     init_logging();
     raise_fd_limit();
     let cli = Cli::parse();

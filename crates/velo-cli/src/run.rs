@@ -115,6 +115,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         workdir: args.workdir.clone(),
         env,
         argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        keep_changes: args.commit.is_some() || args.name.is_some(),
     };
     let outcome = run_isolated(&store, &options)?;
     for (root, seconds) in &outcome.farms_built {

@@ -57,6 +57,10 @@ pub struct SandboxConfig {
     pub gid: u32,
     /// A private network namespace (only loopback).
     pub isolate_net: bool,
+    /// The run's changes are thrown away: upper, work and mount point live on a tmpfs in
+    /// the sandbox's own mount namespace (`upper`, `work`, `merged` are then unused), so
+    /// a run touches no disk and nothing is left to clean up.
+    pub scratch_upper: Option<PathBuf>,
     /// Host paths bound in.
     pub binds: Vec<Bind>,
     /// Working directory inside.
@@ -317,6 +321,36 @@ pub fn stage2() -> Result<i32, SandboxError> {
             )));
         }
     }
+    let (upper, work, merged_dir) = match &config.scratch_upper {
+        Some(mount_on) => {
+            // Mounted over an existing directory of the store, visible only in this namespace.
+            rustix::mount::mount(
+                "tmpfs",
+                mount_on,
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV,
+                c"mode=700",
+            )
+            .map_err(setup("mounting the scratch upper", ""))?;
+            for d in ["upper", "work", "merged"] {
+                std::fs::create_dir(mount_on.join(d)).map_err(|source| SandboxError::Setup {
+                    step: format!("creating scratch {d}"),
+                    source,
+                    hint: "",
+                })?;
+            }
+            (
+                mount_on.join("upper"),
+                mount_on.join("work"),
+                mount_on.join("merged"),
+            )
+        }
+        None => (
+            config.upper.clone(),
+            config.work.clone(),
+            config.merged.clone(),
+        ),
+    };
     let lowers: Vec<String> = config
         .lowers
         .iter()
@@ -325,20 +359,20 @@ pub fn stage2() -> Result<i32, SandboxError> {
     let options = format!(
         "lowerdir={},upperdir={},workdir={},userxattr",
         lowers.join(":"),
-        config.upper.display(),
-        config.work.display()
+        upper.display(),
+        work.display()
     );
     let options = std::ffi::CString::new(options)
         .map_err(|_| SandboxError::Config("NUL in a layer path".into()))?;
     rustix::mount::mount(
         "overlay",
-        &config.merged,
+        &merged_dir,
         "overlay",
         MountFlags::empty(),
         options.as_c_str(),
     )
     .map_err(setup("mounting the overlay", OVERLAY_HINT))?;
-    let merged = &config.merged;
+    let merged = &merged_dir;
 
     let proc_dir = mkdir_all_inside(merged, "/proc")?;
     rustix::mount::mount(

@@ -62,6 +62,9 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     /// The command.
     pub argv: Vec<Vec<u8>>,
+    /// The run's changes are wanted afterwards (a commit follows). Without this and
+    /// without `upper`, the upper is a tmpfs inside the sandbox that vanishes with it.
+    pub keep_changes: bool,
 }
 
 /// What happened.
@@ -137,10 +140,15 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         }
         None => (session.join("upper"), session.join("work")),
     };
-    mk(&upper)?;
-    mk(&work)?;
+    let scratch = !options.keep_changes && options.upper.is_none();
     let merged = session.join("merged");
-    mk(&merged)?;
+    if scratch {
+        mk(&store.root().join("sessions"))?;
+    } else {
+        mk(&upper)?;
+        mk(&work)?;
+        mk(&merged)?;
+    }
     let mut env = vec![
         (
             "PATH".to_string(),
@@ -165,6 +173,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
         isolate_net: !options.host_net,
+        scratch_upper: scratch.then(|| store.root().join("sessions")),
         binds: options.binds.clone(),
         workdir: options.workdir.clone().unwrap_or_else(|| "/".into()),
         env,
