@@ -24,7 +24,7 @@ fn from_manifest(path: &Path) -> Result<Resolved> {
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let bad = |e| StoreError::Manifest {
         path: path.to_path_buf(),
-        source: e,
+        cause: e,
     };
     let reader = ManifestReader::open(std::io::BufReader::new(file)).map_err(bad)?;
     let root = reader.root();

@@ -144,6 +144,19 @@ pub fn import(ctx: &Ctx, file: &Path, name: Option<String>, partial: bool) -> Re
     if !file.is_file() {
         bail!("{} is not a file", file.display());
     }
+    if let Err(velo_store::StoreError::NoStore(_)) = velo_store::Store::open(&ctx.store_path) {
+        // A bad file must not leave a new, empty store behind: verify before creating.
+        let bad = |cause| velo_store::StoreError::Manifest {
+            path: file.to_path_buf(),
+            cause,
+        };
+        let reader =
+            std::fs::File::open(file).map_err(velo_store::StoreError::io("opening", file))?;
+        velo_core::manifest::ManifestReader::open(std::io::BufReader::new(reader))
+            .map_err(bad)?
+            .skip_blobs_and_finish()
+            .map_err(bad)?;
+    }
     let store = ctx.store_or_create()?;
     let report = store.import(file, &ImportOptions { name, partial })?;
     if ctx.json {

@@ -117,7 +117,7 @@ impl Ctx<'_> {
         move |source| IngestError::Source {
             op: "cannot read",
             path,
-            source,
+            cause: source,
         }
     }
 

@@ -98,14 +98,14 @@ pub enum IngestError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Reading the source failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Source {
         /// What was being done.
         op: &'static str,
         /// Which path.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The source is not a directory.
     #[error("{0} is not a directory: velo ingest takes a directory")]
@@ -146,7 +146,7 @@ pub fn ingest(
     let source = std::fs::canonicalize(dir).map_err(|source| IngestError::Source {
         op: "cannot open",
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     if !source.is_dir() {
         return Err(IngestError::NotADirectory(dir.to_path_buf()));
@@ -192,7 +192,7 @@ pub fn store_file(store: &Store, path: &Path) -> Result<(Hash, u64), IngestError
     let read_error = |source| IngestError::Source {
         op: "cannot read",
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let mut file = std::fs::File::open(path).map_err(read_error)?;
     let mut staged = store.stage()?;

@@ -198,7 +198,7 @@ impl Ctx<'_> {
         IngestError::Source {
             op,
             path: self.path_of(rel),
-            source: e.into(),
+            cause: e.into(),
         }
     }
 

@@ -70,7 +70,7 @@ fn dest_error(path: &Path) -> impl FnOnce(std::io::Error) -> ProjectError + '_ {
     move |source| ProjectError::Dest {
         op: "reading upper",
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 

@@ -58,14 +58,14 @@ pub enum ProjectError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Writing the destination failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Dest {
         /// What was being done.
         op: &'static str,
         /// Where.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The destination exists and is not an empty directory.
     #[error("{0} exists and is not an empty directory; choose a new path")]
@@ -123,7 +123,7 @@ pub fn checkout(
             std::fs::create_dir_all(dest).map_err(|source| ProjectError::Dest {
                 op: "creating",
                 path: dest.to_path_buf(),
-                source,
+                cause: source,
             })?;
             created = true;
         }
@@ -202,7 +202,7 @@ impl Ctx<'_> {
         ProjectError::Dest {
             op,
             path: self.dest.join(std::ffi::OsStr::from_bytes(rel)),
-            source: e.into(),
+            cause: e.into(),
         }
     }
 
@@ -332,7 +332,7 @@ impl Ctx<'_> {
                 path: self
                     .dest
                     .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
-                source,
+                cause: source,
             })?;
             self.copied.fetch_add(1, Ordering::Relaxed);
         }

@@ -75,12 +75,12 @@ pub struct SandboxConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// A setup step failed.
-    #[error("{step}: {source}{hint}")]
+    #[error("{step}: {cause}{hint}")]
     Setup {
         /// What was being done.
         step: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
         /// What to do about it.
         hint: &'static str,
     },
@@ -96,7 +96,7 @@ fn setup(
     let step = step.into();
     move |e| SandboxError::Setup {
         step,
-        source: e.into(),
+        cause: e.into(),
         hint,
     }
 }
@@ -211,7 +211,7 @@ pub fn stage1() -> Result<i32, SandboxError> {
     let write = |file: &str, text: String| {
         std::fs::write(file, text).map_err(|source| SandboxError::Setup {
             step: format!("writing {file}"),
-            source,
+            cause: source,
             hint: USERNS_HINT,
         })
     };
@@ -220,12 +220,12 @@ pub fn stage1() -> Result<i32, SandboxError> {
     write("/proc/self/gid_map", format!("0 {} 1\n", config.gid))?;
     let exe = std::env::current_exe().map_err(|source| SandboxError::Setup {
         step: "finding the velo executable".into(),
-        source,
+        cause: source,
         hint: "",
     })?;
     let supervisor = Supervisor::new().map_err(|source| SandboxError::Setup {
         step: "installing signal handlers".into(),
-        source,
+        cause: source,
         hint: "",
     })?;
     let child = Command::new(exe)
@@ -233,14 +233,14 @@ pub fn stage1() -> Result<i32, SandboxError> {
         .spawn()
         .map_err(|source| SandboxError::Setup {
             step: "starting the sandbox's init".into(),
-            source,
+            cause: source,
             hint: "",
         })?;
     supervisor
         .wait(child.id(), false)
         .map_err(|source| SandboxError::Setup {
             step: "waiting for the sandbox".into(),
-            source,
+            cause: source,
             hint: "",
         })
 }
@@ -335,7 +335,7 @@ pub fn stage2() -> Result<i32, SandboxError> {
             for d in ["upper", "work", "merged"] {
                 std::fs::create_dir(mount_on.join(d)).map_err(|source| SandboxError::Setup {
                     step: format!("creating scratch {d}"),
-                    source,
+                    cause: source,
                     hint: "",
                 })?;
             }
@@ -524,12 +524,12 @@ pub fn stage2() -> Result<i32, SandboxError> {
         .envs(config.env.iter().map(|(k, v)| (k, v)));
     let supervisor = Supervisor::new().map_err(|source| SandboxError::Setup {
         step: "installing signal handlers".into(),
-        source,
+        cause: source,
         hint: "",
     })?;
     let child = command.spawn().map_err(|source| SandboxError::Setup {
         step: format!("running {}", String::from_utf8_lossy(program)),
-        source,
+        cause: source,
         hint: " (the path is looked up in the sandbox's PATH; does the tree contain it?)",
     })?;
     // As pid 1, reap every orphan until the command itself exits.
@@ -537,7 +537,7 @@ pub fn stage2() -> Result<i32, SandboxError> {
         .wait(child.id(), true)
         .map_err(|source| SandboxError::Setup {
             step: "waiting for the command".into(),
-            source,
+            cause: source,
             hint: "",
         })
 }
@@ -567,7 +567,7 @@ pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
     let write = |file: &str, text: String| {
         std::fs::write(file, text).map_err(|source| SandboxError::Setup {
             step: format!("writing {file}"),
-            source,
+            cause: source,
             hint: USERNS_HINT,
         })
     };
@@ -581,7 +581,7 @@ pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
     let result = made
         .map_err(|source| SandboxError::Setup {
             step: format!("creating {}", base.display()),
-            source,
+            cause: source,
             hint: "",
         })
         .and_then(|()| {
@@ -607,7 +607,7 @@ pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
             std::fs::write(base.join("merged/probe"), b"x").map_err(|source| {
                 SandboxError::Setup {
                     step: "writing through the overlay".into(),
-                    source,
+                    cause: source,
                     hint: OVERLAY_HINT,
                 }
             })?;

@@ -22,7 +22,7 @@ pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), 
     std::fs::create_dir_all(&farms).map_err(|source| ProjectError::Dest {
         op: "creating",
         path: farms.clone(),
-        source,
+        cause: source,
     })?;
     let started = Instant::now();
     let building = farms.join(format!(".build-{}-{}", std::process::id(), root.to_hex()));
@@ -36,7 +36,7 @@ pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), 
             return Err(ProjectError::Dest {
                 op: "publishing farm",
                 path,
-                source,
+                cause: source,
             })
         }
     }
@@ -119,7 +119,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         std::fs::create_dir_all(p).map_err(|source| ProjectError::Dest {
             op: "creating",
             path: p.to_path_buf(),
-            source,
+            cause: source,
         })
     };
     let (upper, work) = match &options.upper {
@@ -128,7 +128,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
             let dir = std::fs::canonicalize(dir).map_err(|source| ProjectError::Dest {
                 op: "resolving",
                 path: dir.clone(),
-                source,
+                cause: source,
             })?;
             let work = dir.with_file_name(format!(
                 ".{}.velo-work-{id}",
@@ -183,13 +183,13 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     let exe = std::env::current_exe().map_err(|source| ProjectError::Dest {
         op: "finding",
         path: "velo".into(),
-        source,
+        cause: source,
     })?;
     let json = serde_json::to_string(&config).expect("the sandbox config always serialises");
     let supervisor = Supervisor::new().map_err(|source| ProjectError::Dest {
         op: "installing signal handlers",
         path: session.clone(),
-        source,
+        cause: source,
     })?;
     let child = Command::new(exe)
         .arg("__sandbox")
@@ -198,14 +198,14 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         .map_err(|source| ProjectError::Dest {
             op: "starting the sandbox",
             path: session.clone(),
-            source,
+            cause: source,
         })?;
     let exit_code = supervisor
         .wait(child.id(), false)
         .map_err(|source| ProjectError::Dest {
             op: "waiting for the sandbox",
             path: session.clone(),
-            source,
+            cause: source,
         })?;
     let run_seconds = started.elapsed().as_secs_f64();
     if options.upper.is_some() {

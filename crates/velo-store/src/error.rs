@@ -28,14 +28,14 @@ pub enum StoreError {
     #[error("the file system holding {0} is full (no space left on device) — free some space or use a store on another file system; nothing was registered")]
     Full(PathBuf),
     /// Any other I/O failure.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Io {
         /// What was being done.
         op: &'static str,
         /// On which path.
         path: PathBuf,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (not a `source`: the message already says it).
+        cause: io::Error,
     },
     /// An object is missing from the store.
     #[error("{kind} {hash} is missing from the store; run `velo fsck` to see the damage")]
@@ -56,12 +56,12 @@ pub enum StoreError {
         detail: String,
     },
     /// A `.velo` file that cannot be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Manifest {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: DecodeError,
+        /// Why (not a `source`: the message already says it).
+        cause: DecodeError,
     },
     /// A ref name that is not allowed.
     #[error("{name:?} is not a valid root name: {why}")]
@@ -116,7 +116,11 @@ impl StoreError {
             if is_no_space(&source) {
                 StoreError::Full(path)
             } else {
-                StoreError::Io { op, path, source }
+                StoreError::Io {
+                    op,
+                    path,
+                    cause: source,
+                }
             }
         }
     }

@@ -172,9 +172,9 @@ impl Store {
         if let Some(name) = &options.name {
             crate::validate_root_name(name)?;
         }
-        let bad = |source| StoreError::Manifest {
+        let bad = |cause| StoreError::Manifest {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let file = File::open(path).map_err(StoreError::io("opening", path))?;
         let mut reader =

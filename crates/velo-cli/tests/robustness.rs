@@ -1,0 +1,1111 @@
+//! Robustness of the store against what the real world does to it: `kill -9` in the middle
+//! of an ingest, several writers racing a looping `gc --run`, and a file system that fills
+//! up. Every test drives the real `velo` binary and checks the store's promises from the
+//! outside: `fsck` passes, no root is registered unless it is complete, every file of every
+//! registered root reads back byte for byte, and nothing is left behind in `tmp/`.
+//!
+//! All data comes from a small deterministic PRNG (SplitMix64). Set `VELO_TEST_SEED` to
+//! vary it; failures print the seed. Kill delays are random too, scaled to a measured
+//! ingest, so they land all over the ingest's run; nothing asserts on timing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{is_root, require, Env};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------
+// Deterministic test data
+// ---------------------------------------------------------------------------------------
+
+/// SplitMix64: tiny, fast, deterministic; plenty for test data and delays.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The run's seed: `VELO_TEST_SEED` (decimal or 0x-hex) or a fixed default.
+fn test_seed() -> u64 {
+    let Ok(text) = std::env::var("VELO_TEST_SEED") else {
+        return 0x7E10_5EED;
+    };
+    let text = text.trim();
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.unwrap_or_else(|_| panic!("VELO_TEST_SEED={text:?} is not a number"))
+}
+
+/// One generated file: its bytes are a pure function of `(seed, len)`, so the expected
+/// content of any root can be regenerated after its source directory has changed.
+#[derive(Clone, Debug)]
+struct FileSpec {
+    path: String,
+    seed: u64,
+    len: u64,
+}
+
+impl FileSpec {
+    fn new(path: impl Into<String>, rng: &mut Rng, len: u64) -> FileSpec {
+        FileSpec {
+            path: path.into(),
+            seed: rng.next_u64(),
+            len,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        // One mixing round first, so nearby seeds do not give shifted copies of one stream.
+        let mut rng = Rng::new(Rng::new(self.seed).next_u64());
+        let len = self.len as usize;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+/// A directory to generate: files and symlinks (`path`, `target`).
+#[derive(Clone, Debug, Default)]
+struct TreeSpec {
+    files: Vec<FileSpec>,
+    symlinks: Vec<(String, String)>,
+}
+
+impl TreeSpec {
+    fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.len).sum()
+    }
+
+    /// Writes the tree under `root` (which may already hold other things).
+    fn write(&self, root: &Path) {
+        for f in &self.files {
+            let path = root.join(&f.path);
+            fs::create_dir_all(path.parent().expect("files live in a directory"))
+                .expect("create source directory");
+            fs::write(&path, f.bytes()).expect("write source file");
+        }
+        for (path, target) in &self.symlinks {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().expect("links live in a directory"))
+                .expect("create source directory");
+            std::os::unix::fs::symlink(target, &path).expect("create source symlink");
+        }
+    }
+
+    /// The same tree seen from its subdirectory `dir`.
+    fn subtree(&self, dir: &str) -> TreeSpec {
+        let prefix = format!("{dir}/");
+        let strip = |p: &String| p.strip_prefix(&prefix).map(str::to_string);
+        TreeSpec {
+            files: self
+                .files
+                .iter()
+                .filter_map(|f| {
+                    Some(FileSpec {
+                        path: strip(&f.path)?,
+                        ..f.clone()
+                    })
+                })
+                .collect(),
+            symlinks: self
+                .symlinks
+                .iter()
+                .filter_map(|(p, t)| Some((strip(p)?, t.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// Mostly small files, a few up to 256 KiB, some empty.
+fn small_size(rng: &mut Rng) -> u64 {
+    match rng.range(0, 99) {
+        0..=9 => rng.range(0, 64),
+        10..=79 => rng.range(65, 4 << 10),
+        80..=96 => rng.range(4 << 10, 32 << 10),
+        _ => rng.range(32 << 10, 256 << 10),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Looking at the store from outside
+// ---------------------------------------------------------------------------------------
+
+/// Registered roots keyed by their name (or `@hash` when unnamed): the whole records, so
+/// any change to any of them shows.
+fn roots(env: &Env) -> BTreeMap<String, Value> {
+    let listing = env.json(&["roots"]);
+    listing["roots"]
+        .as_array()
+        .expect("roots is a list")
+        .iter()
+        .map(|r| {
+            let key = match r["name"].as_str() {
+                Some(name) => name.to_string(),
+                None => format!("@{}", r["root"].as_str().expect("root hash")),
+            };
+            (key, r.clone())
+        })
+        .collect()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `velo fsck` (full: it re-hashes every blob) must pass; `context` says where we are.
+fn fsck_passes(env: &Env, context: &str) {
+    let out = env.run(&["fsck"]);
+    assert!(
+        out.status.success(),
+        "fsck failed ({context}):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(&out)
+    );
+}
+
+/// What is in the store's `tmp/`.
+fn temp_leftovers(store: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(store.join("tmp"))
+        .expect("list tmp/")
+        .map(|e| {
+            e.expect("tmp/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every file under `blobs/` and `trees/`, as `blobs/ab/abcd…`.
+fn object_files(store: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for kind in ["blobs", "trees"] {
+        for shard in fs::read_dir(store.join(kind)).expect("list object directory") {
+            let shard = shard.expect("shard");
+            let shard_name = shard.file_name().to_string_lossy().into_owned();
+            if !shard.file_type().expect("file type").is_dir() {
+                out.insert(format!("{kind}/{shard_name}"));
+                continue;
+            }
+            for object in fs::read_dir(shard.path()).expect("list shard") {
+                let name = object.expect("object").file_name();
+                out.insert(format!("{kind}/{shard_name}/{}", name.to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+/// Checks that `tree` (a root name or hash) holds exactly `spec`: the same file paths and
+/// symlinks, and every file's `velo cat` equal to the generated bytes. The cats run on a
+/// few threads: they are independent processes.
+fn tree_reads_back(env: &Env, tree: &str, spec: &TreeSpec, context: &str) {
+    let listing = env.json(&["ls", "-R", tree]);
+    let entries = listing["entries"].as_array().expect("entries");
+    let of_kind = |kind: &str| -> BTreeMap<String, Value> {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| {
+                (
+                    e["path"].as_str().expect("path").to_string(),
+                    e["target"].clone(),
+                )
+            })
+            .collect()
+    };
+    let listed_files: BTreeSet<String> = of_kind("file").into_keys().collect();
+    let wanted_files: BTreeSet<String> = spec.files.iter().map(|f| f.path.clone()).collect();
+    if listed_files != wanted_files {
+        let missing: Vec<_> = wanted_files.difference(&listed_files).take(5).collect();
+        let extra: Vec<_> = listed_files.difference(&wanted_files).take(5).collect();
+        panic!(
+            "{context}: tree {tree} lists other files than its source held: \
+             missing {missing:?}, extra {extra:?} ({} listed, {} wanted)",
+            listed_files.len(),
+            wanted_files.len()
+        );
+    }
+    let listed_links: BTreeMap<String, String> = of_kind("symlink")
+        .into_iter()
+        .map(|(p, t)| (p, t.as_str().unwrap_or("").to_string()))
+        .collect();
+    let wanted_links: BTreeMap<String, String> = spec.symlinks.iter().cloned().collect();
+    assert_eq!(
+        listed_links, wanted_links,
+        "{context}: symlinks of tree {tree}"
+    );
+
+    let failures = Mutex::new(Vec::new());
+    let threads = 4;
+    let per_thread = spec.files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for chunk in spec.files.chunks(per_thread) {
+            let failures = &failures;
+            s.spawn(move || {
+                for f in chunk {
+                    let out = env.run(&["cat", tree, &f.path]);
+                    let problem = if !out.status.success() {
+                        Some(format!("cat failed: {}", stderr_of(&out).trim()))
+                    } else if out.stdout != f.bytes() {
+                        Some(format!(
+                            "content differs ({} bytes read, {} expected)",
+                            out.stdout.len(),
+                            f.len
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(p) = problem {
+                        failures.lock().unwrap().push(format!("{}: {p}", f.path));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{context}: {} of {} files of tree {tree} do not read back, e.g.:\n{}",
+        failures.len(),
+        spec.files.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. kill -9 at random moments of an ingest
+// ---------------------------------------------------------------------------------------
+
+/// ~2000 files (about 5% repeated contents) in nested directories, symlinks, an empty
+/// directory, and three multi-MiB files, one above the 8 MiB limit where ingest streams
+/// instead of reading whole. About 30 MiB.
+fn crash_tree(rng: &mut Rng) -> TreeSpec {
+    let mut files: Vec<FileSpec> = Vec::new();
+    for i in 0..2000u64 {
+        let mut path = String::new();
+        for _ in 0..rng.range(0, 3) {
+            path.push_str(&format!("d{}/", rng.range(0, 5)));
+        }
+        path.push_str(&format!("f{i}.dat"));
+        if i > 0 && rng.range(0, 19) == 0 {
+            let twin = &files[rng.range(0, i - 1) as usize];
+            let (seed, len) = (twin.seed, twin.len);
+            files.push(FileSpec { path, seed, len });
+        } else {
+            let len = small_size(rng);
+            files.push(FileSpec::new(path, rng, len));
+        }
+    }
+    for (i, mib) in [2u64, 5, 9].into_iter().enumerate() {
+        let len = (mib << 20) + rng.range(0, 4095);
+        files.push(FileSpec::new(format!("big/blob{i}.bin"), rng, len));
+    }
+    TreeSpec {
+        files,
+        symlinks: vec![
+            ("links/to-big".into(), "../big/blob0.bin".into()),
+            ("links/dangling".into(), "does/not/exist".into()),
+            ("d0/here".into(), ".".into()),
+        ],
+    }
+}
+
+/// Kills `velo ingest` with SIGKILL at random moments, many times over, on one store. After
+/// each kill the store must be sound and must hold no root of the killed ingest; at the
+/// end an ingest of the same tree completes and every file reads back.
+#[test]
+fn kill_9_during_ingest_leaves_a_sound_store_and_no_partial_root() {
+    const ITERATIONS: usize = 20;
+    let seed = test_seed();
+    let mut rng = Rng::new(seed);
+    let env = Env::new();
+    let src = env.path("src");
+    let spec = crash_tree(&mut rng);
+    spec.write(&src);
+    fs::create_dir_all(src.join("empty")).expect("empty dir");
+    let src_arg = path_str(&src);
+
+    // One undisturbed ingest: the root every completed ingest must produce, and how long a
+    // full ingest (writing every blob) takes here, to spread the kills over.
+    let started = Instant::now();
+    let whole = env.ingest(&src, &["--name", "calibration"]);
+    let full_run = started.elapsed();
+    env.ok(&["forget", "calibration"]);
+    env.ok(&["gc", "--run"]);
+    assert!(
+        object_files(&env.store).is_empty(),
+        "gc left objects of a forgotten root"
+    );
+    eprintln!(
+        "seed {seed:#x}: {} files, {} MiB; an undisturbed ingest took {full_run:?}",
+        spec.files.len(),
+        spec.bytes() >> 20
+    );
+
+    // How long an ingest of each kind ran when last left alone: [resuming over what an
+    // earlier run left, starting from an empty store]. Kills land uniformly in 0..125% of it.
+    let mut estimate = [full_run, full_run];
+    let mut empty_store = true;
+    let (mut interrupted, mut completed, mut killed_after_commit) = (0, 0, 0);
+    for i in 0..ITERATIONS {
+        let before = roots(&env);
+        let name = format!("crash-{i}");
+        let kind = usize::from(empty_store);
+        let delay = estimate[kind].mul_f64(1.25 * rng.unit());
+        let context = format!(
+            "seed {seed:#x}, iteration {i}: kill -9 after {delay:?} (such an ingest took {:?})",
+            estimate[kind]
+        );
+        let started = Instant::now();
+        let mut child = env
+            .cmd()
+            .args(["ingest", src_arg, "--name", &name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn velo ingest");
+        let exited_by_itself = loop {
+            if child.try_wait().expect("poll velo ingest").is_some() {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= started + delay {
+                break false;
+            }
+            std::thread::sleep((started + delay - now).min(Duration::from_millis(5)));
+        };
+        if !exited_by_itself {
+            // SIGKILL. Should the ingest exit meanwhile, this only hits an unreaped
+            // zombie, and its exit status below still says it completed.
+            let _ = child.kill();
+        } else {
+            estimate[kind] = started.elapsed();
+        }
+        let out = child.wait_with_output().expect("wait for velo ingest");
+
+        fsck_passes(&env, &context);
+        let after = roots(&env);
+        let new: Vec<(String, Value)> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .map(|(k, v)| (k.clone(), v["root"].clone()))
+            .collect();
+        assert!(
+            before.keys().all(|k| after.contains_key(k)),
+            "{context}: a root disappeared: before {before:?}, after {after:?}"
+        );
+        if out.status.success() {
+            completed += 1;
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                whole,
+                "{context}: a completed ingest printed another root"
+            );
+            assert_eq!(
+                new,
+                vec![(name.clone(), Value::from(whole.clone()))],
+                "{context}: a completed ingest must register exactly its root"
+            );
+            env.ok(&["forget", &name]);
+        } else {
+            assert_eq!(
+                out.status.signal(),
+                Some(SIGKILL),
+                "{context}: the ingest failed by itself ({}):\n{}",
+                out.status,
+                stderr_of(&out)
+            );
+            if new.is_empty() {
+                interrupted += 1;
+                assert_eq!(after, before, "{context}: roots changed");
+            } else {
+                // Killed after its commit point (the root's registration) but before it
+                // exited: then the root must be the whole tree, under its own name.
+                killed_after_commit += 1;
+                assert_eq!(
+                    new,
+                    vec![(name.clone(), Value::from(whole.clone()))],
+                    "{context}: a killed ingest registered a root other than the whole tree"
+                );
+                env.ok(&["forget", &name]);
+            }
+        }
+        // Every other iteration starts from an empty store again, so the next ingest
+        // writes every blob; the others resume over what the killed run left.
+        empty_store = i % 2 == 1;
+        if empty_store {
+            env.ok(&["gc", "--run"]);
+            let left = temp_leftovers(&env.store);
+            assert!(left.is_empty(), "{context}: gc --run left {left:?} in tmp/");
+        }
+    }
+    eprintln!(
+        "{interrupted} ingests killed mid-way, {killed_after_commit} killed after registering, \
+         {completed} completed before the kill"
+    );
+    assert!(
+        interrupted > 0,
+        "seed {seed:#x}: no kill landed inside an ingest, so nothing was tested"
+    );
+
+    let verify_started = Instant::now();
+    let root = env.ingest(&src, &["--name", "final"]);
+    assert_eq!(
+        root, whole,
+        "seed {seed:#x}: the final ingest gave another root"
+    );
+    fsck_passes(&env, &format!("seed {seed:#x}, after the final ingest"));
+    tree_reads_back(&env, "final", &spec, &format!("seed {seed:#x}, final"));
+    eprintln!(
+        "the final ingest and check took {:?}",
+        verify_started.elapsed()
+    );
+}
+
+/// SIGKILL's number on Linux.
+const SIGKILL: i32 = 9;
+
+// ---------------------------------------------------------------------------------------
+// 2. Concurrent ingests beside a looping gc
+// ---------------------------------------------------------------------------------------
+
+/// Four ingests at once of three overlapping trees (one tree twice, once without the stat
+/// cache), while `gc --run` loops beside them; between rounds most of the previous round's
+/// roots are forgotten, so gc has plenty to delete — including blobs the next round's
+/// ingests find in the store and reference. No registered root may lose a blob.
+#[test]
+fn concurrent_ingests_beside_looping_gc_lose_no_blob() {
+    const ROUNDS: usize = 4;
+    const TREES: usize = 3;
+    let seed = test_seed() ^ 0xC0C0;
+    let mut rng = Rng::new(seed);
+    let env = Env::new();
+
+    // Create the store up front: racing first-time creation is tested on its own below.
+    let first = TreeSpec {
+        files: vec![FileSpec::new("hello", &mut rng, 100)],
+        symlinks: vec![],
+    };
+    first.write(&env.path("first"));
+    let first_root = env.ingest(&env.path("first"), &["--name", "first"]);
+
+    // Shared by all trees (so concurrent ingests race on the same blobs), private to each
+    // tree but stable over rounds, and new in every round.
+    let mut shared: Vec<FileSpec> = (0..100)
+        .map(|i| {
+            let len = small_size(&mut rng);
+            FileSpec::new(format!("shared/s{}/f{i}", i % 8), &mut rng, len)
+        })
+        .collect();
+    for i in 0..4 {
+        let len = rng.range(1 << 20, 2 << 20);
+        shared.push(FileSpec::new(format!("shared/big{i}"), &mut rng, len));
+    }
+    let own: Vec<Vec<FileSpec>> = (0..TREES)
+        .map(|_| {
+            (0..50)
+                .map(|i| {
+                    let len = small_size(&mut rng);
+                    FileSpec::new(format!("own/f{i}"), &mut rng, len)
+                })
+                .collect()
+        })
+        .collect();
+    let dirs: Vec<PathBuf> = (0..TREES).map(|k| env.path(&format!("t{k}"))).collect();
+    for (k, dir) in dirs.iter().enumerate() {
+        let base = TreeSpec {
+            files: shared.iter().chain(&own[k]).cloned().collect(),
+            symlinks: vec![],
+        };
+        base.write(dir);
+    }
+
+    // Root name -> (tree index, root hash, what it holds).
+    let mut model: BTreeMap<String, (usize, String, TreeSpec)> = BTreeMap::new();
+    let mut previous_round: Vec<String> = Vec::new();
+    let (mut gc_runs, mut gc_freed_blobs) = (0u64, 0u64);
+    for round in 0..ROUNDS {
+        let context = format!("seed {seed:#x}, round {round}");
+        // Between rounds: forget the previous round's roots except those of one tree.
+        let keep = round % TREES;
+        for name in &previous_round {
+            if model[name].0 != keep {
+                env.ok(&["forget", name]);
+                model.remove(name);
+            }
+        }
+
+        // This round's version of each tree: new files under round/.
+        let mut specs = Vec::new();
+        for (k, dir) in dirs.iter().enumerate() {
+            let round_dir = dir.join("round");
+            if round_dir.exists() {
+                fs::remove_dir_all(&round_dir).expect("remove last round's files");
+            }
+            let mut fresh: Vec<FileSpec> = (0..20)
+                .map(|i| {
+                    let len = small_size(&mut rng);
+                    FileSpec::new(format!("round/r{round}-f{i}"), &mut rng, len)
+                })
+                .collect();
+            let len = rng.range(1 << 20, 2 << 20);
+            fresh.push(FileSpec::new(format!("round/r{round}-big"), &mut rng, len));
+            let fresh = TreeSpec {
+                files: fresh,
+                symlinks: vec![],
+            };
+            fresh.write(dir);
+            specs.push(TreeSpec {
+                files: shared
+                    .iter()
+                    .chain(&own[k])
+                    .chain(&fresh.files)
+                    .cloned()
+                    .collect(),
+                symlinks: vec![],
+            });
+        }
+
+        // (tree, root name, extra args); tree 0 is ingested twice at once.
+        let jobs: Vec<(usize, String, Vec<&str>)> = vec![
+            (0, format!("r{round}-t0-a"), vec![]),
+            (1, format!("r{round}-t1"), vec![]),
+            (2, format!("r{round}-t2"), vec![]),
+            (0, format!("r{round}-t0-b"), vec!["--no-cache"]),
+        ];
+        let stop = AtomicBool::new(false);
+        let mut outputs = Vec::new();
+        let (runs, freed) = std::thread::scope(|s| {
+            let gc = s.spawn(|| {
+                let (mut runs, mut freed) = (0u64, 0u64);
+                loop {
+                    let out = env.run(&["--json", "gc", "--run"]);
+                    assert!(
+                        out.status.success(),
+                        "{context}: gc --run beside ingests failed:\n{}",
+                        stderr_of(&out)
+                    );
+                    let report: Value = serde_json::from_slice(&out.stdout).expect("gc JSON");
+                    runs += 1;
+                    freed += report["blobs"].as_u64().expect("gc reports blobs");
+                    if stop.load(Ordering::SeqCst) {
+                        return (runs, freed);
+                    }
+                }
+            });
+            let mut children = Vec::new();
+            for (k, name, extra) in &jobs {
+                std::thread::sleep(Duration::from_millis(rng.range(0, 60)));
+                let child = env
+                    .cmd()
+                    .args(["ingest", path_str(&dirs[*k]), "--name", name])
+                    .args(extra)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn velo ingest");
+                children.push(child);
+            }
+            for child in children {
+                outputs.push(child.wait_with_output().expect("wait for velo ingest"));
+            }
+            stop.store(true, Ordering::SeqCst);
+            gc.join().expect("the gc loop failed")
+        });
+        gc_runs += runs;
+        gc_freed_blobs += freed;
+
+        previous_round.clear();
+        for ((k, name, _), out) in jobs.iter().zip(&outputs) {
+            assert!(
+                out.status.success(),
+                "{context}: ingest {name} beside gc failed:\n{}",
+                stderr_of(out)
+            );
+            let root = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            model.insert(name.clone(), (*k, root, specs[*k].clone()));
+            previous_round.push(name.clone());
+        }
+        assert_eq!(
+            model[&format!("r{round}-t0-a")].1,
+            model[&format!("r{round}-t0-b")].1,
+            "{context}: two ingests of one unchanged tree gave different roots"
+        );
+        // A quiet gc must keep everything the roots reach, too.
+        env.ok(&["gc", "--run"]);
+        fsck_passes(&env, &context);
+    }
+    eprintln!("{gc_runs} gc runs beside the ingests freed {gc_freed_blobs} blobs");
+    assert!(
+        gc_freed_blobs > 0,
+        "seed {seed:#x}: gc never deleted anything, so it never raced an ingest for a blob"
+    );
+
+    // Every registered root is one we expect, with the root hash its ingest printed...
+    let registered = roots(&env);
+    let mut expected: BTreeMap<String, String> = model
+        .iter()
+        .map(|(name, (_, root, _))| (name.clone(), root.clone()))
+        .collect();
+    expected.insert("first".into(), first_root.clone());
+    let found: BTreeMap<String, String> = registered
+        .iter()
+        .map(|(k, v)| (k.clone(), v["root"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(found, expected, "seed {seed:#x}: registered roots");
+    // ...and every file of every one reads back (once per distinct tree).
+    let mut checked = BTreeSet::new();
+    tree_reads_back(&env, &first_root, &first, "first");
+    for (name, (_, root, spec)) in &model {
+        if checked.insert(root.clone()) {
+            tree_reads_back(&env, root, spec, &format!("seed {seed:#x}, root {name}"));
+        }
+    }
+    fsck_passes(&env, &format!("seed {seed:#x}, at the end"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A full file system
+// ---------------------------------------------------------------------------------------
+
+/// A loop-mounted ext4 image, unmounted (and its loop device released) on drop, also
+/// when the test fails.
+struct LoopMount {
+    point: PathBuf,
+}
+
+impl LoopMount {
+    /// Makes an ext4 of `mib` MiB in `image` and mounts it at `point`; `None` (after
+    /// `require`, which panics under CI) when this machine cannot.
+    fn ext4(image: &Path, point: &Path, mib: u64, mkfs_args: &[&str]) -> Option<LoopMount> {
+        let Some(mkfs) = find_tool("mkfs.ext4") else {
+            require(false, "mkfs.ext4 (e2fsprogs)");
+            return None;
+        };
+        fs::File::create(image)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("create the image file");
+        let made = Command::new(mkfs)
+            .args(["-q", "-F", "-m", "0"])
+            .args(mkfs_args)
+            .arg(image)
+            .output()
+            .expect("run mkfs.ext4");
+        assert!(
+            made.status.success(),
+            "mkfs.ext4 failed: {}",
+            stderr_of(&made)
+        );
+        fs::create_dir_all(point).expect("create the mount point");
+        let mounted = Command::new(find_tool("mount").unwrap_or_else(|| "mount".into()))
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(point)
+            .output()
+            .expect("run mount");
+        if !mounted.status.success() {
+            require(
+                false,
+                &format!(
+                    "loop mounts (mount -o loop failed: {})",
+                    stderr_of(&mounted).trim()
+                ),
+            );
+            return None;
+        }
+        Some(LoopMount {
+            point: point.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let umount = find_tool("umount").unwrap_or_else(|| "umount".into());
+        let done = Command::new(&umount)
+            .arg(&self.point)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !done {
+            // Something still uses it: detach lazily so the temp dir can go.
+            let _ = Command::new(&umount).arg("-l").arg(&self.point).status();
+        }
+    }
+}
+
+/// A program from PATH or the sbin directories (which a non-login PATH may lack).
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Whether a failure's message says the disk is full.
+fn says_full(stderr: &str) -> bool {
+    let lower = stderr.to_lowercase();
+    lower.contains("no space") || lower.contains("is full")
+}
+
+/// A store on a 40 MiB ext4: an ingest of ~72 MiB fails clearly, registers nothing and
+/// leaves the store sound with an empty `tmp/`; after `gc --run` a smaller tree ingests
+/// fine; an import of a `--with-blobs` manifest too big for the disk fails clearly and
+/// writes nothing.
+#[test]
+fn a_full_disk_fails_ingest_and_import_cleanly() {
+    if !require(is_root(), "root for loop mounts") {
+        return;
+    }
+    let seed = test_seed() ^ 0xF011;
+    let mut rng = Rng::new(seed);
+    let mut env = Env::new();
+    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 40, &[]) else {
+        return;
+    };
+    env.store = mount.point.join("store");
+
+    // A root from before the disk filled up, which must survive all of it.
+    let small = TreeSpec {
+        files: (0..100)
+            .map(|i| {
+                let len = small_size(&mut rng);
+                FileSpec::new(format!("s/f{i}"), &mut rng, len)
+            })
+            .collect(),
+        symlinks: vec![],
+    };
+    small.write(&env.path("small"));
+    env.ingest(&env.path("small"), &["--name", "small"]);
+
+    // ~72 MiB on the roomy disk: part/ (~13 MiB) fits on its own, the whole does not.
+    let mut big = TreeSpec::default();
+    for i in 0..20 {
+        let dir = if i < 4 { "part" } else { "rest" };
+        let len = (3 << 20) + rng.range(0, 1 << 16);
+        big.files
+            .push(FileSpec::new(format!("{dir}/big{i}"), &mut rng, len));
+    }
+    for i in 0..300 {
+        let dir = if i < 100 { "part" } else { "rest" };
+        let len = small_size(&mut rng);
+        big.files
+            .push(FileSpec::new(format!("{dir}/small/f{i}"), &mut rng, len));
+    }
+    let big_dir = env.path("big");
+    big.write(&big_dir);
+
+    let before = roots(&env);
+    let out = env.run(&["ingest", path_str(&big_dir), "--name", "big"]);
+    let stderr = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "an ingest larger than the disk succeeded"
+    );
+    assert!(
+        says_full(&stderr),
+        "the message does not say the disk is full:\n{stderr}"
+    );
+    assert_eq!(roots(&env), before, "a failed ingest changed the roots");
+    fsck_passes(&env, "after the ingest that filled the disk");
+    assert_eq!(
+        temp_leftovers(&env.store),
+        Vec::<String>::new(),
+        "tmp/ after a full disk"
+    );
+    tree_reads_back(&env, "small", &small, "after the full disk");
+
+    // Free what the failed ingest left, then a tree that fits goes in.
+    env.ok(&["gc", "--run"]);
+    let part = big.subtree("part");
+    env.ingest(&big_dir.join("part"), &["--name", "part"]);
+    fsck_passes(&env, "after ingesting a tree that fits");
+    tree_reads_back(&env, "part", &part, "after ingesting a tree that fits");
+    tree_reads_back(&env, "small", &small, "after ingesting a tree that fits");
+
+    // A self-contained manifest of the whole big tree, made by a store on the roomy disk.
+    let roomy = Env::new();
+    let big_root = roomy.ingest(&big_dir, &["--no-sync"]);
+    let manifest = env.path("big.velo");
+    roomy.ok(&[
+        "export",
+        &big_root,
+        "-o",
+        path_str(&manifest),
+        "--with-blobs",
+    ]);
+    drop(roomy);
+
+    let before = roots(&env);
+    let objects = object_files(&env.store);
+    let out = env.run(&["import", path_str(&manifest), "--name", "imported"]);
+    let stderr = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "an import larger than the disk succeeded"
+    );
+    assert!(
+        says_full(&stderr),
+        "the message does not say the disk is full:\n{stderr}"
+    );
+    assert_eq!(roots(&env), before, "a failed import changed the roots");
+    assert!(
+        object_files(&env.store) == objects,
+        "a failed import added or removed objects"
+    );
+    assert_eq!(
+        temp_leftovers(&env.store),
+        Vec::<String>::new(),
+        "tmp/ after a failed import"
+    );
+    fsck_passes(&env, "after the import that filled the disk");
+    tree_reads_back(&env, "part", &part, "after the failed import");
+    drop(mount);
+}
+
+/// Running out of inodes rather than blocks is the same "disk full" to the user.
+#[test]
+fn running_out_of_inodes_fails_ingest_cleanly() {
+    if !require(is_root(), "root for loop mounts") {
+        return;
+    }
+    let seed = test_seed() ^ 0x1A0D;
+    let mut rng = Rng::new(seed);
+    let mut env = Env::new();
+    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 16, &["-N", "256"])
+    else {
+        return;
+    };
+    env.store = mount.point.join("store");
+
+    let many = TreeSpec {
+        files: (0..1000)
+            .map(|i| FileSpec::new(format!("d{}/f{i}", i % 10), &mut rng, 200))
+            .collect(),
+        symlinks: vec![],
+    };
+    many.write(&env.path("many"));
+    let few = many.subtree("d0");
+
+    let out = env.run(&["ingest", path_str(&env.path("many"))]);
+    let stderr = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "an ingest needing more inodes than exist succeeded"
+    );
+    assert!(
+        says_full(&stderr),
+        "the message does not say the disk is full:\n{stderr}"
+    );
+    assert!(roots(&env).is_empty(), "a failed ingest registered a root");
+    fsck_passes(&env, "after running out of inodes");
+    assert_eq!(
+        temp_leftovers(&env.store),
+        Vec::<String>::new(),
+        "tmp/ after running out of inodes"
+    );
+
+    env.ok(&["gc", "--run"]);
+    env.ingest(&env.path("many/d0"), &["--name", "few"]);
+    fsck_passes(&env, "after ingesting a tree that fits");
+    tree_reads_back(&env, "few", &few, "after running out of inodes");
+    drop(mount);
+}
+
+// ---------------------------------------------------------------------------------------
+// Store creation and root registration racing other commands
+// ---------------------------------------------------------------------------------------
+
+/// The first commands on a new store often start together (parallel CI jobs, a script
+/// that backgrounds ingests): every one of them must succeed.
+#[test]
+fn first_ingests_racing_to_create_the_store_all_succeed() {
+    let mut rng = Rng::new(test_seed() ^ 0xF125);
+    let work = Env::new();
+    let src = work.path("src");
+    TreeSpec {
+        files: vec![
+            FileSpec::new("a", &mut rng, 10),
+            FileSpec::new("b/c", &mut rng, 10),
+        ],
+        symlinks: vec![],
+    }
+    .write(&src);
+    let mut failures = Vec::new();
+    for attempt in 0..40 {
+        let mut env = Env::new();
+        env.store = work.path(&format!("store-{attempt}"));
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                env.cmd()
+                    .args(["ingest", path_str(&src), "--no-sync"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn velo ingest")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait for velo ingest");
+            if !out.status.success() {
+                failures.push(format!("attempt {attempt}: {}", stderr_of(&out).trim()));
+            }
+        }
+        if failures.is_empty() {
+            fsck_passes(&env, &format!("attempt {attempt}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 160 ingests racing to create their store failed, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+}
+
+/// What a `kill -9` during the creation of a store leaves (some of its directories, or all
+/// of them and a staged VERSION) must not make the directory unusable.
+#[test]
+fn a_store_whose_creation_was_killed_is_finished_by_the_next_ingest() {
+    let mut rng = Rng::new(test_seed() ^ 0xC7EA);
+    let work = Env::new();
+    let src = work.path("src");
+    let spec = TreeSpec {
+        files: vec![FileSpec::new("a", &mut rng, 1000)],
+        symlinks: vec![],
+    };
+    spec.write(&src);
+    let states: [&[&str]; 4] = [
+        &[],
+        &["blobs"],
+        &["blobs", "trees", "refs"],
+        &[
+            "blobs",
+            "trees",
+            "refs",
+            "refs/roots",
+            "tmp",
+            "cache",
+            "VERSION.4242.new",
+        ],
+    ];
+    let mut failures = Vec::new();
+    for (i, left) in states.iter().enumerate() {
+        let mut env = Env::new();
+        env.store = work.path(&format!("store-{i}"));
+        fs::create_dir_all(&env.store).expect("store directory");
+        for name in *left {
+            if name.starts_with("VERSION") {
+                fs::write(env.store.join(name), "velo-store 1\nid 00\n").expect("staged VERSION");
+            } else {
+                fs::create_dir_all(env.store.join(name)).expect("store subdirectory");
+            }
+        }
+        let out = env.run(&["ingest", path_str(&src), "--name", "x"]);
+        if !out.status.success() {
+            failures.push(format!(
+                "store holding {left:?}: {}",
+                stderr_of(&out).trim()
+            ));
+            continue;
+        }
+        fsck_passes(&env, &format!("store holding {left:?}"));
+        tree_reads_back(&env, "x", &spec, &format!("store holding {left:?}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `velo forget` takes no lock, so it can remove a root record while gc, fsck, roots or
+/// status are listing them; they must not fail (and fsck must not call the store unsound).
+#[test]
+fn forgetting_roots_while_others_list_them_fails_nothing() {
+    const ROOTS: usize = 120;
+    let env = Env::new();
+    let src = env.path("src");
+    let mut rng = Rng::new(test_seed() ^ 0xF067);
+    TreeSpec {
+        files: vec![FileSpec::new("a", &mut rng, 100)],
+        symlinks: vec![],
+    }
+    .write(&src);
+    for i in 0..ROOTS {
+        env.ingest(&src, &["--name", &format!("n{i}"), "--no-sync"]);
+    }
+    let done = AtomicBool::new(false);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..ROOTS {
+                env.ok(&["forget", &format!("n{i}")]);
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let readers: [&[&str]; 4] = [
+            &["gc", "--run"],
+            &["fsck", "--quick"],
+            &["roots"],
+            &["status"],
+        ];
+        let mut n = 0;
+        while !done.load(Ordering::SeqCst) {
+            let args = readers[n % readers.len()];
+            n += 1;
+            let out = env.run(args);
+            if !out.status.success() {
+                failures.lock().unwrap().push(format!(
+                    "velo {}: {}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    stderr_of(&out).trim()
+                ));
+            }
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} commands failed while roots were being forgotten, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+}
