@@ -272,7 +272,17 @@ pub fn checkout(
 ) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
     let store = ctx.store()?;
-    let r = velo_project::checkout(&store, resolved.source.as_ref(), resolved.root, dir, mode)?;
+    let progress = std::sync::Arc::new(velo_ingest::Progress::default());
+    let r = crate::write::with_progress(&progress, "checking out", || {
+        velo_project::checkout(
+            &store,
+            resolved.source.as_ref(),
+            resolved.root,
+            dir,
+            mode,
+            &progress,
+        )
+    })?;
     if ctx.json {
         fmt::print_json(&json!({
             "root": resolved.root.to_hex(), "dir": dir.display().to_string(),

@@ -16,7 +16,11 @@ use velo_store::{FsckOptions, ImportOptions};
 use crate::{fmt, Ctx};
 
 /// Shows a spinner with live counts on a terminal while `work` runs.
-fn with_progress<T>(progress: &Arc<Progress>, label: &'static str, work: impl FnOnce() -> T) -> T {
+pub fn with_progress<T>(
+    progress: &Arc<Progress>,
+    label: &'static str,
+    work: impl FnOnce() -> T,
+) -> T {
     if !std::io::stderr().is_terminal() {
         return work();
     }

@@ -199,3 +199,46 @@ fn a_store_on_another_file_system_falls_back_to_copies_once() {
     assert_eq!(report["linked"], 0);
     diff_r(&src, &out);
 }
+
+#[test]
+fn a_real_tree_checks_out_equal_in_every_mode() {
+    // The system's C headers: thousands of real files, symlinks and directories.
+    let include = Path::new("/usr/include");
+    if !common::require(include.is_dir(), "/usr/include (libc6-dev)") {
+        return;
+    }
+    let env = Env::new();
+    env.ingest(include, &["--name", "include"]);
+    let want = scan(include);
+    let copy = env.path("copy");
+    env.ok(&[
+        "checkout",
+        "include",
+        copy.to_str().unwrap(),
+        "--mode",
+        "copy",
+    ]);
+    diff_r(include, &copy);
+    assert_eq!(
+        scan(&copy),
+        want,
+        "modes, mtimes and symlink targets of a copy checkout"
+    );
+    let farm = env.path("farm");
+    env.ok(&["checkout", "include", farm.to_str().unwrap()]);
+    diff_r(include, &farm);
+    let got = scan(&farm);
+    assert_eq!(got.len(), want.len());
+    for (path, meta) in &want {
+        let farm_meta = &got[path];
+        if meta.kind == "file" {
+            assert_eq!(farm_meta.hash, meta.hash, "{path:?}");
+        } else {
+            assert_eq!(
+                farm_meta, meta,
+                "directories and symlinks keep modes and mtimes: {path:?}"
+            );
+        }
+    }
+    env.fsck_ok();
+}

@@ -336,7 +336,7 @@ fn crash_tree(rng: &mut Rng) -> TreeSpec {
             files.push(FileSpec::new(path, rng, len));
         }
     }
-    for (i, mib) in [2u64, 5, 9].into_iter().enumerate() {
+    for (i, mib) in [1u64, 2, 3, 5, 7, 9, 12].into_iter().enumerate() {
         let len = (mib << 20) + rng.range(0, 4095);
         files.push(FileSpec::new(format!("big/blob{i}.bin"), rng, len));
     }

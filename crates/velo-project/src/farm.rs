@@ -76,6 +76,7 @@ pub enum ProjectError {
 }
 
 struct Ctx<'a> {
+    progress: &'a velo_ingest::Progress,
     store: &'a Store,
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
@@ -110,6 +111,7 @@ pub fn checkout(
     root: Hash,
     dest: &Path,
     mode: CheckoutMode,
+    progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     let started = Instant::now();
     let mut created = false;
@@ -129,7 +131,7 @@ pub fn checkout(
         }
         Err(_) => return Err(ProjectError::NotEmpty(dest.to_path_buf())),
     }
-    let result = checkout_into(store, trees, root, dest, mode);
+    let result = checkout_into(store, trees, root, dest, mode, progress);
     if result.is_err() {
         // Leave nothing half-made behind: the destination was new or empty.
         velo_store::remove_tree(dest);
@@ -148,10 +150,12 @@ fn checkout_into(
     root: Hash,
     dest: &Path,
     mode: CheckoutMode,
+    progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     // Blobs a checkout links must not be collected under it.
     let _lock = store.lock_shared()?;
     let ctx = Ctx {
+        progress,
         store,
         trees,
         mode,
@@ -254,6 +258,8 @@ impl Ctx<'_> {
                 self.file(entry, *hash, parent, &path)?;
                 self.files.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(*size, Ordering::Relaxed);
+                self.progress.files.fetch_add(1, Ordering::Relaxed);
+                self.progress.bytes.fetch_add(*size, Ordering::Relaxed);
             }
         }
         Ok(())

@@ -27,7 +27,14 @@ pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), 
     let started = Instant::now();
     let building = farms.join(format!(".build-{}-{}", std::process::id(), root.to_hex()));
     velo_store::remove_tree(&building);
-    checkout(store, store, root, &building, CheckoutMode::Hardlink)?;
+    checkout(
+        store,
+        store,
+        root,
+        &building,
+        CheckoutMode::Hardlink,
+        &velo_ingest::Progress::default(),
+    )?;
     match std::fs::rename(&building, &path) {
         Ok(()) => {}
         // Another run built it first: theirs is as good as ours.
