@@ -71,13 +71,7 @@ fn check_userns() -> Check {
 
 fn check_overlay(store: &Path) -> Check {
     // Probe where sessions live: the store's file system (or the nearest existing parent).
-    let mut dir: PathBuf = store.to_path_buf();
-    while !dir.exists() {
-        match dir.parent() {
-            Some(p) => dir = p.to_path_buf(),
-            None => break,
-        }
-    }
+    let dir = nearest_existing(store);
     let output = std::env::current_exe().and_then(|exe| {
         std::process::Command::new(exe)
             .arg("__probe-overlay")
@@ -125,14 +119,20 @@ fn check_fuse() -> Check {
     Check { name: "FUSE", ok, detail, advice: "install fuse3 (apt-get install fuse3) and make /dev/fuse available; needed by velo mount" }
 }
 
-fn check_reflink(store: &Path) -> Check {
-    let mut dir: PathBuf = store.to_path_buf();
+/// The path itself, or its nearest ancestor that exists (a store not yet created).
+fn nearest_existing(path: &Path) -> PathBuf {
+    let mut dir = path.to_path_buf();
     while !dir.exists() {
         match dir.parent() {
             Some(p) => dir = p.to_path_buf(),
             None => break,
         }
     }
+    dir
+}
+
+fn check_reflink(store: &Path) -> Check {
+    let dir = nearest_existing(store);
     let probe = || -> std::io::Result<()> {
         let a = tempfile_in(&dir, "a")?;
         let b = tempfile_in(&dir, "b")?;

@@ -316,9 +316,10 @@ fn path_str(path: &Path) -> &str {
 // 1. kill -9 at random moments of an ingest
 // ---------------------------------------------------------------------------------------
 
-/// ~2000 files (about 5% repeated contents) in nested directories, symlinks, an empty
-/// directory, and three multi-MiB files, one above the 8 MiB limit where ingest streams
-/// instead of reading whole. About 30 MiB.
+/// ~2000 small files (about 5% repeated contents) in nested directories, symlinks, an
+/// empty directory, and seven files of 1 to 12 MiB, two above the 8 MiB limit where ingest
+/// streams instead of reading whole. About 56 MiB, most of it in the big files, so that
+/// many kills land while a blob is being written.
 fn crash_tree(rng: &mut Rng) -> TreeSpec {
     let mut files: Vec<FileSpec> = Vec::new();
     for i in 0..2000u64 {
@@ -949,6 +950,58 @@ fn running_out_of_inodes_fails_ingest_cleanly() {
     env.ingest(&env.path("many/d0"), &["--name", "few"]);
     fsck_passes(&env, "after ingesting a tree that fits");
     tree_reads_back(&env, "few", &few, "after running out of inodes");
+    drop(mount);
+}
+
+/// Fills the file system holding `dir` to the last block.
+fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut filler = fs::File::create(dir.join("filler")).expect("create filler");
+    for size in [1 << 16, 1 << 10, 1] {
+        let chunk = vec![0xA5u8; size];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+}
+
+/// `gc --run` is how a user frees space when the disk is full, so it must work on a
+/// completely full file system (full for any reason: a failed ingest, or other files).
+#[test]
+fn gc_frees_space_on_a_completely_full_disk() {
+    if !require(is_root(), "root for loop mounts") {
+        return;
+    }
+    let mut rng = Rng::new(test_seed() ^ 0x6CF0);
+    let mut env = Env::new();
+    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 16, &[]) else {
+        return;
+    };
+    env.store = mount.point.join("store");
+    let old = TreeSpec {
+        files: vec![FileSpec::new("old", &mut rng, 3 << 20)],
+        symlinks: vec![],
+    };
+    old.write(&env.path("old"));
+    env.ingest(&env.path("old"), &["--name", "old"]);
+    env.ok(&["forget", "old"]);
+    fill_up(&mount.point);
+
+    let out = env.run(&["--json", "gc", "--run"]);
+    assert!(
+        out.status.success(),
+        "gc --run cannot free space on a full disk:\n{}",
+        stderr_of(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("gc JSON");
+    assert_eq!(report["blobs"], 1, "gc freed {report}");
+    fsck_passes(&env, "after gc on a full disk");
+
+    let new = TreeSpec {
+        files: vec![FileSpec::new("new", &mut rng, 1 << 20)],
+        symlinks: vec![],
+    };
+    new.write(&env.path("new"));
+    env.ingest(&env.path("new"), &["--name", "new"]);
+    tree_reads_back(&env, "new", &new, "after gc on a full disk");
     drop(mount);
 }
 

@@ -196,6 +196,21 @@ impl Supervisor {
     }
 }
 
+/// Maps `uid`/`gid` outside to 0 inside the user namespace this process just entered
+/// (the one mapping an unprivileged process may write for itself).
+fn map_to_root(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let write = |file: &str, text: String| {
+        std::fs::write(file, text).map_err(|cause| SandboxError::Setup {
+            step: format!("writing {file}"),
+            cause,
+            hint: USERNS_HINT,
+        })
+    };
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1\n"))
+}
+
 /// Stage 1: new namespaces, id maps, then stage 2 as pid 1. Returns the exit code.
 pub fn stage1() -> Result<i32, SandboxError> {
     let config = config_from_env()?;
@@ -208,16 +223,7 @@ pub fn stage1() -> Result<i32, SandboxError> {
     // among the flags, so no thread can observe a split file descriptor table.
     unsafe { rustix::thread::unshare_unsafe(flags) }
         .map_err(setup("creating namespaces", USERNS_HINT))?;
-    let write = |file: &str, text: String| {
-        std::fs::write(file, text).map_err(|source| SandboxError::Setup {
-            step: format!("writing {file}"),
-            cause: source,
-            hint: USERNS_HINT,
-        })
-    };
-    write("/proc/self/setgroups", "deny".into())?;
-    write("/proc/self/uid_map", format!("0 {} 1\n", config.uid))?;
-    write("/proc/self/gid_map", format!("0 {} 1\n", config.gid))?;
+    map_to_root(config.uid, config.gid)?;
     let exe = std::env::current_exe().map_err(|source| SandboxError::Setup {
         step: "finding the velo executable".into(),
         cause: source,
@@ -285,6 +291,16 @@ fn mkdir_all_inside(root: &Path, inside: &str) -> Result<std::os::fd::OwnedFd, S
         };
     }
     Ok(fd)
+}
+
+fn mount_tmpfs(
+    target: &Path,
+    flags: MountFlags,
+    options: &std::ffi::CStr,
+    what: &str,
+) -> Result<(), SandboxError> {
+    rustix::mount::mount("tmpfs", target, "tmpfs", flags, options)
+        .map_err(setup(format!("mounting {what}"), ""))
 }
 
 fn fd_path(fd: &impl AsFd) -> PathBuf {
@@ -384,14 +400,12 @@ pub fn stage2() -> Result<i32, SandboxError> {
     )
     .map_err(setup("mounting /proc", ""))?;
     let dev_dir = mkdir_all_inside(merged, "/dev")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&dev_dir),
-        "tmpfs",
+    mount_tmpfs(
+        &fd_path(&dev_dir),
         MountFlags::NOSUID | MountFlags::NOEXEC,
         c"mode=755",
-    )
-    .map_err(setup("mounting /dev", ""))?;
+        "/dev",
+    )?;
     let dev = rustix::fs::open(
         merged.join("dev"),
         OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -414,23 +428,19 @@ pub fn stage2() -> Result<i32, SandboxError> {
     }
     rustix::fs::mkdirat(&dev, "shm", FsMode::from_raw_mode(0o1777))
         .map_err(setup("creating /dev/shm", ""))?;
-    rustix::mount::mount(
-        "tmpfs",
-        merged.join("dev/shm"),
-        "tmpfs",
+    mount_tmpfs(
+        &merged.join("dev/shm"),
         MountFlags::NOSUID | MountFlags::NODEV,
         c"mode=1777",
-    )
-    .map_err(setup("mounting /dev/shm", ""))?;
+        "/dev/shm",
+    )?;
     let tmp_dir = mkdir_all_inside(merged, "/tmp")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&tmp_dir),
-        "tmpfs",
+    mount_tmpfs(
+        &fd_path(&tmp_dir),
         MountFlags::NOSUID | MountFlags::NODEV,
         c"mode=1777",
-    )
-    .map_err(setup("mounting /tmp", ""))?;
+        "/tmp",
+    )?;
 
     for bind in &config.binds {
         validate_inside_path(&bind.dest)?;
@@ -564,16 +574,7 @@ pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
     // SAFETY: called only from the single-threaded `velo __probe-overlay`, without FILES.
     unsafe { rustix::thread::unshare_unsafe(U::NEWUSER | U::NEWNS) }
         .map_err(setup("creating namespaces", USERNS_HINT))?;
-    let write = |file: &str, text: String| {
-        std::fs::write(file, text).map_err(|source| SandboxError::Setup {
-            step: format!("writing {file}"),
-            cause: source,
-            hint: USERNS_HINT,
-        })
-    };
-    write("/proc/self/setgroups", "deny".into())?;
-    write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
-    write("/proc/self/gid_map", format!("0 {gid} 1\n"))?;
+    map_to_root(uid, gid)?;
     let base = dir.join(format!(".velo-probe-{}", std::process::id()));
     let made = ["lower", "upper", "work", "merged"]
         .iter()
