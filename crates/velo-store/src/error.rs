@@ -25,7 +25,7 @@ pub enum StoreError {
         supported: u32,
     },
     /// The file system holding the store is full.
-    #[error("the file system holding {0} is full (no space left on device) — free some space or use a store on another file system; nothing was registered")]
+    #[error("the file system holding {0} is full (no space or no inodes left): free some space (`velo gc --run` frees what no root needs) or use a store on another file system")]
     Full(PathBuf),
     /// Any other I/O failure.
     #[error("{op} {path}: {cause}")]

@@ -137,8 +137,19 @@ impl Store {
         if !run {
             return Ok(report);
         }
-        if !dead_trees.is_empty() || !dead_blobs.is_empty() {
-            self.bump_gc_generation()?;
+        let deletes = !dead_trees.is_empty() || !dead_blobs.is_empty();
+        let mut bump_after = false;
+        if deletes {
+            match self.bump_gc_generation() {
+                Ok(()) => {}
+                // On a full disk gc is how space comes back, so it must not need any: drop
+                // the stat caches instead (unlinking needs no space), sweep, bump afterwards.
+                Err(StoreError::Full(_)) => {
+                    self.drop_stat_caches()?;
+                    bump_after = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
         for hash in &dead_trees {
             remove(&self.tree_path(hash))?;
@@ -160,6 +171,11 @@ impl Store {
             };
             result.map_err(StoreError::io("removing temp file", &path))?;
         }
+        if bump_after {
+            if let Err(e) = self.bump_gc_generation() {
+                tracing::warn!(error = %e, "could not record the gc generation (the stat caches were dropped instead)");
+            }
+        }
         tracing::info!(
             trees = report.trees,
             blobs = report.blobs,
@@ -167,6 +183,20 @@ impl Store {
             "gc swept"
         );
         Ok(report)
+    }
+
+    /// Removes every stat cache, so no cache can vouch for a blob this gc deletes.
+    fn drop_stat_caches(&self) -> Result<()> {
+        let dir = self.cache_dir();
+        for entry in fs::read_dir(&dir)
+            .map_err(StoreError::io("listing", &dir))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with("stat-") {
+                remove(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 
     fn bump_gc_generation(&self) -> Result<()> {

@@ -119,13 +119,18 @@ impl Store {
             return Store::open(root);
         }
         fs::create_dir_all(root).map_err(StoreError::io("creating store directory", root))?;
-        let is_empty = fs::read_dir(root)
-            .map_err(StoreError::io("reading", root))?
-            .next()
-            .is_none();
-        let has_layout = SUBDIRS.iter().all(|d| root.join(d).is_dir());
-        if !is_empty && !has_layout {
-            return Err(StoreError::NotAStore(root.to_path_buf()));
+        // Another command may be creating the store right now, or one was killed half-way:
+        // a directory holding nothing but store entries is finished, anything else refused.
+        for entry in fs::read_dir(root).map_err(StoreError::io("reading", root))? {
+            let name = entry.map_err(StoreError::io("reading", root))?.file_name();
+            let name = name.to_string_lossy();
+            let ours = SUBDIRS.contains(&name.as_ref())
+                || ["lock", "VERSION", "farms", "sessions", "gc-generation"]
+                    .contains(&name.as_ref())
+                || (name.starts_with("VERSION.") && name.ends_with(".new"));
+            if !ours {
+                return Err(StoreError::NotAStore(root.to_path_buf()));
+            }
         }
         for dir in SUBDIRS {
             let path = root.join(dir);

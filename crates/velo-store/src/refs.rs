@@ -123,7 +123,12 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
             let entry = entry.map_err(StoreError::io("listing", &dir))?;
             let path = entry.path();
-            let text = fs::read(&path).map_err(StoreError::io("reading", &path))?;
+            let text = match fs::read(&path) {
+                Ok(text) => text,
+                // Forgotten between the listing and the read: it is no longer a root.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("reading", &path)(e)),
+            };
             let record: RootRecord = serde_json::from_slice(&text).map_err(|e| {
                 StoreError::Invalid(format!(
                     "root record {} is damaged: {e}; remove it or run `velo forget`",
