@@ -242,3 +242,61 @@ fn a_real_tree_checks_out_equal_in_every_mode() {
     }
     env.fsck_ok();
 }
+
+#[test]
+fn on_a_reflink_file_system_ingest_and_checkout_clone_instead_of_copying() {
+    let env = Env::new();
+    let Some(mount) = common::LoopMount::new(
+        "btrfs",
+        &env.path("btrfs.img"),
+        &env.path("btrfs"),
+        300,
+        &[],
+    ) else {
+        return;
+    };
+    let src = mount.point.join("src");
+    awkward_tree(&src);
+    let mut on_btrfs = Env::new();
+    on_btrfs.store = mount.point.join("store");
+    let report = on_btrfs.json(&["ingest", src.to_str().unwrap(), "--name", "t"]);
+    assert_eq!(
+        report["reflinked"], true,
+        "ingest must reflink on btrfs: {report}"
+    );
+    let out = mount.point.join("out");
+    let co = on_btrfs.json(&["checkout", "t", out.to_str().unwrap(), "--mode", "reflink"]);
+    assert_eq!(co["reflinked"], co["files"]);
+    diff_r(&src, &out);
+    assert_eq!(scan(&out), scan(&src));
+    // A reflinked copy is independent: writing it leaves the store sound.
+    fs::write(out.join("plain.txt"), b"edited").unwrap();
+    on_btrfs.fsck_ok();
+    drop(on_btrfs);
+}
+
+#[test]
+fn gc_removes_the_farms_of_forgotten_roots() {
+    let env = Env::new();
+    let src = env.path("src");
+    awkward_tree(&src);
+    let root = env.ingest(&src, &["--name", "t"]);
+    let farms = env.store.join("farms");
+    // A farm is what run --isolate caches; building one through a run needs namespaces, so
+    // build it the way the run does: a checkout published under farms/<root>.
+    fs::create_dir_all(&farms).unwrap();
+    env.ok(&["checkout", "t", farms.join(&root).to_str().unwrap()]);
+    env.ok(&["gc", "--run"]);
+    assert!(
+        farms.join(&root).is_dir(),
+        "a registered root keeps its farm"
+    );
+    env.ok(&["forget", "t"]);
+    let report = env.json(&["gc", "--run"]);
+    assert_eq!(report["farms"], 1);
+    assert!(
+        !farms.join(&root).exists(),
+        "the farm of a forgotten root is removed"
+    );
+    env.fsck_ok();
+}

@@ -14,12 +14,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{is_root, require, Env};
+use common::{is_root, require, Env, LoopMount};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
@@ -711,80 +711,6 @@ fn concurrent_ingests_beside_looping_gc_lose_no_blob() {
 // 3. A full file system
 // ---------------------------------------------------------------------------------------
 
-/// A loop-mounted ext4 image, unmounted (and its loop device released) on drop, also
-/// when the test fails.
-struct LoopMount {
-    point: PathBuf,
-}
-
-impl LoopMount {
-    /// Makes an ext4 of `mib` MiB in `image` and mounts it at `point`; `None` (after
-    /// `require`, which panics under CI) when this machine cannot.
-    fn ext4(image: &Path, point: &Path, mib: u64, mkfs_args: &[&str]) -> Option<LoopMount> {
-        let Some(mkfs) = find_tool("mkfs.ext4") else {
-            require(false, "mkfs.ext4 (e2fsprogs)");
-            return None;
-        };
-        fs::File::create(image)
-            .and_then(|f| f.set_len(mib << 20))
-            .expect("create the image file");
-        let made = Command::new(mkfs)
-            .args(["-q", "-F", "-m", "0"])
-            .args(mkfs_args)
-            .arg(image)
-            .output()
-            .expect("run mkfs.ext4");
-        assert!(
-            made.status.success(),
-            "mkfs.ext4 failed: {}",
-            stderr_of(&made)
-        );
-        fs::create_dir_all(point).expect("create the mount point");
-        let mounted = Command::new(find_tool("mount").unwrap_or_else(|| "mount".into()))
-            .args(["-o", "loop"])
-            .arg(image)
-            .arg(point)
-            .output()
-            .expect("run mount");
-        if !mounted.status.success() {
-            require(
-                false,
-                &format!(
-                    "loop mounts (mount -o loop failed: {})",
-                    stderr_of(&mounted).trim()
-                ),
-            );
-            return None;
-        }
-        Some(LoopMount {
-            point: point.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let umount = find_tool("umount").unwrap_or_else(|| "umount".into());
-        let done = Command::new(&umount)
-            .arg(&self.point)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !done {
-            // Something still uses it: detach lazily so the temp dir can go.
-            let _ = Command::new(&umount).arg("-l").arg(&self.point).status();
-        }
-    }
-}
-
-/// A program from PATH or the sbin directories (which a non-login PATH may lack).
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
 /// Whether a failure's message says the disk is full.
 fn says_full(stderr: &str) -> bool {
     let lower = stderr.to_lowercase();
@@ -803,7 +729,8 @@ fn a_full_disk_fails_ingest_and_import_cleanly() {
     let seed = test_seed() ^ 0xF011;
     let mut rng = Rng::new(seed);
     let mut env = Env::new();
-    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 40, &[]) else {
+    let Some(mount) = LoopMount::new("ext4", &env.path("disk.img"), &env.path("mnt"), 40, &[])
+    else {
         return;
     };
     env.store = mount.point.join("store");
@@ -917,8 +844,13 @@ fn running_out_of_inodes_fails_ingest_cleanly() {
     let mut env = Env::new();
     // ~1000 inodes: 2000 files cannot fit, the 200 of one directory can (next to the up to
     // 256 blob shard directories, which outlive their blobs).
-    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 16, &["-N", "1024"])
-    else {
+    let Some(mount) = LoopMount::new(
+        "ext4",
+        &env.path("disk.img"),
+        &env.path("mnt"),
+        16,
+        &["-N", "1024"],
+    ) else {
         return;
     };
     env.store = mount.point.join("store");
@@ -976,7 +908,8 @@ fn gc_frees_space_on_a_completely_full_disk() {
     }
     let mut rng = Rng::new(test_seed() ^ 0x6CF0);
     let mut env = Env::new();
-    let Some(mount) = LoopMount::ext4(&env.path("disk.img"), &env.path("mnt"), 16, &[]) else {
+    let Some(mount) = LoopMount::new("ext4", &env.path("disk.img"), &env.path("mnt"), 16, &[])
+    else {
         return;
     };
     env.store = mount.point.join("store");

@@ -298,3 +298,92 @@ pub fn awkward_tree(dir: &Path) {
     touch_ns(&dir.join("sub/exec.sh"), -86_400 * 365 * 5, 5);
     touch_ns(&dir.join("sub/rel-link"), 1_500_000_000, 42);
 }
+
+/// A loop-mounted file system image, unmounted (and its loop device released) on drop,
+/// also when the test fails.
+pub struct LoopMount {
+    pub point: PathBuf,
+}
+
+impl LoopMount {
+    /// Makes a `fs_type` file system (`ext4`, `btrfs`, `xfs`) of `mib` MiB in `image` and
+    /// mounts it at `point`; `None` (after `require`, which panics under CI) when this
+    /// machine cannot.
+    pub fn new(
+        fs_type: &str,
+        image: &Path,
+        point: &Path,
+        mib: u64,
+        mkfs_args: &[&str],
+    ) -> Option<LoopMount> {
+        if !require(is_root(), "root (for loop mounts)") {
+            return None;
+        }
+        let tool = format!("mkfs.{fs_type}");
+        let Some(mkfs) = find_tool(&tool) else {
+            require(false, &format!("{tool} (scripts/test.sh installs it)"));
+            return None;
+        };
+        fs::File::create(image)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("create the image file");
+        let quiet_force: &[&str] = match fs_type {
+            "ext4" => &["-q", "-F", "-m", "0"],
+            _ => &["-q", "-f"],
+        };
+        let made = Command::new(mkfs)
+            .args(quiet_force)
+            .args(mkfs_args)
+            .arg(image)
+            .output()
+            .expect("run mkfs");
+        assert!(
+            made.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        fs::create_dir_all(point).expect("create the mount point");
+        let mounted = Command::new(find_tool("mount").unwrap_or_else(|| "mount".into()))
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(point)
+            .output()
+            .expect("run mount");
+        if !mounted.status.success() {
+            require(
+                false,
+                &format!(
+                    "loop mounts (mount -o loop failed: {})",
+                    String::from_utf8_lossy(&mounted.stderr).trim()
+                ),
+            );
+            return None;
+        }
+        Some(LoopMount {
+            point: point.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let umount = find_tool("umount").unwrap_or_else(|| "umount".into());
+        let done = Command::new(&umount)
+            .arg(&self.point)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !done {
+            // Something still uses it: detach lazily so the temp dir can go.
+            let _ = Command::new(&umount).arg("-l").arg(&self.point).status();
+        }
+    }
+}
+
+/// A program from PATH or the sbin directories (which a non-login PATH may lack).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
