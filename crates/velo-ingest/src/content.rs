@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 
@@ -127,7 +127,7 @@ impl Ctx<'_> {
 
     /// Whether the store has `hash` (asking the file system once per run and hash).
     fn stored(&self, hash: &Hash) -> bool {
-        self.knows(hash) || self.store.has_blob(hash)
+        self.knows(hash) || (!self.store_was_empty && self.store.has_blob(hash))
     }
 
     fn store_content(
@@ -165,13 +165,12 @@ impl Ctx<'_> {
                 Ok(Outcome::Stored(hash))
             });
         }
-        // Large file: stream it, writing as we hash unless a reflink can replace the copy.
-        let mut staged = if self.reflink_works.load(Ordering::Relaxed) {
-            None
-        } else {
-            Some(self.store.stage()?)
-        };
-        let hash = self.stream(file, staged.as_mut(), rel)?;
+        // Large file: one pass. Clone first where reflinks may work (the clone costs no
+        // data and tells at once whether this file system can), then hash the source;
+        // otherwise copy into the staged file while hashing.
+        let mut staged = self.store.stage()?;
+        let cloned = self.try_reflink(&mut staged, file);
+        let hash = self.stream(file, if cloned { None } else { Some(&mut staged) }, rel)?;
         let after = self.fstat(file, rel)?;
         if !same_version(before, &after) {
             return Ok(Outcome::Changed(after));
@@ -180,22 +179,6 @@ impl Ctx<'_> {
             self.learn(&hash);
             return Ok(Outcome::Stored(hash));
         }
-        let staged = match staged {
-            Some(staged) => staged,
-            None => {
-                let mut staged = self.store.stage()?;
-                if !self.try_reflink(&mut staged, file) {
-                    (&*file).rewind().map_err(self.read_error(rel))?;
-                    if self.stream(file, Some(&mut staged), rel)? != hash {
-                        return Ok(Outcome::Changed(self.fstat(file, rel)?));
-                    }
-                }
-                if !same_version(before, &self.fstat(file, rel)?) {
-                    return Ok(Outcome::Changed(self.fstat(file, rel)?));
-                }
-                staged
-            }
-        };
         self.commit(staged, hash, size)?;
         Ok(Outcome::Stored(hash))
     }

@@ -66,6 +66,10 @@ pub(crate) struct Ctx<'a> {
     skipped: Mutex<Vec<Skipped>>,
     /// (dev, ino) of the store's root: never ingest the store into itself.
     store_dir: Option<(u64, u64)>,
+    /// The store held no blob when the ingest began: asking the file system whether a
+    /// blob exists is then wasted work (what this run stored, it remembers; a blob a
+    /// concurrent ingest stored meanwhile is merely written twice and linked once).
+    pub store_was_empty: bool,
 }
 
 pub(crate) fn run(
@@ -106,6 +110,9 @@ pub(crate) fn run(
         store_dir: rustix::fs::stat(store.root())
             .ok()
             .map(|st| (st.st_dev, st.st_ino)),
+        store_was_empty: std::fs::read_dir(store.root().join("blobs"))
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false),
     };
     let fd = rustix::fs::open(
         source,
