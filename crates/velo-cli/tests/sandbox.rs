@@ -474,3 +474,43 @@ fn an_unprivileged_user_runs_with_their_own_store() {
         "the user's own store was created"
     );
 }
+
+#[test]
+fn without_user_namespaces_run_fails_with_the_reason_and_doctor_says_so() {
+    if !sandbox_supported()
+        || !common::require(
+            common::find_tool("unshare").is_some(),
+            "unshare (util-linux)",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    // Inside a user namespace of our own, forbid further ones: the machine stays untouched.
+    let script = format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces && {velo} --store {store} run --isolate --base {bb} --manifest {app} -- /bin/true; \
+         echo exit=$?; {velo} --store {store} doctor",
+        velo = common::velo_bin().display(),
+        store = env.store.display(),
+        bb = busybox.display(),
+        app = app.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-Ur", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("exit=125"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("user namespaces") && stderr.contains("velo doctor"),
+        "{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("no") && l.contains("user namespaces")),
+        "{stdout}"
+    );
+}

@@ -101,8 +101,7 @@ fn setup(
     }
 }
 
-const USERNS_HINT: &str =
-    " (are unprivileged user namespaces enabled? `velo doctor` checks; on Debian: sysctl kernel.unprivileged_userns_clone=1)";
+const USERNS_HINT: &str = " (user namespaces are disabled or exhausted here: sysctl user.max_user_namespaces must be above 0, and on Debian kernel.unprivileged_userns_clone=1; `velo doctor` checks)";
 const OVERLAY_HINT: &str = " (overlayfs in a user namespace needs Linux 5.11 or newer and an upper on a file system with user xattrs; `velo doctor` checks)";
 
 /// Checks a path inside the sandbox: absolute, no `.`/`..` components.
