@@ -102,7 +102,7 @@ pub fn ls(
                 json_entries.push(fmt::entry_json(p, entry));
                 return Ok(());
             }
-            let shown = if recursive || !prefix.is_empty() {
+            let shown = if recursive {
                 fmt::lossy(p)
             } else {
                 entry.name.to_string()

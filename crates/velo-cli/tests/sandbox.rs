@@ -514,3 +514,54 @@ fn without_user_namespaces_run_fails_with_the_reason_and_doctor_says_so() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_kept_upper_persists_across_runs_in_overlay_format_and_commits_later() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let upper = env.path("kept-upper");
+    let upper_arg = upper.to_str().unwrap();
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", upper_arg],
+        "echo kept > /app/kept && rm /app/gone",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(upper.join("app/kept")).unwrap(), b"kept\n");
+    let whiteout = fs::symlink_metadata(upper.join("app/gone")).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(
+        whiteout.file_type().is_char_device() && whiteout.rdev() == 0,
+        "a deletion is a 0/0 whiteout"
+    );
+    let leftovers: Vec<_> = fs::read_dir(env.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("velo-work"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the overlay work directory is removed after the run"
+    );
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", upper_arg, "--name", "later"],
+        "cat /app/kept; test ! -e /app/gone && echo gone",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\ngone\n");
+    assert_eq!(env.ok(&["cat", "later", "app/kept"]), "kept\n");
+    assert!(env
+        .fails(&["show", "later", "app/gone"])
+        .contains("does not exist"));
+}
