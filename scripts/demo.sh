@@ -18,6 +18,9 @@ echo "== velo cat demo bin/hello.sh"
 $velo cat demo bin/hello.sh
 echo "== velo show demo bin/main.c"
 $velo show demo bin/main.c
+echo "== velo checkout demo (a link farm: hard links into the store)"
+$velo checkout demo "$work/farm"
+diff -r --no-dereference samples/demo-project "$work/farm" && echo "checkout equals the source"
 echo "== velo status"
 $velo status
 echo "== export with blobs, import into an empty store, compare"
