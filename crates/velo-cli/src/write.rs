@@ -128,7 +128,14 @@ pub fn ingest(
 
 pub fn export(ctx: &Ctx, spec: &str, output: &Path, with_blobs: bool) -> Result<ExitCode> {
     let store = ctx.store()?;
-    let root = store.resolve(spec)?;
+    // Export writes from the store; a .velo TREE works once its trees are there.
+    let root = crate::read::resolve(ctx, spec)?.root;
+    if !store.has_tree(&root) {
+        bail!(
+            "{spec} is not in the store {}: run `velo import {spec}` first",
+            store.root().display()
+        );
+    }
     let report = store.export(root, output, with_blobs)?;
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&report)?);

@@ -435,6 +435,26 @@ fn export_import_round_trip_and_partial_imports() {
     other.fsck_ok();
     let again = other.json(&["import", env.path("full.velo").to_str().unwrap()]);
     assert_eq!(again["new_blobs"], 0);
+    // A .velo file names its tree for export too, once the tree is in the store.
+    let re = other.json(&[
+        "export",
+        env.path("trees.velo").to_str().unwrap(),
+        "-o",
+        other.path("re.velo").to_str().unwrap(),
+    ]);
+    assert_eq!(re["root"], root.as_str());
+    assert_eq!(
+        fs::read(other.path("re.velo")).unwrap(),
+        fs::read(env.path("trees.velo")).unwrap(),
+        "export is deterministic"
+    );
+    let err = bare.fails(&[
+        "export",
+        env.path("trees.velo").to_str().unwrap(),
+        "-o",
+        bare.path("x.velo").to_str().unwrap(),
+    ]);
+    assert!(err.contains("no velo store"), "{err}");
 }
 
 #[test]
