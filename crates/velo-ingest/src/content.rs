@@ -155,13 +155,22 @@ impl Ctx<'_> {
                     self.learn(&hash);
                     return Ok(Outcome::Stored(hash));
                 }
-                let mut staged = self.store.stage()?;
-                if !self.try_reflink(&mut staged, file) {
-                    staged.file().write_all(&buf).map_err(self.write_error())?;
-                } else if !same_version(before, &self.fstat(file, rel)?) {
+                let mut cloned = false;
+                let new = self.batch.insert_blob(&hash, &mut |dest: &mut File| {
+                    cloned = self.try_reflink(dest, file);
+                    if cloned {
+                        Ok(())
+                    } else {
+                        dest.write_all(&buf)
+                    }
+                })?;
+                // A clone copies the file as it is now, not as it was read: make sure the
+                // two are the same version, or stage nothing.
+                if new && cloned && !same_version(before, &self.fstat(file, rel)?) {
+                    self.batch.discard_blob(&hash)?;
                     return Ok(Outcome::Changed(self.fstat(file, rel)?));
                 }
-                self.commit(staged, hash, size)?;
+                self.counted(new, hash, size);
                 Ok(Outcome::Stored(hash))
             });
         }
@@ -169,7 +178,7 @@ impl Ctx<'_> {
         // data and tells at once whether this file system can), then hash the source;
         // otherwise copy into the staged file while hashing.
         let mut staged = self.store.stage()?;
-        let cloned = self.try_reflink(&mut staged, file);
+        let cloned = self.try_reflink(staged.file(), file);
         let hash = self.stream(file, if cloned { None } else { Some(&mut staged) }, rel)?;
         let after = self.fstat(file, rel)?;
         if !same_version(before, &after) {
@@ -179,7 +188,8 @@ impl Ctx<'_> {
             self.learn(&hash);
             return Ok(Outcome::Stored(hash));
         }
-        self.commit(staged, hash, size)?;
+        let new = self.batch.insert_staged_blob(staged, &hash)?;
+        self.counted(new, hash, size);
         Ok(Outcome::Stored(hash))
     }
 
@@ -210,11 +220,11 @@ impl Ctx<'_> {
 
     /// Clones the source's extents into the staged file; false when this file system
     /// cannot (after the first failure, no more attempts are made).
-    fn try_reflink(&self, staged: &mut Staged<'_>, source: &File) -> bool {
+    fn try_reflink(&self, dest: &File, source: &File) -> bool {
         if !self.reflink_works.load(Ordering::Relaxed) {
             return false;
         }
-        match rustix::fs::ioctl_ficlone(staged.file(), source) {
+        match rustix::fs::ioctl_ficlone(dest, source) {
             Ok(()) => {
                 self.reflinked.store(true, Ordering::Relaxed);
                 true
@@ -227,12 +237,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn commit(&self, staged: Staged<'_>, hash: Hash, size: u64) -> Result<(), IngestError> {
-        if self.store.commit_blob(staged, &hash)? {
+    fn counted(&self, new: bool, hash: Hash, size: u64) {
+        if new {
             self.new_blobs.fetch_add(1, Ordering::Relaxed);
             self.new_bytes.fetch_add(size, Ordering::Relaxed);
         }
         self.learn(&hash);
-        Ok(())
     }
 }

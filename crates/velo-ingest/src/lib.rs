@@ -152,14 +152,17 @@ pub fn ingest(
         return Err(IngestError::NotADirectory(dir.to_path_buf()));
     }
     let _lock = store.lock_shared()?;
-    let walked = walk::run(store, &source, options, progress)?;
+    let batch = store.begin_batch()?;
+    let walked = walk::run(store, &batch, &source, options, progress)?;
     if walked.new_blobs > 0 || walked.new_trees > 0 {
+        // Objects become visible only once their bytes are durable: flush, then publish.
         if options.no_sync {
             tracing::debug!("skipping syncfs (--no-sync)");
         } else {
             store.sync()?;
         }
     }
+    batch.publish()?;
     store.register_root(&RootRecord {
         name: options.name.clone(),
         root: walked.root.to_hex(),

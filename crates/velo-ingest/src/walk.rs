@@ -12,7 +12,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode, OFlags, Stat};
 use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
-use velo_store::{RootStats, Store};
+use velo_store::{Batch, RootStats, Store};
 
 use crate::statcache::{Cached, StatCache};
 use crate::{IngestError, IngestOptions, MtimePolicy, Progress, Skipped};
@@ -46,6 +46,8 @@ impl Walked {
 
 pub(crate) struct Ctx<'a> {
     pub store: &'a Store,
+    /// New objects are staged here and published after the flush (see velo-store's batch).
+    pub batch: &'a Batch<'a>,
     pub options: &'a IngestOptions,
     pub progress: &'a Progress,
     source: &'a Path,
@@ -72,11 +74,12 @@ pub(crate) struct Ctx<'a> {
     pub store_was_empty: bool,
 }
 
-pub(crate) fn run(
-    store: &Store,
-    source: &Path,
-    options: &IngestOptions,
-    progress: &Progress,
+pub(crate) fn run<'a>(
+    store: &'a Store,
+    batch: &'a Batch<'a>,
+    source: &'a Path,
+    options: &'a IngestOptions,
+    progress: &'a Progress,
 ) -> Result<Walked, IngestError> {
     let (exclude_paths, exclude_names) = build_excludes(&options.excludes)?;
     let cache = if options.no_cache {
@@ -90,6 +93,7 @@ pub(crate) fn run(
         .unwrap_or(0);
     let ctx = Ctx {
         store,
+        batch,
         options,
         progress,
         source,
@@ -366,8 +370,9 @@ impl Ctx<'_> {
             path: self.path_of(&rel),
             message: e.to_string(),
         })?;
-        let (hash, new) = self.store.put_tree(&tree)?;
-        if new {
+        let (bytes, hash) = tree.encode_with_hash();
+        let stored = !self.store_was_empty && self.store.has_tree(&hash);
+        if !stored && self.batch.insert_tree(&hash, &bytes)? {
             self.new_trees.fetch_add(1, Ordering::Relaxed);
         }
         Ok((hash, stats))

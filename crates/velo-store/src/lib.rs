@@ -14,6 +14,7 @@
 //! writer has found in the store and is about to reference. See docs/ARCHITECTURE.md.
 #![deny(missing_docs)]
 
+mod batch;
 mod error;
 mod fsck;
 mod gc;
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use rustix::fs::{Mode as FsMode, OFlags};
 
+pub use batch::Batch;
 pub use error::{is_no_space, Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;

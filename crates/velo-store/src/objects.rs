@@ -25,6 +25,14 @@ impl Staged<'_> {
     pub fn file(&mut self) -> &mut File {
         &mut self.file
     }
+
+    pub(crate) fn file_ref(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn temp_name(&self) -> Option<&std::ffi::CStr> {
+        self.temp_name.as_deref()
+    }
 }
 
 impl Drop for Staged<'_> {
@@ -36,7 +44,7 @@ impl Drop for Staged<'_> {
 }
 
 /// Which object directory.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum ObjectKind {
     Blob,
     Tree,
@@ -61,11 +69,15 @@ pub(crate) fn relative_name(hash: &Hash) -> String {
 }
 
 impl Store {
-    fn dir(&self, kind: ObjectKind) -> BorrowedFd<'_> {
+    pub(crate) fn dir(&self, kind: ObjectKind) -> BorrowedFd<'_> {
         match kind {
             ObjectKind::Blob => self.blobs_dir.as_fd(),
             ObjectKind::Tree => self.trees_dir.as_fd(),
         }
+    }
+
+    pub(crate) fn tmp_fd(&self) -> BorrowedFd<'_> {
+        self.tmp_dir.as_fd()
     }
 
     /// The path of a blob's file (0444; never write to it).
