@@ -86,23 +86,11 @@ fn real_tree_round_trips_and_same_tree_from_two_paths_gives_one_root() {
     }
     fs::create_dir_all(&src).unwrap();
     for s in &sources {
-        assert!(Command::new("cp")
-            .arg("-a")
-            .arg(s)
-            .arg(&src)
-            .status()
-            .unwrap()
-            .success());
+        common::cp("-a", s, &src);
     }
     let copy = env.path("elsewhere/deeper/real-copy");
     fs::create_dir_all(copy.parent().unwrap()).unwrap();
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&src)
-        .arg(&copy)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-a", &src, &copy);
 
     let a = env.ingest(&src, &["--name", "a"]);
     let b = env.ingest(&copy, &["--name", "b"]);
@@ -117,13 +105,7 @@ fn real_tree_round_trips_and_same_tree_from_two_paths_gives_one_root() {
 
     // A copy with fresh mtimes differs, unless mtimes are zeroed.
     let fresh = env.path("fresh");
-    assert!(Command::new("cp")
-        .arg("-r")
-        .arg(&src)
-        .arg(&fresh)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-r", &src, &fresh);
     let z1 = env.ingest(&src, &["--mtime", "zero"]);
     let z2 = env.ingest(&fresh, &["--mtime", "zero"]);
     assert_eq!(z1, z2);
@@ -173,13 +155,7 @@ fn a_copy_with_one_percent_changed_grows_the_store_by_about_one_percent() {
     let env = Env::new();
     let (a, b) = (env.path("a"), env.path("b"));
     write_corpus(&a, 200, 50_000, 1);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&a)
-        .arg(&b)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-a", &a, &b);
     // Change 2 of 200 files: 1% of the bytes.
     write_corpus(&env.path("changes"), 2, 50_000, 99);
     fs::copy(env.path("changes/file0000.bin"), b.join("file0007.bin")).unwrap();
@@ -261,23 +237,11 @@ fn stat_cache_is_not_trusted_by_a_new_or_collected_store() {
     fs::create_dir(env.store.join("blobs")).unwrap();
     let cache = env.store.join("cache");
     let saved = env.path("cache-copy");
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&cache)
-        .arg(&saved)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-a", &cache, &saved);
     fs::remove_dir_all(&env.store).unwrap();
     env.ok(&["ingest", env.path("src").to_str().unwrap()]);
     fs::remove_dir_all(env.store.join("cache")).unwrap();
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&saved)
-        .arg(&cache)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-a", &saved, &cache);
     let fresh = env.json(&["ingest", src.to_str().unwrap()]);
     assert_eq!(fresh["new_bytes"], 0);
     env.fsck_ok();
@@ -347,13 +311,7 @@ fn diff_lists_added_removed_and_modified_paths() {
     let env = Env::new();
     let (a, b) = (env.path("a"), env.path("b"));
     awkward_tree(&a);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&a)
-        .arg(&b)
-        .status()
-        .unwrap()
-        .success());
+    common::cp("-a", &a, &b);
     fs::write(b.join("plain.txt"), b"changed\n").unwrap();
     fs::remove_dir_all(b.join("sub/deeper")).unwrap();
     fs::create_dir_all(b.join("new_dir")).unwrap();

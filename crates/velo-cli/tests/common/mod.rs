@@ -387,3 +387,14 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
+
+/// `cp FLAG SRC DST` (e.g. `-a` to keep metadata, `-r` for fresh mtimes), asserting success.
+pub fn cp(flag: &str, src: &Path, dst: &Path) {
+    let status = Command::new("cp")
+        .arg(flag)
+        .arg(src)
+        .arg(dst)
+        .status()
+        .expect("cp runs");
+    assert!(status.success(), "cp {flag} {src:?} {dst:?} failed");
+}
