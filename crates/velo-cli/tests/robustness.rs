@@ -1099,3 +1099,156 @@ fn forgetting_roots_while_others_list_them_fails_nothing() {
         failures[..failures.len().min(5)].join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Sources that change while they are ingested, on a reflink file system
+// ---------------------------------------------------------------------------------------
+
+/// On btrfs, new blobs are cloned from the source after the bytes were hashed (by one
+/// inserter thread, while the workers go on hashing). A file rewritten in between, in
+/// place and with its size kept, may keep its mtime and ctime (they come from a coarse
+/// clock); a clone of the new bytes under the old bytes' hash would break the store's
+/// first promise. A writer here rewrites a few files as fast as it can while ingests run:
+/// each ingest either succeeds or says a file kept changing, and afterwards `fsck` (which
+/// re-hashes every blob) passes and every hot file of the last root reads back whole.
+#[test]
+fn files_rewritten_during_an_ingest_on_btrfs_never_leave_a_blob_with_other_bytes() {
+    if !require(is_root(), "root for loop mounts") {
+        return;
+    }
+    let mut rng = Rng::new(test_seed() ^ 0xB7F5);
+    let mut env = Env::new();
+    let Some(mount) = LoopMount::new("btrfs", &env.path("btrfs.img"), &env.path("mnt"), 512, &[])
+    else {
+        return;
+    };
+    env.store = mount.point.join("store");
+    let src = mount.point.join("src");
+
+    // A quiet tree first: it must be cloned, and read back.
+    let quiet = TreeSpec {
+        files: (0..400)
+            .map(|i| {
+                let len = if i == 0 {
+                    9 << 20
+                } else {
+                    small_size(&mut rng)
+                };
+                FileSpec::new(format!("quiet/d{}/f{i}", i % 7), &mut rng, len)
+            })
+            .collect(),
+        symlinks: vec![],
+    };
+    quiet.write(&src);
+    // Files changed within two seconds of the ingest are copied, not cloned: let the
+    // quiet tree age past that.
+    std::thread::sleep(Duration::from_millis(2100));
+    let report = env.json(&["ingest", path_str(&src), "--name", "quiet", "--json"]);
+    assert_eq!(
+        report["reflinked"], true,
+        "btrfs ingest must clone: {report}"
+    );
+    tree_reads_back(&env, "quiet", &quiet, "quiet tree on btrfs");
+
+    // Now the churn: 6 files of 4 KiB–300 KiB, rewritten in place over and over with a
+    // new uniform byte each time, among 600 quiet ones that keep the ingest busy.
+    let hot: Vec<(PathBuf, usize)> = (0..6)
+        .map(|i| {
+            let len = 4096 + rng.range(0, 300 << 10) as usize;
+            (src.join(format!("hot/h{i}")), len)
+        })
+        .collect();
+    fs::create_dir_all(src.join("hot")).expect("create hot/");
+    for (path, len) in &hot {
+        fs::write(path, vec![0u8; *len]).expect("write a hot file");
+    }
+    let busy = TreeSpec {
+        files: (0..600)
+            .map(|i| {
+                let len = small_size(&mut rng);
+                FileSpec::new(format!("more/m{}/f{i}", i % 11), &mut rng, len)
+            })
+            .collect(),
+        symlinks: vec![],
+    };
+    busy.write(&src);
+    let stop = AtomicBool::new(false);
+    let rewrites = std::sync::atomic::AtomicU64::new(0);
+    let (mut succeeded, mut refused, mut fallbacks) = (0, 0, 0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            use std::io::{Seek, Write};
+            let mut files: Vec<fs::File> = hot
+                .iter()
+                .map(|(p, _)| fs::OpenOptions::new().write(true).open(p).expect("open"))
+                .collect();
+            let mut version = 1u8;
+            while !stop.load(Ordering::Relaxed) {
+                for (file, (_, len)) in files.iter_mut().zip(&hot) {
+                    file.seek(std::io::SeekFrom::Start(0)).expect("seek");
+                    file.write_all(&vec![version; *len]).expect("rewrite");
+                    version = version.wrapping_add(1);
+                    rewrites.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        for round in 0..6 {
+            let out = env
+                .cmd()
+                .args(["ingest", path_str(&src), "--name", "churn", "--no-cache"])
+                .env("VRIFT_DEBUG", "1")
+                .output()
+                .expect("velo runs");
+            let stderr = stderr_of(&out);
+            fallbacks += stderr.matches("changed after it was hashed").count();
+            if out.status.success() {
+                succeeded += 1;
+            } else {
+                assert!(
+                    stderr.contains("changed while it was being read"),
+                    "round {round}: ingest failed for another reason: {stderr}"
+                );
+                refused += 1;
+            }
+            fsck_passes(&env, &format!("after churn round {round}"));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(
+        rewrites.load(Ordering::Relaxed) > 100,
+        "the writer barely ran; the test proves nothing"
+    );
+    assert!(succeeded > 0, "no ingest succeeded ({refused} refused)");
+    // From Linux 6.13 every file may be cloned (multigrain ctime), so the hot files must
+    // have gone through the inserter's fallback; before, recent files are never cloned.
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    if (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 13) {
+        assert!(
+            fallbacks > 0,
+            "no clone was ever found stale: the fallback went untested"
+        );
+    }
+    // The newest root's hot files read back at their size (fsck vouched for the bytes).
+    let listing = env.json(&["ls", "-R", "churn", "--json"]);
+    for entry in listing["entries"].as_array().expect("entries") {
+        let path = entry["path"].as_str().expect("path");
+        if entry["kind"] != "file" || !path.starts_with("hot/") {
+            continue;
+        }
+        let out = env
+            .cmd()
+            .args(["cat", "churn", path])
+            .output()
+            .expect("cat");
+        assert!(out.status.success(), "cat {path}: {}", stderr_of(&out));
+        assert_eq!(
+            out.stdout.len() as u64,
+            entry["size"].as_u64().expect("size")
+        );
+    }
+    assert!(temp_leftovers(&env.store).is_empty(), "tmp/ not empty");
+    drop(mount);
+}

@@ -10,6 +10,7 @@ use rustix::fs::{Mode as FsMode, OFlags, Stat};
 use velo_core::Hash;
 use velo_store::{Staged, StoreError};
 
+use crate::inserter::{same_version, Job};
 use crate::statcache::Cached;
 use crate::walk::{ctime_ns, mtime_ns, Ctx};
 use crate::IngestError;
@@ -21,13 +22,6 @@ const CHUNK: usize = 1 << 20;
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-fn same_version(a: &Stat, b: &Stat) -> bool {
-    a.st_size == b.st_size
-        && a.st_ino == b.st_ino
-        && mtime_ns(a) == mtime_ns(b)
-        && ctime_ns(a) == ctime_ns(b)
 }
 
 enum Outcome {
@@ -65,6 +59,12 @@ impl Ctx<'_> {
             }
         }
         self.cache_changed.store(true, Ordering::Relaxed);
+        if self
+            .inserter
+            .is_some_and(|inserter| inserter.failed.load(Ordering::Relaxed))
+        {
+            return Err(IngestError::Aborted);
+        }
         let mut current = *st;
         for _attempt in 0..3 {
             let fd = rustix::fs::openat(
@@ -74,8 +74,7 @@ impl Ctx<'_> {
                 FsMode::empty(),
             )
             .map_err(|e| self.source_error("cannot open", rel, e))?;
-            let file = File::from(fd);
-            match self.store_content(&file, &current, rel)? {
+            match self.store_content(File::from(fd), &current, rel)? {
                 Outcome::Stored(hash) => {
                     let (mtime, ctime) = (mtime_ns(&current), ctime_ns(&current));
                     if mtime < self.racy_after_ns && ctime < self.racy_after_ns {
@@ -132,13 +131,14 @@ impl Ctx<'_> {
 
     fn store_content(
         &self,
-        file: &File,
+        source: File,
         before: &Stat,
         rel: &[u8],
     ) -> Result<Outcome, IngestError> {
         let size = before.st_size as u64;
         if size <= WHOLE_FILE_LIMIT {
-            return BUFFER.with(|buffer| {
+            return BUFFER.with(move |buffer| {
+                let file = &source;
                 let mut buf = buffer.borrow_mut();
                 buf.clear();
                 buf.reserve(size as usize + 1);
@@ -155,9 +155,22 @@ impl Ctx<'_> {
                     self.learn(&hash);
                     return Ok(Outcome::Stored(hash));
                 }
+                if let Some(inserter) = self.inserter {
+                    // Only the first worker to meet this content queues it.
+                    if self.learn(&hash) {
+                        inserter.send(Job::Blob {
+                            may_clone: self.clone_safe(&after),
+                            source,
+                            read_as: after,
+                            hash,
+                            data: std::mem::take(&mut *buf),
+                        });
+                    }
+                    return Ok(Outcome::Stored(hash));
+                }
                 let mut cloned = false;
                 let new = self.batch.insert_blob(&hash, &mut |dest: &mut File| {
-                    cloned = self.try_reflink(dest, file);
+                    cloned = self.clone_safe(&after) && self.try_reflink(dest, file);
                     if cloned {
                         Ok(())
                     } else {
@@ -174,11 +187,12 @@ impl Ctx<'_> {
                 Ok(Outcome::Stored(hash))
             });
         }
+        let file = &source;
         // Large file: one pass. Clone first where reflinks may work (the clone costs no
         // data and tells at once whether this file system can), then hash the source;
         // otherwise copy into the staged file while hashing.
         let mut staged = self.store.stage()?;
-        let cloned = self.try_reflink(staged.file(), file);
+        let cloned = self.clone_safe(before) && self.try_reflink(staged.file(), file);
         let hash = self.stream(file, if cloned { None } else { Some(&mut staged) }, rel)?;
         let after = self.fstat(file, rel)?;
         if !same_version(before, &after) {
@@ -216,6 +230,18 @@ impl Ctx<'_> {
             }
         }
         Ok(Hash::from(hasher.finalize()))
+    }
+
+    /// Whether a clone taken after `read_as` was observed is sure to be that version when
+    /// `fstat` says so. Before Linux 6.13 file times come from a coarse clock (one tick is
+    /// several ms): a file changed in the same tick as our read, with its size kept, looks
+    /// unchanged, and a clone of the new bytes would be stored under the old bytes' hash.
+    /// Then only a file whose ctime (which no one can set back) is older than the walk's
+    /// start minus two seconds is cloned; recent files are written from the hashed bytes.
+    /// With multigrain timestamps (6.13+, on btrfs, xfs, ext4, tmpfs) a change after a
+    /// `stat` always moves the ctime, so every file may be cloned.
+    pub(crate) fn clone_safe(&self, read_as: &Stat) -> bool {
+        self.fine_ctime || ctime_ns(read_as) < self.racy_after_ns
     }
 
     /// Clones the source's extents into the staged file; false when this file system

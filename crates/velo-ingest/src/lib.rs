@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 mod content;
+mod inserter;
 mod statcache;
 mod walk;
 
@@ -121,6 +122,10 @@ pub enum IngestError {
         /// Why.
         message: String,
     },
+    /// The walk stopped because storing a blob failed; that failure is reported instead,
+    /// so callers never see this variant.
+    #[error("ingest stopped after an earlier error")]
+    Aborted,
     /// A name from the file system that a tree cannot hold.
     #[error("{path}: {message}")]
     BadEntry {
@@ -154,6 +159,7 @@ pub fn ingest(
     let _lock = store.lock_shared()?;
     let batch = store.begin_batch()?;
     let walked = walk::run(store, &batch, &source, options, progress)?;
+    let walk_seconds = started.elapsed().as_secs_f64();
     if walked.new_blobs > 0 || walked.new_trees > 0 {
         // Objects become visible only once their bytes are durable: flush, then publish.
         if options.no_sync {
@@ -162,7 +168,14 @@ pub fn ingest(
             store.sync()?;
         }
     }
+    let sync_seconds = started.elapsed().as_secs_f64() - walk_seconds;
     batch.publish()?;
+    tracing::debug!(
+        walk_seconds,
+        sync_seconds,
+        publish_seconds = started.elapsed().as_secs_f64() - walk_seconds - sync_seconds,
+        "ingest phases"
+    );
     store.register_root(&RootRecord {
         name: options.name.clone(),
         root: walked.root.to_hex(),

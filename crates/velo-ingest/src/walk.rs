@@ -14,6 +14,7 @@ use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode, OFlags, Stat};
 use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
 use velo_store::{Batch, RootStats, Store};
 
+use crate::inserter::{Inserter, Job};
 use crate::statcache::{Cached, StatCache};
 use crate::{IngestError, IngestOptions, MtimePolicy, Progress, Skipped};
 
@@ -72,6 +73,40 @@ pub(crate) struct Ctx<'a> {
     /// blob exists is then wasted work (what this run stored, it remembers; a blob a
     /// concurrent ingest stored meanwhile is merely written twice and linked once).
     pub store_was_empty: bool,
+    /// Where new small blobs go when one thread makes them all (see inserter.rs).
+    pub inserter: Option<&'a Inserter>,
+    /// Any change to a source file after we `stat` it moves its ctime (see `clone_safe`).
+    pub fine_ctime: bool,
+}
+
+/// Whether the kernel and `dir`'s file system give multigrain timestamps: Linux 6.13 and
+/// later, on btrfs, xfs, ext4 and tmpfs.
+fn has_multigrain_ctime(dir: &Path) -> bool {
+    const MULTIGRAIN: [i64; 4] = [BTRFS_MAGIC, 0x5846_5342, 0xef53, 0x0102_1994];
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let fs_ok = rustix::fs::statfs(dir).is_ok_and(|fs| MULTIGRAIN.contains(&(fs.f_type as i64)));
+    version >= (6, 13) && fs_ok
+}
+
+/// `statfs` magic of btrfs: one B-tree per subvolume, so inserts serialise.
+const BTRFS_MAGIC: i64 = 0x9123_683e;
+
+/// Whether one inserter thread should make the blobs. `VELO_INGEST_PIPELINE=0|1` forces
+/// the choice (for benchmarks); otherwise only btrfs uses it.
+fn pipeline_inserts(store: &Store) -> bool {
+    match std::env::var("VELO_INGEST_PIPELINE").as_deref() {
+        Ok("1") => return true,
+        Ok("0") => return false,
+        _ => {}
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    rustix::fs::statfs(store.root()).is_ok_and(|fs| fs.f_type as i64 == BTRFS_MAGIC)
 }
 
 pub(crate) fn run<'a>(
@@ -91,6 +126,7 @@ pub(crate) fn run<'a>(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0);
+    let inserter = pipeline_inserts(store).then(Inserter::new);
     let ctx = Ctx {
         store,
         batch,
@@ -117,14 +153,56 @@ pub(crate) fn run<'a>(
         store_was_empty: std::fs::read_dir(store.root().join("blobs"))
             .map(|mut d| d.next().is_none())
             .unwrap_or(false),
+        inserter: inserter.as_ref(),
+        fine_ctime: has_multigrain_ctime(source),
     };
-    let fd = rustix::fs::open(
-        source,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        FsMode::empty(),
-    )
-    .map_err(|e| ctx.source_error("cannot open directory", b"", e))?;
-    let (root, stats) = ctx.dir(fd, Vec::new())?;
+    let walked = std::thread::scope(|scope| {
+        let drainer = ctx.inserter.map(|inserter| {
+            let reflink_works = &ctx.reflink_works;
+            scope.spawn(move || inserter.drain(batch, reflink_works))
+        });
+        let walked = rustix::fs::open(
+            source,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            FsMode::empty(),
+        )
+        .map_err(|e| ctx.source_error("cannot open directory", b"", e))
+        .and_then(|fd| ctx.dir(fd, Vec::new()));
+        if let Some(inserter) = ctx.inserter {
+            if walked.is_err() {
+                // The ingest fails anyway: skip what is still queued.
+                inserter.failed.store(true, Ordering::Relaxed);
+            }
+            inserter.close();
+        }
+        if let Some(drainer) = drainer {
+            if let Err(panic) = drainer.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        walked
+    });
+    if let Some(error) = inserter.as_ref().and_then(Inserter::take_error) {
+        return Err(error.into());
+    }
+    let (root, stats) = walked?;
+    if let Some(inserter) = &inserter {
+        ctx.new_blobs.fetch_add(
+            inserter.new_blobs.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        ctx.new_bytes.fetch_add(
+            inserter.new_bytes.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        ctx.new_trees.fetch_add(
+            inserter.new_trees.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        if inserter.reflinked.load(Ordering::Relaxed) {
+            ctx.reflinked.store(true, Ordering::Relaxed);
+        }
+    }
     let mut skipped = ctx.skipped.into_inner().expect("no panics hold this lock");
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Walked {
@@ -372,8 +450,15 @@ impl Ctx<'_> {
         })?;
         let (bytes, hash) = tree.encode_with_hash();
         let stored = !self.store_was_empty && self.store.has_tree(&hash);
-        if !stored && self.batch.insert_tree(&hash, &bytes)? {
-            self.new_trees.fetch_add(1, Ordering::Relaxed);
+        if !stored {
+            match self.inserter {
+                Some(inserter) => inserter.send(Job::Tree { hash, bytes }),
+                None => {
+                    if self.batch.insert_tree(&hash, &bytes)? {
+                        self.new_trees.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         Ok((hash, stats))
     }
