@@ -11,12 +11,14 @@
 #               the unpacked source image is cached there between runs
 #   SOURCE_TAR  the tree to ingest (default /usr/src/linux-source-6.1.tar.xz)
 #   SKIP_BUILD  1 = use the existing target/release/velo instead of building
+#   SETS        which file systems to run, of "ext4 btrfs xfs" (default: all three)
 #
 # What it measures (details and results: docs/BENCHMARKS.md):
 #   1. ingest into an empty store on a freshly made loop ext4 (one mkfs per contender run):
 #      velo ingest, velo ingest --no-sync, cp -a, cp -a + syncfs, b3sum, git add, ostree commit
 #   2. the same on a freshly made loop btrfs (reflinks): velo ingest [--no-sync] vs
 #      cp -a --reflink=always [+ syncfs]; the source lives on the same btrfs
+#   2b. the same on a freshly made loop xfs (-m reflink=1)
 #   3. re-ingest of the unchanged tree (stat cache warm) vs a find -printf walk; git status
 #   4. peak RSS of velo ingest: the kernel tree vs 4 files x 512 MiB (random bytes)
 # Every run starts with the source re-read (warm page cache). Runs are timed with
@@ -26,6 +28,7 @@ export LC_ALL=C
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
+SETS=${SETS:-ext4 btrfs xfs}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/velo-bench}
 SOURCE_TAR=${SOURCE_TAR:-/usr/src/linux-source-6.1.tar.xz}
 HUGE_FILES=4
@@ -37,7 +40,7 @@ die() { echo "bench_ingest: $*" >&2; exit 1; }
 case $ROUNDS in '' | *[!0-9]* | 0) die "ROUNDS must be a positive integer" ;; esac
 
 # --- tools -----------------------------------------------------------------------------
-need=(e2fsprogs btrfs-progs util-linux time b3sum ostree git xz-utils tar python3 coreutils findutils)
+need=(e2fsprogs btrfs-progs xfsprogs util-linux time b3sum ostree git xz-utils tar python3 coreutils findutils)
 if command -v apt-get >/dev/null; then
     missing=()
     for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -47,22 +50,23 @@ if command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 fi
-for t in mkfs.ext4 mkfs.btrfs btrfs losetup /usr/bin/time b3sum ostree git xz python3; do
+for t in mkfs.ext4 mkfs.btrfs mkfs.xfs btrfs losetup /usr/bin/time b3sum ostree git xz python3; do
     command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
 # --- scratch layout and cleanup --------------------------------------------------------
-mkdir -p "$BENCH_DIR"/mnt/{src,ext4,btrfs}
+mkdir -p "$BENCH_DIR"/mnt/{src,ext4,btrfs,xfs}
 W=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
 SRC_MNT=$BENCH_DIR/mnt/src
 E4=$BENCH_DIR/mnt/ext4
 BT=$BENCH_DIR/mnt/btrfs
+XF=$BENCH_DIR/mnt/xfs
 RESULTS=$W/results.tsv
 cleanup() {
-    for m in "$BT" "$E4" "$SRC_MNT"; do
+    for m in "$XF" "$BT" "$E4" "$SRC_MNT"; do
         if mountpoint -q "$m"; then umount "$m" || umount -l "$m"; fi
     done
-    rm -f "$BENCH_DIR/ext4.img" "$BENCH_DIR/btrfs.img"
+    rm -f "$BENCH_DIR/ext4.img" "$BENCH_DIR/btrfs.img" "$BENCH_DIR/xfs.img"
 }
 trap cleanup EXIT
 
@@ -137,6 +141,24 @@ btrfs_clean() {
     btrfs -q subvolume delete "$BT/out" >/dev/null
     sync -f "$BT"
     btrfs -q subvolume sync "$BT" >/dev/null
+}
+
+# One fresh xfs (reflink=1) per script run, the source copied onto it; each contender run
+# writes into a new directory, removed (and the removal flushed) before the next run.
+fresh_xfs() {
+    mountpoint -q "$XF" && umount "$XF"
+    rm -f "$BENCH_DIR/xfs.img"
+    truncate -s 16G "$BENCH_DIR/xfs.img"
+    mkfs.xfs -q -f -m reflink=1 "$BENCH_DIR/xfs.img"
+    mount -o loop "$BENCH_DIR/xfs.img" "$XF"
+    cp -a "$SRC" "$XF/src"
+    sync -f "$XF/src"
+}
+xfs_out() { mkdir "$XF/out"; }
+xfs_clean() {
+    rm -rf "$XF/out"
+    sync -f "$XF"
+    sleep 2 # let inode inactivation finish before the next run
 }
 
 # timed LABEL ROUND CMD...: appends "label round wall cpu rss load" to $RESULTS
@@ -254,9 +276,33 @@ bt_cp_sync() {
         'cp -a --reflink=always "$1" "$2" && sync -f "$2"' _ "$BT/src" "$BT/out/copy"
     btrfs_clean
 }
+xf_velo() {
+    xfs_out; warm "$XF/src"
+    timed "xfs velo ingest" "$1" "$VELO" --store "$XF/out/store" ingest "$XF/src" --json
+    check_velo "xfs velo ingest" "$src_files" reflinked
+    xfs_clean
+}
+xf_velo_nosync() {
+    xfs_out; warm "$XF/src"
+    timed "xfs velo ingest --no-sync" "$1" "$VELO" --store "$XF/out/store" ingest "$XF/src" --json --no-sync
+    check_velo "xfs velo ingest --no-sync" "$src_files" reflinked
+    xfs_clean
+}
+xf_cp() {
+    xfs_out; warm "$XF/src"
+    timed "xfs cp -a --reflink=always" "$1" cp -a --reflink=always "$XF/src" "$XF/out/copy"
+    xfs_clean
+}
+xf_cp_sync() {
+    xfs_out; warm "$XF/src"
+    timed "xfs cp -a --reflink + syncfs" "$1" bash -c \
+        'cp -a --reflink=always "$1" "$2" && sync -f "$2"' _ "$XF/src" "$XF/out/copy"
+    xfs_clean
+}
 
 ext4_set=(e4_velo e4_cp e4_velo_nosync e4_cp_sync e4_b3sum e4_git e4_ostree e4_huge)
 btrfs_set=(bt_velo bt_cp bt_velo_nosync bt_cp_sync)
+xfs_set=(xf_velo xf_cp xf_velo_nosync xf_cp_sync)
 
 # --- machine ---------------------------------------------------------------------------
 started=$EPOCHREALTIME
@@ -269,24 +315,37 @@ started=$EPOCHREALTIME
     echo "backing fs:  $(df -T "$BENCH_DIR" | awk 'NR==2 {print $2, "(" $1 ")"}') holds the loop images (buffered loop devices)"
     echo "store fs:    fresh loop ext4 per run ($(mkfs.ext4 -V 2>&1 | head -n 1 | cut -d' ' -f1-2), defaults, 16 GiB, mounted noinit_itable);"
     echo "             one fresh loop btrfs per script run, a fresh subvolume per contender run ($(btrfs --version | cut -d' ' -f2), defaults, 16 GiB)"
+    echo "             one fresh loop xfs per script run, a fresh directory per contender run ($(mkfs.xfs -V | awk '{print $NF}'), -m reflink=1, 16 GiB)"
+    echo "sets:        $SETS"
     echo "source:      $(basename "$SOURCE_TAR"): $src_files files, $src_bytes bytes, on a loop ext4 mounted ro (btrfs: a copy on the btrfs)"
     echo "tools:       $(cp --version | head -n 1), $(b3sum --version), $(git --version), ostree $(ostree --version | awk -F"'" '/Version/ {print $2}')"
     echo "rounds:      $ROUNDS (order reversed on even rounds); load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$W/machine.txt"
 
+in_sets() { case " $SETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for r in $(seq 1 "$ROUNDS"); do
     echo "== round $r/$ROUNDS"
     e=("${ext4_set[@]}")
     b=("${btrfs_set[@]}")
+    x=("${xfs_set[@]}")
     if ((r % 2 == 0)); then
         mapfile -t e < <(printf '%s\n' "${ext4_set[@]}" | tac)
         mapfile -t b < <(printf '%s\n' "${btrfs_set[@]}" | tac)
+        mapfile -t x < <(printf '%s\n' "${xfs_set[@]}" | tac)
     fi
-    for c in "${e[@]}"; do "$c" "$r"; done
-    mountpoint -q "$E4" && umount "$E4"
-    rm -f "$BENCH_DIR/ext4.img"
-    mountpoint -q "$BT" || fresh_btrfs
-    for c in "${b[@]}"; do "$c" "$r"; done
+    if in_sets ext4; then
+        for c in "${e[@]}"; do "$c" "$r"; done
+        mountpoint -q "$E4" && umount "$E4"
+        rm -f "$BENCH_DIR/ext4.img"
+    fi
+    if in_sets btrfs; then
+        mountpoint -q "$BT" || fresh_btrfs
+        for c in "${b[@]}"; do "$c" "$r"; done
+    fi
+    if in_sets xfs; then
+        mountpoint -q "$XF" || fresh_xfs
+        for c in "${x[@]}"; do "$c" "$r"; done
+    fi
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg); total $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f", b - a}') s" | tee -a "$W/machine.txt"
 
@@ -309,12 +368,15 @@ groups = [
       "b3sum --num-threads 2", "ext4 git init + add -A", "ext4 ostree commit"]),
     ("Ingest into an empty store, loop btrfs, reflinks (baseline: cp -a --reflink=always)", "btrfs cp -a --reflink=always",
      ["btrfs cp -a --reflink=always", "btrfs cp -a --reflink + syncfs", "btrfs velo ingest", "btrfs velo ingest --no-sync"]),
+    ("Ingest into an empty store, loop xfs, reflinks (baseline: cp -a --reflink=always)", "xfs cp -a --reflink=always",
+     ["xfs cp -a --reflink=always", "xfs cp -a --reflink + syncfs", "xfs velo ingest", "xfs velo ingest --no-sync"]),
     ("Re-ingest of the unchanged tree (baseline: find -printf '%s %T@\\n')", "re-ingest find -printf",
      ["re-ingest find -printf", "re-ingest velo", "re-ingest git status"]),
 ]
 print()
 print(f"{'contender':34} {'n':>2} {'median s':>9} {'min s':>8} {'max s':>8} {'cpu s':>7} {'maxRSS MiB':>10} {'ratio':>6} {'paired':>6}")
 for title, base, labels in groups:
+    if base not in runs: continue
     print(f"-- {title}")
     for l in labels:
         if l not in runs: continue
@@ -326,6 +388,7 @@ print("ratio = median / baseline median; paired = median over rounds of (run / s
 print()
 print("-- Targets")
 def target(name, a, b, limit):
+    if a not in runs or b not in runs: return
     r, p = med(a) / med(b), paired(a, b)
     ok = "MET" if r <= limit else "NOT MET"
     print(f"{name:58} ratio {r:5.2f} (paired {p:5.2f})  target <= {limit:.1f}: {ok}")
@@ -335,13 +398,16 @@ target("velo ingest (default) / cp -a + syncfs, ext4", "ext4 velo ingest", "ext4
 target("velo ingest / cp -a --reflink=always, btrfs", "btrfs velo ingest", "btrfs cp -a --reflink=always", 1.0)
 target("velo ingest --no-sync / cp -a --reflink=always, btrfs", "btrfs velo ingest --no-sync", "btrfs cp -a --reflink=always", 1.0)
 target("velo ingest / cp -a --reflink + syncfs, btrfs", "btrfs velo ingest", "btrfs cp -a --reflink + syncfs", 1.0)
+target("velo ingest / cp -a --reflink=always, xfs", "xfs velo ingest", "xfs cp -a --reflink=always", 1.0)
+target("velo ingest --no-sync / cp -a --reflink=always, xfs", "xfs velo ingest --no-sync", "xfs cp -a --reflink=always", 1.0)
 target("velo re-ingest / find -printf", "re-ingest velo", "re-ingest find -printf", 2.0)
-print()
-print("-- Peak memory of velo ingest (median max RSS)")
-k, h = med("ext4 velo ingest", 2), med("rss velo ingest 4x512MiB", 2)
-print(f"kernel tree: {files} files, {nbytes/2**20:.0f} MiB  -> {k/1024:.1f} MiB  (velo ingest, default)")
-print(f"huge files:  {hn} files, {hn*hmib} MiB      -> {h/1024:.1f} MiB  (velo ingest --no-sync, wall {med('rss velo ingest 4x512MiB'):.3f} s)")
-print(f"-> {hn*hmib/(nbytes/2**20):.1f}x the bytes, {files//hn}x fewer files: RSS {h/k:.2f}x")
+if "ext4 velo ingest" in runs and "rss velo ingest 4x512MiB" in runs:
+  print()
+  print("-- Peak memory of velo ingest (median max RSS)")
+  k, h = med("ext4 velo ingest", 2), med("rss velo ingest 4x512MiB", 2)
+  print(f"kernel tree: {files} files, {nbytes/2**20:.0f} MiB  -> {k/1024:.1f} MiB  (velo ingest, default)")
+  print(f"huge files:  {hn} files, {hn*hmib} MiB      -> {h/1024:.1f} MiB  (velo ingest --no-sync, wall {med('rss velo ingest 4x512MiB'):.3f} s)")
+  print(f"-> {hn*hmib/(nbytes/2**20):.1f}x the bytes, {files//hn}x fewer files: RSS {h/k:.2f}x")
 print()
 print("median load average (1 min) when runs started: " + f"{st.median(v[3] for l in runs for v in runs[l].values()):.2f}")
 EOF
