@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{is_root, require, Env, LoopMount};
+use common::{assert_flushed_before_published, is_root, require, traced, Env, LoopMount};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------
@@ -735,63 +735,8 @@ fn a_full_disk_fails_ingest_and_import_cleanly() {
     };
     env.store = mount.point.join("store");
 
-    // A root from before the disk filled up, which must survive all of it.
-    let small = TreeSpec {
-        files: (0..100)
-            .map(|i| {
-                let len = small_size(&mut rng);
-                FileSpec::new(format!("s/f{i}"), &mut rng, len)
-            })
-            .collect(),
-        symlinks: vec![],
-    };
-    small.write(&env.path("small"));
-    env.ingest(&env.path("small"), &["--name", "small"]);
-
-    // ~72 MiB on the roomy disk: part/ (~13 MiB) fits on its own, the whole does not.
-    let mut big = TreeSpec::default();
-    for i in 0..20 {
-        let dir = if i < 4 { "part" } else { "rest" };
-        let len = (3 << 20) + rng.range(0, 1 << 16);
-        big.files
-            .push(FileSpec::new(format!("{dir}/big{i}"), &mut rng, len));
-    }
-    for i in 0..300 {
-        let dir = if i < 100 { "part" } else { "rest" };
-        let len = small_size(&mut rng);
-        big.files
-            .push(FileSpec::new(format!("{dir}/small/f{i}"), &mut rng, len));
-    }
-    let big_dir = env.path("big");
-    big.write(&big_dir);
-
-    let before = roots(&env);
-    let out = env.run(&["ingest", path_str(&big_dir), "--name", "big"]);
-    let stderr = stderr_of(&out);
-    assert!(
-        !out.status.success(),
-        "an ingest larger than the disk succeeded"
-    );
-    assert!(
-        says_full(&stderr),
-        "the message does not say the disk is full:\n{stderr}"
-    );
-    assert_eq!(roots(&env), before, "a failed ingest changed the roots");
-    fsck_passes(&env, "after the ingest that filled the disk");
-    assert_eq!(
-        temp_leftovers(&env.store),
-        Vec::<String>::new(),
-        "tmp/ after a full disk"
-    );
-    tree_reads_back(&env, "small", &small, "after the full disk");
-
-    // Free what the failed ingest left, then a tree that fits goes in.
-    env.ok(&["gc", "--run"]);
-    let part = big.subtree("part");
-    env.ingest(&big_dir.join("part"), &["--name", "part"]);
-    fsck_passes(&env, "after ingesting a tree that fits");
-    tree_reads_back(&env, "part", &part, "after ingesting a tree that fits");
-    tree_reads_back(&env, "small", &small, "after ingesting a tree that fits");
+    // ~72 MiB on a 40 MiB disk: part/ (~13 MiB) fits on its own, the whole does not.
+    let (big_dir, part) = fill_the_disk_then_recover(&env, &mut rng, 20, 3 << 20, 300);
 
     // A self-contained manifest of the whole big tree, made by a store on the roomy disk.
     let roomy = Env::new();
@@ -830,6 +775,101 @@ fn a_full_disk_fails_ingest_and_import_cleanly() {
     );
     fsck_passes(&env, "after the import that filled the disk");
     tree_reads_back(&env, "part", &part, "after the failed import");
+    drop(mount);
+}
+
+/// An ingest of `dir` into `env`'s store must fail saying the disk is full, register
+/// nothing, leave `fsck` passing and `tmp/` empty, and keep the root `small` (`spec`) whole.
+fn ingest_fills_the_disk_and_fails_cleanly(env: &Env, dir: &Path, spec: &TreeSpec) {
+    let before = roots(env);
+    let out = env.run(&["ingest", path_str(dir), "--name", "big"]);
+    let stderr = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "an ingest larger than the disk succeeded"
+    );
+    assert!(
+        says_full(&stderr),
+        "the message does not say the disk is full:\n{stderr}"
+    );
+    assert_eq!(roots(env), before, "a failed ingest changed the roots");
+    fsck_passes(env, "after the ingest that filled the disk");
+    assert_eq!(
+        temp_leftovers(&env.store),
+        Vec::<String>::new(),
+        "tmp/ after a full disk"
+    );
+    tree_reads_back(env, "small", spec, "after the full disk");
+}
+
+/// On `env`'s small store: a root `small` goes in first; then a tree of `big_files` files
+/// of about `big_len` bytes and `small_files` small ones that cannot fit fails cleanly (see
+/// `ingest_fills_the_disk_and_fails_cleanly`); after `gc --run` its `part/` subtree (4 big
+/// files, 100 small ones) goes in and both roots read back. Returns the big tree's
+/// directory and the `part/` subtree.
+fn fill_the_disk_then_recover(
+    env: &Env,
+    rng: &mut Rng,
+    big_files: usize,
+    big_len: u64,
+    small_files: usize,
+) -> (PathBuf, TreeSpec) {
+    let small = TreeSpec {
+        files: (0..100)
+            .map(|i| {
+                let len = small_size(rng);
+                FileSpec::new(format!("s/f{i}"), rng, len)
+            })
+            .collect(),
+        symlinks: vec![],
+    };
+    small.write(&env.path("small"));
+    env.ingest(&env.path("small"), &["--name", "small"]);
+
+    let mut big = TreeSpec::default();
+    for i in 0..big_files {
+        let dir = if i < 4 { "part" } else { "rest" };
+        let len = big_len + rng.range(0, 1 << 16);
+        big.files
+            .push(FileSpec::new(format!("{dir}/big{i}"), rng, len));
+    }
+    for i in 0..small_files {
+        let dir = if i < 100 { "part" } else { "rest" };
+        let len = small_size(rng);
+        big.files
+            .push(FileSpec::new(format!("{dir}/small/f{i}"), rng, len));
+    }
+    let big_dir = env.path("big");
+    big.write(&big_dir);
+    ingest_fills_the_disk_and_fails_cleanly(env, &big_dir, &small);
+
+    // Free what the failed ingest left, then a tree that fits goes in.
+    env.ok(&["gc", "--run"]);
+    let part = big.subtree("part");
+    env.ingest(&big_dir.join("part"), &["--name", "part"]);
+    fsck_passes(env, "after ingesting a tree that fits");
+    tree_reads_back(env, "part", &part, "after ingesting a tree that fits");
+    tree_reads_back(env, "small", &small, "after ingesting a tree that fits");
+    (big_dir, part)
+}
+
+/// On btrfs one inserter thread makes the blobs while the workers hash: when it hits a
+/// full disk, the walk must stop and fail just as cleanly, and a tree that fits still goes
+/// in after `gc --run`.
+#[test]
+fn a_full_btrfs_fails_the_pipelined_ingest_cleanly() {
+    if !require(is_root(), "root for loop mounts") {
+        return;
+    }
+    let mut rng = Rng::new(test_seed() ^ 0xB7F0);
+    let mut env = Env::new();
+    let Some(mount) = LoopMount::new("btrfs", &env.path("btrfs.img"), &env.path("mnt"), 256, &[])
+    else {
+        return;
+    };
+    env.store = mount.point.join("store");
+    // ~380 MiB from outside the btrfs (so written, not cloned) into a 256 MiB disk.
+    fill_the_disk_then_recover(&env, &mut rng, 90, 4 << 20, 600);
     drop(mount);
 }
 
@@ -1251,4 +1291,56 @@ fn files_rewritten_during_an_ingest_on_btrfs_never_leave_a_blob_with_other_bytes
     }
     assert!(temp_leftovers(&env.store).is_empty(), "tmp/ not empty");
     drop(mount);
+}
+
+// ---------------------------------------------------------------------------------------
+// Power loss: the order of flushes and renames
+// ---------------------------------------------------------------------------------------
+
+/// A power cut must never leave an object whose name is on disk but whose bytes are not.
+/// So ingest, import and the commit of a run's upper stage their objects, flush once, and
+/// only then move them into `blobs/` and `trees/`: in a trace of each, no link or rename
+/// into those directories comes before the first `syncfs`.
+#[test]
+fn objects_become_visible_only_after_the_flush() {
+    let mut rng = Rng::new(test_seed() ^ 0x5F5C);
+    let env = Env::new();
+    let spec = TreeSpec {
+        files: (0..60)
+            .map(|i| {
+                let len = if i == 0 {
+                    9 << 20
+                } else {
+                    small_size(&mut rng)
+                };
+                FileSpec::new(format!("d{}/f{i}", i % 5), &mut rng, len)
+            })
+            .collect(),
+        symlinks: vec![],
+    };
+    let src = env.path("src");
+    spec.write(&src);
+    // The store exists and already holds a shard or two, so both publishing paths (whole
+    // shard directories and single files) show up.
+    fs::create_dir_all(env.path("seed")).expect("mkdir");
+    fs::write(env.path("seed/one"), b"seed").expect("write");
+    env.ingest(&env.path("seed"), &[]);
+
+    let Some(trace) = traced(&env, &["ingest", path_str(&src), "--name", "t"]) else {
+        return;
+    };
+    assert_flushed_before_published("ingest", &trace, &env.store);
+
+    // Import into a second, empty store.
+    let manifest = env.path("t.velo");
+    env.ok(&["export", "t", "-o", path_str(&manifest), "--with-blobs"]);
+    let mut other = Env::new();
+    other.store = env.path("other-store");
+    fs::create_dir_all(other.path("seed")).expect("mkdir");
+    fs::write(other.path("seed/one"), b"seed").expect("write");
+    other.ingest(&other.path("seed"), &[]);
+    let Some(trace) = traced(&other, &["import", path_str(&manifest), "--name", "t"]) else {
+        return;
+    };
+    assert_flushed_before_published("import", &trace, &other.store);
 }

@@ -450,6 +450,17 @@ fn gc_frees_only_what_no_root_reaches() {
         );
     }
     env.fsck_ok();
+    // Shard directories the sweep emptied are gone; the others still hold objects.
+    for kind in ["blobs", "trees"] {
+        for shard in fs::read_dir(env.store.join(kind)).unwrap() {
+            let shard = shard.unwrap().path();
+            assert!(
+                fs::read_dir(&shard).unwrap().next().is_some(),
+                "gc left the empty shard {}",
+                shard.display()
+            );
+        }
+    }
     let err = env.fails(&["forget", "b"]);
     assert!(err.contains("no registered root"), "{err}");
 }

@@ -565,3 +565,61 @@ fn a_kept_upper_persists_across_runs_in_overlay_format_and_commits_later() {
         .fails(&["show", "later", "app/gone"])
         .contains("does not exist"));
 }
+
+/// The commit of a run's upper stages its new objects and flushes once before any of them
+/// becomes visible in the store, as ingest does: a power cut can never leave a blob or
+/// tree named after bytes that are not on disk.
+#[test]
+fn a_commit_flushes_before_its_objects_become_visible() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    env.ok(&["import", busybox.to_str().unwrap(), "--name", "bb"]);
+    env.ok(&["import", app.to_str().unwrap(), "--name", "app"]);
+    // A first run builds the farms (and their executable variants), so the traced run
+    // publishes only what its commit makes.
+    let warm = env
+        .cmd()
+        .args([
+            "run",
+            "--isolate",
+            "--base",
+            "bb",
+            "--manifest",
+            "app",
+            "--",
+            "/bin/true",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        warm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&warm.stderr)
+    );
+    let Some(trace) = common::traced(
+        &env,
+        &[
+            "run",
+            "--isolate",
+            "--base",
+            "bb",
+            "--manifest",
+            "app",
+            "--name",
+            "after",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo brand new content > /app/new && mkdir -p /opt/y && echo more > /opt/y/z",
+        ],
+    ) else {
+        return;
+    };
+    common::assert_flushed_before_published("run --name (commit)", &trace, &env.store);
+    let out = env.ok(&["cat", "after", "opt/y/z"]);
+    assert_eq!(out, "more\n");
+    env.fsck_ok();
+}

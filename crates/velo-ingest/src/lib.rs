@@ -200,10 +200,15 @@ pub fn ingest(
     })
 }
 
-/// Stores one regular file's content (copying it; the file is only read) and returns its
-/// blob hash and size. The caller holds the store's shared lock. Used by commits of
-/// overlay uppers, where files are few and a stat cache buys nothing.
-pub fn store_file(store: &Store, path: &Path) -> Result<(Hash, u64), IngestError> {
+/// Stores one regular file's content (copying it; the file is only read) into `batch` and
+/// returns its blob hash and size. The caller holds the store's shared lock, and flushes
+/// and publishes the batch. Used by commits of overlay uppers, where files are few and a
+/// stat cache buys nothing.
+pub fn store_file(
+    store: &Store,
+    batch: &velo_store::Batch<'_>,
+    path: &Path,
+) -> Result<(Hash, u64), IngestError> {
     use std::io::{Read, Write};
     let read_error = |source| IngestError::Source {
         op: "cannot read",
@@ -231,7 +236,7 @@ pub fn store_file(store: &Store, path: &Path) -> Result<(Hash, u64), IngestError
     }
     let hash = Hash::from(hasher.finalize());
     if !store.has_blob(&hash) {
-        store.commit_blob(staged, &hash)?;
+        batch.insert_staged_blob(staged, &hash)?;
     }
     Ok((hash, size))
 }

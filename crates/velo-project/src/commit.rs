@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
-use velo_store::{Store, StoreError};
+use velo_store::{Batch, Store, StoreError};
 
 use crate::ProjectError;
 
@@ -75,14 +75,30 @@ fn dest_error(path: &Path) -> impl FnOnce(std::io::Error) -> ProjectError + '_ {
 }
 
 /// Applies an overlay-format upper directory to `base`; returns the new root. The caller
-/// holds the store's shared lock.
+/// holds the store's shared lock. New objects are staged in a batch and become visible
+/// only after one flush, so a power cut never leaves an object whose bytes are not on
+/// disk (see velo-store's batch).
 pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<Hash, ProjectError> {
-    let tree = commit_dir(store, Some(store.get_tree(&base)?), upper, true)?;
-    Ok(store.put_tree(&tree)?.0)
+    let batch = store.begin_batch()?;
+    let tree = commit_dir(store, &batch, Some(store.get_tree(&base)?), upper, true)?;
+    let root = stage_tree(store, &batch, &tree)?;
+    store.sync()?;
+    batch.publish()?;
+    Ok(root)
+}
+
+/// Stages `tree` unless the store has it; returns its hash.
+fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, ProjectError> {
+    let (bytes, hash) = tree.encode_with_hash();
+    if !store.has_tree(&hash) {
+        batch.insert_tree(&hash, &bytes)?;
+    }
+    Ok(hash)
 }
 
 fn commit_dir(
     store: &Store,
+    batch: &Batch<'_>,
     base: Option<Tree>,
     dir: &Path,
     is_root: bool,
@@ -116,15 +132,16 @@ fn commit_dir(
                 Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
                 _ => None,
             };
-            let sub = commit_dir(store, below, &path, false)?;
+            let sub = commit_dir(store, batch, below, &path, false)?;
             EntryKind::Dir {
-                hash: store.put_tree(&sub)?.0,
+                hash: stage_tree(store, batch, &sub)?,
             }
         } else if ft.is_file() {
-            let (hash, size) = velo_ingest::store_file(store, &path).map_err(|e| match e {
-                velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
-                other => ProjectError::Store(StoreError::Invalid(other.to_string())),
-            })?;
+            let (hash, size) =
+                velo_ingest::store_file(store, batch, &path).map_err(|e| match e {
+                    velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
+                    other => ProjectError::Store(StoreError::Invalid(other.to_string())),
+                })?;
             EntryKind::File { hash, size }
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&path).map_err(dest_error(&path))?;

@@ -160,6 +160,15 @@ impl Store {
         for path in dead_farms.iter().chain(&sessions) {
             crate::remove_tree(path);
         }
+        if deletes {
+            // Shard directories left empty go too (a later insert makes them again); the
+            // exclusive lock means no writer is about to put something in one.
+            for dir in [self.root.join("blobs"), self.root.join("trees")] {
+                for shard in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let _ = fs::remove_dir(shard.path());
+                }
+            }
+        }
         // Every writer holds the shared lock, so under the exclusive one nothing in tmp/ is
         // in use: it is all left over from killed commands.
         for entry in temps {

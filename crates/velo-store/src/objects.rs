@@ -197,7 +197,7 @@ impl Store {
         self.link_staged(kind, staged, relative_name(hash), 0o444)
     }
 
-    /// Sets the mode of a staged file and links it at `rel` in the object directory.
+    /// Flushes a staged file, sets its mode and links it at `rel` in the object directory.
     fn link_staged(
         &self,
         kind: ObjectKind,
@@ -214,6 +214,13 @@ impl Store {
                 })
                 .join(&rel)
         };
+        // One object, visible at once: its bytes must be on disk before its name is (a
+        // power cut must never leave a name over other bytes). Bulk writers use a batch
+        // and one flush instead.
+        staged
+            .file
+            .sync_data()
+            .map_err(StoreError::io("syncing", target_path()))?;
         rustix::fs::fchmod(&staged.file, FsMode::from_raw_mode(mode))
             .map_err(|e| StoreError::io("setting mode of", target_path())(e.into()))?;
         let link = || -> std::result::Result<(), Errno> {

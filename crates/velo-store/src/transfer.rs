@@ -230,9 +230,12 @@ impl Store {
             });
         }
         let missing_blobs = missing.len() as u64;
+        // Everything goes through a batch: no object is visible under its name before
+        // its bytes are on disk.
+        let batch = self.begin_batch()?;
         let mut new_trees = 0;
         for (hash, tree) in &trees {
-            if self.put_tree_encoded(hash, &tree.encode())? {
+            if !self.has_tree(hash) && batch.insert_tree(hash, &tree.encode())? {
                 new_trees += 1;
             }
         }
@@ -247,12 +250,13 @@ impl Store {
                 "{staging_rel}/{}",
                 temp.file_name().expect("named").to_string_lossy()
             );
-            if self.commit_blob(self.adopt_temp(file, &rel), hash)? {
+            if batch.insert_staged_blob(self.adopt_temp(file, &rel), hash)? {
                 new_blobs += 1;
                 new_bytes += size;
             }
         }
         self.sync()?;
+        batch.publish()?;
         let memory = MemoryTrees(trees);
         let record = RootRecord {
             name: options.name.clone(),

@@ -398,3 +398,69 @@ pub fn cp(flag: &str, src: &Path, dst: &Path) {
         .expect("cp runs");
     assert!(status.success(), "cp {flag} {src:?} {dst:?} failed");
 }
+
+/// Runs `velo ARGS` on `env`'s store under `strace -f -y` and returns, in order, the
+/// syscalls that flush (`syncfs`) or make a name visible (`link*`, `rename*`), one line
+/// each, with the directories of their fds spelled out.
+pub fn traced(env: &Env, args: &[&str]) -> Option<Vec<String>> {
+    let Some(strace) = find_tool("strace") else {
+        require(false, "strace (scripts/test.sh installs it)");
+        return None;
+    };
+    let log = env.path(&format!("strace-{}.log", args[0]));
+    let out = std::process::Command::new(strace)
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(&log)
+        .args(["-e", "trace=syncfs,link,linkat,rename,renameat,renameat2"])
+        .arg(velo_bin())
+        .arg("--store")
+        .arg(&env.store)
+        .args(args)
+        .env_remove("VR_THE_SOURCE")
+        .output()
+        .expect("run strace");
+    assert!(
+        out.status.success(),
+        "velo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(
+        fs::read_to_string(&log)
+            .expect("read the strace log")
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// Whether a traced call makes something visible under the store's `blobs/` or `trees/`.
+fn publishes_object(line: &str, store: &Path) -> bool {
+    let (blobs, trees) = (
+        format!("{}/blobs", store.display()),
+        format!("{}/trees", store.display()),
+    );
+    (line.contains("link") || line.contains("rename"))
+        && !line.contains("syncfs")
+        && line
+            .split(", ")
+            .skip(1)
+            .any(|arg| arg.contains(&blobs) || arg.contains(&trees))
+}
+
+/// In a `traced` run, no link or rename into `blobs/` or `trees/` comes before the first
+/// `syncfs`, and something was published at all.
+pub fn assert_flushed_before_published(what: &str, trace: &[String], store: &Path) {
+    let first_publish = trace
+        .iter()
+        .position(|l| publishes_object(l, store))
+        .unwrap_or_else(|| panic!("{what}: nothing was published?\n{}", trace.join("\n")));
+    let first_sync = trace
+        .iter()
+        .position(|l| l.contains("syncfs("))
+        .unwrap_or_else(|| panic!("{what}: no syncfs at all\n{}", trace.join("\n")));
+    assert!(
+        first_sync < first_publish,
+        "{what}: an object became visible before the flush:\n{}",
+        trace[..=first_publish].join("\n")
+    );
+}
