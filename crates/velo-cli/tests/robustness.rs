@@ -1298,9 +1298,10 @@ fn files_rewritten_during_an_ingest_on_btrfs_never_leave_a_blob_with_other_bytes
 // ---------------------------------------------------------------------------------------
 
 /// A power cut must never leave an object whose name is on disk but whose bytes are not.
-/// So ingest, import and the commit of a run's upper stage their objects, flush once, and
-/// only then move them into `blobs/` and `trees/`: in a trace of each, no link or rename
-/// into those directories comes before the first `syncfs`.
+/// So ingest, import, a checkout making executable variants and the commit of a run's
+/// upper (tests/sandbox.rs) stage their objects, flush once, and only then move them into
+/// `blobs/` and `trees/`: in a trace of each, no link or rename into those directories
+/// comes before the first `syncfs`.
 #[test]
 fn objects_become_visible_only_after_the_flush() {
     let mut rng = Rng::new(test_seed() ^ 0x5F5C);
@@ -1320,6 +1321,12 @@ fn objects_become_visible_only_after_the_flush() {
     };
     let src = env.path("src");
     spec.write(&src);
+    // An executable file: a hard-link checkout makes its 0555 variant in the store.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = src.join(&spec.files[1].path);
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
     // The store exists and already holds a shard or two, so both publishing paths (whole
     // shard directories and single files) show up.
     fs::create_dir_all(env.path("seed")).expect("mkdir");
@@ -1330,6 +1337,19 @@ fn objects_become_visible_only_after_the_flush() {
         return;
     };
     assert_flushed_before_published("ingest", &trace, &env.store);
+    let Some(trace) = traced(
+        &env,
+        &[
+            "checkout",
+            "t",
+            path_str(&env.path("co")),
+            "--mode",
+            "hardlink",
+        ],
+    ) else {
+        return;
+    };
+    assert_flushed_before_published("checkout (executable variant)", &trace, &env.store);
 
     // Import into a second, empty store.
     let manifest = env.path("t.velo");

@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, Mode as FsMode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 use velo_core::{Entry, EntryKind, Hash};
 use velo_store::treeops::TreeSource;
-use velo_store::{Store, StoreError};
+use velo_store::{Batch, Store, StoreError};
 
 /// How files are materialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +78,8 @@ pub enum ProjectError {
 struct Ctx<'a> {
     progress: &'a velo_ingest::Progress,
     store: &'a Store,
+    /// Executable variants the store lacks are made here and published at the end.
+    batch: &'a Batch<'a>,
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
     dest: &'a Path,
@@ -154,9 +156,11 @@ fn checkout_into(
 ) -> Result<CheckoutReport, ProjectError> {
     // Blobs a checkout links must not be collected under it.
     let _lock = store.lock_shared()?;
+    let batch = store.begin_batch()?;
     let ctx = Ctx {
         progress,
         store,
+        batch: &batch,
         trees,
         mode,
         dest,
@@ -177,7 +181,7 @@ fn checkout_into(
     )
     .map_err(|e| ctx.dest_error("opening", b"", e))?;
     ctx.dir(root, fd.as_fd(), Vec::new())?;
-    Ok(CheckoutReport {
+    let report = CheckoutReport {
         files: ctx.files.into_inner(),
         dirs: ctx.dirs.into_inner(),
         symlinks: ctx.symlinks.into_inner(),
@@ -188,7 +192,13 @@ fn checkout_into(
         link_limit_fallbacks: ctx.link_limit.into_inner(),
         cross_device: ctx.cross_device.into_inner(),
         seconds: 0.0,
-    })
+    };
+    if !batch.is_empty() {
+        // New executable variants become visible in the store only once durable.
+        store.sync()?;
+        batch.publish()?;
+    }
+    Ok(report)
 }
 
 fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
@@ -275,7 +285,10 @@ impl Ctx<'_> {
         let name = entry.name.as_bytes();
         if self.mode == CheckoutMode::Hardlink && !self.cross_device.load(Ordering::Relaxed) {
             let source = if entry.mode.is_executable() {
-                self.store.exec_variant(&hash)?
+                match self.store.existing_exec_variant(&hash) {
+                    Some(path) => path,
+                    None => self.batch.stage_exec_variant(&hash)?,
+                }
             } else {
                 self.store.blob_path(&hash)
             };

@@ -181,6 +181,54 @@ impl Batch<'_> {
         }
     }
 
+    /// Stages the executable (0555) variant of stored blob `hash`: a separate inode with
+    /// the blob's bytes (a clone where the file system can, else a copy), published as
+    /// `blobs/ab/<hash>.x`. Returns the staged path, which callers may hard-link at once;
+    /// a variant this batch already staged is returned as it is.
+    pub fn stage_exec_variant(&self, hash: &Hash) -> Result<PathBuf> {
+        let shard = self.shard(ObjectKind::Blob, hash.0[0])?;
+        let name = format!("{}.x", hash.to_hex());
+        let path = self
+            .dir
+            .join(shard_name(ObjectKind::Blob, hash.0[0]))
+            .join(&name);
+        let fd = match rustix::fs::openat(
+            &*shard,
+            name.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+            FsMode::from_raw_mode(0o555),
+        ) {
+            Ok(fd) => fd,
+            // Another thread of this command made it (or is filling it: a link shares
+            // the inode, whose bytes are complete before the command ends).
+            Err(Errno::EXIST) => return Ok(path),
+            Err(e) => return Err(StoreError::io("staging", &path)(e.into())),
+        };
+        let mut dest = File::from(fd);
+        let filled = (|| -> Result<()> {
+            let mut source = self.store.open_blob(hash)?;
+            if rustix::fs::ioctl_ficlone(&dest, &source).is_err() {
+                io::copy(&mut source, &mut dest).map_err(StoreError::io("staging", &path))?;
+            }
+            // Explicitly: a umask may have taken the execute bits.
+            rustix::fs::fchmod(&dest, FsMode::from_raw_mode(0o555))
+                .map_err(|e| StoreError::io("staging", &path)(e.into()))
+        })();
+        if let Err(e) = filled {
+            let _ = rustix::fs::unlinkat(&*shard, name.as_str(), AtFlags::empty());
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    /// Whether nothing was staged (publishing would do nothing).
+    pub fn is_empty(&self) -> bool {
+        self.shards
+            .lock()
+            .expect("no panics hold this lock")
+            .is_empty()
+    }
+
     /// Stages an encoded tree whose hash the caller computed.
     pub fn insert_tree(&self, hash: &Hash, bytes: &[u8]) -> Result<bool> {
         self.create(ObjectKind::Tree, hash, &mut |f| {

@@ -280,23 +280,15 @@ impl Store {
         rustix::fs::statat(self.dir(kind), &rel[..2], AtFlags::empty()).is_ok()
     }
 
-    /// The path of the executable (0555) variant of a blob, made on first use. It is a
+    /// The path of the executable (0555) variant of a blob if the store has one. It is a
     /// separate inode, so a tree that marks a file executable never changes the mode of
-    /// the blob other trees link to. The caller holds the shared store lock.
-    pub fn exec_variant(&self, hash: &Hash) -> Result<std::path::PathBuf> {
+    /// the blob other trees link to; commands make missing ones in a batch
+    /// ([`crate::Batch::stage_exec_variant`]).
+    pub fn existing_exec_variant(&self, hash: &Hash) -> Option<std::path::PathBuf> {
         let rel = format!("{}.x", relative_name(hash));
-        let path = self.root.join("blobs").join(&rel);
-        if rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-            return Ok(path);
-        }
-        let mut source = self.open_blob(hash)?;
-        let mut staged = self.stage()?;
-        if rustix::fs::ioctl_ficlone(staged.file(), &source).is_err() {
-            std::io::copy(&mut source, staged.file())
-                .map_err(StoreError::io("copying blob to", &path))?;
-        }
-        self.link_staged(ObjectKind::Blob, staged, rel, 0o555)?;
-        Ok(path)
+        rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok()
+            .then(|| self.root.join("blobs").join(&rel))
     }
 
     /// Stores `bytes` as a blob; returns its hash and whether it was new.

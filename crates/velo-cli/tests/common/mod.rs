@@ -433,18 +433,24 @@ pub fn traced(env: &Env, args: &[&str]) -> Option<Vec<String>> {
     )
 }
 
-/// Whether a traced call makes something visible under the store's `blobs/` or `trees/`.
+/// Whether a traced call makes something visible under the store's `blobs/` or `trees/`:
+/// a link or rename whose *destination* (directory fd and name) lies there.
 fn publishes_object(line: &str, store: &Path) -> bool {
     let (blobs, trees) = (
         format!("{}/blobs", store.display()),
         format!("{}/trees", store.display()),
     );
-    (line.contains("link") || line.contains("rename"))
-        && !line.contains("syncfs")
-        && line
-            .split(", ")
-            .skip(1)
-            .any(|arg| arg.contains(&blobs) || arg.contains(&trees))
+    let Some(open) = line.find('(') else {
+        return false;
+    };
+    let call = line[..open].rsplit(' ').next().unwrap_or("");
+    let args: Vec<&str> = line[open + 1..].split(", ").collect();
+    let destination = match call {
+        "linkat" | "renameat" | "renameat2" => args.get(2..4).map(|a| a.join("/")),
+        "link" | "rename" => args.get(1).map(|a| a.to_string()),
+        _ => None,
+    };
+    destination.is_some_and(|d| d.contains(&blobs) || d.contains(&trees))
 }
 
 /// In a `traced` run, no link or rename into `blobs/` or `trees/` comes before the first
