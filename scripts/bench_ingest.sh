@@ -21,7 +21,7 @@
 #   2b. the same on a freshly made loop xfs (-m reflink=1)
 #   3. re-ingest of the unchanged tree (stat cache warm) vs a find -printf walk; git status
 #   4. peak RSS of velo ingest: the kernel tree vs 4 files x 512 MiB (random bytes)
-# Every run starts with the source re-read (warm page cache). Runs are timed with
+# Every run starts with a global sync and the source re-read (warm page cache). Runs are timed with
 # $EPOCHREALTIME; CPU (user+sys) and max RSS come from /usr/bin/time.
 set -euo pipefail
 export LC_ALL=C
@@ -113,7 +113,13 @@ src_files=$(find "$SRC" -type f | wc -l)
 src_bytes=$(du -sb --apparent-size "$SRC" | cut -f1)
 
 # --- helpers ---------------------------------------------------------------------------
-warm() { for d in "$@"; do tar -C "$d" -cf - . | cat >/dev/null; done; }
+# Before every timed run: flush all dirty data first (the loop images are buffered files
+# on the root file system, whose writeback from earlier runs would otherwise land in this
+# one), then re-read the source so the page cache is warm.
+warm() {
+    sync
+    for d in "$@"; do tar -C "$d" -cf - . | cat >/dev/null; done
+}
 
 fresh_ext4() {
     mountpoint -q "$E4" && umount "$E4"
