@@ -104,6 +104,7 @@ if ! { [ -f "$src_img" ] && [ "$(cat "$src_img.ok" 2>/dev/null)" = "$src_tag" ];
     umount "$SRC_MNT"
     echo "$src_tag" >"$src_img.ok"
 fi
+mountpoint -q "$SRC_MNT" && umount "$SRC_MNT" # left mounted by hand or by a killed run
 mount -o loop,ro,noatime "$src_img" "$SRC_MNT"
 SRC=
 for d in "$SRC_MNT"/tree/*/; do SRC=${d%/}; break; done

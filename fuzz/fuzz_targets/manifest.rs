@@ -586,6 +586,7 @@ fn generated(u: &mut Unstructured) -> AResult<()> {
         sum[u.choose_index(32)?] ^= u.int_in_range(1..=255)?;
     }
     out.extend_from_slice(&sum);
+    let whole = out.len();
     if rare(u, 32) {
         g.defect("trailing bytes");
         let n = u.int_in_range(1..=4)?;
@@ -593,7 +594,9 @@ fn generated(u: &mut Unstructured) -> AResult<()> {
     }
     if rare(u, 32) {
         g.defect("truncated");
-        let cut = u.choose_index(out.len())?;
+        // Into the manifest itself: cutting off exactly the trailing bytes would leave a
+        // valid file.
+        let cut = u.choose_index(whole)?;
         out.truncate(cut);
     }
 

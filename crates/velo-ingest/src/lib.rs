@@ -12,6 +12,9 @@
 //! hashed from the same read that copies them, so a blob can never hold other bytes than
 //! its name says even if the source changes meanwhile (a change is detected by `fstat`
 //! before and after, and the file is read again).
+//!
+//! On btrfs, where creates and clones serialise on the subvolume's B-tree, the workers
+//! only read and hash and one inserter thread makes every new object (inserter.rs).
 #![deny(missing_docs)]
 
 mod content;
