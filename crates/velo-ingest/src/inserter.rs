@@ -114,6 +114,11 @@ impl Inserter {
             && (waiting.jobs.len() >= QUEUE
                 || (waiting.bytes > 0 && waiting.bytes + len > BYTE_BUDGET))
         {
+            // What waits may be too little to have woken the inserter yet (a job bigger
+            // than the room left): wake it, or nothing would ever make room.
+            if waiting.inserter_asleep {
+                self.work_ready.notify_one();
+            }
             waiting.workers_asleep += 1;
             waiting = self
                 .room_ready
@@ -234,5 +239,48 @@ impl Inserter {
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree_job(len: usize, tag: u8) -> Job {
+        Job::Tree {
+            hash: Hash::from(blake3::hash(&[tag])),
+            bytes: vec![tag; len],
+        }
+    }
+
+    /// A job that does not fit beside what waits, while what waits is too little to wake
+    /// the inserter, must still get through (found in review: a tree over 16 MiB after a few
+    /// small jobs would have hung the walk).
+    #[test]
+    fn a_job_bigger_than_the_room_left_wakes_the_inserter() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = velo_store::Store::open_or_create(dir.path().join("store")).expect("store");
+        let batch = store.begin_batch().expect("batch");
+        let inserter = Inserter::new();
+        let reflink = AtomicBool::new(false);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| inserter.drain(&batch, &reflink));
+            // Let the inserter fall asleep on an empty queue.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            scope.spawn(|| {
+                inserter.send(tree_job(1 << 20, 1));
+                inserter.send(tree_job(BYTE_BUDGET as usize, 2));
+                done_tx.send(()).expect("report");
+            });
+            let finished = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+            inserter.close();
+            assert!(
+                finished.is_ok(),
+                "the sender hung: the inserter was never woken"
+            );
+        });
+        assert!(inserter.take_error().is_none());
+        assert_eq!(inserter.new_trees.load(Ordering::Relaxed), 2);
     }
 }
