@@ -257,6 +257,9 @@ fn on_a_reflink_file_system_ingest_and_checkout_clone_instead_of_copying() {
     };
     let src = mount.point.join("src");
     awkward_tree(&src);
+    // Files changed in the last two seconds are copied, never cloned (a racing write could
+    // not be seen): let the tree age past that.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     let mut on_btrfs = Env::new();
     on_btrfs.store = mount.point.join("store");
     let report = on_btrfs.json(&["ingest", src.to_str().unwrap(), "--name", "t"]);

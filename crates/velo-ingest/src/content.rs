@@ -159,8 +159,10 @@ impl Ctx<'_> {
                     // Only the first worker to meet this content queues it.
                     if self.learn(&hash) {
                         inserter.send(Job::Blob {
-                            may_clone: self.clone_safe(&after),
-                            source,
+                            // Only a job that may be cloned keeps its source open.
+                            source: (self.clone_safe(&after)
+                                && self.reflink_works.load(Ordering::Relaxed))
+                            .then_some(source),
                             read_as: after,
                             hash,
                             data: std::mem::take(&mut *buf),
@@ -233,15 +235,14 @@ impl Ctx<'_> {
     }
 
     /// Whether a clone taken after `read_as` was observed is sure to be that version when
-    /// `fstat` says so. Before Linux 6.13 file times come from a coarse clock (one tick is
-    /// several ms): a file changed in the same tick as our read, with its size kept, looks
-    /// unchanged, and a clone of the new bytes would be stored under the old bytes' hash.
-    /// Then only a file whose ctime (which no one can set back) is older than the walk's
-    /// start minus two seconds is cloned; recent files are written from the hashed bytes.
-    /// With multigrain timestamps (6.13+, on btrfs, xfs, ext4, tmpfs) a change after a
-    /// `stat` always moves the ctime, so every file may be cloned.
+    /// `fstat` says so. Only if the file's ctime (which no one can set back) is older than
+    /// the walk's start minus two seconds: a write sets ctime when it *starts*, so a read
+    /// racing an in-place, same-size write can see half-written bytes and the same ctime
+    /// before and after, while the clone (which waits for the write) gets the finished
+    /// bytes. Before Linux 6.13 a coarse clock hides same-tick changes as well. Recent
+    /// files are written from the hashed bytes instead.
     pub(crate) fn clone_safe(&self, read_as: &Stat) -> bool {
-        self.fine_ctime || ctime_ns(read_as) < self.racy_after_ns
+        ctime_ns(read_as) < self.racy_after_ns
     }
 
     /// Clones the source's extents into the staged file; false when this file system
@@ -258,6 +259,8 @@ impl Ctx<'_> {
             Err(e) => {
                 tracing::debug!(error = %e, "reflink unavailable; copying blobs instead");
                 self.reflink_works.store(false, Ordering::Relaxed);
+                // A clone that failed part way may have left extents behind.
+                let _ = dest.set_len(0);
                 false
             }
         }

@@ -33,9 +33,9 @@ const WAKE_AT: usize = 16;
 pub(crate) enum Job {
     /// A blob, cloned from `source` where possible.
     Blob {
-        source: File,
-        /// Whether cloning is safe (see `Ctx::clone_safe`); else `data` is written.
-        may_clone: bool,
+        /// The source, when it may be cloned (see `Ctx::clone_safe`); else `data` is
+        /// written and the file is not kept open.
+        source: Option<File>,
         /// The source's state when it was read.
         read_as: Stat,
         hash: Hash,
@@ -77,6 +77,25 @@ pub(crate) struct Inserter {
     pub new_bytes: AtomicU64,
     pub new_trees: AtomicU64,
     pub reflinked: AtomicBool,
+}
+
+/// Closes the queue on drop (see [`Inserter::closer`]).
+pub(crate) struct Closer<'a>(&'a Inserter);
+
+impl Drop for Closer<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Marks the pipeline failed and closed if the inserter thread unwinds.
+struct StopOnPanic<'a>(&'a Inserter);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.failed.store(true, Ordering::Relaxed);
+        self.0.close();
+    }
 }
 
 pub(crate) fn same_version(a: &Stat, b: &Stat) -> bool {
@@ -138,6 +157,12 @@ impl Inserter {
         }
     }
 
+    /// A guard that closes the queue when dropped, also while a panic unwinds: a worker
+    /// waiting for room or an inserter waiting for work is never left waiting forever.
+    pub fn closer(&self) -> Closer<'_> {
+        Closer(self)
+    }
+
     /// No more jobs will come: `drain` returns once the queued ones are done.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -152,6 +177,13 @@ impl Inserter {
 
     /// Makes every queued blob, one after the other, until the queue is closed and empty.
     pub fn drain(&self, batch: &Batch<'_>, reflink_works: &AtomicBool) {
+        // Should this thread panic, the workers must not wait for room forever.
+        let stop_on_panic = StopOnPanic(self);
+        self.drain_jobs(batch, reflink_works);
+        std::mem::forget(stop_on_panic);
+    }
+
+    fn drain_jobs(&self, batch: &Batch<'_>, reflink_works: &AtomicBool) {
         loop {
             let jobs = {
                 let mut waiting = self.lock();
@@ -193,7 +225,7 @@ impl Inserter {
         batch: &Batch<'_>,
         reflink_works: &AtomicBool,
     ) -> Result<(), StoreError> {
-        let (source, may_clone, read_as, hash, data) = match job {
+        let (source, read_as, hash, data) = match job {
             Job::Tree { hash, bytes } => {
                 if batch.insert_tree(hash, bytes)? {
                     self.new_trees.fetch_add(1, Ordering::Relaxed);
@@ -202,14 +234,13 @@ impl Inserter {
             }
             Job::Blob {
                 source,
-                may_clone,
                 read_as,
                 hash,
                 data,
-            } => (source, *may_clone, read_as, hash, data),
+            } => (source.as_ref(), read_as, hash, data),
         };
         let new = batch.insert_blob(hash, &mut |dest: &mut File| {
-            if may_clone && reflink_works.load(Ordering::Relaxed) {
+            if let Some(source) = source.filter(|_| reflink_works.load(Ordering::Relaxed)) {
                 match rustix::fs::ioctl_ficlone(&*dest, source) {
                     Ok(()) => {
                         // The clone copied the file as it is now: keep it only if that
@@ -228,6 +259,8 @@ impl Inserter {
                     Err(e) => {
                         tracing::debug!(error = %e, "reflink unavailable; copying blobs instead");
                         reflink_works.store(false, Ordering::Relaxed);
+                        // A clone that failed part way may have left extents behind.
+                        dest.set_len(0)?;
                     }
                 }
             }

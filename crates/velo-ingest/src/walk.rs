@@ -75,23 +75,6 @@ pub(crate) struct Ctx<'a> {
     pub store_was_empty: bool,
     /// Where new small blobs go when one thread makes them all (see inserter.rs).
     pub inserter: Option<&'a Inserter>,
-    /// Any change to a source file after we `stat` it moves its ctime (see `clone_safe`).
-    pub fine_ctime: bool,
-}
-
-/// Whether the kernel and `dir`'s file system give multigrain timestamps: Linux 6.13 and
-/// later, on btrfs, xfs, ext4 and tmpfs.
-fn has_multigrain_ctime(dir: &Path) -> bool {
-    const MULTIGRAIN: [i64; 4] = [BTRFS_MAGIC, 0x5846_5342, 0xef53, 0x0102_1994];
-    let uname = rustix::system::uname();
-    let release = uname.release().to_string_lossy();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    let fs_ok = rustix::fs::statfs(dir).is_ok_and(|fs| MULTIGRAIN.contains(&(fs.f_type as i64)));
-    version >= (6, 13) && fs_ok
 }
 
 /// `statfs` magic of btrfs: one B-tree per subvolume, so inserts serialise.
@@ -154,13 +137,15 @@ pub(crate) fn run<'a>(
             .map(|mut d| d.next().is_none())
             .unwrap_or(false),
         inserter: inserter.as_ref(),
-        fine_ctime: has_multigrain_ctime(source),
     };
     let walked = std::thread::scope(|scope| {
         let drainer = ctx.inserter.map(|inserter| {
             let reflink_works = &ctx.reflink_works;
             scope.spawn(move || inserter.drain(batch, reflink_works))
         });
+        // Closes the queue however the walk ends, a panic included, so the scope's join of
+        // the inserter cannot wait forever.
+        let _closer = ctx.inserter.map(Inserter::closer);
         let walked = rustix::fs::open(
             source,
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
