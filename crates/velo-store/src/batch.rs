@@ -107,26 +107,39 @@ impl Batch<'_> {
         hash: &Hash,
         fill: &mut dyn FnMut(&mut File) -> io::Result<()>,
     ) -> Result<bool> {
+        self.create_named(kind, hash, hash.to_hex(), 0o444, fill)
+    }
+
+    /// Creates `name` (`O_EXCL`, `mode`) in the shard of `hash` and fills it; false if it
+    /// exists. A failed fill leaves nothing behind.
+    fn create_named(
+        &self,
+        kind: ObjectKind,
+        hash: &Hash,
+        name: String,
+        mode: u32,
+        fill: &mut dyn FnMut(&mut File) -> io::Result<()>,
+    ) -> Result<bool> {
         let shard = self.shard(kind, hash.0[0])?;
-        let hex = hash.to_hex();
         let fd = match rustix::fs::openat(
             &*shard,
-            hex.as_str(),
+            name.as_str(),
             OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-            FsMode::from_raw_mode(0o444),
+            FsMode::from_raw_mode(mode),
         ) {
             Ok(fd) => fd,
             Err(Errno::EXIST) => return Ok(false),
-            Err(e) => return Err(StoreError::io("staging", self.dir.join(&hex))(e.into())),
+            Err(e) => return Err(StoreError::io("staging", self.dir.join(&name))(e.into())),
         };
         let mut file = File::from(fd);
-        let mut result = fill(&mut file).map_err(StoreError::io("staging", self.dir.join(&hex)));
-        if result.is_ok() && self.chmod_needed {
-            result = rustix::fs::fchmod(&file, FsMode::from_raw_mode(0o444))
-                .map_err(|e| StoreError::io("staging", self.dir.join(&hex))(e.into()));
+        let mut result = fill(&mut file).map_err(StoreError::io("staging", self.dir.join(&name)));
+        // The umask may have taken bits of `mode` (read bits are checked once per batch).
+        if result.is_ok() && (self.chmod_needed || mode != 0o444) {
+            result = rustix::fs::fchmod(&file, FsMode::from_raw_mode(mode))
+                .map_err(|e| StoreError::io("staging", self.dir.join(&name))(e.into()));
         }
         if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(&*shard, hex.as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&*shard, name.as_str(), AtFlags::empty());
             return Err(e);
         }
         Ok(true)
@@ -186,38 +199,20 @@ impl Batch<'_> {
     /// `blobs/ab/<hash>.x`. Returns the staged path, which callers may hard-link at once;
     /// a variant this batch already staged is returned as it is.
     pub fn stage_exec_variant(&self, hash: &Hash) -> Result<PathBuf> {
-        let shard = self.shard(ObjectKind::Blob, hash.0[0])?;
         let name = format!("{}.x", hash.to_hex());
         let path = self
             .dir
             .join(shard_name(ObjectKind::Blob, hash.0[0]))
             .join(&name);
-        let fd = match rustix::fs::openat(
-            &*shard,
-            name.as_str(),
-            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-            FsMode::from_raw_mode(0o555),
-        ) {
-            Ok(fd) => fd,
-            // Another thread of this command made it (or is filling it: a link shares
-            // the inode, whose bytes are complete before the command ends).
-            Err(Errno::EXIST) => return Ok(path),
-            Err(e) => return Err(StoreError::io("staging", &path)(e.into())),
-        };
-        let mut dest = File::from(fd);
-        let filled = (|| -> Result<()> {
-            let mut source = self.store.open_blob(hash)?;
-            if rustix::fs::ioctl_ficlone(&dest, &source).is_err() {
-                io::copy(&mut source, &mut dest).map_err(StoreError::io("staging", &path))?;
+        let mut source = self.store.open_blob(hash)?;
+        // false: another thread of this command made it (or is filling it: a link shares
+        // the inode, whose bytes are complete before the command ends).
+        self.create_named(ObjectKind::Blob, hash, name, 0o555, &mut |dest| {
+            if rustix::fs::ioctl_ficlone(&*dest, &source).is_err() {
+                io::copy(&mut source, dest)?;
             }
-            // Explicitly: a umask may have taken the execute bits.
-            rustix::fs::fchmod(&dest, FsMode::from_raw_mode(0o555))
-                .map_err(|e| StoreError::io("staging", &path)(e.into()))
-        })();
-        if let Err(e) = filled {
-            let _ = rustix::fs::unlinkat(&*shard, name.as_str(), AtFlags::empty());
-            return Err(e);
-        }
+            Ok(())
+        })?;
         Ok(path)
     }
 
