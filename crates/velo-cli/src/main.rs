@@ -108,6 +108,10 @@ enum Command {
         /// Commit the run's changes and register the new tree under NAME
         #[arg(long)]
         name: Option<String>,
+        /// Commit (--commit/--name) even when the command fails; by default only a run
+        /// that exits 0 is committed
+        #[arg(long)]
+        commit_always: bool,
         /// none: an empty network namespace; host: the host's network
         #[arg(long, value_enum, default_value = "none")]
         net: NetArg,
@@ -252,7 +256,7 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_logging();
-    raise_fd_limit();
+    let nofile = raise_fd_limit();
     let cli = Cli::parse();
     let ctx = Ctx {
         store_path: cli.store.clone().unwrap_or_else(default_store),
@@ -330,6 +334,7 @@ fn main() -> ExitCode {
             upper,
             commit,
             name,
+            commit_always,
             net,
             binds,
             workdir,
@@ -348,8 +353,17 @@ fn main() -> ExitCode {
                 workdir,
                 env,
                 command,
+                commit_always,
+                nofile,
             };
-            run::run(&ctx, args)
+            // A failure of velo itself exits 125, never a status the command could return.
+            return match run::run(&ctx, args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("velo: error: {e:#}");
+                    ExitCode::from(125)
+                }
+            };
         }
     };
     match result {
@@ -362,10 +376,11 @@ fn main() -> ExitCode {
 }
 
 /// Deep trees keep one fd open per directory level and worker; raise the soft limit to the
-/// hard one so wide, deep trees do not run out.
-fn raise_fd_limit() {
+/// hard one so wide, deep trees do not run out. Returns the soft limit velo started with.
+fn raise_fd_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
+    let original = limit.current;
     if limit.current < limit.maximum {
         let raised = rustix::process::Rlimit {
             current: limit.maximum,
@@ -375,4 +390,5 @@ fn raise_fd_limit() {
             tracing::debug!(error = %e, "could not raise the open-file limit");
         }
     }
+    original
 }

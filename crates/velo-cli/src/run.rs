@@ -1,4 +1,9 @@
 //! `velo run --isolate` and the hidden sandbox stages it re-executes.
+//!
+//! Exit status, as container runtimes report it: the command's own status; 128 + n when
+//! a signal n killed it; 125 when velo itself failed (bad arguments, unknown tree,
+//! sandbox setup, a failed commit of a successful command); 126 when the command cannot
+//! be run, 127 when it is not found.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -26,6 +31,9 @@ pub struct RunArgs {
     pub workdir: Option<String>,
     pub env: Vec<String>,
     pub command: Vec<OsString>,
+    pub commit_always: bool,
+    /// The soft limit of open files velo started with, restored for the command.
+    pub nofile: Option<u64>,
 }
 
 /// Runs a sandbox stage; a setup failure exits 125 with the reason on stderr.
@@ -36,7 +44,7 @@ pub fn sandbox_stage(
         Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
         Err(e) => {
             eprintln!("velo: sandbox: {e}");
-            Ok(ExitCode::from(125))
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
@@ -63,6 +71,9 @@ fn parse_bind(spec: &str) -> Result<Bind> {
     let Some((source, dest)) = rest.split_once(':') else {
         bail!("--bind {spec:?}: expected SRC:DST or SRC:DST:ro");
     };
+    if dest == "/" {
+        bail!("--bind {spec:?}: cannot bind over the sandbox's root; choose a directory inside it");
+    }
     let source = std::fs::canonicalize(source)
         .with_context(|| format!("--bind {spec:?}: the source {source:?} does not exist"))?;
     velo_project::sandbox::validate_inside_path(dest)
@@ -72,6 +83,89 @@ fn parse_bind(spec: &str) -> Result<Bind> {
         dest: dest.to_string(),
         read_only,
     })
+}
+
+/// Fails before the run if `out` cannot be written: after it, the run's work would be lost
+/// to a typo.
+fn check_output_path(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        bail!(
+            "--commit {}: is a directory; name the .velo file to write",
+            out.display()
+        );
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--commit {}: the directory {} does not exist",
+            out.display(),
+            parent.display()
+        );
+    }
+    rustix::fs::access(parent, rustix::fs::Access::WRITE_OK).map_err(|e| {
+        anyhow::anyhow!(
+            "--commit {}: cannot write in {} ({}); choose another path",
+            out.display(),
+            parent.display(),
+            std::io::Error::from(e)
+        )
+    })?;
+    Ok(())
+}
+
+/// What a commit produced.
+struct Committed {
+    root: Hash,
+    moved_from: Option<String>,
+}
+
+/// Commits the upper, writes `--commit OUT`, then registers the root (under `--name`).
+/// Nothing is registered unless everything before succeeded.
+fn commit_run(
+    store: &Store,
+    args: &RunArgs,
+    manifest: Hash,
+    outcome: &velo_project::session::RunOutcome,
+) -> Result<Committed> {
+    let root = velo_project::commit::commit_upper(store, outcome.base, &outcome.upper)
+        .context("committing the run's changes")?;
+    store.sync()?;
+    let stats = velo_store::treeops::stats(store, root)?;
+    if let Some(out) = &args.commit {
+        store.export(root, out, false).with_context(|| {
+            format!(
+                "the changes were committed as tree {root}, but writing {} failed (nothing registered)",
+                out.display()
+            )
+        })?;
+    }
+    let moved_from = match &args.name {
+        Some(name) => store
+            .root_by_name(name)?
+            .map(|r| r.root)
+            .filter(|previous| *previous != root.to_hex()),
+        None => None,
+    };
+    store
+        .register_root(&RootRecord {
+            name: args.name.clone(),
+            root: root.to_hex(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            stats,
+            partial: false,
+            source: Some(format!(
+                "velo run --isolate (manifest {})",
+                &manifest.to_hex()[..16]
+            )),
+        })
+        .with_context(|| format!("registering the committed tree {root}"))?;
+    Ok(Committed { root, moved_from })
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
@@ -84,6 +178,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     if let Some(dir) = &args.workdir {
         velo_project::sandbox::validate_inside_path(dir).context("--workdir")?;
     }
+    if let Some(out) = &args.commit {
+        check_output_path(out)?;
+    }
     let binds = args
         .binds
         .iter()
@@ -93,7 +190,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         .env
         .iter()
         .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            Some((k, v)) if !k.is_empty() && !kv.contains('\0') => {
+                Ok((k.to_string(), v.to_string()))
+            }
             _ => bail!("--env {kv:?}: expected K=V"),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -106,6 +205,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         .map(|b| layer(&store, b))
         .collect::<Result<Vec<_>>>()?;
     let manifest = layer(&store, &args.manifest)?;
+    let wants_commit = args.commit.is_some() || args.name.is_some();
     let options = RunOptions {
         bases,
         manifest: Some(manifest),
@@ -115,7 +215,8 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         workdir: args.workdir.clone(),
         env,
         argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        keep_changes: args.commit.is_some() || args.name.is_some(),
+        keep_changes: wants_commit,
+        nofile: args.nofile,
     };
     let outcome = run_isolated(&store, &options)?;
     for (root, seconds) in &outcome.farms_built {
@@ -124,51 +225,64 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             &root.to_hex()[..16]
         );
     }
+    let mut exit_code = outcome.exit_code;
     let mut committed = None;
-    if args.commit.is_some() || args.name.is_some() {
-        let result = (|| -> Result<Hash> {
-            let root = velo_project::commit::commit_upper(&store, outcome.base, &outcome.upper)?;
-            store.sync()?;
-            let stats = velo_store::treeops::stats(&store, root)?;
-            store.register_root(&RootRecord {
-                name: args.name.clone(),
-                root: root.to_hex(),
-                created_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                stats,
-                partial: false,
-                source: Some(format!(
-                    "velo run --isolate (manifest {})",
-                    &manifest.to_hex()[..16]
-                )),
-            })?;
-            if let Some(out) = &args.commit {
-                store.export(root, out, false)?;
-            }
-            Ok(root)
-        })();
-        match result {
-            Ok(root) => committed = Some(root),
-            Err(e) => {
-                eprintln!("velo: error: committing the run's changes failed: {e:#}; the upper is kept at {}", outcome.upper.display());
-                return Ok(ExitCode::FAILURE);
+    let mut commit_error = None;
+    let mut skipped = false;
+    if wants_commit {
+        if outcome.exit_code != 0 && !args.commit_always {
+            skipped = true;
+            eprintln!(
+                "velo: the command exited with status {}: nothing committed{} (--commit-always commits a failed run's changes)",
+                outcome.exit_code,
+                if outcome.upper_is_temporary { ", its changes are discarded" } else { "" }
+            );
+        } else {
+            match commit_run(&store, &args, manifest, &outcome) {
+                Ok(c) => committed = Some(c),
+                Err(e) => {
+                    let kept = if outcome.upper_is_temporary {
+                        match outcome.session.keep(&format!(
+                            "velo run could not commit this run's changes ({e:#}); upper/ holds them in overlay format. Remove this directory when done.\n"
+                        )) {
+                            Ok(()) => format!("the changes are kept at {} (gc leaves it; remove it when done)", outcome.upper.display()),
+                            Err(k) => format!("the changes could not be kept either ({k})"),
+                        }
+                    } else {
+                        format!("the upper {} is unchanged", outcome.upper.display())
+                    };
+                    eprintln!("velo: error: {e:#}; {kept}");
+                    commit_error = Some(format!("{e:#}"));
+                    if exit_code == 0 {
+                        exit_code = 125;
+                    }
+                }
             }
         }
     }
-    // The session holds the merged mount point and, unless --upper was given, the upper.
-    velo_store::remove_tree(&outcome.session);
+    let upper = (!outcome.upper_is_temporary).then(|| outcome.upper.display().to_string());
+    let kept_changes = commit_error.is_some() && outcome.upper_is_temporary;
+    let kept_at = kept_changes.then(|| outcome.upper.display().to_string());
     if ctx.json {
         fmt::print_json(&json!({
             "exit_code": outcome.exit_code,
-            "committed": committed.map(|h| h.to_hex()),
-            "upper": if outcome.upper_is_temporary { None } else { Some(outcome.upper.display().to_string()) },
+            "committed": committed.as_ref().map(|c| c.root.to_hex()),
+            "name": args.name,
+            "name_moved_from": committed.as_ref().and_then(|c| c.moved_from.clone()),
+            "commit_skipped": skipped,
+            "commit_error": commit_error,
+            "changes_kept_at": kept_at,
+            "upper": upper,
             "farms_built": outcome.farms_built.iter().map(|(h, s)| json!({"root": h.to_hex(), "seconds": s})).collect::<Vec<_>>(),
             "run_seconds": outcome.run_seconds,
         }));
-    } else if let Some(root) = committed {
-        eprintln!("velo: committed the run's changes as {root}");
+    } else if let Some(c) = &committed {
+        eprintln!("velo: committed the run's changes as {}", c.root);
+        if let (Some(name), Some(previous)) = (&args.name, &c.moved_from) {
+            eprintln!("velo: {name} moved from {previous} to {}", c.root);
+        }
     }
-    Ok(ExitCode::from(outcome.exit_code.clamp(0, 255) as u8))
+    drop(outcome.upper_lock);
+    outcome.session.remove();
+    Ok(ExitCode::from(exit_code.clamp(0, 255) as u8))
 }

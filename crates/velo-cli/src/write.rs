@@ -274,14 +274,20 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
         );
     } else {
         eprintln!(
-            "would free {} trees, {} blobs, {}, {} farms and {} temp files (kept: {} roots); run `velo gc --run` to delete",
+            "would free {} trees, {} blobs, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots); run `velo gc --run` to delete",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
             r.farms,
+            r.sessions,
             r.temp_files,
             r.roots
         );
+    }
+    if !ctx.json {
+        for kept in &r.kept_sessions {
+            eprintln!("kept on purpose (see {kept}/kept; remove it by hand when done): {kept}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,10 @@
-//! `velo run --isolate`: cached farms, a session directory, the sandbox, the commit.
+//! `velo run --isolate`: cached farms, a session directory, the sandbox.
+//!
+//! What a run may touch is decided here, before anything starts: a kept `--upper` is
+//! locked for the life of the run (two overlays on one upper are undefined behaviour) and
+//! may not lie inside the store or contain it; a bind source may not lie inside the store.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -7,7 +12,8 @@ use std::time::Instant;
 use velo_core::Hash;
 use velo_store::Store;
 
-use crate::sandbox::{Bind, SandboxConfig, Supervisor, CONFIG_VAR};
+use crate::sandbox::spawn::spawn_tied;
+use crate::sandbox::{Bind, SandboxConfig, Supervisor};
 use crate::{checkout, CheckoutMode, ProjectError};
 
 /// The cached link farm of `root` in the store (`farms/<root>`), built on first use.
@@ -72,12 +78,15 @@ pub struct RunOptions {
     /// The run's changes are wanted afterwards (a commit follows). Without this and
     /// without `upper`, the upper is a tmpfs inside the sandbox that vanishes with it.
     pub keep_changes: bool,
+    /// The soft limit of open files to give the command (the caller's, before velo
+    /// raised its own).
+    pub nofile: Option<u64>,
 }
 
 /// What happened.
-#[derive(Clone, Debug)]
 pub struct RunOutcome {
-    /// The command's exit status (128 + signal when it was killed).
+    /// The command's exit status (128 + signal when it was killed; 125 when the sandbox
+    /// failed to start, 126/127 when the command could not be run).
     pub exit_code: i32,
     /// The upper holding the run's changes.
     pub upper: PathBuf,
@@ -87,20 +96,86 @@ pub struct RunOutcome {
     pub farms_built: Vec<(Hash, f64)>,
     /// Seconds from start to the command's exit, farm building excluded.
     pub run_seconds: f64,
-    /// The session directory (the caller removes it when done with the upper).
-    pub session: PathBuf,
+    /// The session (the caller removes or keeps it when done with the upper).
+    pub session: velo_store::Session,
     /// Whether the upper belongs to the session (not the user's `--upper`).
     pub upper_is_temporary: bool,
+    /// The lock on a kept `--upper`, held until the caller has committed it.
+    pub upper_lock: Option<OwnedFd>,
+}
+
+fn refused(message: String) -> ProjectError {
+    ProjectError::Store(velo_store::StoreError::Invalid(message))
+}
+
+/// Whether `path` is `dir` or lies beneath it (both canonical).
+fn within(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+}
+
+/// Creates (if needed), checks and locks a kept upper; returns its canonical path and the
+/// held lock.
+fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), ProjectError> {
+    std::fs::create_dir_all(dir).map_err(|source| ProjectError::Dest {
+        op: "creating",
+        path: dir.to_path_buf(),
+        cause: source,
+    })?;
+    let canonical = std::fs::canonicalize(dir).map_err(|source| ProjectError::Dest {
+        op: "resolving",
+        path: dir.to_path_buf(),
+        cause: source,
+    })?;
+    if within(&canonical, store_root) || within(store_root, &canonical) {
+        return Err(refused(format!(
+            "--upper {}: an upper inside the store (or containing it) would let the command write the store; choose a directory outside {}",
+            dir.display(),
+            store_root.display()
+        )));
+    }
+    let lock = rustix::fs::open(
+        &canonical,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| ProjectError::Dest {
+        op: "opening",
+        path: canonical.clone(),
+        cause: e.into(),
+    })?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(refused(format!(
+            "--upper {}: another run is using this upper; wait for it to finish (two overlays on one upper corrupt it)",
+            dir.display()
+        )));
+    }
+    Ok((canonical, lock))
 }
 
 /// Runs a command in the sandbox over the layers. The caller holds the shared lock for
 /// the whole run, so gc never removes a farm in use.
 pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, ProjectError> {
-    let manifest = options.manifest.ok_or_else(|| {
-        ProjectError::Store(velo_store::StoreError::Invalid(
-            "--manifest is required".into(),
-        ))
+    let manifest = options
+        .manifest
+        .ok_or_else(|| refused("--manifest is required".into()))?;
+    let store_root = std::fs::canonicalize(store.root()).map_err(|source| ProjectError::Dest {
+        op: "resolving",
+        path: store.root().to_path_buf(),
+        cause: source,
     })?;
+    for bind in &options.binds {
+        let source = std::fs::canonicalize(&bind.source).unwrap_or(bind.source.clone());
+        if within(&source, &store_root) {
+            return Err(refused(format!(
+                "--bind {}: the store cannot be bound into a sandbox (the command could change what later runs read)",
+                bind.source.display()
+            )));
+        }
+    }
+    let kept_upper = match &options.upper {
+        Some(dir) => Some(prepare_upper(&store_root, dir)?),
+        None => None,
+    };
     let mut layers: Vec<Hash> = options.bases.clone();
     layers.push(manifest);
     let mut farms_built = Vec::new();
@@ -113,15 +188,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         lowers.push(path);
     }
     let base = crate::commit::merge_layers(store, &layers)?;
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
-    let session = store.root().join("sessions").join(&id);
+    let session = store.new_session()?;
     let mk = |p: &Path| {
         std::fs::create_dir_all(p).map_err(|source| ProjectError::Dest {
             op: "creating",
@@ -129,32 +196,32 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
             cause: source,
         })
     };
-    let (upper, work) = match &options.upper {
-        Some(dir) => {
-            mk(dir)?;
-            let dir = std::fs::canonicalize(dir).map_err(|source| ProjectError::Dest {
-                op: "resolving",
-                path: dir.clone(),
-                cause: source,
-            })?;
+    let scratch = session.dir().join("scratch");
+    mk(&scratch)?;
+    let (upper, work) = match &kept_upper {
+        Some((dir, _)) => {
             let work = dir.with_file_name(format!(
-                ".{}.velo-work-{id}",
+                ".{}.velo-work-{}",
                 dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                session
+                    .dir()
+                    .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             ));
-            (dir, work)
+            (Some(dir.clone()), Some(work))
         }
-        None => (session.join("upper"), session.join("work")),
+        None if options.keep_changes => (
+            Some(session.dir().join("upper")),
+            Some(session.dir().join("work")),
+        ),
+        None => (None, None),
     };
-    let scratch = !options.keep_changes && options.upper.is_none();
-    let merged = session.join("merged");
-    if scratch {
-        mk(&store.root().join("sessions"))?;
-    } else {
-        mk(&upper)?;
-        mk(&work)?;
-        mk(&merged)?;
+    if let (Some(upper), Some(work)) = (&upper, &work) {
+        mk(upper)?;
+        mk(work)?;
     }
     let mut env = vec![
         (
@@ -174,57 +241,53 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     }
     let config = SandboxConfig {
         lowers,
-        upper: upper.clone(),
-        work: work.clone(),
-        merged,
+        upper: upper.clone().zip(work.clone()),
+        scratch,
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
         isolate_net: !options.host_net,
-        scratch_upper: scratch.then(|| store.root().join("sessions")),
         binds: options.binds.clone(),
         workdir: options.workdir.clone().unwrap_or_else(|| "/".into()),
         env,
         argv: options.argv.clone(),
+        nofile: options.nofile,
     };
+    let io_error = |op: &'static str| {
+        let path = session.dir().to_path_buf();
+        move |cause: std::io::Error| ProjectError::Dest { op, path, cause }
+    };
+    let config_fd = crate::sandbox::config_memfd(&config)
+        .map_err(io_error("writing the sandbox configuration"))?;
+    let mut pass = vec![config_fd.as_raw_fd(), session.lock_fd().as_raw_fd()];
+    if let Some((_, lock)) = &kept_upper {
+        pass.push(lock.as_raw_fd());
+    }
     let started = Instant::now();
-    let exe = std::env::current_exe().map_err(|source| ProjectError::Dest {
-        op: "finding",
-        path: "velo".into(),
-        cause: source,
-    })?;
-    let json = serde_json::to_string(&config).expect("the sandbox config always serialises");
-    let supervisor = Supervisor::new().map_err(|source| ProjectError::Dest {
-        op: "installing signal handlers",
-        path: session.clone(),
-        cause: source,
-    })?;
-    let child = Command::new(exe)
-        .arg("__sandbox")
-        .env(CONFIG_VAR, json)
-        .spawn()
-        .map_err(|source| ProjectError::Dest {
-            op: "starting the sandbox",
-            path: session.clone(),
-            cause: source,
-        })?;
+    let supervisor = Supervisor::new().map_err(io_error("installing signal handlers"))?;
+    let child = spawn_tied(
+        Command::new("/proc/self/exe").arg("__sandbox").env_clear(),
+        &pass,
+        true,
+    )
+    .map_err(io_error("starting the sandbox"))?;
+    drop(config_fd);
     let exit_code = supervisor
         .wait(child.id(), false)
-        .map_err(|source| ProjectError::Dest {
-            op: "waiting for the sandbox",
-            path: session.clone(),
-            cause: source,
-        })?;
+        .map_err(io_error("waiting for the sandbox"))?;
     let run_seconds = started.elapsed().as_secs_f64();
-    if options.upper.is_some() {
-        velo_store::remove_tree(&work);
+    if let Some(work) = &work {
+        if kept_upper.is_some() {
+            velo_store::remove_tree(work);
+        }
     }
     Ok(RunOutcome {
         exit_code,
-        upper,
+        upper: upper.unwrap_or_default(),
         base,
         farms_built,
         run_seconds,
         session,
-        upper_is_temporary: options.upper.is_none(),
+        upper_is_temporary: kept_upper.is_none(),
+        upper_lock: kept_upper.map(|(_, lock)| lock),
     })
 }

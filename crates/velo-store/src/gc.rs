@@ -33,8 +33,10 @@ pub struct GcReport {
     pub temp_files: u64,
     /// Cached link farms of trees no root reaches (and half-built ones).
     pub farms: u64,
-    /// Session directories left by killed runs.
+    /// Session directories of runs that have ended (killed, or crashed before cleaning up).
     pub sessions: u64,
+    /// Sessions kept on purpose (a run whose commit failed keeps its upper): never deleted.
+    pub kept_sessions: Vec<String>,
 }
 
 impl Store {
@@ -130,10 +132,13 @@ impl Store {
                 !matches!(name.parse::<Hash>(), Ok(h) if live_trees.contains(&h))
             })
             .collect();
-        // Every run holds the shared lock, so under the exclusive one no session is live.
-        let sessions = if run { listing("sessions") } else { Vec::new() };
+        // A run's sandbox can outlive the shared lock of the `velo` that started it (only
+        // for the instant it takes the kernel to deliver the parent-death signal), so the
+        // session's own liveness lock decides, not the store lock.
+        let (sessions, kept) = self.dead_sessions();
         report.farms = dead_farms.len() as u64;
         report.sessions = sessions.len() as u64;
+        report.kept_sessions = kept.iter().map(|p| p.display().to_string()).collect();
         if !run {
             return Ok(report);
         }

@@ -20,6 +20,7 @@ mod fsck;
 mod gc;
 mod objects;
 mod refs;
+mod sessions;
 mod status;
 mod transfer;
 pub mod treeops;
@@ -38,6 +39,7 @@ pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;
 pub use objects::Staged;
 pub use refs::{validate_root_name, RootRecord, RootStats};
+pub use sessions::Session;
 pub use status::StatusReport;
 pub use transfer::{ExportReport, ImportOptions, ImportReport};
 

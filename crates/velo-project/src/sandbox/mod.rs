@@ -1,0 +1,322 @@
+//! The rootless sandbox of `velo run --isolate`.
+//!
+//! Three processes, none of them needing privileges or a setuid helper:
+//! 1. `velo` itself prepares farms and the session, spawns stage 1 and forwards signals;
+//! 2. stage 1 (`velo __sandbox`, single-threaded, as unshare(2) requires) leads a new
+//!    session (no controlling terminal), enters new user, mount, pid, ipc, uts (and net)
+//!    namespaces, maps the caller's uid and gid to 0, and spawns stage 2;
+//! 3. stage 2 (`velo __sandbox-init`) is pid 1 of the new pid namespace: it builds the
+//!    root (see [`mounts`]), pivots into it, limits the command's capabilities, runs the
+//!    command, reaps orphans, forwards signals and exits with the command's status.
+//!
+//! The boundary, and what enforces each part:
+//! - the configuration travels in a memfd at fd 3, never in the environment; every stage
+//!   starts with an empty environment and the command gets only the one velo built;
+//! - no descriptor of the caller reaches the command (only 0, 1, 2);
+//! - each stage dies with its parent (parent-death signal), and the pid namespace dies
+//!   with pid 1, so `kill -9` of `velo` leaves nothing running;
+//! - the command keeps only the container runtimes' default capabilities: it cannot
+//!   remount what the sandbox made read-only (`/proc/sys`, `--bind …:ro`, recursively);
+//! - mount points the sandbox needs come from a skeleton layer on a tmpfs, so they never
+//!   land in the upper or in a commit.
+
+pub mod mounts;
+pub mod spawn;
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+pub use spawn::Supervisor;
+use spawn::{CONFIG_FD, SESSION_LOCK_FD, UPPER_LOCK_FD};
+
+/// A host path bound into the sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bind {
+    /// Host path (absolute).
+    pub source: PathBuf,
+    /// Path inside the sandbox (absolute, no `..`).
+    pub dest: String,
+    /// Read-only, recursively (submounts of the source too).
+    pub read_only: bool,
+}
+
+/// Everything the stages need.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    /// A kept overlay upper and its work directory (same file system, empty). Without
+    /// one the run's changes are thrown away: the upper lives on the scratch tmpfs.
+    pub upper: Option<(PathBuf, PathBuf)>,
+    /// An empty private directory of the session: stage 2 mounts a tmpfs there (visible
+    /// only in the sandbox's mount namespace) for the skeleton layer, the mount point of
+    /// the overlay and, without a kept upper, the upper itself.
+    pub scratch: PathBuf,
+    /// The caller's uid and gid outside, mapped to 0 inside.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// A private network namespace (only loopback, brought up).
+    pub isolate_net: bool,
+    /// Host paths bound in.
+    pub binds: Vec<Bind>,
+    /// Working directory inside.
+    pub workdir: String,
+    /// The command's whole environment.
+    pub env: Vec<(String, String)>,
+    /// The command and its arguments (bytes: arguments need not be UTF-8).
+    pub argv: Vec<Vec<u8>>,
+    /// The caller's soft limit of open files, restored for the command (velo raises its
+    /// own; a command that loops over every possible descriptor must not pay for that).
+    pub nofile: Option<u64>,
+}
+
+/// Why the sandbox could not be set up, or the command not started (reported by the
+/// stage that failed, on stderr).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A setup step failed.
+    #[error("{step}: {cause}{hint}")]
+    Setup {
+        /// What was being done.
+        step: String,
+        /// The OS error.
+        cause: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The command could not be started (126) or was not found (127).
+    #[error("{message}")]
+    Command {
+        /// 126 or 127, the shell's convention.
+        code: u8,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl SandboxError {
+    /// The exit status `velo run` reports for this failure: 126/127 for a command that
+    /// cannot run, 125 for the sandbox itself.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SandboxError::Command { code, .. } => *code,
+            _ => 125,
+        }
+    }
+}
+
+pub(crate) fn setup(
+    step: impl Into<String>,
+    hint: &'static str,
+) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
+    let step = step.into();
+    move |e| SandboxError::Setup {
+        step,
+        cause: e.into(),
+        hint,
+    }
+}
+
+pub(crate) fn setup_io(
+    step: impl Into<String>,
+    hint: &'static str,
+) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let step = step.into();
+    move |cause| SandboxError::Setup { step, cause, hint }
+}
+
+const USERNS_HINT: &str = " (user namespaces are disabled or exhausted here: sysctl user.max_user_namespaces must be above 0, and on Debian kernel.unprivileged_userns_clone=1; `velo doctor` checks)";
+const OVERLAY_HINT: &str = " (overlayfs in a user namespace needs Linux 5.11 or newer and an upper on a file system with user xattrs; `velo doctor` checks)";
+
+/// Checks a path inside the sandbox: absolute, no `.`/`..` components.
+pub fn validate_inside_path(path: &str) -> Result<(), SandboxError> {
+    if !path.starts_with('/') {
+        return Err(SandboxError::Config(format!(
+            "{path:?} must be an absolute path inside the sandbox"
+        )));
+    }
+    if path.split('/').any(|c| c == ".." || c == ".") {
+        return Err(SandboxError::Config(format!(
+            "{path:?} must not contain '.' or '..' components"
+        )));
+    }
+    if path.contains('\0') {
+        return Err(SandboxError::Config(format!(
+            "{path:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the configuration into a sealed memfd for [`spawn::CONFIG_FD`].
+pub fn config_memfd(config: &SandboxConfig) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let json = serde_json::to_vec(config).map_err(std::io::Error::other)?;
+    let fd = rustix::fs::memfd_create(
+        "velo-sandbox-config",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut written = 0;
+    while written < json.len() {
+        written += rustix::io::write(&fd, &json[written..])?;
+    }
+    // Sealed: no stage can change what the next one reads.
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
+fn read_config(keep: bool) -> Result<SandboxConfig, SandboxError> {
+    let bytes = spawn::read_passed(CONFIG_FD, keep).map_err(|e| {
+        SandboxError::Config(format!(
+            "no sandbox configuration on fd {CONFIG_FD} ({e}): this command is internal to velo run --isolate"
+        ))
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| SandboxError::Config(format!("bad sandbox configuration: {e}")))
+}
+
+/// Maps `uid`/`gid` outside to 0 inside the user namespace this process just entered
+/// (the one mapping an unprivileged process may write for itself).
+fn map_to_root(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let write = |file: &str, text: String| {
+        std::fs::write(file, text).map_err(setup_io(format!("writing {file}"), USERNS_HINT))
+    };
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1\n"))
+}
+
+/// Stage 1: new namespaces, id maps, then stage 2 as pid 1. Returns the exit code.
+pub fn stage1() -> Result<i32, SandboxError> {
+    let config = read_config(true)?;
+    use rustix::thread::UnshareFlags as U;
+    let mut flags = U::NEWUSER | U::NEWNS | U::NEWPID | U::NEWIPC | U::NEWUTS;
+    if config.isolate_net {
+        flags |= U::NEWNET;
+    }
+    // SAFETY: this process is single-threaded (a fresh `velo __sandbox`) and FILES is not
+    // among the flags, so no thread can observe a split file descriptor table.
+    unsafe { rustix::thread::unshare_unsafe(flags) }
+        .map_err(setup("creating namespaces", USERNS_HINT))?;
+    map_to_root(config.uid, config.gid)?;
+    let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
+    let mut pass = vec![CONFIG_FD, SESSION_LOCK_FD];
+    if config.upper.is_some() {
+        pass.push(UPPER_LOCK_FD);
+    }
+    let child = spawn::spawn_tied(
+        Command::new("/proc/self/exe")
+            .arg("__sandbox-init")
+            .env_clear(),
+        &pass,
+        false,
+    )
+    .map_err(setup_io("starting the sandbox's init", ""))?;
+    supervisor
+        .wait(child.id(), false)
+        .map_err(setup_io("waiting for the sandbox", ""))
+}
+
+/// Stage 2: pid 1 inside. Mounts, pivots, runs the command. Returns its exit code.
+pub fn stage2() -> Result<i32, SandboxError> {
+    let config = read_config(false)?;
+    // The locks stay held by pid 1 for the life of the run, out of the command's reach.
+    spawn::keep_private(SESSION_LOCK_FD);
+    spawn::keep_private(UPPER_LOCK_FD);
+    // Nothing inside may read this process's memory or /proc/1 files (ptrace access).
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    mounts::build_root(&config)?;
+    let workdir = if config.workdir.is_empty() {
+        "/"
+    } else {
+        &config.workdir
+    };
+    rustix::process::chdir(workdir).map_err(setup(
+        format!("--workdir {workdir}"),
+        " (it must exist in the tree)",
+    ))?;
+    if let Some(soft) = config.nofile {
+        let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        limit.current = Some(soft);
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+    }
+    spawn::limit_capabilities().map_err(setup_io("dropping capabilities", ""))?;
+
+    let Some((program, args)) = config.argv.split_first() else {
+        return Err(SandboxError::Config("no command given".into()));
+    };
+    let mut command = Command::new(OsString::from_vec(program.clone()));
+    command
+        .args(args.iter().map(|a| OsString::from_vec(a.clone())))
+        .env_clear()
+        .envs(config.env.iter().map(|(k, v)| (k, v)));
+    let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
+    let child = spawn::spawn_tied(&mut command, &[], false).map_err(|e| {
+        let name = String::from_utf8_lossy(program);
+        let not_found = e.kind() == std::io::ErrorKind::NotFound;
+        SandboxError::Command {
+            code: if not_found { 127 } else { 126 },
+            message: if not_found {
+                format!("{name}: command not found in the sandbox (looked up in its PATH; does the tree contain it?)")
+            } else {
+                format!("{name}: cannot run it in the sandbox: {e}")
+            },
+        }
+    })?;
+    // As pid 1, reap every orphan until the command itself exits.
+    supervisor
+        .wait(child.id(), true)
+        .map_err(setup_io("waiting for the command", ""))
+}
+
+/// Whether a path is a plain existing directory (not a symlink).
+pub fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
+}
+
+/// Checks that this process can create a user and mount namespace and mount an overlay
+/// whose upper lives under `dir` (the store's file system, where sessions live). Run it in
+/// a throwaway single-threaded process: it leaves that process in the new namespaces.
+pub fn probe_overlay(dir: &Path) -> Result<(), SandboxError> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    use rustix::thread::UnshareFlags as U;
+    // SAFETY: called only from the single-threaded `velo __probe-overlay`, without FILES.
+    unsafe { rustix::thread::unshare_unsafe(U::NEWUSER | U::NEWNS) }
+        .map_err(setup("creating namespaces", USERNS_HINT))?;
+    map_to_root(uid, gid)?;
+    let base = dir.join(format!(".velo-probe-{}", std::process::id()));
+    let made = ["lower", "upper", "work", "merged"]
+        .iter()
+        .try_for_each(|d| std::fs::create_dir_all(base.join(d)));
+    let result = made
+        .map_err(setup_io(format!("creating {}", base.display()), ""))
+        .and_then(|()| {
+            mounts::mount_overlay(
+                &[base.join("lower")],
+                &base.join("upper"),
+                &base.join("work"),
+                &base.join("merged"),
+            )?;
+            std::fs::write(base.join("merged/probe"), b"x")
+                .map_err(setup_io("writing through the overlay", OVERLAY_HINT))?;
+            let _ =
+                rustix::mount::unmount(base.join("merged"), rustix::mount::UnmountFlags::DETACH);
+            Ok(())
+        });
+    velo_store::remove_tree(&base);
+    result
+}

@@ -1,0 +1,360 @@
+//! The sandbox's root, built by pid 1 in its own mount namespace.
+//!
+//! Layers, top to bottom: the upper (copy-on-write), the layers' cached link farms, and a
+//! *skeleton*: a directory on a private tmpfs holding an empty directory (or file) for
+//! every mount point the sandbox needs (`/proc`, `/dev`, `/tmp`, bind targets). Mount
+//! points therefore exist without ever being created in the upper, so a commit holds what
+//! the command changed and nothing the sandbox made for itself.
+//!
+//! On top of the overlay: `/proc` (with `/proc/sys` and the other host-wide knobs
+//! read-only, and the kernel-memory files masked, as container runtimes do: when root runs
+//! velo, uid 0 inside is uid 0 outside), a minimal `/dev`, a tmpfs `/tmp`, the binds
+//! (read-only ones recursively so), then `pivot_root` and the host's root detached.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode as FsMode, OFlags, ResolveFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+
+use super::{setup, setup_io, Bind, SandboxConfig, SandboxError, OVERLAY_HINT, USERNS_HINT};
+
+/// Files under /proc that change the whole host: read-only inside.
+const PROC_READ_ONLY: [&str; 6] = ["sys", "sysrq-trigger", "irq", "bus", "fs", "asound"];
+/// Files under /proc that expose kernel memory or other users' secrets: masked.
+const PROC_MASKED: [&str; 5] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+];
+
+/// Builds the whole root and pivots into it. Called by stage 2 (pid 1).
+pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(setup("making mounts private", USERNS_HINT))?;
+    rustix::mount::mount(
+        "tmpfs",
+        &config.scratch,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        c"mode=700",
+    )
+    .map_err(setup("mounting the sandbox's scratch tmpfs", ""))?;
+    let skeleton = config.scratch.join("skeleton");
+    make_skeleton(&skeleton, &config.binds)?;
+    let merged = config.scratch.join("merged");
+    let (upper, work) = match &config.upper {
+        Some((upper, work)) => (upper.clone(), work.clone()),
+        None => (config.scratch.join("upper"), config.scratch.join("work")),
+    };
+    for dir in [&merged, &upper, &work] {
+        std::fs::create_dir_all(dir)
+            .map_err(setup_io(format!("creating {}", dir.display()), ""))?;
+    }
+    let mut lowers = config.lowers.clone();
+    lowers.push(skeleton);
+    mount_overlay(&lowers, &upper, &work, &merged)?;
+
+    mount_proc(&merged)?;
+    mount_dev(&merged)?;
+    let tmp_dir = mount_point(&merged, "/tmp")?;
+    rustix::mount::mount(
+        "tmpfs",
+        fd_path(&tmp_dir),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        c"mode=1777",
+    )
+    .map_err(setup("mounting /tmp", ""))?;
+    for bind in &config.binds {
+        mount_bind(&merged, bind)?;
+    }
+    if config.isolate_net {
+        loopback_up().map_err(setup_io("bringing up the loopback interface", ""))?;
+    }
+    let _ = rustix::system::sethostname(b"velo");
+
+    // pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops it.
+    rustix::process::chdir(&merged).map_err(setup("entering the overlay", ""))?;
+    rustix::process::pivot_root(".", ".").map_err(setup("pivot_root into the overlay", ""))?;
+    rustix::mount::unmount(".", UnmountFlags::DETACH)
+        .map_err(setup("detaching the host root", ""))?;
+    rustix::process::chdir("/").map_err(setup("entering /", ""))
+}
+
+/// The skeleton layer: every mount point, as an empty directory or file.
+fn make_skeleton(skeleton: &Path, binds: &[Bind]) -> Result<(), SandboxError> {
+    let mkdir = |rel: &str| {
+        let path = skeleton.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(&path).map_err(setup_io(format!("creating {}", path.display()), ""))
+    };
+    for dir in ["proc", "dev", "tmp"] {
+        mkdir(dir)?;
+    }
+    for bind in binds {
+        super::validate_inside_path(&bind.dest)?;
+        if bind.source.is_dir() {
+            mkdir(&bind.dest)?;
+        } else {
+            let (parent, _) = bind.dest.rsplit_once('/').unwrap_or(("", &bind.dest));
+            mkdir(parent)?;
+            let path = skeleton.join(bind.dest.trim_start_matches('/'));
+            if !path.exists() {
+                std::fs::File::create(&path)
+                    .map_err(setup_io(format!("creating {}", path.display()), ""))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mounts an overlay of `lowers` (topmost first) with `upper` at `merged`.
+pub(crate) fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Result<(), SandboxError> {
+    for path in lowers.iter().map(PathBuf::as_path).chain([upper, work]) {
+        let text = path.to_string_lossy();
+        if text.contains([':', ',', '\\']) {
+            return Err(SandboxError::Config(format!(
+                "{text}: overlay layer paths cannot contain ':' ',' or '\\' (move the store)"
+            )));
+        }
+    }
+    let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={},userxattr",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    let options = std::ffi::CString::new(options)
+        .map_err(|_| SandboxError::Config("NUL in a layer path".into()))?;
+    rustix::mount::mount(
+        "overlay",
+        merged,
+        "overlay",
+        MountFlags::empty(),
+        options.as_c_str(),
+    )
+    .map_err(setup("mounting the overlay", OVERLAY_HINT))
+}
+
+fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
+    let proc_dir = mount_point(merged, "/proc")?;
+    let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    rustix::mount::mount("proc", fd_path(&proc_dir), "proc", proc_flags, None)
+        .map_err(setup("mounting /proc", ""))?;
+    let proc = merged.join("proc");
+    for name in PROC_READ_ONLY {
+        let path = proc.join(name);
+        if !path.exists() {
+            continue;
+        }
+        rustix::mount::mount_bind(&path, &path)
+            .map_err(setup(format!("binding /proc/{name}"), ""))?;
+        rustix::mount::mount_remount(
+            &path,
+            MountFlags::BIND | MountFlags::RDONLY | proc_flags,
+            "",
+        )
+        .map_err(setup(format!("making /proc/{name} read-only"), ""))?;
+    }
+    for name in PROC_MASKED {
+        let path = proc.join(name);
+        if path.exists() {
+            rustix::mount::mount_bind("/dev/null", &path)
+                .map_err(setup(format!("masking /proc/{name}"), ""))?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
+    let dev_dir = mount_point(merged, "/dev")?;
+    rustix::mount::mount(
+        "tmpfs",
+        fd_path(&dev_dir),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        c"mode=755",
+    )
+    .map_err(setup("mounting /dev", ""))?;
+    let dev = rustix::fs::open(
+        merged.join("dev"),
+        OFlags::DIRECTORY | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(setup("opening /dev", ""))?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let node = rustix::fs::openat(
+            &dev,
+            name,
+            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            FsMode::from_raw_mode(0o644),
+        )
+        .map_err(setup(format!("creating /dev/{name}"), ""))?;
+        rustix::mount::mount_bind(format!("/dev/{name}"), fd_path(&node))
+            .map_err(setup(format!("binding /dev/{name}"), ""))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        rustix::fs::symlinkat(target, &dev, link)
+            .map_err(setup(format!("creating /dev/{link}"), ""))?;
+    }
+    rustix::fs::mkdirat(&dev, "shm", FsMode::from_raw_mode(0o1777))
+        .map_err(setup("creating /dev/shm", ""))?;
+    rustix::mount::mount(
+        "tmpfs",
+        merged.join("dev/shm"),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        c"mode=1777",
+    )
+    .map_err(setup("mounting /dev/shm", ""))
+}
+
+fn mount_bind(merged: &Path, bind: &Bind) -> Result<(), SandboxError> {
+    let target = mount_point(merged, &bind.dest)?;
+    let what = format!("binding {} to {}", bind.source.display(), bind.dest);
+    rustix::mount::mount(
+        &bind.source,
+        fd_path(&target),
+        "",
+        MountFlags::BIND | MountFlags::REC,
+        None,
+    )
+    .map_err(setup(what.clone(), ""))?;
+    if bind.read_only {
+        // The target now names the bind's root mount. Read-only applies to every mount
+        // beneath it too (a tmpfs mounted under the source is not a way out); the flags
+        // the host locked on each of them stay as they are.
+        let mounted = rustix::fs::open(
+            merged.join(bind.dest.trim_start_matches('/')),
+            OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            FsMode::empty(),
+        )
+        .map_err(setup(what.clone(), ""))?;
+        set_read_only_recursively(&mounted)
+            .map_err(setup_io(format!("making {} read-only", bind.dest), ""))?;
+    }
+    Ok(())
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, {attr_set: MOUNT_ATTR_RDONLY})`.
+fn set_read_only_recursively(fd: &OwnedFd) -> std::io::Result<()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: the arguments follow mount_setattr(2): a valid descriptor, an empty
+    // NUL-terminated path with AT_EMPTY_PATH, and a pointer to a live `mount_attr` of the
+    // size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens the mount point `inside` (absolute) in `root`, never following a symlink out of
+/// it: a hostile tree cannot redirect a mount onto the host. The skeleton layer provides
+/// every mount point; one is made here only if the upper deleted it (a kept `--upper`).
+fn mount_point(root: &Path, inside: &str) -> Result<OwnedFd, SandboxError> {
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
+    let mut fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        FsMode::empty(),
+    )
+    .map_err(setup(format!("opening {}", root.display()), ""))?;
+    for component in inside.split('/').filter(|c| !c.is_empty()) {
+        let open = |dir: &OwnedFd| {
+            rustix::fs::openat2(
+                dir,
+                component,
+                OFlags::PATH | OFlags::CLOEXEC,
+                FsMode::empty(),
+                resolve,
+            )
+        };
+        fd = match open(&fd) {
+            Ok(next) => next,
+            Err(rustix::io::Errno::NOENT) => {
+                rustix::fs::mkdirat(&fd, component, FsMode::from_raw_mode(0o755))
+                    .map_err(setup(format!("creating mount point {inside}"), ""))?;
+                open(&fd).map_err(setup(format!("opening mount point {inside}"), ""))?
+            }
+            Err(e) => {
+                return Err(setup(
+                    format!("mount point {inside} (a symlink is not allowed there)"),
+                    "",
+                )(e))
+            }
+        };
+    }
+    Ok(fd)
+}
+
+fn fd_path(fd: &impl AsFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+}
+
+/// Brings `lo` up in the sandbox's new network namespace, as bubblewrap does: a server
+/// and a client on 127.0.0.1 inside one run then work.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket/ioctl calls on a descriptor this function owns; `ifreq` is
+    // zero-initialised (a valid value for this C struct) and its name is NUL-terminated.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut rc = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            rc = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(sock);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Starting the stages and the command: what each child inherits, and how it dies.
+//!
+//! Every process of a run is tied to its parent: it gets SIGKILL when the parent dies
+//! (`PR_SET_PDEATHSIG`), and a pipe closes the race of a parent that dies before that is
+//! set. Descriptors are passed by number, never by accident: the caller's other open
+//! files are marked close-on-exec before the stage's image starts, so an inherited
+//! directory fd (`exec 9</home/u`) never reaches the command.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+use rustix::process::{Pid, Signal, WaitOptions};
+
+/// Where the stages find the sandbox configuration (a sealed memfd).
+pub const CONFIG_FD: RawFd = 3;
+/// The session's liveness lock, held by every stage (see velo-store's sessions).
+pub const SESSION_LOCK_FD: RawFd = 4;
+/// The lock on a kept `--upper`, when there is one.
+pub const UPPER_LOCK_FD: RawFd = 5;
+
+/// Spawns `command` tied to the calling thread: it is killed when this thread exits, and
+/// it does not start at all if this thread is already gone. `pass` lists descriptors to
+/// hand over, placed at 3, 4, … in order; every other descriptor above 2 is closed at exec.
+/// With `new_session`, the child leads a new session with no controlling terminal (it can
+/// neither push input into the caller's terminal with TIOCSTI nor receive the terminal's
+/// signals directly: those reach `velo`, which forwards them once).
+pub fn spawn_tied(command: &mut Command, pass: &[RawFd], new_session: bool) -> io::Result<Child> {
+    if pass.len() > 8 {
+        return Err(io::Error::other(
+            "at most 8 descriptors can be passed to a stage",
+        ));
+    }
+    let (alive_read, alive_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let alive_read_fd = alive_read.as_raw_fd();
+    let alive_write_fd = alive_write.as_raw_fd();
+    let pass: Vec<RawFd> = pass.to_vec();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes raw system calls only (prctl, close,
+    // poll, setsid, fcntl, dup2, close_range) and allocates nothing (`pass` was built
+    // before the fork and is only read).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent holds the write end; if it is gone, so is the parent.
+            libc::close(alive_write_fd);
+            let mut poll = libc::pollfd {
+                fd: alive_read_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut poll, 1, 0) < 0 || poll.revents & libc::POLLHUP != 0 {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Move the passed descriptors out of the way first, so placing one at 3 cannot
+            // clobber another that happens to be 3 already.
+            let mut moved = [0 as RawFd; 8];
+            for (slot, &fd) in moved.iter_mut().zip(&pass) {
+                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                *slot = high;
+            }
+            for (target, &high) in (3..).zip(moved.iter().take(pass.len())) {
+                // dup2 leaves the new descriptor without close-on-exec: it is inherited.
+                if libc::dup2(high, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let first_closed = 3 + pass.len() as libc::c_uint;
+            if libc::close_range(
+                first_closed,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as _,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn();
+    drop(alive_read);
+    // The write end must stay open while the child can still check it: until it has
+    // exec'd, which `spawn` waits for.
+    drop(alive_write);
+    child
+}
+
+/// Marks every descriptor above 2 close-on-exec, for a command started by code that did
+/// not use [`spawn_tied`].
+pub fn cloexec_above_stderr() -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
+    if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads everything from a descriptor handed over by number (the configuration memfd),
+/// from offset 0, and closes it unless `keep`.
+pub fn read_passed(fd: RawFd, keep: bool) -> io::Result<Vec<u8>> {
+    // SAFETY: by the stages' convention `fd` was placed by our parent; if it is not open
+    // the reads below fail with EBADF, which is reported. It is borrowed, not owned,
+    // unless we close it ourselves below.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = rustix::io::pread(borrowed, &mut buf[..], out.len() as u64)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    if !keep {
+        // SAFETY: nothing else in this process uses the descriptor.
+        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    Ok(out)
+}
+
+/// Keeps a passed descriptor open here (a lock this process holds) but out of the
+/// command's reach.
+pub fn keep_private(fd: RawFd) {
+    // SAFETY: setting FD_CLOEXEC on a descriptor number; harmless if it is not open.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+const FORWARDED: [i32; 6] = [
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGQUIT,
+    signal_hook::consts::SIGUSR1,
+    signal_hook::consts::SIGUSR2,
+];
+
+/// Signal handling installed before a child is spawned, so none is missed.
+pub struct Supervisor {
+    signals: signal_hook::iterator::Signals,
+}
+
+impl Supervisor {
+    /// Starts catching the forwarded signals and SIGCHLD.
+    pub fn new() -> io::Result<Supervisor> {
+        let mut wanted = FORWARDED.to_vec();
+        wanted.push(signal_hook::consts::SIGCHLD);
+        Ok(Supervisor {
+            signals: signal_hook::iterator::Signals::new(wanted)?,
+        })
+    }
+
+    /// Waits for `child` to exit, forwarding signals to it and, with `reap_all` (pid 1),
+    /// reaping every other orphan. Single-threaded: after unshare(CLONE_NEWPID) a process
+    /// cannot create threads. Returns the exit code (128 + signal when killed). Afterwards
+    /// the forwarded signals have their default actions again: a Ctrl-C during what
+    /// follows (a commit) stops this process instead of being swallowed.
+    pub fn wait(mut self, child: u32, reap_all: bool) -> io::Result<i32> {
+        let result = self.wait_inner(child, reap_all);
+        drop(self);
+        for sig in FORWARDED {
+            // SAFETY: the Signals instance is dropped, so signal-hook no longer expects
+            // its handler to run; restoring the default action is always valid.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+        result
+    }
+
+    fn wait_inner(&mut self, child: u32, reap_all: bool) -> io::Result<i32> {
+        let child_pid =
+            Pid::from_raw(child as i32).ok_or_else(|| io::Error::other("invalid child pid"))?;
+        loop {
+            // Reap first: the child may have exited before the first SIGCHLD was caught.
+            loop {
+                let reaped = if reap_all {
+                    rustix::process::wait(WaitOptions::NOHANG)
+                } else {
+                    rustix::process::waitpid(Some(child_pid), WaitOptions::NOHANG)
+                        .map(|r| r.map(|(_, s)| (child_pid, s)))
+                };
+                match reaped {
+                    Ok(Some((pid, status))) => {
+                        if pid == child_pid {
+                            let code = status
+                                .exit_status()
+                                .or_else(|| status.terminating_signal().map(|s| 128 + s))
+                                .unwrap_or(1);
+                            return Ok(code);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for sig in self.signals.wait() {
+                if sig == signal_hook::consts::SIGCHLD {
+                    continue;
+                }
+                if let Some(signal) = Signal::from_named_raw(sig) {
+                    let _ = rustix::process::kill_process(child_pid, signal);
+                }
+            }
+        }
+    }
+}
+
+/// Capabilities a command keeps inside the sandbox: the default set of container
+/// runtimes (podman, docker). Without CAP_SYS_ADMIN it cannot undo the sandbox's mounts
+/// (remount `/proc/sys` or a read-only bind writable, unmount a mask); without
+/// CAP_SYS_PTRACE it cannot reach pid 1.
+const KEPT_CAPABILITIES: [u32; 12] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    18, // SYS_CHROOT
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+/// Drops every other capability from the bounding set, so a command exec'd as uid 0 in
+/// the sandbox gets only [`KEPT_CAPABILITIES`].
+pub fn limit_capabilities() -> io::Result<()> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        if KEPT_CAPABILITIES.contains(&cap) {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP only changes this process's bounding set.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
