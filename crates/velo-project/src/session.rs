@@ -116,19 +116,46 @@ fn within(path: &Path, dir: &Path) -> bool {
 /// Creates (if needed), checks and locks a kept upper; returns its canonical path and the
 /// held lock.
 fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), ProjectError> {
-    std::fs::create_dir_all(dir).map_err(|source| ProjectError::Dest {
+    // Checked before anything is created: a refused upper leaves no trace in the store.
+    let absolute = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut missing = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut resolved = std::fs::canonicalize(existing).map_err(|source| ProjectError::Dest {
+        op: "resolving",
+        path: existing.to_path_buf(),
+        cause: source,
+    })?;
+    resolved.extend(missing.iter().rev());
+    if within(&resolved, store_root) || within(store_root, &resolved) {
+        return Err(refused(format!(
+            "--upper {}: an upper inside the store (or containing it) would let the command write the store; choose a directory outside {}",
+            dir.display(),
+            store_root.display()
+        )));
+    }
+    std::fs::create_dir_all(&resolved).map_err(|source| ProjectError::Dest {
         op: "creating",
         path: dir.to_path_buf(),
         cause: source,
     })?;
-    let canonical = std::fs::canonicalize(dir).map_err(|source| ProjectError::Dest {
+    // Resolved again once it exists: a symlink planted meanwhile must not lead elsewhere.
+    let canonical = std::fs::canonicalize(&resolved).map_err(|source| ProjectError::Dest {
         op: "resolving",
         path: dir.to_path_buf(),
         cause: source,
     })?;
     if within(&canonical, store_root) || within(store_root, &canonical) {
         return Err(refused(format!(
-            "--upper {}: an upper inside the store (or containing it) would let the command write the store; choose a directory outside {}",
+            "--upper {}: it resolves into the store; choose a directory outside {}",
             dir.display(),
             store_root.display()
         )));

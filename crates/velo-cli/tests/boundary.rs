@@ -1,0 +1,654 @@
+//! The sandbox boundary, tried as a hostile command would (issue 7): the caller's
+//! terminal, environment, descriptors and host settings stay out of reach, read-only
+//! means read-only, the sandbox dies with velo, and a run commits only what the command
+//! changed, only when it succeeded.
+
+mod common;
+#[path = "common/sandbox_env.rs"]
+mod sandbox_env;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+use sandbox_env::{layers, run, sandbox_supported};
+
+/// A static C program built for the test (the busybox base has no libc to link against).
+fn static_program(env: &Env, name: &str, source: &str) -> Option<PathBuf> {
+    if !common::require(
+        common::find_tool("gcc").is_some(),
+        "gcc with static glibc (libc6-dev) to build an attacker",
+    ) {
+        return None;
+    }
+    let c = env.path(&format!("{name}.c"));
+    fs::write(&c, source).unwrap();
+    let exe = env.path(name);
+    let out = Command::new("gcc")
+        .args(["-static", "-O", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(exe)
+}
+
+fn velo_run_line(env: &Env, busybox: &Path, app: &Path, extra: &str, cmd: &str) -> String {
+    format!(
+        "VR_THE_SOURCE={} {} run --isolate --base {} --manifest {} {extra} -- {cmd}",
+        env.store.display(),
+        common::velo_bin().display(),
+        busybox.display(),
+        app.display()
+    )
+}
+
+const TIOCSTI_ATTACK: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+int main(void) {
+    const char *line = "echo INJECTED-BY-SANDBOX\n";
+    int pushed = 0;
+    for (const char *p = line; *p; p++) {
+        if (ioctl(0, TIOCSTI, p) == 0) pushed++;
+    }
+    int tty = open("/dev/tty", O_RDWR);
+    if (tty >= 0) {
+        for (const char *p = line; *p; p++) {
+            if (ioctl(tty, TIOCSTI, p) == 0) pushed++;
+        }
+    }
+    printf("pushed=%d\n", pushed);
+    return 0;
+}
+"#;
+
+/// Item 1: with a terminal as stdin (`script` provides one), a command inside cannot push
+/// input into it: it runs in a new session without a controlling terminal.
+#[test]
+fn tiocsti_cannot_type_into_the_callers_terminal() {
+    if !sandbox_supported()
+        || !common::require(
+            common::find_tool("script").is_some(),
+            "script (bsdutils) for a pty",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let Some(attacker) = static_program(&env, "tiocsti", TIOCSTI_ATTACK) else {
+        return;
+    };
+    let line = velo_run_line(
+        &env,
+        &busybox,
+        &app,
+        &format!("--bind {}:/attacker:ro", attacker.display()),
+        "/attacker",
+    );
+    // Whatever the command pushed would be read by the shell's next `read`.
+    let shell = format!("{line}; read -t 2 next; echo \"next=[$next]\"");
+    let out = Command::new("script")
+        .args(["-qec", &shell, "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pushed=0"),
+        "the command pushed input into the caller's terminal: {text}"
+    );
+    assert!(!text.contains("next=[echo INJECTED"), "{text}");
+}
+
+/// Counts SIGINTs in itself and in a child it forks (same process group).
+const SIGINT_COUNTER: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static volatile sig_atomic_t got;
+static void count(int sig) { (void)sig; got++; }
+int main(void) {
+    struct sigaction sa = {0};
+    sa.sa_handler = count;
+    sigaction(SIGINT, &sa, 0);
+    int report[2];
+    if (pipe(report) != 0) return 1;
+    pid_t child = fork();
+    if (child == 0) {
+        for (int i = 0; i < 30 && !got; i++) usleep(100000);
+        char c = '0' + got;
+        if (write(report[1], &c, 1) != 1) return 1;
+        _exit(0);
+    }
+    printf("ready\n");
+    fflush(stdout);
+    for (int i = 0; i < 30 && !got; i++) usleep(100000);
+    usleep(300000);
+    char c = '?';
+    if (read(report[0], &c, 1) != 1) c = '?';
+    waitpid(child, 0, 0);
+    printf("parent=%d child=%c\n", (int)got, c);
+    return 0;
+}
+"#;
+
+/// Item 14: Ctrl-C on the terminal reaches the command once (velo forwards it; the
+/// terminal itself signals only velo's process group).
+#[test]
+fn ctrl_c_through_a_pty_reaches_the_command_once() {
+    if !sandbox_supported()
+        || !common::require(
+            common::find_tool("script").is_some(),
+            "script (bsdutils) for a pty",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let Some(counter) = static_program(&env, "sigcount", SIGINT_COUNTER) else {
+        return;
+    };
+    let line = velo_run_line(
+        &env,
+        &busybox,
+        &app,
+        &format!("--bind {}:/sigcount:ro", counter.display()),
+        "/sigcount",
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        if stdout.read(&mut byte).unwrap() == 0 {
+            panic!("no ready: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(byte[0]);
+    }
+    // ETX on the pty master: the line discipline sends SIGINT to the foreground group.
+    child.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let _ = child.wait();
+    // The terminal's own SIGINT would hit the whole foreground group, the command's
+    // child included; velo's forwarding reaches only the command.
+    assert!(
+        rest.contains("parent=1 child=0"),
+        "Ctrl-C should reach the command once and nothing else: {rest:?}"
+    );
+}
+
+/// Items 2: host-wide /proc files are read-only inside and the command cannot make them
+/// writable again (no CAP_SYS_ADMIN; a nested namespace sees them locked).
+#[test]
+fn proc_sys_is_read_only_and_stays_so() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let before = fs::read_to_string("/proc/sys/vm/swappiness").unwrap();
+    let new_value = if before.trim() == "61" { "62" } else { "61" };
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        &format!(
+            "echo {new_value} > /proc/sys/vm/swappiness && echo WROTE-SYSCTL; \
+             mount -o remount,rw /proc/sys && echo REMOUNTED; \
+             umount /proc/sys && echo UNMOUNTED; \
+             unshare -rm sh -c 'mount -o remount,rw,bind /proc/sys && echo NESTED-REMOUNT'; \
+             echo 1 > /proc/sysrq-trigger && echo SYSRQ; \
+             head -c 1 /proc/kcore | wc -c; \
+             grep CapEff /proc/self/status"
+        ),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for leak in [
+        "WROTE-SYSCTL",
+        "REMOUNTED",
+        "UNMOUNTED",
+        "NESTED-REMOUNT",
+        "SYSRQ",
+    ] {
+        assert!(!text.contains(leak), "{leak}: {text}");
+    }
+    assert!(
+        text.contains("\n0\n") || text.starts_with("0\n"),
+        "/proc/kcore readable: {text}"
+    );
+    assert_eq!(
+        fs::read_to_string("/proc/sys/vm/swappiness").unwrap(),
+        before
+    );
+    // CAP_SYS_ADMIN (bit 21) is gone from the command's effective set.
+    let caps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .expect("CapEff line");
+    assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN kept: {caps:x}");
+}
+
+/// Item 4: a directory fd the caller left open does not reach the command.
+#[test]
+fn the_callers_open_descriptors_do_not_reach_the_command() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let host_dir = env.path("host-dir");
+    fs::create_dir(&host_dir).unwrap();
+    let dir = fs::File::open(&host_dir).unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls /proc/self/fd/ | tr '\\n' ' '; echo x > /proc/self/fd/9/planted && echo PLANTED",
+        ]);
+    // SAFETY: dup2 in the child before exec; `raw` stays open in the parent until then.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    drop(dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("PLANTED"), "{text}");
+    assert!(
+        !host_dir.join("planted").exists(),
+        "the command wrote the host"
+    );
+    // 0, 1, 2 and the fd ls itself opened for the listing.
+    let fds: Vec<&str> = text.split_whitespace().collect();
+    assert!(fds.len() <= 4 && !fds.contains(&"9"), "fds inside: {text}");
+}
+
+/// Items 5 and 17: no environment of the caller inside (not in the command's, not in pid
+/// 1's), and a command line far longer than one environment variable may be works.
+#[test]
+fn the_callers_environment_stays_out_and_long_command_lines_work() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let long: Vec<String> = (0..12)
+        .map(|i| format!("{i}{}", "y".repeat(100_000)))
+        .collect();
+    let mut cmd = env.cmd();
+    cmd.env("MYSECRET", "hunter2")
+        .args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/1/environ /proc/self/environ 2>/dev/null | tr '\\0' '\\n'; echo args=$#",
+            "sh",
+        ])
+        .args(&long);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("args=12"), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "the caller's environment leaked: {text}"
+    );
+    assert!(
+        !text.contains(env.store.to_str().unwrap()),
+        "the store path leaked: {text}"
+    );
+}
+
+/// Item 6: a read-only bind is read-only in every mount beneath its source too.
+#[test]
+fn read_only_binds_are_read_only_recursively() {
+    if !sandbox_supported()
+        || !common::require(
+            common::is_root(),
+            "root (to mount a tmpfs under the bind source)",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let source = env.path("src");
+    fs::create_dir_all(source.join("sub")).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &source.join("sub"),
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let bind = format!("{}:/h:ro", source.display());
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--bind", &bind],
+        "echo x > /h/top && echo TOP; echo x > /h/sub/f && echo SUB; true",
+    );
+    let leaked = source.join("sub/f").exists() || source.join("top").exists();
+    let _ = rustix::mount::unmount(&source.join("sub"), rustix::mount::UnmountFlags::DETACH);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("TOP") && !text.contains("SUB"), "{text}");
+    assert!(!leaked, "a read-only bind wrote the host");
+}
+
+/// Item 9: `--net none` still has a working loopback.
+#[test]
+fn loopback_works_without_a_network() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        "timeout 10 nc -l -p 7777 > /tmp/got & \
+         for i in $(seq 100); do echo over-loopback | nc 127.0.0.1 7777 && break; sleep 0.1; done; \
+         wait; cat /tmp/got",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("over-loopback"),
+        "{text} / {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Items 10 and 11: an upper inside (or around) the store and a bind of the store are
+/// refused; one upper cannot serve two runs at once.
+#[test]
+fn uppers_and_binds_that_reach_the_store_are_refused_and_uppers_are_exclusive() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let blobs = env.store.join("blobs");
+    let farms = env.store.join("farms/poison");
+    for args in [
+        vec!["--upper".to_string(), blobs.display().to_string()],
+        vec!["--upper".to_string(), farms.display().to_string()],
+        vec!["--upper".to_string(), env.dir.path().display().to_string()],
+        vec!["--bind".to_string(), format!("{}:/s", env.store.display())],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&env, &busybox, &app, &args, "echo RAN");
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("RAN"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("store"), "{err}");
+    }
+    assert!(!farms.exists(), "a refused upper was created in the store");
+    env.fsck_ok();
+
+    let upper = env.path("upper");
+    let mut first = env
+        .cmd()
+        .args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .arg("--upper")
+        .arg(&upper)
+        .args(["--", "/bin/sh", "-c", "echo ready; sleep 3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    first
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    let second = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", upper.to_str().unwrap()],
+        "echo RAN",
+    );
+    assert_eq!(second.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another run is using"));
+    assert!(first.wait().unwrap().success());
+}
+
+/// Items 12, 13, 15, 18: what a run commits and what it reports.
+#[test]
+fn only_successful_runs_commit_and_only_what_the_command_changed() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let roots = |env: &Env| env.json(&["roots"]).to_string();
+
+    // A failed command commits nothing and keeps its status.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "x"],
+        "echo new > /made; exit 3",
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing committed"));
+    assert!(!roots(&env).contains("\"x\""), "a failed run was committed");
+    // A sandbox that cannot start commits nothing either.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "x", "--workdir", "/nowhere"],
+        "true",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!roots(&env).contains("\"x\""));
+    // --commit-always commits a failed run.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "x", "--commit-always"],
+        "echo one > /made; exit 4",
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(env.ok(&["cat", "x", "made"]), "one\n");
+
+    // Mount points the sandbox made (bind targets, /proc, /dev, /tmp when the layers lack
+    // them) are not part of the commit; the command's own changes are.
+    let bound = env.path("bound");
+    fs::create_dir(&bound).unwrap();
+    let bind = format!("{}:/mnt/deep/d", bound.display());
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "x", "--bind", &bind],
+        "echo two > /made",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("x moved from"),
+        "a moved name is reported: {err}"
+    );
+    let listing = env.ok(&["ls", "x"]);
+    assert!(!listing.lines().any(|l| l == "mnt"), "{listing}");
+    let base = env.ok(&["ls", busybox.to_str().unwrap()]);
+    for mount_point in ["proc", "dev", "tmp"] {
+        assert_eq!(
+            listing.lines().any(|l| l == mount_point),
+            base.lines().any(|l| l == mount_point),
+            "{mount_point}: {listing}"
+        );
+    }
+    assert_eq!(env.ok(&["cat", "x", "made"]), "two\n");
+
+    // An unwritable --commit path fails before the command runs, registering nothing.
+    let before = roots(&env);
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "y", "--commit", "/nonexistent-dir/out.velo"],
+        "echo RAN",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("RAN"));
+    assert_eq!(roots(&env), before);
+
+    // Exit codes follow the container convention.
+    let code = |script: &str| run(&env, &busybox, &app, &[], script).status.code();
+    assert_eq!(code("kill -9 $$"), Some(137));
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args(["--", "/no/such/program"]);
+    assert_eq!(cmd.output().unwrap().status.code(), Some(127));
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args(["--", "/app/hello.sh"]);
+    assert_eq!(
+        cmd.output().unwrap().status.code(),
+        Some(126),
+        "not executable"
+    );
+    let out = env.run(&[
+        "run",
+        "--isolate",
+        "--manifest",
+        "no-such-tree",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    env.fsck_ok();
+}
+
+fn processes_with(marker: &str) -> usize {
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(marker))
+        .count()
+}
+
+/// Item 7: `kill -9` of velo ends the sandbox; gc deletes the session only once no
+/// process of the run holds it, and never one that was kept.
+#[test]
+fn kill_9_of_velo_ends_the_sandbox_and_gc_respects_live_and_kept_sessions() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let marker = format!("velo-kill9-test-{}", std::process::id());
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--name", "k", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("echo ready; while :; do sleep 1; done # {marker}"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    assert!(processes_with(&marker) > 0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_with(&marker) > 0 {
+        assert!(Instant::now() < deadline, "the sandbox outlived velo");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The session of the killed run is dead: gc removes it.
+    let gc = env.json(&["gc", "--run"]);
+    assert_eq!(gc["sessions"], 1, "{gc}");
+
+    // A session whose lock is held is alive; a kept one stays.
+    let live = env.store.join("sessions/live");
+    let kept = env.store.join("sessions/kept-one");
+    fs::create_dir_all(&live).unwrap();
+    fs::create_dir_all(&kept).unwrap();
+    fs::write(kept.join("kept"), "a failed commit").unwrap();
+    let lock = fs::File::create(live.join("lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let gc = env.json(&["gc", "--run"]);
+    assert!(live.exists() && kept.exists(), "{gc}");
+    assert_eq!(gc["kept_sessions"].as_array().unwrap().len(), 1, "{gc}");
+    drop(lock);
+    env.json(&["gc", "--run"]);
+    assert!(!live.exists() && kept.exists());
+}
