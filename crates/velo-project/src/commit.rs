@@ -165,3 +165,57 @@ fn commit_dir(
     Tree::new(entries.into_values().collect())
         .map_err(|e| ProjectError::Store(StoreError::Invalid(e.to_string())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn empty_base(store: &Store) -> Hash {
+        store.put_tree(&Tree::new(Vec::new()).unwrap()).unwrap().0
+    }
+
+    #[test]
+    fn a_sparse_file_in_the_upper_becomes_a_sparse_blob_with_the_logical_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let size: u64 = 1 << 30;
+        let file = std::fs::File::create(upper.join("big")).unwrap();
+        file.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"data in the middle", size / 2).unwrap();
+        drop(file);
+        let _lock = store.lock_shared().unwrap();
+        let root = commit_upper(&store, empty_base(&store), &upper).unwrap();
+        let velo_store::treeops::Found::Entry(entry) =
+            velo_store::treeops::lookup(&store, root, b"big").unwrap()
+        else {
+            panic!("big is missing");
+        };
+        let EntryKind::File { hash, size: got } = entry.kind else {
+            panic!("big is not a file");
+        };
+        assert_eq!(got, size);
+        let mut want = blake3::Hasher::new();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(size / 2) >> 20 {
+            want.update(&zeros);
+        }
+        want.update(b"data in the middle");
+        let mut rest = size / 2 - b"data in the middle".len() as u64;
+        while rest > 0 {
+            let n = rest.min(zeros.len() as u64) as usize;
+            want.update(&zeros[..n]);
+            rest -= n as u64;
+        }
+        assert_eq!(hash, Hash::from(want.finalize()));
+        let blob = std::fs::metadata(store.blob_path(&hash)).unwrap();
+        assert_eq!(blob.len(), size);
+        assert!(
+            blob.blocks() * 512 < 1 << 20,
+            "the blob keeps the holes: {} bytes allocated",
+            blob.blocks() * 512
+        );
+    }
+}

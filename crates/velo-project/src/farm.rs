@@ -332,7 +332,7 @@ impl Ctx<'_> {
             FsMode::from_raw_mode(0o600),
         )
         .map_err(|e| self.dest_error("creating", path, e))?;
-        let mut dest = File::from(dest);
+        let dest = File::from(dest);
         let reflinked = match (self.mode, rustix::fs::ioctl_ficlone(&dest, &source)) {
             (_, Ok(())) => true,
             (CheckoutMode::Reflink, Err(e)) => {
@@ -346,12 +346,19 @@ impl Ctx<'_> {
         if reflinked {
             self.reflinked.fetch_add(1, Ordering::Relaxed);
         } else {
-            std::io::copy(&mut &source, &mut dest).map_err(|source| ProjectError::Dest {
-                op: "copying into",
-                path: self
-                    .dest
-                    .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
-                cause: source,
+            // Only data extents: a sparse blob gives a sparse file.
+            velo_store::sparse::copy_sparse(&source, Some(&dest), None).map_err(|e| {
+                let (op, cause) = match e {
+                    velo_store::sparse::CopyError::Read(e) => ("reading blob for", e),
+                    velo_store::sparse::CopyError::Write(e) => ("copying into", e),
+                };
+                ProjectError::Dest {
+                    op,
+                    path: self
+                        .dest
+                        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
+                    cause,
+                }
             })?;
             self.copied.fetch_add(1, Ordering::Relaxed);
         }

@@ -20,6 +20,7 @@ mod fsck;
 mod gc;
 mod objects;
 mod refs;
+pub mod sparse;
 mod status;
 mod transfer;
 pub mod treeops;
