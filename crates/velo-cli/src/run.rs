@@ -127,7 +127,8 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     let mut committed = None;
     if args.commit.is_some() || args.name.is_some() {
         let result = (|| -> Result<Hash> {
-            let root = velo_project::commit::commit_upper(&store, outcome.base, &outcome.upper)?;
+            let root =
+                velo_project::commit::commit_upper(&store, outcome.base, &outcome.upper)?.root;
             store.sync()?;
             let stats = velo_store::treeops::stats(&store, root)?;
             store.register_root(&RootRecord {

@@ -25,6 +25,31 @@ pub enum CheckoutMode {
     Copy,
 }
 
+/// How to check out: the file mode, and what to do with set-uid/set-gid bits.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckoutOptions {
+    /// How files are materialised.
+    pub mode: CheckoutMode,
+    /// Give copied and reflinked files the set-user-ID and set-group-ID bits their tree
+    /// records. Off by default: a tree may come from anyone (a `.velo` file, a sandbox
+    /// commit), and a set-uid file that root checks out would run as root. (Hard-linked
+    /// files never have them: they are the store's 0444/0555 inodes.)
+    pub preserve_setid: bool,
+}
+
+impl CheckoutOptions {
+    /// `mode`, without set-uid/set-gid bits.
+    pub fn new(mode: CheckoutMode) -> CheckoutOptions {
+        CheckoutOptions {
+            mode,
+            preserve_setid: false,
+        }
+    }
+}
+
+/// The set-user-ID and set-group-ID bits.
+const SETID_BITS: u32 = 0o6000;
+
 /// What a checkout did.
 #[derive(Clone, Debug, Default)]
 pub struct CheckoutReport {
@@ -47,6 +72,9 @@ pub struct CheckoutReport {
     /// The store is on another file system than the destination (EXDEV): hard links were
     /// impossible and files were reflinked or copied.
     pub cross_device: bool,
+    /// Files whose set-uid/set-gid bits were left off (copy and reflink modes, without
+    /// [`CheckoutOptions::preserve_setid`]).
+    pub setid_dropped: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -82,6 +110,7 @@ struct Ctx<'a> {
     batch: &'a Batch<'a>,
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
+    preserve_setid: bool,
     dest: &'a Path,
     cross_device: AtomicBool,
     files: AtomicU64,
@@ -92,6 +121,7 @@ struct Ctx<'a> {
     reflinked: AtomicU64,
     copied: AtomicU64,
     link_limit: AtomicU64,
+    setid_dropped: AtomicU64,
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -105,14 +135,34 @@ fn timestamps(mtime_ns: i64) -> Timestamps {
     }
 }
 
-/// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
-/// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+/// Materialises tree `root` at `dest` in `mode`, without set-uid/set-gid bits: see
+/// [`checkout_with`].
 pub fn checkout(
     store: &Store,
     trees: &dyn TreeSource,
     root: Hash,
     dest: &Path,
     mode: CheckoutMode,
+    progress: &velo_ingest::Progress,
+) -> Result<CheckoutReport, ProjectError> {
+    checkout_with(
+        store,
+        trees,
+        root,
+        dest,
+        CheckoutOptions::new(mode),
+        progress,
+    )
+}
+
+/// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
+/// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+pub fn checkout_with(
+    store: &Store,
+    trees: &dyn TreeSource,
+    root: Hash,
+    dest: &Path,
+    options: CheckoutOptions,
     progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     let started = Instant::now();
@@ -133,7 +183,7 @@ pub fn checkout(
         }
         Err(_) => return Err(ProjectError::NotEmpty(dest.to_path_buf())),
     }
-    let result = checkout_into(store, trees, root, dest, mode, progress);
+    let result = checkout_into(store, trees, root, dest, options, progress);
     if result.is_err() {
         // Leave nothing half-made behind: the destination was new or empty.
         velo_store::remove_tree(dest);
@@ -151,7 +201,7 @@ fn checkout_into(
     trees: &dyn TreeSource,
     root: Hash,
     dest: &Path,
-    mode: CheckoutMode,
+    options: CheckoutOptions,
     progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     // Blobs a checkout links must not be collected under it.
@@ -162,7 +212,8 @@ fn checkout_into(
         store,
         batch: &batch,
         trees,
-        mode,
+        mode: options.mode,
+        preserve_setid: options.preserve_setid,
         dest,
         cross_device: AtomicBool::new(false),
         files: AtomicU64::new(0),
@@ -173,6 +224,7 @@ fn checkout_into(
         reflinked: AtomicU64::new(0),
         copied: AtomicU64::new(0),
         link_limit: AtomicU64::new(0),
+        setid_dropped: AtomicU64::new(0),
     };
     let fd = rustix::fs::open(
         dest,
@@ -191,6 +243,7 @@ fn checkout_into(
         copied: ctx.copied.into_inner(),
         link_limit_fallbacks: ctx.link_limit.into_inner(),
         cross_device: ctx.cross_device.into_inner(),
+        setid_dropped: ctx.setid_dropped.into_inner(),
         seconds: 0.0,
     };
     if !batch.is_empty() {
@@ -322,6 +375,10 @@ impl Ctx<'_> {
         let mode_bits = match self.mode {
             CheckoutMode::Hardlink if entry.mode.is_executable() => 0o555,
             CheckoutMode::Hardlink => 0o444,
+            _ if entry.mode.bits() & SETID_BITS != 0 && !self.preserve_setid => {
+                self.setid_dropped.fetch_add(1, Ordering::Relaxed);
+                entry.mode.bits() & !SETID_BITS
+            }
             _ => entry.mode.bits(),
         };
         let source = self.store.open_blob(&hash)?;
