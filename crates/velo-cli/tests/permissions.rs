@@ -1,11 +1,12 @@
 //! Permission bits at the sandbox boundary: set-uid files never come out of a checkout
-//! unasked.
+//! unasked, and nothing another local user can write reaches what a store's runs read.
 
 mod common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use common::Env;
 
@@ -100,4 +101,112 @@ fn a_setuid_file_imported_from_a_velo_file_is_checked_out_without_the_bit() {
         "copy",
     ]);
     assert_eq!(mode_of(&out.join("rootsh")), 0o755);
+}
+
+/// Runs `sh -c script` as uid/gid 65534 with no supplementary groups.
+fn as_nobody(script: &str, arg: &Path) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/bin/sh", "-c", script, "sh"])
+        .arg(arg)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn another_user_cannot_plant_files_in_a_cached_farm() {
+    if !common::require(
+        common::is_root(),
+        "root (to become another user with setpriv)",
+    ) || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+    {
+        return;
+    }
+    let env = Env::new();
+    // Others may traverse to the store, as they may to a home directory's ~/.local/share.
+    chmod(env.dir.path(), 0o755);
+    let src = env.path("base");
+    fs::create_dir_all(src.join("var/tmp")).unwrap();
+    chmod(&src.join("var/tmp"), 0o1777);
+    fs::write(src.join("etc-profile"), b"export PATH=/bin\n").unwrap();
+    let root: velo_core::Hash = env.ingest(&src, &["--name", "base"]).parse().unwrap();
+
+    // The farm `velo run --isolate` builds and every later run of the user shares.
+    let store = velo_store::Store::open_or_create(&env.store).unwrap();
+    let farm = {
+        let _lock = store.lock_shared().unwrap();
+        velo_project::session::ensure_farm(&store, root).unwrap().0
+    };
+    let target = farm.join("var/tmp/planted");
+    let planted = as_nobody("echo evil > \"$1\"", &target);
+    assert!(
+        !planted.status.success() && !target.exists(),
+        "uid 65534 wrote {} (farms/ is {:o}, the farm's var/tmp {:o})",
+        target.display(),
+        mode_of(&env.store.join("farms")),
+        mode_of(&farm.join("var/tmp"))
+    );
+    assert_eq!(
+        mode_of(&env.store.join("farms")),
+        0o700,
+        "others cannot enter farms/"
+    );
+    assert_eq!(mode_of(&env.store.join("sessions")), 0o700);
+
+    // The second wall: even where others can traverse farms/, no farm directory is
+    // writable by them (the tree's 1777 shows as 1755).
+    assert_eq!(mode_of(&farm.join("var/tmp")), 0o1755);
+    assert_eq!(mode_of(&farm) & 0o022, 0, "the farm's root");
+    chmod(&env.store.join("farms"), 0o755);
+    let planted = as_nobody("echo evil > \"$1\"", &target);
+    assert!(
+        !planted.status.success() && !target.exists(),
+        "uid 65534 wrote into a farm through a traversable farms/"
+    );
+    // fsck says so, and the next command that opens the store to write fixes it.
+    let out = env.run(&["fsck", "--quick"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("farms") && text.contains("chmod 700"),
+        "fsck names farms/ and the fix: {text}"
+    );
+    env.ingest(&src, &[]);
+    assert_eq!(mode_of(&env.store.join("farms")), 0o700);
+    env.fsck_ok();
+}
+
+#[test]
+fn fsck_and_doctor_flag_store_directories_others_can_write() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), b"a").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    env.fsck_ok();
+    for dir in ["blobs", "refs/roots"] {
+        let path = env.store.join(dir);
+        chmod(&path, 0o777);
+        let out = env.run(&["--json", "fsck", "--quick"]);
+        assert!(!out.status.success());
+        let fsck: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(fsck["ok"], false, "{dir} 0777 is unsound");
+        let problems = fsck["problems"].as_array().unwrap();
+        assert!(
+            problems.iter().any(|p| p["kind"] == "unsafe-permissions"
+                && p["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("chmod go-w {}", path.display()))),
+            "{problems:?}"
+        );
+        let doctor = env.ok(&["doctor"]);
+        assert!(
+            doctor.contains("store permissions") && doctor.contains("chmod go-w"),
+            "{doctor}"
+        );
+        chmod(&path, 0o755);
+    }
+    env.fsck_ok();
+    assert!(env.ok(&["doctor"]).contains("ok   store permissions"));
 }

@@ -50,6 +50,10 @@ impl CheckoutOptions {
 /// The set-user-ID and set-group-ID bits.
 const SETID_BITS: u32 = 0o6000;
 
+/// Write permission for group and others: never given to a directory of a hard-linked
+/// checkout (see [`checkout`]).
+const GROUP_OTHER_WRITE: u32 = 0o022;
+
 /// What a checkout did.
 #[derive(Clone, Debug, Default)]
 pub struct CheckoutReport {
@@ -157,6 +161,12 @@ pub fn checkout(
 
 /// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
 /// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+///
+/// A hard-linked checkout (and so every cached farm, which runs share) never gives a
+/// directory group or other write permission: a world-writable directory of a tree
+/// (`var/tmp`, 1777) would let any local user plant files that later runs read. Such a
+/// directory gets 1755 there; copy and reflink checkouts, which belong to whoever made
+/// them, keep the tree's modes.
 pub fn checkout_with(
     store: &Store,
     trees: &dyn TreeSource,
@@ -174,11 +184,22 @@ pub fn checkout_with(
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dest).map_err(|source| ProjectError::Dest {
-                op: "creating",
-                path: dest.to_path_buf(),
-                cause: source,
-            })?;
+            use std::os::unix::fs::DirBuilderExt;
+            // A hard-linked checkout's root is no more writable by others than its
+            // directories; a writable checkout's follows the umask like any mkdir.
+            let root_mode = match options.mode {
+                CheckoutMode::Hardlink => 0o755,
+                _ => 0o777,
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(root_mode)
+                .create(dest)
+                .map_err(|source| ProjectError::Dest {
+                    op: "creating",
+                    path: dest.to_path_buf(),
+                    cause: source,
+                })?;
             created = true;
         }
         Err(_) => return Err(ProjectError::NotEmpty(dest.to_path_buf())),
@@ -299,7 +320,11 @@ impl Ctx<'_> {
                 self.dir(*hash, fd.as_fd(), path.clone())?;
                 // Mode and mtime last: filling the directory would change its mtime, and a
                 // read-only mode would stop the filling.
-                rustix::fs::fchmod(&fd, FsMode::from_raw_mode(entry.mode.bits()))
+                let mut bits = entry.mode.bits();
+                if self.mode == CheckoutMode::Hardlink {
+                    bits &= !GROUP_OTHER_WRITE;
+                }
+                rustix::fs::fchmod(&fd, FsMode::from_raw_mode(bits))
                     .map_err(|e| self.dest_error("setting mode of", &path, e))?;
                 rustix::fs::futimens(&fd, &timestamps(entry.mtime_ns))
                     .map_err(|e| self.dest_error("setting mtime of", &path, e))?;

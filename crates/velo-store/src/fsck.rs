@@ -22,7 +22,8 @@ pub struct FsckOptions {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// A stable label: `corrupt-blob`, `corrupt-tree`, `bad-mode`, `missing-blob`,
-    /// `missing-tree`, `blob-size`, `bad-root`.
+    /// `missing-tree`, `blob-size`, `bad-root`, `unsafe-permissions` (a directory of the
+    /// store other users can write into, or enter where they must not).
     pub kind: &'static str,
     /// The object, root or path concerned.
     pub object: String,
@@ -189,6 +190,7 @@ impl Store {
         let temp_files = std::fs::read_dir(self.root.join("tmp"))
             .map(|d| d.count() as u64)
             .unwrap_or(0);
+        problems.extend(self.permission_problems());
         problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
         Ok(FsckReport {
             ok: problems.is_empty(),
