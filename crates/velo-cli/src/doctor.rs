@@ -171,8 +171,31 @@ fn tempfile_in(dir: &Path, tag: &str) -> std::io::Result<TempPath> {
     Ok(TempPath(path))
 }
 
+/// Can other local users write into the store (or enter its farms and sessions)?
+fn check_store_permissions(store: &velo_store::Store) -> Check {
+    let problems = store.permission_problems();
+    let detail = match problems.as_slice() {
+        [] => "no other user can write into the store or enter its farms and sessions".to_string(),
+        [one] => format!("{} {}", one.object, one.detail),
+        [first, rest @ ..] => format!(
+            "{} {} (and {} more: velo fsck lists them)",
+            first.object,
+            first.detail,
+            rest.len()
+        ),
+    };
+    Check {
+        name: "store permissions",
+        ok: problems.is_empty(),
+        detail,
+        advice:
+            "run the fix above: a directory others can write lets them plant files that runs read",
+    }
+}
+
 pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
-    let store_state = match velo_store::Store::open(&ctx.store_path) {
+    let store = velo_store::Store::open(&ctx.store_path);
+    let store_state = match &store {
         Ok(s) => format!(
             "store at {} (format {})",
             s.root().display(),
@@ -180,12 +203,15 @@ pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
         ),
         Err(e) => format!("{e}"),
     };
-    let checks = [
+    let mut checks = vec![
         check_reflink(&ctx.store_path),
         check_fuse(),
         check_userns(),
         check_overlay(&ctx.store_path),
     ];
+    if let Ok(store) = &store {
+        checks.push(check_store_permissions(store));
+    }
     if ctx.json {
         let list: Vec<_> = checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail, "advice": if c.ok { None } else { Some(c.advice) }})).collect();
         fmt::print_json(&json!({ "store": store_state, "checks": list }));

@@ -86,6 +86,10 @@ enum Command {
         /// hardlink: no data copied, files read-only; reflink/copy: independent writable files
         #[arg(long, value_enum, default_value = "hardlink")]
         mode: ModeArg,
+        /// Give copied/reflinked files the set-uid/set-gid bits the tree records (left off
+        /// by default: a tree from a .velo file or a sandbox may carry a set-uid file)
+        #[arg(long)]
+        preserve_setuid: bool,
     },
     /// Run a command in a tree: `--isolate` runs it in a rootless namespace sandbox whose
     /// root is an overlay of the layers' cached link farms and a copy-on-write upper
@@ -299,13 +303,22 @@ fn main() -> ExitCode {
         Command::Cat { tree, path } => read::cat(&ctx, &tree, path.as_bytes()),
         Command::Show { tree, path } => read::show(&ctx, &tree, path.as_bytes()),
         Command::Diff { from, to } => read::diff(&ctx, &from, &to),
-        Command::Checkout { tree, dir, mode } => {
+        Command::Checkout {
+            tree,
+            dir,
+            mode,
+            preserve_setuid,
+        } => {
             let mode = match mode {
                 ModeArg::Hardlink => velo_project::CheckoutMode::Hardlink,
                 ModeArg::Reflink => velo_project::CheckoutMode::Reflink,
                 ModeArg::Copy => velo_project::CheckoutMode::Copy,
             };
-            read::checkout(&ctx, &tree, &dir, mode)
+            let options = velo_project::CheckoutOptions {
+                mode,
+                preserve_setid: preserve_setuid,
+            };
+            read::checkout(&ctx, &tree, &dir, options)
         }
         Command::Export {
             tree,

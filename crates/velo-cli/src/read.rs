@@ -268,18 +268,18 @@ pub fn checkout(
     ctx: &Ctx,
     spec: &str,
     dir: &Path,
-    mode: velo_project::CheckoutMode,
+    options: velo_project::CheckoutOptions,
 ) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
     let store = ctx.store()?;
     let progress = std::sync::Arc::new(velo_ingest::Progress::default());
     let r = crate::write::with_progress(&progress, "checking out", || {
-        velo_project::checkout(
+        velo_project::checkout_with(
             &store,
             resolved.source.as_ref(),
             resolved.root,
             dir,
-            mode,
+            options,
             &progress,
         )
     })?;
@@ -289,7 +289,7 @@ pub fn checkout(
             "files": r.files, "dirs": r.dirs, "symlinks": r.symlinks, "bytes": r.bytes,
             "linked": r.linked, "reflinked": r.reflinked, "copied": r.copied,
             "link_limit_fallbacks": r.link_limit_fallbacks, "cross_device": r.cross_device,
-            "seconds": r.seconds,
+            "setid_dropped": r.setid_dropped, "seconds": r.seconds,
         }));
     } else {
         eprintln!(
@@ -297,6 +297,12 @@ pub fn checkout(
             r.files, r.linked, r.reflinked, r.copied, r.dirs, r.symlinks, dir.display(), r.seconds,
             if r.link_limit_fallbacks > 0 { format!("; {} files copied at the link-count limit", r.link_limit_fallbacks) } else { String::new() }
         );
+        if r.setid_dropped > 0 {
+            eprintln!(
+                "velo: left the set-uid/set-gid bits off {} files; give --preserve-setuid if you trust this tree's author",
+                r.setid_dropped
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -120,6 +120,8 @@ fn check_output_path(out: &Path) -> Result<()> {
 struct Committed {
     root: Hash,
     moved_from: Option<String>,
+    /// Files whose setuid/setgid bits the commit dropped (paths inside the tree).
+    setid_dropped: Vec<String>,
 }
 
 /// Commits the upper, writes `--commit OUT`, then registers the root (under `--name`).
@@ -130,8 +132,9 @@ fn commit_run(
     manifest: Hash,
     outcome: &velo_project::session::RunOutcome,
 ) -> Result<Committed> {
-    let root = velo_project::commit::commit_upper(store, outcome.base, &outcome.upper)
+    let report = velo_project::commit::commit_upper(store, outcome.base, &outcome.upper)
         .context("committing the run's changes")?;
+    let root = report.root;
     store.sync()?;
     let stats = velo_store::treeops::stats(store, root)?;
     if let Some(out) = &args.commit {
@@ -165,7 +168,15 @@ fn commit_run(
             )),
         })
         .with_context(|| format!("registering the committed tree {root}"))?;
-    Ok(Committed { root, moved_from })
+    Ok(Committed {
+        root,
+        moved_from,
+        setid_dropped: report
+            .setid_dropped
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+    })
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
@@ -270,6 +281,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             "name": args.name,
             "name_moved_from": committed.as_ref().and_then(|c| c.moved_from.clone()),
             "commit_skipped": skipped,
+            "setid_dropped": committed.as_ref().map(|c| c.setid_dropped.clone()).unwrap_or_default(),
             "commit_error": commit_error,
             "changes_kept_at": kept_at,
             "upper": upper,
@@ -277,6 +289,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             "run_seconds": outcome.run_seconds,
         }));
     } else if let Some(c) = &committed {
+        for path in &c.setid_dropped {
+            eprintln!("velo: {path}: setuid/setgid bits dropped (a sandboxed command cannot grant privileges)");
+        }
         eprintln!("velo: committed the run's changes as {}", c.root);
         if let (Some(name), Some(previous)) = (&args.name, &c.moved_from) {
             eprintln!("velo: {name} moved from {previous} to {}", c.root);

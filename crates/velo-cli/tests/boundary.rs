@@ -358,7 +358,7 @@ fn read_only_binds_are_read_only_recursively() {
     fs::create_dir_all(source.join("sub")).unwrap();
     rustix::mount::mount(
         "tmpfs",
-        &source.join("sub"),
+        source.join("sub"),
         "tmpfs",
         rustix::mount::MountFlags::empty(),
         None,
@@ -373,7 +373,7 @@ fn read_only_binds_are_read_only_recursively() {
         "echo x > /h/top && echo TOP; echo x > /h/sub/f && echo SUB; true",
     );
     let leaked = source.join("sub/f").exists() || source.join("top").exists();
-    let _ = rustix::mount::unmount(&source.join("sub"), rustix::mount::UnmountFlags::DETACH);
+    let _ = rustix::mount::unmount(source.join("sub"), rustix::mount::UnmountFlags::DETACH);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("TOP") && !text.contains("SUB"), "{text}");
     assert!(!leaked, "a read-only bind wrote the host");
@@ -538,6 +538,23 @@ fn only_successful_runs_commit_and_only_what_the_command_changed() {
         );
     }
     assert_eq!(env.ok(&["cat", "x", "made"]), "two\n");
+
+    // Item 3: a setuid file made inside is committed without the bit, and velo says so.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--name", "x"],
+        "cp /bin/busybox /rootsh && chmod 4755 /rootsh",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rootsh: setuid/setgid bits dropped"));
+    let shown = env.json(&["show", "x", "rootsh"]);
+    assert_eq!(shown["mode"].as_u64().unwrap() & 0o6000, 0, "{shown}");
 
     // An unwritable --commit path fails before the command runs, registering nothing.
     let before = roots(&env);

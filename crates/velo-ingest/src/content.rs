@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use rustix::fs::{Mode as FsMode, OFlags, Stat};
 use velo_core::Hash;
+use velo_store::sparse::{has_holes, write_skipping_zeros, CopyError};
 use velo_store::{Staged, StoreError};
 
 use crate::inserter::{same_version, Job};
@@ -18,7 +19,6 @@ use crate::IngestError;
 /// Files up to this size are read whole into a per-thread buffer, then written if new;
 /// larger ones are streamed.
 const WHOLE_FILE_LIMIT: u64 = 8 << 20;
-const CHUNK: usize = 1 << 20;
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -175,6 +175,8 @@ impl Ctx<'_> {
                     cloned = self.clone_safe(&after) && self.try_reflink(dest, file);
                     if cloned {
                         Ok(())
+                    } else if has_holes(after.st_blocks as u64, size) {
+                        write_skipping_zeros(dest, &buf)
                     } else {
                         dest.write_all(&buf)
                     }
@@ -209,28 +211,20 @@ impl Ctx<'_> {
         Ok(Outcome::Stored(hash))
     }
 
-    /// Hashes the file from its current offset, copying into `staged` if given.
+    /// Hashes the whole file, copying it into `staged` if given. Holes are neither read
+    /// nor written (they hash as zeros), so a sparse file makes a sparse blob.
     fn stream(
         &self,
-        mut file: &File,
-        mut staged: Option<&mut Staged<'_>>,
+        file: &File,
+        staged: Option<&mut Staged<'_>>,
         rel: &[u8],
     ) -> Result<Hash, IngestError> {
         let mut hasher = blake3::Hasher::new();
-        let mut chunk = vec![0u8; CHUNK];
-        loop {
-            let n = file.read(&mut chunk).map_err(self.read_error(rel))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&chunk[..n]);
-            if let Some(staged) = staged.as_deref_mut() {
-                staged
-                    .file()
-                    .write_all(&chunk[..n])
-                    .map_err(self.write_error())?;
-            }
-        }
+        velo_store::sparse::copy_sparse(file, staged.map(|s| &*s.file()), Some(&mut hasher))
+            .map_err(|e| match e {
+                CopyError::Read(e) => self.read_error(rel)(e),
+                CopyError::Write(e) => self.write_error()(e),
+            })?;
         Ok(Hash::from(hasher.finalize()))
     }
 

@@ -264,7 +264,11 @@ impl Inserter {
                     }
                 }
             }
-            dest.write_all(data)
+            if velo_store::sparse::has_holes(read_as.st_blocks as u64, data.len() as u64) {
+                velo_store::sparse::write_skipping_zeros(dest, data)
+            } else {
+                dest.write_all(data)
+            }
         })?;
         if new {
             self.new_blobs.fetch_add(1, Ordering::Relaxed);

@@ -212,31 +212,23 @@ pub fn store_file(
     batch: &velo_store::Batch<'_>,
     path: &Path,
 ) -> Result<(Hash, u64), IngestError> {
-    use std::io::{Read, Write};
     let read_error = |source| IngestError::Source {
         op: "cannot read",
         path: path.to_path_buf(),
         cause: source,
     };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let file = std::fs::File::open(path).map_err(read_error)?;
     let mut staged = store.stage()?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(read_error)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        staged.file().write_all(&buf[..n]).map_err(|e| {
-            IngestError::Store(StoreError::io(
+    // Holes stay holes: a `truncate -s 1T` inside a run must not fill the disk.
+    let size = velo_store::sparse::copy_sparse(&file, Some(staged.file()), Some(&mut hasher))
+        .map_err(|e| match e {
+            velo_store::sparse::CopyError::Read(e) => read_error(e),
+            velo_store::sparse::CopyError::Write(e) => IngestError::Store(StoreError::io(
                 "writing a blob into",
                 store.root().join("tmp"),
-            )(e))
+            )(e)),
         })?;
-        size += n as u64;
-    }
     let hash = Hash::from(hasher.finalize());
     if !store.has_blob(&hash) {
         batch.insert_staged_blob(staged, &hash)?;

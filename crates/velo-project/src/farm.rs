@@ -25,6 +25,35 @@ pub enum CheckoutMode {
     Copy,
 }
 
+/// How to check out: the file mode, and what to do with set-uid/set-gid bits.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckoutOptions {
+    /// How files are materialised.
+    pub mode: CheckoutMode,
+    /// Give copied and reflinked files the set-user-ID and set-group-ID bits their tree
+    /// records. Off by default: a tree may come from anyone (a `.velo` file, a sandbox
+    /// commit), and a set-uid file that root checks out would run as root. (Hard-linked
+    /// files never have them: they are the store's 0444/0555 inodes.)
+    pub preserve_setid: bool,
+}
+
+impl CheckoutOptions {
+    /// `mode`, without set-uid/set-gid bits.
+    pub fn new(mode: CheckoutMode) -> CheckoutOptions {
+        CheckoutOptions {
+            mode,
+            preserve_setid: false,
+        }
+    }
+}
+
+/// The set-user-ID and set-group-ID bits.
+const SETID_BITS: u32 = 0o6000;
+
+/// Write permission for group and others: never given to a directory of a hard-linked
+/// checkout (see [`checkout`]).
+const GROUP_OTHER_WRITE: u32 = 0o022;
+
 /// What a checkout did.
 #[derive(Clone, Debug, Default)]
 pub struct CheckoutReport {
@@ -47,6 +76,9 @@ pub struct CheckoutReport {
     /// The store is on another file system than the destination (EXDEV): hard links were
     /// impossible and files were reflinked or copied.
     pub cross_device: bool,
+    /// Files whose set-uid/set-gid bits were left off (copy and reflink modes, without
+    /// [`CheckoutOptions::preserve_setid`]).
+    pub setid_dropped: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -82,6 +114,7 @@ struct Ctx<'a> {
     batch: &'a Batch<'a>,
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
+    preserve_setid: bool,
     dest: &'a Path,
     cross_device: AtomicBool,
     files: AtomicU64,
@@ -92,6 +125,7 @@ struct Ctx<'a> {
     reflinked: AtomicU64,
     copied: AtomicU64,
     link_limit: AtomicU64,
+    setid_dropped: AtomicU64,
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -105,14 +139,40 @@ fn timestamps(mtime_ns: i64) -> Timestamps {
     }
 }
 
-/// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
-/// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+/// Materialises tree `root` at `dest` in `mode`, without set-uid/set-gid bits: see
+/// [`checkout_with`].
 pub fn checkout(
     store: &Store,
     trees: &dyn TreeSource,
     root: Hash,
     dest: &Path,
     mode: CheckoutMode,
+    progress: &velo_ingest::Progress,
+) -> Result<CheckoutReport, ProjectError> {
+    checkout_with(
+        store,
+        trees,
+        root,
+        dest,
+        CheckoutOptions::new(mode),
+        progress,
+    )
+}
+
+/// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
+/// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
+///
+/// A hard-linked checkout (and so every cached farm, which runs share) never gives a
+/// directory group or other write permission: a world-writable directory of a tree
+/// (`var/tmp`, 1777) would let any local user plant files that later runs read. Such a
+/// directory gets 1755 there; copy and reflink checkouts, which belong to whoever made
+/// them, keep the tree's modes.
+pub fn checkout_with(
+    store: &Store,
+    trees: &dyn TreeSource,
+    root: Hash,
+    dest: &Path,
+    options: CheckoutOptions,
     progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     let started = Instant::now();
@@ -124,16 +184,27 @@ pub fn checkout(
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dest).map_err(|source| ProjectError::Dest {
-                op: "creating",
-                path: dest.to_path_buf(),
-                cause: source,
-            })?;
+            use std::os::unix::fs::DirBuilderExt;
+            // A hard-linked checkout's root is no more writable by others than its
+            // directories; a writable checkout's follows the umask like any mkdir.
+            let root_mode = match options.mode {
+                CheckoutMode::Hardlink => 0o755,
+                _ => 0o777,
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(root_mode)
+                .create(dest)
+                .map_err(|source| ProjectError::Dest {
+                    op: "creating",
+                    path: dest.to_path_buf(),
+                    cause: source,
+                })?;
             created = true;
         }
         Err(_) => return Err(ProjectError::NotEmpty(dest.to_path_buf())),
     }
-    let result = checkout_into(store, trees, root, dest, mode, progress);
+    let result = checkout_into(store, trees, root, dest, options, progress);
     if result.is_err() {
         // Leave nothing half-made behind: the destination was new or empty.
         velo_store::remove_tree(dest);
@@ -151,7 +222,7 @@ fn checkout_into(
     trees: &dyn TreeSource,
     root: Hash,
     dest: &Path,
-    mode: CheckoutMode,
+    options: CheckoutOptions,
     progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     // Blobs a checkout links must not be collected under it.
@@ -162,7 +233,8 @@ fn checkout_into(
         store,
         batch: &batch,
         trees,
-        mode,
+        mode: options.mode,
+        preserve_setid: options.preserve_setid,
         dest,
         cross_device: AtomicBool::new(false),
         files: AtomicU64::new(0),
@@ -173,6 +245,7 @@ fn checkout_into(
         reflinked: AtomicU64::new(0),
         copied: AtomicU64::new(0),
         link_limit: AtomicU64::new(0),
+        setid_dropped: AtomicU64::new(0),
     };
     let fd = rustix::fs::open(
         dest,
@@ -191,6 +264,7 @@ fn checkout_into(
         copied: ctx.copied.into_inner(),
         link_limit_fallbacks: ctx.link_limit.into_inner(),
         cross_device: ctx.cross_device.into_inner(),
+        setid_dropped: ctx.setid_dropped.into_inner(),
         seconds: 0.0,
     };
     if !batch.is_empty() {
@@ -246,7 +320,11 @@ impl Ctx<'_> {
                 self.dir(*hash, fd.as_fd(), path.clone())?;
                 // Mode and mtime last: filling the directory would change its mtime, and a
                 // read-only mode would stop the filling.
-                rustix::fs::fchmod(&fd, FsMode::from_raw_mode(entry.mode.bits()))
+                let mut bits = entry.mode.bits();
+                if self.mode == CheckoutMode::Hardlink {
+                    bits &= !GROUP_OTHER_WRITE;
+                }
+                rustix::fs::fchmod(&fd, FsMode::from_raw_mode(bits))
                     .map_err(|e| self.dest_error("setting mode of", &path, e))?;
                 rustix::fs::futimens(&fd, &timestamps(entry.mtime_ns))
                     .map_err(|e| self.dest_error("setting mtime of", &path, e))?;
@@ -322,6 +400,10 @@ impl Ctx<'_> {
         let mode_bits = match self.mode {
             CheckoutMode::Hardlink if entry.mode.is_executable() => 0o555,
             CheckoutMode::Hardlink => 0o444,
+            _ if entry.mode.bits() & SETID_BITS != 0 && !self.preserve_setid => {
+                self.setid_dropped.fetch_add(1, Ordering::Relaxed);
+                entry.mode.bits() & !SETID_BITS
+            }
             _ => entry.mode.bits(),
         };
         let source = self.store.open_blob(&hash)?;
@@ -332,7 +414,7 @@ impl Ctx<'_> {
             FsMode::from_raw_mode(0o600),
         )
         .map_err(|e| self.dest_error("creating", path, e))?;
-        let mut dest = File::from(dest);
+        let dest = File::from(dest);
         let reflinked = match (self.mode, rustix::fs::ioctl_ficlone(&dest, &source)) {
             (_, Ok(())) => true,
             (CheckoutMode::Reflink, Err(e)) => {
@@ -346,12 +428,19 @@ impl Ctx<'_> {
         if reflinked {
             self.reflinked.fetch_add(1, Ordering::Relaxed);
         } else {
-            std::io::copy(&mut &source, &mut dest).map_err(|source| ProjectError::Dest {
-                op: "copying into",
-                path: self
-                    .dest
-                    .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
-                cause: source,
+            // Only data extents: a sparse blob gives a sparse file.
+            velo_store::sparse::copy_sparse(&source, Some(&dest), None).map_err(|e| {
+                let (op, cause) = match e {
+                    velo_store::sparse::CopyError::Read(e) => ("reading blob for", e),
+                    velo_store::sparse::CopyError::Write(e) => ("copying into", e),
+                };
+                ProjectError::Dest {
+                    op,
+                    path: self
+                        .dest
+                        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path)),
+                    cause,
+                }
             })?;
             self.copied.fetch_add(1, Ordering::Relaxed);
         }

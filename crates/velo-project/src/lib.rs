@@ -16,4 +16,6 @@ mod farm;
 pub mod sandbox;
 pub mod session;
 
-pub use farm::{checkout, CheckoutMode, CheckoutReport, ProjectError};
+pub use farm::{
+    checkout, checkout_with, CheckoutMode, CheckoutOptions, CheckoutReport, ProjectError,
+};

@@ -204,12 +204,13 @@ impl Batch<'_> {
             .dir
             .join(shard_name(ObjectKind::Blob, hash.0[0]))
             .join(&name);
-        let mut source = self.store.open_blob(hash)?;
+        let source = self.store.open_blob(hash)?;
         // false: another thread of this command made it (or is filling it: a link shares
         // the inode, whose bytes are complete before the command ends).
         self.create_named(ObjectKind::Blob, hash, name, 0o555, &mut |dest| {
             if rustix::fs::ioctl_ficlone(&*dest, &source).is_err() {
-                io::copy(&mut source, dest)?;
+                // A clone keeps holes; so must the copy (a sparse blob stays sparse).
+                crate::sparse::copy_sparse(&source, Some(dest), None)?;
             }
             Ok(())
         })?;

@@ -2,7 +2,6 @@
 //! root complete.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use rayon::prelude::*;
@@ -23,7 +22,8 @@ pub struct FsckOptions {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     /// A stable label: `corrupt-blob`, `corrupt-tree`, `bad-mode`, `missing-blob`,
-    /// `missing-tree`, `blob-size`, `bad-root`.
+    /// `missing-tree`, `blob-size`, `bad-root`, `unsafe-permissions` (a directory of the
+    /// store other users can write into, or enter where they must not).
     pub kind: &'static str,
     /// The object, root or path concerned.
     pub object: String,
@@ -190,6 +190,7 @@ impl Store {
         let temp_files = std::fs::read_dir(self.root.join("tmp"))
             .map(|d| d.count() as u64)
             .unwrap_or(0);
+        problems.extend(self.permission_problems());
         problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
         Ok(FsckReport {
             ok: problems.is_empty(),
@@ -271,17 +272,10 @@ impl Store {
         }
         let mut verified = 0;
         if verify {
-            let result = std::fs::File::open(&path).and_then(|mut f| {
+            // Holes of a sparse blob hash as zeros without being read.
+            let result = std::fs::File::open(&path).and_then(|f| {
                 let mut hasher = blake3::Hasher::new();
-                let mut buf = vec![0u8; 256 << 10];
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    verified += n as u64;
-                }
+                verified = crate::sparse::copy_sparse(&f, None, Some(&mut hasher))?;
                 Ok(Hash::from(hasher.finalize()))
             });
             match result {

@@ -19,8 +19,10 @@ mod error;
 mod fsck;
 mod gc;
 mod objects;
+mod perms;
 mod refs;
 mod sessions;
+pub mod sparse;
 mod status;
 mod transfer;
 pub mod treeops;
@@ -120,9 +122,19 @@ impl Store {
     pub fn open_or_create(root: impl AsRef<Path>) -> Result<Store> {
         let root = root.as_ref();
         if root.join("VERSION").exists() {
-            return Store::open(root);
+            let store = Store::open(root)?;
+            store.secure_private_dirs();
+            return Ok(store);
         }
-        fs::create_dir_all(root).map_err(StoreError::io("creating store directory", root))?;
+        // Never writable by group or others, whatever the umask (see perms.rs).
+        let dir_builder = |recursive| {
+            let mut b = fs::DirBuilder::new();
+            std::os::unix::fs::DirBuilderExt::mode(b.recursive(recursive), 0o755);
+            b
+        };
+        dir_builder(true)
+            .create(root)
+            .map_err(StoreError::io("creating store directory", root))?;
         // Another command may be creating the store right now, or one was killed half-way:
         // a directory holding nothing but store entries is finished, anything else refused.
         for entry in fs::read_dir(root).map_err(StoreError::io("reading", root))? {
@@ -138,7 +150,7 @@ impl Store {
         }
         for dir in SUBDIRS {
             let path = root.join(dir);
-            match fs::create_dir(&path) {
+            match dir_builder(false).create(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(StoreError::io("creating", &path)(e)),
@@ -168,7 +180,9 @@ impl Store {
         }
         sync_dir(root);
         tracing::info!(store = %root.display(), "created a new store");
-        Store::open(root)
+        let store = Store::open(root)?;
+        store.secure_private_dirs();
+        Ok(store)
     }
 
     /// The store's root directory.
