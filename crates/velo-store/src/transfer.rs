@@ -178,9 +178,13 @@ impl Store {
             cause,
         };
         let file = File::open(path).map_err(StoreError::io("opening", path))?;
-        // The version read, for the import cache: remembered only if it did not change
-        // while it was read.
-        let before = file.metadata().ok().map(|m| FileKey::of(&m));
+        // The version read, for the import cache: remembered only if it is a regular file
+        // (a pipe has no versions) that did not change while it was read.
+        let before = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| FileKey::of(&m));
         let mut reader =
             ManifestReader::open(BufReader::with_capacity(1 << 20, &file)).map_err(bad)?;
         let _lock = self.lock_shared()?;
