@@ -263,8 +263,13 @@ impl Store {
                 new_bytes += size;
             }
         }
-        self.sync()?;
-        batch.publish()?;
+        // Objects already in the store were flushed before they were published, so an
+        // import that adds none has nothing to flush: a re-import (the first run of a
+        // re-written .velo) then costs no journal commit.
+        if !batch.is_empty() {
+            self.sync()?;
+            batch.publish()?;
+        }
         let memory = MemoryTrees(trees);
         let record = RootRecord {
             name: options.name.clone(),
@@ -274,7 +279,11 @@ impl Store {
             partial: missing_blobs > 0,
             source: Some(path.display().to_string()),
         };
-        self.register_root(&record)?;
+        // The same registration already in place (same record, same root, complete) is
+        // kept as it is rather than rewritten and fsynced again.
+        if record.partial || !self.record_registers(options.name.as_deref(), &root) {
+            self.register_root(&record)?;
+        }
         tracing::debug!(file = %path.display(), root = %root, "verified and imported");
         let after = file.metadata().ok().map(|m| FileKey::of(&m));
         if let (Some(key), 0) = (before.filter(|_| before == after), missing_blobs) {
