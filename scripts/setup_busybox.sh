@@ -2,18 +2,26 @@
 # Makes busybox.velo: a minimal base layer (a static busybox with its applets as symlinks,
 # plus the usual top-level directories) from Debian's busybox-static, with its blobs, so
 # `velo run --isolate --base busybox.velo ...` works on a machine with an empty store.
+# A static /bin/busybox is used as it is; otherwise the package is downloaded (apt-get).
 # Usage: scripts/setup_busybox.sh [OUT.velo]   (default: ./busybox.velo)
 set -euo pipefail
 out=${1:-busybox.velo}
 here=$(cd "$(dirname "$0")/.." && pwd)
-velo=${VELO:-$here/target/release/velo}
+velo=${VELO:-${CARGO_TARGET_DIR:-$here/target}/release/velo}
 if [ ! -x "$velo" ]; then
     (cd "$here" && cargo build --release --quiet)
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if dpkg -s busybox-static >/dev/null 2>&1; then
-    # The installed package's binary is the static one.
+# A static busybox runs in a tree without libc; Debian's plain `busybox` is dynamic.
+static_busybox() {
+    local out
+    [ -x /bin/busybox ] || return 1
+    out=$(LC_ALL=C ldd /bin/busybox 2>&1 || true) # ldd fails on a static binary
+    grep -qE 'not a dynamic executable|statically linked' <<<"$out"
+}
+if dpkg -s busybox-static >/dev/null 2>&1 || static_busybox; then
+    # Use the host's static binary: no download.
     mkdir -p "$work/pkg/bin" && cp /bin/busybox "$work/pkg/bin/busybox"
 else
     deb=$(ls /var/cache/apt/archives/busybox-static_*.deb 2>/dev/null | head -n1 || true)

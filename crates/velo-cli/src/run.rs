@@ -49,16 +49,18 @@ pub fn sandbox_stage(
     }
 }
 
-/// A TREE for a layer: a .velo file is imported (verified) first.
+/// A TREE for a layer: a .velo file is imported (verified) first, unless the store
+/// remembers having verified this very version of it (the import cache): that read was
+/// most of the start-up cost of `--manifest app.velo`.
 fn layer(store: &Store, spec: &str) -> Result<Hash> {
     let path = Path::new(spec);
     if (spec.contains('/') || spec.ends_with(".velo"))
         || (store.resolve(spec).is_err() && path.is_file())
     {
-        let report = store
-            .import(path, &ImportOptions::default())
+        let imported = store
+            .import_remembered(path, &ImportOptions::default())
             .with_context(|| format!("importing {spec}"))?;
-        return Ok(report.root.parse()?);
+        return Ok(imported.root);
     }
     Ok(store.resolve(spec)?)
 }

@@ -393,6 +393,17 @@ fn export_import_round_trip_and_partial_imports() {
     other.fsck_ok();
     let again = other.json(&["import", env.path("full.velo").to_str().unwrap()]);
     assert_eq!(again["new_blobs"], 0);
+    // All of it stored and registered already: a re-import flushes and renames nothing
+    // (but the import cache's own entry, when the file is old enough to be remembered).
+    let full = env.path("full.velo");
+    if let Some(trace) = common::traced(&other, &["import", full.to_str().unwrap(), "--name", "t"])
+    {
+        let writes: Vec<&String> = trace
+            .iter()
+            .filter(|l| !l.contains("/cache/import-"))
+            .collect();
+        assert!(writes.is_empty(), "a re-import wrote: {writes:?}");
+    }
     // A .velo file names its tree for export too, once the tree is in the store.
     let re = other.json(&[
         "export",

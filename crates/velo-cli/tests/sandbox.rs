@@ -564,3 +564,112 @@ fn a_commit_flushes_before_its_objects_become_visible() {
     assert_eq!(out, "more\n");
     env.fsck_ok();
 }
+
+// The start-up of `velo run --isolate --manifest app.velo`: an unchanged `.velo` is
+// verified and imported once, then not even opened; a change, a forgotten root or a
+// damaged cache entry makes the next run verify it again, without failing.
+
+/// Runs `/bin/true` over `manifest` with debug logs; returns stderr.
+fn run_true(env: &Env, manifest: &std::path::Path) -> String {
+    let out = env
+        .cmd()
+        .env("VRIFT_DEBUG", "debug")
+        .args(["run", "--isolate", "--manifest"])
+        .arg(manifest)
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "velo run failed: {stderr}");
+    stderr
+}
+
+fn verified(stderr: &str) -> bool {
+    let verified = stderr.contains("verified and imported");
+    assert_ne!(
+        verified,
+        stderr.contains("import cache hit"),
+        "expected exactly one of a verification or a cache hit: {stderr}"
+    );
+    verified
+}
+
+/// Files changed less than 2 s before a run are never remembered (a second change within
+/// the same timestamp tick would go unseen); wait that out.
+fn age() {
+    std::thread::sleep(Duration::from_millis(2100));
+}
+
+#[test]
+fn an_unchanged_manifest_file_is_read_once_across_runs() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (manifest, _) = layers(&env);
+    age();
+
+    let first = run_true(&env, &manifest);
+    assert!(verified(&first), "{first}");
+    assert!(!verified(&run_true(&env, &manifest)));
+    // Not opened at all: the file's stat is the whole cost.
+    if let Some(strace) = common::find_tool("strace") {
+        let log = env.path("open.log");
+        let out = Command::new(strace)
+            .args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
+            .arg(&log)
+            .arg(common::velo_bin())
+            .arg("--store")
+            .arg(&env.store)
+            .args(["run", "--isolate", "--manifest"])
+            .arg(&manifest)
+            .args(["--", "/bin/true"])
+            .env_remove("VR_THE_SOURCE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trace = fs::read_to_string(&log).unwrap();
+        let name = manifest.to_str().unwrap();
+        let opens: Vec<&str> = trace.lines().filter(|l| l.contains(name)).collect();
+        assert!(opens.is_empty(), "the unchanged file was opened: {opens:?}");
+    } else {
+        common::require(false, "strace (scripts/test.sh installs it)");
+    }
+
+    // A damaged entry costs a verification, never a failed run.
+    let cache = env.store.join("cache");
+    let entries: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("import-")
+        })
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    fs::write(&entries[0], b"not an entry").unwrap();
+    assert!(verified(&run_true(&env, &manifest)));
+    assert!(!verified(&run_true(&env, &manifest)));
+
+    // A forgotten root (gc may take its objects): verified and registered again.
+    let root = first
+        .split("root=")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .expect("the debug log names the root");
+    env.ok(&["forget", root]);
+    assert!(verified(&run_true(&env, &manifest)));
+    assert!(!verified(&run_true(&env, &manifest)));
+
+    // The same bytes written again (same size, new mtime and ctime): verified again.
+    let bytes = fs::read(&manifest).unwrap();
+    fs::write(&manifest, &bytes).unwrap();
+    assert!(verified(&run_true(&env, &manifest)));
+    env.fsck_ok();
+}

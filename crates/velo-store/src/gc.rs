@@ -199,14 +199,17 @@ impl Store {
         Ok(report)
     }
 
-    /// Removes every stat cache, so no cache can vouch for a blob this gc deletes.
+    /// Removes every stat cache and import cache entry, so no cache can vouch for an
+    /// object this gc deletes.
     fn drop_stat_caches(&self) -> Result<()> {
         let dir = self.cache_dir();
         for entry in fs::read_dir(&dir)
             .map_err(StoreError::io("listing", &dir))?
             .flatten()
         {
-            if entry.file_name().to_string_lossy().starts_with("stat-") {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("stat-") || name.starts_with("import-") {
                 remove(&entry.path())?;
             }
         }

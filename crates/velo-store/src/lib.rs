@@ -18,6 +18,7 @@ mod batch;
 mod error;
 mod fsck;
 mod gc;
+mod import_cache;
 mod objects;
 mod perms;
 mod refs;
@@ -43,7 +44,7 @@ pub use objects::Staged;
 pub use refs::{validate_root_name, RootRecord, RootStats};
 pub use sessions::Session;
 pub use status::StatusReport;
-pub use transfer::{ExportReport, ImportOptions, ImportReport};
+pub use transfer::{ExportReport, ImportOptions, ImportReport, RememberedImport};
 
 /// The store format this build reads and writes.
 pub const STORE_FORMAT_VERSION: u32 = 1;

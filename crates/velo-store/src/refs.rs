@@ -158,6 +158,20 @@ impl Store {
         }
     }
 
+    /// Whether the record `name` (`None`: the unnamed record of `root`) registers `root`
+    /// completely (not `--partial`). One small read: the import cache asks it on every run.
+    pub(crate) fn record_registers(&self, name: Option<&str>, root: &Hash) -> bool {
+        let file = match name {
+            Some(name) if validate_root_name(name).is_ok() => name.to_string(),
+            Some(_) => return false,
+            None => format!("@{}", root.to_hex()),
+        };
+        fs::read(self.roots_dir().join(file))
+            .ok()
+            .and_then(|text| serde_json::from_slice::<RootRecord>(&text).ok())
+            .is_some_and(|r| !r.partial && r.root == root.to_hex())
+    }
+
     /// Unregisters a name, or every registration of a root hash (or unique prefix).
     /// Returns what was removed; an empty list means nothing matched.
     pub fn forget(&self, name_or_root: &str) -> Result<Vec<RootRecord>> {

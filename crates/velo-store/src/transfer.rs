@@ -13,6 +13,7 @@ use serde::Serialize;
 use velo_core::manifest::{BlobReadError, ManifestReader, ManifestWriter};
 use velo_core::{EntryKind, Hash};
 
+use crate::import_cache::{self, FileKey};
 use crate::treeops::{stats, MemoryTrees};
 use crate::{Result, RootRecord, RootStats, Store, StoreError};
 
@@ -177,8 +178,15 @@ impl Store {
             cause,
         };
         let file = File::open(path).map_err(StoreError::io("opening", path))?;
+        // The version read, for the import cache: remembered only if it is a regular file
+        // (a pipe has no versions) that did not change while it was read.
+        let before = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| FileKey::of(&m));
         let mut reader =
-            ManifestReader::open(BufReader::with_capacity(1 << 20, file)).map_err(bad)?;
+            ManifestReader::open(BufReader::with_capacity(1 << 20, &file)).map_err(bad)?;
         let _lock = self.lock_shared()?;
         let n = self
             .temp_counter
@@ -255,8 +263,13 @@ impl Store {
                 new_bytes += size;
             }
         }
-        self.sync()?;
-        batch.publish()?;
+        // Objects already in the store were flushed before they were published, so an
+        // import that adds none has nothing to flush: a re-import (the first run of a
+        // re-written .velo) then costs no journal commit.
+        if !batch.is_empty() {
+            self.sync()?;
+            batch.publish()?;
+        }
         let memory = MemoryTrees(trees);
         let record = RootRecord {
             name: options.name.clone(),
@@ -266,7 +279,16 @@ impl Store {
             partial: missing_blobs > 0,
             source: Some(path.display().to_string()),
         };
-        self.register_root(&record)?;
+        // The same registration already in place (same record, same root, complete) is
+        // kept as it is rather than rewritten and fsynced again.
+        if record.partial || !self.record_registers(options.name.as_deref(), &root) {
+            self.register_root(&record)?;
+        }
+        tracing::debug!(file = %path.display(), root = %root, "verified and imported");
+        let after = file.metadata().ok().map(|m| FileKey::of(&m));
+        if let (Some(key), 0) = (before.filter(|_| before == after), missing_blobs) {
+            import_cache::remember(self, key, root, options.name.as_deref());
+        }
         Ok(ImportReport {
             root: root.to_hex(),
             name: options.name.clone(),
@@ -277,6 +299,44 @@ impl Store {
             new_bytes,
             missing_blobs,
             stats: record.stats,
+        })
+    }
+}
+
+/// What [`Store::import_remembered`] did.
+#[derive(Debug, Clone)]
+pub struct RememberedImport {
+    /// The root the file holds, registered in the store.
+    pub root: Hash,
+    /// The import's report; `None` when the file was not read because it is unchanged
+    /// since an earlier import verified it (the import cache).
+    pub report: Option<ImportReport>,
+}
+
+impl Store {
+    /// Imports a `.velo` file unless this store already verified and imported this very
+    /// version of it (same device, inode, size, mtime and ctime) and that import is still
+    /// registered and complete; then the file is not even opened. What a TREE argument
+    /// naming a file costs on every `velo run`. Hold the shared lock across the use of the
+    /// root if gc must not run in between (as for any registered root, `velo forget`
+    /// followed by `gc --run` could otherwise remove it).
+    pub fn import_remembered(
+        &self,
+        path: &Path,
+        options: &ImportOptions,
+    ) -> Result<RememberedImport> {
+        if let Some(root) = import_cache::lookup(self, path, options.name.as_deref()) {
+            return Ok(RememberedImport { root, report: None });
+        }
+        let report = self.import(path, options)?;
+        Ok(RememberedImport {
+            root: report
+                .root
+                .parse()
+                .map_err(|e: velo_core::HashParseError| {
+                    StoreError::Invalid(format!("imported root {:?}: {e}", report.root))
+                })?,
+            report: Some(report),
         })
     }
 }
