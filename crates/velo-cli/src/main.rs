@@ -175,8 +175,6 @@ enum Command {
     ProbeOverlay { dir: PathBuf },
     #[command(hide = true, name = "__sandbox")]
     SandboxStage1,
-    #[command(hide = true, name = "__sandbox-init")]
-    SandboxStage2,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,9 +251,6 @@ fn main() -> ExitCode {
     {
         Some("__sandbox") => {
             return run::sandbox_stage(velo_project::sandbox::stage1).unwrap_or(ExitCode::FAILURE)
-        }
-        Some("__sandbox-init") => {
-            return run::sandbox_stage(velo_project::sandbox::stage2).unwrap_or(ExitCode::FAILURE)
         }
         _ => {}
     }
@@ -339,7 +334,6 @@ fn main() -> ExitCode {
         Command::ProbeUserns => doctor::probe_userns(),
         Command::ProbeOverlay { dir } => doctor::probe_overlay(&dir),
         Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
-        Command::SandboxStage2 => run::sandbox_stage(velo_project::sandbox::stage2),
         Command::Run {
             isolate,
             bases,

@@ -134,7 +134,10 @@ fn commit_run(
     manifest: Hash,
     outcome: &velo_project::session::RunOutcome,
 ) -> Result<Committed> {
-    let report = velo_project::commit::commit_upper(store, outcome.base, &outcome.upper)
+    let base = outcome
+        .base
+        .context("internal error: a run whose changes are committed has no merged base")?;
+    let report = velo_project::commit::commit_upper(store, base, &outcome.upper)
         .context("committing the run's changes")?;
     let root = report.root;
     store.sync()?;

@@ -90,8 +90,9 @@ pub struct RunOutcome {
     pub exit_code: i32,
     /// The upper holding the run's changes.
     pub upper: PathBuf,
-    /// The merged layers, the base any commit applies the upper to.
-    pub base: Hash,
+    /// The merged layers, the base a commit applies the upper to: computed only when the
+    /// run's changes are wanted (`keep_changes`), as a throwaway run never needs it.
+    pub base: Option<Hash>,
     /// Farms built for this run, with seconds each.
     pub farms_built: Vec<(Hash, f64)>,
     /// Seconds from start to the command's exit, farm building excluded.
@@ -214,7 +215,11 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         }
         lowers.push(path);
     }
-    let base = crate::commit::merge_layers(store, &layers)?;
+    let base = if options.keep_changes {
+        Some(crate::commit::merge_layers(store, &layers)?)
+    } else {
+        None
+    };
     let session = store.new_session()?;
     let mk = |p: &Path| {
         std::fs::create_dir_all(p).map_err(|source| ProjectError::Dest {

@@ -4,10 +4,11 @@
 //! 1. `velo` itself prepares farms and the session, spawns stage 1 and forwards signals;
 //! 2. stage 1 (`velo __sandbox`, single-threaded, as unshare(2) requires) leads a new
 //!    session (no controlling terminal), enters new user, mount, pid, ipc, uts (and net)
-//!    namespaces, maps the caller's uid and gid to 0, and spawns stage 2;
-//! 3. stage 2 (`velo __sandbox-init`) is pid 1 of the new pid namespace: it builds the
-//!    root (see [`mounts`]), pivots into it, limits the command's capabilities, runs the
-//!    command, reaps orphans, forwards signals and exits with the command's status.
+//!    namespaces, maps the caller's uid and gid to 0, and forks stage 2 (no second exec:
+//!    each exec of velo costs about a millisecond of start-up);
+//! 3. stage 2 is pid 1 of the new pid namespace: it builds the root (see [`mounts`]),
+//!    pivots into it, limits the command's capabilities, runs the command, reaps orphans,
+//!    forwards signals and exits with the command's status.
 //!
 //! The boundary, and what enforces each part:
 //! - the configuration travels in a memfd at fd 3, never in the environment; every stage
@@ -199,7 +200,7 @@ fn map_to_root(uid: u32, gid: u32) -> Result<(), SandboxError> {
 
 /// Stage 1: new namespaces, id maps, then stage 2 as pid 1. Returns the exit code.
 pub fn stage1() -> Result<i32, SandboxError> {
-    let config = read_config(true)?;
+    let config = read_config(false)?;
     use rustix::thread::UnshareFlags as U;
     let mut flags = U::NEWUSER | U::NEWNS | U::NEWPID | U::NEWIPC | U::NEWUTS;
     if config.isolate_net {
@@ -210,33 +211,50 @@ pub fn stage1() -> Result<i32, SandboxError> {
     unsafe { rustix::thread::unshare_unsafe(flags) }
         .map_err(setup("creating namespaces", USERNS_HINT))?;
     map_to_root(config.uid, config.gid)?;
-    let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
-    let mut pass = vec![CONFIG_FD, SESSION_LOCK_FD];
-    if config.upper.is_some() {
-        pass.push(UPPER_LOCK_FD);
+    let (alive_read, alive_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(setup("creating a pipe", ""))?;
+    let mask = spawn::block_signals();
+    // SAFETY: this process is single-threaded, so the child is a complete copy that may
+    // run any code; it never returns from this block.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(setup_io("starting the sandbox's init", "")(
+            std::io::Error::last_os_error(),
+        ));
     }
-    let child = spawn::spawn_tied(
-        Command::new("/proc/self/exe")
-            .arg("__sandbox-init")
-            .env_clear(),
-        &pass,
-        false,
-    )
-    .map_err(setup_io("starting the sandbox's init", ""))?;
-    supervisor
-        .wait(child.id(), false)
-        .map_err(setup_io("waiting for the sandbox", ""))
+    if pid == 0 {
+        use std::os::fd::AsRawFd;
+        let code = match spawn::die_with_parent(alive_read.as_raw_fd(), alive_write.as_raw_fd())
+            .map_err(setup_io("tying the sandbox's init to its parent", ""))
+            .and_then(|()| stage2(&config, &mask))
+        {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("velo: sandbox: {e}");
+                i32::from(e.exit_code())
+            }
+        };
+        std::process::exit(code);
+    }
+    drop(alive_read);
+    let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""));
+    spawn::restore_signals(&mask);
+    let code = supervisor?
+        .wait(pid as u32, false)
+        .map_err(setup_io("waiting for the sandbox", ""));
+    drop(alive_write);
+    code
 }
 
-/// Stage 2: pid 1 inside. Mounts, pivots, runs the command. Returns its exit code.
-pub fn stage2() -> Result<i32, SandboxError> {
-    let config = read_config(false)?;
+/// Stage 2: pid 1 inside, forked by stage 1 with the forwarded signals blocked (`mask` is
+/// the mask to restore). Mounts, pivots, runs the command. Returns its exit code.
+fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxError> {
     // The locks stay held by pid 1 for the life of the run, out of the command's reach.
     spawn::keep_private(SESSION_LOCK_FD);
     spawn::keep_private(UPPER_LOCK_FD);
     // Nothing inside may read this process's memory or /proc/1 files (ptrace access).
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
-    mounts::build_root(&config)?;
+    mounts::build_root(config)?;
     let workdir = if config.workdir.is_empty() {
         "/"
     } else {
@@ -262,6 +280,7 @@ pub fn stage2() -> Result<i32, SandboxError> {
         .env_clear()
         .envs(config.env.iter().map(|(k, v)| (k, v)));
     let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
+    spawn::restore_signals(mask);
     let child = spawn::spawn_tied(&mut command, &[], false).map_err(|e| {
         let name = String::from_utf8_lossy(program);
         let not_found = e.kind() == std::io::ErrorKind::NotFound;

@@ -101,6 +101,60 @@ pub fn spawn_tied(command: &mut Command, pass: &[RawFd], new_session: bool) -> i
     child
 }
 
+/// In a child between fork and exec (or a forked child that will not exec): arranges a
+/// SIGKILL when the parent thread dies, then fails if the parent is already gone. The
+/// parent holds `alive_write`; the child's copy is closed here, so the read end reports a
+/// hang-up exactly when the parent has exited. Async-signal-safe.
+pub(crate) fn die_with_parent(alive_read: RawFd, alive_write: RawFd) -> io::Result<()> {
+    // SAFETY: raw system calls on descriptor numbers this child owns copies of.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(alive_write);
+        let mut poll = libc::pollfd {
+            fd: alive_read,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&mut poll, 1, 0) < 0 || poll.revents & libc::POLLHUP != 0 {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
+/// Blocks the signals a [`Supervisor`] handles, so none is lost (or handled by the wrong
+/// process) between a fork and the moment each side has its own supervisor. Returns the
+/// previous mask for [`restore_signals`].
+pub(crate) fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use; the calls only
+    // change this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            libc::sigaddset(&mut set, *sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    }
+}
+
+/// Restores a mask saved by [`block_signals`]; pending signals are delivered now.
+pub(crate) fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: `old` came from pthread_sigmask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
 /// Marks every descriptor above 2 close-on-exec, for a command started by code that did
 /// not use [`spawn_tied`].
 pub fn cloexec_above_stderr() -> io::Result<()> {
