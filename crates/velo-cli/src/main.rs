@@ -242,17 +242,10 @@ impl Ctx {
 }
 
 fn main() -> ExitCode {
-    // The sandbox stages sit on the start-up path of every `velo run --isolate`: skip the
-    // argument parser and the log filter for them.
-    match std::env::args_os()
-        .nth(1)
-        .as_deref()
-        .and_then(|a| a.to_str())
-    {
-        Some("__sandbox") => {
-            return run::sandbox_stage(velo_project::sandbox::stage1).unwrap_or(ExitCode::FAILURE)
-        }
-        _ => {}
+    // The sandbox's stage 1, when exec'd, sits on the start-up path of `velo run
+    // --isolate`: skip the argument parser and the log filter for it.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("__sandbox")) {
+        return run::sandbox_stage(velo_project::sandbox::stage1).unwrap_or(ExitCode::FAILURE);
     }
     init_logging();
     let nofile = raise_fd_limit();

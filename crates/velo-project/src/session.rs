@@ -4,16 +4,14 @@
 //! locked for the life of the run (two overlays on one upper are undefined behaviour) and
 //! may not lie inside the store or contain it; a bind source may not lie inside the store.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use velo_core::Hash;
 use velo_store::Store;
 
-use crate::sandbox::spawn::spawn_tied;
-use crate::sandbox::{Bind, SandboxConfig, Supervisor};
+use crate::sandbox::{Bind, SandboxConfig};
 use crate::{checkout, CheckoutMode, ProjectError};
 
 /// The cached link farm of `root` in the store (`farms/<root>`), built on first use.
@@ -288,24 +286,13 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         let path = session.dir().to_path_buf();
         move |cause: std::io::Error| ProjectError::Dest { op, path, cause }
     };
-    let config_fd = crate::sandbox::config_memfd(&config)
-        .map_err(io_error("writing the sandbox configuration"))?;
-    let mut pass = vec![config_fd.as_raw_fd(), session.lock_fd().as_raw_fd()];
-    if let Some((_, lock)) = &kept_upper {
-        pass.push(lock.as_raw_fd());
-    }
     let started = Instant::now();
-    let supervisor = Supervisor::new().map_err(io_error("installing signal handlers"))?;
-    let child = spawn_tied(
-        Command::new("/proc/self/exe").arg("__sandbox").env_clear(),
-        &pass,
-        true,
+    let exit_code = crate::sandbox::start(
+        &config,
+        session.lock_fd(),
+        kept_upper.as_ref().map(|(_, lock)| lock.as_fd()),
     )
-    .map_err(io_error("starting the sandbox"))?;
-    drop(config_fd);
-    let exit_code = supervisor
-        .wait(child.id(), false)
-        .map_err(io_error("waiting for the sandbox"))?;
+    .map_err(io_error("running the sandbox"))?;
     let run_seconds = started.elapsed().as_secs_f64();
     if let Some(work) = &work {
         if kept_upper.is_some() {

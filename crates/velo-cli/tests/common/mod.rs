@@ -411,7 +411,10 @@ pub fn traced(env: &Env, args: &[&str]) -> Option<Vec<String>> {
     let out = std::process::Command::new(strace)
         .args(["-f", "-y", "-qq", "-o"])
         .arg(&log)
-        .args(["-e", "trace=syncfs,link,linkat,rename,renameat,renameat2"])
+        .args([
+            "-e",
+            "trace=syncfs,fdatasync,fsync,link,linkat,rename,renameat,renameat2",
+        ])
         .arg(velo_bin())
         .arg("--store")
         .arg(&env.store)
@@ -453,12 +456,35 @@ fn publishes_object(line: &str, store: &Path) -> bool {
     destination.is_some_and(|d| d.contains(&blobs) || d.contains(&trees))
 }
 
+/// Whether the publishing call at `index` links an anonymous file (`/proc/self/fd/N`)
+/// that the same process fdatasynced (or fsynced) before: a single object made on demand,
+/// durable before it is named.
+fn synced_single_object(trace: &[String], index: usize) -> bool {
+    let line = &trace[index];
+    let pid = line.split(' ').next().unwrap_or("");
+    let Some(fd) = line
+        .split("\"/proc/self/fd/")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+    else {
+        return false;
+    };
+    trace[..index].iter().any(|earlier| {
+        earlier.split(' ').next() == Some(pid)
+            && (earlier.contains(&format!("fdatasync({fd}<"))
+                || earlier.contains(&format!("fsync({fd}<")))
+    })
+}
+
 /// In a `traced` run, no link or rename into `blobs/` or `trees/` comes before the first
-/// `syncfs`, and something was published at all.
+/// `syncfs` (unless it names a single object synced on its own), and something was
+/// published at all. Failed calls publish nothing.
 pub fn assert_flushed_before_published(what: &str, trace: &[String], store: &Path) {
-    let first_publish = trace
-        .iter()
-        .position(|l| publishes_object(l, store))
+    let first_publish = (0..trace.len())
+        .find(|&i| {
+            let l = &trace[i];
+            publishes_object(l, store) && !l.contains(" = -1 ") && !synced_single_object(trace, i)
+        })
         .unwrap_or_else(|| panic!("{what}: nothing was published?\n{}", trace.join("\n")));
     let first_sync = trace
         .iter()

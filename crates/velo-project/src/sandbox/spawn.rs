@@ -314,3 +314,55 @@ pub fn limit_capabilities() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Whether this process has a single thread (then `fork` may be followed by any code).
+pub fn single_threaded() -> bool {
+    // Field 20 of /proc/self/stat, counted after the command name (which may hold spaces
+    // but ends at the last ')').
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 2..];
+            rest.split(' ').nth(17)?.parse::<u32>().ok()
+        })
+        == Some(1)
+}
+
+/// Overwrites this process's original command line and environment strings (what
+/// /proc/<pid>/cmdline and /proc/<pid>/environ read) with zeros, leaving the name
+/// `velo-sandbox` as the command line.
+pub fn scrub_process_strings() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return;
+    };
+    // After the name: fields 3.. ; arg_start..env_end are fields 48..51.
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.trim().parse::<usize>().ok())
+    };
+    let (Some(arg_start), Some(arg_end), Some(env_start), Some(env_end)) =
+        (field(48), field(49), field(50), field(51))
+    else {
+        return;
+    };
+    for (start, end) in [(arg_start, arg_end), (env_start, env_end)] {
+        if start == 0 || end <= start {
+            continue;
+        }
+        // SAFETY: the kernel reports these ranges as this process's own argument and
+        // environment strings, which live in writable memory of its initial stack; the
+        // Rust runtime copied what it needed (std::env reads the live `environ` strings,
+        // but nothing in this process reads the environment after this point).
+        unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
+    }
+    let name = b"velo-sandbox";
+    if arg_end - arg_start > name.len() {
+        // SAFETY: as above; the name and its NUL fit in the argument area.
+        unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), arg_start as *mut u8, name.len()) };
+    }
+}
