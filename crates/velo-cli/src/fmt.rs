@@ -96,9 +96,11 @@ pub fn entry_json(path: &[u8], entry: &Entry) -> Value {
 }
 
 /// Prints a JSON value on stdout.
+/// Prints one JSON document on stdout. A reader that went away (`| head`) or a full
+/// stdout is not worth a panic: what the command did is done either way.
 pub fn print_json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON values always serialise")
-    );
+    use std::io::Write as _;
+    let text =
+        serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let _ = writeln!(std::io::stdout(), "{text}");
 }

@@ -4,6 +4,16 @@
 //! codes; everything else is a call into `velo-ingest` and `velo-store`. Errors become
 //! `anyhow` chains here and nowhere below.
 
+/// A line on stderr that never panics: a closed or full stderr (`2>&-`, `2>/dev/full`, a
+/// reader that went away) must not abort a command half-way, e.g. between a run and its
+/// commit.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod doctor;
 mod fmt;
 mod read;
@@ -249,7 +259,24 @@ fn main() -> ExitCode {
     }
     init_logging();
     let nofile = raise_fd_limit();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `velo run` reports its own failures as 125, never a status the command
+            // could return (the container convention); other commands keep clap's 2.
+            let run = std::env::args_os()
+                .skip(1)
+                .take_while(|a| a != "--")
+                .any(|a| a == "run");
+            let code = if run && e.use_stderr() {
+                125
+            } else {
+                e.exit_code()
+            };
+            let _ = e.print();
+            return ExitCode::from(code.clamp(0, 255) as u8);
+        }
+    };
     let ctx = Ctx {
         store_path: cli.store.clone().unwrap_or_else(default_store),
         json: cli.json,
@@ -360,7 +387,7 @@ fn main() -> ExitCode {
             return match run::run(&ctx, args) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("velo: error: {e:#}");
+                    note!("velo: error: {e:#}");
                     ExitCode::from(125)
                 }
             };
@@ -369,7 +396,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("velo: error: {e:#}");
+            note!("velo: error: {e:#}");
             ExitCode::FAILURE
         }
     }

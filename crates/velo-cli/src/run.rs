@@ -43,7 +43,7 @@ pub fn sandbox_stage(
     match stage() {
         Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
         Err(e) => {
-            eprintln!("velo: sandbox: {e}");
+            note!("velo: sandbox: {e}");
             Ok(ExitCode::from(e.exit_code()))
         }
     }
@@ -66,35 +66,62 @@ fn layer(store: &Store, spec: &str) -> Result<Hash> {
 }
 
 fn parse_bind(spec: &str) -> Result<Bind> {
-    let (rest, read_only) = match spec.strip_suffix(":ro") {
-        Some(rest) => (rest, true),
-        None => (spec.strip_suffix(":rw").unwrap_or(spec), false),
+    let mut parts = spec.splitn(3, ':');
+    let (Some(source), Some(dest)) = (parts.next(), parts.next()) else {
+        bail!("--bind {spec:?}: expected SRC:DST, SRC:DST:ro or SRC:DST:rw");
     };
-    let Some((source, dest)) = rest.split_once(':') else {
-        bail!("--bind {spec:?}: expected SRC:DST or SRC:DST:ro");
+    let read_only = match parts.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(other) => bail!("--bind {spec:?}: unknown option {other:?} (ro or rw)"),
     };
-    if dest == "/" {
+    velo_project::sandbox::validate_inside_path(dest)
+        .with_context(|| format!("--bind {spec:?}"))?;
+    // `/a//b/` is `/a/b`; what is left of `//` is the root itself.
+    let dest = dest
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .fold(String::new(), |path, c| path + "/" + c);
+    if dest.is_empty() {
         bail!("--bind {spec:?}: cannot bind over the sandbox's root; choose a directory inside it");
     }
     let source = std::fs::canonicalize(source)
         .with_context(|| format!("--bind {spec:?}: the source {source:?} does not exist"))?;
-    velo_project::sandbox::validate_inside_path(dest)
-        .with_context(|| format!("--bind {spec:?}"))?;
+    if source.to_str().is_none() {
+        bail!("--bind {spec:?}: the source's path is not UTF-8; bind a parent directory, or rename it");
+    }
     Ok(Bind {
         source,
-        dest: dest.to_string(),
+        dest,
         read_only,
     })
 }
 
-/// Fails before the run if `out` cannot be written: after it, the run's work would be lost
-/// to a typo.
-fn check_output_path(out: &Path) -> Result<()> {
-    if out.is_dir() {
-        bail!(
-            "--commit {}: is a directory; name the .velo file to write",
+/// Checks `--commit OUT` before the run (after it, the run's work would be lost to a
+/// typo) and returns the path to write: a symlink is followed to its target. Only a
+/// regular file is ever replaced: a device, a fifo or a socket at OUT (`/dev/null` as
+/// root) must never become a file.
+fn check_output_path(out: &Path) -> Result<PathBuf> {
+    let out = match std::fs::symlink_metadata(out) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            std::fs::canonicalize(out).with_context(|| {
+                format!(
+                    "--commit {}: a symlink whose target does not exist",
+                    out.display()
+                )
+            })?
+        }
+        _ => out.to_path_buf(),
+    };
+    match std::fs::metadata(&out) {
+        Ok(meta) if meta.is_dir() => {
+            bail!("--commit {}: is a directory; name the .velo file to write", out.display())
+        }
+        Ok(meta) if !meta.is_file() => bail!(
+            "--commit {}: is not a regular file (a device, fifo or socket); name a .velo file to write",
             out.display()
-        );
+        ),
+        _ => {}
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -115,7 +142,7 @@ fn check_output_path(out: &Path) -> Result<()> {
             std::io::Error::from(e)
         )
     })?;
-    Ok(())
+    Ok(out)
 }
 
 /// What a commit produced.
@@ -131,6 +158,7 @@ struct Committed {
 fn commit_run(
     store: &Store,
     args: &RunArgs,
+    commit_to: Option<&Path>,
     manifest: Hash,
     outcome: &velo_project::session::RunOutcome,
 ) -> Result<Committed> {
@@ -142,7 +170,7 @@ fn commit_run(
     let root = report.root;
     store.sync()?;
     let stats = velo_store::treeops::stats(store, root)?;
-    if let Some(out) = &args.commit {
+    if let Some(out) = commit_to {
         store.export(root, out, false).with_context(|| {
             format!(
                 "the changes were committed as tree {root}, but writing {} failed (nothing registered)",
@@ -194,8 +222,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     if let Some(dir) = &args.workdir {
         velo_project::sandbox::validate_inside_path(dir).context("--workdir")?;
     }
-    if let Some(out) = &args.commit {
-        check_output_path(out)?;
+    let commit_to = args.commit.as_deref().map(check_output_path).transpose()?;
+    if args.commit_always && args.commit.is_none() && args.name.is_none() {
+        note!("velo: --commit-always does nothing without --commit or --name");
     }
     let binds = args
         .binds
@@ -236,7 +265,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     };
     let outcome = run_isolated(&store, &options)?;
     for (root, seconds) in &outcome.farms_built {
-        eprintln!(
+        note!(
             "velo: built the link farm of {} in {seconds:.2} s (cached for later runs)",
             &root.to_hex()[..16]
         );
@@ -246,15 +275,21 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     let mut commit_error = None;
     let mut skipped = false;
     if wants_commit {
-        if outcome.exit_code != 0 && !args.commit_always {
+        if !outcome.command_started {
             skipped = true;
-            eprintln!(
+            note!(
+                "velo: the command never ran (status {}): nothing committed",
+                outcome.exit_code
+            );
+        } else if outcome.exit_code != 0 && !args.commit_always {
+            skipped = true;
+            note!(
                 "velo: the command exited with status {}: nothing committed{} (--commit-always commits a failed run's changes)",
                 outcome.exit_code,
                 if outcome.upper_is_temporary { ", its changes are discarded" } else { "" }
             );
         } else {
-            match commit_run(&store, &args, manifest, &outcome) {
+            match commit_run(&store, &args, commit_to.as_deref(), manifest, &outcome) {
                 Ok(c) => committed = Some(c),
                 Err(e) => {
                     let kept = if outcome.upper_is_temporary {
@@ -267,7 +302,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
                     } else {
                         format!("the upper {} is unchanged", outcome.upper.display())
                     };
-                    eprintln!("velo: error: {e:#}; {kept}");
+                    note!("velo: error: {e:#}; {kept}");
                     commit_error = Some(format!("{e:#}"));
                     if exit_code == 0 {
                         exit_code = 125;
@@ -295,11 +330,11 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         }));
     } else if let Some(c) = &committed {
         for path in &c.setid_dropped {
-            eprintln!("velo: {path}: setuid/setgid bits dropped (a sandboxed command cannot grant privileges)");
+            note!("velo: {path}: setuid/setgid bits dropped (a sandboxed command cannot grant privileges)");
         }
-        eprintln!("velo: committed the run's changes as {}", c.root);
+        note!("velo: committed the run's changes as {}", c.root);
         if let (Some(name), Some(previous)) = (&args.name, &c.moved_from) {
-            eprintln!("velo: {name} moved from {previous} to {}", c.root);
+            note!("velo: {name} moved from {previous} to {}", c.root);
         }
     }
     drop(outcome.upper_lock);

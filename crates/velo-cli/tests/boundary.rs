@@ -673,3 +673,127 @@ fn kill_9_of_velo_ends_the_sandbox_and_gc_respects_live_and_kept_sessions() {
     env.json(&["gc", "--run"]);
     assert!(!live.exists() && kept.exists());
 }
+
+/// Odd arguments a new user gives (found by trying them): each is refused before the run
+/// with a message naming it, or handled without harm.
+#[test]
+fn odd_outputs_binds_and_uppers_are_refused_before_the_run() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let refused = |extra: &[&str], what: &str| {
+        let out = run(&env, &busybox, &app, extra, "echo RAN");
+        assert_eq!(out.status.code(), Some(125), "{extra:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("RAN"),
+            "{extra:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains(what), "{extra:?}: {err}");
+    };
+    // --commit onto a fifo (or a device, as root /dev/null) must never replace it.
+    let fifo = env.path("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    refused(&["--commit", fifo.to_str().unwrap()], "not a regular file");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::symlink_metadata(&fifo).unwrap().file_type()
+    ));
+    // A writable bind of a directory holding the store would let the command rewrite it.
+    let around = format!("{}:/host", env.dir.path().display());
+    refused(&["--bind", &around], "contains the store");
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--bind", &format!("{around}:ro")],
+        "test -d /host/store && echo SEEN",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SEEN"),
+        "a read-only bind around the store is fine"
+    );
+    // Binds over the root, and unknown options.
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    refused(
+        &["--bind", &format!("{}://", src.display())],
+        "over the sandbox's root",
+    );
+    refused(
+        &["--bind", &format!("{}:/mnt:xx", src.display())],
+        "unknown option",
+    );
+    // Uppers that are files, or whose path overlayfs cannot take.
+    let file = env.path("a-file");
+    fs::write(&file, b"x").unwrap();
+    refused(&["--upper", file.to_str().unwrap()], "not a directory");
+    let colon = env.path("up:colon");
+    refused(&["--upper", colon.to_str().unwrap()], "without ':'");
+    assert!(!colon.exists(), "a refused upper was created");
+    // Work directories of killed runs on an upper are cleared by the next run on it.
+    let upper = env.path("upper");
+    let stale = env.path(".upper.velo-work-killed");
+    fs::create_dir_all(stale.join("work/inner")).unwrap();
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", upper.to_str().unwrap()],
+        "true",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists(), "a stale work directory was left");
+    // --commit-always never commits a run whose command did not start.
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[
+            "--name",
+            "never",
+            "--commit-always",
+            "--workdir",
+            "/nowhere",
+        ],
+        "true",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never ran"));
+    assert!(!env.json(&["roots"]).to_string().contains("\"never\""));
+    // A broken stderr does not abort velo between the run and its commit.
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--name", "quiet", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args(["--", "/bin/sh", "-c", "sleep 0.3; echo x > /x"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(env.ok(&["cat", "quiet", "x"]), "x\n");
+    // Clap's own errors in `velo run` are velo's failures too.
+    let out = env.run(&[
+        "run",
+        "--isolate",
+        "--manifest",
+        "x",
+        "--no-such-flag",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    env.fsck_ok();
+}

@@ -99,6 +99,9 @@ pub struct RunOutcome {
     pub session: velo_store::Session,
     /// Whether the upper belongs to the session (not the user's `--upper`).
     pub upper_is_temporary: bool,
+    /// Whether the command started (a sandbox that failed to set up, or a command that was
+    /// not found, changed nothing worth committing).
+    pub command_started: bool,
     /// The lock on a kept `--upper`, held until the caller has committed it.
     pub upper_lock: Option<OwnedFd>,
 }
@@ -115,7 +118,31 @@ fn within(path: &Path, dir: &Path) -> bool {
 /// Creates (if needed), checks and locks a kept upper; returns its canonical path and the
 /// held lock.
 fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), ProjectError> {
-    // Checked before anything is created: a refused upper leaves no trace in the store.
+    // Checked before anything is created: a refused upper leaves no trace.
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(refused(format!(
+                "--upper {}: is not a directory",
+                dir.display()
+            )))
+        }
+        Err(_) if std::fs::symlink_metadata(dir).is_ok() => {
+            return Err(refused(format!(
+                "--upper {}: a symlink whose target does not exist",
+                dir.display()
+            )))
+        }
+        _ => {}
+    }
+    match dir.to_str() {
+        Some(text) if !text.contains([':', ',', '\\']) => {}
+        _ => {
+            return Err(refused(format!(
+                "--upper {}: overlayfs takes only UTF-8 paths without ':' ',' or '\\'; choose another directory",
+                dir.display()
+            )))
+        }
+    }
     let absolute = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
     let mut existing = absolute.as_path();
     let mut missing = Vec::new();
@@ -175,6 +202,22 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
             dir.display()
         )));
     }
+    if rustix::fs::access(&canonical, rustix::fs::Access::WRITE_OK).is_err() {
+        return Err(refused(format!(
+            "--upper {}: you cannot write there; choose a directory of your own",
+            dir.display()
+        )));
+    }
+    // Work directories of earlier runs on this upper that were killed: with the lock held,
+    // none of them is in use.
+    if let (Some(parent), Some(name)) = (canonical.parent(), canonical.file_name()) {
+        let prefix = format!(".{}.velo-work-", name.to_string_lossy());
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                velo_store::remove_tree(&entry.path());
+            }
+        }
+    }
     Ok((canonical, lock))
 }
 
@@ -195,6 +238,13 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
             return Err(refused(format!(
                 "--bind {}: the store cannot be bound into a sandbox (the command could change what later runs read)",
                 bind.source.display()
+            )));
+        }
+        if !bind.read_only && within(&store_root, &source) {
+            return Err(refused(format!(
+                "--bind {}: it contains the store ({}), which the command could then rewrite; bind it read-only (:ro), bind a subdirectory, or keep the store elsewhere (--store)",
+                bind.source.display(),
+                store_root.display()
             )));
         }
     }
@@ -299,7 +349,9 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
             velo_store::remove_tree(work);
         }
     }
+    let command_started = session.dir().join(crate::sandbox::STARTED_MARKER).exists();
     Ok(RunOutcome {
+        command_started,
         exit_code,
         upper: upper.unwrap_or_default(),
         base,

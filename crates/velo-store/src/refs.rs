@@ -74,6 +74,9 @@ pub fn validate_root_name(name: &str) -> Result<()> {
     if name.starts_with(['.', '-', '@']) {
         return bad("a name cannot start with '.', '-' or '@'");
     }
+    if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("a name cannot be 64 hex digits: it would be taken for a tree hash");
+    }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-' | b'@'))
@@ -211,8 +214,13 @@ impl Store {
     /// Resolves a TREE argument that is a root name, a full hash or a unique hash prefix
     /// (at least 4 hex digits) of a tree in this store.
     pub fn resolve(&self, spec: &str) -> Result<Hash> {
-        if let Some(record) = self.root_by_name(spec)? {
-            return record.hash();
+        // A full hash always means that tree (a record named like one, made before names
+        // were checked for it, cannot hide it).
+        let full = spec.parse::<Hash>().ok().filter(|_| spec.len() == 64);
+        if full.is_none() {
+            if let Some(record) = self.root_by_name(spec)? {
+                return record.hash();
+            }
         }
         if let Ok(hash) = spec.parse::<Hash>() {
             if self.has_tree(&hash) {
@@ -247,6 +255,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_cannot_pose_as_a_tree_hash() {
+        assert!(validate_root_name(&"ab".repeat(32)).is_err());
+        assert!(validate_root_name(&"ab".repeat(31)).is_ok());
+    }
 
     #[test]
     fn root_names_are_validated() {

@@ -34,6 +34,10 @@ use serde::{Deserialize, Serialize};
 pub use spawn::Supervisor;
 use spawn::{CONFIG_FD, SESSION_LOCK_FD, UPPER_LOCK_FD};
 
+/// Made in the session directory once the command has started: a run whose command never
+/// ran (the sandbox failed, the command was not found) has nothing to commit.
+pub const STARTED_MARKER: &str = "started";
+
 /// A host path bound into the sandbox.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Bind {
@@ -251,7 +255,8 @@ fn start_forked(config: &SandboxConfig) -> std::io::Result<i32> {
         let code = match started.and_then(|()| enter(config)) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("velo: sandbox: {e}");
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "velo: sandbox: {e}");
                 i32::from(e.exit_code())
             }
         };
@@ -303,7 +308,8 @@ fn enter(config: &SandboxConfig) -> Result<i32, SandboxError> {
         {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("velo: sandbox: {e}");
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "velo: sandbox: {e}");
                 i32::from(e.exit_code())
             }
         };
@@ -327,6 +333,14 @@ fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxE
     spawn::keep_private(UPPER_LOCK_FD);
     // Nothing inside may read this process's memory or /proc/1 files (ptrace access).
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    // The session directory, kept open across pivot_root to tell velo the command started.
+    let session = config.scratch.parent().map(|dir| {
+        rustix::fs::open(
+            dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    });
     mounts::build_root(config)?;
     let workdir = if config.workdir.is_empty() {
         "/"
@@ -357,15 +371,29 @@ fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxE
     let child = spawn::spawn_tied(&mut command, &[], false).map_err(|e| {
         let name = String::from_utf8_lossy(program);
         let not_found = e.kind() == std::io::ErrorKind::NotFound;
+        let message = if !not_found {
+            format!("{name}: cannot run it in the sandbox: {e}")
+        } else if !program.contains(&b'/') {
+            format!("{name}: command not found in the sandbox's PATH (does the tree contain it?)")
+        } else if Path::new(&*name).exists() {
+            format!("{name}: exists, but its interpreter (#!) or dynamic loader is missing from the tree")
+        } else {
+            format!("{name}: no such file in the sandbox")
+        };
         SandboxError::Command {
             code: if not_found { 127 } else { 126 },
-            message: if not_found {
-                format!("{name}: command not found in the sandbox (looked up in its PATH; does the tree contain it?)")
-            } else {
-                format!("{name}: cannot run it in the sandbox: {e}")
-            },
+            message,
         }
     })?;
+    if let Some(Ok(dir)) = &session {
+        let _ = rustix::fs::openat(
+            dir,
+            STARTED_MARKER,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        );
+    }
+    drop(session);
     // As pid 1, reap every orphan until the command itself exits.
     supervisor
         .wait(child.id(), true)
