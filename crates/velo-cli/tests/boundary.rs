@@ -797,3 +797,180 @@ fn odd_outputs_binds_and_uppers_are_refused_before_the_run() {
     assert_eq!(out.status.code(), Some(125));
     env.fsck_ok();
 }
+
+const KEYRING_PROBE: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    long id = syscall(SYS_keyctl, 10 /* KEYCTL_SEARCH */, -3 /* session keyring */,
+                      "user", "velo-test-secret", 0);
+    printf("search=%s\n", id < 0 ? strerror(errno) : "FOUND");
+    return 0;
+}
+"#;
+
+/// The second red-team round: the caller's session keyring, nested user namespaces (a
+/// fresh bounding set: cgroupfs and the host's limits), host device inodes, more of
+/// /proc, uppers others can reach, and terminal modes left behind.
+#[test]
+fn keyrings_nested_namespaces_devices_and_shared_uppers_stay_closed() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    if let Some(probe) = static_program(&env, "keyprobe", KEYRING_PROBE) {
+        let mut cmd = env.cmd();
+        cmd.args(["run", "--isolate", "--base"])
+            .arg(&busybox)
+            .arg("--manifest")
+            .arg(&app)
+            .arg("--bind")
+            .arg(format!("{}:/keyprobe:ro", probe.display()))
+            .args(["--", "/keyprobe"]);
+        // SAFETY: raw keyctl/add_key calls in the child before exec; the strings are
+        // static and NUL-terminated.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_keyctl, 1, c"velo-test".as_ptr());
+                let secret = b"hunter2";
+                let id = libc::syscall(
+                    libc::SYS_add_key,
+                    c"user".as_ptr(),
+                    c"velo-test-secret".as_ptr(),
+                    secret.as_ptr(),
+                    secret.len(),
+                    -3i64,
+                );
+                if id < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("search=Required key not available"), "{text}");
+    }
+    let before = fs::metadata("/dev/null").unwrap();
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &[],
+        "unshare -r true && echo NESTED-USERNS; \
+         mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && echo CGROUP-MOUNTED; \
+         chmod 600 /dev/null && echo CHMOD-DEV; touch /dev/tty && echo TOUCH-DEV; \
+         echo x > /dev/null && echo dev-writes; \
+         head -c 8 /proc/kpageflags | wc -c; ls /proc/acpi | wc -l",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for leak in ["NESTED-USERNS", "CGROUP-MOUNTED", "CHMOD-DEV", "TOUCH-DEV"] {
+        assert!(!text.contains(leak), "{leak}: {text}");
+    }
+    assert!(
+        text.contains("dev-writes"),
+        "devices must still work: {text}"
+    );
+    assert!(
+        text.contains("\n0\n0\n"),
+        "kpageflags or acpi readable: {text}"
+    );
+    let after = fs::metadata("/dev/null").unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&before.permissions()),
+        std::os::unix::fs::PermissionsExt::mode(&after.permissions())
+    );
+
+    // An upper others can write, or that belongs to someone else, is refused; as root,
+    // one that others can even enter.
+    let open_upper = env.path("open-upper");
+    fs::create_dir(&open_upper).unwrap();
+    fs::set_permissions(
+        &open_upper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", open_upper.to_str().unwrap()],
+        "true",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("others can write"));
+    if common::is_root() {
+        fs::set_permissions(
+            &open_upper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let out = run(
+            &env,
+            &busybox,
+            &app,
+            &["--upper", open_upper.to_str().unwrap()],
+            "true",
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 700"));
+        rustix::fs::chown(&open_upper, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        fs::set_permissions(
+            &open_upper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let out = run(
+            &env,
+            &busybox,
+            &app,
+            &["--upper", open_upper.to_str().unwrap()],
+            "true",
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to uid 65534"));
+    }
+    // A new upper is private.
+    let fresh = env.path("fresh-upper");
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--upper", fresh.to_str().unwrap()],
+        "true",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&fresh).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+/// Terminal modes the command changes on the caller's terminal are restored.
+#[test]
+fn terminal_modes_are_restored_after_the_run() {
+    if !sandbox_supported()
+        || !common::require(
+            common::find_tool("script").is_some(),
+            "script (bsdutils) for a pty",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let line = velo_run_line(&env, &busybox, &app, "", "/bin/sh -c 'stty -echo'");
+    let out = Command::new("script")
+        .args(["-qec", &format!("{line}; stty -a"), "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" echo "), "{text}");
+    assert!(!text.contains("-echo "), "echo stayed off: {text}");
+}

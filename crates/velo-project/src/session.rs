@@ -5,6 +5,7 @@
 //! may not lie inside the store or contain it; a bind source may not lie inside the store.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -168,11 +169,17 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
             store_root.display()
         )));
     }
-    std::fs::create_dir_all(&resolved).map_err(|source| ProjectError::Dest {
-        op: "creating",
-        path: dir.to_path_buf(),
-        cause: source,
-    })?;
+    // Private from the start: as root, what the command makes there (set-uid files among
+    // them) must not be reachable by other users while the run lasts.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&resolved)
+        .map_err(|source| ProjectError::Dest {
+            op: "creating",
+            path: dir.to_path_buf(),
+            cause: source,
+        })?;
     // Resolved again once it exists: a symlink planted meanwhile must not lead elsewhere.
     let canonical = std::fs::canonicalize(&resolved).map_err(|source| ProjectError::Dest {
         op: "resolving",
@@ -199,6 +206,33 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(refused(format!(
             "--upper {}: another run is using this upper; wait for it to finish (two overlays on one upper corrupt it)",
+            dir.display()
+        )));
+    }
+    let stat = rustix::fs::fstat(&lock).map_err(|e| ProjectError::Dest {
+        op: "inspecting",
+        path: canonical.clone(),
+        cause: e.into(),
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if stat.st_uid != me {
+        return Err(refused(format!(
+            "--upper {}: it belongs to uid {}, not to you (uid {me}); its owner could change what the run commits. Use a directory of your own",
+            dir.display(),
+            stat.st_uid
+        )));
+    }
+    if stat.st_mode & 0o022 != 0 {
+        return Err(refused(format!(
+            "--upper {}: others can write there and change what the run commits; `chmod go-w {}` or choose another directory",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    if me == 0 && stat.st_mode & 0o077 != 0 {
+        return Err(refused(format!(
+            "--upper {}: run as root, the command is root in its upper: other users must not reach what it makes there (a set-uid file); `chmod 700 {}`",
+            dir.display(),
             dir.display()
         )));
     }

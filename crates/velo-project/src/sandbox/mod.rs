@@ -213,10 +213,27 @@ pub fn start(
     session_lock: std::os::fd::BorrowedFd<'_>,
     upper_lock: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> std::io::Result<i32> {
-    use std::os::fd::AsRawFd;
-    if spawn::single_threaded() {
-        return start_forked(config);
+    // The command shares the caller's terminal (fd 0): whatever modes it leaves there
+    // (`stty -echo`, raw mode of a killed editor) are undone when it is gone.
+    let stdin = std::io::stdin();
+    let terminal = rustix::termios::tcgetattr(&stdin).ok();
+    let code = if spawn::single_threaded() {
+        start_forked(config)
+    } else {
+        start_exec(config, session_lock, upper_lock)
+    };
+    if let Some(modes) = terminal {
+        let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &modes);
     }
+    code
+}
+
+fn start_exec(
+    config: &SandboxConfig,
+    session_lock: std::os::fd::BorrowedFd<'_>,
+    upper_lock: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
     let config_fd = config_memfd(config)?;
     let mut pass = vec![config_fd.as_raw_fd(), session_lock.as_raw_fd()];
     if let Some(lock) = upper_lock {
@@ -279,8 +296,24 @@ pub fn stage1() -> Result<i32, SandboxError> {
 
 /// New namespaces, id maps, then stage 2 as pid 1. Returns the exit code.
 fn enter(config: &SandboxConfig) -> Result<i32, SandboxError> {
+    // A fresh anonymous session keyring: the caller's (Kerberos tickets, tokens) must be
+    // neither readable nor writable inside. Kernels without keyrings answer ENOSYS.
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL) takes no memory from us.
+    let joined = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if joined < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+        return Err(setup_io("leaving the caller's session keyring", "")(
+            std::io::Error::last_os_error(),
+        ));
+    }
     use rustix::thread::UnshareFlags as U;
-    let mut flags = U::NEWUSER | U::NEWNS | U::NEWPID | U::NEWIPC | U::NEWUTS;
+    let mut flags = U::NEWUSER | U::NEWNS | U::NEWPID | U::NEWIPC | U::NEWUTS | U::NEWCGROUP;
     if config.isolate_net {
         flags |= U::NEWNET;
     }

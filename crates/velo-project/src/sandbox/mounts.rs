@@ -22,13 +22,20 @@ use super::{setup, setup_io, Bind, SandboxConfig, SandboxError, OVERLAY_HINT, US
 /// Files under /proc that change the whole host: read-only inside.
 const PROC_READ_ONLY: [&str; 6] = ["sys", "sysrq-trigger", "irq", "bus", "fs", "asound"];
 /// Files under /proc that expose kernel memory or other users' secrets: masked.
-const PROC_MASKED: [&str; 5] = [
+const PROC_MASKED: [&str; 10] = [
     "kcore",
     "keys",
     "timer_list",
     "sched_debug",
     "latency_stats",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "slabinfo",
+    "vmallocinfo",
 ];
+/// Directories under /proc with host hardware knobs: hidden under an empty read-only tmpfs.
+const PROC_MASKED_DIRS: [&str; 2] = ["acpi", "scsi"];
 
 /// Builds the whole root and pivots into it. Called by stage 2 (pid 1).
 pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
@@ -153,6 +160,11 @@ fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
     rustix::mount::mount("proc", fd_path(&proc_dir), "proc", proc_flags, None)
         .map_err(setup("mounting /proc", ""))?;
     let proc = merged.join("proc");
+    // No user namespaces below this one: a nested one would start with every capability
+    // again (the bounding set is per namespace) and could mount cgroupfs and raise the
+    // host's limits on the caller. The limit is per user namespace: the host's stays.
+    std::fs::write(proc.join("sys/user/max_user_namespaces"), b"0")
+        .map_err(setup_io("forbidding nested user namespaces", ""))?;
     for name in PROC_READ_ONLY {
         let path = proc.join(name);
         if !path.exists() {
@@ -174,6 +186,19 @@ fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
                 .map_err(setup(format!("masking /proc/{name}"), ""))?;
         }
     }
+    for name in PROC_MASKED_DIRS {
+        let path = proc.join(name);
+        if path.is_dir() {
+            rustix::mount::mount(
+                "tmpfs",
+                &path,
+                "tmpfs",
+                MountFlags::RDONLY | proc_flags,
+                c"size=0,mode=555",
+            )
+            .map_err(setup(format!("masking /proc/{name}"), ""))?;
+        }
+    }
     Ok(())
 }
 
@@ -184,7 +209,7 @@ fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
         fd_path(&dev_dir),
         "tmpfs",
         MountFlags::NOSUID | MountFlags::NOEXEC,
-        c"mode=755",
+        c"mode=755,size=1m",
     )
     .map_err(setup("mounting /dev", ""))?;
     let dev = rustix::fs::open(
@@ -203,6 +228,14 @@ fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
         .map_err(setup(format!("creating /dev/{name}"), ""))?;
         rustix::mount::mount_bind(format!("/dev/{name}"), fd_path(&node))
             .map_err(setup(format!("binding /dev/{name}"), ""))?;
+        // Read-only: the device still reads and writes, but its host inode cannot be
+        // chmod'ed or touched (as root, uid 0 inside owns it).
+        rustix::mount::mount_remount(
+            merged.join("dev").join(name),
+            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NOEXEC,
+            "",
+        )
+        .map_err(setup(format!("making /dev/{name} read-only"), ""))?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
