@@ -374,11 +374,12 @@ fn read_only_binds_are_read_only_recursively() {
         &busybox,
         &app,
         &["--bind", &bind],
-        "echo x > /h/top && echo TOP; echo x > /h/sub/f && echo SUB; true",
+        "echo x > /h/top && echo TOP; echo x > /h/sub/f && echo SUB; ls /h && echo RAN",
     );
     let leaked = source.join("sub/f").exists() || source.join("top").exists();
     let _ = rustix::mount::unmount(source.join("sub"), rustix::mount::UnmountFlags::DETACH);
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("RAN"), "the command did not run: {text}");
     assert!(!text.contains("TOP") && !text.contains("SUB"), "{text}");
     assert!(!leaked, "a read-only bind wrote the host");
 }
@@ -973,4 +974,117 @@ fn terminal_modes_are_restored_after_the_run() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" echo "), "{text}");
     assert!(!text.contains("-echo "), "echo stayed off: {text}");
+}
+
+/// An `--upper` path swapped for a symlink into the store between velo's checks and the
+/// mount (another process renaming in its parent) must not make a farm the upper: velo
+/// checks what it opened, and the sandbox mounts only that very directory.
+#[test]
+fn an_upper_or_bind_source_swapped_for_a_link_into_the_store_is_never_mounted() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let out = run(&env, &busybox, &app, &[], "true");
+    assert!(out.status.success());
+    let app_root = env.json(&["import", app.to_str().unwrap()])["root"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let farm = env.store.join("farms").join(&app_root);
+    assert!(farm.join("app/hello.sh").exists(), "{}", farm.display());
+    let race = env.path("race");
+    fs::create_dir(&race).unwrap();
+    let upper = race.join("up");
+    fs::create_dir(&upper).unwrap();
+    fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let link = race.join("lnk");
+    std::os::unix::fs::symlink(&farm, &link).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let (upper, link) = (upper.clone(), link.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &upper,
+                    rustix::fs::CWD,
+                    &link,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                );
+                std::thread::sleep(std::time::Duration::from_micros(1500));
+            }
+        })
+    };
+    let mut wrote = 0;
+    for _ in 0..80 {
+        let out = run(
+            &env,
+            &busybox,
+            &app,
+            &["--upper", upper.to_str().unwrap()],
+            "test -f /app/hello.sh && echo PWNED > /app/hello.sh && echo WROTE",
+        );
+        if String::from_utf8_lossy(&out.stdout).contains("WROTE") {
+            wrote += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        wrote > 0,
+        "no run got through the swaps: the test proves nothing"
+    );
+
+    // The same race on a bind source: a swap to a link to the store must not bind it.
+    let source = race.join("src");
+    fs::create_dir(&source).unwrap();
+    let store_link = race.join("store-link");
+    std::os::unix::fs::symlink(&env.store, &store_link).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let (source, link) = (source.clone(), store_link.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &source,
+                    rustix::fs::CWD,
+                    &link,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                );
+                std::thread::sleep(std::time::Duration::from_micros(1500));
+            }
+        })
+    };
+    let bind = format!("{}:/data", source.display());
+    let mut seen = 0;
+    let mut ran = 0;
+    for _ in 0..80 {
+        let out = run(
+            &env,
+            &busybox,
+            &app,
+            &["--bind", &bind],
+            "test -e /data/VERSION && echo STORE; echo RAN",
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        seen += usize::from(text.contains("STORE"));
+        ran += usize::from(text.contains("RAN"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        ran > 0,
+        "no run got through the swaps: the test proves nothing"
+    );
+    assert_eq!(seen, 0, "the store was bound into {seen} of {ran} runs");
+    env.fsck_ok();
+    assert_eq!(
+        env.ok(&["cat", &app_root, "app/hello.sh"]),
+        "echo hello from app\n"
+    );
 }

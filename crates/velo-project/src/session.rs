@@ -193,16 +193,25 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
             store_root.display()
         )));
     }
-    let lock = rustix::fs::open(
+    // Opened without following any symlink, and checked again by what was opened: this
+    // descriptor is what the sandbox mounts, whatever the path names later.
+    let lock = open_no_symlinks(
         &canonical,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
     )
     .map_err(|e| ProjectError::Dest {
-        op: "opening",
+        op: "opening (no symlinks allowed on the way)",
         path: canonical.clone(),
         cause: e.into(),
     })?;
+    let opened = opened_path(&lock);
+    if within(&opened, store_root) || within(store_root, &opened) {
+        return Err(refused(format!(
+            "--upper {}: it resolves into the store; choose a directory outside {}",
+            dir.display(),
+            store_root.display()
+        )));
+    }
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(refused(format!(
             "--upper {}: another run is using this upper; wait for it to finish (two overlays on one upper corrupt it)",
@@ -255,6 +264,24 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
     Ok((canonical, lock))
 }
 
+/// Opens an absolute path with no symlink anywhere on the way (a component swapped for a
+/// symlink after it was checked fails the open instead of leading elsewhere).
+fn open_no_symlinks(path: &Path, flags: rustix::fs::OFlags) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        flags | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Where an open descriptor actually is (its path as the kernel tracks it).
+fn opened_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
 /// Runs a command in the sandbox over the layers. The caller holds the shared lock for
 /// the whole run, so gc never removes a farm in use.
 pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, ProjectError> {
@@ -266,8 +293,19 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         path: store.root().to_path_buf(),
         cause: source,
     })?;
+    let mut bind_fds = Vec::new();
+    let mut verified_binds = Vec::new();
     for bind in &options.binds {
         let source = std::fs::canonicalize(&bind.source).unwrap_or(bind.source.clone());
+        let fd = open_no_symlinks(&source, rustix::fs::OFlags::PATH).map_err(|e| {
+            ProjectError::Dest {
+                op: "opening --bind source (no symlinks allowed on the way)",
+                path: source.clone(),
+                cause: e.into(),
+            }
+        })?;
+        // Checked by what was opened: this descriptor is what the sandbox binds.
+        let source = opened_path(&fd);
         if within(&source, &store_root) {
             return Err(refused(format!(
                 "--bind {}: the store cannot be bound into a sandbox (the command could change what later runs read)",
@@ -281,6 +319,11 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
                 store_root.display()
             )));
         }
+        bind_fds.push(fd);
+        verified_binds.push(Bind {
+            source,
+            ..bind.clone()
+        });
     }
     let kept_upper = match &options.upper {
         Some(dir) => Some(prepare_upper(&store_root, dir)?),
@@ -312,9 +355,39 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     };
     let scratch = session.dir().join("scratch");
     mk(&scratch)?;
-    let (upper, work) = match &kept_upper {
-        Some((dir, _)) => {
-            let work = dir.with_file_name(format!(
+    // The upper and work directories, opened (never through a symlink) for the stages.
+    let open_dir = |parent: &OwnedFd, name: &str, path: &Path| -> Result<OwnedFd, ProjectError> {
+        let dest_error = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |e: rustix::io::Errno| ProjectError::Dest {
+                op,
+                path,
+                cause: e.into(),
+            }
+        };
+        rustix::fs::mkdirat(parent, name, rustix::fs::Mode::from_raw_mode(0o700))
+            .or_else(|e| {
+                if e == rustix::io::Errno::EXIST {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(dest_error("creating"))?;
+        rustix::fs::openat(
+            parent,
+            name,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(dest_error("opening"))
+    };
+    let kept: Option<(PathBuf, OwnedFd, OwnedFd, PathBuf)> = match kept_upper {
+        Some((dir, lock)) => {
+            let name = format!(
                 ".{}.velo-work-{}",
                 dir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -324,19 +397,41 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
-            ));
-            (Some(dir.clone()), Some(work))
+            );
+            let work_path = dir.with_file_name(&name);
+            let parent = open_no_symlinks(
+                dir.parent().unwrap_or(Path::new("/")),
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            )
+            .map_err(|e| ProjectError::Dest {
+                op: "opening (no symlinks allowed on the way)",
+                path: dir.clone(),
+                cause: e.into(),
+            })?;
+            let work = open_dir(&parent, &name, &work_path)?;
+            Some((dir, lock, work, work_path))
         }
-        None if options.keep_changes => (
-            Some(session.dir().join("upper")),
-            Some(session.dir().join("work")),
-        ),
-        None => (None, None),
+        None if options.keep_changes => {
+            let session_fd = open_no_symlinks(
+                session.dir(),
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+            )
+            .map_err(|e| ProjectError::Dest {
+                op: "opening",
+                path: session.dir().to_path_buf(),
+                cause: e.into(),
+            })?;
+            let upper = open_dir(&session_fd, "upper", &session.dir().join("upper"))?;
+            let work = open_dir(&session_fd, "work", &session.dir().join("work"))?;
+            Some((
+                session.dir().join("upper"),
+                upper,
+                work,
+                session.dir().join("work"),
+            ))
+        }
+        None => None,
     };
-    if let (Some(upper), Some(work)) = (&upper, &work) {
-        mk(upper)?;
-        mk(work)?;
-    }
     let mut env = vec![
         (
             "PATH".to_string(),
@@ -355,12 +450,21 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     }
     let config = SandboxConfig {
         lowers,
-        upper: upper.clone().zip(work.clone()),
+        upper: kept
+            .as_ref()
+            .map(|(path, _, _, work_path)| crate::sandbox::KeptUpper {
+                path: path.clone(),
+                work_path: work_path.clone(),
+                upper_fd: -1,
+                work_fd: -1,
+            }),
         scratch,
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
         isolate_net: !options.host_net,
-        binds: options.binds.clone(),
+        binds: verified_binds,
+        bind_fds: Vec::new(),
+        held_fds: Vec::new(),
         workdir: options.workdir.clone().unwrap_or_else(|| "/".into()),
         env,
         argv: options.argv.clone(),
@@ -371,28 +475,38 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         move |cause: std::io::Error| ProjectError::Dest { op, path, cause }
     };
     let started = Instant::now();
-    let exit_code = crate::sandbox::start(
-        &config,
-        session.lock_fd(),
-        kept_upper.as_ref().map(|(_, lock)| lock.as_fd()),
-    )
-    .map_err(io_error("running the sandbox"))?;
+    let fds = crate::sandbox::RunFds {
+        session_lock: session.lock_fd(),
+        upper: kept
+            .as_ref()
+            .map(|(_, upper, work, _)| (upper.as_fd(), work.as_fd())),
+        binds: bind_fds.iter().map(|fd| fd.as_fd()).collect(),
+    };
+    let exit_code =
+        crate::sandbox::start(&config, &fds).map_err(io_error("running the sandbox"))?;
+    drop(fds);
     let run_seconds = started.elapsed().as_secs_f64();
-    if let Some(work) = &work {
-        if kept_upper.is_some() {
-            velo_store::remove_tree(work);
+    let upper_is_temporary = options.upper.is_none();
+    let (upper, upper_lock) = match kept {
+        Some((path, upper, work, work_path)) => {
+            drop(work);
+            if !upper_is_temporary {
+                velo_store::remove_tree(&work_path);
+            }
+            (path, (!upper_is_temporary).then_some(upper))
         }
-    }
+        None => (PathBuf::new(), None),
+    };
     let command_started = session.dir().join(crate::sandbox::STARTED_MARKER).exists();
     Ok(RunOutcome {
         command_started,
         exit_code,
-        upper: upper.unwrap_or_default(),
+        upper,
         base,
         farms_built,
         run_seconds,
         session,
-        upper_is_temporary: kept_upper.is_none(),
-        upper_lock: kept_upper.map(|(_, lock)| lock),
+        upper_is_temporary,
+        upper_lock,
     })
 }

@@ -32,7 +32,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 pub use spawn::Supervisor;
-use spawn::{CONFIG_FD, SESSION_LOCK_FD, UPPER_LOCK_FD};
+use spawn::CONFIG_FD;
 
 /// Made in the session directory once the command has started: a run whose command never
 /// ran (the sandbox failed, the command was not found) has nothing to commit.
@@ -54,9 +54,9 @@ pub struct Bind {
 pub struct SandboxConfig {
     /// Lower layers, topmost first.
     pub lowers: Vec<PathBuf>,
-    /// A kept overlay upper and its work directory (same file system, empty). Without
-    /// one the run's changes are thrown away: the upper lives on the scratch tmpfs.
-    pub upper: Option<(PathBuf, PathBuf)>,
+    /// The upper and its work directory when the run's changes are kept. Without them
+    /// the changes are thrown away: the upper lives on the scratch tmpfs.
+    pub upper: Option<KeptUpper>,
     /// An empty private directory of the session: stage 2 mounts a tmpfs there (visible
     /// only in the sandbox's mount namespace) for the skeleton layer, the mount point of
     /// the overlay and, without a kept upper, the upper itself.
@@ -69,6 +69,11 @@ pub struct SandboxConfig {
     pub isolate_net: bool,
     /// Host paths bound in.
     pub binds: Vec<Bind>,
+    /// The descriptor of each bind's source in the stages (set by [`start`]).
+    pub bind_fds: Vec<i32>,
+    /// Descriptors the stages hold for the life of the run (locks), out of the
+    /// command's reach (set by [`start`]).
+    pub held_fds: Vec<i32>,
     /// Working directory inside.
     pub workdir: String,
     /// The command's whole environment.
@@ -78,6 +83,34 @@ pub struct SandboxConfig {
     /// The caller's soft limit of open files, restored for the command (velo raises its
     /// own; a command that loops over every possible descriptor must not pay for that).
     pub nofile: Option<u64>,
+}
+
+/// A kept upper. velo opens it (and the work directory) without following symlinks and
+/// checks what it opened; stage 2 opens the paths again in its own mount namespace (a
+/// descriptor from the host's cannot be mounted there), again without symlinks, and
+/// mounts them only if they are the very directories velo checked (same device and
+/// inode): a path swapped meanwhile (a symlink into the store) cannot redirect them.
+/// The descriptors are numbers valid in the stages, set by [`start`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptUpper {
+    /// The upper's path (re-opened inside, and checked to be the same directory).
+    pub path: PathBuf,
+    /// The work directory's path (likewise).
+    pub work_path: PathBuf,
+    /// The upper directory.
+    pub upper_fd: i32,
+    /// The overlay work directory (same file system, empty).
+    pub work_fd: i32,
+}
+
+/// Descriptors velo opened for a run, handed to the stages.
+pub struct RunFds<'a> {
+    /// The session's liveness lock.
+    pub session_lock: std::os::fd::BorrowedFd<'a>,
+    /// The upper and work directories of a kept upper, if any.
+    pub upper: Option<(std::os::fd::BorrowedFd<'a>, std::os::fd::BorrowedFd<'a>)>,
+    /// Each bind's source, in the order of `SandboxConfig::binds`.
+    pub binds: Vec<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// Why the sandbox could not be set up, or the command not started (reported by the
@@ -203,24 +236,47 @@ fn map_to_root(uid: u32, gid: u32) -> Result<(), SandboxError> {
 }
 
 /// Starts the sandbox for `config`, forwards signals to it and waits; returns the
-/// command's exit code. `session_lock` (and `upper_lock`) are held by every process of
-/// the run. When this process is single-threaded (a cached farm, the common case), stage 1
-/// is a fork of it, which saves an exec of velo (about a millisecond); otherwise (rayon
-/// threads exist after a farm was built) stage 1 is `velo __sandbox`, exec'd with the
-/// configuration in a sealed memfd.
-pub fn start(
-    config: &SandboxConfig,
-    session_lock: std::os::fd::BorrowedFd<'_>,
-    upper_lock: Option<std::os::fd::BorrowedFd<'_>>,
-) -> std::io::Result<i32> {
+/// command's exit code. The descriptors in `fds` reach the stages (the locks are held by
+/// every process of the run). When this process is single-threaded (cached farms, the
+/// common case), stage 1 is a fork of it, which saves an exec of velo (about a
+/// millisecond); otherwise (rayon threads exist after a farm was built) stage 1 is
+/// `velo __sandbox`, exec'd with the configuration in a sealed memfd.
+pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    // Every descriptor the stages need, in the order the exec path places them at 4, 5, …
+    // (3 is the configuration).
+    let mut handed = vec![fds.session_lock.as_raw_fd()];
+    if let Some((upper, work)) = &fds.upper {
+        handed.extend([upper.as_raw_fd(), work.as_raw_fd()]);
+    }
+    handed.extend(fds.binds.iter().map(|fd| fd.as_raw_fd()));
+    let forked = spawn::single_threaded();
+    let number = |i: usize| -> i32 {
+        if forked {
+            handed[i]
+        } else {
+            CONFIG_FD + 1 + i as i32
+        }
+    };
+    let mut config = config.clone();
+    config.held_fds = vec![number(0)];
+    let mut next = 1;
+    if let Some(kept) = &mut config.upper {
+        kept.upper_fd = number(1);
+        kept.work_fd = number(2);
+        config.held_fds.push(number(1));
+        next = 3;
+    }
+    config.bind_fds = (0..fds.binds.len()).map(|i| number(next + i)).collect();
+
     // The command shares the caller's terminal (fd 0): whatever modes it leaves there
     // (`stty -echo`, raw mode of a killed editor) are undone when it is gone.
     let stdin = std::io::stdin();
     let terminal = rustix::termios::tcgetattr(&stdin).ok();
-    let code = if spawn::single_threaded() {
-        start_forked(config)
+    let code = if forked {
+        start_forked(&config)
     } else {
-        start_exec(config, session_lock, upper_lock)
+        start_exec(&config, &handed)
     };
     if let Some(modes) = terminal {
         let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &modes);
@@ -228,17 +284,11 @@ pub fn start(
     code
 }
 
-fn start_exec(
-    config: &SandboxConfig,
-    session_lock: std::os::fd::BorrowedFd<'_>,
-    upper_lock: Option<std::os::fd::BorrowedFd<'_>>,
-) -> std::io::Result<i32> {
+fn start_exec(config: &SandboxConfig, handed: &[std::os::fd::RawFd]) -> std::io::Result<i32> {
     use std::os::fd::AsRawFd;
     let config_fd = config_memfd(config)?;
-    let mut pass = vec![config_fd.as_raw_fd(), session_lock.as_raw_fd()];
-    if let Some(lock) = upper_lock {
-        pass.push(lock.as_raw_fd());
-    }
+    let mut pass = vec![config_fd.as_raw_fd()];
+    pass.extend_from_slice(handed);
     let supervisor = Supervisor::new()?;
     let child = spawn::spawn_tied(
         Command::new("/proc/self/exe").arg("__sandbox").env_clear(),
@@ -362,8 +412,9 @@ fn enter(config: &SandboxConfig) -> Result<i32, SandboxError> {
 /// the mask to restore). Mounts, pivots, runs the command. Returns its exit code.
 fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxError> {
     // The locks stay held by pid 1 for the life of the run, out of the command's reach.
-    spawn::keep_private(SESSION_LOCK_FD);
-    spawn::keep_private(UPPER_LOCK_FD);
+    for &fd in &config.held_fds {
+        spawn::keep_private(fd);
+    }
     // Nothing inside may read this process's memory or /proc/1 files (ptrace access).
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     // The session directory, kept open across pivot_root to tell velo the command started.

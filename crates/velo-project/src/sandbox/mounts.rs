@@ -53,10 +53,17 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
     )
     .map_err(setup("mounting the sandbox's scratch tmpfs", ""))?;
     let skeleton = config.scratch.join("skeleton");
-    make_skeleton(&skeleton, &config.binds)?;
+    make_skeleton(&skeleton, config)?;
     let merged = config.scratch.join("merged");
+    // Held until the overlay is mounted: its options name them through /proc/self/fd.
+    let mut verified = Vec::new();
     let (upper, work) = match &config.upper {
-        Some((upper, work)) => (upper.clone(), work.clone()),
+        Some(kept) => {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+            verified.push(reopen_same(&kept.path, kept.upper_fd, flags)?);
+            verified.push(reopen_same(&kept.work_path, kept.work_fd, flags)?);
+            (fd_path(&verified[0]), fd_path(&verified[1]))
+        }
         None => (config.scratch.join("upper"), config.scratch.join("work")),
     };
     for dir in [&merged, &upper, &work] {
@@ -66,6 +73,7 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
     let mut lowers = config.lowers.clone();
     lowers.push(skeleton);
     mount_overlay(&lowers, &upper, &work, &merged)?;
+    drop(verified);
 
     mount_proc(&merged)?;
     mount_dev(&merged)?;
@@ -78,8 +86,8 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
         c"mode=1777",
     )
     .map_err(setup("mounting /tmp", ""))?;
-    for bind in &config.binds {
-        mount_bind(&merged, bind)?;
+    for (bind, &fd) in config.binds.iter().zip(&config.bind_fds) {
+        mount_bind(&merged, bind, fd)?;
     }
     if config.isolate_net {
         loopback_up().map_err(setup_io("bringing up the loopback interface", ""))?;
@@ -95,7 +103,7 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
 }
 
 /// The skeleton layer: every mount point, as an empty directory or file.
-fn make_skeleton(skeleton: &Path, binds: &[Bind]) -> Result<(), SandboxError> {
+fn make_skeleton(skeleton: &Path, config: &SandboxConfig) -> Result<(), SandboxError> {
     let mkdir = |rel: &str| {
         let path = skeleton.join(rel.trim_start_matches('/'));
         std::fs::create_dir_all(&path).map_err(setup_io(format!("creating {}", path.display()), ""))
@@ -103,9 +111,9 @@ fn make_skeleton(skeleton: &Path, binds: &[Bind]) -> Result<(), SandboxError> {
     for dir in ["proc", "dev", "tmp"] {
         mkdir(dir)?;
     }
-    for bind in binds {
+    for (bind, &fd) in config.binds.iter().zip(&config.bind_fds) {
         super::validate_inside_path(&bind.dest)?;
-        if bind.source.is_dir() {
+        if fd_path(&fd_ref(fd)).is_dir() {
             mkdir(&bind.dest)?;
         } else {
             let (parent, _) = bind.dest.rsplit_once('/').unwrap_or(("", &bind.dest));
@@ -258,11 +266,13 @@ fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
     .map_err(setup("mounting /dev/shm", ""))
 }
 
-fn mount_bind(merged: &Path, bind: &Bind) -> Result<(), SandboxError> {
+fn mount_bind(merged: &Path, bind: &Bind, source_fd: i32) -> Result<(), SandboxError> {
     let target = mount_point(merged, &bind.dest)?;
     let what = format!("binding {} to {}", bind.source.display(), bind.dest);
+    // The very directory (or file) velo opened and checked, not whatever the path names now.
+    let source = reopen_same(&bind.source, source_fd, OFlags::PATH)?;
     rustix::mount::mount(
-        &bind.source,
+        fd_path(&source),
         fd_path(&target),
         "",
         MountFlags::BIND | MountFlags::REC,
@@ -358,6 +368,46 @@ fn mount_point(root: &Path, inside: &str) -> Result<OwnedFd, SandboxError> {
         };
     }
     Ok(fd)
+}
+
+/// Opens `path` in this mount namespace with no symlink on the way and checks that it is
+/// the same file as `checked` (a descriptor velo opened and checked in the host's).
+fn reopen_same(path: &Path, checked: i32, flags: OFlags) -> Result<OwnedFd, SandboxError> {
+    let fresh = rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        flags | OFlags::CLOEXEC,
+        FsMode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(setup(
+        format!(
+            "opening {} (no symlinks allowed on the way)",
+            path.display()
+        ),
+        "",
+    ))?;
+    let same = match (
+        rustix::fs::fstat(&fresh),
+        rustix::fs::fstat(fd_ref(checked)),
+    ) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    };
+    if !same {
+        return Err(SandboxError::Config(format!(
+            "{} changed while the sandbox started (replaced or swapped for a link); nothing was mounted",
+            path.display()
+        )));
+    }
+    Ok(fresh)
+}
+
+/// A descriptor handed over by number (valid for the whole of stage 2).
+fn fd_ref(fd: i32) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the number comes from the configuration velo wrote for this process, which
+    // holds the descriptor open until it exits; nothing here closes it.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 fn fd_path(fd: &impl AsFd) -> PathBuf {

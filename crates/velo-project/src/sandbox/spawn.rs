@@ -13,12 +13,13 @@ use std::process::{Child, Command};
 
 use rustix::process::{Pid, Signal, WaitOptions};
 
-/// Where the stages find the sandbox configuration (a sealed memfd).
+/// Where an exec'd stage 1 finds the sandbox configuration (a sealed memfd); the other
+/// descriptors it needs follow at 4, 5, … (their numbers are in the configuration).
 pub const CONFIG_FD: RawFd = 3;
-/// The session's liveness lock, held by every stage (see velo-store's sessions).
-pub const SESSION_LOCK_FD: RawFd = 4;
-/// The lock on a kept `--upper`, when there is one.
-pub const UPPER_LOCK_FD: RawFd = 5;
+
+/// How many descriptors [`spawn_tied`] can hand over (they are moved through a fixed
+/// array: the child may not allocate between fork and exec).
+const MAX_PASSED: usize = 64;
 
 /// Spawns `command` tied to the calling thread: it is killed when this thread exits, and
 /// it does not start at all if this thread is already gone. `pass` lists descriptors to
@@ -67,7 +68,7 @@ pub fn spawn_tied(command: &mut Command, pass: &[RawFd], new_session: bool) -> i
             }
             // Move the passed descriptors out of the way first, so placing one at 3 cannot
             // clobber another that happens to be 3 already.
-            let mut moved = [0 as RawFd; 8];
+            let mut moved = [0 as RawFd; MAX_PASSED];
             for (slot, &fd) in moved.iter_mut().zip(&pass) {
                 let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
                 if high < 0 {
