@@ -276,10 +276,12 @@ impl Supervisor {
 }
 
 /// Capabilities a command keeps inside the sandbox: the default set of container
-/// runtimes (podman, docker). Without CAP_SYS_ADMIN it cannot undo the sandbox's mounts
-/// (remount `/proc/sys` or a read-only bind writable, unmount a mask); without
-/// CAP_SYS_PTRACE it cannot reach pid 1.
-const KEPT_CAPABILITIES: [u32; 12] = [
+/// runtimes (podman, docker) less CAP_SETFCAP. Without CAP_SYS_ADMIN it cannot undo the
+/// sandbox's mounts (remount `/proc/sys` or a read-only bind writable, unmount a mask);
+/// without CAP_SYS_PTRACE it cannot reach pid 1; without CAP_SETFCAP it cannot give a
+/// file capabilities (run by root, such a file in a kept upper or a writable bind would
+/// carry them on the host).
+const KEPT_CAPABILITIES: [u32; 11] = [
     0,  // CHOWN
     1,  // DAC_OVERRIDE
     3,  // FOWNER
@@ -291,7 +293,6 @@ const KEPT_CAPABILITIES: [u32; 12] = [
     10, // NET_BIND_SERVICE
     18, // SYS_CHROOT
     29, // AUDIT_WRITE
-    31, // SETFCAP
 ];
 
 /// Drops every other capability from the bounding set, so a command exec'd as uid 0 in
