@@ -99,19 +99,29 @@ fn tiocsti_cannot_type_into_the_callers_terminal() {
         &format!("--bind {}:/attacker:ro", attacker.display()),
         "/attacker",
     );
-    // Whatever the command pushed would be read by the shell's next `read`.
-    let shell = format!("{line}; read -t 2 next; echo \"next=[$next]\"");
-    let out = Command::new("script")
-        .args(["-qec", &shell, "/dev/null"])
-        .stdin(Stdio::piped())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("pushed=0"),
-        "the command pushed input into the caller's terminal: {text}"
-    );
-    assert!(!text.contains("next=[echo INJECTED"), "{text}");
+    // Interactive (stdin and stdout the terminal): the command has a terminal of its own,
+    // so whatever it pushes stays there. Piped stdout: it has no terminal at all. Either
+    // way the caller's shell, reading its next line, must not get the injected one.
+    for (mode, tail) in [("own pty", ""), ("no terminal", " | cat")] {
+        let shell = format!("{line}{tail}; read -t 2 next; echo \"next=[$next]\"");
+        let out = Command::new("script")
+            .args(["-qec", &shell, "/dev/null"])
+            .stdin(Stdio::piped())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("pushed="),
+            "{mode}: the attacker did not run: {text}"
+        );
+        assert!(
+            text.contains("next=[]"),
+            "{mode}: the command typed into the caller's terminal: {text}"
+        );
+        if mode == "no terminal" {
+            assert!(text.contains("pushed=0"), "{mode}: {text}");
+        }
+    }
 }
 
 /// Counts SIGINTs in itself and in a child it forks (same process group).
@@ -191,12 +201,87 @@ fn ctrl_c_through_a_pty_reaches_the_command_once() {
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     let _ = child.wait();
-    // The terminal's own SIGINT would hit the whole foreground group, the command's
-    // child included; velo's forwarding reaches only the command.
+    // The run has a terminal of its own: Ctrl-C reaches its foreground group (the
+    // command and its child) once, as on any terminal, and never twice.
     assert!(
-        rest.contains("parent=1 child=0"),
-        "Ctrl-C should reach the command once and nothing else: {rest:?}"
+        rest.contains("parent=1 child=1"),
+        "Ctrl-C should reach the foreground job inside once: {rest:?}"
     );
+
+    // Without a terminal, a SIGINT sent to velo is forwarded to the command only.
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .arg("--bind")
+        .arg(format!("{}:/sigcount:ro", counter.display()))
+        .args(["--", "/sigcount"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    stdout.read_exact(&mut ready).unwrap();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let _ = child.wait();
+    assert!(rest.contains("parent=1 child=0"), "{rest:?}");
+}
+
+/// An interactive shell inside has job control: Ctrl-C stops its foreground job (not
+/// the shell), `tty` names its terminal, and the shell's status is velo's.
+#[test]
+fn an_interactive_shell_has_job_control_on_a_terminal_of_its_own() {
+    if !sandbox_supported()
+        || !common::require(
+            common::find_tool("script").is_some(),
+            "script (bsdutils) for a pty",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let line = velo_run_line(&env, &busybox, &app, "", "/bin/sh -i");
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("{line}; echo velo-status=$?"), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str, seen: &mut Vec<u8>| {
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(seen).contains(needle) {
+            if stdout.read(&mut byte).unwrap() == 0 {
+                panic!("no {needle:?} in {}", String::from_utf8_lossy(seen));
+            }
+            seen.push(byte[0]);
+        }
+    };
+    wait_for("# ", &mut seen);
+    stdin.write_all(b"echo started; sleep 30\n").unwrap();
+    wait_for("started\r\n", &mut seen);
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"\x03").unwrap();
+    stdin.write_all(b"echo after=$?; tty; exit 7\n").unwrap();
+    wait_for("velo-status=", &mut seen);
+    let mut rest = [0u8; 3];
+    let _ = stdout.read(&mut rest);
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&seen).into_owned() + &String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("after=130"),
+        "Ctrl-C did not stop the job: {text}"
+    );
+    assert!(text.contains("/dev/pts/"), "tty: {text}");
+    assert!(text.contains("velo-status=7"), "{text}");
 }
 
 /// Items 2: host-wide /proc files are read-only inside and the command cannot make them
@@ -966,14 +1051,21 @@ fn terminal_modes_are_restored_after_the_run() {
     let env = Env::new();
     let (busybox, app) = layers(&env);
     let line = velo_run_line(&env, &busybox, &app, "", "/bin/sh -c 'stty -echo'");
-    let out = Command::new("script")
-        .args(["-qec", &format!("{line}; stty -a"), "/dev/null"])
-        .stdin(Stdio::piped())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(" echo "), "{text}");
-    assert!(!text.contains("-echo "), "echo stayed off: {text}");
+    // With stdout piped the command shares the caller's terminal (fd 0); interactive, it
+    // has its own. Either way the caller's modes are as before afterwards.
+    for tail in [" | cat", ""] {
+        let out = Command::new("script")
+            .args(["-qec", &format!("{line}{tail}; stty -a"), "/dev/null"])
+            .stdin(Stdio::piped())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(" echo "), "{tail:?}: {text}");
+        assert!(
+            !text.contains("-echo "),
+            "{tail:?}: echo stayed off: {text}"
+        );
+    }
 }
 
 /// An `--upper` path swapped for a symlink into the store between velo's checks and the

@@ -469,6 +469,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         env,
         argv: options.argv.clone(),
         nofile: options.nofile,
+        controlling_tty: false,
     };
     let io_error = |op: &'static str| {
         let path = session.dir().to_path_buf();

@@ -22,6 +22,7 @@
 //!   land in the upper or in a commit.
 
 pub mod mounts;
+pub mod pty;
 pub mod spawn;
 
 use std::ffi::OsString;
@@ -80,6 +81,10 @@ pub struct SandboxConfig {
     pub env: Vec<(String, String)>,
     /// The command and its arguments (bytes: arguments need not be UTF-8).
     pub argv: Vec<Vec<u8>>,
+    /// The command's stdin is a terminal of the sandbox's own (see [`pty`]), to become its
+    /// controlling terminal.
+    #[serde(default)]
+    pub controlling_tty: bool,
     /// The caller's soft limit of open files, restored for the command (velo raises its
     /// own; a command that loops over every possible descriptor must not pay for that).
     pub nofile: Option<u64>,
@@ -269,14 +274,17 @@ pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
     }
     config.bind_fds = (0..fds.binds.len()).map(|i| number(next + i)).collect();
 
-    // The command shares the caller's terminal (fd 0): whatever modes it leaves there
-    // (`stty -echo`, raw mode of a killed editor) are undone when it is gone.
+    // Interactive runs get a terminal of their own; others may still share the caller's
+    // (fd 0): whatever modes either leaves there (`stty -echo`, raw mode of a killed
+    // editor, velo's own relay) are undone when the run is over.
+    let pty = pty::Pty::open_if_interactive();
+    config.controlling_tty = pty.is_some();
     let stdin = std::io::stdin();
     let terminal = rustix::termios::tcgetattr(&stdin).ok();
     let code = if forked {
-        start_forked(&config)
+        start_forked(&config, pty)
     } else {
-        start_exec(&config, &handed)
+        start_exec(&config, &handed, pty)
     };
     if let Some(modes) = terminal {
         let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &modes);
@@ -284,22 +292,38 @@ pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
     code
 }
 
-fn start_exec(config: &SandboxConfig, handed: &[std::os::fd::RawFd]) -> std::io::Result<i32> {
+fn start_exec(
+    config: &SandboxConfig,
+    handed: &[std::os::fd::RawFd],
+    pty: Option<pty::Pty>,
+) -> std::io::Result<i32> {
     use std::os::fd::AsRawFd;
     let config_fd = config_memfd(config)?;
     let mut pass = vec![config_fd.as_raw_fd()];
     pass.extend_from_slice(handed);
     let supervisor = Supervisor::new()?;
-    let child = spawn::spawn_tied(
-        Command::new("/proc/self/exe").arg("__sandbox").env_clear(),
-        &pass,
-        true,
-    )?;
+    let mut command = Command::new("/proc/self/exe");
+    command.arg("__sandbox").env_clear();
+    if let Some(pty) = &pty {
+        command
+            .stdin(pty.slave().try_clone()?)
+            .stdout(pty.slave().try_clone()?);
+        if rustix::termios::isatty(std::io::stderr()) {
+            command.stderr(pty.slave().try_clone()?);
+        }
+    }
+    let child = spawn::spawn_tied(&mut command, &pass, true, false)?;
+    drop(command);
     drop(config_fd);
-    supervisor.wait(child.id(), false)
+    let relay = pty.map(pty::Pty::relay).transpose();
+    let code = supervisor.wait(child.id(), false);
+    if let Ok(Some(relay)) = relay {
+        relay.finish();
+    }
+    code
 }
 
-fn start_forked(config: &SandboxConfig) -> std::io::Result<i32> {
+fn start_forked(config: &SandboxConfig, pty: Option<pty::Pty>) -> std::io::Result<i32> {
     use std::os::fd::AsRawFd;
     let (alive_read, alive_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mask = spawn::block_signals();
@@ -312,6 +336,19 @@ fn start_forked(config: &SandboxConfig) -> std::io::Result<i32> {
         return Err(error);
     }
     if pid == 0 {
+        if let Some(pty) = &pty {
+            let slave = pty.slave().as_raw_fd();
+            let stderr_too = rustix::termios::isatty(std::io::stderr());
+            // SAFETY: dup2 onto the standard descriptors of this (single-threaded) child.
+            unsafe {
+                libc::dup2(slave, 0);
+                libc::dup2(slave, 1);
+                if stderr_too {
+                    libc::dup2(slave, 2);
+                }
+            }
+        }
+        drop(pty);
         let started = spawn::die_with_parent(alive_read.as_raw_fd(), alive_write.as_raw_fd())
             .and_then(|()| rustix::process::setsid().map(drop).map_err(Into::into))
             .map_err(setup_io("starting the sandbox", ""));
@@ -332,8 +369,12 @@ fn start_forked(config: &SandboxConfig) -> std::io::Result<i32> {
     drop(alive_read);
     let supervisor = Supervisor::new();
     spawn::restore_signals(&mask);
+    let relay = pty.map(pty::Pty::relay).transpose();
     let code = supervisor?.wait(pid as u32, false);
     drop(alive_write);
+    if let Ok(Some(relay)) = relay {
+        relay.finish();
+    }
     code
 }
 
@@ -452,7 +493,13 @@ fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxE
         .envs(config.env.iter().map(|(k, v)| (k, v)));
     let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
     spawn::restore_signals(mask);
-    let child = spawn::spawn_tied(&mut command, &[], false).map_err(|e| {
+    let child = spawn::spawn_tied(
+        &mut command,
+        &[],
+        config.controlling_tty,
+        config.controlling_tty,
+    )
+    .map_err(|e| {
         let name = String::from_utf8_lossy(program);
         let not_found = e.kind() == std::io::ErrorKind::NotFound;
         let message = if !not_found {

@@ -76,7 +76,7 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
     drop(verified);
 
     mount_proc(&merged)?;
-    mount_dev(&merged)?;
+    mount_dev(&merged, config.controlling_tty)?;
     let tmp_dir = mount_point(&merged, "/tmp")?;
     rustix::mount::mount(
         "tmpfs",
@@ -210,7 +210,7 @@ fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
+fn mount_dev(merged: &Path, controlling_tty: bool) -> Result<(), SandboxError> {
     let dev_dir = mount_point(merged, "/dev")?;
     rustix::mount::mount(
         "tmpfs",
@@ -253,6 +253,30 @@ fn mount_dev(merged: &Path) -> Result<(), SandboxError> {
     ] {
         rustix::fs::symlinkat(target, &dev, link)
             .map_err(setup(format!("creating /dev/{link}"), ""))?;
+    }
+    if controlling_tty {
+        // The run's own terminal (fd 0, a pty velo made) under the name it has on the
+        // host, so ttyname() and `tty` work inside. Only that one node, read-write.
+        let name = std::fs::read_link("/proc/self/fd/0")
+            .map_err(setup_io("finding the run's terminal", ""))?;
+        if let Some(number) = name
+            .strip_prefix("/dev/pts")
+            .ok()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            rustix::fs::mkdirat(&dev, "pts", FsMode::from_raw_mode(0o755))
+                .map_err(setup("creating /dev/pts", ""))?;
+            let node = rustix::fs::openat(
+                &dev,
+                format!("pts/{number}"),
+                OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                FsMode::from_raw_mode(0o600),
+            )
+            .map_err(setup("creating the terminal's node", ""))?;
+            rustix::mount::mount_bind(&name, fd_path(&node))
+                .map_err(setup("binding the run's terminal", ""))?;
+        }
     }
     rustix::fs::mkdirat(&dev, "shm", FsMode::from_raw_mode(0o1777))
         .map_err(setup("creating /dev/shm", ""))?;

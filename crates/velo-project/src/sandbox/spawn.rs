@@ -26,12 +26,19 @@ const MAX_PASSED: usize = 64;
 /// hand over, placed at 3, 4, … in order; every other descriptor above 2 is closed at exec.
 /// With `new_session`, the child leads a new session with no controlling terminal (it can
 /// neither push input into the caller's terminal with TIOCSTI nor receive the terminal's
-/// signals directly: those reach `velo`, which forwards them once).
-pub fn spawn_tied(command: &mut Command, pass: &[RawFd], new_session: bool) -> io::Result<Child> {
-    if pass.len() > 8 {
-        return Err(io::Error::other(
-            "at most 8 descriptors can be passed to a stage",
-        ));
+/// signals directly: those reach `velo`, which forwards them once). With
+/// `controlling_tty` as well, the child's stdin (a terminal) becomes its controlling
+/// terminal, with its process group in the foreground.
+pub fn spawn_tied(
+    command: &mut Command,
+    pass: &[RawFd],
+    new_session: bool,
+    controlling_tty: bool,
+) -> io::Result<Child> {
+    if pass.len() > MAX_PASSED {
+        return Err(io::Error::other(format!(
+            "at most {MAX_PASSED} descriptors can be passed to a stage (too many --bind?)"
+        )));
     }
     let (alive_read, alive_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let alive_read_fd = alive_read.as_raw_fd();
@@ -64,6 +71,9 @@ pub fn spawn_tied(command: &mut Command, pass: &[RawFd], new_session: bool) -> i
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             if new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             // Move the passed descriptors out of the way first, so placing one at 3 cannot
