@@ -203,6 +203,12 @@ pub fn ingest(
     })
 }
 
+/// `O_NOFOLLOW` and `O_NONBLOCK`, from rustix (no libc dependency for two constants).
+mod libc_flags {
+    pub const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    pub const NONBLOCK: i32 = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+}
+
 /// Stores one regular file's content (copying it; the file is only read) into `batch` and
 /// returns its blob hash and size. The caller holds the store's shared lock, and flushes
 /// and publishes the batch. Used by commits of overlay uppers, where files are few and a
@@ -217,7 +223,21 @@ pub fn store_file(
         path: path.to_path_buf(),
         cause: source,
     };
-    let file = std::fs::File::open(path).map_err(read_error)?;
+    // Never through a symlink swapped in after the caller looked, never blocking on a fifo:
+    // what is read must be the regular file the caller saw.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_flags::NOFOLLOW | libc_flags::NONBLOCK)
+            .open(path)
+            .map_err(read_error)?
+    };
+    if !file.metadata().map_err(read_error)?.is_file() {
+        return Err(read_error(std::io::Error::other(
+            "not a regular file (it changed while it was being read)",
+        )));
+    }
     let mut staged = store.stage()?;
     let mut hasher = blake3::Hasher::new();
     // Holes stay holes: a `truncate -s 1T` inside a run must not fill the disk.
