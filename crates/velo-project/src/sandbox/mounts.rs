@@ -236,14 +236,6 @@ fn mount_dev(merged: &Path, controlling_tty: bool) -> Result<(), SandboxError> {
         .map_err(setup(format!("creating /dev/{name}"), ""))?;
         rustix::mount::mount_bind(format!("/dev/{name}"), fd_path(&node))
             .map_err(setup(format!("binding /dev/{name}"), ""))?;
-        // Read-only: the device still reads and writes, but its host inode cannot be
-        // chmod'ed or touched (as root, uid 0 inside owns it).
-        rustix::mount::mount_remount(
-            merged.join("dev").join(name),
-            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NOEXEC,
-            "",
-        )
-        .map_err(setup(format!("making /dev/{name} read-only"), ""))?;
     }
     for (link, target) in [
         ("fd", "/proc/self/fd"),
@@ -280,6 +272,14 @@ fn mount_dev(merged: &Path, controlling_tty: bool) -> Result<(), SandboxError> {
     }
     rustix::fs::mkdirat(&dev, "shm", FsMode::from_raw_mode(0o1777))
         .map_err(setup("creating /dev/shm", ""))?;
+    // All of /dev read-only in one call, the bound nodes with it: a device still reads
+    // and writes, but its host inode cannot be chmod'ed or touched (as root, uid 0 inside
+    // owns it). /dev/shm, mounted next, stays writable.
+    set_attributes_recursively(
+        &dev,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(setup_io("making /dev read-only", ""))?;
     rustix::mount::mount(
         "tmpfs",
         merged.join("dev/shm"),
@@ -313,14 +313,19 @@ fn mount_bind(merged: &Path, bind: &Bind, source_fd: i32) -> Result<(), SandboxE
             FsMode::empty(),
         )
         .map_err(setup(what.clone(), ""))?;
-        set_read_only_recursively(&mounted)
+        set_attributes_recursively(&mounted, MOUNT_ATTR_RDONLY)
             .map_err(setup_io(format!("making {} read-only", bind.dest), ""))?;
     }
     Ok(())
 }
 
-/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, {attr_set: MOUNT_ATTR_RDONLY})`.
-fn set_read_only_recursively(fd: &OwnedFd) -> std::io::Result<()> {
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, {attr_set: attributes})`: the
+/// mount at `fd` and every mount beneath it.
+fn set_attributes_recursively(fd: &OwnedFd, attributes: u64) -> std::io::Result<()> {
     #[repr(C)]
     struct MountAttr {
         attr_set: u64,
@@ -328,10 +333,9 @@ fn set_read_only_recursively(fd: &OwnedFd) -> std::io::Result<()> {
         propagation: u64,
         userns_fd: u64,
     }
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const AT_RECURSIVE: libc::c_uint = 0x8000;
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
+        attr_set: attributes,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
