@@ -24,7 +24,7 @@ pub fn probe_userns() -> Result<ExitCode> {
     Ok(match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{e}");
+            note!("{e}");
             ExitCode::FAILURE
         }
     })
@@ -35,7 +35,7 @@ pub fn probe_overlay(dir: &Path) -> Result<ExitCode> {
     Ok(match velo_project::sandbox::probe_overlay(dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{e}");
+            note!("{e}");
             ExitCode::FAILURE
         }
     })
@@ -216,16 +216,16 @@ pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
         let list: Vec<_> = checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail, "advice": if c.ok { None } else { Some(c.advice) }})).collect();
         fmt::print_json(&json!({ "store": store_state, "checks": list }));
     } else {
-        println!("{store_state}");
+        out!("{store_state}");
         for c in &checks {
-            println!(
+            out!(
                 "{:<4} {:<16} {}",
                 if c.ok { "ok" } else { "no" },
                 c.name,
                 c.detail
             );
             if !c.ok {
-                println!("     {:<16} -> {}", "", c.advice);
+                out!("     {:<16} -> {}", "", c.advice);
             }
         }
     }

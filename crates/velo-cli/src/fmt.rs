@@ -95,12 +95,46 @@ pub fn entry_json(path: &[u8], entry: &Entry) -> Value {
     Value::Object(obj)
 }
 
-/// Prints a JSON value on stdout.
-/// Prints one JSON document on stdout. A reader that went away (`| head`) or a full
-/// stdout is not worth a panic: what the command did is done either way.
+/// Prints one JSON document on stdout (see [`out_line`] for a stdout that fails).
 pub fn print_json(value: &Value) {
+    let text = serde_json::to_string_pretty(value)
+        .unwrap_or_else(|e| format!("{{\"error\": {{\"message\": \"{e}\"}}}}"));
+    out_line(format_args!("{text}"));
+}
+
+/// Prints one JSON document on stdout and reports a failed write instead of ending the
+/// process: for `velo run`, whose exit status is the command's and must survive a closed
+/// stdout.
+pub fn try_print_json(value: &Value) -> std::io::Result<()> {
     use std::io::Write as _;
-    let text =
-        serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
-    let _ = writeln!(std::io::stdout(), "{text}");
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    stdout.flush()
+}
+
+/// Writes one line of the command's output on stdout. Output comes after a command's
+/// work is done, so a failed write ends the process here: a reader that went away
+/// (`| head`) ends it quietly with status 0, as other tools do; any other failure
+/// (`> /dev/full`) is an error with its cause, status 1.
+pub fn out_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    if let Err(e) = written {
+        output_failed(&e);
+    }
+}
+
+/// Ends the process after a failed write of the command's output (see [`out_line`]).
+pub fn output_failed(e: &std::io::Error) -> ! {
+    use std::io::Write as _;
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    let _ = writeln!(std::io::stderr(), "velo: error: writing the output: {e}");
+    std::process::exit(1);
 }

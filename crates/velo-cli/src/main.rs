@@ -14,6 +14,13 @@ macro_rules! note {
     }};
 }
 
+/// A line of the command's output on stdout: see [`fmt::out_line`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        crate::fmt::out_line(format_args!($($arg)*))
+    };
+}
+
 mod doctor;
 mod fmt;
 mod read;
@@ -386,20 +393,26 @@ fn main() -> ExitCode {
             // A failure of velo itself exits 125, never a status the command could return.
             return match run::run(&ctx, args) {
                 Ok(code) => code,
-                Err(e) => {
-                    note!("velo: error: {e:#}");
-                    ExitCode::from(125)
-                }
+                Err(e) => report_error(&ctx, &e, 125),
             };
         }
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            note!("velo: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => report_error(&ctx, &e, 1),
     }
+}
+
+/// Reports a failed command on stderr and, under `--json` (which promises one JSON
+/// document on stdout), as `{"error": {"message", "exit_code"}}` on stdout too.
+fn report_error(ctx: &Ctx, error: &anyhow::Error, code: u8) -> ExitCode {
+    note!("velo: error: {error:#}");
+    if ctx.json {
+        let _ = fmt::try_print_json(&serde_json::json!({
+            "error": { "message": format!("{error:#}"), "exit_code": code }
+        }));
+    }
+    ExitCode::from(code)
 }
 
 /// Deep trees keep one fd open per directory level and worker; raise the soft limit to the

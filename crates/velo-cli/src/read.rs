@@ -134,12 +134,10 @@ pub fn ls(
             Ok(())
         },
     )?;
-    drop(out);
-    if let Some(e) = failed {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing to stdout");
-        }
+    if let Some(e) = failed.or_else(|| out.flush().err()) {
+        fmt::output_failed(&e);
     }
+    drop(out);
     if ctx.json {
         fmt::print_json(&json!({ "root": resolved.root.to_hex(), "entries": json_entries }));
     }
@@ -181,7 +179,7 @@ pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
                 &json!({ "path": "", "kind": "dir", "hash": resolved.root.to_hex(), "files": stats.files, "dirs": stats.dirs, "symlinks": stats.symlinks, "bytes": stats.bytes }),
             );
         } else {
-            println!("path:     /\nkind:     dir (root)\nhash:     {}\nholds:    {} files, {} dirs, {} symlinks, {}", resolved.root, stats.files, stats.dirs, stats.symlinks, fmt::bytes(stats.bytes));
+            out!("path:     /\nkind:     dir (root)\nhash:     {}\nholds:    {} files, {} dirs, {} symlinks, {}", resolved.root, stats.files, stats.dirs, stats.symlinks, fmt::bytes(stats.bytes));
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -191,22 +189,22 @@ pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
         fmt::print_json(&fmt::entry_json(trimmed, &entry));
         return Ok(ExitCode::SUCCESS);
     }
-    println!("path:     {shown_path}");
-    println!("kind:     {}", entry.kind.label());
-    println!(
+    out!("path:     {shown_path}");
+    out!("kind:     {}", entry.kind.label());
+    out!(
         "mode:     {:o} ({})",
         entry.mode.bits(),
         fmt::mode_string(&entry)
     );
-    println!(
+    out!(
         "mtime:    {} ({} ns)",
         fmt::time(entry.mtime_ns),
         entry.mtime_ns
     );
     match &entry.kind {
-        EntryKind::File { hash, size } => println!("size:     {size}\nhash:     {hash}"),
-        EntryKind::Dir { hash } => println!("tree:     {hash}"),
-        EntryKind::Symlink { target } => println!("target:   {}", fmt::lossy(target)),
+        EntryKind::File { hash, size } => out!("size:     {size}\nhash:     {hash}"),
+        EntryKind::Dir { hash } => out!("tree:     {hash}"),
+        EntryKind::Symlink { target } => out!("target:   {}", fmt::lossy(target)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -253,12 +251,17 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {
             } else {
                 format!("  ({})", c.what.join(", "))
             };
-            let _ = writeln!(
+            if let Err(e) = writeln!(
                 out,
                 "{mark} {}{}{what}",
                 fmt::lossy(&c.path),
                 if c.kind == "dir" { "/" } else { "" }
-            );
+            ) {
+                fmt::output_failed(&e);
+            }
+        }
+        if let Err(e) = out.flush() {
+            fmt::output_failed(&e);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -292,13 +295,13 @@ pub fn checkout(
             "setid_dropped": r.setid_dropped, "seconds": r.seconds,
         }));
     } else {
-        eprintln!(
+        note!(
             "checked out {} files ({} linked, {} reflinked, {} copied), {} dirs, {} symlinks into {} in {:.2} s{}",
             r.files, r.linked, r.reflinked, r.copied, r.dirs, r.symlinks, dir.display(), r.seconds,
             if r.link_limit_fallbacks > 0 { format!("; {} files copied at the link-count limit", r.link_limit_fallbacks) } else { String::new() }
         );
         if r.setid_dropped > 0 {
-            eprintln!(
+            note!(
                 "velo: left the set-uid/set-gid bits off {} files; give --preserve-setuid if you trust this tree's author",
                 r.setid_dropped
             );

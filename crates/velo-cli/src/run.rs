@@ -312,10 +312,13 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         }
     }
     let upper = (!outcome.upper_is_temporary).then(|| outcome.upper.display().to_string());
+    // Cleaned up before anything is printed: a failed write of the output ends velo.
+    drop(outcome.upper_lock);
+    outcome.session.remove();
     let kept_changes = commit_error.is_some() && outcome.upper_is_temporary;
     let kept_at = kept_changes.then(|| outcome.upper.display().to_string());
     if ctx.json {
-        fmt::print_json(&json!({
+        let _ = fmt::try_print_json(&json!({
             "exit_code": outcome.exit_code,
             "committed": committed.as_ref().map(|c| c.root.to_hex()),
             "name": args.name,
@@ -337,7 +340,5 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             note!("velo: {name} moved from {previous} to {}", c.root);
         }
     }
-    drop(outcome.upper_lock);
-    outcome.session.remove();
     Ok(ExitCode::from(exit_code.clamp(0, 255) as u8))
 }

@@ -91,14 +91,14 @@ pub fn ingest(
             "seconds": report.seconds,
         }));
     } else {
-        println!("{}", report.root);
+        out!("{}", report.root);
         let excluded = report
             .skipped
             .iter()
             .filter(|k| k.reason == "excluded")
             .count();
         let special = report.skipped.len() - excluded;
-        eprintln!(
+        note!(
             "ingested {} files, {} dirs, {} symlinks, {} ({} in {} new blobs{}) in {:.2} s{}{}{}",
             s.files,
             s.dirs,
@@ -140,7 +140,7 @@ pub fn export(ctx: &Ctx, spec: &str, output: &Path, with_blobs: bool) -> Result<
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&report)?);
     } else {
-        eprintln!(
+        note!(
             "wrote {} ({} trees, {} blobs, {})",
             report.path,
             report.trees,
@@ -173,8 +173,8 @@ pub fn import(ctx: &Ctx, file: &Path, name: Option<String>, partial: bool) -> Re
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&report)?);
     } else {
-        println!("{}", report.root);
-        eprintln!(
+        out!("{}", report.root);
+        note!(
             "imported {} trees ({} new), {} blobs ({} new, {}){}",
             report.trees,
             report.new_trees,
@@ -202,7 +202,7 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
         let when = humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + Duration::from_secs(r.created_unix),
         );
-        println!(
+        out!(
             "{:<24} {} {} {:>8} files {:>10}{}",
             r.name.as_deref().unwrap_or("-"),
             &r.root[..16],
@@ -225,7 +225,7 @@ pub fn forget(ctx: &Ctx, name_or_root: &str) -> Result<ExitCode> {
         fmt::print_json(&json!({ "forgot": removed }));
     } else {
         for r in removed {
-            eprintln!(
+            note!(
                 "forgot {} ({}); velo gc --run frees what only it kept",
                 r.name.as_deref().unwrap_or("unnamed root"),
                 r.root
@@ -241,17 +241,17 @@ pub fn status(ctx: &Ctx) -> Result<ExitCode> {
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&s)?);
     } else {
-        println!("store:        {} (format {})", s.store, s.format_version);
-        println!("roots:        {}", s.roots);
-        println!("trees:        {}", s.trees);
-        println!(
+        out!("store:        {} (format {})", s.store, s.format_version);
+        out!("roots:        {}", s.roots);
+        out!("trees:        {}", s.trees);
+        out!(
             "blobs:        {} ({} stored, {} on disk)",
             s.blobs,
             fmt::bytes(s.blob_bytes),
             fmt::bytes(s.disk_bytes)
         );
-        println!("logical:      {}", fmt::bytes(s.logical_bytes));
-        println!("dedup ratio:  {:.2}", s.dedup_ratio);
+        out!("logical:      {}", fmt::bytes(s.logical_bytes));
+        out!("dedup ratio:  {:.2}", s.dedup_ratio);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -262,7 +262,7 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else if run {
-        eprintln!(
+        note!(
             "freed {} trees, {} blobs, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots",
             r.trees,
             r.blobs,
@@ -273,7 +273,7 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
             r.roots
         );
     } else {
-        eprintln!(
+        note!(
             "would free {} trees, {} blobs, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots); run `velo gc --run` to delete",
             r.trees,
             r.blobs,
@@ -286,7 +286,7 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
     }
     if !ctx.json {
         for kept in &r.kept_sessions {
-            eprintln!("kept on purpose (see {kept}/kept; remove it by hand when done): {kept}");
+            note!("kept on purpose (see {kept}/kept; remove it by hand when done): {kept}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -301,12 +301,12 @@ pub fn fsck(ctx: &Ctx, quick: bool) -> Result<ExitCode> {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else {
         for p in &r.problems {
-            println!("{}: {}: {}", p.kind, p.object, p.detail);
+            out!("{}: {}: {}", p.kind, p.object, p.detail);
         }
         for s in &r.stray_files {
-            eprintln!("note: {s} in an object directory is not an object (left alone)");
+            note!("note: {s} in an object directory is not an object (left alone)");
         }
-        eprintln!(
+        note!(
             "checked {} blobs ({} hashed), {} trees, {} roots: {}{}",
             r.blobs,
             fmt::bytes(r.bytes_verified),

@@ -1,0 +1,106 @@
+//! What velo writes on stdout when stdout fails (issue 8, items 9 and 10): a reader that
+//! went away ends a command quietly, a full or broken stdout is an error with its cause,
+//! never a panic; under `--json` an error is a JSON document too.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::process::Stdio;
+
+use common::Env;
+
+fn sample(env: &Env) -> String {
+    let dir = env.path("src");
+    fs::create_dir_all(dir.join("a/b")).unwrap();
+    for i in 0..300 {
+        fs::write(dir.join(format!("a/b/file-{i}")), format!("{i}")).unwrap();
+    }
+    env.ok(&["ingest", dir.to_str().unwrap(), "--name", "s"]);
+    "s".to_string()
+}
+
+/// Every command that prints, with its output read only in part: it ends with status 0
+/// (as `ls | head` does), without a panic.
+#[test]
+fn a_reader_that_goes_away_ends_commands_quietly() {
+    let env = Env::new();
+    let tree = sample(&env);
+    for args in [
+        vec!["--json", "ls", "-R", &tree],
+        vec!["ls", "-lR", &tree],
+        vec!["--json", "roots"],
+        vec!["--json", "status"],
+        vec!["--json", "show", &tree, "a"],
+        vec!["diff", &tree, &tree],
+    ] {
+        let mut child = env
+            .cmd()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        let _ = child.stdout.as_mut().unwrap().read(&mut first);
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
+
+/// A full stdout is an error with its cause and status 1.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let env = Env::new();
+    let tree = sample(&env);
+    let src = env.path("src");
+    for args in [
+        vec!["--json", "ls", "-R", tree.as_str()],
+        vec!["ls", "-R", tree.as_str()],
+        vec!["roots"],
+        vec!["status"],
+        vec!["--json", "status"],
+        vec!["show", tree.as_str(), "a"],
+        vec!["--json", "doctor"],
+        vec!["ingest", src.to_str().unwrap()],
+        vec!["diff", tree.as_str(), "s"],
+    ] {
+        let out = env
+            .cmd()
+            .args(&args)
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // `diff` of a tree with itself prints nothing, so nothing fails.
+        if args[0] != "diff" {
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(stderr.contains("writing the output"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+/// `--json` promises one JSON document on stdout: an error is one too, with the exit code.
+#[test]
+fn json_errors_are_json_documents() {
+    let env = Env::new();
+    sample(&env);
+    let out = env.run(&["--json", "cat", "no-such-tree", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON document");
+    assert_eq!(doc["error"]["exit_code"], 1);
+    assert!(doc["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-tree"));
+}
