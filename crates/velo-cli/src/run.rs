@@ -165,7 +165,16 @@ fn commit_run(
     let base = outcome
         .base
         .context("internal error: a run whose changes are committed has no merged base")?;
-    let report = velo_project::commit::commit_upper(store, base, &outcome.upper)
+    // A kept upper is read through the descriptor velo locked it with: renaming it (or a
+    // parent) and putting something else at its path during the run changes nothing.
+    let upper = match &outcome.upper_lock {
+        Some(fd) => PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(fd)
+        )),
+        None => outcome.upper.clone(),
+    };
+    let report = velo_project::commit::commit_upper(store, base, &upper)
         .context("committing the run's changes")?;
     let root = report.root;
     store.sync()?;

@@ -950,11 +950,18 @@ fn keyrings_nested_namespaces_devices_and_shared_uppers_stay_closed() {
         "unshare -r true && echo NESTED-USERNS; \
          mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && echo CGROUP-MOUNTED; \
          chmod 600 /dev/null && echo CHMOD-DEV; touch /dev/tty && echo TOUCH-DEV; \
+         chmod 600 /proc/timer_list && echo CHMOD-MASK; \
          echo x > /dev/null && echo dev-writes; \
          head -c 8 /proc/kpageflags | wc -c; ls /proc/acpi | wc -l",
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    for leak in ["NESTED-USERNS", "CGROUP-MOUNTED", "CHMOD-DEV", "TOUCH-DEV"] {
+    for leak in [
+        "NESTED-USERNS",
+        "CGROUP-MOUNTED",
+        "CHMOD-DEV",
+        "TOUCH-DEV",
+        "CHMOD-MASK",
+    ] {
         assert!(!text.contains(leak), "{leak}: {text}");
     }
     assert!(
@@ -1178,5 +1185,84 @@ fn an_upper_or_bind_source_swapped_for_a_link_into_the_store_is_never_mounted() 
     assert_eq!(
         env.ok(&["cat", &app_root, "app/hello.sh"]),
         "echo hello from app\n"
+    );
+}
+
+/// A kept upper renamed (and its path taken by another directory) during the run: the
+/// commit reads the directory velo locked, not whatever the path names afterwards.
+#[test]
+fn a_kept_upper_moved_during_the_run_is_still_what_is_committed() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let parent = env.path("open");
+    fs::create_dir(&parent).unwrap();
+    let upper = parent.join("up");
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--name", "moved", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .arg("--upper")
+        .arg(&upper)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo legit > /result; echo ready; sleep 1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    fs::rename(&upper, parent.join("up.old")).unwrap();
+    fs::create_dir(&upper).unwrap();
+    fs::write(upper.join("PLANTED"), b"x").unwrap();
+    assert!(child.wait().unwrap().success());
+    let listing = env.ok(&["ls", "moved"]);
+    assert!(listing.lines().any(|l| l == "result"), "{listing}");
+    assert!(!listing.lines().any(|l| l == "PLANTED"), "{listing}");
+}
+
+/// The first run of a tree (velo exec's its stage then: rayon threads exist) with many
+/// binds: each bind source travels as a descriptor.
+#[test]
+fn many_binds_work_on_the_first_run_too() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let mut args = Vec::new();
+    for i in 0..12 {
+        let dir = env.path(&format!("b{i}"));
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("f"), format!("{i}")).unwrap();
+        args.push("--bind".to_string());
+        args.push(format!("{}:/b{i}:ro", dir.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&env, &busybox, &app, &args, "cat /b0/f /b11/f");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "011");
+    assert_eq!(
+        fs::read_dir(env.store.join("sessions"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "a session was left behind"
     );
 }

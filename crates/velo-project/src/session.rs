@@ -483,9 +483,16 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
             .map(|(_, upper, work, _)| (upper.as_fd(), work.as_fd())),
         binds: bind_fds.iter().map(|fd| fd.as_fd()).collect(),
     };
-    let exit_code =
-        crate::sandbox::start(&config, &fds).map_err(io_error("running the sandbox"))?;
+    let started_run = crate::sandbox::start(&config, &fds);
     drop(fds);
+    let exit_code = match started_run {
+        Ok(code) => code,
+        Err(e) => {
+            let error = io_error("running the sandbox")(e);
+            session.remove();
+            return Err(error);
+        }
+    };
     let run_seconds = started.elapsed().as_secs_f64();
     let upper_is_temporary = options.upper.is_none();
     let (upper, upper_lock) = match kept {

@@ -263,7 +263,6 @@ pub(crate) fn sync_dir(path: &Path) {
 /// overlay work directories): directories are made writable first. Symlinks are never
 /// followed. Failures are logged, not raised: callers use it to clean up.
 pub fn remove_tree(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
         if !fs::symlink_metadata(&dir)
@@ -272,7 +271,15 @@ pub fn remove_tree(path: &Path) {
         {
             continue;
         }
-        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        // Through a descriptor opened without following a link: a directory swapped for a
+        // symlink meanwhile must not lead to a chmod elsewhere.
+        if let Ok(fd) = rustix::fs::open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            FsMode::empty(),
+        ) {
+            let _ = rustix::fs::fchmod(&fd, FsMode::from_raw_mode(0o700));
+        }
         if let Ok(entries) = fs::read_dir(&dir) {
             for entry in entries.flatten() {
                 if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {

@@ -117,13 +117,45 @@ impl Store {
         let file_name = out
             .file_name()
             .ok_or_else(|| StoreError::Invalid(format!("{} is not a file path", out.display())))?;
-        let staged = dir.join(format!(
-            ".{}.{}.partial",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
+        // Created new (O_EXCL, never through a link another user planted) under a name
+        // nobody can guess, so nothing but this file is ever written or renamed over OUT.
+        let (staged, file) = (0..16)
+            .find_map(|_| {
+                let staged = dir.join(format!(
+                    ".{}.{}.{:016x}.partial",
+                    file_name.to_string_lossy(),
+                    std::process::id(),
+                    unpredictable()
+                ));
+                let opened = {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o644)
+                        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                        .open(&staged)
+                };
+                match opened {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                    other => Some(
+                        other
+                            .map(|f| (staged.clone(), f))
+                            .map_err(StoreError::io("creating", &staged)),
+                    ),
+                }
+            })
+            .unwrap_or_else(|| {
+                Err(StoreError::Invalid(format!(
+                    "could not create a staging file in {}",
+                    dir.display()
+                )))
+            })?;
+        let mut file = Some(file);
         let mut write = || -> Result<u64> {
-            let file = File::create(&staged).map_err(StoreError::io("creating", &staged))?;
+            let file = file
+                .take()
+                .ok_or_else(|| StoreError::Invalid("export staged twice".into()))?;
             let count = with_blobs.then_some(blob_list.len() as u64);
             let io = StoreError::io("writing", out);
             let mut writer = ManifestWriter::new(
@@ -393,4 +425,20 @@ impl Write for LazyFile {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.as_mut().map_or(Ok(()), |f| f.flush())
     }
+}
+
+/// 64 bits nobody outside this process can predict (for staging names): the kernel's
+/// random bytes, else the clock and the address of a stack variable.
+fn unpredictable() -> u64 {
+    let mut bytes = [0u8; 8];
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
+        .is_ok_and(|n| n == 8)
+    {
+        return u64::from_le_bytes(bytes);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    now ^ (&bytes as *const _ as u64).rotate_left(32)
 }

@@ -281,13 +281,22 @@ pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
     config.controlling_tty = pty.is_some();
     let stdin = std::io::stdin();
     let terminal = rustix::termios::tcgetattr(&stdin).ok();
+    let window = rustix::termios::tcgetwinsize(&stdin).ok();
     let code = if forked {
         start_forked(&config, pty)
     } else {
         start_exec(&config, &handed, pty)
     };
     if let Some(modes) = terminal {
+        // Modes, window size, output flow and exclusive mode: all the command could have
+        // changed on a terminal it shared.
         let _ = rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &modes);
+        if let Some(size) = window {
+            let _ = rustix::termios::tcsetwinsize(&stdin, size);
+        }
+        let _ = rustix::termios::tcflow(&stdin, rustix::termios::Action::OOn);
+        // SAFETY: TIOCNXCL takes no argument and only clears the terminal's exclusive mode.
+        unsafe { libc::ioctl(0, libc::TIOCNXCL) };
     }
     code
 }

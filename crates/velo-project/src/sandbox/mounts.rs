@@ -75,7 +75,22 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
     mount_overlay(&lowers, &upper, &work, &merged)?;
     drop(verified);
 
-    mount_proc(&merged)?;
+    // What masked /proc files show: an empty file of the sandbox's own, read-only (never
+    // a host inode such as /dev/null, which uid 0 inside could chmod when root runs velo).
+    let masked = config.scratch.join("masked");
+    std::fs::File::create(&masked).map_err(setup_io("creating the mask file", ""))?;
+    rustix::mount::mount_bind(&masked, &masked).map_err(setup("binding the mask file", ""))?;
+    rustix::mount::mount_remount(
+        &masked,
+        MountFlags::BIND
+            | MountFlags::RDONLY
+            | MountFlags::NOSUID
+            | MountFlags::NODEV
+            | MountFlags::NOEXEC,
+        "",
+    )
+    .map_err(setup("making the mask file read-only", ""))?;
+    mount_proc(&merged, &masked)?;
     mount_dev(&merged, config.controlling_tty)?;
     let tmp_dir = mount_point(&merged, "/tmp")?;
     rustix::mount::mount(
@@ -162,7 +177,7 @@ pub(crate) fn mount_overlay(
     .map_err(setup("mounting the overlay", OVERLAY_HINT))
 }
 
-fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
+fn mount_proc(merged: &Path, masked: &Path) -> Result<(), SandboxError> {
     let proc_dir = mount_point(merged, "/proc")?;
     let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     rustix::mount::mount("proc", fd_path(&proc_dir), "proc", proc_flags, None)
@@ -190,7 +205,7 @@ fn mount_proc(merged: &Path) -> Result<(), SandboxError> {
     for name in PROC_MASKED {
         let path = proc.join(name);
         if path.exists() {
-            rustix::mount::mount_bind("/dev/null", &path)
+            rustix::mount::mount_bind(masked, &path)
                 .map_err(setup(format!("masking /proc/{name}"), ""))?;
         }
     }
