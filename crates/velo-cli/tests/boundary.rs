@@ -1266,3 +1266,49 @@ fn many_binds_work_on_the_first_run_too() {
         "a session was left behind"
     );
 }
+
+/// A file the caller hands over as stdout (`> build.log`) or stdin, or the caller's
+/// terminal, is never an inode the command can chmod: it is relayed through a pipe, and
+/// what the command writes still arrives in order.
+#[test]
+fn stdio_files_of_the_caller_cannot_be_chmodded_from_inside() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let log = env.path("build.log");
+    let input = env.path("input.txt");
+    fs::write(&input, "line1\nline2\n").unwrap();
+    let before = fs::metadata(&input).unwrap();
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "read first; echo out $first; echo err >&2; chmod 4755 /proc/self/fd/1 /proc/self/fd/0; echo out2",
+        ])
+        .stdin(fs::File::open(&input).unwrap())
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::OpenOptions::new().append(true).open(&log).unwrap());
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&log).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o7000,
+        0,
+        "the command chmodded the caller's file: {mode:o}"
+    );
+    assert_eq!(
+        fs::metadata(&input).unwrap().permissions().mode(),
+        before.permissions().mode()
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("out line1\n"), "{text}");
+    assert!(text.contains("out2\n") && text.contains("err\n"), "{text}");
+}

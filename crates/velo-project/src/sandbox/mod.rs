@@ -24,6 +24,7 @@
 pub mod mounts;
 pub mod pty;
 pub mod spawn;
+pub mod stdio;
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -279,13 +280,21 @@ pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
     // editor, velo's own relay) are undone when the run is over.
     let pty = pty::Pty::open_if_interactive();
     config.controlling_tty = pty.is_some();
+    let mut terminal_fds = vec![0, 1];
+    if rustix::termios::isatty(std::io::stderr()) {
+        terminal_fds.push(2);
+    }
+    let stdio = stdio::plan(
+        pty.as_ref().map(|p| std::os::fd::AsFd::as_fd(p.slave())),
+        &terminal_fds,
+    )?;
     let stdin = std::io::stdin();
     let terminal = rustix::termios::tcgetattr(&stdin).ok();
     let window = rustix::termios::tcgetwinsize(&stdin).ok();
     let code = if forked {
-        start_forked(&config, pty)
+        start_forked(&config, pty, stdio)
     } else {
-        start_exec(&config, &handed, pty)
+        start_exec(&config, &handed, pty, stdio)
     };
     if let Some(modes) = terminal {
         // Modes, window size, output flow and exclusive mode: all the command could have
@@ -305,6 +314,7 @@ fn start_exec(
     config: &SandboxConfig,
     handed: &[std::os::fd::RawFd],
     pty: Option<pty::Pty>,
+    stdio: stdio::Plan,
 ) -> std::io::Result<i32> {
     use std::os::fd::AsRawFd;
     let config_fd = config_memfd(config)?;
@@ -313,26 +323,36 @@ fn start_exec(
     let supervisor = Supervisor::new()?;
     let mut command = Command::new("/proc/self/exe");
     command.arg("__sandbox").env_clear();
-    if let Some(pty) = &pty {
-        command
-            .stdin(pty.slave().try_clone()?)
-            .stdout(pty.slave().try_clone()?);
-        if rustix::termios::isatty(std::io::stderr()) {
-            command.stderr(pty.slave().try_clone()?);
-        }
+    let [stdin, stdout, stderr] = &stdio.child;
+    if let Some(fd) = stdin {
+        command.stdin(fd.try_clone()?);
+    }
+    if let Some(fd) = stdout {
+        command.stdout(fd.try_clone()?);
+    }
+    if let Some(fd) = stderr {
+        command.stderr(fd.try_clone()?);
     }
     let child = spawn::spawn_tied(&mut command, &pass, true, false)?;
     drop(command);
     drop(config_fd);
+    let relays = stdio.start();
     let relay = pty.map(pty::Pty::relay).transpose();
     let code = supervisor.wait(child.id(), false);
     if let Ok(Some(relay)) = relay {
         relay.finish();
     }
+    if let Ok(relays) = relays {
+        relays.finish();
+    }
     code
 }
 
-fn start_forked(config: &SandboxConfig, pty: Option<pty::Pty>) -> std::io::Result<i32> {
+fn start_forked(
+    config: &SandboxConfig,
+    pty: Option<pty::Pty>,
+    stdio: stdio::Plan,
+) -> std::io::Result<i32> {
     use std::os::fd::AsRawFd;
     let (alive_read, alive_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mask = spawn::block_signals();
@@ -345,18 +365,13 @@ fn start_forked(config: &SandboxConfig, pty: Option<pty::Pty>) -> std::io::Resul
         return Err(error);
     }
     if pid == 0 {
-        if let Some(pty) = &pty {
-            let slave = pty.slave().as_raw_fd();
-            let stderr_too = rustix::termios::isatty(std::io::stderr());
-            // SAFETY: dup2 onto the standard descriptors of this (single-threaded) child.
-            unsafe {
-                libc::dup2(slave, 0);
-                libc::dup2(slave, 1);
-                if stderr_too {
-                    libc::dup2(slave, 2);
-                }
+        for (target, fd) in stdio.child.iter().enumerate() {
+            if let Some(fd) = stdio::raw(fd) {
+                // SAFETY: dup2 onto a standard descriptor of this (single-threaded) child.
+                unsafe { libc::dup2(fd, target as i32) };
             }
         }
+        drop(stdio);
         drop(pty);
         let started = spawn::die_with_parent(alive_read.as_raw_fd(), alive_write.as_raw_fd())
             .and_then(|()| rustix::process::setsid().map(drop).map_err(Into::into))
@@ -378,11 +393,15 @@ fn start_forked(config: &SandboxConfig, pty: Option<pty::Pty>) -> std::io::Resul
     drop(alive_read);
     let supervisor = Supervisor::new();
     spawn::restore_signals(&mask);
+    let relays = stdio.start();
     let relay = pty.map(pty::Pty::relay).transpose();
     let code = supervisor?.wait(pid as u32, false);
     drop(alive_write);
     if let Ok(Some(relay)) = relay {
         relay.finish();
+    }
+    if let Ok(relays) = relays {
+        relays.finish();
     }
     code
 }

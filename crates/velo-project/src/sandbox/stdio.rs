@@ -1,0 +1,200 @@
+//! The command's stdin, stdout and stderr: never an inode it could change on the host.
+//!
+//! uid 0 inside is the caller outside, so a file the caller owns and hands over as fd 0,
+//! 1 or 2 (a log file, the caller's terminal, `/dev/null` when root runs velo) could be
+//! `chmod`ed through it: `chmod 4755 /proc/self/fd/1` on a `> build.log` made a set-uid
+//! file, a terminal made world-writable outlived the run. Such a descriptor is relayed
+//! through a pipe instead (velo copies in a thread); pipes, sockets and files of other
+//! owners (which the sandbox cannot chmod) are handed over as they are, at no cost.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::thread::JoinHandle;
+
+use rustix::event::{PollFd, PollFlags};
+
+enum Pending {
+    /// velo reads `from` (its own stdin) and writes into the pipe the command reads.
+    Input { pipe: OwnedFd },
+    /// velo reads the pipe the command writes and copies to `to` (its own stdout/stderr).
+    Output { pipe: OwnedFd, to: RawFd },
+}
+
+/// What the command gets as fds 0–2, decided before the sandbox starts.
+pub struct Plan {
+    /// The descriptor to put at 0, 1, 2 in the sandbox (`None`: inherit velo's).
+    pub child: [Option<OwnedFd>; 3],
+    pending: Vec<Pending>,
+}
+
+/// Relays running while the sandbox runs.
+pub struct Running {
+    wake: Option<OwnedFd>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Whether the sandbox could change `fd`'s inode on the host: the caller owns it and it
+/// is a file, a device or a directory.
+fn exposed(fd: BorrowedFd<'_>) -> bool {
+    let Ok(stat) = rustix::fs::fstat(fd) else {
+        return false;
+    };
+    let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+    use rustix::fs::FileType as T;
+    stat.st_uid == rustix::process::geteuid().as_raw()
+        && matches!(
+            kind,
+            T::RegularFile | T::CharacterDevice | T::BlockDevice | T::Directory
+        )
+}
+
+/// Whether two of the standard descriptors name the same file.
+fn same_file(a: RawFd, b: RawFd) -> bool {
+    // SAFETY: 0, 1 and 2 are open for the life of the process.
+    let (a, b) = unsafe { (BorrowedFd::borrow_raw(a), BorrowedFd::borrow_raw(b)) };
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
+/// Decides fds 0–2: `terminal` (a pty of the run's own) for those that are the caller's
+/// terminal when there is one, a relay pipe for exposed ones, velo's own otherwise.
+pub fn plan(terminal: Option<BorrowedFd<'_>>, terminal_fds: &[RawFd]) -> io::Result<Plan> {
+    let mut child: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut pending = Vec::new();
+    for fd in 0..3 {
+        // SAFETY: 0, 1 and 2 are open for the life of the process (Rust's runtime opens
+        // /dev/null on any that were closed at start).
+        let own = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Some(pty) = terminal.filter(|_| terminal_fds.contains(&fd)) {
+            child[fd as usize] = Some(pty.try_clone_to_owned()?);
+        } else if fd == 2 && child[1].is_some() && same_file(1, 2) {
+            // `2>&1`: one pipe for both keeps their order, as one file would.
+            child[2] = child[1].as_ref().map(|f| f.try_clone()).transpose()?;
+        } else if exposed(own) {
+            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            if fd == 0 {
+                child[0] = Some(read);
+                pending.push(Pending::Input { pipe: write });
+            } else {
+                child[fd as usize] = Some(write);
+                pending.push(Pending::Output { pipe: read, to: fd });
+            }
+        }
+    }
+    Ok(Plan { child, pending })
+}
+
+impl Plan {
+    /// Starts the relays once the sandbox holds its ends, and closes velo's copies of
+    /// them (so an output relay ends when the last process inside has gone).
+    pub fn start(self) -> io::Result<Running> {
+        let Plan { child, pending } = self;
+        drop(child);
+        let mut threads = Vec::new();
+        let mut wake = None;
+        for relay in pending {
+            match relay {
+                Pending::Output { pipe, to } => threads.push(
+                    std::thread::Builder::new()
+                        .name("velo-output".into())
+                        .spawn(move || copy_out(&pipe, to))?,
+                ),
+                Pending::Input { pipe } => {
+                    let (wake_read, wake_write) =
+                        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+                    wake = Some(wake_write);
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name("velo-input".into())
+                            .spawn(move || copy_in(&pipe, &wake_read))?,
+                    );
+                }
+            }
+        }
+        Ok(Running { wake, threads })
+    }
+}
+
+impl Running {
+    /// Waits for the outputs to be passed on in full and stops reading input.
+    pub fn finish(self) {
+        if let Some(wake) = &self.wake {
+            let _ = rustix::io::write(wake, b"x");
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes all of `bytes` to `fd`; false when the other end is gone.
+fn write_all(fd: impl AsFd, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match rustix::io::write(&fd, bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn copy_out(pipe: &OwnedFd, to: RawFd) {
+    // SAFETY: 1 and 2 stay open for the life of the process.
+    let to = unsafe { BorrowedFd::borrow_raw(to) };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut passing = true;
+    loop {
+        match rustix::io::read(pipe, &mut buf) {
+            Ok(0) => return,
+            // Once the destination fails, keep draining so the command never blocks on a
+            // full pipe; what it writes is lost, as it would be natively.
+            Ok(n) if passing => passing = write_all(to, &buf[..n]),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Copies velo's stdin into the command's pipe until stdin ends, the command stops
+/// reading, or velo says the run is over (then nothing more is read from stdin).
+fn copy_in(pipe: &OwnedFd, wake: &OwnedFd) {
+    let stdin = io::stdin();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [
+            PollFd::new(&stdin, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        if fds[0].revents().is_empty() {
+            continue;
+        }
+        match rustix::io::read(&stdin, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if !write_all(pipe, &buf[..n]) {
+                    return;
+                }
+            }
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The raw number of a planned descriptor, for `dup2` in a forked child.
+pub fn raw(fd: &Option<OwnedFd>) -> Option<RawFd> {
+    fd.as_ref().map(|fd| fd.as_raw_fd())
+}
