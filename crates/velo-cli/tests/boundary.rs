@@ -1312,3 +1312,72 @@ fn stdio_files_of_the_caller_cannot_be_chmodded_from_inside() {
     assert!(text.contains("out line1\n"), "{text}");
     assert!(text.contains("out2\n") && text.contains("err\n"), "{text}");
 }
+
+/// A commit that fails after a successful command (here: the file system of `--commit`
+/// fills up during the run) keeps the run's changes where it says, gc leaves them there,
+/// nothing is registered, and velo exits 125.
+#[test]
+fn a_failed_commit_keeps_the_changes_where_it_says_and_gc_leaves_them() {
+    if !sandbox_supported() || !common::require(common::is_root(), "root (to mount a small tmpfs)")
+    {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let small = env.path("small");
+    fs::create_dir(&small).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &small,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"size=64k",
+    )
+    .unwrap();
+    let out_path = small.join("out.velo");
+    let mut child = env
+        .cmd()
+        .args(["run", "--isolate", "--name", "kept", "--commit"])
+        .arg(&out_path)
+        .arg("--base")
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo precious > /work; echo ready; sleep 1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    // Fill the output's file system while the command runs.
+    let _ = fs::write(small.join("filler"), vec![1u8; 128 * 1024]);
+    let out = child.wait_with_output().unwrap();
+    let _ = rustix::mount::unmount(&small, rustix::mount::UnmountFlags::DETACH);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("the changes are kept at"), "{err}");
+    assert!(!env.json(&["roots"]).to_string().contains("\"kept\""));
+    let kept_upper = err
+        .split("the changes are kept at ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (").next())
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    let gc = env.json(&["gc", "--run"]);
+    assert_eq!(gc["kept_sessions"].as_array().unwrap().len(), 1, "{gc}");
+    assert_eq!(
+        fs::read_to_string(kept_upper.join("work")).unwrap(),
+        "precious\n"
+    );
+}

@@ -378,3 +378,56 @@ pub fn scrub_process_strings() {
         unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), arg_start as *mut u8, name.len()) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether this process catches `signal` (from /proc/self/status, SigCgt).
+    fn caught(signal: i32) -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+            .unwrap();
+        mask & (1 << (signal - 1)) != 0
+    }
+
+    /// After the supervised child has exited, SIGINT and SIGTERM have their default
+    /// actions again: a Ctrl-C during the commit that follows stops velo instead of being
+    /// swallowed by a handler nobody reads (nextest runs each test in its own process).
+    #[test]
+    #[allow(clippy::zombie_processes, reason = "Supervisor::wait reaps the child")]
+    fn signals_are_default_again_after_the_wait() {
+        let supervisor = Supervisor::new().unwrap();
+        assert!(caught(libc::SIGINT) && caught(libc::SIGTERM));
+        let child = Command::new("true").spawn().unwrap();
+        assert_eq!(supervisor.wait(child.id(), false).unwrap(), 0);
+        assert!(!caught(libc::SIGINT), "SIGINT still caught");
+        assert!(!caught(libc::SIGTERM), "SIGTERM still caught");
+    }
+
+    /// A child spawned tied to this thread sees only the descriptors passed to it.
+    #[test]
+    fn a_tied_child_gets_only_the_passed_descriptors() {
+        let (keep, _keep_w) = rustix::pipe::pipe().unwrap();
+        let (_leak, _leak_w) = rustix::pipe::pipe().unwrap();
+        let out = {
+            let mut command = Command::new("ls");
+            command
+                .arg("/proc/self/fd")
+                .stdout(std::process::Stdio::piped());
+            spawn_tied(&mut command, &[keep.as_raw_fd()], false, false)
+                .unwrap()
+                .wait_with_output()
+                .unwrap()
+        };
+        let fds: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        // 0, 1, 2, the passed one at 3, and the one ls opens to list the directory.
+        assert_eq!(fds, ["0", "1", "2", "3", "4"], "{fds:?}");
+    }
+}
