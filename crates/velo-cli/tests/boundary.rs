@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Env;
-use sandbox_env::{layers, run, sandbox_supported};
+use sandbox_env::{layers, run, sandbox_supported, velo_run};
 
 /// A static C program built for the test (the busybox base has no libc to link against).
 fn static_program(env: &Env, name: &str, source: &str) -> Option<PathBuf> {
@@ -209,12 +209,7 @@ fn ctrl_c_through_a_pty_reaches_the_command_once() {
     );
 
     // Without a terminal, a SIGINT sent to velo is forwarded to the command only.
-    let mut child = env
-        .cmd()
-        .args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
+    let mut child = velo_run(&env, &busybox, &app)
         .arg("--bind")
         .arg(format!("{}:/sigcount:ro", counter.display()))
         .args(["--", "/sigcount"])
@@ -349,17 +344,13 @@ fn the_callers_open_descriptors_do_not_reach_the_command() {
     fs::create_dir(&host_dir).unwrap();
     let dir = fs::File::open(&host_dir).unwrap();
     let raw = std::os::fd::AsRawFd::as_raw_fd(&dir);
-    let mut cmd = env.cmd();
-    cmd.args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
-        .args([
-            "--",
-            "/bin/sh",
-            "-c",
-            "ls /proc/self/fd/ | tr '\\n' ' '; echo x > /proc/self/fd/9/planted && echo PLANTED",
-        ]);
+    let mut cmd = velo_run(&env, &busybox, &app);
+    cmd.args([
+        "--",
+        "/bin/sh",
+        "-c",
+        "ls /proc/self/fd/ | tr '\\n' ' '; echo x > /proc/self/fd/9/planted && echo PLANTED",
+    ]);
     // SAFETY: dup2 in the child before exec; `raw` stays open in the parent until then.
     unsafe {
         cmd.pre_exec(move || {
@@ -522,12 +513,7 @@ fn uppers_and_binds_that_reach_the_store_are_refused_and_uppers_are_exclusive() 
     env.fsck_ok();
 
     let upper = env.path("upper");
-    let mut first = env
-        .cmd()
-        .args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
+    let mut first = velo_run(&env, &busybox, &app)
         .arg("--upper")
         .arg(&upper)
         .args(["--", "/bin/sh", "-c", "echo ready; sleep 3"])
@@ -662,19 +648,11 @@ fn only_successful_runs_commit_and_only_what_the_command_changed() {
     // Exit codes follow the container convention.
     let code = |script: &str| run(&env, &busybox, &app, &[], script).status.code();
     assert_eq!(code("kill -9 $$"), Some(137));
-    let mut cmd = env.cmd();
-    cmd.args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
-        .args(["--", "/no/such/program"]);
+    let mut cmd = velo_run(&env, &busybox, &app);
+    cmd.args(["--", "/no/such/program"]);
     assert_eq!(cmd.output().unwrap().status.code(), Some(127));
-    let mut cmd = env.cmd();
-    cmd.args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
-        .args(["--", "/app/hello.sh"]);
+    let mut cmd = velo_run(&env, &busybox, &app);
+    cmd.args(["--", "/app/hello.sh"]);
     assert_eq!(
         cmd.output().unwrap().status.code(),
         Some(126),
@@ -909,12 +887,8 @@ fn keyrings_nested_namespaces_devices_and_shared_uppers_stay_closed() {
     let env = Env::new();
     let (busybox, app) = layers(&env);
     if let Some(probe) = static_program(&env, "keyprobe", KEYRING_PROBE) {
-        let mut cmd = env.cmd();
-        cmd.args(["run", "--isolate", "--base"])
-            .arg(&busybox)
-            .arg("--manifest")
-            .arg(&app)
-            .arg("--bind")
+        let mut cmd = velo_run(&env, &busybox, &app);
+        cmd.arg("--bind")
             .arg(format!("{}:/keyprobe:ro", probe.display()))
             .args(["--", "/keyprobe"]);
         // SAFETY: raw keyctl/add_key calls in the child before exec; the strings are
@@ -1281,11 +1255,8 @@ fn stdio_files_of_the_caller_cannot_be_chmodded_from_inside() {
     let input = env.path("input.txt");
     fs::write(&input, "line1\nline2\n").unwrap();
     let before = fs::metadata(&input).unwrap();
-    let mut cmd = env.cmd();
-    cmd.args(["run", "--isolate", "--base"])
-        .arg(&busybox)
-        .arg("--manifest")
-        .arg(&app)
+    let mut cmd = velo_run(&env, &busybox, &app);
+    cmd
         .args([
             "--",
             "/bin/sh",

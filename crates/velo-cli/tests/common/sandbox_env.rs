@@ -69,3 +69,14 @@ pub fn run(
         .args(["--", "/bin/sh", "-c", script]);
     cmd.output().unwrap()
 }
+
+/// `velo run --isolate --base BUSYBOX --manifest APP`, to be completed with options and
+/// `-- COMMAND`.
+pub fn velo_run(env: &Env, busybox: &Path, app: &Path) -> Command {
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--isolate", "--base"])
+        .arg(busybox)
+        .arg("--manifest")
+        .arg(app);
+    cmd
+}

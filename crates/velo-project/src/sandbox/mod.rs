@@ -380,15 +380,7 @@ fn start_forked(
         // memory: blank them so /proc/<pid>/{cmdline,environ} show nothing of them.
         spawn::scrub_process_strings();
         spawn::restore_signals(&mask);
-        let code = match started.and_then(|()| enter(config)) {
-            Ok(code) => code,
-            Err(e) => {
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stderr(), "velo: sandbox: {e}");
-                i32::from(e.exit_code())
-            }
-        };
-        std::process::exit(code);
+        std::process::exit(exit_status(started.and_then(|()| enter(config))));
     }
     drop(alive_read);
     let supervisor = Supervisor::new();
@@ -404,6 +396,19 @@ fn start_forked(
         relays.finish();
     }
     code
+}
+
+/// The exit status of a stage's child: the command's, or the failure's (reported on
+/// stderr, which may be closed: a failed report must not change the status).
+fn exit_status(result: Result<i32, SandboxError>) -> i32 {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "velo: sandbox: {e}");
+            i32::from(e.exit_code())
+        }
+    }
 }
 
 /// Stage 1 as its own process (`velo __sandbox`, exec'd by [`start`]): reads the
@@ -454,18 +459,11 @@ fn enter(config: &SandboxConfig) -> Result<i32, SandboxError> {
     }
     if pid == 0 {
         use std::os::fd::AsRawFd;
-        let code = match spawn::die_with_parent(alive_read.as_raw_fd(), alive_write.as_raw_fd())
-            .map_err(setup_io("tying the sandbox's init to its parent", ""))
-            .and_then(|()| stage2(config, &mask))
-        {
-            Ok(code) => code,
-            Err(e) => {
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stderr(), "velo: sandbox: {e}");
-                i32::from(e.exit_code())
-            }
-        };
-        std::process::exit(code);
+        std::process::exit(exit_status(
+            spawn::die_with_parent(alive_read.as_raw_fd(), alive_write.as_raw_fd())
+                .map_err(setup_io("tying the sandbox's init to its parent", ""))
+                .and_then(|()| stage2(config, &mask)),
+        ));
     }
     drop(alive_read);
     let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""));

@@ -92,15 +92,12 @@ pub fn build_root(config: &SandboxConfig) -> Result<(), SandboxError> {
     .map_err(setup("making the mask file read-only", ""))?;
     mount_proc(&merged, &masked)?;
     mount_dev(&merged, config.controlling_tty)?;
-    let tmp_dir = mount_point(&merged, "/tmp")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&tmp_dir),
-        "tmpfs",
+    mount_tmpfs_at(
+        &merged,
+        "/tmp",
         MountFlags::NOSUID | MountFlags::NODEV,
         c"mode=1777",
-    )
-    .map_err(setup("mounting /tmp", ""))?;
+    )?;
     for (bind, &fd) in config.binds.iter().zip(&config.bind_fds) {
         mount_bind(&merged, bind, fd)?;
     }
@@ -225,16 +222,25 @@ fn mount_proc(merged: &Path, masked: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Mounts a tmpfs on the mount point `inside` (see [`mount_point`]).
+fn mount_tmpfs_at(
+    merged: &Path,
+    inside: &str,
+    flags: MountFlags,
+    options: &std::ffi::CStr,
+) -> Result<(), SandboxError> {
+    let target = mount_point(merged, inside)?;
+    rustix::mount::mount("tmpfs", fd_path(&target), "tmpfs", flags, options)
+        .map_err(setup(format!("mounting {inside}"), ""))
+}
+
 fn mount_dev(merged: &Path, controlling_tty: bool) -> Result<(), SandboxError> {
-    let dev_dir = mount_point(merged, "/dev")?;
-    rustix::mount::mount(
-        "tmpfs",
-        fd_path(&dev_dir),
-        "tmpfs",
+    mount_tmpfs_at(
+        merged,
+        "/dev",
         MountFlags::NOSUID | MountFlags::NOEXEC,
         c"mode=755,size=1m",
-    )
-    .map_err(setup("mounting /dev", ""))?;
+    )?;
     let dev = rustix::fs::open(
         merged.join("dev"),
         OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -9,7 +9,7 @@
 //! command runs in a new session with no controlling terminal at all.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
 
 use rustix::event::{PollFd, PollFlags};
@@ -104,19 +104,6 @@ fn copy_window_size(master: &OwnedFd) {
     }
 }
 
-/// Writes all of `bytes` to `fd`; false when the other end is gone.
-fn write_all(fd: impl AsFd, mut bytes: &[u8]) -> bool {
-    while !bytes.is_empty() {
-        match rustix::io::write(&fd, bytes) {
-            Ok(0) => return false,
-            Ok(n) => bytes = &bytes[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
 fn relay_loop(master: &OwnedFd, wake: &OwnedFd, winch: &OwnedFd) {
     let stdin = io::stdin();
     let stdout = io::stdout();
@@ -156,7 +143,7 @@ fn relay_loop(master: &OwnedFd, wake: &OwnedFd, winch: &OwnedFd) {
                 // EIO: every process inside has closed the terminal.
                 Ok(0) | Err(rustix::io::Errno::IO) => return,
                 Ok(n) => {
-                    if !write_all(&stdout, &buf[..n]) {
+                    if !super::spawn::write_all(&stdout, &buf[..n]) {
                         return;
                     }
                 }
@@ -177,7 +164,7 @@ fn relay_loop(master: &OwnedFd, wake: &OwnedFd, winch: &OwnedFd) {
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
                 Ok(0) | Err(_) => reading_stdin = false,
                 Ok(n) => {
-                    if !write_all(master, &buf[..n]) {
+                    if !super::spawn::write_all(master, &buf[..n]) {
                         reading_stdin = false;
                     }
                 }

@@ -166,6 +166,20 @@ pub(crate) fn restore_signals(old: &libc::sigset_t) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
 }
 
+/// Writes all of `bytes` to `fd`; false when the other end is gone (the relays of a run's
+/// terminal and standard descriptors).
+pub(crate) fn write_all(fd: impl std::os::fd::AsFd, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match rustix::io::write(&fd, bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Marks every descriptor above 2 close-on-exec, for a command started by code that did
 /// not use [`spawn_tied`].
 pub fn cloexec_above_stderr() -> io::Result<()> {

@@ -8,7 +8,7 @@
 //! owners (which the sandbox cannot chmod) are handed over as they are, at no cost.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::thread::JoinHandle;
 
 use rustix::event::{PollFd, PollFlags};
@@ -129,19 +129,6 @@ impl Running {
     }
 }
 
-/// Writes all of `bytes` to `fd`; false when the other end is gone.
-fn write_all(fd: impl AsFd, mut bytes: &[u8]) -> bool {
-    while !bytes.is_empty() {
-        match rustix::io::write(&fd, bytes) {
-            Ok(0) => return false,
-            Ok(n) => bytes = &bytes[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
 fn copy_out(pipe: &OwnedFd, to: RawFd) {
     // SAFETY: 1 and 2 stay open for the life of the process.
     let to = unsafe { BorrowedFd::borrow_raw(to) };
@@ -152,7 +139,7 @@ fn copy_out(pipe: &OwnedFd, to: RawFd) {
             Ok(0) => return,
             // Once the destination fails, keep draining so the command never blocks on a
             // full pipe; what it writes is lost, as it would be natively.
-            Ok(n) if passing => passing = write_all(to, &buf[..n]),
+            Ok(n) if passing => passing = super::spawn::write_all(to, &buf[..n]),
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
@@ -184,7 +171,7 @@ fn copy_in(pipe: &OwnedFd, wake: &OwnedFd) {
         match rustix::io::read(&stdin, &mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                if !write_all(pipe, &buf[..n]) {
+                if !super::spawn::write_all(pipe, &buf[..n]) {
                     return;
                 }
             }
