@@ -17,6 +17,15 @@ use std::time::{Duration, Instant};
 use common::Env;
 use sandbox_env::{layers, run, sandbox_supported, velo_run};
 
+/// The sandbox, and `script` (bsdutils) to give velo a terminal.
+fn sandbox_and_pty_supported() -> bool {
+    sandbox_supported()
+        && common::require(
+            common::find_tool("script").is_some(),
+            "script (bsdutils) for a pty",
+        )
+}
+
 /// A static C program built for the test (the busybox base has no libc to link against).
 fn static_program(env: &Env, name: &str, source: &str) -> Option<PathBuf> {
     if !common::require(
@@ -79,12 +88,7 @@ int main(void) {
 /// input into it: it runs in a new session without a controlling terminal.
 #[test]
 fn tiocsti_cannot_type_into_the_callers_terminal() {
-    if !sandbox_supported()
-        || !common::require(
-            common::find_tool("script").is_some(),
-            "script (bsdutils) for a pty",
-        )
-    {
+    if !sandbox_and_pty_supported() {
         return;
     }
     let env = Env::new();
@@ -161,12 +165,7 @@ int main(void) {
 /// terminal itself signals only velo's process group).
 #[test]
 fn ctrl_c_through_a_pty_reaches_the_command_once() {
-    if !sandbox_supported()
-        || !common::require(
-            common::find_tool("script").is_some(),
-            "script (bsdutils) for a pty",
-        )
-    {
+    if !sandbox_and_pty_supported() {
         return;
     }
     let env = Env::new();
@@ -231,12 +230,7 @@ fn ctrl_c_through_a_pty_reaches_the_command_once() {
 /// the shell), `tty` names its terminal, and the shell's status is velo's.
 #[test]
 fn an_interactive_shell_has_job_control_on_a_terminal_of_its_own() {
-    if !sandbox_supported()
-        || !common::require(
-            common::find_tool("script").is_some(),
-            "script (bsdutils) for a pty",
-        )
-    {
+    if !sandbox_and_pty_supported() {
         return;
     }
     let env = Env::new();
@@ -1021,12 +1015,7 @@ fn keyrings_nested_namespaces_devices_and_shared_uppers_stay_closed() {
 /// Terminal modes the command changes on the caller's terminal are restored.
 #[test]
 fn terminal_modes_are_restored_after_the_run() {
-    if !sandbox_supported()
-        || !common::require(
-            common::find_tool("script").is_some(),
-            "script (bsdutils) for a pty",
-        )
-    {
+    if !sandbox_and_pty_supported() {
         return;
     }
     let env = Env::new();
