@@ -47,12 +47,49 @@ pub fn mode_string(entry: &Entry) -> String {
 
 /// An RFC 3339 UTC time with nanoseconds.
 pub fn time(mtime_ns: i64) -> String {
-    let t = if mtime_ns >= 0 {
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(mtime_ns as u64)
-    } else {
-        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(mtime_ns.unsigned_abs())
-    };
-    humantime::format_rfc3339_nanos(t).to_string()
+    let secs = mtime_ns.div_euclid(1_000_000_000);
+    let nanos = mtime_ns.rem_euclid(1_000_000_000);
+    format!("{}.{nanos:09}Z", civil_time(secs))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) for any second count since 1970, before it included (a
+/// tree may record a file dated 1960; humantime refuses those).
+pub fn civil_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil, on i64 (valid for every i64 second count's days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_before_1970_and_far_ahead_print() {
+        assert_eq!(time(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(time(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(civil_time(-315_619_200), "1960-01-01T00:00:00");
+        assert_eq!(civil_time(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(civil_time(1_764_547_200), "2025-12-01T00:00:00");
+        // The extremes do not panic.
+        let _ = time(i64::MIN);
+        let _ = time(i64::MAX);
+    }
 }
 
 /// Bytes as text; not-UTF-8 bytes become U+FFFD (JSON adds `path_bytes` then).

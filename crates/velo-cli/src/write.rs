@@ -199,13 +199,22 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for r in roots {
-        let when = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_secs(r.created_unix),
+        let when = format!(
+            "{}Z",
+            fmt::civil_time(i64::try_from(r.created_unix).unwrap_or(i64::MAX))
         );
+        // A damaged record is reported and skipped, never a reason to stop listing.
+        if let Err(e) = r.hash() {
+            note!(
+                "velo: damaged root record {:?}: {e} (velo fsck reports it; velo forget removes it)",
+                r.name.as_deref().unwrap_or(&r.root)
+            );
+            continue;
+        }
         out!(
             "{:<24} {} {} {:>8} files {:>10}{}",
             r.name.as_deref().unwrap_or("-"),
-            &r.root[..16],
+            r.root.get(..16).unwrap_or(&r.root),
             when,
             r.stats.files,
             fmt::bytes(r.stats.bytes),
