@@ -75,23 +75,6 @@ pub fn civil_time(secs: i64) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_before_1970_and_far_ahead_print() {
-        assert_eq!(time(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(time(-1), "1969-12-31T23:59:59.999999999Z");
-        assert_eq!(civil_time(-315_619_200), "1960-01-01T00:00:00");
-        assert_eq!(civil_time(951_782_400), "2000-02-29T00:00:00");
-        assert_eq!(civil_time(1_764_547_200), "2025-12-01T00:00:00");
-        // The extremes do not panic.
-        let _ = time(i64::MIN);
-        let _ = time(i64::MAX);
-    }
-}
-
 /// Bytes as text; not-UTF-8 bytes become U+FFFD (JSON adds `path_bytes` then).
 pub fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -174,4 +157,21 @@ pub fn output_failed(e: &std::io::Error) -> ! {
     }
     let _ = writeln!(std::io::stderr(), "velo: error: writing the output: {e}");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_before_1970_and_far_ahead_print() {
+        assert_eq!(time(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(time(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(civil_time(-315_619_200), "1960-01-01T00:00:00");
+        assert_eq!(civil_time(951_782_400), "2000-02-29T00:00:00");
+        assert_eq!(civil_time(1_764_547_200), "2025-12-01T00:00:00");
+        // The extremes do not panic.
+        let _ = time(i64::MIN);
+        let _ = time(i64::MAX);
+    }
 }
