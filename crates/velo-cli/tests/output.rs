@@ -104,3 +104,49 @@ fn json_errors_are_json_documents() {
         .unwrap()
         .contains("no-such-tree"));
 }
+
+/// `-o PATH` writes to what PATH names (issue 8, item 8): `-` is stdout, a symlink's
+/// target is written and the link stays, a fifo or a device is written through (never
+/// replaced by a file), a directory is refused; a regular file is replaced atomically.
+#[test]
+fn export_writes_through_to_what_the_output_path_names() {
+    let env = Env::new();
+    let tree = sample(&env);
+    let out = env.run(&["export", &tree, "-o", "-"]);
+    assert!(out.status.success());
+    assert_eq!(&out.stdout[..4], b"VELO");
+    // A symlink: its target gets the manifest, the link stays a link.
+    let target = env.path("target.velo");
+    fs::write(&target, b"old").unwrap();
+    let link = env.path("link.velo");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    env.ok(&["export", &tree, "-o", link.to_str().unwrap()]);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(&fs::read(&target).unwrap()[..4], b"VELO");
+    // A fifo: streamed to its reader, still a fifo afterwards.
+    let fifo = env.path("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    env.ok(&["export", &tree, "-o", fifo.to_str().unwrap()]);
+    assert_eq!(&reader.join().unwrap()[..4], b"VELO");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::symlink_metadata(&fifo).unwrap().file_type()
+    ));
+    // /dev/null stays a device (as root, replacing it used to break the machine).
+    env.ok(&["export", &tree, "-o", "/dev/null"]);
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &fs::symlink_metadata("/dev/null").unwrap().file_type()
+    ));
+    let err = env.fails(&["export", &tree, "-o", env.dir.path().to_str().unwrap()]);
+    assert!(err.contains("is a directory"), "{err}");
+}

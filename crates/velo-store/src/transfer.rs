@@ -74,42 +74,72 @@ impl Drop for StagingDir {
     }
 }
 
+/// Where an export goes.
+enum ExportTarget {
+    /// Written as a stream: stdout (`-`, as `None`), or what a path names that is not a
+    /// regular file (a fifo, a character device such as `/dev/null`).
+    Stream(Option<PathBuf>),
+    /// A regular file (new or replaced), written atomically; symlinks already followed.
+    File(PathBuf),
+}
+
+/// Decides what `out` names: `-` is stdout; a symlink is followed (its target is what is
+/// written, the link stays); a device or fifo is written through; a regular file or a new
+/// name is written atomically. A directory or a socket is refused.
+fn export_target(out: &Path) -> Result<ExportTarget> {
+    if out.as_os_str() == "-" {
+        return Ok(ExportTarget::Stream(None));
+    }
+    let resolved = match fs::symlink_metadata(out) {
+        Ok(meta) if meta.file_type().is_symlink() => fs::canonicalize(out).map_err(|_| {
+            StoreError::Invalid(format!(
+                "{}: a symlink whose target does not exist; name the file to write",
+                out.display()
+            ))
+        })?,
+        _ => out.to_path_buf(),
+    };
+    match fs::metadata(&resolved) {
+        Ok(meta) if meta.is_dir() => Err(StoreError::Invalid(format!(
+            "{}: is a directory; name the .velo file to write",
+            out.display()
+        ))),
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            Err(StoreError::Invalid(format!(
+                "{}: is a socket; name a file, a fifo, a device or - (stdout)",
+                out.display()
+            )))
+        }
+        Ok(meta) if !meta.is_file() => Ok(ExportTarget::Stream(Some(resolved))),
+        _ => Ok(ExportTarget::File(resolved)),
+    }
+}
+
+/// Counts what passes through, for the report of a streamed export.
+struct CountingWriter<W: Write> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 impl Store {
-    /// Writes `root` and every tree it reaches (and with `with_blobs`, every blob) to
-    /// `out`, atomically: the file appears complete or not at all.
-    pub fn export(&self, root: Hash, out: &Path, with_blobs: bool) -> Result<ExportReport> {
-        let mut trees = Vec::new();
-        let mut blobs: HashMap<Hash, u64> = HashMap::new();
-        let mut seen = std::collections::HashSet::from([root]);
-        let mut stack = vec![root];
-        while let Some(hash) = stack.pop() {
-            let bytes = self.tree_bytes(&hash)?;
-            let tree = velo_core::Tree::decode(&bytes).map_err(|e| StoreError::Corrupt {
-                kind: "tree",
-                hash,
-                detail: e.to_string(),
-            })?;
-            for entry in tree.entries() {
-                match &entry.kind {
-                    EntryKind::Dir { hash } if seen.insert(*hash) => stack.push(*hash),
-                    EntryKind::File { hash, size } => {
-                        blobs.insert(*hash, *size);
-                    }
-                    _ => {}
-                }
-            }
-            trees.push((hash, bytes));
-        }
-        let mut blob_list: Vec<(Hash, u64)> = blobs.into_iter().collect();
-        blob_list.sort_unstable();
-        if with_blobs {
-            if let Some((hash, _)) = blob_list.iter().find(|(h, _)| !self.has_blob(h)) {
-                return Err(StoreError::Missing {
-                    kind: "blob",
-                    hash: *hash,
-                });
-            }
-        }
+    /// Writes a file at `out` (a regular file, new or replaced) atomically: `write` fills a
+    /// staging file beside it, which is synced and renamed over `out` only when complete.
+    fn export_atomically(
+        &self,
+        out: &Path,
+        write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<u64> {
         let dir = out
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -151,45 +181,109 @@ impl Store {
                     dir.display()
                 )))
             })?;
-        let mut file = Some(file);
-        let mut write = || -> Result<u64> {
-            let file = file
-                .take()
-                .ok_or_else(|| StoreError::Invalid("export staged twice".into()))?;
-            let count = with_blobs.then_some(blob_list.len() as u64);
-            let io = StoreError::io("writing", out);
-            let mut writer = ManifestWriter::new(
-                BufWriter::with_capacity(1 << 20, file),
-                root,
-                &mut trees,
-                count,
-            )
-            .map_err(StoreError::io("writing", out))?;
-            if with_blobs {
-                for (hash, size) in &blob_list {
-                    let mut content = BufReader::new(self.open_blob(hash)?);
-                    writer
-                        .blob(*hash, *size, &mut content)
-                        .map_err(StoreError::io("writing", out))?;
-                }
-            }
-            let file = writer.finish().map_err(StoreError::io("writing", out))?;
-            let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-            file.sync_all().map_err(StoreError::io("syncing", out))?;
+        let written = (|| -> std::io::Result<u64> {
+            let mut buffered = BufWriter::with_capacity(1 << 20, file);
+            write(&mut buffered)?;
+            let file = buffered.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
             Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
-        };
-        let file_bytes = match write() {
-            Ok(n) => n,
+        })();
+        match written {
+            Ok(bytes) => {
+                fs::rename(&staged, out).map_err(StoreError::io("writing", out))?;
+                Ok(bytes)
+            }
             Err(e) => {
                 let _ = fs::remove_file(&staged);
-                return Err(e);
+                Err(StoreError::io("writing", out)(e))
             }
+        }
+    }
+
+    /// Writes `root` and every tree it reaches (and with `with_blobs`, every blob) to
+    /// `out`: a regular file atomically (it appears complete or not at all), `-` (stdout),
+    /// a fifo or a device as a stream. A symlink's target is written, not the link.
+    pub fn export(&self, root: Hash, out: &Path, with_blobs: bool) -> Result<ExportReport> {
+        let mut trees = Vec::new();
+        let mut blobs: HashMap<Hash, u64> = HashMap::new();
+        let mut seen = std::collections::HashSet::from([root]);
+        let mut stack = vec![root];
+        while let Some(hash) = stack.pop() {
+            let bytes = self.tree_bytes(&hash)?;
+            let tree = velo_core::Tree::decode(&bytes).map_err(|e| StoreError::Corrupt {
+                kind: "tree",
+                hash,
+                detail: e.to_string(),
+            })?;
+            for entry in tree.entries() {
+                match &entry.kind {
+                    EntryKind::Dir { hash } if seen.insert(*hash) => stack.push(*hash),
+                    EntryKind::File { hash, size } => {
+                        blobs.insert(*hash, *size);
+                    }
+                    _ => {}
+                }
+            }
+            trees.push((hash, bytes));
+        }
+        let mut blob_list: Vec<(Hash, u64)> = blobs.into_iter().collect();
+        blob_list.sort_unstable();
+        let tree_count = trees.len() as u64;
+        if with_blobs {
+            if let Some((hash, _)) = blob_list.iter().find(|(h, _)| !self.has_blob(h)) {
+                return Err(StoreError::Missing {
+                    kind: "blob",
+                    hash: *hash,
+                });
+            }
+        }
+        let target = export_target(out)?;
+        let mut write_manifest = |sink: &mut dyn Write| -> std::io::Result<()> {
+            let count = with_blobs.then_some(blob_list.len() as u64);
+            let mut writer = ManifestWriter::new(sink, root, &mut trees, count)?;
+            if with_blobs {
+                for (hash, size) in &blob_list {
+                    let mut content = BufReader::new(
+                        self.open_blob(hash)
+                            .map_err(|e| std::io::Error::other(e.to_string()))?,
+                    );
+                    writer.blob(*hash, *size, &mut content)?;
+                }
+            }
+            writer.finish()?;
+            Ok(())
         };
-        fs::rename(&staged, out).map_err(StoreError::io("writing", out))?;
+        let file_bytes = match &target {
+            ExportTarget::Stream(path) => {
+                // Stdout, a pipe, a device: written through as a stream (nothing to
+                // rename, nothing to sync).
+                let sink: Box<dyn Write> = match path {
+                    None => Box::new(std::io::stdout().lock()),
+                    Some(path) => Box::new(
+                        fs::OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .map_err(StoreError::io("opening", path))?,
+                    ),
+                };
+                let mut counting = CountingWriter {
+                    inner: BufWriter::with_capacity(1 << 20, sink),
+                    count: 0,
+                };
+                write_manifest(&mut counting)
+                    .and_then(|()| counting.inner.flush())
+                    .map_err(StoreError::io("writing", out))?;
+                counting.count
+            }
+            ExportTarget::File(path) => self.export_atomically(path, write_manifest)?,
+        };
         Ok(ExportReport {
             root: root.to_hex(),
-            path: out.display().to_string(),
-            trees: trees.len() as u64,
+            path: match &target {
+                ExportTarget::Stream(None) => "-".to_string(),
+                ExportTarget::Stream(Some(p)) | ExportTarget::File(p) => p.display().to_string(),
+            },
+            trees: tree_count,
             blobs: if with_blobs {
                 blob_list.len() as u64
             } else {
