@@ -32,4 +32,16 @@ if [ -d fuzz ]; then
 fi
 
 echo "== tests"
-cargo nextest run --workspace --no-fail-fast --profile "${NEXTEST_PROFILE:-default}"
+# Tests that need what this machine lacks (namespaces, root, loop devices) return early and
+# the harness counts them as passed; they record themselves here and are listed below as
+# skipped. Under CI=true they fail instead.
+VELO_SKIPPED_LOG=$(mktemp)
+export VELO_SKIPPED_LOG
+status=0
+cargo nextest run --workspace --no-fail-fast --profile "${NEXTEST_PROFILE:-default}" || status=$?
+if [ -s "$VELO_SKIPPED_LOG" ]; then
+    echo "== SKIPPED (counted as passed above, but they did not run): $(sort -u "$VELO_SKIPPED_LOG" | wc -l)"
+    sort -u "$VELO_SKIPPED_LOG" | sed 's/^/   /'
+fi
+rm -f "$VELO_SKIPPED_LOG"
+exit "$status"
