@@ -203,35 +203,21 @@ pub fn ingest(
     })
 }
 
-/// `O_NOFOLLOW` and `O_NONBLOCK`, from rustix (no libc dependency for two constants).
-mod libc_flags {
-    pub const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-    pub const NONBLOCK: i32 = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-}
-
-/// Stores one regular file's content (copying it; the file is only read) into `batch` and
-/// returns its blob hash and size. The caller holds the store's shared lock, and flushes
-/// and publishes the batch. Used by commits of overlay uppers, where files are few and a
-/// stat cache buys nothing.
-pub fn store_file(
+/// Stores the content of an open regular file (copying it; it is only read) into
+/// `batch` and returns its blob hash and size; `path` names it in messages. The caller
+/// holds the store's shared lock, and flushes and publishes the batch. Used by commits of
+/// overlay uppers, which open each file relative to its directory's descriptor, without
+/// following links.
+pub fn store_open_file(
     store: &Store,
     batch: &velo_store::Batch<'_>,
+    file: &std::fs::File,
     path: &Path,
 ) -> Result<(Hash, u64), IngestError> {
     let read_error = |source| IngestError::Source {
         op: "cannot read",
         path: path.to_path_buf(),
         cause: source,
-    };
-    // Never through a symlink swapped in after the caller looked, never blocking on a fifo:
-    // what is read must be the regular file the caller saw.
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc_flags::NOFOLLOW | libc_flags::NONBLOCK)
-            .open(path)
-            .map_err(read_error)?
     };
     if !file.metadata().map_err(read_error)?.is_file() {
         return Err(read_error(std::io::Error::other(
@@ -241,7 +227,7 @@ pub fn store_file(
     let mut staged = store.stage()?;
     let mut hasher = blake3::Hasher::new();
     // Holes stay holes: a `truncate -s 1T` inside a run must not fill the disk.
-    let size = velo_store::sparse::copy_sparse(&file, Some(staged.file()), Some(&mut hasher))
+    let size = velo_store::sparse::copy_sparse(file, Some(staged.file()), Some(&mut hasher))
         .map_err(|e| match e {
             velo_store::sparse::CopyError::Read(e) => read_error(e),
             velo_store::sparse::CopyError::Write(e) => IngestError::Store(StoreError::io(

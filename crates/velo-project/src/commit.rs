@@ -14,9 +14,11 @@
 //! files are kept (see velo-store's `sparse`).
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, OFlags};
 
 use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
 use velo_store::{Batch, Store, StoreError};
@@ -66,18 +68,18 @@ fn merge_two(store: &Store, lower: Hash, upper: Hash) -> Result<Hash, ProjectErr
     Ok(store.put_tree(&tree)?.0)
 }
 
-fn is_opaque(path: &Path) -> bool {
+fn is_opaque(dir: &OwnedFd) -> bool {
     let mut buf = [0u8; 8];
     ["user.overlay.opaque", "trusted.overlay.opaque"]
         .iter()
-        .any(|name| matches!(rustix::fs::lgetxattr(path, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y'))
+        .any(|name| matches!(rustix::fs::fgetxattr(dir, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y'))
 }
 
-fn dest_error(path: &Path) -> impl FnOnce(std::io::Error) -> ProjectError + '_ {
-    move |source| ProjectError::Dest {
+fn read_error(path: &Path) -> impl FnOnce(rustix::io::Errno) -> ProjectError + '_ {
+    move |e| ProjectError::Dest {
         op: "reading upper",
         path: path.to_path_buf(),
-        cause: source,
+        cause: e.into(),
     }
 }
 
@@ -98,10 +100,17 @@ pub struct CommitReport {
 pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitReport, ProjectError> {
     let batch = store.begin_batch()?;
     let mut setid_dropped = Vec::new();
+    let dir = rustix::fs::open(
+        upper,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(read_error(upper))?;
     let tree = commit_dir(
         store,
         &batch,
         Some(store.get_tree(&base)?),
+        &dir,
         upper,
         Path::new(""),
         &mut setid_dropped,
@@ -124,13 +133,16 @@ fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, Pro
     Ok(hash)
 }
 
-/// The tree of upper directory `dir` (at `rel` in the tree; empty for the root) over
-/// `base`.
+/// The tree of the upper directory open at `dir` (shown as `shown` in messages, at `rel`
+/// in the tree; empty for the root) over `base`. The walk goes from descriptor to
+/// descriptor without following any link, so it reads what is in the upper whatever is
+/// renamed around it, and has no path-length limit.
 fn commit_dir(
     store: &Store,
     batch: &Batch<'_>,
     base: Option<Tree>,
-    dir: &Path,
+    dir: &OwnedFd,
+    shown: &Path,
     rel: &Path,
     setid_dropped: &mut Vec<PathBuf>,
 ) -> Result<Tree, ProjectError> {
@@ -143,57 +155,81 @@ fn commit_dir(
             .collect(),
         _ => BTreeMap::new(),
     };
-    for item in std::fs::read_dir(dir).map_err(dest_error(dir))? {
-        let item = item.map_err(dest_error(dir))?;
-        let path = item.path();
-        let meta = std::fs::symlink_metadata(&path).map_err(dest_error(&path))?;
-        let name = Name::new(item.file_name().as_bytes())
+    let listing = rustix::fs::Dir::read_from(dir).map_err(read_error(shown))?;
+    for item in listing {
+        let item = item.map_err(read_error(shown))?;
+        let file_name = item.file_name();
+        if matches!(file_name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        let os_name = std::ffi::OsStr::from_bytes(file_name.to_bytes());
+        let path = shown.join(os_name);
+        let name = Name::new(file_name.to_bytes())
             .map_err(|e| StoreError::Invalid(format!("{}: {e}", path.display())))?;
-        let ft = meta.file_type();
-        if ft.is_char_device() && meta.rdev() == 0 {
+        let stat = rustix::fs::statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(read_error(&path))?;
+        let kind_of = FileType::from_raw_mode(stat.st_mode);
+        if kind_of == FileType::CharacterDevice && stat.st_rdev == 0 {
             entries.remove(&name);
             continue;
         }
-        let mut mode = Mode::from_st_mode(meta.mode());
-        if ft.is_file() && mode.bits() & 0o6000 != 0 {
+        let mut mode = Mode::from_st_mode(stat.st_mode);
+        if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
             mode = Mode::from_st_mode(mode.bits() & !0o6000);
-            setid_dropped.push(rel.join(item.file_name()));
+            setid_dropped.push(rel.join(os_name));
         }
-        let mtime_ns = meta
-            .mtime()
+        let mtime_ns = (stat.st_mtime as i64)
             .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec());
-        let kind = if ft.is_dir() {
-            let below = match entries.get(&name).map(|e| &e.kind) {
-                Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
-                _ => None,
-            };
-            let sub = commit_dir(
-                store,
-                batch,
-                below,
-                &path,
-                &rel.join(item.file_name()),
-                setid_dropped,
-            )?;
-            EntryKind::Dir {
-                hash: stage_tree(store, batch, &sub)?,
+            .saturating_add(stat.st_mtime_nsec as i64);
+        let open = |flags: OFlags| {
+            rustix::fs::openat(
+                dir,
+                file_name,
+                flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(read_error(&path))
+        };
+        let kind = match kind_of {
+            FileType::Directory => {
+                let below = match entries.get(&name).map(|e| &e.kind) {
+                    Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
+                    _ => None,
+                };
+                let sub_dir = open(OFlags::RDONLY | OFlags::DIRECTORY)?;
+                let sub = commit_dir(
+                    store,
+                    batch,
+                    below,
+                    &sub_dir,
+                    &path,
+                    &rel.join(os_name),
+                    setid_dropped,
+                )?;
+                EntryKind::Dir {
+                    hash: stage_tree(store, batch, &sub)?,
+                }
             }
-        } else if ft.is_file() {
-            let (hash, size) =
-                velo_ingest::store_file(store, batch, &path).map_err(|e| match e {
-                    velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
-                    other => ProjectError::Store(StoreError::Invalid(other.to_string())),
-                })?;
-            EntryKind::File { hash, size }
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(dest_error(&path))?;
-            EntryKind::Symlink {
-                target: target.as_os_str().as_bytes().into(),
+            FileType::RegularFile => {
+                let file = std::fs::File::from(open(OFlags::RDONLY | OFlags::NONBLOCK)?);
+                let (hash, size) = velo_ingest::store_open_file(store, batch, &file, &path)
+                    .map_err(|e| match e {
+                        velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
+                        other => ProjectError::Store(StoreError::Invalid(other.to_string())),
+                    })?;
+                EntryKind::File { hash, size }
             }
-        } else {
-            tracing::warn!(path = %path.display(), "not committing a socket, fifo or device");
-            continue;
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, file_name, Vec::new())
+                    .map_err(read_error(&path))?;
+                EntryKind::Symlink {
+                    target: target.as_bytes().into(),
+                }
+            }
+            _ => {
+                tracing::warn!(path = %rel.join(os_name).display(), "not committing a socket, fifo or device");
+                continue;
+            }
         };
         entries.insert(
             name.clone(),
@@ -303,5 +339,157 @@ mod tests {
             "the blob keeps the holes: {} bytes allocated",
             blob.blocks() * 512
         );
+    }
+
+    fn file_entry(store: &Store, name: &str, content: &[u8]) -> Entry {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, content).unwrap();
+        let hash = Hash::of_blob(content);
+        if !store.has_blob(&hash) {
+            let batch = store.begin_batch().unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            velo_ingest::store_open_file(store, &batch, &file, &path).unwrap();
+            store.sync().unwrap();
+            batch.publish().unwrap();
+        }
+        Entry {
+            name: Name::new(name.as_bytes()).unwrap(),
+            mode: Mode::from_st_mode(0o644),
+            mtime_ns: 0,
+            kind: EntryKind::File {
+                hash,
+                size: content.len() as u64,
+            },
+        }
+    }
+
+    fn dir_entry(store: &Store, name: &str, entries: Vec<Entry>) -> Entry {
+        let (hash, _) = store.put_tree(&Tree::new(entries).unwrap()).unwrap();
+        Entry {
+            name: Name::new(name.as_bytes()).unwrap(),
+            mode: Mode::from_st_mode(0o755),
+            mtime_ns: 0,
+            kind: EntryKind::Dir { hash },
+        }
+    }
+
+    /// Layers stack as overlayfs stacks them: directories present in several layers hold
+    /// the union; anything else in a higher layer hides the lower one (a file over a
+    /// directory too).
+    #[test]
+    fn merge_layers_unions_directories_and_higher_layers_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let _lock = store.lock_shared().unwrap();
+        let bottom = vec![
+            dir_entry(
+                &store,
+                "etc",
+                vec![
+                    file_entry(&store, "a", b"bottom a"),
+                    file_entry(&store, "b", b"b"),
+                ],
+            ),
+            dir_entry(&store, "opt", vec![file_entry(&store, "x", b"x")]),
+        ];
+        let top = vec![
+            dir_entry(
+                &store,
+                "etc",
+                vec![
+                    file_entry(&store, "a", b"top a"),
+                    file_entry(&store, "c", b"c"),
+                ],
+            ),
+            file_entry(&store, "opt", b"a file hides the directory"),
+        ];
+        let bottom = store.put_tree(&Tree::new(bottom).unwrap()).unwrap().0;
+        let top = store.put_tree(&Tree::new(top).unwrap()).unwrap().0;
+        let merged = merge_layers(&store, &[bottom, top]).unwrap();
+        let mut listed: Vec<(String, String)> = Vec::new();
+        velo_store::treeops::walk(&store, merged, b"", true, &mut |path, entry| {
+            listed.push((
+                String::from_utf8_lossy(path).into_owned(),
+                entry.kind.label().to_string(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            [
+                ("etc".into(), "dir".into()),
+                ("etc/a".into(), "file".into()),
+                ("etc/b".into(), "file".into()),
+                ("etc/c".into(), "file".into()),
+                ("opt".into(), "file".into()),
+            ]
+        );
+        let cat = |path: &[u8]| match velo_store::treeops::lookup(&store, merged, path).unwrap() {
+            velo_store::treeops::Found::Entry(Entry {
+                kind: EntryKind::File { hash, .. },
+                ..
+            }) => std::fs::read(store.blob_path(&hash)).unwrap(),
+            _ => panic!("not a file"),
+        };
+        assert_eq!(cat(b"etc/a"), b"top a");
+        assert_eq!(merge_layers(&store, &[bottom]).unwrap(), bottom);
+        assert!(merge_layers(&store, &[]).is_err());
+    }
+
+    /// An upper deeper than PATH_MAX commits: the walk goes from descriptor to descriptor.
+    #[test]
+    fn an_upper_deeper_than_path_max_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        let name = "d".repeat(200);
+        let mut fd = rustix::fs::open(
+            &upper,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..30 {
+            rustix::fs::mkdirat(&fd, name.as_str(), rustix::fs::Mode::from_raw_mode(0o755))
+                .unwrap();
+            fd = rustix::fs::openat(
+                &fd,
+                name.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+        }
+        let leaf = rustix::fs::openat(
+            &fd,
+            "leaf",
+            OFlags::WRONLY | OFlags::CREATE,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&leaf, b"deep").unwrap();
+        let _lock = store.lock_shared().unwrap();
+        let report = commit_upper(&store, empty_base(&store), &upper).unwrap();
+        let deep: Vec<u8> = std::iter::repeat_n(format!("{name}/"), 30)
+            .collect::<String>()
+            .into_bytes();
+        let leaf_path = [deep.as_slice(), b"leaf"].concat();
+        assert!(leaf_path.len() > 4096);
+        assert!(matches!(
+            velo_store::treeops::lookup(&store, report.root, &leaf_path).unwrap(),
+            velo_store::treeops::Found::Entry(Entry {
+                kind: EntryKind::File { size: 4, .. },
+                ..
+            })
+        ));
+        // The test's own clean-up cannot remove a tree past PATH_MAX by path.
+        let _ = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(&upper)
+            .status();
     }
 }
