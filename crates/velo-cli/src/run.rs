@@ -251,6 +251,15 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let store = ctx.store_or_create()?;
+    if let Some(out) = &commit_to {
+        if velo_store::path_is_inside(out, store.root()) {
+            bail!(
+                "--commit {}: is inside the store {}; write the .velo file elsewhere",
+                out.display(),
+                store.root().display()
+            );
+        }
+    }
     // Held for the whole run: gc must not remove a farm under a running sandbox.
     let _lock = store.lock_shared()?;
     let bases = args
@@ -327,7 +336,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     let kept_changes = commit_error.is_some() && outcome.upper_is_temporary;
     let kept_at = kept_changes.then(|| outcome.upper.display().to_string());
     if ctx.json {
-        let _ = fmt::try_print_json(&json!({
+        let printed = fmt::try_print_json(&json!({
             "exit_code": outcome.exit_code,
             "committed": committed.as_ref().map(|c| c.root.to_hex()),
             "name": args.name,
@@ -340,6 +349,15 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             "farms_built": outcome.farms_built.iter().map(|(h, s)| json!({"root": h.to_hex(), "seconds": s})).collect::<Vec<_>>(),
             "run_seconds": outcome.run_seconds,
         }));
+        // The report is lost, not the run: say so, and fail only a run that succeeded.
+        if let Err(e) = printed {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                note!("velo: error: writing the --json report: {e}");
+                if exit_code == 0 {
+                    exit_code = 125;
+                }
+            }
+        }
     } else if let Some(c) = &committed {
         for path in &c.setid_dropped {
             note!("velo: {path}: setuid/setgid bits dropped (a sandboxed command cannot grant privileges)");

@@ -1341,3 +1341,119 @@ fn a_failed_commit_keeps_the_changes_where_it_says_and_gc_leaves_them() {
         "precious\n"
     );
 }
+
+/// Stdin, from the third round: a named fifo the caller owns is relayed too (its mode
+/// outlives the run); a file is given back unconsumed (a `while read` loop around velo
+/// sees every line); the caller's terminal is not read by a run that is not interactive.
+#[test]
+fn stdin_is_taken_only_as_far_as_the_command_reads_it() {
+    if !sandbox_and_pty_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    // A named fifo as stdout: relayed, so its mode cannot change.
+    let fifo = env.path("out.fifo");
+    assert!(Command::new("mkfifo")
+        .arg("-m")
+        .arg("600")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    let status = velo_run(&env, &busybox, &app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "chmod 666 /proc/self/fd/1; echo through",
+        ])
+        .stdout(fs::OpenOptions::new().write(true).open(&fifo).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(reader.join().unwrap(), b"through\n");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&fifo).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // One file, three runs that each read one line: each gets the next line.
+    let lines = env.path("lines.txt");
+    fs::write(&lines, "one\ntwo\nthree\n").unwrap();
+    let shared = fs::File::open(&lines).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let out = velo_run(&env, &busybox, &app)
+            .args(["--", "/bin/sh", "-c", "read x; echo $x"])
+            .stdin(shared.try_clone().unwrap())
+            .output()
+            .unwrap();
+        got.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert_eq!(got, ["one", "two", "three"]);
+    // The caller's terminal, output piped: the command reads an empty stdin, and the line
+    // typed meanwhile is still there for the shell.
+    let line = velo_run_line(
+        &env,
+        &busybox,
+        &app,
+        "",
+        "/bin/sh -c 'read x; echo got=[$x]'",
+    );
+    let mut child = Command::new("script")
+        .args([
+            "-qec",
+            &format!("{line} | cat; read y; echo after=[$y]"),
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"typed\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("got=[]"), "{text}");
+    assert!(text.contains("after=[typed]"), "{text}");
+}
+
+/// Outputs that would land in the store are refused, and a `--json` report that cannot be
+/// written fails a run that succeeded.
+#[test]
+fn outputs_into_the_store_are_refused_and_a_lost_json_report_is_an_error() {
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, app) = layers(&env);
+    let lock = env.store.join("lock");
+    let out = run(
+        &env,
+        &busybox,
+        &app,
+        &["--commit", lock.to_str().unwrap()],
+        "echo RAN",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inside the store"));
+    let err = env.fails(&[
+        "export",
+        app.to_str().unwrap(),
+        "-o",
+        env.store.join("refs/x.velo").to_str().unwrap(),
+    ]);
+    assert!(err.contains("inside the store"), "{err}");
+    env.fsck_ok();
+    let status = velo_run(&env, &busybox, &app)
+        .arg("--json")
+        .args(["--", "true"])
+        .stdout(fs::File::create("/dev/full").unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(125));
+}

@@ -259,6 +259,20 @@ pub(crate) fn sync_dir(path: &Path) {
     }
 }
 
+/// Whether a file at `path` (existing or about to be written) would be inside `dir`: both
+/// resolved, `path` by its parent directory (which exists for any path that can be
+/// written).
+pub fn path_is_inside(path: &Path, dir: &Path) -> bool {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (fs::canonicalize(parent), fs::canonicalize(dir)) {
+        (Ok(parent), Ok(dir)) => parent.starts_with(dir),
+        _ => false,
+    }
+}
+
 /// Removes a directory tree that may hold read-only directories (farms, checkouts,
 /// overlay work directories): directories are made writable first. Symlinks are never
 /// followed. Failures are logged, not raised: callers use it to clean up.

@@ -86,7 +86,7 @@ enum ExportTarget {
 /// Decides what `out` names: `-` is stdout; a symlink is followed (its target is what is
 /// written, the link stays); a device or fifo is written through; a regular file or a new
 /// name is written atomically. A directory or a socket is refused.
-fn export_target(out: &Path) -> Result<ExportTarget> {
+fn export_target(out: &Path, store_root: &Path) -> Result<ExportTarget> {
     if out.as_os_str() == "-" {
         return Ok(ExportTarget::Stream(None));
     }
@@ -99,6 +99,13 @@ fn export_target(out: &Path) -> Result<ExportTarget> {
         })?,
         _ => out.to_path_buf(),
     };
+    if crate::path_is_inside(&resolved, store_root) {
+        return Err(StoreError::Invalid(format!(
+            "{}: is inside the store {}; write the .velo file elsewhere",
+            out.display(),
+            store_root.display()
+        )));
+    }
     match fs::metadata(&resolved) {
         Ok(meta) if meta.is_dir() => Err(StoreError::Invalid(format!(
             "{}: is a directory; name the .velo file to write",
@@ -237,7 +244,7 @@ impl Store {
                 });
             }
         }
-        let target = export_target(out)?;
+        let target = export_target(out, &self.root)?;
         let mut write_manifest = |sink: &mut dyn Write| -> std::io::Result<()> {
             let count = with_blobs.then_some(blob_list.len() as u64);
             let mut writer = ManifestWriter::new(sink, root, &mut trees, count)?;

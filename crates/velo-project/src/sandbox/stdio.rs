@@ -4,8 +4,16 @@
 //! 1 or 2 (a log file, the caller's terminal, `/dev/null` when root runs velo) could be
 //! `chmod`ed through it: `chmod 4755 /proc/self/fd/1` on a `> build.log` made a set-uid
 //! file, a terminal made world-writable outlived the run. Such a descriptor is relayed
-//! through a pipe instead (velo copies in a thread); pipes, sockets and files of other
-//! owners (which the sandbox cannot chmod) are handed over as they are, at no cost.
+//! through a pipe instead (velo copies in a thread); anonymous pipes, sockets and files of
+//! other owners (which the sandbox cannot chmod) are handed over as they are, at no cost.
+//!
+//! Input is relayed only from what can be read without taking anything from someone else:
+//! a file (whatever the command did not consume is given back: velo seeks the caller's
+//! stdin back over it, so `while read l; do velo run …; done < list` sees every line), a
+//! device or a named fifo. A terminal is never read unless the run is interactive (then
+//! the command has a pty of its own): a non-interactive run with the caller's terminal as
+//! stdin gets an empty stdin, as `docker run` without `-i` does, so keystrokes meant for
+//! the shell, or for a pager reading `/dev/tty`, stay theirs.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -14,8 +22,9 @@ use std::thread::JoinHandle;
 use rustix::event::{PollFd, PollFlags};
 
 enum Pending {
-    /// velo reads `from` (its own stdin) and writes into the pipe the command reads.
-    Input { pipe: OwnedFd },
+    /// velo reads its own stdin and writes into the pipe the command reads (`reader` is a
+    /// copy of the command's end, kept to count what it left unread).
+    Input { pipe: OwnedFd, reader: OwnedFd },
     /// velo reads the pipe the command writes and copies to `to` (its own stdout/stderr).
     Output { pipe: OwnedFd, to: RawFd },
 }
@@ -30,7 +39,10 @@ pub struct Plan {
 /// Relays running while the sandbox runs.
 pub struct Running {
     wake: Option<OwnedFd>,
-    threads: Vec<JoinHandle<()>>,
+    outputs: Vec<JoinHandle<()>>,
+    /// The input relay (it returns how many bytes it read but did not pass on) and a
+    /// copy of the command's end of its pipe.
+    input: Option<(JoinHandle<u64>, OwnedFd)>,
 }
 
 /// Whether the sandbox could change `fd`'s inode on the host: the caller owns it and it
@@ -41,12 +53,19 @@ fn exposed(fd: BorrowedFd<'_>) -> bool {
     };
     let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
     use rustix::fs::FileType as T;
-    stat.st_uid == rustix::process::geteuid().as_raw()
-        && matches!(
-            kind,
-            T::RegularFile | T::CharacterDevice | T::BlockDevice | T::Directory
-        )
+    if stat.st_uid != rustix::process::geteuid().as_raw() {
+        return false;
+    }
+    match kind {
+        T::RegularFile | T::CharacterDevice | T::BlockDevice | T::Directory => true,
+        // A named fifo lives on a real file system (its mode outlives the run); an
+        // anonymous pipe lives on pipefs, gone with its last descriptor.
+        T::Fifo => !matches!(rustix::fs::fstatfs(fd), Ok(fs) if fs.f_type == PIPEFS_MAGIC),
+        _ => false,
+    }
 }
+
+const PIPEFS_MAGIC: i64 = 0x5049_5045;
 
 /// Whether two of the standard descriptors name the same file.
 fn same_file(a: RawFd, b: RawFd) -> bool {
@@ -72,11 +91,19 @@ pub fn plan(terminal: Option<BorrowedFd<'_>>, terminal_fds: &[RawFd]) -> io::Res
         } else if fd == 2 && child[1].is_some() && same_file(1, 2) {
             // `2>&1`: one pipe for both keeps their order, as one file would.
             child[2] = child[1].as_ref().map(|f| f.try_clone()).transpose()?;
+        } else if fd == 0 && rustix::termios::isatty(own) {
+            // The caller's terminal, and the run is not interactive: an empty stdin.
+            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            drop(write);
+            child[0] = Some(read);
         } else if exposed(own) {
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
             if fd == 0 {
+                pending.push(Pending::Input {
+                    pipe: write,
+                    reader: read.try_clone()?,
+                });
                 child[0] = Some(read);
-                pending.push(Pending::Input { pipe: write });
             } else {
                 child[fd as usize] = Some(write);
                 pending.push(Pending::Output { pipe: read, to: fd });
@@ -92,39 +119,55 @@ impl Plan {
     pub fn start(self) -> io::Result<Running> {
         let Plan { child, pending } = self;
         drop(child);
-        let mut threads = Vec::new();
+        let mut outputs = Vec::new();
         let mut wake = None;
+        let mut input = None;
         for relay in pending {
             match relay {
-                Pending::Output { pipe, to } => threads.push(
+                Pending::Output { pipe, to } => outputs.push(
                     std::thread::Builder::new()
                         .name("velo-output".into())
                         .spawn(move || copy_out(&pipe, to))?,
                 ),
-                Pending::Input { pipe } => {
+                Pending::Input { pipe, reader } => {
                     let (wake_read, wake_write) =
                         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
                     wake = Some(wake_write);
-                    threads.push(
-                        std::thread::Builder::new()
-                            .name("velo-input".into())
-                            .spawn(move || copy_in(&pipe, &wake_read))?,
-                    );
+                    let thread = std::thread::Builder::new()
+                        .name("velo-input".into())
+                        .spawn(move || copy_in(pipe, &wake_read))?;
+                    input = Some((thread, reader));
                 }
             }
         }
-        Ok(Running { wake, threads })
+        Ok(Running {
+            wake,
+            outputs,
+            input,
+        })
     }
 }
 
 impl Running {
-    /// Waits for the outputs to be passed on in full and stops reading input.
+    /// Waits for the outputs to be passed on in full, stops reading input, and gives back
+    /// to a seekable stdin what the command did not read.
     pub fn finish(self) {
         if let Some(wake) = &self.wake {
             let _ = rustix::io::write(wake, b"x");
         }
-        for thread in self.threads {
+        for thread in self.outputs {
             let _ = thread.join();
+        }
+        if let Some((thread, reader)) = self.input {
+            let held_back = thread.join().unwrap_or(0);
+            let mut in_pipe: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int, the number of bytes waiting in the pipe.
+            unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut in_pipe) };
+            let unread = held_back + in_pipe.max(0) as u64;
+            if unread > 0 {
+                let stdin = io::stdin();
+                let _ = rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Current(-(unread as i64)));
+            }
         }
     }
 }
@@ -148,35 +191,50 @@ fn copy_out(pipe: &OwnedFd, to: RawFd) {
 }
 
 /// Copies velo's stdin into the command's pipe until stdin ends, the command stops
-/// reading, or velo says the run is over (then nothing more is read from stdin).
-fn copy_in(pipe: &OwnedFd, wake: &OwnedFd) {
+/// reading, or velo says the run is over (then nothing more is read). Never blocks on
+/// either side without also watching for the end of the run. Returns how many bytes it
+/// read from stdin but did not pass on.
+fn copy_in(pipe: OwnedFd, wake: &OwnedFd) -> u64 {
     let stdin = io::stdin();
+    let _ = rustix::io::ioctl_fionbio(&pipe, true);
     let mut buf = vec![0u8; 64 * 1024];
+    let (mut start, mut end) = (0usize, 0usize);
     loop {
+        let pending = end - start;
         let mut fds = [
-            PollFd::new(&stdin, PollFlags::IN),
             PollFd::new(wake, PollFlags::IN),
+            if pending > 0 {
+                PollFd::new(&pipe, PollFlags::OUT)
+            } else {
+                PollFd::new(&stdin, PollFlags::IN)
+            },
         ];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return,
+            Err(_) => return pending as u64,
         }
-        if !fds[1].revents().is_empty() {
-            return;
+        if !fds[0].revents().is_empty() {
+            return pending as u64;
         }
-        if fds[0].revents().is_empty() {
+        let ready = fds[1].revents();
+        if ready.is_empty() {
             continue;
         }
-        match rustix::io::read(&stdin, &mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if !super::spawn::write_all(pipe, &buf[..n]) {
-                    return;
-                }
+        if pending > 0 {
+            match rustix::io::write(&pipe, &buf[start..end]) {
+                Ok(n) => start += n,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                // The command closed its stdin: what is left was not consumed.
+                Err(_) => return pending as u64,
             }
-            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
-            Err(_) => return,
+        } else {
+            match rustix::io::read(&stdin, &mut buf) {
+                Ok(0) => return 0,
+                Ok(n) => (start, end) = (0, n),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                Err(_) => return 0,
+            }
         }
     }
 }
