@@ -186,6 +186,13 @@ enum Command {
     },
     /// Report what this machine supports (reflink, FUSE, user namespaces, overlayfs)
     Doctor,
+    /// Print a shell completion script (e.g. `velo completions bash > /etc/bash_completion.d/velo`)
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page in roff (e.g. `velo man > velo.1; man ./velo.1`)
+    Man,
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
     #[command(hide = true, name = "__probe-overlay")]
@@ -358,6 +365,8 @@ fn main() -> ExitCode {
         Command::Gc { run } => write::gc(&ctx, run),
         Command::Fsck { quick } => write::fsck(&ctx, quick),
         Command::Doctor => doctor::doctor(&ctx),
+        Command::Completions { shell } => completions(shell),
+        Command::Man => man_page(),
         Command::ProbeUserns => doctor::probe_userns(),
         Command::ProbeOverlay { dir } => doctor::probe_overlay(&dir),
         Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
@@ -401,6 +410,25 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => report_error(&ctx, &e, 1),
     }
+}
+
+/// `velo completions SHELL`: the completion script clap derives from the arguments.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "velo", &mut script);
+    out!("{}", String::from_utf8_lossy(&script).trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `velo man`: the manual page (roff) clap derives from the arguments.
+fn man_page() -> anyhow::Result<ExitCode> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+        .render(&mut page)
+        .map_err(|e| anyhow::anyhow!("rendering the manual page: {e}"))?;
+    out!("{}", String::from_utf8_lossy(&page).trim_end());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Reports a failed command on stderr and, under `--json` (which promises one JSON

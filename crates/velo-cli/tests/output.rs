@@ -150,3 +150,18 @@ fn export_writes_through_to_what_the_output_path_names() {
     let err = env.fails(&["export", &tree, "-o", env.dir.path().to_str().unwrap()]);
     assert!(err.contains("is a directory"), "{err}");
 }
+
+/// `velo completions SHELL` and `velo man` print what a shell and man(1) read.
+#[test]
+fn completions_and_the_manual_page_print() {
+    let env = Env::new();
+    let bash = env.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("_velo()") && bash.contains("checkout"),
+        "{bash}"
+    );
+    let zsh = env.ok(&["completions", "zsh"]);
+    assert!(zsh.contains("#compdef velo"), "{zsh}");
+    let man = env.ok(&["man"]);
+    assert!(man.contains(".TH velo 1"), "{man}");
+}
