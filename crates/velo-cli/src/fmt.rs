@@ -80,6 +80,25 @@ pub fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A name or path for a line of text output: control characters and backslashes escaped
+/// (`\n`, `\t`, `\x1b`, `\\`), so a name holding a newline cannot forge a second line
+/// of `ls` or `diff` output; not-UTF-8 bytes become U+FFFD. `--json` has the exact bytes.
+pub fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Puts `key` (lossy text) and, when the bytes are not UTF-8, `key_bytes` (exact).
 pub fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     obj.insert(key.into(), Value::String(lossy(bytes)));

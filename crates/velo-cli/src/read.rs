@@ -103,9 +103,9 @@ pub fn ls(
                 return Ok(());
             }
             let shown = if recursive {
-                fmt::lossy(p)
+                fmt::shown(p)
             } else {
-                entry.name.to_string()
+                fmt::shown(entry.name.as_bytes())
             };
             let line = if long {
                 let size = match &entry.kind {
@@ -114,7 +114,7 @@ pub fn ls(
                     EntryKind::Dir { .. } => 0,
                 };
                 let target = match &entry.kind {
-                    EntryKind::Symlink { target } => format!(" -> {}", fmt::lossy(target)),
+                    EntryKind::Symlink { target } => format!(" -> {}", fmt::shown(target)),
                     _ => String::new(),
                 };
                 format!(
@@ -184,7 +184,7 @@ pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let trimmed = trim_slashes(raw_path);
-    let shown_path = fmt::lossy(trimmed);
+    let shown_path = fmt::shown(trimmed);
     if ctx.json {
         fmt::print_json(&fmt::entry_json(trimmed, &entry));
         return Ok(ExitCode::SUCCESS);
@@ -204,7 +204,7 @@ pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
     match &entry.kind {
         EntryKind::File { hash, size } => out!("size:     {size}\nhash:     {hash}"),
         EntryKind::Dir { hash } => out!("tree:     {hash}"),
-        EntryKind::Symlink { target } => out!("target:   {}", fmt::lossy(target)),
+        EntryKind::Symlink { target } => out!("target:   {}", fmt::shown(target)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -254,7 +254,7 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {
             if let Err(e) = writeln!(
                 out,
                 "{mark} {}{}{what}",
-                fmt::lossy(&c.path),
+                fmt::shown(&c.path),
                 if c.kind == "dir" { "/" } else { "" }
             ) {
                 fmt::output_failed(&e);

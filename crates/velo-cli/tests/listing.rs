@@ -43,3 +43,44 @@ fn a_damaged_root_record_is_reported_and_the_others_listed() {
     assert!(stdout.contains("good"), "{stdout}");
     assert!(stderr.contains("damaged root record"), "{stderr}");
 }
+
+/// A name holding a newline (or another control character) cannot forge a line of text
+/// output: `ls` and `diff` escape it; `--json` keeps the exact bytes.
+#[test]
+fn names_with_newlines_are_escaped_in_text_output() {
+    let env = Env::new();
+    let dir = env.path("src");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("evil\nD fake"), b"x").unwrap();
+    fs::write(dir.join("tab\there"), b"x").unwrap();
+    env.ok(&["ingest", dir.to_str().unwrap(), "--name", "a"]);
+    let listing = env.ok(&["ls", "a"]);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert!(listing.contains("evil\\nD fake"), "{listing}");
+    assert!(listing.contains("tab\\there"), "{listing}");
+    let empty = env.path("empty");
+    fs::create_dir(&empty).unwrap();
+    env.ok(&["ingest", empty.to_str().unwrap(), "--name", "b"]);
+    let diff = env.ok(&["diff", "b", "a"]);
+    assert_eq!(diff.lines().count(), 2, "{diff}");
+    assert!(!diff.lines().any(|l| l == "D fake"), "{diff}");
+    let json = env.json(&["ls", "a"]);
+    assert!(json.to_string().contains("evil\\nD fake"), "{json}");
+}
+
+/// A time a tree cannot hold in nanoseconds (after 2262) is stored as the nearest one it
+/// can, and ingest says so.
+#[test]
+fn an_mtime_past_2262_is_clamped_with_a_warning() {
+    let env = Env::new();
+    let dir = env.path("far");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("f"), b"x").unwrap();
+    common::touch_ns(&dir.join("f"), 10_413_792_000, 0); // 2300-01-01
+    let out = env.run(&["ingest", dir.to_str().unwrap(), "--name", "far"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mtime outside 1677..2262"), "{err}");
+    let shown = env.json(&["show", "far", "f"]);
+    assert_eq!(shown["mtime_ns"].as_i64(), Some(i64::MAX), "{shown}");
+}

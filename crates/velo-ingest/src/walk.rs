@@ -317,9 +317,19 @@ impl Ctx<'_> {
             .contains(hash)
     }
 
-    fn mtime(&self, st: &Stat) -> i64 {
+    fn mtime(&self, st: &Stat, rel: &[u8]) -> i64 {
         match self.options.mtime {
-            MtimePolicy::Keep => mtime_ns(st),
+            MtimePolicy::Keep => {
+                let ns = mtime_ns(st);
+                // A tree records nanoseconds in an i64: 1677-09-21 to 2262-04-11.
+                if ns == i64::MAX || ns == i64::MIN {
+                    tracing::warn!(
+                        path = %self.path_of(rel).display(),
+                        "mtime outside 1677..2262 cannot be recorded in nanoseconds; stored as the nearest representable time"
+                    );
+                }
+                ns
+            }
             MtimePolicy::Zero => 0,
         }
     }
@@ -337,7 +347,7 @@ impl Ctx<'_> {
                 message: e.to_string(),
             })?,
             mode: Mode::from_st_mode(st.st_mode),
-            mtime_ns: self.mtime(st),
+            mtime_ns: self.mtime(st, rel),
             kind,
         })
     }
