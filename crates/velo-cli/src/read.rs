@@ -149,6 +149,10 @@ pub fn cat(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
     let entry = lookup_entry(&resolved, raw_path)?;
     let path = fmt::lossy(raw_path);
     let hash = match entry.map(|e| e.kind) {
+        // `sub/f/` names a directory, as it does for cat(1).
+        Some(EntryKind::File { .. }) if raw_path.ends_with(b"/") => {
+            bail!("{path}: not a directory (it is a file; drop the trailing /)")
+        }
         Some(EntryKind::File { hash, .. }) => hash,
         Some(EntryKind::Symlink { target }) => bail!(
             "{path} is a symlink to {}; cat the target instead",

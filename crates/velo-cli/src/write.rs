@@ -62,6 +62,12 @@ pub fn ingest(
                 dir.display()
             );
         }
+        if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "{} is a symlink whose target does not exist (or that leads to itself)",
+                dir.display()
+            );
+        }
         bail!("{} does not exist", dir.display());
     }
     let store = ctx.store_or_create()?;

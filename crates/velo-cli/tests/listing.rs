@@ -84,3 +84,24 @@ fn an_mtime_past_2262_is_clamped_with_a_warning() {
     let shown = env.json(&["show", "far", "f"]);
     assert_eq!(shown["mtime_ns"].as_i64(), Some(i64::MAX), "{shown}");
 }
+
+/// Small ones of issue 8: `cat t f/` on a file fails as cat(1) does; ingest of a dangling
+/// or self-referring symlink says so; a deleted cache/ directory is made again.
+#[test]
+fn trailing_slashes_dangling_links_and_a_deleted_cache() {
+    let env = Env::new();
+    let dir = env.path("src");
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    fs::write(dir.join("sub/f"), b"x").unwrap();
+    env.ok(&["ingest", dir.to_str().unwrap(), "--name", "t"]);
+    let err = env.fails(&["cat", "t", "sub/f/"]);
+    assert!(err.contains("not a directory"), "{err}");
+    assert_eq!(env.ok(&["cat", "t", "sub/f"]), "x");
+    let link = env.path("self");
+    std::os::unix::fs::symlink(&link, &link).unwrap();
+    let err = env.fails(&["ingest", link.to_str().unwrap()]);
+    assert!(err.contains("is a symlink"), "{err}");
+    fs::remove_dir_all(env.store.join("cache")).unwrap();
+    env.ok(&["ingest", dir.to_str().unwrap()]);
+    assert!(env.store.join("cache").is_dir());
+}

@@ -79,6 +79,10 @@ impl StatCache {
         let staged = self
             .path
             .with_extension(format!("{}.new", std::process::id()));
+        // Someone may have removed cache/ by hand: make it again rather than warn forever.
+        if let Some(dir) = self.path.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
         let result = fs::File::create(&staged)
             .and_then(|mut f| f.write_all(&out))
             .and_then(|()| fs::rename(&staged, &self.path));
