@@ -313,3 +313,37 @@ fn gc_removes_the_farms_of_forgotten_roots() {
     );
     env.fsck_ok();
 }
+
+/// A failed checkout into an existing empty directory leaves it as it was: empty, with
+/// its own mode (issue 8 item 15; the root's chmod used to stay behind).
+#[test]
+fn a_failed_checkout_leaves_an_existing_directory_as_it_was() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"content that goes missing").unwrap();
+    env.ok(&["ingest", src.to_str().unwrap(), "--name", "t"]);
+    // Lose the blob: the checkout fails half-way.
+    let hash = velo_core::Hash::of_blob(b"content that goes missing").to_hex();
+    for suffix in ["", ".x"] {
+        let _ = fs::remove_file(
+            env.store
+                .join("blobs")
+                .join(&hash[..2])
+                .join(format!("{hash}{suffix}")),
+        );
+    }
+    let dest = env.path("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::set_permissions(&dest, fs::Permissions::from_mode(0o711)).unwrap();
+    for mode in ["hardlink", "copy"] {
+        env.fails(&["checkout", "t", dest.to_str().unwrap(), "--mode", mode]);
+        assert_eq!(
+            fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+            0o711,
+            "{mode}"
+        );
+        assert_eq!(fs::read_dir(&dest).unwrap().count(), 0, "{mode}");
+    }
+}

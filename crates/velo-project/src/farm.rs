@@ -177,6 +177,10 @@ pub fn checkout_with(
 ) -> Result<CheckoutReport, ProjectError> {
     let started = Instant::now();
     let mut created = false;
+    // The mode of an existing empty destination, given back if the checkout fails.
+    let original_mode = std::fs::symlink_metadata(dest)
+        .ok()
+        .map(|m| m.permissions());
     match std::fs::read_dir(dest) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -206,10 +210,21 @@ pub fn checkout_with(
     }
     let result = checkout_into(store, trees, root, dest, options, progress);
     if result.is_err() {
-        // Leave nothing half-made behind: the destination was new or empty.
-        velo_store::remove_tree(dest);
-        if !created {
-            let _ = std::fs::create_dir(dest);
+        // Leave nothing half-made behind: the destination was new, or empty and as it was.
+        if created {
+            velo_store::remove_tree(dest);
+        } else {
+            for entry in std::fs::read_dir(dest).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    velo_store::remove_tree(&path);
+                } else {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            if let Some(mode) = original_mode {
+                let _ = std::fs::set_permissions(dest, mode);
+            }
         }
     }
     let mut report = result?;
