@@ -22,4 +22,12 @@ mod tree;
 pub use error::DecodeError;
 pub use hash::{Hash, HashParseError, TREE_HASH_CONTEXT};
 pub use name::{Name, NameError};
-pub use tree::{Entry, EntryKind, Mode, Tree, TreeError, MAX_SYMLINK_TARGET, TREE_FORMAT_VERSION};
+pub use tree::{
+    depth, Entry, EntryKind, Mode, Tree, TreeError, MAX_SYMLINK_TARGET, TREE_FORMAT_VERSION,
+};
+
+/// The deepest tree velo makes or accepts: directories nested more than this many levels
+/// are refused with a clear error by ingest, import, commit, checkout and merge (real
+/// trees stay far below; PATH_MAX alone allows about 2,000 one-letter levels). Every walk
+/// that recurses stays within its stack below this depth.
+pub const MAX_DEPTH: usize = 1024;

@@ -418,6 +418,15 @@ fn check_closure(
     if let Some(extra) = trees.keys().find(|h| !seen.contains(h)) {
         return Err(DecodeError::UnreachableTree(*extra));
     }
+    let depth =
+        crate::tree::depth(root, |hash| trees.get(hash)).ok_or(DecodeError::MissingTree(root))?;
+    if depth > crate::MAX_DEPTH {
+        return Err(DecodeError::TooLarge {
+            what: "tree depth",
+            value: depth as u64,
+            limit: crate::MAX_DEPTH as u64,
+        });
+    }
     Ok(blobs)
 }
 

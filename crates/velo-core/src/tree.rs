@@ -280,6 +280,40 @@ impl Tree {
     }
 }
 
+/// How many levels of directories `root` holds (1 for a tree without subdirectories),
+/// computed once per distinct subtree, iteratively: a hostile tree 100,000 levels deep, or
+/// one whose every level names the same child twice (2^64 paths), costs one visit per
+/// distinct tree and no recursion. `None` if `get` lacks a tree.
+pub fn depth<'a>(root: Hash, get: impl Fn(&Hash) -> Option<&'a Tree>) -> Option<usize> {
+    let mut known: std::collections::HashMap<Hash, usize> = std::collections::HashMap::new();
+    let mut stack = vec![(root, false)];
+    while let Some((hash, children_done)) = stack.pop() {
+        if known.contains_key(&hash) {
+            continue;
+        }
+        let tree = get(&hash)?;
+        let children = tree.entries().iter().filter_map(|e| match &e.kind {
+            EntryKind::Dir { hash } => Some(*hash),
+            _ => None,
+        });
+        if children_done {
+            let deepest = children
+                .map(|c| known.get(&c).copied().unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            known.insert(hash, deepest + 1);
+        } else {
+            stack.push((hash, true));
+            stack.extend(
+                children
+                    .filter(|c| !known.contains_key(c))
+                    .map(|c| (c, false)),
+            );
+        }
+    }
+    known.get(&root).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,5 +443,42 @@ mod tests {
                 prop_assert_eq!(tree.encode(), bytes);
             }
         }
+    }
+
+    fn dir(name: &str, hash: Hash) -> Entry {
+        Entry {
+            name: Name::try_from(name).unwrap(),
+            mode: Mode::new(0o755).unwrap(),
+            mtime_ns: 0,
+            kind: EntryKind::Dir { hash },
+        }
+    }
+
+    /// Depth is computed without recursion, once per distinct subtree: a 5,000-level chain
+    /// and a 64-level tree whose every level names one child twice (2^64 paths) are cheap.
+    #[test]
+    fn depth_of_deep_and_exponential_trees() {
+        let mut trees = std::collections::HashMap::new();
+        let mut below = Tree::new(vec![file("f", b"x", 0o644)]).unwrap();
+        for _ in 0..5000 {
+            let hash = below.hash();
+            trees.insert(hash, below);
+            below = Tree::new(vec![dir("d", hash)]).unwrap();
+        }
+        let root = below.hash();
+        trees.insert(root, below);
+        assert_eq!(depth(root, |h| trees.get(h)), Some(5001));
+
+        let mut wide = std::collections::HashMap::new();
+        let mut below = Tree::new(Vec::new()).unwrap();
+        for _ in 0..64 {
+            let hash = below.hash();
+            wide.insert(hash, below);
+            below = Tree::new(vec![dir("a", hash), dir("b", hash)]).unwrap();
+        }
+        let root = below.hash();
+        wide.insert(root, below);
+        assert_eq!(depth(root, |h| wide.get(h)), Some(65));
+        assert_eq!(depth(Hash::of_blob(b"absent"), |h| wide.get(h)), None);
     }
 }

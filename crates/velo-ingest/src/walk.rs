@@ -138,34 +138,37 @@ pub(crate) fn run<'a>(
             .unwrap_or(false),
         inserter: inserter.as_ref(),
     };
-    let walked = std::thread::scope(|scope| {
-        let drainer = ctx.inserter.map(|inserter| {
-            let reflink_works = &ctx.reflink_works;
-            scope.spawn(move || inserter.drain(batch, reflink_works))
-        });
-        // Closes the queue however the walk ends, a panic included, so the scope's join of
-        // the inserter cannot wait forever.
-        let _closer = ctx.inserter.map(Inserter::closer);
-        let walked = rustix::fs::open(
-            source,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            FsMode::empty(),
-        )
-        .map_err(|e| ctx.source_error("cannot open directory", b"", e))
-        .and_then(|fd| ctx.dir(fd, Vec::new()));
-        if let Some(inserter) = ctx.inserter {
-            if walked.is_err() {
-                // The ingest fails anyway: skip what is still queued.
-                inserter.failed.store(true, Ordering::Relaxed);
+    // The walk recurses once per level: it runs in the walk pool, whose stacks hold that.
+    let walked = velo_store::in_walk_pool(|| {
+        std::thread::scope(|scope| {
+            let drainer = ctx.inserter.map(|inserter| {
+                let reflink_works = &ctx.reflink_works;
+                scope.spawn(move || inserter.drain(batch, reflink_works))
+            });
+            // Closes the queue however the walk ends, a panic included, so the scope's join of
+            // the inserter cannot wait forever.
+            let _closer = ctx.inserter.map(Inserter::closer);
+            let walked = rustix::fs::open(
+                source,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                FsMode::empty(),
+            )
+            .map_err(|e| ctx.source_error("cannot open directory", b"", e))
+            .and_then(|fd| ctx.dir(fd, Vec::new()));
+            if let Some(inserter) = ctx.inserter {
+                if walked.is_err() {
+                    // The ingest fails anyway: skip what is still queued.
+                    inserter.failed.store(true, Ordering::Relaxed);
+                }
+                inserter.close();
             }
-            inserter.close();
-        }
-        if let Some(drainer) = drainer {
-            if let Err(panic) = drainer.join() {
-                std::panic::resume_unwind(panic);
+            if let Some(drainer) = drainer {
+                if let Err(panic) = drainer.join() {
+                    std::panic::resume_unwind(panic);
+                }
             }
-        }
-        walked
+            walked
+        })
     });
     if let Some(error) = inserter.as_ref().and_then(Inserter::take_error) {
         return Err(error.into());
@@ -354,6 +357,20 @@ impl Ctx<'_> {
 
     /// Ingests one directory (given as an open fd) and returns its tree hash.
     fn dir(&self, fd: OwnedFd, rel: Vec<u8>) -> Result<(Hash, RootStats), IngestError> {
+        let depth = if rel.is_empty() {
+            1
+        } else {
+            2 + rel.iter().filter(|&&b| b == b'/').count()
+        };
+        if depth > velo_core::MAX_DEPTH {
+            return Err(IngestError::BadEntry {
+                path: self.path_of(&rel),
+                message: format!(
+                    "directories nest deeper than {} levels, more than a velo tree may hold",
+                    velo_core::MAX_DEPTH
+                ),
+            });
+        }
         let mut dir =
             Dir::new(fd).map_err(|e| self.source_error("cannot read directory", &rel, e))?;
         let mut files: Vec<(Vec<u8>, Stat)> = Vec::new();

@@ -36,14 +36,17 @@ pub fn merge_layers(store: &Store, layers: &[Hash]) -> Result<Hash, ProjectError
     };
     let mut merged = first;
     for &upper in rest {
-        merged = merge_two(store, merged, upper)?;
+        merged = merge_two(store, merged, upper, 1)?;
     }
     Ok(merged)
 }
 
-fn merge_two(store: &Store, lower: Hash, upper: Hash) -> Result<Hash, ProjectError> {
+fn merge_two(store: &Store, lower: Hash, upper: Hash, depth: usize) -> Result<Hash, ProjectError> {
     if lower == upper {
         return Ok(upper);
+    }
+    if depth > velo_core::MAX_DEPTH {
+        return Err(too_deep("layers to merge"));
     }
     let mut entries: BTreeMap<Name, Entry> = store
         .get_tree(&lower)?
@@ -55,7 +58,7 @@ fn merge_two(store: &Store, lower: Hash, upper: Hash) -> Result<Hash, ProjectErr
         let merged = match (entries.get(&entry.name).map(|e| &e.kind), &entry.kind) {
             (Some(EntryKind::Dir { hash: low }), EntryKind::Dir { hash: up }) => Entry {
                 kind: EntryKind::Dir {
-                    hash: merge_two(store, *low, *up)?,
+                    hash: merge_two(store, *low, *up, depth + 1)?,
                 },
                 ..entry
             },
@@ -73,6 +76,13 @@ fn is_opaque(dir: &OwnedFd) -> bool {
     ["user.overlay.opaque", "trusted.overlay.opaque"]
         .iter()
         .any(|name| matches!(rustix::fs::fgetxattr(dir, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y'))
+}
+
+fn too_deep(what: &str) -> ProjectError {
+    ProjectError::Store(StoreError::Invalid(format!(
+        "{what} nest directories deeper than {} levels, more than a velo tree may hold",
+        velo_core::MAX_DEPTH
+    )))
 }
 
 fn read_error(path: &Path) -> impl FnOnce(rustix::io::Errno) -> ProjectError + '_ {
@@ -106,15 +116,20 @@ pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitRep
         rustix::fs::Mode::empty(),
     )
     .map_err(read_error(upper))?;
-    let tree = commit_dir(
-        store,
-        &batch,
-        Some(store.get_tree(&base)?),
-        &dir,
-        upper,
-        Path::new(""),
-        &mut setid_dropped,
-    )?;
+    let base_tree = store.get_tree(&base)?;
+    // One level of recursion per directory level: in the walk pool, whose stacks hold
+    // velo_core::MAX_DEPTH of them.
+    let tree = velo_store::in_walk_pool(|| {
+        commit_dir(
+            store,
+            &batch,
+            Some(base_tree),
+            &dir,
+            upper,
+            Path::new(""),
+            &mut setid_dropped,
+        )
+    })?;
     let root = stage_tree(store, &batch, &tree)?;
     store.sync()?;
     batch.publish()?;
@@ -147,6 +162,9 @@ fn commit_dir(
     setid_dropped: &mut Vec<PathBuf>,
 ) -> Result<Tree, ProjectError> {
     let is_root = rel.as_os_str().is_empty();
+    if rel.components().count() + 1 > velo_core::MAX_DEPTH {
+        return Err(too_deep(&format!("the upper {}", shown.display())));
+    }
     let mut entries: BTreeMap<Name, Entry> = match base {
         Some(tree) if is_root || !is_opaque(dir) => tree
             .into_entries()

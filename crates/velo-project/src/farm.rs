@@ -268,7 +268,7 @@ fn checkout_into(
         FsMode::empty(),
     )
     .map_err(|e| ctx.dest_error("opening", b"", e))?;
-    ctx.dir(root, fd.as_fd(), Vec::new())?;
+    velo_store::in_walk_pool(|| ctx.dir(root, fd.as_fd(), Vec::new()))?;
     let report = CheckoutReport {
         files: ctx.files.into_inner(),
         dirs: ctx.dirs.into_inner(),
@@ -310,6 +310,18 @@ impl Ctx<'_> {
     }
 
     fn dir(&self, tree: Hash, fd: BorrowedFd<'_>, rel: Vec<u8>) -> Result<(), ProjectError> {
+        let depth = if rel.is_empty() {
+            1
+        } else {
+            2 + rel.iter().filter(|&&b| b == b'/').count()
+        };
+        if depth > velo_core::MAX_DEPTH {
+            return Err(ProjectError::Store(velo_store::StoreError::Invalid(format!(
+                "the tree nests directories deeper than {} levels (at {}); velo refuses to materialise it",
+                velo_core::MAX_DEPTH,
+                String::from_utf8_lossy(&rel)
+            ))));
+        }
         let tree = self.trees.tree(&tree)?;
         let entries = tree.entries();
         entries

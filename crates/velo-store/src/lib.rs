@@ -259,6 +259,28 @@ pub(crate) fn sync_dir(path: &Path) {
     }
 }
 
+/// Runs `work` on the thread pool of the parallel walks (ingest, checkout): threads with
+/// stacks large enough for a walk that recurses once per level down to
+/// [`velo_core::MAX_DEPTH`] (rayon's default 2 MiB overflowed at about 3,000 levels, and a
+/// parallel iterator over one entry runs on the caller's own thread: the walk must start
+/// inside the pool). The stacks are reserved address space; only what a walk touches is
+/// memory. The pool is made on first use, not at start-up: a `velo run` on cached farms
+/// must stay single-threaded (see velo-project's sandbox).
+pub fn in_walk_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .stack_size(256 << 20)
+            .thread_name(|i| format!("velo-walk-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
 /// Whether a file at `path` (existing or about to be written) would be inside `dir`: both
 /// resolved, `path` by its parent directory (which exists for any path that can be
 /// written).
