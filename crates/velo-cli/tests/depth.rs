@@ -102,3 +102,48 @@ fn a_manifest_deeper_than_allowed_is_refused_at_import() {
             || fs::read_dir(env.store.join("trees")).unwrap().count() == 0
     );
 }
+
+/// A 64-level manifest whose every tree names one child twice (2^64 paths, 65 objects):
+/// it imports, its statistics saturate instead of wrapping, and a checkout refuses it
+/// before writing anything (issue 8, item 3).
+#[test]
+fn an_exponential_tree_is_refused_before_anything_is_written() {
+    let env = Env::new();
+    let mut trees: Vec<(Hash, Vec<u8>)> = Vec::new();
+    let leaf = Entry {
+        name: Name::try_from("f").unwrap(),
+        mode: Mode::new(0o644).unwrap(),
+        mtime_ns: 0,
+        kind: EntryKind::Symlink {
+            target: b"t".to_vec().into(),
+        },
+    };
+    let mut below = Tree::new(vec![leaf]).unwrap();
+    for _ in 0..64 {
+        let (bytes, hash) = below.encode_with_hash();
+        trees.push((hash, bytes));
+        let twice = |name: &str| Entry {
+            name: Name::try_from(name).unwrap(),
+            ..dir_entry(hash)
+        };
+        below = Tree::new(vec![twice("a"), twice("b")]).unwrap();
+    }
+    let (bytes, root) = below.encode_with_hash();
+    trees.push((root, bytes));
+    let path = env.path("wide.velo");
+    let file = fs::File::create(&path).unwrap();
+    velo_core::manifest::ManifestWriter::new(file, root, &mut trees, Some(0))
+        .unwrap()
+        .finish()
+        .unwrap();
+    env.ok(&["import", path.to_str().unwrap(), "--name", "wide"]);
+    let roots = env.json(&["roots"]);
+    assert!(
+        roots.to_string().contains(&u64::MAX.to_string()),
+        "statistics saturate: {roots}"
+    );
+    let dest = env.path("co");
+    let err = env.fails(&["checkout", "wide", dest.to_str().unwrap()]);
+    assert!(err.contains("nothing was written"), "{err}");
+    assert!(!dest.exists(), "the checkout wrote something");
+}

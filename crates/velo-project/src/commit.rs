@@ -35,15 +35,27 @@ pub fn merge_layers(store: &Store, layers: &[Hash]) -> Result<Hash, ProjectError
         )));
     };
     let mut merged = first;
+    // Remembered per pair of subtrees: layers whose trees name one subtree many times (2^n
+    // paths in n levels) are merged once per distinct pair, not once per path.
+    let mut memo = std::collections::HashMap::new();
     for &upper in rest {
-        merged = merge_two(store, merged, upper, 1)?;
+        merged = merge_two(store, merged, upper, 1, &mut memo)?;
     }
     Ok(merged)
 }
 
-fn merge_two(store: &Store, lower: Hash, upper: Hash, depth: usize) -> Result<Hash, ProjectError> {
+fn merge_two(
+    store: &Store,
+    lower: Hash,
+    upper: Hash,
+    depth: usize,
+    memo: &mut std::collections::HashMap<(Hash, Hash), Hash>,
+) -> Result<Hash, ProjectError> {
     if lower == upper {
         return Ok(upper);
+    }
+    if let Some(&merged) = memo.get(&(lower, upper)) {
+        return Ok(merged);
     }
     if depth > velo_core::MAX_DEPTH {
         return Err(too_deep("layers to merge"));
@@ -58,7 +70,7 @@ fn merge_two(store: &Store, lower: Hash, upper: Hash, depth: usize) -> Result<Ha
         let merged = match (entries.get(&entry.name).map(|e| &e.kind), &entry.kind) {
             (Some(EntryKind::Dir { hash: low }), EntryKind::Dir { hash: up }) => Entry {
                 kind: EntryKind::Dir {
-                    hash: merge_two(store, *low, *up, depth + 1)?,
+                    hash: merge_two(store, *low, *up, depth + 1, memo)?,
                 },
                 ..entry
             },
@@ -68,7 +80,9 @@ fn merge_two(store: &Store, lower: Hash, upper: Hash, depth: usize) -> Result<Ha
     }
     let tree = Tree::new(entries.into_values().collect())
         .map_err(|e| StoreError::Invalid(e.to_string()))?;
-    Ok(store.put_tree(&tree)?.0)
+    let merged = store.put_tree(&tree)?.0;
+    memo.insert((lower, upper), merged);
+    Ok(merged)
 }
 
 fn is_opaque(dir: &OwnedFd) -> bool {

@@ -159,6 +159,56 @@ pub fn checkout(
     )
 }
 
+/// Refuses, before anything is written, a tree whose materialisation cannot fit where it
+/// would go: more entries than free inodes, or (copying) more bytes than free space. A
+/// hostile tree naming one subtree twice per level holds 2^64 paths in 64 levels; its
+/// totals (computed once per distinct subtree) saturate and are refused here.
+fn fits(
+    trees: &dyn TreeSource,
+    root: Hash,
+    dest: &Path,
+    mode: CheckoutMode,
+) -> Result<(), ProjectError> {
+    let stats = velo_store::treeops::stats(trees, root)?;
+    let mut probe = dest;
+    let vfs = loop {
+        match rustix::fs::statvfs(probe) {
+            Ok(vfs) => break Some(vfs),
+            Err(_) => match probe.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => probe = parent,
+                _ => break rustix::fs::statvfs(".").ok(),
+            },
+        }
+    };
+    let Some(vfs) = vfs else {
+        return Ok(());
+    };
+    let inodes = stats
+        .dirs
+        .saturating_add(stats.symlinks)
+        .saturating_add(if mode == CheckoutMode::Hardlink {
+            0
+        } else {
+            stats.files
+        })
+        .saturating_add(1);
+    // File systems without inode accounting (btrfs) report 0 files in total.
+    if vfs.f_files > 0 && inodes > vfs.f_favail {
+        return Err(ProjectError::Store(velo_store::StoreError::Invalid(format!(
+            "the tree holds {} directories, {} files and {} symlinks: more than the {} free inodes of the file system of {}; nothing was written",
+            stats.dirs, stats.files, stats.symlinks, vfs.f_favail, probe.display()
+        ))));
+    }
+    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+    if mode == CheckoutMode::Copy && stats.bytes > free {
+        return Err(ProjectError::Store(velo_store::StoreError::Invalid(format!(
+            "the tree holds {} bytes: more than the {} bytes free on the file system of {}; nothing was written",
+            stats.bytes, free, probe.display()
+        ))));
+    }
+    Ok(())
+}
+
 /// Materialises tree `root` at `dest`, which must not exist or be an empty directory.
 /// Trees come from `trees` (the store, or a manifest's trees); blobs from `store`.
 ///
@@ -176,6 +226,7 @@ pub fn checkout_with(
     progress: &velo_ingest::Progress,
 ) -> Result<CheckoutReport, ProjectError> {
     let started = Instant::now();
+    fits(trees, root, dest, options.mode)?;
     let mut created = false;
     // The mode of an existing empty destination, given back if the checkout fails.
     let original_mode = std::fs::symlink_metadata(dest)

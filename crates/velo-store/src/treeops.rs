@@ -178,20 +178,22 @@ pub fn stats(src: &dyn TreeSource, root: Hash) -> Result<RootStats> {
             stack.extend(pending);
             continue;
         }
+        // Saturating: a tree whose every level names one child twice holds 2^64 paths;
+        // its totals are "at least u64::MAX", never a wrap to a small number.
         let mut total = RootStats::default();
         for entry in tree.entries() {
             match &entry.kind {
                 EntryKind::File { size, .. } => {
-                    total.files += 1;
-                    total.bytes += size;
+                    total.files = total.files.saturating_add(1);
+                    total.bytes = total.bytes.saturating_add(*size);
                 }
-                EntryKind::Symlink { .. } => total.symlinks += 1,
+                EntryKind::Symlink { .. } => total.symlinks = total.symlinks.saturating_add(1),
                 EntryKind::Dir { hash } => {
                     let child = memo[hash];
-                    total.dirs += 1 + child.dirs;
-                    total.files += child.files;
-                    total.symlinks += child.symlinks;
-                    total.bytes += child.bytes;
+                    total.dirs = total.dirs.saturating_add(child.dirs.saturating_add(1));
+                    total.files = total.files.saturating_add(child.files);
+                    total.symlinks = total.symlinks.saturating_add(child.symlinks);
+                    total.bytes = total.bytes.saturating_add(child.bytes);
                 }
             }
         }
