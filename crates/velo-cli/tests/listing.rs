@@ -105,3 +105,38 @@ fn trailing_slashes_dangling_links_and_a_deleted_cache() {
     env.ok(&["ingest", dir.to_str().unwrap()]);
     assert!(env.store.join("cache").is_dir());
 }
+
+/// Another user who may read a store (not write it) can fsck and read it: the store lock
+/// is taken through a read-only descriptor then (issue 8 item 16).
+#[test]
+fn a_reader_without_write_access_can_fsck_and_cat() {
+    if !common::require(common::is_root(), "root (to run velo as another user)") {
+        return;
+    }
+    let env = Env::new();
+    let dir = env.path("src");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("f"), b"shared").unwrap();
+    env.ok(&["ingest", dir.to_str().unwrap(), "--name", "r"]);
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "go+rX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for args in [vec!["cat", "r", "f"], vec!["fsck", "--quick"]] {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(common::velo_bin())
+            .arg("--store")
+            .arg(&env.store)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("opening lock file"), "{args:?}: {err}");
+        if args[0] == "cat" {
+            assert_eq!(out.stdout, b"shared", "{err}");
+        }
+    }
+}

@@ -214,12 +214,20 @@ impl Store {
     fn lock(&self, exclusive: bool) -> Result<StoreLock> {
         use rustix::fs::FlockOperation as Op;
         let path = self.root.join("lock");
+        // flock needs no write access: a user who may only read the store (another
+        // user's fsck, checkout, ls) locks through a read-only descriptor.
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    File::open(&path)
+                }
+                _ => Err(e),
+            })
             .map_err(StoreError::io("opening lock file", &path))?;
         let (try_op, wait_op) = if exclusive {
             (Op::NonBlockingLockExclusive, Op::LockExclusive)
