@@ -74,6 +74,10 @@ enum Command {
         /// Skip the final flush to stable storage (faster; a power cut may lose the newest objects)
         #[arg(long)]
         no_sync: bool,
+        /// Leave out files and directories you may not read (listed in the summary and in
+        /// --json) instead of failing
+        #[arg(long)]
+        skip_unreadable: bool,
     },
     /// List a directory of a tree
     Ls {
@@ -304,6 +308,7 @@ fn main() -> ExitCode {
             mtime,
             no_cache,
             no_sync,
+            skip_unreadable,
         } => {
             let options = velo_ingest::IngestOptions {
                 excludes: exclude,
@@ -314,6 +319,7 @@ fn main() -> ExitCode {
                 name,
                 no_cache,
                 no_sync,
+                skip_unreadable,
             };
             write::ingest(&ctx, &dir, &options, output.as_deref())
         }

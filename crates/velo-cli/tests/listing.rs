@@ -140,3 +140,59 @@ fn a_reader_without_write_access_can_fsck_and_cat() {
         }
     }
 }
+
+/// An unreadable file or directory fails an ingest, naming it; `--skip-unreadable` leaves
+/// it out and lists it (issue 8 item 7). Root reads everything, so as root the ingest runs
+/// as another user.
+#[test]
+fn unreadable_entries_fail_the_ingest_unless_skipped() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("locked")).unwrap();
+    fs::write(src.join("ok"), b"a").unwrap();
+    fs::write(src.join("secret"), b"s").unwrap();
+    fs::write(src.join("locked/x"), b"l").unwrap();
+    let store = env.path("other-store");
+    let as_reader = |args: &[&str]| {
+        let mut cmd = if common::is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "nobody", "--"]).arg(common::velo_bin());
+            c
+        } else {
+            std::process::Command::new(common::velo_bin())
+        };
+        cmd.arg("--store").arg(&store).args(args).output().unwrap()
+    };
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(src.join("ok"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    let out = as_reader(&["ingest", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Permission denied") && (err.contains("secret") || err.contains("locked")),
+        "{err}"
+    );
+    let out = as_reader(&[
+        "--json",
+        "ingest",
+        src.to_str().unwrap(),
+        "--skip-unreadable",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let skipped = report["skipped"].to_string();
+    assert!(
+        skipped.contains("secret") && skipped.contains("locked"),
+        "{report}"
+    );
+    assert_eq!(report["files"], 1, "{report}");
+    fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -53,6 +53,9 @@ pub struct IngestOptions {
     pub no_cache: bool,
     /// Skip the final `syncfs` (faster, but a power loss may lose the newest objects).
     pub no_sync: bool,
+    /// Leave out files and directories this user may not read (listed in the report's
+    /// skipped entries) instead of failing the whole ingest.
+    pub skip_unreadable: bool,
 }
 
 /// Counters a progress display can poll while an ingest runs.

@@ -236,6 +236,9 @@ fn build_excludes(patterns: &[String]) -> Result<(GlobSet, GlobSet), IngestError
     Ok((build(paths)?, build(names)?))
 }
 
+/// The reason recorded for what `--skip-unreadable` left out.
+const UNREADABLE: &str = "unreadable (permission denied)";
+
 pub(crate) fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(base.len() + 1 + name.len());
     if !base.is_empty() {
@@ -266,6 +269,18 @@ impl Ctx<'_> {
         self.source.join(OsStr::from_bytes(rel))
     }
 
+    /// Whether `error` is a permission refusal that `--skip-unreadable` turns into a skip
+    /// (recorded here); false leaves it an error.
+    fn skipped_unreadable(&self, rel: &[u8], error: &IngestError) -> bool {
+        let denied = matches!(error, IngestError::Source { cause, .. }
+            if cause.kind() == std::io::ErrorKind::PermissionDenied);
+        if denied && self.options.skip_unreadable {
+            self.skip(rel, UNREADABLE);
+            return true;
+        }
+        false
+    }
+
     pub(crate) fn source_error(
         &self,
         op: &'static str,
@@ -293,6 +308,8 @@ impl Ctx<'_> {
     fn skip(&self, rel: &[u8], reason: &'static str) {
         if reason == "the velo store itself" {
             tracing::warn!(path = %self.path_of(rel).display(), "skipping the velo store inside the ingested directory");
+        } else if reason == UNREADABLE {
+            tracing::warn!(path = %self.path_of(rel).display(), "skipping what this user cannot read (--skip-unreadable)");
         } else if reason != "excluded" {
             tracing::warn!(path = %self.path_of(rel).display(), "skipping a {reason}: trees hold only files, directories and symlinks");
         }
@@ -418,26 +435,38 @@ impl Ctx<'_> {
             || {
                 files
                     .par_iter()
-                    .map(|(name, st)| {
+                    .filter_map(|(name, st)| {
                         let child = join(&rel, name);
-                        let (hash, size) = self.file(dirfd, name, st, &child)?;
-                        self.entry(&child, name, st, EntryKind::File { hash, size })
+                        let (hash, size) = match self.file(dirfd, name, st, &child) {
+                            Ok(stored) => stored,
+                            Err(e) if self.skipped_unreadable(&child, &e) => return None,
+                            Err(e) => return Some(Err(e)),
+                        };
+                        Some(self.entry(&child, name, st, EntryKind::File { hash, size }))
                     })
                     .collect::<Result<Vec<Entry>, IngestError>>()
             },
             || {
                 dirs.par_iter()
-                    .map(|(name, st)| {
+                    .filter_map(|(name, st)| {
                         let child = join(&rel, name);
-                        let fd = rustix::fs::openat(
+                        let walked = rustix::fs::openat(
                             dirfd,
                             name.as_slice(),
                             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                             FsMode::empty(),
                         )
-                        .map_err(|e| self.source_error("cannot open directory", &child, e))?;
-                        let (hash, sub) = self.dir(fd, child.clone())?;
-                        Ok((self.entry(&child, name, st, EntryKind::Dir { hash })?, sub))
+                        .map_err(|e| self.source_error("cannot open directory", &child, e))
+                        .and_then(|fd| self.dir(fd, child.clone()));
+                        let (hash, sub) = match walked {
+                            Ok(walked) => walked,
+                            Err(e) if self.skipped_unreadable(&child, &e) => return None,
+                            Err(e) => return Some(Err(e)),
+                        };
+                        Some(
+                            self.entry(&child, name, st, EntryKind::Dir { hash })
+                                .map(|entry| (entry, sub)),
+                        )
                     })
                     .collect::<Result<Vec<(Entry, RootStats)>, IngestError>>()
             },
