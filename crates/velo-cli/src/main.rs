@@ -100,10 +100,18 @@ enum Command {
     Diff { from: String, to: String },
     /// Materialise a tree as a directory: hard links into the store, reflinks or copies
     Checkout {
-        /// A root name, a tree hash (or unique prefix), or a .velo file
+        /// A root name, a tree hash (or unique prefix), or a .velo file (with --remove: the
+        /// checkout to remove)
         tree: String,
         /// Where (must not exist, or be an empty directory)
-        dir: PathBuf,
+        #[arg(required_unless_present = "remove")]
+        dir: Option<PathBuf>,
+        /// Remove the checkout at the path given: its directories are made writable to
+        /// empty them, its files (in hardlink mode, the store's own blobs) are never
+        /// chmod'ed. Use it instead of `chmod -R u+w DIR && rm -rf DIR`, which would make
+        /// the store's blobs writable
+        #[arg(long)]
+        remove: bool,
         /// hardlink: no data copied, files read-only; reflink/copy: independent writable files
         #[arg(long, value_enum, default_value = "hardlink")]
         mode: ModeArg,
@@ -339,11 +347,16 @@ fn main() -> ExitCode {
         Command::Show { tree, path } => read::show(&ctx, &tree, path.as_bytes()),
         Command::Diff { from, to } => read::diff(&ctx, &from, &to),
         Command::Checkout {
+            tree, remove: true, ..
+        } => read::remove_checkout(&PathBuf::from(tree)),
+        Command::Checkout {
             tree,
             dir,
             mode,
             preserve_setuid,
+            remove: false,
         } => {
+            let dir = dir.ok_or_else(|| anyhow::anyhow!("velo checkout needs TREE and DIR"));
             let mode = match mode {
                 ModeArg::Hardlink => velo_project::CheckoutMode::Hardlink,
                 ModeArg::Reflink => velo_project::CheckoutMode::Reflink,
@@ -353,7 +366,7 @@ fn main() -> ExitCode {
                 mode,
                 preserve_setid: preserve_setuid,
             };
-            read::checkout(&ctx, &tree, &dir, options)
+            dir.and_then(|dir| read::checkout(&ctx, &tree, &dir, options))
         }
         Command::Export {
             tree,

@@ -313,3 +313,21 @@ pub fn checkout(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `velo checkout --remove DIR`: removes a checkout without ever chmod'ing a file in it (in
+/// hardlink mode its files are the store's blobs); only its directories are made writable.
+pub fn remove_checkout(dir: &Path) -> Result<ExitCode> {
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("{}: cannot remove it", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{}: is not a directory (a checkout is one)", dir.display());
+    }
+    velo_store::remove_tree(dir);
+    if std::fs::symlink_metadata(dir).is_ok() {
+        bail!(
+            "{}: could not be removed entirely (see the warnings above)",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

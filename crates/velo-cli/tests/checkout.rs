@@ -347,3 +347,32 @@ fn a_failed_checkout_leaves_an_existing_directory_as_it_was() {
         assert_eq!(fs::read_dir(&dest).unwrap().count(), 0, "{mode}");
     }
 }
+
+/// A hard-linked checkout shares the store's inodes: `velo checkout --remove` takes one
+/// away (a mode-000 directory included) without touching a blob, and a blob made
+/// writable through one (`chmod -R u+w`) is reported by the next command that reads it,
+/// not only by fsck (issue 8 item 13).
+#[test]
+fn a_hardlink_checkout_is_removed_safely_and_a_writable_blob_is_noticed() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("locked")).unwrap();
+    fs::write(src.join("locked/f"), b"locked").unwrap();
+    fs::write(src.join("g"), b"shared").unwrap();
+    fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    env.ok(&["ingest", src.to_str().unwrap(), "--name", "t"]);
+    fs::set_permissions(src.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+    let co = env.path("co");
+    env.ok(&["checkout", "t", co.to_str().unwrap()]);
+    env.ok(&["checkout", "--remove", co.to_str().unwrap()]);
+    assert!(!co.exists());
+    env.fsck_ok();
+
+    let co = env.path("co2");
+    env.ok(&["checkout", "t", co.to_str().unwrap()]);
+    // What a user does to edit a checkout in place: the shared blob becomes writable.
+    fs::set_permissions(co.join("g"), fs::Permissions::from_mode(0o644)).unwrap();
+    let err = env.fails(&["cat", "t", "g"]);
+    assert!(err.contains("made writable outside velo"), "{err}");
+}

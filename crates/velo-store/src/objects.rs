@@ -111,7 +111,24 @@ impl Store {
 
     /// Opens a blob for reading.
     pub fn open_blob(&self, hash: &Hash) -> Result<File> {
-        self.open_object(ObjectKind::Blob, hash)
+        let file = self.open_object(ObjectKind::Blob, hash)?;
+        // A blob is 0444 for life. Any write bit means someone made it writable, almost
+        // always `chmod -R u+w` on a hard-linked checkout, which shares the blob's inode:
+        // its bytes may no longer be what its name says. Said at once, not only by fsck.
+        if let Ok(meta) = file.metadata() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o222 != 0 {
+                return Err(StoreError::Corrupt {
+                    kind: "blob",
+                    hash: *hash,
+                    detail: format!(
+                        "its file was made writable outside velo (mode {mode:o}, blobs are 444): a hard-linked checkout changed in place? `velo fsck` checks its bytes; `velo fsck --repair` sets it aside so an import or ingest of the right bytes can store it again"
+                    ),
+                });
+            }
+        }
+        Ok(file)
     }
 
     fn open_object(&self, kind: ObjectKind, hash: &Hash) -> Result<File> {
