@@ -46,7 +46,7 @@ impl Ctx<'_> {
                 && cached.mtime_ns == mtime_ns(st)
                 && cached.ctime_ns == ctime_ns(st)
             {
-                let usable = !self.cache.verify_hits
+                let usable = !self.cache.must_verify(&cached.hash)
                     || self.knows(&cached.hash)
                     || self.store.has_blob(&cached.hash);
                 if usable {

@@ -4,7 +4,9 @@
 //! The cache is only trusted for the store that wrote it (store id) and only while no gc
 //! has deleted anything since (gc generation); otherwise every hit is checked against the
 //! store before use, so a recreated or collected store can never yield a tree whose blobs
-//! are missing. Entries of files changed within the last two seconds are not written
+//! are missing. A blob deleted by hand changes no generation, but it changes the mtime of
+//! its shard directory (`blobs/ab/`): the cache records the 256 shard mtimes it was saved
+//! with, and a hit whose shard changed since is checked too (256 `stat`s per ingest). Entries of files changed within the last two seconds are not written
 //! ("racy" entries: a later change within the same timestamp tick would go unseen).
 
 use std::collections::HashMap;
@@ -15,7 +17,8 @@ use std::path::{Path, PathBuf};
 use velo_core::Hash;
 use velo_store::Store;
 
-const MAGIC: &[u8; 8] = b"VSTATC01";
+const MAGIC: &[u8; 8] = b"VSTATC02";
+const SHARDS: usize = 256;
 const RECORD: usize = 8 * 5 + 32;
 
 /// What the cache remembers about one file.
@@ -32,6 +35,21 @@ pub(crate) struct StatCache {
     pub entries: HashMap<(u64, u64), Cached>,
     /// Hits must be checked against the store (the store was collected or replaced).
     pub verify_hits: bool,
+    /// Blob shards whose directory changed since the cache was saved: their hits are
+    /// checked against the store.
+    changed_shards: [bool; SHARDS],
+}
+
+/// The mtime (ns) of each blob shard directory, 0 for one that does not exist.
+fn shard_times(store: &Store) -> [i64; SHARDS] {
+    let blobs = store.root().join("blobs");
+    let mut times = [0i64; SHARDS];
+    for (shard, time) in times.iter_mut().enumerate() {
+        if let Ok(st) = rustix::fs::stat(blobs.join(format!("{shard:02x}"))) {
+            *time = crate::walk::mtime_ns(&st);
+        }
+    }
+    times
 }
 
 impl StatCache {
@@ -45,18 +63,34 @@ impl StatCache {
             path,
             entries: HashMap::new(),
             verify_hits: false,
+            changed_shards: [false; SHARDS],
         };
         let Ok(bytes) = fs::read(&cache.path) else {
             return cache;
         };
         match parse(&bytes, store) {
-            Some((entries, trusted)) => {
+            Some((entries, trusted, saved_times)) => {
                 cache.entries = entries;
                 cache.verify_hits = !trusted;
+                let now = shard_times(store);
+                for shard in 0..SHARDS {
+                    cache.changed_shards[shard] = now[shard] != saved_times[shard];
+                }
             }
             None => tracing::warn!(path = %cache.path.display(), "ignoring a damaged stat cache"),
         }
         cache
+    }
+
+    /// Whether some blob shard changed since the cache was saved (then it is saved again,
+    /// with the shard times it was checked against).
+    pub fn shards_changed(&self) -> bool {
+        self.changed_shards.iter().any(|&c| c)
+    }
+
+    /// Whether a hit for `hash` must be checked against the store before use.
+    pub fn must_verify(&self, hash: &Hash) -> bool {
+        self.verify_hits || self.changed_shards[usize::from(hash.0[0])]
     }
 
     /// Replaces the cache file with `entries` (atomically; failure only costs speed).
@@ -67,6 +101,9 @@ impl StatCache {
         out.extend_from_slice(&(id.len() as u64).to_le_bytes());
         out.extend_from_slice(id);
         out.extend_from_slice(&store.gc_generation().to_le_bytes());
+        for time in shard_times(store) {
+            out.extend_from_slice(&time.to_le_bytes());
+        }
         out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
         for ((dev, ino), c) in entries {
             for v in [*dev, *ino, c.size, c.mtime_ns as u64, c.ctime_ns as u64] {
@@ -95,8 +132,9 @@ impl StatCache {
 
 type Entries = HashMap<(u64, u64), Cached>;
 
-/// Returns the entries and whether they may be trusted without checking the store.
-fn parse(bytes: &[u8], store: &Store) -> Option<(Entries, bool)> {
+/// Returns the entries, whether they may be trusted without checking the store, and the
+/// blob shard mtimes the cache was saved with.
+fn parse(bytes: &[u8], store: &Store) -> Option<(Entries, bool, [i64; SHARDS])> {
     let body = bytes.get(..bytes.len().checked_sub(32)?)?;
     if blake3::hash(body).as_bytes() != &bytes[body.len()..] || body.get(..8)? != MAGIC {
         return None;
@@ -108,8 +146,14 @@ fn parse(bytes: &[u8], store: &Store) -> Option<(Entries, bool)> {
     let id = body.get(16..16usize.checked_add(id_len)?)?;
     let mut pos = 16 + id_len;
     let generation = u64_at(pos)?;
-    let count = usize::try_from(u64_at(pos + 8)?).ok()?;
-    pos += 16;
+    pos += 8;
+    let mut saved_times = [0i64; SHARDS];
+    for time in saved_times.iter_mut() {
+        *time = u64_at(pos)? as i64;
+        pos += 8;
+    }
+    let count = usize::try_from(u64_at(pos)?).ok()?;
+    pos += 8;
     if body.len().checked_sub(pos)? != count.checked_mul(RECORD)? {
         return None;
     }
@@ -129,5 +173,5 @@ fn parse(bytes: &[u8], store: &Store) -> Option<(Entries, bool)> {
         );
     }
     let trusted = id == store.id().as_bytes() && generation == store.gc_generation();
-    Some((entries, trusted))
+    Some((entries, trusted, saved_times))
 }

@@ -38,6 +38,7 @@ impl Walked {
     pub fn save_cache(&self, store: &Store) {
         if self.cache_changed
             || self.cache.verify_hits
+            || self.cache.shards_changed()
             || self.observed.len() != self.cache.entries.len()
         {
             self.cache.save(store, &self.observed);
