@@ -518,6 +518,11 @@ fn a_blob_deleted_by_hand_is_stored_again_by_a_cached_reingest() {
     env.ingest(&src, &[]);
     let cached = env.json(&["ingest", src.to_str().unwrap()]);
     assert_eq!(cached["cached_files"], 3, "{cached}");
+    // --no-cache reads every file, every time (it used to read a cache of its own).
+    for _ in 0..2 {
+        let uncached = env.json(&["ingest", src.to_str().unwrap(), "--no-cache"]);
+        assert_eq!(uncached["cached_files"], 0, "{uncached}");
+    }
     let hash = velo_core::Hash::of_blob(b"content 0").to_hex();
     fs::remove_file(env.store.join("blobs").join(&hash[..2]).join(&hash)).unwrap();
     let again = env.json(&["ingest", src.to_str().unwrap(), "--name", "after"]);

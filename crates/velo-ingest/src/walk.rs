@@ -101,11 +101,11 @@ pub(crate) fn run<'a>(
     progress: &'a Progress,
 ) -> Result<Walked, IngestError> {
     let (exclude_paths, exclude_names) = build_excludes(&options.excludes)?;
-    let cache = if options.no_cache {
-        StatCache::load(store, Path::new("/dev/null/no-cache"))
-    } else {
-        StatCache::load(store, source)
-    };
+    let mut cache = StatCache::load(store, source);
+    if options.no_cache {
+        // Every file is read; what is learnt is saved for the next run as usual.
+        cache.entries.clear();
+    }
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
