@@ -282,6 +282,153 @@ fn opened_path(fd: &OwnedFd) -> PathBuf {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
 }
 
+/// The bind sources, each opened without following a symlink and checked by what was
+/// opened (never the store; a writable one never around the store): the descriptors the
+/// sandbox binds, and the binds with their verified source paths.
+fn open_binds(
+    binds: &[Bind],
+    store_root: &Path,
+) -> Result<(Vec<OwnedFd>, Vec<Bind>), ProjectError> {
+    let mut fds = Vec::new();
+    let mut verified = Vec::new();
+    for bind in binds {
+        let source = std::fs::canonicalize(&bind.source).unwrap_or(bind.source.clone());
+        let fd = open_no_symlinks(&source, rustix::fs::OFlags::PATH).map_err(|e| {
+            ProjectError::Dest {
+                op: "opening --bind source (no symlinks allowed on the way)",
+                path: source.clone(),
+                cause: e.into(),
+            }
+        })?;
+        let source = opened_path(&fd);
+        if within(&source, store_root) {
+            return Err(refused(format!(
+                "--bind {}: the store cannot be bound into a sandbox (the command could change what later runs read)",
+                bind.source.display()
+            )));
+        }
+        if !bind.read_only && within(store_root, &source) {
+            return Err(refused(format!(
+                "--bind {}: it contains the store ({}), which the command could then rewrite; bind it read-only (:ro), bind a subdirectory, or keep the store elsewhere (--store)",
+                bind.source.display(),
+                store_root.display()
+            )));
+        }
+        fds.push(fd);
+        verified.push(Bind {
+            source,
+            ..bind.clone()
+        });
+    }
+    Ok((fds, verified))
+}
+
+/// Makes (if needed) and opens directory `name` in `parent`, never through a symlink.
+fn open_private_dir(parent: &OwnedFd, name: &str, path: &Path) -> Result<OwnedFd, ProjectError> {
+    let dest_error = |op: &'static str| {
+        let path = path.to_path_buf();
+        move |e: rustix::io::Errno| ProjectError::Dest {
+            op,
+            path,
+            cause: e.into(),
+        }
+    };
+    match rustix::fs::mkdirat(parent, name, rustix::fs::Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(dest_error("creating")(e)),
+    }
+    rustix::fs::openat(
+        parent,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(dest_error("opening"))
+}
+
+/// An upper whose changes are kept: its path, its directory (locked, for a `--upper`), the
+/// overlay work directory, and that directory's path.
+struct KeptDirs {
+    path: PathBuf,
+    upper: OwnedFd,
+    work: OwnedFd,
+    work_path: PathBuf,
+}
+
+/// The upper of a run whose changes are wanted: the user's `--upper` (already checked and
+/// locked) with a work directory beside it, or one in the session directory for a commit.
+fn kept_dirs(
+    session: &velo_store::Session,
+    kept_upper: Option<(PathBuf, OwnedFd)>,
+    keep_changes: bool,
+) -> Result<Option<KeptDirs>, ProjectError> {
+    let open_dir_of = |dir: &Path| {
+        open_no_symlinks(
+            dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        )
+        .map_err(|e| ProjectError::Dest {
+            op: "opening (no symlinks allowed on the way)",
+            path: dir.to_path_buf(),
+            cause: e.into(),
+        })
+    };
+    let name_of = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Ok(match kept_upper {
+        Some((dir, lock)) => {
+            let name = format!(".{}.velo-work-{}", name_of(&dir), name_of(session.dir()));
+            let work_path = dir.with_file_name(&name);
+            let parent = open_dir_of(dir.parent().unwrap_or(Path::new("/")))?;
+            let work = open_private_dir(&parent, &name, &work_path)?;
+            Some(KeptDirs {
+                path: dir,
+                upper: lock,
+                work,
+                work_path,
+            })
+        }
+        None if keep_changes => {
+            let session_fd = open_dir_of(session.dir())?;
+            let (path, work_path) = (session.dir().join("upper"), session.dir().join("work"));
+            Some(KeptDirs {
+                upper: open_private_dir(&session_fd, "upper", &path)?,
+                work: open_private_dir(&session_fd, "work", &work_path)?,
+                path,
+                work_path,
+            })
+        }
+        None => None,
+    })
+}
+
+/// The command's environment: a minimal default, the caller's TERM, then `--env`.
+fn command_env(extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("HOME".to_string(), "/root".to_string()),
+        ("USER".to_string(), "root".to_string()),
+        ("LOGNAME".to_string(), "root".to_string()),
+    ];
+    if let Ok(term) = std::env::var("TERM") {
+        env.push(("TERM".into(), term));
+    }
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
 /// Runs a command in the sandbox over the layers. The caller holds the shared lock for
 /// the whole run, so gc never removes a farm in use.
 pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, ProjectError> {
@@ -293,38 +440,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         path: store.root().to_path_buf(),
         cause: source,
     })?;
-    let mut bind_fds = Vec::new();
-    let mut verified_binds = Vec::new();
-    for bind in &options.binds {
-        let source = std::fs::canonicalize(&bind.source).unwrap_or(bind.source.clone());
-        let fd = open_no_symlinks(&source, rustix::fs::OFlags::PATH).map_err(|e| {
-            ProjectError::Dest {
-                op: "opening --bind source (no symlinks allowed on the way)",
-                path: source.clone(),
-                cause: e.into(),
-            }
-        })?;
-        // Checked by what was opened: this descriptor is what the sandbox binds.
-        let source = opened_path(&fd);
-        if within(&source, &store_root) {
-            return Err(refused(format!(
-                "--bind {}: the store cannot be bound into a sandbox (the command could change what later runs read)",
-                bind.source.display()
-            )));
-        }
-        if !bind.read_only && within(&store_root, &source) {
-            return Err(refused(format!(
-                "--bind {}: it contains the store ({}), which the command could then rewrite; bind it read-only (:ro), bind a subdirectory, or keep the store elsewhere (--store)",
-                bind.source.display(),
-                store_root.display()
-            )));
-        }
-        bind_fds.push(fd);
-        verified_binds.push(Bind {
-            source,
-            ..bind.clone()
-        });
-    }
+    let (bind_fds, binds) = open_binds(&options.binds, &store_root)?;
     let kept_upper = match &options.upper {
         Some(dir) => Some(prepare_upper(&store_root, dir)?),
         None => None,
@@ -346,149 +462,50 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         None
     };
     let session = store.new_session()?;
-    let mk = |p: &Path| {
-        std::fs::create_dir_all(p).map_err(|source| ProjectError::Dest {
-            op: "creating",
-            path: p.to_path_buf(),
-            cause: source,
-        })
-    };
     let scratch = session.dir().join("scratch");
-    mk(&scratch)?;
-    // The upper and work directories, opened (never through a symlink) for the stages.
-    let open_dir = |parent: &OwnedFd, name: &str, path: &Path| -> Result<OwnedFd, ProjectError> {
-        let dest_error = |op: &'static str| {
-            let path = path.to_path_buf();
-            move |e: rustix::io::Errno| ProjectError::Dest {
-                op,
-                path,
-                cause: e.into(),
-            }
-        };
-        rustix::fs::mkdirat(parent, name, rustix::fs::Mode::from_raw_mode(0o700))
-            .or_else(|e| {
-                if e == rustix::io::Errno::EXIST {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(dest_error("creating"))?;
-        rustix::fs::openat(
-            parent,
-            name,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(dest_error("opening"))
-    };
-    let kept: Option<(PathBuf, OwnedFd, OwnedFd, PathBuf)> = match kept_upper {
-        Some((dir, lock)) => {
-            let name = format!(
-                ".{}.velo-work-{}",
-                dir.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                session
-                    .dir()
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            );
-            let work_path = dir.with_file_name(&name);
-            let parent = open_no_symlinks(
-                dir.parent().unwrap_or(Path::new("/")),
-                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
-            )
-            .map_err(|e| ProjectError::Dest {
-                op: "opening (no symlinks allowed on the way)",
-                path: dir.clone(),
-                cause: e.into(),
-            })?;
-            let work = open_dir(&parent, &name, &work_path)?;
-            Some((dir, lock, work, work_path))
-        }
-        None if options.keep_changes => {
-            let session_fd = open_no_symlinks(
-                session.dir(),
-                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
-            )
-            .map_err(|e| ProjectError::Dest {
-                op: "opening",
-                path: session.dir().to_path_buf(),
-                cause: e.into(),
-            })?;
-            let upper = open_dir(&session_fd, "upper", &session.dir().join("upper"))?;
-            let work = open_dir(&session_fd, "work", &session.dir().join("work"))?;
-            Some((
-                session.dir().join("upper"),
-                upper,
-                work,
-                session.dir().join("work"),
-            ))
-        }
-        None => None,
-    };
-    let mut env = vec![
-        (
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
-        ("HOME".to_string(), "/root".to_string()),
-        ("USER".to_string(), "root".to_string()),
-        ("LOGNAME".to_string(), "root".to_string()),
-    ];
-    if let Ok(term) = std::env::var("TERM") {
-        env.push(("TERM".into(), term));
-    }
-    for (k, v) in &options.env {
-        env.retain(|(key, _)| key != k);
-        env.push((k.clone(), v.clone()));
-    }
+    std::fs::create_dir_all(&scratch).map_err(|source| ProjectError::Dest {
+        op: "creating",
+        path: scratch.clone(),
+        cause: source,
+    })?;
+    let kept = kept_dirs(&session, kept_upper, options.keep_changes)?;
     let config = SandboxConfig {
         lowers,
-        upper: kept
-            .as_ref()
-            .map(|(path, _, _, work_path)| crate::sandbox::KeptUpper {
-                path: path.clone(),
-                work_path: work_path.clone(),
-                upper_fd: -1,
-                work_fd: -1,
-            }),
+        upper: kept.as_ref().map(|k| crate::sandbox::KeptUpper {
+            path: k.path.clone(),
+            work_path: k.work_path.clone(),
+            upper_fd: -1,
+            work_fd: -1,
+        }),
         scratch,
         uid: rustix::process::getuid().as_raw(),
         gid: rustix::process::getgid().as_raw(),
         isolate_net: !options.host_net,
-        binds: verified_binds,
+        binds,
         bind_fds: Vec::new(),
         held_fds: Vec::new(),
         workdir: options.workdir.clone().unwrap_or_else(|| "/".into()),
-        env,
+        env: command_env(&options.env),
         argv: options.argv.clone(),
         nofile: options.nofile,
         controlling_tty: false,
     };
-    let io_error = |op: &'static str| {
-        let path = session.dir().to_path_buf();
-        move |cause: std::io::Error| ProjectError::Dest { op, path, cause }
-    };
     let started = Instant::now();
     let fds = crate::sandbox::RunFds {
         session_lock: session.lock_fd(),
-        upper: kept
-            .as_ref()
-            .map(|(_, upper, work, _)| (upper.as_fd(), work.as_fd())),
+        upper: kept.as_ref().map(|k| (k.upper.as_fd(), k.work.as_fd())),
         binds: bind_fds.iter().map(|fd| fd.as_fd()).collect(),
     };
     let started_run = crate::sandbox::start(&config, &fds);
     drop(fds);
     let exit_code = match started_run {
         Ok(code) => code,
-        Err(e) => {
-            let error = io_error("running the sandbox")(e);
+        Err(cause) => {
+            let error = ProjectError::Dest {
+                op: "running the sandbox",
+                path: session.dir().to_path_buf(),
+                cause,
+            };
             session.remove();
             return Err(error);
         }
@@ -496,12 +513,12 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     let run_seconds = started.elapsed().as_secs_f64();
     let upper_is_temporary = options.upper.is_none();
     let (upper, upper_lock) = match kept {
-        Some((path, upper, work, work_path)) => {
-            drop(work);
+        Some(k) => {
+            drop(k.work);
             if !upper_is_temporary {
-                velo_store::remove_tree(&work_path);
+                velo_store::remove_tree(&k.work_path);
             }
-            (path, (!upper_is_temporary).then_some(upper))
+            (k.path, (!upper_is_temporary).then_some(k.upper))
         }
         None => (PathBuf::new(), None),
     };
