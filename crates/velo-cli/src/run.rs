@@ -145,6 +145,74 @@ fn check_output_path(out: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// What became of a run's changes.
+#[derive(Default)]
+struct Settled {
+    committed: Option<Committed>,
+    /// Why the commit failed (the changes are then kept, and said where).
+    error: Option<String>,
+    /// Not committed on purpose: the command failed, or never ran.
+    skipped: bool,
+}
+
+/// Commits a run's changes when its command ran and succeeded (or `--commit-always`);
+/// says what it did. A failed commit keeps a temporary upper where gc leaves it.
+fn settle_commit(
+    store: &Store,
+    args: &RunArgs,
+    commit_to: Option<&Path>,
+    manifest: Hash,
+    outcome: &velo_project::session::RunOutcome,
+) -> Settled {
+    if !outcome.command_started {
+        note!(
+            "velo: the command never ran (status {}): nothing committed",
+            outcome.exit_code
+        );
+        return Settled {
+            skipped: true,
+            ..Settled::default()
+        };
+    }
+    if outcome.exit_code != 0 && !args.commit_always {
+        note!(
+            "velo: the command exited with status {}: nothing committed{} (--commit-always commits a failed run's changes)",
+            outcome.exit_code,
+            if outcome.upper_is_temporary { ", its changes are discarded" } else { "" }
+        );
+        return Settled {
+            skipped: true,
+            ..Settled::default()
+        };
+    }
+    match commit_run(store, args, commit_to, manifest, outcome) {
+        Ok(c) => Settled {
+            committed: Some(c),
+            ..Settled::default()
+        },
+        Err(e) => {
+            let kept = if outcome.upper_is_temporary {
+                match outcome.session.keep(&format!(
+                    "velo run could not commit this run's changes ({e:#}); upper/ holds them in overlay format. Remove this directory when done.\n"
+                )) {
+                    Ok(()) => format!(
+                        "the changes are kept at {} (gc leaves it; remove it when done)",
+                        outcome.upper.display()
+                    ),
+                    Err(k) => format!("the changes could not be kept either ({k})"),
+                }
+            } else {
+                format!("the upper {} is unchanged", outcome.upper.display())
+            };
+            note!("velo: error: {e:#}; {kept}");
+            Settled {
+                error: Some(format!("{e:#}")),
+                ..Settled::default()
+            }
+        }
+    }
+}
+
 /// What a commit produced.
 struct Committed {
     root: Hash,
@@ -289,45 +357,14 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         );
     }
     let mut exit_code = outcome.exit_code;
-    let mut committed = None;
-    let mut commit_error = None;
-    let mut skipped = false;
-    if wants_commit {
-        if !outcome.command_started {
-            skipped = true;
-            note!(
-                "velo: the command never ran (status {}): nothing committed",
-                outcome.exit_code
-            );
-        } else if outcome.exit_code != 0 && !args.commit_always {
-            skipped = true;
-            note!(
-                "velo: the command exited with status {}: nothing committed{} (--commit-always commits a failed run's changes)",
-                outcome.exit_code,
-                if outcome.upper_is_temporary { ", its changes are discarded" } else { "" }
-            );
-        } else {
-            match commit_run(&store, &args, commit_to.as_deref(), manifest, &outcome) {
-                Ok(c) => committed = Some(c),
-                Err(e) => {
-                    let kept = if outcome.upper_is_temporary {
-                        match outcome.session.keep(&format!(
-                            "velo run could not commit this run's changes ({e:#}); upper/ holds them in overlay format. Remove this directory when done.\n"
-                        )) {
-                            Ok(()) => format!("the changes are kept at {} (gc leaves it; remove it when done)", outcome.upper.display()),
-                            Err(k) => format!("the changes could not be kept either ({k})"),
-                        }
-                    } else {
-                        format!("the upper {} is unchanged", outcome.upper.display())
-                    };
-                    note!("velo: error: {e:#}; {kept}");
-                    commit_error = Some(format!("{e:#}"));
-                    if exit_code == 0 {
-                        exit_code = 125;
-                    }
-                }
-            }
-        }
+    let settled = if wants_commit {
+        settle_commit(&store, &args, commit_to.as_deref(), manifest, &outcome)
+    } else {
+        Settled::default()
+    };
+    let (committed, commit_error, skipped) = (settled.committed, settled.error, settled.skipped);
+    if commit_error.is_some() && exit_code == 0 {
+        exit_code = 125;
     }
     let upper = (!outcome.upper_is_temporary).then(|| outcome.upper.display().to_string());
     // Cleaned up before anything is printed: a failed write of the output ends velo.
