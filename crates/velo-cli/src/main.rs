@@ -195,6 +195,10 @@ enum Command {
         /// Check metadata and structure only; do not re-hash blob contents
         #[arg(long)]
         quick: bool,
+        /// Move damaged objects to quarantine/, restore bad modes, and list what is then
+        /// missing and which roots need it (exit 0 iff the store is sound afterwards)
+        #[arg(long)]
+        repair: bool,
     },
     /// Report what this machine supports (reflink, FUSE, user namespaces, overlayfs)
     Doctor,
@@ -382,7 +386,7 @@ fn main() -> ExitCode {
         Command::Forget { name_or_root } => write::forget(&ctx, &name_or_root),
         Command::Status => write::status(&ctx),
         Command::Gc { run } => write::gc(&ctx, run),
-        Command::Fsck { quick } => write::fsck(&ctx, quick),
+        Command::Fsck { quick, repair } => write::fsck(&ctx, quick, repair),
         Command::Doctor => doctor::doctor(&ctx),
         Command::Completions { shell } => completions(shell),
         Command::Man => man_page(),

@@ -307,11 +307,94 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn fsck(ctx: &Ctx, quick: bool) -> Result<ExitCode> {
+pub fn fsck(ctx: &Ctx, quick: bool, repair: bool) -> Result<ExitCode> {
     let store = ctx.store()?;
-    let r = store.fsck(FsckOptions {
+    let options = FsckOptions {
         verify_content: !quick,
-    })?;
+    };
+    if repair {
+        let r = store.repair(options)?;
+        if ctx.json {
+            fmt::print_json(&serde_json::to_value(&r)?);
+        } else {
+            for q in &r.quarantined {
+                out!(
+                    "quarantined {} {}: {}; moved to {}",
+                    q.kind,
+                    q.object,
+                    q.reason,
+                    q.moved_to
+                );
+            }
+            for m in &r.modes_fixed {
+                out!(
+                    "restored mode {} of {} {} (was {})",
+                    m.now,
+                    m.kind,
+                    m.object,
+                    m.was
+                );
+            }
+            for f in &r.farms_removed {
+                out!(
+                    "removed cached farm {f}: it linked a quarantined blob (a run builds it again)"
+                );
+            }
+            for m in &r.missing {
+                let needers: Vec<String> = m
+                    .needed_by
+                    .iter()
+                    .map(|n| {
+                        if n.path.is_empty() {
+                            format!("root {} (its root directory)", n.root)
+                        } else {
+                            format!("root {} ({:?})", n.root, n.path)
+                        }
+                    })
+                    .collect();
+                out!(
+                    "missing {} {}: needed by {}",
+                    m.kind,
+                    m.object,
+                    if needers.is_empty() {
+                        "no complete root".to_string()
+                    } else {
+                        needers.join(", ")
+                    }
+                );
+            }
+            for p in r
+                .problems
+                .iter()
+                .filter(|p| !p.kind.starts_with("missing-"))
+            {
+                out!("{}: {}: {}", p.kind, p.object, p.detail);
+            }
+            note!(
+                "repair: {} found, {} quarantined, {} modes restored: {}",
+                r.found.len(),
+                r.quarantined.len(),
+                r.modes_fixed.len(),
+                if r.ok {
+                    "store is sound".to_string()
+                } else if !r.missing.is_empty() {
+                    format!(
+                        "{} problems left; {} objects missing: import a .velo that carries them (velo export --with-blobs) or ingest the source again, then velo fsck",
+                        r.problems.len(),
+                        r.missing.len()
+                    )
+                } else {
+                    format!("{} problems left", r.problems.len())
+                }
+            );
+        }
+        return Ok(if r.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let r = store.fsck(options)?;
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else {

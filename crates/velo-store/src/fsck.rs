@@ -67,6 +67,11 @@ impl Store {
     /// ingests can (their temp files are counted, not blamed).
     pub fn fsck(&self, options: FsckOptions) -> Result<FsckReport> {
         let _lock = self.lock_shared()?;
+        self.fsck_locked(options)
+    }
+
+    /// [`Store::fsck`] for a caller that holds a store lock (repair holds the exclusive one).
+    pub(crate) fn fsck_locked(&self, options: FsckOptions) -> Result<FsckReport> {
         let (tree_list, mut strays) = self.list_objects(ObjectKind::Tree)?;
         let (blob_list, blob_strays) = self.list_objects(ObjectKind::Blob)?;
         strays.extend(blob_strays.into_iter().map(|s| format!("blobs/{s}")));
@@ -94,14 +99,20 @@ impl Store {
             })
             .collect();
         let mut blob_sizes: HashMap<Hash, u64> = HashMap::with_capacity(blob_results.len());
+        // Blobs with a problem in either file: which root needs them is added to it.
+        let mut damaged_blobs = std::collections::HashSet::new();
         let mut bytes_verified = 0;
         for (hash, exec, size, verified, found) in blob_results {
             bytes_verified += verified;
-            if !exec && found.is_empty() {
+            if !found.is_empty() {
+                damaged_blobs.insert(hash);
+            } else if !exec {
                 blob_sizes.insert(hash, size);
             }
             problems.extend(found);
         }
+        // The first root (and path in it) found to need each damaged object.
+        let mut needed_by: HashMap<Hash, String> = HashMap::new();
 
         let listed_trees: std::collections::HashSet<Hash> =
             tree_list.iter().map(|(h, _)| *h).collect();
@@ -129,36 +140,63 @@ impl Store {
                     continue;
                 }
             };
-            let mut stack = vec![root];
+            // Each tree with the path of the directory it is (empty: the root), so a
+            // problem names the whole path, not only the leaf.
+            let mut stack = vec![(root, Vec::new())];
             reachable_trees.insert(root);
-            while let Some(hash) = stack.pop() {
+            while let Some((hash, dir)) = stack.pop() {
                 let Some(tree) = trees.get(&hash) else {
+                    let place = if dir.is_empty() {
+                        "its root directory".to_string()
+                    } else {
+                        format!("directory {:?}", String::from_utf8_lossy(&dir))
+                    };
                     if !listed_trees.contains(&hash) {
                         problems.push(problem(
                             "missing-tree",
                             hash,
-                            format!("tree is missing; root {label} needs it"),
+                            format!("tree is missing; root {label} needs it ({place})"),
                         ));
+                    } else {
+                        needed_by
+                            .entry(hash)
+                            .or_insert_with(|| format!("root {label} needs it ({place})"));
                     }
                     continue;
                 };
                 for entry in tree.entries() {
+                    let path = || {
+                        let mut path = dir.clone();
+                        if !path.is_empty() {
+                            path.push(b'/');
+                        }
+                        path.extend_from_slice(entry.name.as_bytes());
+                        path
+                    };
                     match &entry.kind {
                         EntryKind::Dir { hash } => {
                             if reachable_trees.insert(*hash) {
-                                stack.push(*hash);
+                                stack.push((*hash, path()));
                             }
                         }
                         EntryKind::File { hash, size } => {
                             if !reachable_blobs.insert(*hash) {
                                 continue;
                             }
+                            let shown = || format!("{:?}", String::from_utf8_lossy(&path()));
+                            if damaged_blobs.contains(hash) {
+                                needed_by.insert(
+                                    *hash,
+                                    format!("root {label} needs it (file {})", shown()),
+                                );
+                            }
                             match blob_sizes.get(hash) {
                                 Some(stored) if stored != size => problems.push(problem(
                                     "blob-size",
                                     hash,
                                     format!(
-                                        "blob holds {stored} bytes but root {label} says {size}"
+                                        "blob holds {stored} bytes but root {label} says {size} (file {})",
+                                        shown()
                                     ),
                                 )),
                                 Some(_) => {}
@@ -168,8 +206,8 @@ impl Store {
                                     "missing-blob",
                                     hash,
                                     format!(
-                                        "blob is missing; root {label} needs it (file {:?})",
-                                        entry.name
+                                        "blob is missing; root {label} needs it (file {})",
+                                        shown()
                                     ),
                                 )),
                             }
@@ -190,6 +228,13 @@ impl Store {
         let temp_files = std::fs::read_dir(self.root.join("tmp"))
             .map(|d| d.count() as u64)
             .unwrap_or(0);
+        for p in &mut problems {
+            let hex = p.object.strip_suffix(".x").unwrap_or(&p.object);
+            let needer = hex.parse::<Hash>().ok().and_then(|h| needed_by.get(&h));
+            if let (Some(needer), "corrupt-blob" | "corrupt-tree" | "bad-mode") = (needer, p.kind) {
+                p.detail = format!("{}; {needer}", p.detail);
+            }
+        }
         problems.extend(self.permission_problems());
         problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
         Ok(FsckReport {

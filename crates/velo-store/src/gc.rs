@@ -216,7 +216,7 @@ impl Store {
         Ok(())
     }
 
-    fn bump_gc_generation(&self) -> Result<()> {
+    pub(crate) fn bump_gc_generation(&self) -> Result<()> {
         let next = self.gc_generation() + 1;
         let path = self.root.join("gc-generation");
         let staged = self
