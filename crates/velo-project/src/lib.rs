@@ -1,9 +1,10 @@
 //! Projections: making a tree appear as real files for real programs.
 //!
 //! This crate owns the link farm (`checkout`): a tree materialised as directories, hard
-//! links into the store (or reflinks, or copies) and symlinks. It calls `velo-core` and
-//! `velo-store`; the CLI calls it. The namespace sandbox and the shared
-//! commit(base, upper) → tree routine will live here too.
+//! links into the store (or reflinks, or copies) and symlinks; the rootless namespace
+//! sandbox of `velo run --isolate` ([`sandbox`], its sessions in [`session`]); and the
+//! one commit(base, upper) → tree routine ([`commit`]) that the shim and the FUSE server
+//! will call too. It calls `velo-core`, `velo-store` and `velo-ingest`; the CLI calls it.
 //!
 //! Key decision: **a hard-linked farm shares the store's inodes.** It costs one `link(2)`
 //! per file and no data, but a file's mode and mtime are its blob's (0444, or 0555 for the
