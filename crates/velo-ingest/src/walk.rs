@@ -240,15 +240,7 @@ fn build_excludes(patterns: &[String]) -> Result<(GlobSet, GlobSet), IngestError
 /// The reason recorded for what `--skip-unreadable` left out.
 const UNREADABLE: &str = "unreadable (permission denied)";
 
-pub(crate) fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(base.len() + 1 + name.len());
-    if !base.is_empty() {
-        p.extend_from_slice(base);
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
+pub(crate) use velo_store::treeops::join;
 
 // The casts are no-ops on x86_64 but not on every target's `struct stat`.
 #[allow(clippy::unnecessary_cast)]

@@ -341,14 +341,7 @@ fn checkout_into(
     Ok(report)
 }
 
-fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut p = base.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p
-}
+use velo_store::treeops::join;
 
 impl Ctx<'_> {
     fn dest_error(&self, op: &'static str, rel: &[u8], e: Errno) -> ProjectError {

@@ -279,10 +279,7 @@ impl Store {
 
     /// Returns (size, bytes hashed, problems).
     fn check_blob(&self, hash: &Hash, exec: bool, verify: bool) -> (u64, u64, Vec<Problem>) {
-        let mut path = self.blob_path(hash);
-        if exec {
-            path.as_mut_os_string().push(".x");
-        }
+        let path = self.blob_variant_path(hash, exec);
         let label = if exec {
             format!("{hash}.x")
         } else {

@@ -13,7 +13,7 @@ use std::fs;
 use serde::Serialize;
 use velo_core::{EntryKind, Hash};
 
-use crate::objects::{relative_name, ObjectKind};
+use crate::objects::ObjectKind;
 use crate::{sync_dir, Result, Store, StoreError};
 
 /// What gc found (and, with `ran`, deleted).
@@ -108,7 +108,7 @@ impl Store {
             ..GcReport::default()
         };
         for (hash, exec) in &dead_blobs {
-            let path = variant_path(self, hash, *exec);
+            let path = self.blob_variant_path(hash, *exec);
             report.bytes += fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
         }
         let tmp = self.root.join("tmp");
@@ -160,7 +160,7 @@ impl Store {
             remove(&self.tree_path(hash))?;
         }
         for (hash, exec) in &dead_blobs {
-            remove(&variant_path(self, hash, *exec))?;
+            remove(&self.blob_variant_path(hash, *exec))?;
         }
         for path in dead_farms.iter().chain(&sessions) {
             crate::remove_tree(path);
@@ -228,14 +228,6 @@ impl Store {
         sync_dir(&self.root);
         Ok(())
     }
-}
-
-fn variant_path(store: &Store, hash: &Hash, exec: bool) -> std::path::PathBuf {
-    let mut rel = relative_name(hash);
-    if exec {
-        rel.push_str(".x");
-    }
-    store.root().join("blobs").join(rel)
 }
 
 fn remove(path: &std::path::Path) -> Result<()> {

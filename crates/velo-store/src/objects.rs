@@ -68,7 +68,22 @@ pub(crate) fn relative_name(hash: &Hash) -> String {
     format!("{}/{}", &hex[..2], hex)
 }
 
+/// The name of a blob's file under `blobs/`: `ab/<hash>`, or `ab/<hash>.x` for its
+/// executable (0555) variant. The one place that spells the variant's suffix.
+pub(crate) fn relative_blob_name(hash: &Hash, exec: bool) -> String {
+    let mut name = relative_name(hash);
+    if exec {
+        name.push_str(".x");
+    }
+    name
+}
+
 impl Store {
+    /// The path of a blob's file, or of its executable variant with `exec`.
+    pub fn blob_variant_path(&self, hash: &Hash, exec: bool) -> std::path::PathBuf {
+        self.root.join("blobs").join(relative_blob_name(hash, exec))
+    }
+
     pub(crate) fn dir(&self, kind: ObjectKind) -> BorrowedFd<'_> {
         match kind {
             ObjectKind::Blob => self.blobs_dir.as_fd(),
@@ -302,7 +317,7 @@ impl Store {
     /// the blob other trees link to; commands make missing ones in a batch
     /// ([`crate::Batch::stage_exec_variant`]).
     pub fn existing_exec_variant(&self, hash: &Hash) -> Option<std::path::PathBuf> {
-        let rel = format!("{}.x", relative_name(hash));
+        let rel = relative_blob_name(hash, true);
         rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW)
             .is_ok()
             .then(|| self.root.join("blobs").join(&rel))

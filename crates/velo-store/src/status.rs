@@ -39,10 +39,7 @@ impl Store {
         let mut seen = HashSet::with_capacity(blobs.len());
         let (mut blob_bytes, mut disk_bytes) = (0u64, 0u64);
         for (hash, exec) in &blobs {
-            let mut path = self.blob_path(hash);
-            if *exec {
-                path.as_mut_os_string().push(".x");
-            }
+            let path = self.blob_variant_path(hash, *exec);
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 disk_bytes += meta.blocks() * 512;
                 if seen.insert(*hash) {

@@ -112,7 +112,9 @@ pub fn dir_at(src: &dyn TreeSource, root: Hash, path: &[u8]) -> Result<Hash> {
     }
 }
 
-fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+/// `prefix/name` as tree paths are spelled (bytes; no leading `/`; `name` alone at the
+/// root). The one join of tree paths the crates share.
+pub fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(prefix.len() + 1 + name.len());
     if !prefix.is_empty() {
         p.extend_from_slice(prefix);
