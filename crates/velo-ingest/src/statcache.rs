@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use velo_core::Hash;
@@ -113,18 +112,12 @@ impl StatCache {
         }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
-        let staged = self
-            .path
-            .with_extension(format!("{}.new", std::process::id()));
         // Someone may have removed cache/ by hand: make it again rather than warn forever.
-        if let Some(dir) = self.path.parent() {
-            let _ = fs::create_dir_all(dir);
-        }
-        let result = fs::File::create(&staged)
-            .and_then(|mut f| f.write_all(&out))
-            .and_then(|()| fs::rename(&staged, &self.path));
+        let dir = store.cache_dir();
+        let _ = fs::create_dir_all(&dir);
+        let result =
+            velo_store::replace_file(&self.path, &dir, &out, velo_store::Durability::Cache);
         if let Err(e) = result {
-            let _ = fs::remove_file(&staged);
             tracing::warn!(path = %self.path.display(), error = %e, "could not save the stat cache");
         }
     }

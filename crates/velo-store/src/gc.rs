@@ -14,7 +14,7 @@ use serde::Serialize;
 use velo_core::{EntryKind, Hash};
 
 use crate::objects::ObjectKind;
-use crate::{sync_dir, Result, Store, StoreError};
+use crate::{Result, Store, StoreError};
 
 /// What gc found (and, with `ran`, deleted).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -219,14 +219,13 @@ impl Store {
     pub(crate) fn bump_gc_generation(&self) -> Result<()> {
         let next = self.gc_generation() + 1;
         let path = self.root.join("gc-generation");
-        let staged = self
-            .root
-            .join("tmp")
-            .join(format!("gc-generation.{}", std::process::id()));
-        fs::write(&staged, format!("{next}\n")).map_err(StoreError::io("writing", &staged))?;
-        fs::rename(&staged, &path).map_err(StoreError::io("writing", &path))?;
-        sync_dir(&self.root);
-        Ok(())
+        crate::replace_file(
+            &path,
+            &self.root.join("tmp"),
+            format!("{next}\n").as_bytes(),
+            crate::Durability::Durable,
+        )
+        .map_err(StoreError::io("writing", &path))
     }
 }
 

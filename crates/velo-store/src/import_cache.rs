@@ -17,7 +17,6 @@
 //! for the stat cache: a later change within the same timestamp tick would go unseen.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -211,12 +210,13 @@ pub(crate) fn remember(store: &Store, key: FileKey, root: Hash, record: Option<&
         record: record.map(str::to_string),
     };
     let path = entry_path(store, &key);
-    let staged = path.with_extension(format!("{}.new", std::process::id()));
-    let result = fs::File::create(&staged)
-        .and_then(|mut f| f.write_all(&encode(&entry)))
-        .and_then(|()| fs::rename(&staged, &path));
+    let result = crate::replace_file(
+        &path,
+        &store.cache_dir(),
+        &encode(&entry),
+        crate::Durability::Cache,
+    );
     if let Err(e) = result {
-        let _ = fs::remove_file(&staged);
         tracing::debug!(path = %path.display(), error = %e, "could not save the import cache");
     }
 }

@@ -291,6 +291,62 @@ pub fn in_walk_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// How much a small file replaced with [`replace_file`] must survive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// A record of the store (a root, the gc generation): flushed, file and directory,
+    /// before the call returns; a power cut leaves the old or the new version.
+    Durable,
+    /// A cache: the old or the new version, or none after a power cut; never flushed.
+    Cache,
+}
+
+/// Replaces `target` with `bytes` atomically: written to a new file (created exclusively,
+/// never through a link, under an unpredictable name) in `staging_dir`, which must be on
+/// the same file system, then renamed over `target`. The one small-file write of the store
+/// (root records, the gc generation, the stat and import caches).
+pub fn replace_file(
+    target: &Path,
+    staging_dir: &Path,
+    bytes: &[u8],
+    durability: Durability,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let stem = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staged = staging_dir.join(format!(
+        ".{stem}.{}.{:016x}.new",
+        std::process::id(),
+        transfer::unpredictable()
+    ));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+        .open(&staged)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            if durability == Durability::Durable {
+                file.sync_all()?;
+            }
+            Ok(())
+        })
+        .and_then(|()| fs::rename(&staged, target));
+    if written.is_err() {
+        let _ = fs::remove_file(&staged);
+    }
+    written?;
+    if durability == Durability::Durable {
+        if let Some(dir) = target.parent() {
+            sync_dir(dir);
+        }
+    }
+    Ok(())
+}
+
 /// Whether a file at `path` (existing or about to be written) would be inside `dir`: both
 /// resolved, `path` by its parent directory (which exists for any path that can be
 /// written).

@@ -4,7 +4,6 @@
 //! `refs/roots/<name>`; an unnamed one at `refs/roots/@<hash>` (`@` cannot start a name).
 
 use std::fs;
-use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 use velo_core::Hash;
@@ -98,25 +97,14 @@ impl Store {
         }
         let dir = self.roots_dir();
         let target = dir.join(record.file_name());
-        let staged = self.root.join("tmp").join(format!(
-            "ref-{}-{}.json",
-            std::process::id(),
-            self.temp_counter
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
         let json = serde_json::to_vec_pretty(record).expect("a root record always serialises");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&staged)?;
-            f.write_all(&json)?;
-            f.sync_all()
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&staged);
-            return Err(StoreError::io("writing", &target)(e));
-        }
-        fs::rename(&staged, &target).map_err(StoreError::io("registering root at", &target))?;
-        sync_dir(&dir);
-        Ok(())
+        crate::replace_file(
+            &target,
+            &self.root.join("tmp"),
+            &json,
+            crate::Durability::Durable,
+        )
+        .map_err(StoreError::io("registering root at", &target))
     }
 
     /// Every registered root, named ones first, each group sorted.

@@ -530,7 +530,7 @@ impl Write for LazyFile {
 
 /// 64 bits nobody outside this process can predict (for staging names): the kernel's
 /// random bytes, else the clock and the address of a stack variable.
-fn unpredictable() -> u64 {
+pub(crate) fn unpredictable() -> u64 {
     let mut bytes = [0u8; 8];
     if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
         .is_ok_and(|n| n == 8)
