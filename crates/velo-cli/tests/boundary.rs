@@ -1270,6 +1270,25 @@ fn stdio_files_of_the_caller_cannot_be_chmodded_from_inside() {
     );
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("out line1\n"), "{text}");
+    // /dev/null as stdio is the sandbox's own (read-only /dev): as root, the host's
+    // /dev/null would otherwise be chmod-able through /proc/self/fd.
+    let null_mode = fs::metadata("/dev/null").unwrap().permissions().mode();
+    let status = velo_run(&env, &busybox, &app)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "chmod 600 /proc/self/fd/0 /proc/self/fd/1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the chmod should fail");
+    assert_eq!(
+        fs::metadata("/dev/null").unwrap().permissions().mode(),
+        null_mode
+    );
     assert!(text.contains("out2\n") && text.contains("err\n"), "{text}");
 }
 

@@ -489,6 +489,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         argv: options.argv.clone(),
         nofile: options.nofile,
         controlling_tty: false,
+        null_stdio: [false; 3],
     };
     let started = Instant::now();
     let fds = crate::sandbox::RunFds {

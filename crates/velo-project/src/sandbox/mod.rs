@@ -86,6 +86,10 @@ pub struct SandboxConfig {
     /// controlling terminal.
     #[serde(default)]
     pub controlling_tty: bool,
+    /// Which of fds 0–2 the caller gave as `/dev/null`: the command gets the sandbox's
+    /// own `/dev/null` there (see [`stdio`]).
+    #[serde(default)]
+    pub null_stdio: [bool; 3],
     /// The caller's soft limit of open files, restored for the command (velo raises its
     /// own; a command that loops over every possible descriptor must not pay for that).
     pub nofile: Option<u64>,
@@ -288,6 +292,7 @@ pub fn start(config: &SandboxConfig, fds: &RunFds<'_>) -> std::io::Result<i32> {
         pty.as_ref().map(|p| std::os::fd::AsFd::as_fd(p.slave())),
         &terminal_fds,
     )?;
+    config.null_stdio = stdio.null;
     let stdin = std::io::stdin();
     let terminal = rustix::termios::tcgetattr(&stdin).ok();
     let window = rustix::termios::tcgetwinsize(&stdin).ok();
@@ -517,6 +522,23 @@ fn stage2(config: &SandboxConfig, mask: &libc::sigset_t) -> Result<i32, SandboxE
         .args(args.iter().map(|a| OsString::from_vec(a.clone())))
         .env_clear()
         .envs(config.env.iter().map(|(k, v)| (k, v)));
+    // The caller's /dev/null is the sandbox's own: opened through its read-only /dev, so
+    // it cannot be chmod'ed, and no relay thread is needed.
+    for (fd, &null) in config.null_stdio.iter().enumerate() {
+        if !null {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(fd == 0)
+            .write(fd != 0)
+            .open("/dev/null")
+            .map_err(setup_io("opening the sandbox's /dev/null", ""))?;
+        match fd {
+            0 => command.stdin(file),
+            1 => command.stdout(file),
+            _ => command.stderr(file),
+        };
+    }
     let supervisor = Supervisor::new().map_err(setup_io("installing signal handlers", ""))?;
     spawn::restore_signals(mask);
     let child = spawn::spawn_tied(

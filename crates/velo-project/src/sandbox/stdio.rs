@@ -33,6 +33,9 @@ enum Pending {
 pub struct Plan {
     /// The descriptor to put at 0, 1, 2 in the sandbox (`None`: inherit velo's).
     pub child: [Option<OwnedFd>; 3],
+    /// Which of 0, 1, 2 are the caller's `/dev/null`: pid 1 gives the command the
+    /// sandbox's own there (its `/dev` is read-only), with no relay.
+    pub null: [bool; 3],
     pending: Vec<Pending>,
 }
 
@@ -67,6 +70,15 @@ fn exposed(fd: BorrowedFd<'_>) -> bool {
 
 const PIPEFS_MAGIC: i64 = 0x5049_5045;
 
+/// Whether `fd` is the null device (character device 1:3).
+fn is_dev_null(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+            && rustix::fs::major(st.st_rdev) == 1
+            && rustix::fs::minor(st.st_rdev) == 3
+    })
+}
+
 /// Whether two of the standard descriptors name the same file.
 fn same_file(a: RawFd, b: RawFd) -> bool {
     // SAFETY: 0, 1 and 2 are open for the life of the process.
@@ -81,6 +93,7 @@ fn same_file(a: RawFd, b: RawFd) -> bool {
 /// terminal when there is one, a relay pipe for exposed ones, velo's own otherwise.
 pub fn plan(terminal: Option<BorrowedFd<'_>>, terminal_fds: &[RawFd]) -> io::Result<Plan> {
     let mut child: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut null = [false; 3];
     let mut pending = Vec::new();
     for fd in 0..3 {
         // SAFETY: 0, 1 and 2 are open for the life of the process (Rust's runtime opens
@@ -88,6 +101,8 @@ pub fn plan(terminal: Option<BorrowedFd<'_>>, terminal_fds: &[RawFd]) -> io::Res
         let own = unsafe { BorrowedFd::borrow_raw(fd) };
         if let Some(pty) = terminal.filter(|_| terminal_fds.contains(&fd)) {
             child[fd as usize] = Some(pty.try_clone_to_owned()?);
+        } else if is_dev_null(own) {
+            null[fd as usize] = true;
         } else if fd == 2 && child[1].is_some() && same_file(1, 2) {
             // `2>&1`: one pipe for both keeps their order, as one file would.
             child[2] = child[1].as_ref().map(|f| f.try_clone()).transpose()?;
@@ -110,14 +125,18 @@ pub fn plan(terminal: Option<BorrowedFd<'_>>, terminal_fds: &[RawFd]) -> io::Res
             }
         }
     }
-    Ok(Plan { child, pending })
+    Ok(Plan {
+        child,
+        null,
+        pending,
+    })
 }
 
 impl Plan {
     /// Starts the relays once the sandbox holds its ends, and closes velo's copies of
     /// them (so an output relay ends when the last process inside has gone).
     pub fn start(self) -> io::Result<Running> {
-        let Plan { child, pending } = self;
+        let Plan { child, pending, .. } = self;
         drop(child);
         let mut outputs = Vec::new();
         let mut wake = None;
