@@ -170,23 +170,25 @@ impl Ctx<'_> {
                     }
                     return Ok(Outcome::Stored(hash));
                 }
-                let mut cloned = false;
                 let new = self.batch.insert_blob(&hash, &mut |dest: &mut File| {
-                    cloned = self.clone_safe(&after) && self.try_reflink(dest, file);
-                    if cloned {
-                        Ok(())
-                    } else if has_holes(after.st_blocks as u64, size) {
+                    // A clone copies the file as it is now, not as it was read: it is kept
+                    // only if the file is still the version hashed. Otherwise the hashed
+                    // bytes are written, before the blob is staged under its name, so
+                    // another file with the same content that finds it staged can rely on
+                    // it (a blob discarded after staging left such a file's root naming a
+                    // blob never published).
+                    if self.clone_safe(&after) && self.try_reflink(dest, file) {
+                        match rustix::fs::fstat(file) {
+                            Ok(now) if same_version(before, &now) => return Ok(()),
+                            _ => dest.set_len(0)?,
+                        }
+                    }
+                    if has_holes(after.st_blocks as u64, size) {
                         write_skipping_zeros(dest, &buf)
                     } else {
                         dest.write_all(&buf)
                     }
                 })?;
-                // A clone copies the file as it is now, not as it was read: make sure the
-                // two are the same version, or stage nothing.
-                if new && cloned && !same_version(before, &self.fstat(file, rel)?) {
-                    self.batch.discard_blob(&hash)?;
-                    return Ok(Outcome::Changed(self.fstat(file, rel)?));
-                }
                 self.counted(new, hash, size);
                 Ok(Outcome::Stored(hash))
             });

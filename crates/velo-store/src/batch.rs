@@ -155,13 +155,6 @@ impl Batch<'_> {
         self.create(ObjectKind::Blob, hash, fill)
     }
 
-    /// Removes a blob this caller staged (when its source changed under it).
-    pub fn discard_blob(&self, hash: &Hash) -> Result<()> {
-        let shard = self.shard(ObjectKind::Blob, hash.0[0])?;
-        rustix::fs::unlinkat(&*shard, hash.to_hex().as_str(), AtFlags::empty())
-            .map_err(|e| StoreError::io("discarding", self.dir.join(hash.to_hex()))(e.into()))
-    }
-
     /// Stages a filled staged file (an O_TMPFILE) as blob `hash`.
     pub fn insert_staged_blob(&self, staged: Staged<'_>, hash: &Hash) -> Result<bool> {
         let shard = self.shard(ObjectKind::Blob, hash.0[0])?;
