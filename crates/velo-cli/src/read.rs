@@ -88,6 +88,9 @@ pub fn ls(
     let resolved = resolve(ctx, spec)?;
     let path = path.unwrap_or(b"");
     let dir = treeops::dir_at(resolved.source.as_ref(), resolved.root, path)?;
+    if recursive {
+        refuse_unlistable(resolved.source.as_ref(), dir, spec)?;
+    }
     let prefix = trim_slashes(path);
     let mut json_entries = Vec::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -220,6 +223,30 @@ impl TreeSource for Both<'_> {
     fn tree(&self, hash: &Hash) -> velo_store::Result<velo_core::Tree> {
         self.0.tree(hash).or_else(|_| self.1.tree(hash))
     }
+}
+
+/// More paths than a recursive listing will walk: a real tree stays far below; a hostile
+/// one naming a subtree twice per level reaches 2^64 in 64 levels (its statistics, computed
+/// once per distinct subtree, saturate).
+const MAX_LISTED_PATHS: u64 = 100_000_000;
+
+/// Refuses, before walking, a tree with more paths than [`MAX_LISTED_PATHS`].
+fn refuse_unlistable(
+    src: &dyn treeops::TreeSource,
+    tree: velo_core::Hash,
+    spec: &str,
+) -> Result<()> {
+    let stats = treeops::stats(src, tree)?;
+    let paths = stats
+        .files
+        .saturating_add(stats.dirs)
+        .saturating_add(stats.symlinks);
+    if paths > MAX_LISTED_PATHS {
+        bail!(
+            "{spec} holds {paths} paths (at least; a tree that names one subtree many times), more than velo lists or compares ({MAX_LISTED_PATHS}); list a directory without -R"
+        );
+    }
+    Ok(())
 }
 
 pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {

@@ -142,6 +142,13 @@ fn an_exponential_tree_is_refused_before_anything_is_written() {
         roots.to_string().contains(&u64::MAX.to_string()),
         "statistics saturate: {roots}"
     );
+    let err = env.fails(&["ls", "-R", "wide"]);
+    assert!(err.contains("more than velo lists"), "{err}");
+    let empty = env.path("empty");
+    fs::create_dir(&empty).unwrap();
+    env.ok(&["ingest", empty.to_str().unwrap(), "--name", "empty"]);
+    let err = env.fails(&["diff", "empty", "wide"]);
+    assert!(err.contains("differ in more than"), "{err}");
     let dest = env.path("co");
     let err = env.fails(&["checkout", "wide", dest.to_str().unwrap()]);
     assert!(err.contains("nothing was written"), "{err}");

@@ -241,6 +241,19 @@ pub struct Change {
     pub what: Vec<&'static str>,
 }
 
+/// The most changes a diff lists: a real diff stays far below; a hostile tree naming one
+/// subtree twice per level would list 2^64 paths.
+pub const MAX_CHANGES: usize = 10_000_000;
+
+fn too_many_changes(count: usize) -> Result<()> {
+    if count >= MAX_CHANGES {
+        return Err(StoreError::Invalid(format!(
+            "the trees differ in more than {MAX_CHANGES} paths (a tree that names one subtree many times?); compare subdirectories instead"
+        )));
+    }
+    Ok(())
+}
+
 /// Lists every path that differs between trees `a` and `b`. Subtrees with equal hashes
 /// are skipped without being read, so the cost follows the change, not the tree. A
 /// directory whose only difference is its mtime is not reported (its contents are).
@@ -251,6 +264,7 @@ pub fn diff(src: &dyn TreeSource, a: Hash, b: Hash) -> Result<Vec<Change>> {
         if a == b {
             continue;
         }
+        too_many_changes(out.len())?;
         let (ta, tb) = (src.tree(&a)?, src.tree(&b)?);
         let (ea, eb) = (ta.entries(), tb.entries());
         let (mut i, mut j) = (0, 0);
@@ -353,7 +367,20 @@ fn whole(
         what: Vec::new(),
     });
     if let EntryKind::Dir { hash } = entry.kind {
+        // Counted first (once per distinct subtree): a subtree naming one child twice per
+        // level is refused at once, not after millions of paths.
+        let inside = stats(src, hash)?;
+        let paths = inside
+            .files
+            .saturating_add(inside.dirs)
+            .saturating_add(inside.symlinks);
+        too_many_changes(
+            usize::try_from(paths)
+                .unwrap_or(usize::MAX)
+                .saturating_add(out.len()),
+        )?;
         walk(src, hash, &path, true, &mut |p, e| {
+            too_many_changes(out.len())?;
             out.push(Change {
                 path: p.to_vec(),
                 change,
