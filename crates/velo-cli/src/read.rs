@@ -341,16 +341,62 @@ pub fn checkout(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `velo checkout --remove DIR`: removes a checkout without ever chmod'ing a file in it (in
-/// hardlink mode its files are the store's blobs); only its directories are made writable.
+/// `velo checkout --remove DIR`: removes a hard-linked checkout without ever chmod'ing a
+/// file in it (its files are the store's blobs); only its directories are made writable.
+/// It refuses, before removing anything, what does not look like one: a file with a write
+/// bit (a blob never has one; a writable checkout needs no help from velo), another file
+/// system below DIR, the root directory, or the store itself.
 pub fn remove_checkout(dir: &Path) -> Result<ExitCode> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::symlink_metadata(dir)
         .with_context(|| format!("{}: cannot remove it", dir.display()))?;
     if !meta.is_dir() {
         bail!("{}: is not a directory (a checkout is one)", dir.display());
     }
-    velo_store::remove_tree(dir);
-    if std::fs::symlink_metadata(dir).is_ok() {
+    let canonical = std::fs::canonicalize(dir)?;
+    if canonical == Path::new("/")
+        || canonical.join("VERSION").is_file() && canonical.join("blobs").is_dir()
+    {
+        bail!(
+            "{}: is not a checkout; velo removes only what it checked out",
+            dir.display()
+        );
+    }
+    let device = meta.dev();
+    let mut stack = vec![canonical.clone()];
+    while let Some(current) = stack.pop() {
+        // A directory the tree made unreadable (mode 000) is opened up to be inspected:
+        // directories only, and only those.
+        let listing = match std::fs::read_dir(&current) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                std::fs::set_permissions(&current, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("opening up {}", current.display()))?;
+                std::fs::read_dir(&current)
+            }
+            other => other,
+        }
+        .with_context(|| format!("reading {}", current.display()))?;
+        for entry in listing {
+            let entry = entry.with_context(|| format!("reading {}", current.display()))?;
+            let meta = entry.metadata()?;
+            if meta.dev() != device {
+                bail!(
+                    "{}: another file system is mounted there; not a checkout, nothing removed",
+                    entry.path().display()
+                );
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() && meta.permissions().mode() & 0o222 != 0 {
+                bail!(
+                    "{}: is writable, so not a hard-linked checkout's file (a blob never is); nothing removed. A copy or reflink checkout is yours: `rm -rf` it",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+    velo_store::remove_tree(&canonical);
+    if std::fs::symlink_metadata(&canonical).is_ok() {
         bail!(
             "{}: could not be removed entirely (see the warnings above)",
             dir.display()

@@ -369,6 +369,26 @@ fn a_hardlink_checkout_is_removed_safely_and_a_writable_blob_is_noticed() {
     assert!(!co.exists());
     env.fsck_ok();
 
+    // What is not a hard-linked checkout is refused, and left as it was.
+    let project = env.path("project");
+    fs::create_dir_all(project.join("sub")).unwrap();
+    fs::write(project.join("sub/notes.txt"), b"mine").unwrap();
+    let err = env.fails(&["checkout", "--remove", project.to_str().unwrap()]);
+    assert!(err.contains("is writable"), "{err}");
+    assert_eq!(fs::read(project.join("sub/notes.txt")).unwrap(), b"mine");
+    assert_eq!(
+        fs::metadata(project.join("sub"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    let err = env.fails(&["checkout", "--remove", "/"]);
+    assert!(err.contains("not a checkout"), "{err}");
+    let err = env.fails(&["checkout", "--remove", env.store.to_str().unwrap()]);
+    assert!(err.contains("not a checkout"), "{err}");
+
     let co = env.path("co2");
     env.ok(&["checkout", "t", co.to_str().unwrap()]);
     // What a user does to edit a checkout in place: the shared blob becomes writable.
