@@ -6,7 +6,8 @@
 //! power cut after a link but before the data reached the disk would leave a blob whose
 //! content does not match its name. Staging gives that without one fsync per object, and it
 //! is cheaper than a link per object: into a store that lacks a shard directory, the whole
-//! staged shard is moved with one `rename` (a first ingest moves 256 directories, not
+//! staged shard is moved with one `rename` (a first ingest moves up to 512 directories: 256
+//! blob shards and 256 tree shards, not
 //! 80,000 files). Where the shard exists, files move one by one with
 //! `renameat2(RENAME_NOREPLACE)`; an object already there is simply dropped.
 

@@ -1,14 +1,17 @@
 //! The on-disk content-addressable store of Velo Rift.
 //!
 //! This crate owns the store directory: its layout and `VERSION`, blob and tree objects,
-//! registered roots (`refs/roots`), the store lock, and the maintenance commands built on
-//! them (`gc`, `fsck`, `status`, `.velo` export and import). It calls only `velo-core`
-//! and the OS; the ingest, projection and CLI crates call it.
+//! registered roots (`refs/roots`), the store lock, sessions of runs, and the maintenance
+//! commands built on them (`gc`, `fsck` and `fsck --repair`, `status`, `.velo` export and
+//! import with its cache), plus the shared pieces other crates lean on: the tree walks and
+//! diff (`treeops`), sparse copies, the one atomic small-file write and the walk pool. It
+//! calls only `velo-core` and the OS; the ingest, projection and CLI crates call it.
 //!
 //! Key decision: **safety from the file system, not from a daemon.** Every object is
-//! written to an anonymous (`O_TMPFILE`) or temporary file in `tmp/` and linked into place
-//! under its hash only when complete, so a name always means complete bytes and a `kill -9`
-//! leaves nothing half-written under an object name. Writers (ingest, import, commit) hold
+//! written to an anonymous (`O_TMPFILE`) or temporary file in `tmp/` and appears under its
+//! hash only when complete and flushed (a batch published after one `syncfs`, or a single
+//! fdatasynced object linked into place), so a name always means complete bytes and a
+//! `kill -9` leaves nothing half-written under an object name. Writers (ingest, import, commit) hold
 //! a shared `flock` on `lock` from their first object to their root's registration; `gc`
 //! sweeps only under the exclusive lock, so it can never delete an object that a running
 //! writer has found in the store and is about to reference. See docs/ARCHITECTURE.md.
