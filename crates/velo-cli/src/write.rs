@@ -199,9 +199,18 @@ pub fn import(ctx: &Ctx, file: &Path, name: Option<String>, partial: bool) -> Re
 
 pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.store()?;
-    let roots = store.roots()?;
+    // A damaged record is reported and skipped, never a reason to stop listing.
+    let (roots, damaged) = store.roots_and_damage()?;
+    for bad in &damaged {
+        note!(
+            "velo: damaged root record {}: {} (`velo forget {}` removes it)",
+            bad.path,
+            bad.why,
+            bad.file
+        );
+    }
     if ctx.json {
-        fmt::print_json(&json!({ "roots": roots }));
+        fmt::print_json(&json!({ "roots": roots, "damaged": damaged }));
         return Ok(ExitCode::SUCCESS);
     }
     for r in roots {
@@ -209,14 +218,6 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
             "{}Z",
             fmt::civil_time(i64::try_from(r.created_unix).unwrap_or(i64::MAX))
         );
-        // A damaged record is reported and skipped, never a reason to stop listing.
-        if let Err(e) = r.hash() {
-            note!(
-                "velo: damaged root record {:?}: {e} (velo fsck reports it; velo forget removes it)",
-                r.name.as_deref().unwrap_or(&r.root)
-            );
-            continue;
-        }
         out!(
             "{:<24} {} {} {:>8} files {:>10}{}",
             r.name.as_deref().unwrap_or("-"),
@@ -232,7 +233,12 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
 
 pub fn forget(ctx: &Ctx, name_or_root: &str) -> Result<ExitCode> {
     let store = ctx.store()?;
+    let damaged_before = store.roots_and_damage()?.1;
     let removed = store.forget(name_or_root)?;
+    if let Some(bad) = damaged_before.iter().find(|d| d.file == name_or_root) {
+        note!("forgot the damaged root record {}", bad.path);
+        return Ok(ExitCode::SUCCESS);
+    }
     if removed.is_empty() {
         bail!("no registered root is named {name_or_root:?} or has that hash; see velo roots");
     }

@@ -42,6 +42,33 @@ fn a_damaged_root_record_is_reported_and_the_others_listed() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stdout.contains("good"), "{stdout}");
     assert!(stderr.contains("damaged root record"), "{stderr}");
+    // Garbage, and a fifo (which must not hang a listing), are reported the same way.
+    fs::write(env.store.join("refs/roots/garbage"), b"{garbage").unwrap();
+    assert!(std::process::Command::new("mkfifo")
+        .arg(env.store.join("refs/roots/fifo"))
+        .status()
+        .unwrap()
+        .success());
+    let out = env.run(&["roots"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("good"));
+    env.ok(&["status"]);
+    // fsck names each, and gives no gc advice while a root is unknown; gc refuses.
+    let fsck = env.run(&["fsck"]);
+    let text =
+        String::from_utf8_lossy(&fsck.stdout).into_owned() + &String::from_utf8_lossy(&fsck.stderr);
+    assert!(!fsck.status.success());
+    assert!(
+        text.contains("bad-root") && !text.contains("gc --run removes"),
+        "{text}"
+    );
+    env.fails(&["gc", "--run"]);
+    // forget removes a damaged record by its file name.
+    for file in ["bad", "garbage", "fifo"] {
+        env.ok(&["forget", file]);
+    }
+    env.fsck_ok();
+    assert_eq!(env.ok(&["cat", "good", "f"]), "x");
 }
 
 /// A name holding a newline (or another control character) cannot forge a line of text

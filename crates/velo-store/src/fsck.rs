@@ -124,13 +124,23 @@ impl Store {
         // Reachability: every root complete.
         let mut reachable_trees = std::collections::HashSet::new();
         let mut reachable_blobs = std::collections::HashSet::new();
-        let records = match self.roots() {
-            Ok(r) => r,
+        // Each damaged record is a problem of its own; while one exists, what it would keep
+        // is unknown, so nothing is called unreachable (gc refuses to sweep then too).
+        let (records, damaged) = match self.roots_and_damage() {
+            Ok(found) => found,
             Err(e) => {
                 problems.push(problem("bad-root", "refs/roots", e));
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
+        for bad in &damaged {
+            problems.push(problem(
+                "bad-root",
+                &bad.path,
+                format!("{}; `velo forget {}` removes it", bad.why, bad.file),
+            ));
+        }
+        let reachability_known = damaged.is_empty();
         for record in &records {
             let label = record.name.clone().unwrap_or_else(|| record.root.clone());
             let root = match record.hash() {
@@ -217,14 +227,18 @@ impl Store {
                 }
             }
         }
-        let unreachable = trees
-            .keys()
-            .filter(|h| !reachable_trees.contains(h))
-            .count()
-            + blob_sizes
+        let unreachable = if !reachability_known {
+            0
+        } else {
+            trees
                 .keys()
-                .filter(|h| !reachable_blobs.contains(h))
-                .count();
+                .filter(|h| !reachable_trees.contains(h))
+                .count()
+                + blob_sizes
+                    .keys()
+                    .filter(|h| !reachable_blobs.contains(h))
+                    .count()
+        };
         let temp_files = std::fs::read_dir(self.root.join("tmp"))
             .map(|d| d.count() as u64)
             .unwrap_or(0);

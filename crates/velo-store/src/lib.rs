@@ -45,7 +45,7 @@ pub use error::{is_no_space, Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;
 pub use objects::Staged;
-pub use refs::{validate_root_name, RootRecord, RootStats};
+pub use refs::{validate_root_name, DamagedRecord, RootRecord, RootStats};
 pub use repair::{MissingObject, ModeFixed, NeededBy, Quarantined, RepairReport};
 pub use sessions::Session;
 pub use status::StatusReport;

@@ -59,6 +59,17 @@ impl RootRecord {
     }
 }
 
+/// A root record that cannot be read as one.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedRecord {
+    /// Its path.
+    pub path: String,
+    /// Its file name under `refs/roots/` (what `velo forget` takes to remove it).
+    pub file: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
 /// Checks a root name: 1–128 of `A-Z a-z 0-9 . _ + - @`, not starting with `.`, `-` or `@`.
 pub fn validate_root_name(name: &str) -> Result<()> {
     let bad = |why| {
@@ -109,29 +120,69 @@ impl Store {
 
     /// Every registered root, named ones first, each group sorted.
     pub fn roots(&self) -> Result<Vec<RootRecord>> {
+        let (records, damaged) = self.roots_and_damage()?;
+        if let Some(first) = damaged.first() {
+            return Err(StoreError::Invalid(format!(
+                "root record {} is damaged: {}; `velo forget {}` removes it",
+                first.path, first.why, first.file
+            )));
+        }
+        Ok(records)
+    }
+
+    /// Every readable root record, and each damaged one apart (a reader that lists or
+    /// forgets reports damage and goes on; gc and fsck, which must know every root, use
+    /// [`Store::roots`], which refuses). A record is read without following a link and
+    /// without blocking (a fifo planted there must not hang a listing).
+    pub fn roots_and_damage(&self) -> Result<(Vec<RootRecord>, Vec<DamagedRecord>)> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.roots_dir();
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for entry in fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
             let entry = entry.map_err(StoreError::io("listing", &dir))?;
             let path = entry.path();
-            let text = match fs::read(&path) {
-                Ok(text) => text,
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let damage = |why: String| DamagedRecord {
+                path: path.display().to_string(),
+                file: file.clone(),
+                why,
+            };
+            let opened = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+                )
+                .open(&path);
+            let mut text = Vec::new();
+            let read = opened.and_then(|mut f| {
+                if !f.metadata()?.is_file() {
+                    return Err(std::io::Error::other("not a regular file"));
+                }
+                f.read_to_end(&mut text)
+            });
+            match read {
+                Ok(_) => {}
                 // Forgotten between the listing and the read: it is no longer a root.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::io("reading", &path)(e)),
-            };
-            let record: RootRecord = serde_json::from_slice(&text).map_err(|e| {
-                StoreError::Invalid(format!(
-                    "root record {} is damaged: {e}; remove it or run `velo forget`",
-                    path.display()
-                ))
-            })?;
-            out.push(record);
+                Err(e) => {
+                    damaged.push(damage(e.to_string()));
+                    continue;
+                }
+            }
+            match serde_json::from_slice::<RootRecord>(&text) {
+                Ok(record) => match record.hash() {
+                    Ok(_) => out.push(record),
+                    Err(e) => damaged.push(damage(e.to_string())),
+                },
+                Err(e) => damaged.push(damage(e.to_string())),
+            }
         }
         out.sort_by(|a, b| {
             (a.name.is_none(), &a.name, &a.root).cmp(&(b.name.is_none(), &b.name, &b.root))
         });
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// The record registered under `name`, if any.
@@ -166,7 +217,14 @@ impl Store {
     /// Unregisters a name, or every registration of a root hash (or unique prefix).
     /// Returns what was removed; an empty list means nothing matched.
     pub fn forget(&self, name_or_root: &str) -> Result<Vec<RootRecord>> {
-        let records = self.roots()?;
+        let (records, damaged) = self.roots_and_damage()?;
+        // A damaged record is forgotten by its file name (what `velo roots` shows).
+        if let Some(bad) = damaged.iter().find(|d| d.file == name_or_root) {
+            let path = self.roots_dir().join(&bad.file);
+            fs::remove_file(&path).map_err(StoreError::io("removing", &path))?;
+            sync_dir(&self.roots_dir());
+            return Ok(Vec::new());
+        }
         let by_name: Vec<RootRecord> = records
             .iter()
             .filter(|r| r.name.as_deref() == Some(name_or_root))

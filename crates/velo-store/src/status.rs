@@ -47,8 +47,12 @@ impl Store {
                 }
             }
         }
-        let roots = self.roots()?;
-        let logical_bytes: u64 = roots.iter().map(|r| r.stats.bytes).sum();
+        // Damaged records are `velo roots`'s to report; status counts the readable ones.
+        let (roots, _) = self.roots_and_damage()?;
+        // Saturating: a hostile tree's statistics are u64::MAX already.
+        let logical_bytes = roots
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.stats.bytes));
         Ok(StatusReport {
             store: self.root.display().to_string(),
             format_version: STORE_FORMAT_VERSION,

@@ -254,14 +254,96 @@ fn too_many_changes(count: usize) -> Result<()> {
     Ok(())
 }
 
+/// How many changes `diff(a, b)` lists, computed once per distinct pair of subtrees (and
+/// once per distinct whole subtree added or removed), without listing them: a tree that
+/// names one subtree twice per level is counted in a few hundred steps.
+fn change_count(
+    src: &dyn TreeSource,
+    a: Hash,
+    b: Hash,
+    pairs: &mut HashMap<(Hash, Hash), u64>,
+    wholes: &mut HashMap<Hash, u64>,
+) -> Result<u64> {
+    if a == b {
+        return Ok(0);
+    }
+    if let Some(&n) = pairs.get(&(a, b)) {
+        return Ok(n);
+    }
+    let whole = |entry: &Entry, wholes: &mut HashMap<Hash, u64>| -> Result<u64> {
+        Ok(match entry.kind {
+            EntryKind::Dir { hash } => match wholes.get(&hash) {
+                Some(&n) => n,
+                None => {
+                    let inside = stats(src, hash)?;
+                    let n = inside
+                        .files
+                        .saturating_add(inside.dirs)
+                        .saturating_add(inside.symlinks)
+                        .saturating_add(1);
+                    wholes.insert(hash, n);
+                    n
+                }
+            },
+            _ => 1,
+        })
+    };
+    let (ta, tb) = (src.tree(&a)?, src.tree(&b)?);
+    let (ea, eb) = (ta.entries(), tb.entries());
+    let (mut i, mut j) = (0, 0);
+    let mut total = 0u64;
+    while i < ea.len() || j < eb.len() {
+        let order = match (ea.get(i), eb.get(j)) {
+            (Some(x), Some(y)) => x.name.cmp(&y.name),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        let n = match order {
+            std::cmp::Ordering::Less => {
+                i += 1;
+                whole(&ea[i - 1], wholes)?
+            }
+            std::cmp::Ordering::Greater => {
+                j += 1;
+                whole(&eb[j - 1], wholes)?
+            }
+            std::cmp::Ordering::Equal => {
+                let (x, y) = (&ea[i], &eb[j]);
+                i += 1;
+                j += 1;
+                match (&x.kind, &y.kind) {
+                    (EntryKind::Dir { hash: hx }, EntryKind::Dir { hash: hy }) => {
+                        u64::from(x.mode != y.mode)
+                            .saturating_add(change_count(src, *hx, *hy, pairs, wholes)?)
+                    }
+                    (EntryKind::Dir { .. }, _) | (_, EntryKind::Dir { .. }) => {
+                        whole(x, wholes)?.saturating_add(whole(y, wholes)?)
+                    }
+                    (kx, ky) => u64::from(kx != ky || x.mode != y.mode || x.mtime_ns != y.mtime_ns),
+                }
+            }
+        };
+        total = total.saturating_add(n);
+    }
+    pairs.insert((a, b), total);
+    Ok(total)
+}
+
 /// Lists every path that differs between trees `a` and `b`. Subtrees with equal hashes
 /// are skipped without being read, so the cost follows the change, not the tree. A
 /// directory whose only difference is its mtime is not reported (its contents are).
 pub fn diff(src: &dyn TreeSource, a: Hash, b: Hash) -> Result<Vec<Change>> {
+    // Counted first: refused before anything is walked if too many, and pairs of
+    // subtrees without a change (a directory whose only difference is its mtime, named
+    // many times over) are skipped below without being read again.
+    let mut pairs = HashMap::new();
+    let mut wholes = HashMap::new();
+    let count = change_count(src, a, b, &mut pairs, &mut wholes)?;
+    too_many_changes(usize::try_from(count).unwrap_or(usize::MAX))?;
     let mut out = Vec::new();
     let mut stack = vec![(a, b, Vec::new())];
     while let Some((a, b, base)) = stack.pop() {
-        if a == b {
+        if a == b || pairs.get(&(a, b)) == Some(&0) {
             continue;
         }
         too_many_changes(out.len())?;
