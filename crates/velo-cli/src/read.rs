@@ -306,6 +306,13 @@ pub fn checkout(
 ) -> Result<ExitCode> {
     let resolved = resolve(ctx, spec)?;
     let store = ctx.store()?;
+    if velo_store::path_is_inside(&dir.join("x"), store.root()) {
+        bail!(
+            "{}: is inside the store {}; check out elsewhere",
+            dir.display(),
+            store.root().display()
+        );
+    }
     let progress = std::sync::Arc::new(velo_ingest::Progress::default());
     let r = crate::write::with_progress(&progress, "checking out", || {
         velo_project::checkout_with(

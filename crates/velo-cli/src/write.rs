@@ -71,6 +71,9 @@ pub fn ingest(
         bail!("{} does not exist", dir.display());
     }
     let store = ctx.store_or_create()?;
+    if let Some(out) = output {
+        store.check_export_target(out)?;
+    }
     let progress = Arc::new(Progress::default());
     let report = with_progress(&progress, "ingesting", || {
         velo_ingest::ingest(&store, dir, options, &progress)

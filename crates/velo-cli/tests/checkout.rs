@@ -296,9 +296,12 @@ fn gc_removes_the_farms_of_forgotten_roots() {
     let root = env.ingest(&src, &["--name", "t"]);
     let farms = env.store.join("farms");
     // A farm is what run --isolate caches; building one through a run needs namespaces, so
-    // build it the way the run does: a checkout published under farms/<root>.
+    // build it the way the run does: a checkout, published under farms/<root> (velo
+    // refuses to check out into the store itself, so it is made beside it and moved in).
     fs::create_dir_all(&farms).unwrap();
-    env.ok(&["checkout", "t", farms.join(&root).to_str().unwrap()]);
+    let beside = env.path("farm");
+    env.ok(&["checkout", "t", beside.to_str().unwrap()]);
+    fs::rename(&beside, farms.join(&root)).unwrap();
     env.ok(&["gc", "--run"]);
     assert!(
         farms.join(&root).is_dir(),

@@ -165,3 +165,39 @@ fn completions_and_the_manual_page_print() {
     let man = env.ok(&["man"]);
     assert!(man.contains(".TH velo 1"), "{man}");
 }
+
+/// `ingest -o` checks its output before ingesting: a bad path registers nothing (it used
+/// to register the root, even move a name, and then fail); a checkout into the store is
+/// refused.
+#[test]
+fn a_bad_output_path_is_refused_before_anything_is_registered() {
+    let env = Env::new();
+    let dir = env.path("src");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("f"), b"x").unwrap();
+    for out in [
+        env.store.join("x.velo"),
+        env.path("no-such-dir/x.velo"),
+        env.dir.path().to_path_buf(),
+    ] {
+        let out = out.to_str().unwrap().to_string();
+        env.fails(&[
+            "ingest",
+            dir.to_str().unwrap(),
+            "--name",
+            "should-not",
+            "-o",
+            &out,
+        ]);
+    }
+    let roots = env.run(&["roots"]);
+    assert!(!String::from_utf8_lossy(&roots.stdout).contains("should-not"));
+    env.ok(&["ingest", dir.to_str().unwrap(), "--name", "t"]);
+    let err = env.fails(&[
+        "checkout",
+        "t",
+        env.store.join("blobs/qq").to_str().unwrap(),
+    ]);
+    assert!(err.contains("inside the store"), "{err}");
+    env.fsck_ok();
+}

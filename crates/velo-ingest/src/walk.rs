@@ -335,7 +335,13 @@ impl Ctx<'_> {
             MtimePolicy::Keep => {
                 let ns = mtime_ns(st);
                 // A tree records nanoseconds in an i64: 1677-09-21 to 2262-04-11.
-                if ns == i64::MAX || ns == i64::MIN {
+                #[allow(clippy::unnecessary_cast)]
+                let secs = st.st_mtime as i64;
+                if secs
+                    .checked_mul(1_000_000_000)
+                    .and_then(|n| n.checked_add(st.st_mtime_nsec as i64))
+                    .is_none()
+                {
                     tracing::warn!(
                         path = %self.path_of(rel).display(),
                         "mtime outside 1677..2262 cannot be recorded in nanoseconds; stored as the nearest representable time"

@@ -351,14 +351,18 @@ pub fn replace_file(
 }
 
 /// Whether a file at `path` (existing or about to be written) would be inside `dir`: both
-/// resolved, `path` by its parent directory (which exists for any path that can be
-/// written).
+/// resolved, `path` by its nearest existing parent directory.
 pub fn path_is_inside(path: &Path, dir: &Path) -> bool {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    match (fs::canonicalize(parent), fs::canonicalize(dir)) {
+    let absolute = std::path::absolute(path).unwrap_or(path.to_path_buf());
+    // The nearest existing directory above: what a path about to be made would be in.
+    let mut existing = absolute.parent().unwrap_or(Path::new("/"));
+    while fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(up) => existing = up,
+            None => break,
+        }
+    }
+    match (fs::canonicalize(existing), fs::canonicalize(dir)) {
         (Ok(parent), Ok(dir)) => parent.starts_with(dir),
         _ => false,
     }

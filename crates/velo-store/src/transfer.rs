@@ -140,6 +140,26 @@ impl<W: Write> Write for CountingWriter<W> {
 }
 
 impl Store {
+    /// Checks, before any work, that `export` could write to `out` (not a directory or a
+    /// socket, not inside the store, its directory exists): a command that exports at its
+    /// end (`ingest -o`) fails before it registers anything.
+    pub fn check_export_target(&self, out: &Path) -> Result<()> {
+        if let ExportTarget::File(path) = export_target(out, &self.root)? {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(StoreError::Invalid(format!(
+                    "{}: the directory {} does not exist",
+                    out.display(),
+                    parent.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a file at `out` (a regular file, new or replaced) atomically: `write` fills a
     /// staging file beside it, which is synced and renamed over `out` only when complete.
     fn export_atomically(
