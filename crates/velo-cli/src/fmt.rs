@@ -82,18 +82,25 @@ pub fn lossy(bytes: &[u8]) -> String {
 
 /// A name or path for a line of text output: control characters and backslashes escaped
 /// (`\n`, `\t`, `\x1b`, `\\`), so a name holding a newline cannot forge a second line
-/// of `ls` or `diff` output; not-UTF-8 bytes become U+FFFD. `--json` has the exact bytes.
+/// of `ls` or `diff` output; bytes that are not UTF-8 are written `\xNN`. `--json` has the
+/// exact bytes.
 pub fn shown(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        // Bytes that are not UTF-8 are shown as themselves: two names that differ only
+        // there stay two different lines.
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
         }
     }
     out

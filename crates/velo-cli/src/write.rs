@@ -123,7 +123,7 @@ pub fn ingest(
                 String::new()
             },
             if special > 0 {
-                format!("; {special} special files skipped (see warnings)")
+                format!("; {special} skipped (see warnings)")
             } else {
                 String::new()
             },

@@ -80,16 +80,27 @@ fn names_with_newlines_are_escaped_in_text_output() {
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("evil\nD fake"), b"x").unwrap();
     fs::write(dir.join("tab\there"), b"x").unwrap();
+    {
+        use std::os::unix::ffi::OsStrExt;
+        for raw in [&b"\xffx"[..], &b"\xfex"[..]] {
+            fs::write(dir.join(std::ffi::OsStr::from_bytes(raw)), b"x").unwrap();
+        }
+    }
     env.ok(&["ingest", dir.to_str().unwrap(), "--name", "a"]);
     let listing = env.ok(&["ls", "a"]);
-    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert_eq!(listing.lines().count(), 4, "{listing}");
+    // Two names that differ only in bytes that are not UTF-8 stay distinct.
+    assert!(
+        listing.contains("\\xffx") && listing.contains("\\xfex"),
+        "{listing}"
+    );
     assert!(listing.contains("evil\\nD fake"), "{listing}");
     assert!(listing.contains("tab\\there"), "{listing}");
     let empty = env.path("empty");
     fs::create_dir(&empty).unwrap();
     env.ok(&["ingest", empty.to_str().unwrap(), "--name", "b"]);
     let diff = env.ok(&["diff", "b", "a"]);
-    assert_eq!(diff.lines().count(), 2, "{diff}");
+    assert_eq!(diff.lines().count(), 4, "{diff}");
     assert!(!diff.lines().any(|l| l == "D fake"), "{diff}");
     let json = env.json(&["ls", "a"]);
     assert!(json.to_string().contains("evil\\nD fake"), "{json}");

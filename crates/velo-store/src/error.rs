@@ -25,7 +25,7 @@ pub enum StoreError {
         supported: u32,
     },
     /// The file system holding the store is full.
-    #[error("the file system holding {0} is full (no space or no inodes left): free some space (`velo gc --run` frees what no root needs) or use a store on another file system")]
+    #[error("the file system holding {0} is full (no space or no inodes left): free some space there (if it holds the store, `velo gc --run` frees what no root needs), or write elsewhere")]
     Full(PathBuf),
     /// Any other I/O failure.
     #[error("{op} {path}: {cause}")]
