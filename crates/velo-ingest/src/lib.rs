@@ -227,17 +227,28 @@ pub fn store_open_file(
             "not a regular file (it changed while it was being read)",
         )));
     }
+    let copy_error = |e| match e {
+        velo_store::sparse::CopyError::Read(e) => read_error(e),
+        velo_store::sparse::CopyError::Write(e) => IngestError::Store(StoreError::io(
+            "writing a blob into",
+            store.root().join("tmp"),
+        )(e)),
+    };
+    // Hashed first, and copied only if the store lacks the content: a file copied up
+    // unchanged (a chmod in a sandbox, a touch through FUSE) costs a read, not a write.
+    // Holes stay holes either way: a `truncate -s 1T` inside a run must not fill the disk.
+    let mut hasher = blake3::Hasher::new();
+    let size =
+        velo_store::sparse::copy_sparse(file, None, Some(&mut hasher)).map_err(copy_error)?;
+    let hash = Hash::from(hasher.finalize());
+    if store.has_blob(&hash) {
+        return Ok((hash, size));
+    }
     let mut staged = store.stage()?;
     let mut hasher = blake3::Hasher::new();
-    // Holes stay holes: a `truncate -s 1T` inside a run must not fill the disk.
     let size = velo_store::sparse::copy_sparse(file, Some(staged.file()), Some(&mut hasher))
-        .map_err(|e| match e {
-            velo_store::sparse::CopyError::Read(e) => read_error(e),
-            velo_store::sparse::CopyError::Write(e) => IngestError::Store(StoreError::io(
-                "writing a blob into",
-                store.root().join("tmp"),
-            )(e)),
-        })?;
+        .map_err(copy_error)?;
+    // What is stored is what this second pass read (a live upper may change in between).
     let hash = Hash::from(hasher.finalize());
     if !store.has_blob(&hash) {
         batch.insert_staged_blob(staged, &hash)?;
