@@ -5,6 +5,10 @@ use velo_core::{Entry, EntryKind};
 
 /// `1.4 GiB`-style sizes.
 pub fn bytes(n: u64) -> String {
+    if n == u64::MAX {
+        // Saturated statistics (a tree naming one subtree many times).
+        return "at least 16 EiB".to_string();
+    }
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -73,6 +77,15 @@ pub fn civil_time(secs: i64) -> String {
         of_day / 60 % 60,
         of_day % 60
     )
+}
+
+/// A count from tree statistics: `u64::MAX` means it saturated ("at least" that many).
+pub fn count(n: u64) -> String {
+    if n == u64::MAX {
+        "2^64 or more".to_string()
+    } else {
+        n.to_string()
+    }
 }
 
 /// Bytes as text; not-UTF-8 bytes become U+FFFD (JSON adds `path_bytes` then).

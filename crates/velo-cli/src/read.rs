@@ -186,7 +186,7 @@ pub fn show(ctx: &Ctx, spec: &str, raw_path: &[u8]) -> Result<ExitCode> {
                 &json!({ "path": "", "kind": "dir", "hash": resolved.root.to_hex(), "files": stats.files, "dirs": stats.dirs, "symlinks": stats.symlinks, "bytes": stats.bytes }),
             );
         } else {
-            out!("path:     /\nkind:     dir (root)\nhash:     {}\nholds:    {} files, {} dirs, {} symlinks, {}", resolved.root, stats.files, stats.dirs, stats.symlinks, fmt::bytes(stats.bytes));
+            out!("path:     /\nkind:     dir (root)\nhash:     {}\nholds:    {} files, {} dirs, {} symlinks, {}", resolved.root, fmt::count(stats.files), fmt::count(stats.dirs), fmt::count(stats.symlinks), fmt::bytes(stats.bytes));
         }
         return Ok(ExitCode::SUCCESS);
     };

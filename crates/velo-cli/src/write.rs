@@ -226,7 +226,7 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
             r.name.as_deref().unwrap_or("-"),
             r.root.get(..16).unwrap_or(&r.root),
             when,
-            r.stats.files,
+            fmt::count(r.stats.files),
             fmt::bytes(r.stats.bytes),
             if r.partial { "  (partial)" } else { "" }
         );
