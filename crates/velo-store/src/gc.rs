@@ -47,31 +47,20 @@ impl Store {
         let mut blobs = HashSet::new();
         for record in self.roots()? {
             let root = record.hash()?;
-            if !trees.insert(root) {
-                continue;
-            }
-            let mut stack = vec![root];
-            while let Some(hash) = stack.pop() {
-                let tree = self.get_tree(&hash).map_err(|e| {
+            crate::treeops::walk_reachable(root, &mut trees, &mut |hash, _| {
+                let tree = self.get_tree(hash).map_err(|e| {
                     StoreError::Invalid(format!(
                         "gc stopped without deleting anything: root {} reaches a tree it cannot read ({e})",
                         record.name.as_deref().unwrap_or(&record.root)
                     ))
                 })?;
                 for entry in tree.entries() {
-                    match &entry.kind {
-                        EntryKind::Dir { hash } => {
-                            if trees.insert(*hash) {
-                                stack.push(*hash);
-                            }
-                        }
-                        EntryKind::File { hash, .. } => {
-                            blobs.insert(*hash);
-                        }
-                        EntryKind::Symlink { .. } => {}
+                    if let EntryKind::File { hash, .. } = &entry.kind {
+                        blobs.insert(*hash);
                     }
                 }
-            }
+                Ok(Some(tree))
+            })?;
         }
         Ok((trees, blobs))
     }

@@ -317,7 +317,7 @@ impl Store {
                 .name
                 .clone()
                 .unwrap_or_else(|| format!("@{}", record.root));
-            let mut seen_trees = HashSet::from([root]);
+            let mut seen_trees = HashSet::new();
             let mut seen_here = HashSet::new();
             let mut note = |hash: &Hash, path: &[u8], found: &mut HashMap<_, (_, Vec<_>)>| {
                 if let Some((_, list)) = found.get_mut(hash) {
@@ -329,32 +329,23 @@ impl Store {
                     }
                 }
             };
-            let mut stack = vec![(root, Vec::new())];
-            while let Some((hash, dir)) = stack.pop() {
-                if missing_trees.contains(&hash) {
-                    note(&hash, &dir, &mut found);
-                    continue;
+            crate::treeops::walk_reachable(root, &mut seen_trees, &mut |hash, dir| {
+                if missing_trees.contains(hash) {
+                    note(hash, dir, &mut found);
+                    return Ok(None);
                 }
-                let Ok(tree) = self.get_tree(&hash) else {
-                    continue;
+                let Ok(tree) = self.get_tree(hash) else {
+                    return Ok(None);
                 };
-                for entry in tree.entries() {
-                    let mut path = dir.clone();
-                    if !path.is_empty() {
-                        path.push(b'/');
-                    }
-                    path.extend_from_slice(entry.name.as_bytes());
-                    match &entry.kind {
-                        EntryKind::Dir { hash } if seen_trees.insert(*hash) => {
-                            stack.push((*hash, path));
+                if !record.partial {
+                    for entry in tree.entries() {
+                        if let EntryKind::File { hash, .. } = &entry.kind {
+                            note(hash, &crate::treeops::join(dir, entry.name.as_bytes()), &mut found);
                         }
-                        EntryKind::File { hash, .. } if !record.partial => {
-                            note(hash, &path, &mut found)
-                        }
-                        _ => {}
                     }
                 }
-            }
+                Ok(Some(tree))
+            })?;
         }
         let mut list: Vec<MissingObject> = found
             .into_iter()

@@ -233,9 +233,8 @@ impl Store {
     pub fn export(&self, root: Hash, out: &Path, with_blobs: bool) -> Result<ExportReport> {
         let mut trees = Vec::new();
         let mut blobs: HashMap<Hash, u64> = HashMap::new();
-        let mut seen = std::collections::HashSet::from([root]);
-        let mut stack = vec![root];
-        while let Some(hash) = stack.pop() {
+        let mut seen = std::collections::HashSet::new();
+        crate::treeops::walk_reachable(root, &mut seen, &mut |&hash, _| {
             let bytes = self.tree_bytes(&hash)?;
             let tree = velo_core::Tree::decode(&bytes).map_err(|e| StoreError::Corrupt {
                 kind: "tree",
@@ -243,16 +242,13 @@ impl Store {
                 detail: e.to_string(),
             })?;
             for entry in tree.entries() {
-                match &entry.kind {
-                    EntryKind::Dir { hash } if seen.insert(*hash) => stack.push(*hash),
-                    EntryKind::File { hash, size } => {
-                        blobs.insert(*hash, *size);
-                    }
-                    _ => {}
+                if let EntryKind::File { hash, size } = &entry.kind {
+                    blobs.insert(*hash, *size);
                 }
             }
             trees.push((hash, bytes));
-        }
+            Ok(Some(tree))
+        })?;
         let mut blob_list: Vec<(Hash, u64)> = blobs.into_iter().collect();
         blob_list.sort_unstable();
         let tree_count = trees.len() as u64;

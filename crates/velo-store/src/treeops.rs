@@ -112,6 +112,38 @@ pub fn dir_at(src: &dyn TreeSource, root: Hash, path: &[u8]) -> Result<Hash> {
     }
 }
 
+/// What [`walk_reachable`] calls for each tree: (hash, path) → the tree to walk below.
+pub type TreeVisitor<'a> = dyn FnMut(&Hash, &[u8]) -> Result<Option<Tree>> + 'a;
+
+/// Visits every distinct tree reachable from `root` once, depth-first, with the path of the
+/// first directory that names it (empty for the root): the one reachability walk of the
+/// store (gc's mark, export, fsck, repair). `seen` is shared by the walks of several roots:
+/// a tree already seen is not visited again. `visit` loads the tree (or reports that it
+/// cannot) and returns it to be walked below, or `None` to go no deeper there.
+pub fn walk_reachable(
+    root: Hash,
+    seen: &mut std::collections::HashSet<Hash>,
+    visit: &mut TreeVisitor<'_>,
+) -> Result<()> {
+    if !seen.insert(root) {
+        return Ok(());
+    }
+    let mut stack = vec![(root, Vec::new())];
+    while let Some((hash, dir)) = stack.pop() {
+        let Some(tree) = visit(&hash, &dir)? else {
+            continue;
+        };
+        for entry in tree.entries() {
+            if let EntryKind::Dir { hash } = &entry.kind {
+                if seen.insert(*hash) {
+                    stack.push((*hash, join(&dir, entry.name.as_bytes())));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `prefix/name` as tree paths are spelled (bytes; no leading `/`; `name` alone at the
 /// root). The one join of tree paths the crates share.
 pub fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
