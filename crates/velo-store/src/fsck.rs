@@ -152,14 +152,12 @@ impl Store {
             };
             // Each tree with the path of the directory it is (empty: the root), so a
             // problem names the whole path, not only the leaf.
-            let mut stack = vec![(root, Vec::new())];
-            reachable_trees.insert(root);
-            while let Some((hash, dir)) = stack.pop() {
+            crate::treeops::walk_reachable(root, &mut reachable_trees, &mut |&hash, dir| {
                 let Some(tree) = trees.get(&hash) else {
                     let place = if dir.is_empty() {
                         "its root directory".to_string()
                     } else {
-                        format!("directory {:?}", String::from_utf8_lossy(&dir))
+                        format!("directory {:?}", String::from_utf8_lossy(dir))
                     };
                     if !listed_trees.contains(&hash) {
                         problems.push(problem(
@@ -172,60 +170,49 @@ impl Store {
                             .entry(hash)
                             .or_insert_with(|| format!("root {label} needs it ({place})"));
                     }
-                    continue;
+                    return Ok(None);
                 };
                 for entry in tree.entries() {
-                    let path = || {
-                        let mut path = dir.clone();
-                        if !path.is_empty() {
-                            path.push(b'/');
-                        }
-                        path.extend_from_slice(entry.name.as_bytes());
-                        path
+                    let EntryKind::File { hash, size } = &entry.kind else {
+                        continue;
                     };
-                    match &entry.kind {
-                        EntryKind::Dir { hash } => {
-                            if reachable_trees.insert(*hash) {
-                                stack.push((*hash, path()));
-                            }
-                        }
-                        EntryKind::File { hash, size } => {
-                            if !reachable_blobs.insert(*hash) {
-                                continue;
-                            }
-                            let shown = || format!("{:?}", String::from_utf8_lossy(&path()));
-                            if damaged_blobs.contains(hash) {
-                                needed_by.insert(
-                                    *hash,
-                                    format!("root {label} needs it (file {})", shown()),
-                                );
-                            }
-                            match blob_sizes.get(hash) {
-                                Some(stored) if stored != size => problems.push(problem(
-                                    "blob-size",
-                                    hash,
-                                    format!(
-                                        "blob holds {stored} bytes but root {label} says {size} (file {})",
-                                        shown()
-                                    ),
-                                )),
-                                Some(_) => {}
-                                None if record.partial => {}
-                                None if listed_blobs.contains(hash) => {} // damaged: reported above
-                                None => problems.push(problem(
-                                    "missing-blob",
-                                    hash,
-                                    format!(
-                                        "blob is missing; root {label} needs it (file {})",
-                                        shown()
-                                    ),
-                                )),
-                            }
-                        }
-                        EntryKind::Symlink { .. } => {}
+                    if !reachable_blobs.insert(*hash) {
+                        continue;
+                    }
+                    let shown = || {
+                        format!(
+                            "{:?}",
+                            String::from_utf8_lossy(&crate::treeops::join(
+                                dir,
+                                entry.name.as_bytes()
+                            ))
+                        )
+                    };
+                    if damaged_blobs.contains(hash) {
+                        needed_by
+                            .insert(*hash, format!("root {label} needs it (file {})", shown()));
+                    }
+                    match blob_sizes.get(hash) {
+                        Some(stored) if stored != size => problems.push(problem(
+                            "blob-size",
+                            hash,
+                            format!(
+                                "blob holds {stored} bytes but root {label} says {size} (file {})",
+                                shown()
+                            ),
+                        )),
+                        Some(_) => {}
+                        None if record.partial => {}
+                        None if listed_blobs.contains(hash) => {} // damaged: reported above
+                        None => problems.push(problem(
+                            "missing-blob",
+                            hash,
+                            format!("blob is missing; root {label} needs it (file {})", shown()),
+                        )),
                     }
                 }
-            }
+                Ok(Some(tree.clone()))
+            })?;
         }
         let unreachable = if !reachability_known {
             0

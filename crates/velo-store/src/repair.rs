@@ -340,7 +340,11 @@ impl Store {
                 if !record.partial {
                     for entry in tree.entries() {
                         if let EntryKind::File { hash, .. } = &entry.kind {
-                            note(hash, &crate::treeops::join(dir, entry.name.as_bytes()), &mut found);
+                            note(
+                                hash,
+                                &crate::treeops::join(dir, entry.name.as_bytes()),
+                                &mut found,
+                            );
                         }
                     }
                 }
