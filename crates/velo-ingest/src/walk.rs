@@ -300,11 +300,11 @@ impl Ctx<'_> {
 
     fn skip(&self, rel: &[u8], reason: &'static str) {
         if reason == "the velo store itself" {
-            tracing::warn!(path = %self.path_of(rel).display(), "skipping the velo store inside the ingested directory");
+            tracing::warn!(path = ?self.path_of(rel), "skipping the velo store inside the ingested directory");
         } else if reason == UNREADABLE {
-            tracing::warn!(path = %self.path_of(rel).display(), "skipping what this user cannot read (--skip-unreadable)");
+            tracing::warn!(path = ?self.path_of(rel), "skipping what this user cannot read (--skip-unreadable)");
         } else if reason != "excluded" {
-            tracing::warn!(path = %self.path_of(rel).display(), "skipping a {reason}: trees hold only files, directories and symlinks");
+            tracing::warn!(path = ?self.path_of(rel), "skipping a {reason}: trees hold only files, directories and symlinks");
         }
         self.skipped
             .lock()
@@ -343,7 +343,7 @@ impl Ctx<'_> {
                     .is_none()
                 {
                     tracing::warn!(
-                        path = %self.path_of(rel).display(),
+                        path = ?self.path_of(rel),
                         "mtime outside 1677..2262 cannot be recorded in nanoseconds; stored as the nearest representable time"
                     );
                 }
