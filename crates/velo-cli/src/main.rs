@@ -311,7 +311,12 @@ fn main() -> ExitCode {
         store_path: cli.store.clone().unwrap_or_else(default_store),
         json: cli.json,
     };
-    let result = match cli.command {
+    dispatch(&ctx, cli.command, nofile)
+}
+
+/// Runs one parsed command; returns its exit status (errors are reported here).
+fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
+    let result = match command {
         Command::Ingest {
             dir,
             output,
@@ -333,7 +338,7 @@ fn main() -> ExitCode {
                 no_sync,
                 skip_unreadable,
             };
-            write::ingest(&ctx, &dir, &options, output.as_deref())
+            write::ingest(ctx, &dir, &options, output.as_deref())
         }
         Command::Ls {
             tree,
@@ -341,15 +346,15 @@ fn main() -> ExitCode {
             long,
             recursive,
         } => read::ls(
-            &ctx,
+            ctx,
             &tree,
             path.as_deref().map(|p| p.as_bytes()),
             long,
             recursive,
         ),
-        Command::Cat { tree, path } => read::cat(&ctx, &tree, path.as_bytes()),
-        Command::Show { tree, path } => read::show(&ctx, &tree, path.as_bytes()),
-        Command::Diff { from, to } => read::diff(&ctx, &from, &to),
+        Command::Cat { tree, path } => read::cat(ctx, &tree, path.as_bytes()),
+        Command::Show { tree, path } => read::show(ctx, &tree, path.as_bytes()),
+        Command::Diff { from, to } => read::diff(ctx, &from, &to),
         Command::Checkout {
             tree, remove: true, ..
         } => read::remove_checkout(&PathBuf::from(tree)),
@@ -370,24 +375,24 @@ fn main() -> ExitCode {
                 mode,
                 preserve_setid: preserve_setuid,
             };
-            dir.and_then(|dir| read::checkout(&ctx, &tree, &dir, options))
+            dir.and_then(|dir| read::checkout(ctx, &tree, &dir, options))
         }
         Command::Export {
             tree,
             output,
             with_blobs,
-        } => write::export(&ctx, &tree, &output, with_blobs),
+        } => write::export(ctx, &tree, &output, with_blobs),
         Command::Import {
             file,
             name,
             partial,
-        } => write::import(&ctx, &file, name, partial),
-        Command::Roots => write::roots(&ctx),
-        Command::Forget { name_or_root } => write::forget(&ctx, &name_or_root),
-        Command::Status => write::status(&ctx),
-        Command::Gc { run } => write::gc(&ctx, run),
-        Command::Fsck { quick, repair } => write::fsck(&ctx, quick, repair),
-        Command::Doctor => doctor::doctor(&ctx),
+        } => write::import(ctx, &file, name, partial),
+        Command::Roots => write::roots(ctx),
+        Command::Forget { name_or_root } => write::forget(ctx, &name_or_root),
+        Command::Status => write::status(ctx),
+        Command::Gc { run } => write::gc(ctx, run),
+        Command::Fsck { quick, repair } => write::fsck(ctx, quick, repair),
+        Command::Doctor => doctor::doctor(ctx),
         Command::Completions { shell } => completions(shell),
         Command::Man => man_page(),
         Command::ProbeUserns => doctor::probe_userns(),
@@ -423,15 +428,15 @@ fn main() -> ExitCode {
                 nofile,
             };
             // A failure of velo itself exits 125, never a status the command could return.
-            return match run::run(&ctx, args) {
+            return match run::run(ctx, args) {
                 Ok(code) => code,
-                Err(e) => report_error(&ctx, &e, 125),
+                Err(e) => report_error(ctx, &e, 125),
             };
         }
     };
     match result {
         Ok(code) => code,
-        Err(e) => report_error(&ctx, &e, 1),
+        Err(e) => report_error(ctx, &e, 1),
     }
 }
 
