@@ -304,6 +304,16 @@ fn main() -> ExitCode {
                 e.exit_code()
             };
             let _ = e.print();
+            // `--json` promises one JSON document on stdout, usage errors included.
+            let json = std::env::args_os()
+                .skip(1)
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            if json && e.use_stderr() {
+                let _ = fmt::try_print_json(&serde_json::json!({
+                    "error": { "message": e.kind().to_string(), "usage": e.to_string(), "exit_code": code }
+                }));
+            }
             return ExitCode::from(code.clamp(0, 255) as u8);
         }
     };
