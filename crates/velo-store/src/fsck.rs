@@ -62,6 +62,17 @@ fn problem(kind: &'static str, object: impl ToString, detail: impl ToString) -> 
     }
 }
 
+/// What the walk of the roots found (see `check_roots`).
+struct Reach {
+    reachable_trees: std::collections::HashSet<Hash>,
+    reachable_blobs: std::collections::HashSet<Hash>,
+    /// False while a root record is damaged: what it would keep is unknown.
+    reachability_known: bool,
+    /// The first root (and path in it) found to need each damaged object.
+    needed_by: HashMap<Hash, String>,
+    roots: u64,
+}
+
 impl Store {
     /// Checks the whole store. Holds the shared lock, so gc cannot run meanwhile but
     /// ingests can (their temp files are counted, not blamed).
@@ -111,9 +122,6 @@ impl Store {
             }
             problems.extend(found);
         }
-        // The first root (and path in it) found to need each damaged object.
-        let mut needed_by: HashMap<Hash, String> = HashMap::new();
-
         let listed_trees: std::collections::HashSet<Hash> =
             tree_list.iter().map(|(h, _)| *h).collect();
         let listed_blobs: std::collections::HashSet<Hash> = blob_list
@@ -121,6 +129,71 @@ impl Store {
             .filter(|(_, exec)| !exec)
             .map(|(h, _)| *h)
             .collect();
+        let Reach {
+            reachable_trees,
+            reachable_blobs,
+            reachability_known,
+            needed_by,
+            roots,
+        } = self.check_roots(
+            &trees,
+            &listed_trees,
+            &listed_blobs,
+            &blob_sizes,
+            &damaged_blobs,
+            &mut problems,
+        )?;
+        let unreachable = if !reachability_known {
+            0
+        } else {
+            trees
+                .keys()
+                .filter(|h| !reachable_trees.contains(h))
+                .count()
+                + blob_sizes
+                    .keys()
+                    .filter(|h| !reachable_blobs.contains(h))
+                    .count()
+        };
+        let temp_files = std::fs::read_dir(self.root.join("tmp"))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        for p in &mut problems {
+            let hex = p.object.strip_suffix(".x").unwrap_or(&p.object);
+            let needer = hex.parse::<Hash>().ok().and_then(|h| needed_by.get(&h));
+            if let (Some(needer), "corrupt-blob" | "corrupt-tree" | "bad-mode") = (needer, p.kind) {
+                p.detail = format!("{}; {needer}", p.detail);
+            }
+        }
+        problems.extend(self.permission_problems());
+        problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+        Ok(FsckReport {
+            ok: problems.is_empty(),
+            blobs: blob_list.len() as u64,
+            trees: tree_list.len() as u64,
+            roots,
+            bytes_verified,
+            unreachable_objects: unreachable as u64,
+            temp_files,
+            stray_files: strays,
+            problems,
+        })
+    }
+
+    /// Walks every root: reports missing trees and blobs (with the whole path), wrong sizes,
+    /// damaged records, and which root first needs each damaged object.
+    fn check_roots(
+        &self,
+        trees: &HashMap<Hash, Tree>,
+        listed_trees: &std::collections::HashSet<Hash>,
+        listed_blobs: &std::collections::HashSet<Hash>,
+        blob_sizes: &HashMap<Hash, u64>,
+        damaged_blobs: &std::collections::HashSet<Hash>,
+        problems: &mut Vec<Problem>,
+    ) -> Result<Reach> {
+        // The first root (and path in it) found to need each damaged object.
+        let mut needed_by: HashMap<Hash, String> = HashMap::new();
+
         // Reachability: every root complete.
         let mut reachable_trees = std::collections::HashSet::new();
         let mut reachable_blobs = std::collections::HashSet::new();
@@ -214,40 +287,12 @@ impl Store {
                 Ok(Some(tree.clone()))
             })?;
         }
-        let unreachable = if !reachability_known {
-            0
-        } else {
-            trees
-                .keys()
-                .filter(|h| !reachable_trees.contains(h))
-                .count()
-                + blob_sizes
-                    .keys()
-                    .filter(|h| !reachable_blobs.contains(h))
-                    .count()
-        };
-        let temp_files = std::fs::read_dir(self.root.join("tmp"))
-            .map(|d| d.count() as u64)
-            .unwrap_or(0);
-        for p in &mut problems {
-            let hex = p.object.strip_suffix(".x").unwrap_or(&p.object);
-            let needer = hex.parse::<Hash>().ok().and_then(|h| needed_by.get(&h));
-            if let (Some(needer), "corrupt-blob" | "corrupt-tree" | "bad-mode") = (needer, p.kind) {
-                p.detail = format!("{}; {needer}", p.detail);
-            }
-        }
-        problems.extend(self.permission_problems());
-        problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
-        Ok(FsckReport {
-            ok: problems.is_empty(),
-            blobs: blob_list.len() as u64,
-            trees: tree_list.len() as u64,
+        Ok(Reach {
+            reachable_trees,
+            reachable_blobs,
+            reachability_known,
+            needed_by,
             roots: records.len() as u64,
-            bytes_verified,
-            unreachable_objects: unreachable as u64,
-            temp_files,
-            stray_files: strays,
-            problems,
         })
     }
 
