@@ -347,8 +347,9 @@ impl Store {
         let mut staged: Vec<(Hash, u64)> = Vec::new();
         let mut pending = HashMap::new();
         loop {
-            // Peek is impossible on a stream, so each blob goes to a sink decided after its
-            // hash is known: a temp file, or nowhere when the store already has it.
+            // A blob's hash is known only once it has been read, and a stream cannot be read
+            // twice: each non-empty blob is written to a temp file, which is dropped
+            // afterwards if the store already has that content.
             let temp = staging
                 .0
                 .join(format!("blob-{}", staged.len() + pending.len()));
@@ -498,8 +499,7 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// A file created on the first write, so an empty blob or an already-stored one costs
-/// nothing but the sink's bookkeeping.
+/// A file created on the first write, so an empty blob costs no file at all.
 struct LazyFile {
     path: PathBuf,
     file: Option<BufWriter<File>>,
