@@ -208,7 +208,10 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the manual page in roff (e.g. `velo man > velo.1; man ./velo.1`)
-    Man,
+    Man {
+        /// A command's own page (`velo man run`), with every option
+        command: Option<String>,
+    },
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
     #[command(hide = true, name = "__probe-overlay")]
@@ -404,7 +407,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         Command::Fsck { quick, repair } => write::fsck(ctx, quick, repair),
         Command::Doctor => doctor::doctor(ctx),
         Command::Completions { shell } => completions(shell),
-        Command::Man => man_page(),
+        Command::Man { command } => man_page(command.as_deref()),
         Command::ProbeUserns => doctor::probe_userns(),
         Command::ProbeOverlay { dir } => doctor::probe_overlay(&dir),
         Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
@@ -460,9 +463,23 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
 }
 
 /// `velo man`: the manual page (roff) clap derives from the arguments.
-fn man_page() -> anyhow::Result<ExitCode> {
+fn man_page(command: Option<&str>) -> anyhow::Result<ExitCode> {
+    let top = <Cli as clap::CommandFactory>::command();
+    let page_of = match command {
+        None => top,
+        Some(name) => {
+            let sub = top
+                .get_subcommands()
+                .find(|c| c.get_name() == name && !c.is_hide_set())
+                .ok_or_else(|| anyhow::anyhow!("velo has no command {name:?}; see velo --help"))?
+                .clone();
+            // The page is titled velo-NAME; clap wants a 'static name (one per process).
+            let title: &'static str = Box::leak(format!("velo-{name}").into_boxed_str());
+            sub.name(title)
+        }
+    };
     let mut page = Vec::new();
-    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+    clap_mangen::Man::new(page_of)
         .render(&mut page)
         .map_err(|e| anyhow::anyhow!("rendering the manual page: {e}"))?;
     out!("{}", String::from_utf8_lossy(&page).trim_end());

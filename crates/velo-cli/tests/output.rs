@@ -164,6 +164,12 @@ fn completions_and_the_manual_page_print() {
     assert!(zsh.contains("#compdef velo"), "{zsh}");
     let man = env.ok(&["man"]);
     assert!(man.contains(".TH velo 1"), "{man}");
+    let run = env.ok(&["man", "run"]);
+    assert!(
+        run.contains(".TH velo-run 1") && run.contains("commit\\-always"),
+        "{run}"
+    );
+    env.fails(&["man", "no-such-command"]);
 }
 
 /// `ingest -o` checks its output before ingesting: a bad path registers nothing (it used
