@@ -85,7 +85,8 @@ int main(void) {
 "#;
 
 /// Item 1: with a terminal as stdin (`script` provides one), a command inside cannot push
-/// input into it: it runs in a new session without a controlling terminal.
+/// input into it: interactive, it has a pty of its own; otherwise it runs in a new session
+/// without a controlling terminal.
 #[test]
 fn tiocsti_cannot_type_into_the_callers_terminal() {
     if !sandbox_and_pty_supported() {
@@ -161,8 +162,8 @@ int main(void) {
 }
 "#;
 
-/// Item 14: Ctrl-C on the terminal reaches the command once (velo forwards it; the
-/// terminal itself signals only velo's process group).
+/// Item 14: Ctrl-C on the terminal reaches the foreground job inside once (through the
+/// run's own pty), and a SIGINT sent to velo reaches the command only (velo forwards it).
 #[test]
 fn ctrl_c_through_a_pty_reaches_the_command_once() {
     if !sandbox_and_pty_supported() {
