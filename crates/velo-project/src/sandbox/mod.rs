@@ -458,9 +458,9 @@ fn enter(config: &SandboxConfig) -> Result<i32, SandboxError> {
     // run any code; it never returns from this block.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(setup_io("starting the sandbox's init", "")(
-            std::io::Error::last_os_error(),
-        ));
+        let error = std::io::Error::last_os_error();
+        spawn::restore_signals(&mask);
+        return Err(setup_io("starting the sandbox's init", "")(error));
     }
     if pid == 0 {
         use std::os::fd::AsRawFd;
