@@ -1023,8 +1023,8 @@ fn random_mutations_never_panic_and_never_corrupt_the_store() {
     env.fsck_ok();
 }
 
-/// `velo import` of a bad file must not create a store where there was none: the store is
-/// created before the manifest is read (write::import calls `store_or_create` first).
+/// `velo import` of a bad file must not create a store where there was none (when there is
+/// no store yet, `import` verifies the whole file before it creates one).
 #[test]
 fn a_rejected_import_creates_no_store() {
     let f = fixture();

@@ -22,6 +22,9 @@ mod inserter;
 mod statcache;
 mod walk;
 
+#[cfg(test)]
+mod race_tests;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
