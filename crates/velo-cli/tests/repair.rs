@@ -326,3 +326,46 @@ fn a_cached_farm_linking_a_quarantined_blob_is_removed() {
     );
     assert!(!farm.exists());
 }
+
+/// A variant whose mtime was changed (say by `touch` on a hard-linked checkout) shows the
+/// wrong time in every tree that links it: fsck names it, repair sets its name's time back.
+#[test]
+fn a_variant_with_another_mtime_is_reported_and_restored() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("data"), CONTENT).expect("write");
+    env.ingest(&src, &["--name", "app"]);
+    common::touch_ns(&src.join("data"), 1_000_000_000, 5);
+    env.ingest(&src, &["--name", "app2"]);
+    let co = env.path("co");
+    env.ok(&["checkout", "app2", co.to_str().unwrap()]);
+    let name = format!(
+        "{}.444.1000000000000000005",
+        Hash::of_blob(CONTENT).to_hex()
+    );
+    let variant = object_path(&env.store, "blobs", &name);
+    assert_eq!(
+        fs::metadata(&variant).expect("variant").ino(),
+        fs::metadata(co.join("data")).expect("checkout").ino()
+    );
+    env.fsck_ok();
+    common::touch_ns(&co.join("data"), 2_000_000_000, 0);
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("bad-mtime") && stdout.contains(&name),
+        "{stdout}"
+    );
+    let report = repair(&env, true);
+    assert_eq!(
+        report["modes_fixed"][0]["object"],
+        name.as_str(),
+        "{report}"
+    );
+    let shown = fs::metadata(co.join("data")).expect("checkout");
+    assert_eq!((shown.mtime(), shown.mtime_nsec()), (1_000_000_000, 5));
+    env.fsck_ok();
+}

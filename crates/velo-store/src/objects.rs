@@ -557,3 +557,45 @@ impl Store {
         Ok((objects, strays))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_suffix_names_one_read_only_form_in_one_spelling() {
+        for form in [
+            BlobForm::for_entry(0o644, 1_700_000_000_123_456_789),
+            BlobForm::for_entry(0o4755, -86_400_000_000_042),
+            BlobForm::for_entry(0o000, 0),
+            BlobForm::for_entry(0o600, i64::MIN),
+        ] {
+            assert_eq!(form.mode & 0o7222, 0, "{form:?} is read-only");
+            assert_ne!(form.mode & 0o400, 0, "{form:?} keeps owner read");
+            assert_eq!(BlobForm::parse_suffix(&form.suffix()), Some(form));
+        }
+        assert_eq!(BlobForm::for_entry(0o4755, 0).mode, 0o555);
+        assert_eq!(BlobForm::for_entry(0o600, 0).mode, 0o400);
+        // Other spellings, writable modes and garbage are strays, not variants.
+        for stray in [
+            ".0444.1", ".644.1", ".444.01", ".444.+1", ".444", ".444.1.", "444.1", ".x1", "",
+        ] {
+            assert_eq!(BlobForm::parse_suffix(stray), None, "{stray:?}");
+        }
+        assert!(is_variant_suffix(".x"));
+        assert_eq!(
+            BlobForm::canonical(0o700, 5),
+            BlobForm {
+                mode: 0o555,
+                mtime_ns: 5
+            }
+        );
+        assert_eq!(
+            BlobForm::canonical(0o664, 5),
+            BlobForm {
+                mode: 0o444,
+                mtime_ns: 5
+            }
+        );
+    }
+}

@@ -165,15 +165,15 @@ impl Store {
             }
         }
         for p in before.problems.iter().filter(|p| p.kind == "bad-mtime") {
-            let form = p
-                .object
-                .split_at_checked(64)
-                .and_then(|(_, suffix)| crate::BlobForm::parse_suffix(suffix));
-            let (Some(form), Ok(hash)) = (form, p.object[..64.min(p.object.len())].parse::<Hash>())
+            let Some((hex, suffix)) = p.object.split_at_checked(64) else {
+                continue;
+            };
+            let (Some(form), Ok(hash)) =
+                (crate::BlobForm::parse_suffix(suffix), hex.parse::<Hash>())
             else {
                 continue;
             };
-            let path = self.blob_variant_path(&hash, Some(&p.object[64..]));
+            let path = self.blob_variant_path(&hash, Some(suffix));
             match rustix::fs::utimensat(
                 rustix::fs::CWD,
                 &path,
