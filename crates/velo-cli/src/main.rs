@@ -148,6 +148,13 @@ enum Command {
         /// none: an empty network namespace; host: the host's network
         #[arg(long, value_enum, default_value = "none")]
         net: NetArg,
+        /// How the layers show file modes (mtimes are always exact). writable: as the tree
+        /// records them (less group/other write and set-id bits), each such file a variant
+        /// inode of its own (a reflink, or a copy where the store cannot reflink);
+        /// read-only: less every write bit, sharing the store's inodes (no variant for a
+        /// tree just ingested). auto: writable where the store reflinks, else read-only
+        #[arg(long, value_enum, default_value = "auto")]
+        farm_modes: FarmModesArg,
         /// Bind a host path in: SRC:DST or SRC:DST:ro
         #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
         binds: Vec<String>,
@@ -218,6 +225,13 @@ enum Command {
     ProbeOverlay { dir: PathBuf },
     #[command(hide = true, name = "__sandbox")]
     SandboxStage1,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FarmModesArg {
+    Auto,
+    Writable,
+    ReadOnly,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,8 +399,8 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 ModeArg::Copy => velo_project::CheckoutMode::Copy,
             };
             let options = velo_project::CheckoutOptions {
-                mode,
                 preserve_setid: preserve_setuid,
+                ..velo_project::CheckoutOptions::new(mode)
             };
             dir.and_then(|dir| read::checkout(ctx, &tree, &dir, options))
         }
@@ -420,6 +434,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             name,
             commit_always,
             net,
+            farm_modes,
             binds,
             workdir,
             env,
@@ -433,6 +448,11 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 commit,
                 name,
                 host_net: net == NetArg::Host,
+                farm_modes: match farm_modes {
+                    FarmModesArg::Auto => None,
+                    FarmModesArg::Writable => Some(velo_store::FarmModes::Writable),
+                    FarmModesArg::ReadOnly => Some(velo_store::FarmModes::ReadOnly),
+                },
                 binds,
                 workdir,
                 env,

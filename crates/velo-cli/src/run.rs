@@ -27,6 +27,8 @@ pub struct RunArgs {
     pub commit: Option<PathBuf>,
     pub name: Option<String>,
     pub host_net: bool,
+    /// `None`: the store's default (velo_project::session::default_farm_modes).
+    pub farm_modes: Option<velo_store::FarmModes>,
     pub binds: Vec<String>,
     pub workdir: Option<String>,
     pub env: Vec<String>,
@@ -242,7 +244,7 @@ fn commit_run(
         )),
         None => outcome.upper.clone(),
     };
-    let report = velo_project::commit::commit_upper(store, base, &upper)
+    let report = velo_project::commit::commit_upper(store, base, &upper, outcome.farm_modes)
         .context("committing the run's changes")?;
     let root = report.root;
     store.sync()?;
@@ -348,6 +350,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
         keep_changes: wants_commit,
         nofile: args.nofile,
+        farm_modes: args.farm_modes,
     };
     let outcome = run_isolated(&store, &options)?;
     for farm in &outcome.farms_built {
@@ -362,8 +365,18 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             }
         );
         if farm.inexact_modes > 0 {
+            let (what, hint) = match outcome.farm_modes {
+                velo_store::FarmModes::ReadOnly => (
+                    "without write (or set-id) bits: the farm shares the store's read-only inodes",
+                    "; --farm-modes writable shows owner write bits (a variant inode per such file)",
+                ),
+                velo_store::FarmModes::Writable => (
+                    "without group/other write or set-id bits: the farm's inodes are shared",
+                    "",
+                ),
+            };
             note!(
-                "velo: inside, {} of its files show their mode without write (or set-id) bits: the farm's inodes are the store's, shared and read-only; times are exact, and a commit keeps the tree's modes of files the command does not chmod",
+                "velo: inside, {} of its files show their mode {what}; times are exact, and a commit keeps the tree's modes of files the command does not chmod{hint}",
                 farm.inexact_modes
             );
         }
@@ -400,6 +413,10 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
                 "inexact_modes": f.inexact_modes, "variants_made": f.variants_made,
             })).collect::<Vec<_>>(),
             "run_seconds": outcome.run_seconds,
+            "farm_modes": match outcome.farm_modes {
+                velo_store::FarmModes::ReadOnly => "read-only",
+                velo_store::FarmModes::Writable => "writable",
+            },
         }));
         // The report is lost, not the run: say so, and fail only a run that succeeded.
         if let Err(e) = printed {

@@ -135,7 +135,9 @@ fn another_user_cannot_plant_files_in_a_cached_farm() {
     let store = velo_store::Store::open_or_create(&env.store).unwrap();
     let farm = {
         let _lock = store.lock_shared().unwrap();
-        velo_project::session::ensure_farm(&store, root).unwrap().0
+        velo_project::session::ensure_farm(&store, root, velo_store::FarmModes::Writable)
+            .unwrap()
+            .0
     };
     let target = farm.join("var/tmp/planted");
     let planted = as_nobody("echo evil > \"$1\"", &target);

@@ -734,3 +734,153 @@ fn an_unchanged_copied_up_file_commits_without_room_for_a_copy() {
     assert_eq!(shown["mode"], 0o600, "{shown}");
     drop(mount);
 }
+
+/// The layers show every file's mtime as the tree records it, and its mode: less every
+/// write bit with `--farm-modes read-only` (the store's shared inodes), with the owner's
+/// write bit with `--farm-modes writable` (a variant per such file). Either way a commit
+/// keeps the tree's mode of each file the command appended to without a chmod, and the
+/// mode the command set where it did chmod.
+#[test]
+fn the_layers_show_tree_mtimes_and_modes_and_a_commit_keeps_the_modes_it_did_not_change() {
+    use std::os::unix::fs::PermissionsExt;
+    if !sandbox_supported() {
+        return;
+    }
+    let env = Env::new();
+    let (busybox, _) = layers(&env);
+    let app = env.path("modes");
+    fs::create_dir_all(app.join("m/sub")).unwrap();
+    let files = [
+        ("secret", 0o600, 1_500_000_000),
+        ("pub", 0o644, 1_500_000_100),
+        ("script", 0o700, 1_500_000_200),
+        ("chmodded", 0o644, 1_500_000_300),
+    ];
+    for (name, mode, secs) in files {
+        let path = app.join("m").join(name);
+        fs::write(&path, name).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        common::touch_ns(&path, secs, 0);
+    }
+    fs::set_permissions(app.join("m/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    common::touch_ns(&app.join("m/sub"), 1_400_000_000, 0);
+    let manifest = env.path("modes.velo");
+    env.ok(&[
+        "ingest",
+        app.to_str().unwrap(),
+        "-o",
+        manifest.to_str().unwrap(),
+    ]);
+    for (farm_modes, shown) in [
+        ("read-only", [0o400, 0o444, 0o500, 0o444]),
+        ("writable", [0o600, 0o644, 0o700, 0o644]),
+    ] {
+        let out = run(
+            &env,
+            &busybox,
+            &manifest,
+            &["--farm-modes", farm_modes],
+            "cd /m && stat -c '%n %a %Y' secret pub script chmodded sub",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut want: Vec<String> = files
+            .iter()
+            .zip(shown)
+            .map(|((name, _, secs), mode)| format!("{name} {mode:o} {secs}"))
+            .collect();
+        want.push("sub 750 1400000000".into());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .collect::<Vec<_>>(),
+            want,
+            "--farm-modes {farm_modes}"
+        );
+        let committed = env.path(&format!("after-{farm_modes}.velo"));
+        let out = run(
+            &env,
+            &busybox,
+            &manifest,
+            &[
+                "--farm-modes",
+                farm_modes,
+                "--commit",
+                committed.to_str().unwrap(),
+            ],
+            "cd /m && for f in secret pub script chmodded; do echo more >> $f; done \
+             && chmod 640 chmodded && touch sub/new",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing = env.json(&["ls", "-R", committed.to_str().unwrap()]);
+        let mode_of = |path: &str| {
+            listing["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["path"] == path)
+                .unwrap_or_else(|| panic!("{path} not in {listing}"))["mode"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(
+            ["m/secret", "m/pub", "m/script", "m/chmodded", "m/sub"].map(mode_of),
+            [0o600, 0o644, 0o700, 0o640, 0o750],
+            "--farm-modes {farm_modes}"
+        );
+    }
+    env.fsck_ok();
+}
+
+/// Where the store reflinks, a run's layers show owner write bits by default: each file
+/// that has one links a variant of its own, a clone that shares the blob's blocks.
+#[test]
+fn on_a_reflink_store_the_layers_show_owner_write_bits_by_default() {
+    if !sandbox_supported() {
+        return;
+    }
+    let mut env = Env::new();
+    let Some(mount) =
+        common::LoopMount::new("xfs", &env.path("xfs.img"), &env.path("xfs"), 300, &[])
+    else {
+        return;
+    };
+    env.store = mount.point.join("store");
+    let (busybox, manifest) = layers(&env);
+    let out = env
+        .cmd()
+        .args(["--json", "run", "--isolate", "--base"])
+        .arg(&busybox)
+        .arg("--manifest")
+        .arg(&manifest)
+        .args(["--", "/bin/stat", "-c", "%a", "/app/hello.sh"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("644\n"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(text.trim_start_matches("644\n")).expect("JSON report");
+    assert_eq!(report["farm_modes"], "writable", "{report}");
+    let made: u64 = report["farms_built"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["variants_made"].as_u64().unwrap())
+        .sum();
+    let status = env.json(&["status"]);
+    assert_eq!(status["variants"].as_u64(), Some(made), "{status}");
+    assert!(made >= 4, "the app's four 0644 files at least: {report}");
+    env.fsck_ok();
+}

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, OFlags};
 
 use velo_core::{Entry, EntryKind, Hash, Mode, Name, Tree};
-use velo_store::{Batch, Store, StoreError};
+use velo_store::{Batch, FarmModes, Store, StoreError};
 
 use crate::ProjectError;
 
@@ -121,9 +121,16 @@ pub struct CommitReport {
 /// dropped. The caller holds the store's shared lock. New objects are staged in a batch
 /// and become visible only after one flush, so a power cut never leaves an object whose
 /// bytes are not on disk (see velo-store's batch).
-pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitReport, ProjectError> {
+///
+/// `shown` is how the lowers showed modes to the command: a file or directory whose mode
+/// in the upper is still the one shown of its base entry keeps the base entry's mode.
+pub fn commit_upper(
+    store: &Store,
+    base: Hash,
+    upper: &Path,
+    shown: FarmModes,
+) -> Result<CommitReport, ProjectError> {
     let batch = store.begin_batch()?;
-    let mut setid_dropped = Vec::new();
     let dir = rustix::fs::open(
         upper,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -133,17 +140,14 @@ pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitRep
     let base_tree = store.get_tree(&base)?;
     // One level of recursion per directory level: in the walk pool, whose stacks hold
     // velo_core::MAX_DEPTH of them.
-    let tree = velo_store::in_walk_pool(|| {
-        commit_dir(
-            store,
-            &batch,
-            Some(base_tree),
-            &dir,
-            upper,
-            Path::new(""),
-            &mut setid_dropped,
-        )
-    })?;
+    let mut walk = CommitWalk {
+        store,
+        batch: &batch,
+        shown,
+        setid_dropped: Vec::new(),
+    };
+    let tree = velo_store::in_walk_pool(|| walk.dir(Some(base_tree), &dir, upper, Path::new("")))?;
+    let setid_dropped = walk.setid_dropped;
     let root = stage_tree(store, &batch, &tree)?;
     store.sync()?;
     batch.publish()?;
@@ -155,14 +159,14 @@ pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitRep
 
 /// The base entry's mode, if the upper's `mode` is what the lower showed of it: the
 /// command did not chmod it, and the tree keeps the mode it records. A hard-link farm
-/// shows a file's mode without write bits (its inode is shared and read-only; see
-/// [`velo_store::BlobForm::for_entry`]) and a directory's without group and other write,
+/// shows a file's mode without some bits (its inode is shared; see
+/// [`velo_store::BlobForm::in_farm`]) and a directory's without group and other write,
 /// and a copy-up keeps what was shown; recording that would, say, make a 0600 file the
 /// command appended to 0400. A chmod to another mode is the command's and is kept.
-fn unchanged_mode(base: &Entry, kind_of: FileType, mode: Mode) -> Option<Mode> {
+fn unchanged_mode(base: &Entry, kind_of: FileType, mode: Mode, modes: FarmModes) -> Option<Mode> {
     let shown = match (&base.kind, kind_of) {
         (EntryKind::File { .. }, FileType::RegularFile) => {
-            velo_store::BlobForm::for_entry(base.mode.bits(), 0).mode
+            velo_store::BlobForm::in_farm(base.mode.bits(), 0, modes).mode
         }
         (EntryKind::Dir { .. }, FileType::Directory) => {
             crate::farm::shown_dir_mode(base.mode.bits())
@@ -181,124 +185,126 @@ fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, Pro
     Ok(hash)
 }
 
-/// The tree of the upper directory open at `dir` (shown as `shown` in messages, at `rel`
-/// in the tree; empty for the root) over `base`. The walk goes from descriptor to
-/// descriptor without following any link, so it reads what is in the upper whatever is
-/// renamed around it, and has no path-length limit.
-fn commit_dir(
-    store: &Store,
-    batch: &Batch<'_>,
-    base: Option<Tree>,
-    dir: &OwnedFd,
-    shown: &Path,
-    rel: &Path,
-    setid_dropped: &mut Vec<PathBuf>,
-) -> Result<Tree, ProjectError> {
-    let is_root = rel.as_os_str().is_empty();
-    if rel.components().count() + 1 > velo_core::MAX_DEPTH {
-        return Err(too_deep(&format!("the upper {}", shown.display())));
-    }
-    let mut entries: BTreeMap<Name, Entry> = match base {
-        Some(tree) if is_root || !is_opaque(dir) => tree
-            .into_entries()
-            .into_iter()
-            .map(|e| (e.name.clone(), e))
-            .collect(),
-        _ => BTreeMap::new(),
-    };
-    let listing = rustix::fs::Dir::read_from(dir).map_err(read_error(shown))?;
-    for item in listing {
-        let item = item.map_err(read_error(shown))?;
-        let file_name = item.file_name();
-        if matches!(file_name.to_bytes(), b"." | b"..") {
-            continue;
+/// One commit's walk of an upper.
+struct CommitWalk<'a, 'b> {
+    store: &'a Store,
+    batch: &'a Batch<'b>,
+    /// How the lowers showed modes.
+    shown: FarmModes,
+    setid_dropped: Vec<PathBuf>,
+}
+
+impl CommitWalk<'_, '_> {
+    /// The tree of the upper directory open at `dir` (shown as `display` in messages, at
+    /// `rel` in the tree; empty for the root) over `base`. The walk goes from descriptor to
+    /// descriptor without following any link, so it reads what is in the upper whatever is
+    /// renamed around it, and has no path-length limit.
+    fn dir(
+        &mut self,
+        base: Option<Tree>,
+        dir: &OwnedFd,
+        display: &Path,
+        rel: &Path,
+    ) -> Result<Tree, ProjectError> {
+        let (store, batch) = (self.store, self.batch);
+        let is_root = rel.as_os_str().is_empty();
+        if rel.components().count() + 1 > velo_core::MAX_DEPTH {
+            return Err(too_deep(&format!("the upper {}", display.display())));
         }
-        let os_name = std::ffi::OsStr::from_bytes(file_name.to_bytes());
-        let path = shown.join(os_name);
-        let name = Name::new(file_name.to_bytes())
-            .map_err(|e| StoreError::Invalid(format!("{}: {e}", path.display())))?;
-        let stat = rustix::fs::statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(read_error(&path))?;
-        let kind_of = FileType::from_raw_mode(stat.st_mode);
-        if kind_of == FileType::CharacterDevice && stat.st_rdev == 0 {
-            entries.remove(&name);
-            continue;
-        }
-        let mut mode = Mode::from_st_mode(stat.st_mode);
-        if let Some(base_mode) = entries
-            .get(&name)
-            .and_then(|e| unchanged_mode(e, kind_of, mode))
-        {
-            mode = base_mode;
-        } else if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
-            mode = Mode::from_st_mode(mode.bits() & !0o6000);
-            setid_dropped.push(rel.join(os_name));
-        }
-        let mtime_ns = (stat.st_mtime as i64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(stat.st_mtime_nsec as i64);
-        let open = |flags: OFlags| {
-            rustix::fs::openat(
-                dir,
-                file_name,
-                flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(read_error(&path))
+        let mut entries: BTreeMap<Name, Entry> = match base {
+            Some(tree) if is_root || !is_opaque(dir) => tree
+                .into_entries()
+                .into_iter()
+                .map(|e| (e.name.clone(), e))
+                .collect(),
+            _ => BTreeMap::new(),
         };
-        let kind = match kind_of {
-            FileType::Directory => {
-                let below = match entries.get(&name).map(|e| &e.kind) {
-                    Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
-                    _ => None,
-                };
-                let sub_dir = open(OFlags::RDONLY | OFlags::DIRECTORY)?;
-                let sub = commit_dir(
-                    store,
-                    batch,
-                    below,
-                    &sub_dir,
-                    &path,
-                    &rel.join(os_name),
-                    setid_dropped,
-                )?;
-                EntryKind::Dir {
-                    hash: stage_tree(store, batch, &sub)?,
-                }
-            }
-            FileType::RegularFile => {
-                let file = std::fs::File::from(open(OFlags::RDONLY | OFlags::NONBLOCK)?);
-                let (hash, size) = velo_ingest::store_open_file(store, batch, &file, &path)
-                    .map_err(|e| match e {
-                        velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
-                        other => ProjectError::Store(StoreError::Invalid(other.to_string())),
-                    })?;
-                EntryKind::File { hash, size }
-            }
-            FileType::Symlink => {
-                let target = rustix::fs::readlinkat(dir, file_name, Vec::new())
-                    .map_err(read_error(&path))?;
-                EntryKind::Symlink {
-                    target: target.as_bytes().into(),
-                }
-            }
-            _ => {
-                tracing::warn!(path = %rel.join(os_name).display(), "not committing a socket, fifo or device");
+        let listing = rustix::fs::Dir::read_from(dir).map_err(read_error(display))?;
+        for item in listing {
+            let item = item.map_err(read_error(display))?;
+            let file_name = item.file_name();
+            if matches!(file_name.to_bytes(), b"." | b"..") {
                 continue;
             }
-        };
-        entries.insert(
-            name.clone(),
-            Entry {
-                name,
-                mode,
-                mtime_ns,
-                kind,
-            },
-        );
+            let os_name = std::ffi::OsStr::from_bytes(file_name.to_bytes());
+            let path = display.join(os_name);
+            let name = Name::new(file_name.to_bytes())
+                .map_err(|e| StoreError::Invalid(format!("{}: {e}", path.display())))?;
+            let stat = rustix::fs::statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(read_error(&path))?;
+            let kind_of = FileType::from_raw_mode(stat.st_mode);
+            if kind_of == FileType::CharacterDevice && stat.st_rdev == 0 {
+                entries.remove(&name);
+                continue;
+            }
+            let mut mode = Mode::from_st_mode(stat.st_mode);
+            if let Some(base_mode) = entries
+                .get(&name)
+                .and_then(|e| unchanged_mode(e, kind_of, mode, self.shown))
+            {
+                mode = base_mode;
+            } else if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
+                mode = Mode::from_st_mode(mode.bits() & !0o6000);
+                self.setid_dropped.push(rel.join(os_name));
+            }
+            let mtime_ns = (stat.st_mtime as i64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(stat.st_mtime_nsec as i64);
+            let open = |flags: OFlags| {
+                rustix::fs::openat(
+                    dir,
+                    file_name,
+                    flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(read_error(&path))
+            };
+            let kind = match kind_of {
+                FileType::Directory => {
+                    let below = match entries.get(&name).map(|e| &e.kind) {
+                        Some(EntryKind::Dir { hash }) => Some(store.get_tree(hash)?),
+                        _ => None,
+                    };
+                    let sub_dir = open(OFlags::RDONLY | OFlags::DIRECTORY)?;
+                    let sub = self.dir(below, &sub_dir, &path, &rel.join(os_name))?;
+                    EntryKind::Dir {
+                        hash: stage_tree(store, batch, &sub)?,
+                    }
+                }
+                FileType::RegularFile => {
+                    let file = std::fs::File::from(open(OFlags::RDONLY | OFlags::NONBLOCK)?);
+                    let (hash, size) = velo_ingest::store_open_file(store, batch, &file, &path)
+                        .map_err(|e| match e {
+                            velo_ingest::IngestError::Store(s) => ProjectError::Store(s),
+                            other => ProjectError::Store(StoreError::Invalid(other.to_string())),
+                        })?;
+                    EntryKind::File { hash, size }
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(dir, file_name, Vec::new())
+                        .map_err(read_error(&path))?;
+                    EntryKind::Symlink {
+                        target: target.as_bytes().into(),
+                    }
+                }
+                _ => {
+                    tracing::warn!(path = %rel.join(os_name).display(), "not committing a socket, fifo or device");
+                    continue;
+                }
+            };
+            entries.insert(
+                name.clone(),
+                Entry {
+                    name,
+                    mode,
+                    mtime_ns,
+                    kind,
+                },
+            );
+        }
+        Tree::new(entries.into_values().collect())
+            .map_err(|e| ProjectError::Store(StoreError::Invalid(e.to_string())))
     }
-    Tree::new(entries.into_values().collect())
-        .map_err(|e| ProjectError::Store(StoreError::Invalid(e.to_string())))
 }
 
 #[cfg(test)]
@@ -335,7 +341,7 @@ mod tests {
         chmod("plain", 0o755);
         chmod("sub", 0o2775);
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper).unwrap();
+        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
         let mut dropped = report.setid_dropped.clone();
         dropped.sort();
         assert_eq!(
@@ -365,7 +371,7 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, b"data in the middle", size / 2).unwrap();
         drop(file);
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper).unwrap();
+        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
         let velo_store::treeops::Found::Entry(entry) =
             velo_store::treeops::lookup(&store, report.root, b"big").unwrap()
         else {
@@ -436,7 +442,7 @@ mod tests {
         std::fs::write(upper.join("tmp/new"), b"n").unwrap();
         std::fs::set_permissions(upper.join("tmp"), std::fs::Permissions::from_mode(0o1755))
             .unwrap();
-        let report = commit_upper(&store, base, &upper).unwrap();
+        let report = commit_upper(&store, base, &upper, FarmModes::ReadOnly).unwrap();
         let modes: Vec<(&str, u32)> = ["secret", "pub", "script", "chmodded", "narrowed", "tmp"]
             .into_iter()
             .map(|n| (n, mode_at(&store, report.root, n.as_bytes())))
@@ -586,7 +592,7 @@ mod tests {
         .unwrap();
         rustix::io::write(&leaf, b"deep").unwrap();
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper).unwrap();
+        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
         let deep: Vec<u8> = std::iter::repeat_n(format!("{name}/"), 30)
             .collect::<String>()
             .into_bytes();

@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, Mode as FsMode, OFlags, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 use velo_core::{Entry, EntryKind, Hash};
 use velo_store::treeops::TreeSource;
-use velo_store::{Batch, Store, StoreError};
+use velo_store::{Batch, FarmModes, Store, StoreError};
 
 /// How files are materialised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +33,12 @@ pub struct CheckoutOptions {
     /// Give copied and reflinked files the set-user-ID and set-group-ID bits their tree
     /// records. Off by default: a tree may come from anyone (a `.velo` file, a sandbox
     /// commit), and a set-uid file that root checks out would run as root. (Hard-linked
-    /// files never have them: they are the store's 0444/0555 inodes.)
+    /// files never have them: they are the store's read-only inodes.)
     pub preserve_setid: bool,
+    /// Hard links: which modes the linked inodes show. Checkouts a user can write into
+    /// keep [`FarmModes::ReadOnly`] (the default): an owner-writable inode shared with
+    /// other trees would let an edit change them all.
+    pub farm_modes: FarmModes,
 }
 
 impl CheckoutOptions {
@@ -43,6 +47,7 @@ impl CheckoutOptions {
         CheckoutOptions {
             mode,
             preserve_setid: false,
+            farm_modes: FarmModes::ReadOnly,
         }
     }
 }
@@ -85,9 +90,9 @@ pub struct CheckoutReport {
     /// Files whose set-uid/set-gid bits were left off (copy and reflink modes, without
     /// [`CheckoutOptions::preserve_setid`]).
     pub setid_dropped: u64,
-    /// Hard-linked files whose tree mode a shared read-only inode cannot show exactly
-    /// (write, set-id or sticky bits, or no owner read): they show
-    /// [`velo_store::BlobForm::for_entry`]'s mode. Their mtimes are exact.
+    /// Hard-linked files whose tree mode a shared inode cannot show exactly (write bits
+    /// in read-only mode, group/other write, set-id or sticky bits, no owner read): they
+    /// show [`velo_store::BlobForm::in_farm`]'s mode. Their mtimes are exact.
     pub inexact_modes: u64,
     /// Variants made (a blob in another mode or mtime, for entries that show it so).
     pub variants_made: u64,
@@ -127,6 +132,7 @@ struct Ctx<'a> {
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
     preserve_setid: bool,
+    farm_modes: FarmModes,
     dest: &'a Path,
     cross_device: AtomicBool,
     files: AtomicU64,
@@ -315,6 +321,7 @@ fn checkout_into(
         trees,
         mode: options.mode,
         preserve_setid: options.preserve_setid,
+        farm_modes: options.farm_modes,
         dest,
         cross_device: AtomicBool::new(false),
         files: AtomicU64::new(0),
@@ -450,7 +457,8 @@ impl Ctx<'_> {
         path: &[u8],
     ) -> Result<(), ProjectError> {
         let name = entry.name.as_bytes();
-        let form = velo_store::BlobForm::for_entry(entry.mode.bits(), entry.mtime_ns);
+        let form =
+            velo_store::BlobForm::in_farm(entry.mode.bits(), entry.mtime_ns, self.farm_modes);
         if self.mode == CheckoutMode::Hardlink && form.mode != entry.mode.bits() & 0o7777 {
             self.inexact_modes.fetch_add(1, Ordering::Relaxed);
         }

@@ -13,7 +13,8 @@ use velo_core::Hash;
 use velo_store::Store;
 
 use crate::sandbox::{Bind, SandboxConfig};
-use crate::{checkout, CheckoutMode, ProjectError};
+use crate::{CheckoutMode, CheckoutOptions, ProjectError};
+use velo_store::FarmModes;
 
 /// A farm built for a run.
 #[derive(Clone, Debug)]
@@ -30,14 +31,15 @@ pub struct FarmBuilt {
     pub variants_made: u64,
 }
 
-/// The cached link farm of `root` in the store (`farms/<root>.2`), built on first use.
-/// Returns its path and, when it had to be built, what building it did. The caller holds
-/// the store's shared lock.
+/// The cached link farm of `root` whose files show `modes` (`farms/<root>.2` or
+/// `.2w`), built on first use. Returns its path and, when it had to be built, what
+/// building it did. The caller holds the store's shared lock.
 pub fn ensure_farm(
     store: &Store,
     root: Hash,
+    modes: FarmModes,
 ) -> Result<(PathBuf, Option<FarmBuilt>), ProjectError> {
-    let path = store.farm_path(&root);
+    let path = store.farm_path(&root, modes);
     let farms = path.parent().expect("farms/<name>").to_path_buf();
     if crate::sandbox::is_real_dir(&path) {
         return Ok((path, None));
@@ -50,12 +52,15 @@ pub fn ensure_farm(
     let started = Instant::now();
     let building = farms.join(format!(".build-{}-{}", std::process::id(), root.to_hex()));
     velo_store::remove_tree(&building);
-    let report = checkout(
+    let report = crate::checkout_with(
         store,
         store,
         root,
         &building,
-        CheckoutMode::Hardlink,
+        CheckoutOptions {
+            farm_modes: modes,
+            ..CheckoutOptions::new(CheckoutMode::Hardlink)
+        },
         &velo_ingest::Progress::default(),
     )?;
     match std::fs::rename(&building, &path) {
@@ -106,6 +111,19 @@ pub struct RunOptions {
     /// The soft limit of open files to give the command (the caller's, before velo
     /// raised its own).
     pub nofile: Option<u64>,
+    /// Which modes the lowers show; `None`: [`default_farm_modes`].
+    pub farm_modes: Option<FarmModes>,
+}
+
+/// The farm modes a run uses unless told: owner-writable where the store reflinks (a
+/// variant then costs an inode, not a copy), read-only elsewhere (ext4), where a variant
+/// per writable file would copy nearly every byte of the tree.
+pub fn default_farm_modes(store: &Store) -> FarmModes {
+    if store.reflinks() {
+        FarmModes::Writable
+    } else {
+        FarmModes::ReadOnly
+    }
 }
 
 /// What happened.
@@ -120,6 +138,8 @@ pub struct RunOutcome {
     pub base: Option<Hash>,
     /// Farms built for this run.
     pub farms_built: Vec<FarmBuilt>,
+    /// The modes the lowers showed (a commit needs them to tell what the command chmod'ed).
+    pub farm_modes: FarmModes,
     /// Seconds from start to the command's exit, farm building excluded.
     pub run_seconds: f64,
     /// The session (the caller removes or keeps it when done with the upper).
@@ -475,8 +495,11 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     layers.push(manifest);
     let mut farms_built = Vec::new();
     let mut lowers = Vec::new();
+    let farm_modes = options
+        .farm_modes
+        .unwrap_or_else(|| default_farm_modes(store));
     for &layer in layers.iter().rev() {
-        let (path, built) = ensure_farm(store, layer)?;
+        let (path, built) = ensure_farm(store, layer, farm_modes)?;
         farms_built.extend(built);
         lowers.push(path);
     }
@@ -554,6 +577,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
         upper,
         base,
         farms_built,
+        farm_modes,
         run_seconds,
         session,
         upper_is_temporary,

@@ -44,7 +44,7 @@ pub use batch::Batch;
 pub use error::{is_no_space, Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;
-pub use objects::{BlobForm, Staged};
+pub use objects::{BlobForm, FarmModes, Staged};
 pub use refs::{validate_root_name, DamagedRecord, RootRecord, RootStats};
 pub use repair::{MissingObject, ModeFixed, NeededBy, Quarantined, RepairReport};
 pub use sessions::Session;
@@ -63,6 +63,7 @@ pub struct Store {
     tmp_dir: OwnedFd,
     tmpfile_supported: AtomicBool,
     temp_counter: AtomicU64,
+    reflinks: std::sync::OnceLock<bool>,
 }
 
 /// A held store lock; released on drop (or when the process dies).
@@ -120,6 +121,7 @@ impl Store {
             id,
             tmpfile_supported: AtomicBool::new(true),
             temp_counter: AtomicU64::new(0),
+            reflinks: std::sync::OnceLock::new(),
         })
     }
 
@@ -189,6 +191,27 @@ impl Store {
         let store = Store::open(root)?;
         store.secure_private_dirs();
         Ok(store)
+    }
+
+    /// Whether the store's file system clones files (`FICLONE`: btrfs, xfs with
+    /// reflink), so a variant costs an inode, not a copy of the bytes. Tried once per
+    /// process, on two unnamed temp files.
+    pub fn reflinks(&self) -> bool {
+        *self.reflinks.get_or_init(|| {
+            let temp = || {
+                rustix::fs::openat(
+                    &self.tmp_dir,
+                    ".",
+                    OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                    FsMode::from_raw_mode(0o600),
+                )
+            };
+            let (Ok(source), Ok(dest)) = (temp(), temp()) else {
+                return false;
+            };
+            rustix::io::write(&source, b"probe").is_ok()
+                && rustix::fs::ioctl_ficlone(&dest, &source).is_ok()
+        })
     }
 
     /// The store's root directory.

@@ -74,10 +74,14 @@ pub(crate) fn relative_name(hash: &Hash) -> String {
 /// A tree entry is shown by an inode whose form matches it: the blob's own file (which
 /// takes the form of the first file it was stored from) or a *variant*, a separate inode
 /// with the same bytes under `blobs/ab/<hash>.<mode>.<mtime_ns>` (see docs/FORMAT.md).
-/// Every form is read-only: the inodes are shared by every tree that shows them.
+/// A blob's own file is read-only (0444 or 0555). A variant is read-only when a
+/// hard-linked checkout (which the user can write into) links it; the variants of farms
+/// with [`FarmModes::Writable`] also keep the owner's write bit, since a farm is reached
+/// only by the store's owner and, as a sandbox's lower, never written through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlobForm {
-    /// Permission bits: never a write, set-id or sticky bit; always owner read.
+    /// Permission bits: never a group or other write, set-id or sticky bit; always owner
+    /// read.
     pub mode: u32,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
@@ -91,6 +95,17 @@ impl BlobForm {
         BlobForm {
             mode: (mode_bits & 0o555) | 0o400,
             mtime_ns,
+        }
+    }
+
+    /// The form that shows a tree entry in a farm of `modes`.
+    pub fn in_farm(mode_bits: u32, mtime_ns: i64, modes: FarmModes) -> BlobForm {
+        match modes {
+            FarmModes::ReadOnly => BlobForm::for_entry(mode_bits, mtime_ns),
+            FarmModes::Writable => BlobForm {
+                mode: (mode_bits & 0o755) | 0o400,
+                mtime_ns,
+            },
         }
     }
 
@@ -133,8 +148,10 @@ impl BlobForm {
         let mode = u32::from_str_radix(mode, 8).ok()?;
         let mtime_ns: i64 = mtime.parse().ok()?;
         let form = BlobForm { mode, mtime_ns };
-        // Only the one spelling: a name is a variant's name, or a stray.
-        (form.suffix() == suffix && BlobForm::for_entry(mode, 0).mode == mode).then_some(form)
+        // Only the one spelling and the modes a form can have: a name is a variant's
+        // name, or a stray.
+        let possible = mode & !0o755 == 0 && mode & 0o400 != 0;
+        (form.suffix() == suffix && possible).then_some(form)
     }
 
     /// Timestamps for `futimens`: atime and mtime both the form's mtime.
@@ -150,12 +167,35 @@ impl BlobForm {
     }
 }
 
-/// The suffix of a current farm's directory name (see [`Store::farm_path`]).
-const FARM_SUFFIX: &str = ".2";
+/// How a farm shows the modes of its files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FarmModes {
+    /// Less every write bit: files link blobs and read-only variants, so a tree just
+    /// ingested needs no variant. The right choice where a variant is a copy (ext4).
+    ReadOnly,
+    /// With the owner's write bit too, so `rw-r--r--` shows as such: every file whose mode
+    /// has it links a variant of its own (an inode each where the store reflinks, a copy
+    /// elsewhere).
+    Writable,
+}
 
-/// The tree whose current farm has this directory name.
+impl FarmModes {
+    /// The suffix of such a farm's directory name (see [`Store::farm_path`]).
+    fn suffix(self) -> &'static str {
+        match self {
+            FarmModes::ReadOnly => ".2",
+            FarmModes::Writable => ".2w",
+        }
+    }
+}
+
+/// The tree whose current farm (of either kind) has this directory name.
 pub(crate) fn farm_root(name: &str) -> Option<Hash> {
-    name.strip_suffix(FARM_SUFFIX)?.parse().ok()
+    [FarmModes::ReadOnly, FarmModes::Writable]
+        .iter()
+        .find_map(|m| name.strip_suffix(m.suffix()))?
+        .parse()
+        .ok()
 }
 
 /// The legacy suffix of an executable (0555) variant, from before variants had forms.
@@ -196,13 +236,14 @@ impl Store {
         self.tmp_dir.as_fd()
     }
 
-    /// Where the cached link farm of tree `root` lives: `farms/<hash>.2`. The `.2` is the
-    /// farm format: farms of format 2 show every entry's mtime and read-only mode
-    /// ([`BlobForm`]); farms named by the bare hash came before and are gc's to remove.
-    pub fn farm_path(&self, root: &Hash) -> std::path::PathBuf {
+    /// Where the cached link farm of tree `root` lives: `farms/<hash>.2` (read-only
+    /// modes) or `farms/<hash>.2w` (owner-writable modes). The `2` is the farm format:
+    /// such farms show every entry's mtime ([`BlobForm`]); farms named by the bare hash
+    /// came before and are gc's to remove.
+    pub fn farm_path(&self, root: &Hash, modes: FarmModes) -> std::path::PathBuf {
         self.root
             .join("farms")
-            .join(format!("{}{FARM_SUFFIX}", root.to_hex()))
+            .join(format!("{}{}", root.to_hex(), modes.suffix()))
     }
 
     /// The path of a blob's file (0444 or 0555; never write to it).
@@ -578,11 +619,19 @@ mod tests {
         assert_eq!(BlobForm::for_entry(0o600, 0).mode, 0o400);
         // Other spellings, writable modes and garbage are strays, not variants.
         for stray in [
-            ".0444.1", ".644.1", ".444.01", ".444.+1", ".444", ".444.1.", "444.1", ".x1", "",
+            ".0444.1", ".664.1", ".4555.1", ".1555.1", ".044.1", ".444.01", ".444.+1", ".444",
+            ".444.1.", "444.1", ".x1", "",
         ] {
             assert_eq!(BlobForm::parse_suffix(stray), None, "{stray:?}");
         }
         assert!(is_variant_suffix(".x"));
+        let writable = BlobForm::in_farm(0o6775, 3, FarmModes::Writable);
+        assert_eq!(
+            writable.mode, 0o755,
+            "owner write kept, group write and set-id not"
+        );
+        assert_eq!(BlobForm::parse_suffix(&writable.suffix()), Some(writable));
+        assert_eq!(BlobForm::in_farm(0o644, 3, FarmModes::ReadOnly).mode, 0o444);
         assert_eq!(
             BlobForm::canonical(0o700, 5),
             BlobForm {
