@@ -330,7 +330,8 @@ pub fn checkout(
             "files": r.files, "dirs": r.dirs, "symlinks": r.symlinks, "bytes": r.bytes,
             "linked": r.linked, "reflinked": r.reflinked, "copied": r.copied,
             "link_limit_fallbacks": r.link_limit_fallbacks, "cross_device": r.cross_device,
-            "setid_dropped": r.setid_dropped, "seconds": r.seconds,
+            "setid_dropped": r.setid_dropped, "inexact_modes": r.inexact_modes,
+            "variants_made": r.variants_made, "seconds": r.seconds,
         }));
     } else {
         note!(
@@ -342,6 +343,18 @@ pub fn checkout(
             note!(
                 "velo: left the set-uid/set-gid bits off {} files; give --preserve-setuid if you trust this tree's author",
                 r.setid_dropped
+            );
+        }
+        if r.inexact_modes > 0 {
+            note!(
+                "velo: {} files show their tree's mode without write (or set-id) bits: hard links share the store's read-only inodes; times are exact; --mode copy or --mode reflink gives writable files with exact modes",
+                r.inexact_modes
+            );
+        }
+        if r.variants_made > 0 {
+            note!(
+                "velo: made {} variants (a stored content in another mode or mtime; `velo status` says what they cost)",
+                r.variants_made
             );
         }
     }

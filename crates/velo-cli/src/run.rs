@@ -350,11 +350,23 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         nofile: args.nofile,
     };
     let outcome = run_isolated(&store, &options)?;
-    for (root, seconds) in &outcome.farms_built {
+    for farm in &outcome.farms_built {
         note!(
-            "velo: built the link farm of {} in {seconds:.2} s (cached for later runs)",
-            &root.to_hex()[..16]
+            "velo: built the link farm of {} in {:.2} s (cached for later runs){}",
+            &farm.root.to_hex()[..16],
+            farm.seconds,
+            if farm.variants_made > 0 {
+                format!("; made {} variants", farm.variants_made)
+            } else {
+                String::new()
+            }
         );
+        if farm.inexact_modes > 0 {
+            note!(
+                "velo: inside, {} of its files show their mode without write (or set-id) bits: the farm's inodes are the store's, shared and read-only; times are exact, and a commit keeps the tree's modes of files the command does not chmod",
+                farm.inexact_modes
+            );
+        }
     }
     let mut exit_code = outcome.exit_code;
     let settled = if wants_commit {
@@ -383,7 +395,10 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             "commit_error": commit_error,
             "changes_kept_at": kept_at,
             "upper": upper,
-            "farms_built": outcome.farms_built.iter().map(|(h, s)| json!({"root": h.to_hex(), "seconds": s})).collect::<Vec<_>>(),
+            "farms_built": outcome.farms_built.iter().map(|f| json!({
+                "root": f.root.to_hex(), "seconds": f.seconds,
+                "inexact_modes": f.inexact_modes, "variants_made": f.variants_made,
+            })).collect::<Vec<_>>(),
             "run_seconds": outcome.run_seconds,
         }));
         // The report is lost, not the run: say so, and fail only a run that succeeded.

@@ -274,6 +274,11 @@ pub fn status(ctx: &Ctx) -> Result<ExitCode> {
             fmt::bytes(s.blob_bytes),
             fmt::bytes(s.disk_bytes)
         );
+        out!(
+            "variants:     {} ({}; each a copy where the store cannot reflink)",
+            s.variants,
+            fmt::bytes(s.variant_bytes)
+        );
         out!("logical:      {}", fmt::bytes(s.logical_bytes));
         out!("dedup ratio:  {:.2}", s.dedup_ratio);
     }
@@ -287,10 +292,12 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else if run {
         note!(
-            "freed {} trees, {} blobs, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots",
+            "freed {} trees, {} blobs, {}, {} unused variants, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
+            r.unused_variants,
+            fmt::bytes(r.unused_variant_bytes),
             r.farms,
             r.sessions,
             r.temp_files,
@@ -298,10 +305,12 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
         );
     } else {
         note!(
-            "would free {} trees, {} blobs, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots); run `velo gc --run` to delete",
+            "would free {} trees, {} blobs, {}, {} unused variants, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots); run `velo gc --run` to delete",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
+            r.unused_variants,
+            fmt::bytes(r.unused_variant_bytes),
             r.farms,
             r.sessions,
             r.temp_files,

@@ -1055,7 +1055,7 @@ fn an_upper_or_bind_source_swapped_for_a_link_into_the_store_is_never_mounted() 
         .as_str()
         .unwrap()
         .to_string();
-    let farm = env.store.join("farms").join(&app_root);
+    let farm = env.store.join("farms").join(format!("{app_root}.2"));
     assert!(farm.join("app/hello.sh").exists(), "{}", farm.display());
     let race = env.path("race");
     fs::create_dir(&race).unwrap();

@@ -44,8 +44,13 @@ fn copy_checkout_equals_the_source_in_content_modes_and_mtimes() {
     env.fsck_ok();
 }
 
+/// A hard-linked checkout shows every entry's mtime (ns) exactly and its mode less the
+/// bits a shared read-only inode cannot have (write, set-id, sticky). A freshly ingested
+/// tree links the blobs themselves (each took the mode class and mtime of the file it was
+/// stored from); content that another entry shows in another form gets a variant, a
+/// separate inode, which gc keeps while something links it.
 #[test]
-fn hardlink_checkout_links_read_only_blobs_and_separate_executable_variants() {
+fn hardlink_checkout_shows_tree_mtimes_and_read_only_modes_through_blobs_and_variants() {
     let env = Env::new();
     let src = env.path("src");
     awkward_tree(&src);
@@ -59,13 +64,15 @@ fn hardlink_checkout_links_read_only_blobs_and_separate_executable_variants() {
     let got = scan(&out);
     for (path, meta) in &want {
         let farm = &got[path];
-        assert_eq!(farm.kind, meta.kind, "{path:?}");
         match meta.kind.as_str() {
-            "file" => {
-                let exec = meta.mode & 0o111 != 0;
-                assert_eq!(farm.mode, if exec { 0o555 } else { 0o444 }, "{path:?}");
-                assert_eq!(farm.hash, meta.hash);
-            }
+            "file" => assert_eq!(
+                *farm,
+                common::Meta {
+                    mode: (meta.mode & 0o555) | 0o400,
+                    ..meta.clone()
+                },
+                "{path:?}"
+            ),
             // Directories of a hard-linked checkout never get group/other write (the
             // tree's 2775 setgid_dir shows as 2755); everything else is exact.
             "dir" => assert_eq!(
@@ -79,33 +86,54 @@ fn hardlink_checkout_links_read_only_blobs_and_separate_executable_variants() {
             _ => assert_eq!(farm, meta, "{path:?}"),
         }
     }
-    let exec = fs::metadata(out.join("sub/exec.sh")).unwrap();
-    let blob = env
-        .store
-        .join("blobs")
-        .join(&want[&b"sub/exec.sh".to_vec()].hash.clone().unwrap()[..2]);
     let hash = want[&b"sub/exec.sh".to_vec()].hash.clone().unwrap();
-    let plain_blob = fs::metadata(blob.join(&hash)).unwrap();
-    let exec_blob = fs::metadata(blob.join(format!("{hash}.x"))).unwrap();
+    let shard = env.store.join("blobs").join(&hash[..2]);
+    let exec_blob = fs::metadata(shard.join(&hash)).unwrap();
     assert_eq!(
-        exec.ino(),
+        fs::metadata(out.join("sub/exec.sh")).unwrap().ino(),
         exec_blob.ino(),
-        "executables link the 0555 variant"
-    );
-    assert_ne!(
-        exec_blob.ino(),
-        plain_blob.ino(),
-        "the variant is its own inode"
+        "the only file with this content links the blob itself"
     );
     assert_eq!(
-        plain_blob.mode() & 0o7777,
-        0o444,
-        "the plain blob keeps its mode"
+        exec_blob.mode() & 0o7777,
+        0o555,
+        "the blob took the class of its file"
     );
     env.fsck_ok();
-    // gc keeps the variant while a root needs the blob.
+
+    // The same bytes, not executable and dated otherwise, in another tree: a variant.
+    let other = env.path("other");
+    fs::create_dir(&other).unwrap();
+    fs::copy(src.join("sub/exec.sh"), other.join("copy.sh")).unwrap();
+    fs::set_permissions(other.join("copy.sh"), fs::Permissions::from_mode(0o640)).unwrap();
+    common::touch_ns(&other.join("copy.sh"), 1_000_000_000, 42);
+    env.ingest(&other, &["--name", "other"]);
+    let out2 = env.path("farm2");
+    let report = env.json(&["checkout", "other", out2.to_str().unwrap()]);
+    assert_eq!(report["variants_made"], 1, "{report}");
+    assert_eq!(report["inexact_modes"], 1, "0640 shows as 0440: {report}");
+    let copy = fs::metadata(out2.join("copy.sh")).unwrap();
+    assert_eq!(copy.mode() & 0o7777, 0o440);
+    assert_eq!((copy.mtime(), copy.mtime_nsec()), (1_000_000_000, 42));
+    let variant = shard.join(format!("{hash}.440.1000000000000000042"));
+    assert_eq!(fs::metadata(&variant).unwrap().ino(), copy.ino());
+    assert_ne!(copy.ino(), exec_blob.ino(), "the variant is its own inode");
+    let blob_now = fs::metadata(shard.join(&hash)).unwrap();
+    assert_eq!(
+        (blob_now.mode() & 0o7777, blob_now.mtime()),
+        (0o555, exec_blob.mtime()),
+        "the blob keeps its form"
+    );
+    env.fsck_ok();
+    // gc keeps a variant while a checkout links it, and removes it when nothing does.
     env.ok(&["gc", "--run"]);
-    assert!(blob.join(format!("{hash}.x")).exists());
+    assert!(variant.exists());
+    env.ok(&["checkout", "--remove", out2.to_str().unwrap()]);
+    let gc = env.json(&["gc", "--run"]);
+    assert_eq!(gc["unused_variants"], 1, "{gc}");
+    assert!(!variant.exists());
+    assert!(shard.join(&hash).exists(), "the blob stays");
+    env.fsck_ok();
 }
 
 #[test]
@@ -296,24 +324,19 @@ fn gc_removes_the_farms_of_forgotten_roots() {
     let root = env.ingest(&src, &["--name", "t"]);
     let farms = env.store.join("farms");
     // A farm is what run --isolate caches; building one through a run needs namespaces, so
-    // build it the way the run does: a checkout, published under farms/<root> (velo
+    // build it the way the run does: a checkout, published under farms/<root>.2 (velo
     // refuses to check out into the store itself, so it is made beside it and moved in).
     fs::create_dir_all(&farms).unwrap();
     let beside = env.path("farm");
     env.ok(&["checkout", "t", beside.to_str().unwrap()]);
-    fs::rename(&beside, farms.join(&root)).unwrap();
+    let farm = farms.join(format!("{root}.2"));
+    fs::rename(&beside, &farm).unwrap();
     env.ok(&["gc", "--run"]);
-    assert!(
-        farms.join(&root).is_dir(),
-        "a registered root keeps its farm"
-    );
+    assert!(farm.is_dir(), "a registered root keeps its farm");
     env.ok(&["forget", "t"]);
     let report = env.json(&["gc", "--run"]);
     assert_eq!(report["farms"], 1);
-    assert!(
-        !farms.join(&root).exists(),
-        "the farm of a forgotten root is removed"
-    );
+    assert!(!farm.exists(), "the farm of a forgotten root is removed");
     env.fsck_ok();
 }
 

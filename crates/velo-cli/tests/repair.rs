@@ -211,10 +211,14 @@ fn bad_modes_are_restored_and_the_store_passes() {
     set_mode(&src.join("bin/tool"), 0o755);
     fs::write(src.join("data"), CONTENT).expect("write");
     env.ingest(&src, &["--name", "app"]);
-    // A checkout makes the 0555 variant of the executable's blob.
-    env.ok(&["checkout", "app", env.path("co").to_str().unwrap()]);
+    // The tool's blob is 0555 (it was stored from an executable); dated otherwise in a
+    // second tree, a checkout makes a variant of it.
+    common::touch_ns(&src.join("bin/tool"), 1_000_000_000, 0);
+    env.ingest(&src, &["--name", "app2"]);
+    env.ok(&["checkout", "app2", env.path("co").to_str().unwrap()]);
     let tool = Hash::of_blob(b"#!/bin/sh\necho repair\n").to_hex();
-    let variant = object_path(&env.store, "blobs", &format!("{tool}.x"));
+    let suffix = ".555.1000000000000000000";
+    let variant = object_path(&env.store, "blobs", &format!("{tool}{suffix}"));
     let data = object_path(&env.store, "blobs", &Hash::of_blob(CONTENT).to_hex());
     assert!(variant.is_file(), "no variant at {variant:?}");
     env.fsck_ok();
@@ -244,7 +248,7 @@ fn bad_modes_are_restored_and_the_store_passes() {
     fixed.sort();
     let mut want = vec![
         (Hash::of_blob(CONTENT).to_hex(), "644".into(), "444".into()),
-        (format!("{tool}.x"), "755".into(), "555".into()),
+        (format!("{tool}{suffix}"), "755".into(), "555".into()),
     ];
     want.sort();
     assert_eq!(fixed, want, "{report}");
@@ -309,7 +313,7 @@ fn a_cached_farm_linking_a_quarantined_blob_is_removed() {
         .expect("hash")
         .to_string();
     // A farm is hard links to blobs: damage through the blob shows through the farm.
-    let farm = env.store.join("farms").join(&root);
+    let farm = env.store.join("farms").join(format!("{root}.2"));
     fs::create_dir_all(farm.join("deep/er")).expect("mkdir");
     let blob_path = object_path(&env.store, "blobs", &blob);
     fs::hard_link(&blob_path, farm.join("deep/er/f1")).expect("link");
@@ -317,8 +321,51 @@ fn a_cached_farm_linking_a_quarantined_blob_is_removed() {
     let report = repair(&env, false);
     assert_eq!(
         report["farms_removed"],
-        serde_json::json!([root]),
+        serde_json::json!([format!("{root}.2")]),
         "{report}"
     );
     assert!(!farm.exists());
+}
+
+/// A variant whose mtime was changed (say by `touch` on a hard-linked checkout) shows the
+/// wrong time in every tree that links it: fsck names it, repair sets its name's time back.
+#[test]
+fn a_variant_with_another_mtime_is_reported_and_restored() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("data"), CONTENT).expect("write");
+    env.ingest(&src, &["--name", "app"]);
+    common::touch_ns(&src.join("data"), 1_000_000_000, 5);
+    env.ingest(&src, &["--name", "app2"]);
+    let co = env.path("co");
+    env.ok(&["checkout", "app2", co.to_str().unwrap()]);
+    let name = format!(
+        "{}.444.1000000000000000005",
+        Hash::of_blob(CONTENT).to_hex()
+    );
+    let variant = object_path(&env.store, "blobs", &name);
+    assert_eq!(
+        fs::metadata(&variant).expect("variant").ino(),
+        fs::metadata(co.join("data")).expect("checkout").ino()
+    );
+    env.fsck_ok();
+    common::touch_ns(&co.join("data"), 2_000_000_000, 0);
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("bad-mtime") && stdout.contains(&name),
+        "{stdout}"
+    );
+    let report = repair(&env, true);
+    assert_eq!(
+        report["modes_fixed"][0]["object"],
+        name.as_str(),
+        "{report}"
+    );
+    let shown = fs::metadata(co.join("data")).expect("checkout");
+    assert_eq!((shown.mtime(), shown.mtime_nsec()), (1_000_000_000, 5));
+    env.fsck_ok();
 }

@@ -1348,7 +1348,7 @@ fn duplicate_contents_rewritten_during_an_ingest_on_xfs_leave_no_missing_blob() 
 // ---------------------------------------------------------------------------------------
 
 /// A power cut must never leave an object whose name is on disk but whose bytes are not.
-/// So ingest, import, a checkout making executable variants and the commit of a run's
+/// So ingest, import, a checkout making variants and the commit of a run's
 /// upper (tests/sandbox.rs) stage their objects, flush once, and only then move them into
 /// `blobs/` and `trees/`: in a trace of each, no link or rename into those directories
 /// comes before the first `syncfs`.
@@ -1371,7 +1371,7 @@ fn objects_become_visible_only_after_the_flush() {
     };
     let src = env.path("src");
     spec.write(&src);
-    // An executable file: a hard-link checkout makes its 0555 variant in the store.
+    // An executable file (its blob is 0555).
     {
         use std::os::unix::fs::PermissionsExt;
         let exe = src.join(&spec.files[1].path);
@@ -1387,11 +1387,16 @@ fn objects_become_visible_only_after_the_flush() {
         return;
     };
     assert_flushed_before_published("ingest", &trace, &env.store);
+    // The same contents dated otherwise: a hard-link checkout makes a variant of each.
+    for file in &spec.files[..3] {
+        common::touch_ns(&src.join(&file.path), 1_000_000_000, 7);
+    }
+    env.ingest(&src, &["--name", "t2"]);
     let Some(trace) = traced(
         &env,
         &[
             "checkout",
-            "t",
+            "t2",
             path_str(&env.path("co")),
             "--mode",
             "hardlink",
@@ -1399,7 +1404,7 @@ fn objects_become_visible_only_after_the_flush() {
     ) else {
         return;
     };
-    assert_flushed_before_published("checkout (executable variant)", &trace, &env.store);
+    assert_flushed_before_published("checkout (variants)", &trace, &env.store);
 
     // Import into a second, empty store.
     let manifest = env.path("t.velo");

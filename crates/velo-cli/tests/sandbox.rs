@@ -148,11 +148,7 @@ fn writes_stay_in_their_run_and_never_reach_the_store() {
         "a write leaked into the next run"
     );
     let hash = velo_core::Hash::of_blob(&before).to_hex();
-    let blob = env
-        .store
-        .join("blobs")
-        .join(&hash[..2])
-        .join(format!("{hash}.x"));
+    let blob = env.store.join("blobs").join(&hash[..2]).join(&hash);
     assert_eq!(fs::read(blob).unwrap(), before);
 }
 

@@ -44,7 +44,7 @@ fn a_two_gib_sparse_file_is_stored_and_checked_out_sparse() {
     file.set_len(SIZE).unwrap();
     file.write_all_at(DATA, SIZE / 2).unwrap();
     drop(file);
-    // Executable, so a hard-linked checkout makes the 0555 variant from it too.
+    // Executable: its blob takes mode 0555.
     fs::set_permissions(&big, fs::Permissions::from_mode(0o755)).unwrap();
     assert!(allocated(&big) < 1 << 20, "the test file itself is sparse");
 
@@ -80,12 +80,16 @@ fn a_two_gib_sparse_file_is_stored_and_checked_out_sparse() {
         .unwrap();
     assert_eq!(middle, DATA);
 
+    // Another mtime for the same bytes: a hard-linked checkout makes a variant of it.
+    common::touch_ns(&big, 1_000_000_000, 0);
+    env.ingest(&src, &["--name", "t2"]);
     let farm = env.path("farm");
-    env.ok(&["checkout", "t", farm.to_str().unwrap()]);
-    let variant = blob.with_file_name(format!("{hash}.x"));
+    let report = env.json(&["checkout", "t2", farm.to_str().unwrap()]);
+    assert_eq!(report["variants_made"], 1, "{report}");
+    let variant = blob.with_file_name(format!("{hash}.555.1000000000000000000"));
     assert!(
         allocated(&variant) < 1 << 20,
-        "the executable variant keeps the holes: {} bytes allocated",
+        "the variant keeps the holes: {} bytes allocated",
         allocated(&variant)
     );
     // fsck re-hashes the sparse blob and its variant (holes as zeros).

@@ -171,25 +171,29 @@ impl Ctx<'_> {
                     }
                     return Ok(Outcome::Stored(hash));
                 }
-                let new = self.batch.insert_blob(&hash, &mut |dest: &mut File| {
-                    // A clone copies the file as it is now, not as it was read: it is kept
-                    // only if the file is still the version hashed. Otherwise the hashed
-                    // bytes are written, before the blob is staged under its name, so
-                    // another file with the same content that finds it staged can rely on
-                    // it (a blob discarded after staging left such a file's root naming a
-                    // blob never published).
-                    if self.clone_safe(&after) && self.try_reflink(dest, file) {
-                        match rustix::fs::fstat(file) {
-                            Ok(now) if same_version(before, &now) => return Ok(()),
-                            _ => dest.set_len(0)?,
+                let new = self.batch.insert_blob(
+                    &hash,
+                    Some(form_of(&after)),
+                    &mut |dest: &mut File| {
+                        // A clone copies the file as it is now, not as it was read: it is kept
+                        // only if the file is still the version hashed. Otherwise the hashed
+                        // bytes are written, before the blob is staged under its name, so
+                        // another file with the same content that finds it staged can rely on
+                        // it (a blob discarded after staging left such a file's root naming a
+                        // blob never published).
+                        if self.clone_safe(&after) && self.try_reflink(dest, file) {
+                            match rustix::fs::fstat(file) {
+                                Ok(now) if same_version(before, &now) => return Ok(()),
+                                _ => dest.set_len(0)?,
+                            }
                         }
-                    }
-                    if has_holes(after.st_blocks as u64, size) {
-                        write_skipping_zeros(dest, &buf)
-                    } else {
-                        dest.write_all(&buf)
-                    }
-                })?;
+                        if has_holes(after.st_blocks as u64, size) {
+                            write_skipping_zeros(dest, &buf)
+                        } else {
+                            dest.write_all(&buf)
+                        }
+                    },
+                )?;
                 race::at(race::Point::Staged, rel);
                 self.counted(new, hash, size);
                 Ok(Outcome::Stored(hash))
@@ -210,7 +214,9 @@ impl Ctx<'_> {
             self.learn(&hash);
             return Ok(Outcome::Stored(hash));
         }
-        let new = self.batch.insert_staged_blob(staged, &hash)?;
+        let new = self
+            .batch
+            .insert_staged_blob(staged, &hash, Some(form_of(&after)))?;
         self.counted(new, hash, size);
         Ok(Outcome::Stored(hash))
     }
@@ -271,6 +277,14 @@ impl Ctx<'_> {
         }
         self.learn(&hash);
     }
+}
+
+/// The form a new blob takes from the file it is stored from (its mtime, and 0555 if it
+/// is executable): a checkout of the tree just ingested then links the blob itself, no
+/// variant needed.
+pub(crate) fn form_of(st: &Stat) -> velo_store::BlobForm {
+    let own = velo_store::BlobForm::of_stat(st);
+    velo_store::BlobForm::canonical(own.mode, own.mtime_ns)
 }
 
 /// Two points of the small-file path where a unit test interleaves two workers exactly,

@@ -239,7 +239,8 @@ impl Inserter {
                 data,
             } => (source.as_ref(), read_as, hash, data),
         };
-        let new = batch.insert_blob(hash, &mut |dest: &mut File| {
+        let form = crate::content::form_of(read_as);
+        let new = batch.insert_blob(hash, Some(form), &mut |dest: &mut File| {
             if let Some(source) = source.filter(|_| reflink_works.load(Ordering::Relaxed)) {
                 match rustix::fs::ioctl_ficlone(&*dest, source) {
                     Ok(()) => {

@@ -225,7 +225,8 @@ pub fn store_open_file(
         path: path.to_path_buf(),
         cause: source,
     };
-    if !file.metadata().map_err(read_error)?.is_file() {
+    let stat = rustix::fs::fstat(file).map_err(|e| read_error(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(read_error(std::io::Error::other(
             "not a regular file (it changed while it was being read)",
         )));
@@ -254,7 +255,7 @@ pub fn store_open_file(
     // What is stored is what this second pass read (a live upper may change in between).
     let hash = Hash::from(hasher.finalize());
     if !store.has_blob(&hash) {
-        batch.insert_staged_blob(staged, &hash)?;
+        batch.insert_staged_blob(staged, &hash, Some(content::form_of(&stat)))?;
     }
     Ok((hash, size))
 }

@@ -153,6 +153,25 @@ pub fn commit_upper(store: &Store, base: Hash, upper: &Path) -> Result<CommitRep
     })
 }
 
+/// The base entry's mode, if the upper's `mode` is what the lower showed of it: the
+/// command did not chmod it, and the tree keeps the mode it records. A hard-link farm
+/// shows a file's mode without write bits (its inode is shared and read-only; see
+/// [`velo_store::BlobForm::for_entry`]) and a directory's without group and other write,
+/// and a copy-up keeps what was shown; recording that would, say, make a 0600 file the
+/// command appended to 0400. A chmod to another mode is the command's and is kept.
+fn unchanged_mode(base: &Entry, kind_of: FileType, mode: Mode) -> Option<Mode> {
+    let shown = match (&base.kind, kind_of) {
+        (EntryKind::File { .. }, FileType::RegularFile) => {
+            velo_store::BlobForm::for_entry(base.mode.bits(), 0).mode
+        }
+        (EntryKind::Dir { .. }, FileType::Directory) => {
+            crate::farm::shown_dir_mode(base.mode.bits())
+        }
+        _ => return None,
+    };
+    (mode.bits() & 0o7777 == shown).then_some(base.mode)
+}
+
 /// Stages `tree` unless the store has it; returns its hash.
 fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, ProjectError> {
     let (bytes, hash) = tree.encode_with_hash();
@@ -206,7 +225,12 @@ fn commit_dir(
             continue;
         }
         let mut mode = Mode::from_st_mode(stat.st_mode);
-        if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
+        if let Some(base_mode) = entries
+            .get(&name)
+            .and_then(|e| unchanged_mode(e, kind_of, mode))
+        {
+            mode = base_mode;
+        } else if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
             mode = Mode::from_st_mode(mode.bits() & !0o6000);
             setid_dropped.push(rel.join(os_name));
         }
@@ -370,6 +394,63 @@ mod tests {
             blob.blocks() * 512 < 1 << 20,
             "the blob keeps the holes: {} bytes allocated",
             blob.blocks() * 512
+        );
+    }
+
+    /// A farm shows a file without write bits and a directory without group/other write;
+    /// copy-up keeps what was shown. What the command did not chmod keeps the tree's mode;
+    /// what it chmod'ed (even to another read-only mode) gets the command's.
+    #[test]
+    fn modes_the_command_did_not_change_stay_as_the_tree_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path().join("store")).unwrap();
+        let _lock = store.lock_shared().unwrap();
+        let with_mode = |mut e: Entry, mode: u32| {
+            e.mode = Mode::from_st_mode(mode);
+            e
+        };
+        let tmp_dir = with_mode(dir_entry(&store, "tmp", vec![]), 0o1777);
+        let base = Tree::new(vec![
+            with_mode(file_entry(&store, "secret", b"s"), 0o600),
+            with_mode(file_entry(&store, "pub", b"p"), 0o644),
+            with_mode(file_entry(&store, "script", b"x"), 0o700),
+            with_mode(file_entry(&store, "chmodded", b"c"), 0o644),
+            with_mode(file_entry(&store, "narrowed", b"n"), 0o755),
+            tmp_dir,
+        ])
+        .unwrap();
+        let (base, _) = store.put_tree(&base).unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(upper.join("tmp")).unwrap();
+        for (name, mode) in [
+            ("secret", 0o400),   // shown, appended to
+            ("pub", 0o444),      // shown
+            ("script", 0o500),   // shown
+            ("chmodded", 0o640), // the command's chmod
+            ("narrowed", 0o444), // the command's chmod (shown was 0555)
+        ] {
+            std::fs::write(upper.join(name), b"appended").unwrap();
+            std::fs::set_permissions(upper.join(name), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        std::fs::write(upper.join("tmp/new"), b"n").unwrap();
+        std::fs::set_permissions(upper.join("tmp"), std::fs::Permissions::from_mode(0o1755))
+            .unwrap();
+        let report = commit_upper(&store, base, &upper).unwrap();
+        let modes: Vec<(&str, u32)> = ["secret", "pub", "script", "chmodded", "narrowed", "tmp"]
+            .into_iter()
+            .map(|n| (n, mode_at(&store, report.root, n.as_bytes())))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("secret", 0o600),
+                ("pub", 0o644),
+                ("script", 0o700),
+                ("chmodded", 0o640),
+                ("narrowed", 0o444),
+                ("tmp", 0o1777),
+            ]
         );
     }
 

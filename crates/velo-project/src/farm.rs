@@ -54,6 +54,12 @@ const SETID_BITS: u32 = 0o6000;
 /// checkout (see [`checkout`]).
 const GROUP_OTHER_WRITE: u32 = 0o022;
 
+/// The mode a hard-linked checkout (and so every farm) gives a directory whose tree mode
+/// is `bits`: no write for group and others (see [`checkout_with`]).
+pub(crate) fn shown_dir_mode(bits: u32) -> u32 {
+    bits & 0o7777 & !GROUP_OTHER_WRITE
+}
+
 /// What a checkout did.
 #[derive(Clone, Debug, Default)]
 pub struct CheckoutReport {
@@ -79,6 +85,12 @@ pub struct CheckoutReport {
     /// Files whose set-uid/set-gid bits were left off (copy and reflink modes, without
     /// [`CheckoutOptions::preserve_setid`]).
     pub setid_dropped: u64,
+    /// Hard-linked files whose tree mode a shared read-only inode cannot show exactly
+    /// (write, set-id or sticky bits, or no owner read): they show
+    /// [`velo_store::BlobForm::for_entry`]'s mode. Their mtimes are exact.
+    pub inexact_modes: u64,
+    /// Variants made (a blob in another mode or mtime, for entries that show it so).
+    pub variants_made: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -110,7 +122,7 @@ pub enum ProjectError {
 struct Ctx<'a> {
     progress: &'a velo_ingest::Progress,
     store: &'a Store,
-    /// Executable variants the store lacks are made here and published at the end.
+    /// Variants the store lacks are made here and published at the end.
     batch: &'a Batch<'a>,
     trees: &'a dyn TreeSource,
     mode: CheckoutMode,
@@ -126,6 +138,8 @@ struct Ctx<'a> {
     copied: AtomicU64,
     link_limit: AtomicU64,
     setid_dropped: AtomicU64,
+    inexact_modes: AtomicU64,
+    variants_made: AtomicU64,
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -312,6 +326,8 @@ fn checkout_into(
         copied: AtomicU64::new(0),
         link_limit: AtomicU64::new(0),
         setid_dropped: AtomicU64::new(0),
+        inexact_modes: AtomicU64::new(0),
+        variants_made: AtomicU64::new(0),
     };
     let fd = rustix::fs::open(
         dest,
@@ -331,6 +347,8 @@ fn checkout_into(
         link_limit_fallbacks: ctx.link_limit.into_inner(),
         cross_device: ctx.cross_device.into_inner(),
         setid_dropped: ctx.setid_dropped.into_inner(),
+        inexact_modes: ctx.inexact_modes.into_inner(),
+        variants_made: ctx.variants_made.into_inner(),
         seconds: 0.0,
     };
     if !batch.is_empty() {
@@ -391,10 +409,10 @@ impl Ctx<'_> {
                 self.dir(*hash, fd.as_fd(), path.clone())?;
                 // Mode and mtime last: filling the directory would change its mtime, and a
                 // read-only mode would stop the filling.
-                let mut bits = entry.mode.bits();
-                if self.mode == CheckoutMode::Hardlink {
-                    bits &= !GROUP_OTHER_WRITE;
-                }
+                let bits = match self.mode {
+                    CheckoutMode::Hardlink => shown_dir_mode(entry.mode.bits()),
+                    _ => entry.mode.bits(),
+                };
                 rustix::fs::fchmod(&fd, FsMode::from_raw_mode(bits))
                     .map_err(|e| self.dest_error("setting mode of", &path, e))?;
                 rustix::fs::futimens(&fd, &timestamps(entry.mtime_ns))
@@ -432,14 +450,22 @@ impl Ctx<'_> {
         path: &[u8],
     ) -> Result<(), ProjectError> {
         let name = entry.name.as_bytes();
+        let form = velo_store::BlobForm::for_entry(entry.mode.bits(), entry.mtime_ns);
+        if self.mode == CheckoutMode::Hardlink && form.mode != entry.mode.bits() & 0o7777 {
+            self.inexact_modes.fetch_add(1, Ordering::Relaxed);
+        }
         if self.mode == CheckoutMode::Hardlink && !self.cross_device.load(Ordering::Relaxed) {
-            let source = if entry.mode.is_executable() {
-                match self.store.existing_exec_variant(&hash) {
-                    Some(path) => path,
-                    None => self.batch.stage_exec_variant(&hash)?,
+            // The inode whose mode and mtime are the entry's: the blob's own file, else a
+            // variant (made now if the store lacks it).
+            let source = match self.store.blob_in_form(&hash, &form)? {
+                Some(path) => path,
+                None => {
+                    let (path, made) = self.batch.stage_variant(&hash, &form)?;
+                    if made {
+                        self.variants_made.fetch_add(1, Ordering::Relaxed);
+                    }
+                    path
                 }
-            } else {
-                self.store.blob_path(&hash)
             };
             match rustix::fs::linkat(CWD, &source, parent, name, AtFlags::empty()) {
                 Ok(()) => {
@@ -469,8 +495,7 @@ impl Ctx<'_> {
         // An independent file: reflink when possible, else copy; then the tree's metadata
         // (a farm fallback stays read-only like the blob it stands in for).
         let mode_bits = match self.mode {
-            CheckoutMode::Hardlink if entry.mode.is_executable() => 0o555,
-            CheckoutMode::Hardlink => 0o444,
+            CheckoutMode::Hardlink => form.mode,
             _ if entry.mode.bits() & SETID_BITS != 0 && !self.preserve_setid => {
                 self.setid_dropped.fetch_add(1, Ordering::Relaxed);
                 entry.mode.bits() & !SETID_BITS

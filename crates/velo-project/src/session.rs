@@ -15,12 +15,30 @@ use velo_store::Store;
 use crate::sandbox::{Bind, SandboxConfig};
 use crate::{checkout, CheckoutMode, ProjectError};
 
-/// The cached link farm of `root` in the store (`farms/<root>`), built on first use.
-/// Returns its path and, when it had to be built, how long that took. The caller holds
+/// A farm built for a run.
+#[derive(Clone, Debug)]
+pub struct FarmBuilt {
+    /// The tree.
+    pub root: Hash,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// Files that show their tree's mode less write (or set-id) bits: the farm's inodes
+    /// are the store's, shared and read-only. Their mtimes are exact, and a commit keeps
+    /// the tree's modes of files the command did not chmod.
+    pub inexact_modes: u64,
+    /// Variants made for it (stored contents in another mode or mtime).
+    pub variants_made: u64,
+}
+
+/// The cached link farm of `root` in the store (`farms/<root>.2`), built on first use.
+/// Returns its path and, when it had to be built, what building it did. The caller holds
 /// the store's shared lock.
-pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), ProjectError> {
-    let farms = store.root().join("farms");
-    let path = farms.join(root.to_hex());
+pub fn ensure_farm(
+    store: &Store,
+    root: Hash,
+) -> Result<(PathBuf, Option<FarmBuilt>), ProjectError> {
+    let path = store.farm_path(&root);
+    let farms = path.parent().expect("farms/<name>").to_path_buf();
     if crate::sandbox::is_real_dir(&path) {
         return Ok((path, None));
     }
@@ -32,7 +50,7 @@ pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), 
     let started = Instant::now();
     let building = farms.join(format!(".build-{}-{}", std::process::id(), root.to_hex()));
     velo_store::remove_tree(&building);
-    checkout(
+    let report = checkout(
         store,
         store,
         root,
@@ -52,7 +70,15 @@ pub fn ensure_farm(store: &Store, root: Hash) -> Result<(PathBuf, Option<f64>), 
             })
         }
     }
-    Ok((path, Some(started.elapsed().as_secs_f64())))
+    Ok((
+        path,
+        Some(FarmBuilt {
+            root,
+            seconds: started.elapsed().as_secs_f64(),
+            inexact_modes: report.inexact_modes,
+            variants_made: report.variants_made,
+        }),
+    ))
 }
 
 /// What to run, where.
@@ -92,8 +118,8 @@ pub struct RunOutcome {
     /// The merged layers, the base a commit applies the upper to: computed only when the
     /// run's changes are wanted (`keep_changes`), as a throwaway run never needs it.
     pub base: Option<Hash>,
-    /// Farms built for this run, with seconds each.
-    pub farms_built: Vec<(Hash, f64)>,
+    /// Farms built for this run.
+    pub farms_built: Vec<FarmBuilt>,
     /// Seconds from start to the command's exit, farm building excluded.
     pub run_seconds: f64,
     /// The session (the caller removes or keeps it when done with the upper).
@@ -451,9 +477,7 @@ pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, P
     let mut lowers = Vec::new();
     for &layer in layers.iter().rev() {
         let (path, built) = ensure_farm(store, layer)?;
-        if let Some(seconds) = built {
-            farms_built.push((layer, seconds));
-        }
+        farms_built.extend(built);
         lowers.push(path);
     }
     let base = if options.keep_changes {

@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, Mode as FsMode, OFlags, RenameFlags, CWD};
 use rustix::io::Errno;
 use velo_core::Hash;
 
-use crate::objects::ObjectKind;
+use crate::objects::{BlobForm, ObjectKind};
 use crate::{Result, Staged, Store, StoreError};
 
 /// Objects staged for one command; dropped unpublished, they vanish.
@@ -102,25 +102,18 @@ impl Batch<'_> {
         Ok(fd)
     }
 
-    fn create(
-        &self,
-        kind: ObjectKind,
-        hash: &Hash,
-        fill: &mut dyn FnMut(&mut File) -> io::Result<()>,
-    ) -> Result<bool> {
-        self.create_named(kind, hash, hash.to_hex(), 0o444, fill)
-    }
-
-    /// Creates `name` (`O_EXCL`, `mode`) in the shard of `hash` and fills it; false if it
-    /// exists. A failed fill leaves nothing behind.
+    /// Creates `name` (`O_EXCL`) in the shard of `hash`, fills it and gives it `form`
+    /// (else 0444 and the time of writing); false if it exists. A failed fill leaves
+    /// nothing behind.
     fn create_named(
         &self,
         kind: ObjectKind,
         hash: &Hash,
         name: String,
-        mode: u32,
+        form: Option<BlobForm>,
         fill: &mut dyn FnMut(&mut File) -> io::Result<()>,
     ) -> Result<bool> {
+        let mode = form.map_or(0o444, |f| f.mode);
         let shard = self.shard(kind, hash.0[0])?;
         let fd = match rustix::fs::openat(
             &*shard,
@@ -139,6 +132,10 @@ impl Batch<'_> {
             result = rustix::fs::fchmod(&file, FsMode::from_raw_mode(mode))
                 .map_err(|e| StoreError::io("staging", self.dir.join(&name))(e.into()));
         }
+        if let (Ok(()), Some(form)) = (&result, form) {
+            result = rustix::fs::futimens(&file, &form.timestamps())
+                .map_err(|e| StoreError::io("staging", self.dir.join(&name))(e.into()));
+        }
         if let Err(e) = result {
             let _ = rustix::fs::unlinkat(&*shard, name.as_str(), AtFlags::empty());
             return Err(e);
@@ -147,21 +144,37 @@ impl Batch<'_> {
     }
 
     /// Stages blob `hash`, written by `fill` (which must write exactly the bytes that hash
-    /// to it). Returns false, without calling `fill`, if this batch already holds it.
+    /// to it), in `form` (from [`BlobForm::canonical`] of the file it comes from; `None`:
+    /// 0444 and the time of writing). Returns false, without calling `fill`, if this batch
+    /// already holds it.
     pub fn insert_blob(
         &self,
         hash: &Hash,
+        form: Option<BlobForm>,
         fill: &mut dyn FnMut(&mut File) -> io::Result<()>,
     ) -> Result<bool> {
-        self.create(ObjectKind::Blob, hash, fill)
+        self.create_named(ObjectKind::Blob, hash, hash.to_hex(), form, fill)
     }
 
-    /// Stages a filled staged file (an O_TMPFILE) as blob `hash`.
-    pub fn insert_staged_blob(&self, staged: Staged<'_>, hash: &Hash) -> Result<bool> {
+    /// Stages a filled staged file (an O_TMPFILE) as blob `hash`, in `form` as for
+    /// [`Batch::insert_blob`].
+    pub fn insert_staged_blob(
+        &self,
+        staged: Staged<'_>,
+        hash: &Hash,
+        form: Option<BlobForm>,
+    ) -> Result<bool> {
         let shard = self.shard(ObjectKind::Blob, hash.0[0])?;
         let hex = hash.to_hex();
-        rustix::fs::fchmod(staged.file_ref(), FsMode::from_raw_mode(0o444))
-            .map_err(|e| StoreError::io("staging", self.dir.join(&hex))(e.into()))?;
+        rustix::fs::fchmod(
+            staged.file_ref(),
+            FsMode::from_raw_mode(form.map_or(0o444, |f| f.mode)),
+        )
+        .map_err(|e| StoreError::io("staging", self.dir.join(&hex))(e.into()))?;
+        if let Some(form) = form {
+            rustix::fs::futimens(staged.file_ref(), &form.timestamps())
+                .map_err(|e| StoreError::io("staging", self.dir.join(&hex))(e.into()))?;
+        }
         let linked = match staged.temp_name() {
             Some(name) => rustix::fs::linkat(
                 self.store.tmp_fd(),
@@ -188,12 +201,13 @@ impl Batch<'_> {
         }
     }
 
-    /// Stages the executable (0555) variant of stored blob `hash`: a separate inode with
-    /// the blob's bytes (a clone where the file system can, else a copy), published as
-    /// `blobs/ab/<hash>.x`. Returns the staged path, which callers may hard-link at once;
-    /// a variant this batch already staged is returned as it is.
-    pub fn stage_exec_variant(&self, hash: &Hash) -> Result<PathBuf> {
-        let name = format!("{}.x", hash.to_hex());
+    /// Stages the variant of stored blob `hash` in `form`: a separate inode with the
+    /// blob's bytes (a clone where the file system can, else a copy), published as
+    /// `blobs/ab/<hash>.<mode>.<mtime_ns>`. Returns the staged path, which callers may
+    /// hard-link at once, and whether this call made it (false: this batch already had
+    /// it).
+    pub fn stage_variant(&self, hash: &Hash, form: &BlobForm) -> Result<(PathBuf, bool)> {
+        let name = format!("{}{}", hash.to_hex(), form.suffix());
         let path = self
             .dir
             .join(shard_name(ObjectKind::Blob, hash.0[0]))
@@ -201,14 +215,14 @@ impl Batch<'_> {
         let source = self.store.open_blob(hash)?;
         // false: another thread of this command made it (or is filling it: a link shares
         // the inode, whose bytes are complete before the command ends).
-        self.create_named(ObjectKind::Blob, hash, name, 0o555, &mut |dest| {
+        let made = self.create_named(ObjectKind::Blob, hash, name, Some(*form), &mut |dest| {
             if rustix::fs::ioctl_ficlone(&*dest, &source).is_err() {
                 // A clone keeps holes; so must the copy (a sparse blob stays sparse).
                 crate::sparse::copy_sparse(&source, Some(dest), None)?;
             }
             Ok(())
         })?;
-        Ok(path)
+        Ok((path, made))
     }
 
     /// Whether nothing was staged (publishing would do nothing).
@@ -221,7 +235,7 @@ impl Batch<'_> {
 
     /// Stages an encoded tree whose hash the caller computed.
     pub fn insert_tree(&self, hash: &Hash, bytes: &[u8]) -> Result<bool> {
-        self.create(ObjectKind::Tree, hash, &mut |f| {
+        self.create_named(ObjectKind::Tree, hash, hash.to_hex(), None, &mut |f| {
             io::Write::write_all(f, bytes)
         })
     }

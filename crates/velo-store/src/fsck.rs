@@ -104,20 +104,21 @@ impl Store {
 
         let blob_results: Vec<(Hash, bool, u64, u64, Vec<Problem>)> = blob_list
             .par_iter()
-            .map(|(hash, exec)| {
-                let (size, verified, found) = self.check_blob(hash, *exec, options.verify_content);
-                (*hash, *exec, size, verified, found)
+            .map(|(hash, variant)| {
+                let (size, verified, found) =
+                    self.check_blob(hash, variant.as_deref(), options.verify_content);
+                (*hash, variant.is_some(), size, verified, found)
             })
             .collect();
         let mut blob_sizes: HashMap<Hash, u64> = HashMap::with_capacity(blob_results.len());
         // Blobs with a problem in either file: which root needs them is added to it.
         let mut damaged_blobs = std::collections::HashSet::new();
         let mut bytes_verified = 0;
-        for (hash, exec, size, verified, found) in blob_results {
+        for (hash, is_variant, size, verified, found) in blob_results {
             bytes_verified += verified;
             if !found.is_empty() {
                 damaged_blobs.insert(hash);
-            } else if !exec {
+            } else if !is_variant {
                 blob_sizes.insert(hash, size);
             }
             problems.extend(found);
@@ -126,7 +127,7 @@ impl Store {
             tree_list.iter().map(|(h, _)| *h).collect();
         let listed_blobs: std::collections::HashSet<Hash> = blob_list
             .iter()
-            .filter(|(_, exec)| !exec)
+            .filter(|(_, variant)| variant.is_none())
             .map(|(h, _)| *h)
             .collect();
         let Reach {
@@ -323,15 +324,16 @@ impl Store {
             .map_err(|e| problem("corrupt-tree", hash, e))
     }
 
-    /// Returns (size, bytes hashed, problems).
-    fn check_blob(&self, hash: &Hash, exec: bool, verify: bool) -> (u64, u64, Vec<Problem>) {
-        let path = self.blob_variant_path(hash, exec);
-        let label = if exec {
-            format!("{hash}.x")
-        } else {
-            hash.to_string()
-        };
-        let want_mode = if exec { 0o555 } else { 0o444 };
+    /// Returns (size, bytes hashed, problems) of a blob's file or of its variant with
+    /// name suffix `variant`.
+    fn check_blob(
+        &self,
+        hash: &Hash,
+        variant: Option<&str>,
+        verify: bool,
+    ) -> (u64, u64, Vec<Problem>) {
+        let path = self.blob_variant_path(hash, variant);
+        let label = format!("{hash}{}", variant.unwrap_or(""));
         let mut found = Vec::new();
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -351,12 +353,35 @@ impl Store {
             );
         }
         let mode = meta.mode() & 0o7777;
-        if mode != want_mode {
+        let form = variant.and_then(crate::BlobForm::parse_suffix);
+        let (mode_ok, want) = match (variant, form) {
+            (None, _) => (
+                crate::BlobForm::is_canonical_mode(mode),
+                "444 or 555".to_string(),
+            ),
+            (Some(_), Some(form)) => (mode == form.mode, format!("{:o}", form.mode)),
+            // The legacy executable variant.
+            (Some(_), None) => (mode == 0o555, "555".to_string()),
+        };
+        if !mode_ok {
             found.push(problem(
                 "bad-mode",
                 &label,
-                format!("blob has mode {mode:o}, must be {want_mode:o}: a writable blob can be changed in place by any tree that links it"),
+                format!("blob has mode {mode:o}, must be {want}: a writable blob can be changed in place by any tree that links it"),
             ));
+        }
+        if let Some(form) = form {
+            let mtime_ns = meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec());
+            if mtime_ns != form.mtime_ns {
+                found.push(problem(
+                    "bad-mtime",
+                    &label,
+                    format!("variant has mtime {mtime_ns} ns, its name says {} ns: the trees that link it show the wrong time", form.mtime_ns),
+                ));
+            }
         }
         let mut verified = 0;
         if verify {

@@ -29,9 +29,15 @@ pub struct GcReport {
     pub blobs: u64,
     /// Bytes of those blobs (each variant file counted).
     pub bytes: u64,
+    /// Variants of reachable blobs that nothing links any more (no farm, no hard-linked
+    /// checkout): forms of tree entries that no projection shows now.
+    pub unused_variants: u64,
+    /// Bytes of those variants.
+    pub unused_variant_bytes: u64,
     /// Leftover temp files of interrupted commands.
     pub temp_files: u64,
-    /// Cached link farms of trees no root reaches (and half-built ones).
+    /// Cached link farms of trees no root reaches (and half-built ones, and farms of an
+    /// older format).
     pub farms: u64,
     /// Session directories of runs that have ended (killed, or crashed before cleaning up).
     pub sessions: u64,
@@ -75,37 +81,16 @@ impl Store {
         let roots = self.roots()?.len();
         let (live_trees, live_blobs) = self.mark()?;
         let (trees, _) = self.list_objects(ObjectKind::Tree)?;
-        let (blobs, _) = self.list_objects(ObjectKind::Blob)?;
         let dead_trees: Vec<Hash> = trees
             .into_iter()
             .map(|(h, _)| h)
             .filter(|h| !live_trees.contains(h))
             .collect();
-        let dead_blobs: Vec<(Hash, bool)> = blobs
-            .into_iter()
-            .filter(|(h, _)| !live_blobs.contains(h))
-            .collect();
-        let mut report = GcReport {
-            ran: run,
-            roots,
-            trees: dead_trees.len() as u64,
-            blobs: dead_blobs
-                .iter()
-                .map(|(h, _)| h)
-                .collect::<HashSet<_>>()
-                .len() as u64,
-            ..GcReport::default()
-        };
-        for (hash, exec) in &dead_blobs {
-            let path = self.blob_variant_path(hash, *exec);
-            report.bytes += fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
-        }
         let tmp = self.root.join("tmp");
         let temps: Vec<_> = fs::read_dir(&tmp)
             .map_err(StoreError::io("listing", &tmp))?
             .flatten()
             .collect();
-        report.temp_files = temps.len() as u64;
         let listing = |dir: &str| -> Vec<std::path::PathBuf> {
             fs::read_dir(self.root.join(dir))
                 .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -118,20 +103,63 @@ impl Store {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                !matches!(name.parse::<Hash>(), Ok(h) if live_trees.contains(&h))
+                !matches!(crate::objects::farm_root(&name), Some(h) if live_trees.contains(&h))
             })
             .collect();
         // A run's sandbox can outlive the shared lock of the `velo` that started it (only
         // for the instant it takes the kernel to deliver the parent-death signal), so the
         // session's own liveness lock decides, not the store lock.
         let (sessions, kept) = self.dead_sessions();
+        if run {
+            // First, so that variants only they linked count as unused below.
+            for path in dead_farms.iter().chain(&sessions) {
+                crate::remove_tree(path);
+            }
+        }
+        let (blobs, _) = self.list_objects(ObjectKind::Blob)?;
+        let mut dead_blobs: Vec<(Hash, Option<Box<str>>)> = Vec::new();
+        let mut unused_variants = Vec::new();
+        for (hash, variant) in blobs {
+            if !live_blobs.contains(&hash) {
+                dead_blobs.push((hash, variant));
+            } else if let Some(suffix) = variant {
+                // A variant linked only by its own name shows nothing; a projection that
+                // needs its form again makes it again from the blob.
+                let path = self.blob_variant_path(&hash, Some(&suffix));
+                if let Ok(meta) = fs::symlink_metadata(&path) {
+                    use std::os::unix::fs::MetadataExt;
+                    if meta.nlink() == 1 {
+                        unused_variants.push((path, meta.len()));
+                    }
+                }
+            }
+        }
+        let mut report = GcReport {
+            ran: run,
+            roots,
+            trees: dead_trees.len() as u64,
+            blobs: dead_blobs
+                .iter()
+                .map(|(h, _)| h)
+                .collect::<HashSet<_>>()
+                .len() as u64,
+            unused_variants: unused_variants.len() as u64,
+            unused_variant_bytes: unused_variants.iter().map(|(_, len)| len).sum(),
+            temp_files: temps.len() as u64,
+            ..GcReport::default()
+        };
+        for (hash, variant) in &dead_blobs {
+            let path = self.blob_variant_path(hash, variant.as_deref());
+            report.bytes += fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+        }
         report.farms = dead_farms.len() as u64;
         report.sessions = sessions.len() as u64;
         report.kept_sessions = kept.iter().map(|p| p.display().to_string()).collect();
         if !run {
             return Ok(report);
         }
-        let deletes = !dead_trees.is_empty() || !dead_blobs.is_empty();
+        let deletes =
+            !dead_trees.is_empty() || !dead_blobs.is_empty() || !unused_variants.is_empty();
         let mut bump_after = false;
         if deletes {
             match self.bump_gc_generation() {
@@ -148,11 +176,11 @@ impl Store {
         for hash in &dead_trees {
             remove(&self.tree_path(hash))?;
         }
-        for (hash, exec) in &dead_blobs {
-            remove(&self.blob_variant_path(hash, *exec))?;
+        for (hash, variant) in &dead_blobs {
+            remove(&self.blob_variant_path(hash, variant.as_deref()))?;
         }
-        for path in dead_farms.iter().chain(&sessions) {
-            crate::remove_tree(path);
+        for (path, _) in &unused_variants {
+            remove(path)?;
         }
         if deletes {
             // Shard directories left empty go too (a later insert makes them again); the

@@ -44,7 +44,7 @@ pub use batch::Batch;
 pub use error::{is_no_space, Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;
-pub use objects::Staged;
+pub use objects::{BlobForm, Staged};
 pub use refs::{validate_root_name, DamagedRecord, RootRecord, RootStats};
 pub use repair::{MissingObject, ModeFixed, NeededBy, Quarantined, RepairReport};
 pub use sessions::Session;

@@ -59,8 +59,9 @@ impl ObjectKind {
     }
 }
 
-/// Object files found: (hash, is the executable variant), and names that are not objects.
-pub(crate) type ObjectListing = (Vec<(Hash, bool)>, Vec<String>);
+/// Object files found: (hash, the variant's name suffix for a blob variant), and names
+/// that are not objects.
+pub(crate) type ObjectListing = (Vec<(Hash, Option<Box<str>>)>, Vec<String>);
 
 /// `ab/abcdef…` relative to the object directory.
 pub(crate) fn relative_name(hash: &Hash) -> String {
@@ -68,20 +69,120 @@ pub(crate) fn relative_name(hash: &Hash) -> String {
     format!("{}/{}", &hex[..2], hex)
 }
 
-/// The name of a blob's file under `blobs/`: `ab/<hash>`, or `ab/<hash>.x` for its
-/// executable (0555) variant. The one place that spells the variant's suffix.
-pub(crate) fn relative_blob_name(hash: &Hash, exec: bool) -> String {
+/// How a blob's file looks through a hard link: its mode and its mtime.
+///
+/// A tree entry is shown by an inode whose form matches it: the blob's own file (which
+/// takes the form of the first file it was stored from) or a *variant*, a separate inode
+/// with the same bytes under `blobs/ab/<hash>.<mode>.<mtime_ns>` (see docs/FORMAT.md).
+/// Every form is read-only: the inodes are shared by every tree that shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlobForm {
+    /// Permission bits: never a write, set-id or sticky bit; always owner read.
+    pub mode: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl BlobForm {
+    /// The form that shows a tree entry of `mode_bits` and `mtime_ns` through a shared
+    /// read-only inode: its read and execute bits and owner read; write, set-id and
+    /// sticky bits dropped.
+    pub fn for_entry(mode_bits: u32, mtime_ns: i64) -> BlobForm {
+        BlobForm {
+            mode: (mode_bits & 0o555) | 0o400,
+            mtime_ns,
+        }
+    }
+
+    /// The form a new blob's own file takes from the file it is stored from: 0555 if
+    /// that is executable by its owner, else 0444, and its mtime. Readable by all, so a
+    /// store another user may read stays readable.
+    pub fn canonical(mode_bits: u32, mtime_ns: i64) -> BlobForm {
+        BlobForm {
+            mode: if mode_bits & 0o100 != 0 { 0o555 } else { 0o444 },
+            mtime_ns,
+        }
+    }
+
+    /// The form of a file from its `stat`.
+    pub fn of_stat(st: &rustix::fs::Stat) -> BlobForm {
+        BlobForm {
+            mode: st.st_mode & 0o7777,
+            mtime_ns: st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec as i64),
+        }
+    }
+
+    /// The mode a blob's own file may have: 0444, or 0555 for content first stored from
+    /// an executable.
+    pub fn is_canonical_mode(mode: u32) -> bool {
+        mode == 0o444 || mode == 0o555
+    }
+
+    /// `.<mode in octal>.<mtime_ns>`, the suffix of this variant's file name.
+    pub(crate) fn suffix(&self) -> String {
+        format!(".{:o}.{}", self.mode, self.mtime_ns)
+    }
+
+    /// The form a variant's suffix names; `None` for the legacy `.x` (0555, any mtime)
+    /// and for names that are not variants.
+    pub(crate) fn parse_suffix(suffix: &str) -> Option<BlobForm> {
+        let (mode, mtime) = suffix.strip_prefix('.')?.split_once('.')?;
+        let mode = u32::from_str_radix(mode, 8).ok()?;
+        let mtime_ns: i64 = mtime.parse().ok()?;
+        let form = BlobForm { mode, mtime_ns };
+        // Only the one spelling: a name is a variant's name, or a stray.
+        (form.suffix() == suffix && BlobForm::for_entry(mode, 0).mode == mode).then_some(form)
+    }
+
+    /// Timestamps for `futimens`: atime and mtime both the form's mtime.
+    pub fn timestamps(&self) -> rustix::fs::Timestamps {
+        let t = rustix::fs::Timespec {
+            tv_sec: self.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: self.mtime_ns.rem_euclid(1_000_000_000) as _,
+        };
+        rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        }
+    }
+}
+
+/// The suffix of a current farm's directory name (see [`Store::farm_path`]).
+const FARM_SUFFIX: &str = ".2";
+
+/// The tree whose current farm has this directory name.
+pub(crate) fn farm_root(name: &str) -> Option<Hash> {
+    name.strip_suffix(FARM_SUFFIX)?.parse().ok()
+}
+
+/// The legacy suffix of an executable (0555) variant, from before variants had forms.
+pub(crate) const LEGACY_EXEC_SUFFIX: &str = ".x";
+
+/// Whether `suffix` (after the hash) names a blob variant file.
+pub(crate) fn is_variant_suffix(suffix: &str) -> bool {
+    suffix == LEGACY_EXEC_SUFFIX || BlobForm::parse_suffix(suffix).is_some()
+}
+
+/// The name of a blob's file under `blobs/`: `ab/<hash>`, or with a variant's suffix.
+/// The one place that joins them.
+pub(crate) fn relative_blob_name(hash: &Hash, variant: Option<&str>) -> String {
     let mut name = relative_name(hash);
-    if exec {
-        name.push_str(".x");
+    if let Some(suffix) = variant {
+        name.push_str(suffix);
     }
     name
 }
 
 impl Store {
-    /// The path of a blob's file, or of its executable variant with `exec`.
-    pub fn blob_variant_path(&self, hash: &Hash, exec: bool) -> std::path::PathBuf {
-        self.root.join("blobs").join(relative_blob_name(hash, exec))
+    /// The path of a blob's file, or of one of its variants (`variant` is the suffix of
+    /// the file's name, as listed).
+    pub fn blob_variant_path(&self, hash: &Hash, variant: Option<&str>) -> std::path::PathBuf {
+        self.root
+            .join("blobs")
+            .join(relative_blob_name(hash, variant))
     }
 
     pub(crate) fn dir(&self, kind: ObjectKind) -> BorrowedFd<'_> {
@@ -95,7 +196,16 @@ impl Store {
         self.tmp_dir.as_fd()
     }
 
-    /// The path of a blob's file (0444; never write to it).
+    /// Where the cached link farm of tree `root` lives: `farms/<hash>.2`. The `.2` is the
+    /// farm format: farms of format 2 show every entry's mtime and read-only mode
+    /// ([`BlobForm`]); farms named by the bare hash came before and are gc's to remove.
+    pub fn farm_path(&self, root: &Hash) -> std::path::PathBuf {
+        self.root
+            .join("farms")
+            .join(format!("{}{FARM_SUFFIX}", root.to_hex()))
+    }
+
+    /// The path of a blob's file (0444 or 0555; never write to it).
     pub fn blob_path(&self, hash: &Hash) -> std::path::PathBuf {
         self.root.join("blobs").join(relative_name(hash))
     }
@@ -138,7 +248,7 @@ impl Store {
                     kind: "blob",
                     hash: *hash,
                     detail: format!(
-                        "its file was made writable outside velo (mode {mode:o}, blobs are 444): a hard-linked checkout changed in place? `velo fsck` checks its bytes; `velo fsck --repair` sets it aside so an import or ingest of the right bytes can store it again"
+                        "its file was made writable outside velo (mode {mode:o}; blobs are 444 or 555): a hard-linked checkout changed in place? `velo fsck` checks its bytes; `velo fsck --repair` sets it aside so an import or ingest of the right bytes can store it again"
                     ),
                 });
             }
@@ -312,15 +422,37 @@ impl Store {
         rustix::fs::statat(self.dir(kind), &rel[..2], AtFlags::empty()).is_ok()
     }
 
-    /// The path of the executable (0555) variant of a blob if the store has one. It is a
-    /// separate inode, so a tree that marks a file executable never changes the mode of
-    /// the blob other trees link to; commands make missing ones in a batch
-    /// ([`crate::Batch::stage_exec_variant`]).
-    pub fn existing_exec_variant(&self, hash: &Hash) -> Option<std::path::PathBuf> {
-        let rel = relative_blob_name(hash, true);
-        rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .is_ok()
-            .then(|| self.root.join("blobs").join(&rel))
+    /// The file that shows blob `hash` in `form`, if the store has one: the blob's own
+    /// file when its mode and mtime are that form, else the variant of that form. A
+    /// variant is a separate inode, so a tree never changes what another tree's links
+    /// show; commands make missing ones in a batch ([`crate::Batch::stage_variant`]).
+    /// `Missing` if the store lacks the blob itself.
+    pub fn blob_in_form(&self, hash: &Hash, form: &BlobForm) -> Result<Option<std::path::PathBuf>> {
+        let own = relative_name(hash);
+        match rustix::fs::statat(&self.blobs_dir, own.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if BlobForm::of_stat(&st) == *form => {
+                return Ok(Some(self.root.join("blobs").join(own)))
+            }
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                return Err(StoreError::Missing {
+                    kind: "blob",
+                    hash: *hash,
+                })
+            }
+            Err(e) => {
+                return Err(StoreError::io(
+                    "reading metadata of",
+                    self.root.join("blobs").join(own),
+                )(e.into()))
+            }
+        }
+        let rel = relative_blob_name(hash, Some(&form.suffix()));
+        Ok(
+            rustix::fs::statat(&self.blobs_dir, rel.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok()
+                .then(|| self.root.join("blobs").join(&rel)),
+        )
     }
 
     /// Stores `bytes` as a blob; returns its hash and whether it was new.
@@ -384,7 +516,7 @@ impl Store {
         })
     }
 
-    /// Every object file in a directory: (hash, is the executable variant, file name).
+    /// Every object file in a directory: (hash, the suffix of a blob variant's name).
     /// Names that are not object names are returned in the second list.
     pub(crate) fn list_objects(&self, kind: ObjectKind) -> Result<ObjectListing> {
         let base = self.root.join(if kind == ObjectKind::Blob {
@@ -406,18 +538,64 @@ impl Store {
             for entry in std::fs::read_dir(&dir).map_err(StoreError::io("listing", &dir))? {
                 let entry = entry.map_err(StoreError::io("listing", &dir))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let (hex, exec) = match name.strip_suffix(".x") {
-                    Some(hex) if kind == ObjectKind::Blob => (hex, true),
-                    _ => (name.as_str(), false),
+                let (hex, variant) = match name.split_at_checked(64) {
+                    Some((hex, suffix))
+                        if kind == ObjectKind::Blob && is_variant_suffix(suffix) =>
+                    {
+                        (hex, Some(suffix.into()))
+                    }
+                    _ => (name.as_str(), None),
                 };
                 match hex.parse::<Hash>() {
                     Ok(hash) if hex.starts_with(&shard_name) && hex == hash.to_hex() => {
-                        objects.push((hash, exec))
+                        objects.push((hash, variant))
                     }
                     _ => strays.push(format!("{shard_name}/{name}")),
                 }
             }
         }
         Ok((objects, strays))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_suffix_names_one_read_only_form_in_one_spelling() {
+        for form in [
+            BlobForm::for_entry(0o644, 1_700_000_000_123_456_789),
+            BlobForm::for_entry(0o4755, -86_400_000_000_042),
+            BlobForm::for_entry(0o000, 0),
+            BlobForm::for_entry(0o600, i64::MIN),
+        ] {
+            assert_eq!(form.mode & 0o7222, 0, "{form:?} is read-only");
+            assert_ne!(form.mode & 0o400, 0, "{form:?} keeps owner read");
+            assert_eq!(BlobForm::parse_suffix(&form.suffix()), Some(form));
+        }
+        assert_eq!(BlobForm::for_entry(0o4755, 0).mode, 0o555);
+        assert_eq!(BlobForm::for_entry(0o600, 0).mode, 0o400);
+        // Other spellings, writable modes and garbage are strays, not variants.
+        for stray in [
+            ".0444.1", ".644.1", ".444.01", ".444.+1", ".444", ".444.1.", "444.1", ".x1", "",
+        ] {
+            assert_eq!(BlobForm::parse_suffix(stray), None, "{stray:?}");
+        }
+        assert!(is_variant_suffix(".x"));
+        assert_eq!(
+            BlobForm::canonical(0o700, 5),
+            BlobForm {
+                mode: 0o555,
+                mtime_ns: 5
+            }
+        );
+        assert_eq!(
+            BlobForm::canonical(0o664, 5),
+            BlobForm {
+                mode: 0o444,
+                mtime_ns: 5
+            }
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Who may write into the store: nothing another local user can write may reach what the
 //! store's runs read.
 //!
-//! Cached farms (`farms/<root>`) are shared by every later run of the store's owner, and
+//! Cached farms (`farms/<root>.2`) are shared by every later run of the store's owner, and
 //! `sessions/` holds the uppers of runs. A base image's world-writable directory
 //! (`var/tmp`, 1777) used to become a world-writable directory inside `farms/`: any local
 //! user who could traverse to it could plant files a later sandbox would see. Two walls

@@ -126,24 +126,31 @@ impl Store {
             if moving.contains(p.object.as_str()) {
                 continue; // moved aside as it is
             }
-            let hex = p.object.strip_suffix(".x").unwrap_or(&p.object);
+            let (hex, suffix) = p.object.split_at_checked(64).unwrap_or((&p.object, ""));
             let Ok(hash) = hex.parse::<Hash>() else {
                 continue;
             };
-            let exec = p.object.ends_with(".x");
-            let kind = if !exec && self.has_tree(&hash) {
+            let is_variant = !suffix.is_empty();
+            let kind = if !is_variant && self.has_tree(&hash) {
                 ObjectKind::Tree
             } else {
                 ObjectKind::Blob
             };
-            let want = if exec { 0o555 } else { 0o444 };
+            // A variant's name says its mode; a blob's own file keeps its class (555 if it
+            // was executable); a tree is 444.
+            let want = |was: u32| match crate::BlobForm::parse_suffix(suffix) {
+                Some(form) => form.mode,
+                None if is_variant => 0o555,
+                None if kind == ObjectKind::Blob && was & 0o100 != 0 => 0o555,
+                None => 0o444,
+            };
             let path = object_path(self, kind, &p.object);
             match restore_mode(&path, want) {
-                Ok(was) => modes_fixed.push(ModeFixed {
+                Ok((was, now)) => modes_fixed.push(ModeFixed {
                     kind: kind.label(),
                     object: p.object.clone(),
                     was: format!("{was:o}"),
-                    now: format!("{want:o}"),
+                    now: format!("{now:o}"),
                 }),
                 Err(e) => failures.push(failed(
                     &p.object,
@@ -155,6 +162,34 @@ impl Store {
                 if let Err(e) = self.get_tree(&hash) {
                     more.push((kind, p.object.clone(), e.to_string()));
                 }
+            }
+        }
+        for p in before.problems.iter().filter(|p| p.kind == "bad-mtime") {
+            let Some((hex, suffix)) = p.object.split_at_checked(64) else {
+                continue;
+            };
+            let (Some(form), Ok(hash)) =
+                (crate::BlobForm::parse_suffix(suffix), hex.parse::<Hash>())
+            else {
+                continue;
+            };
+            let path = self.blob_variant_path(&hash, Some(suffix));
+            match rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &path,
+                &form.timestamps(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            ) {
+                Ok(()) => modes_fixed.push(ModeFixed {
+                    kind: "blob",
+                    object: p.object.clone(),
+                    was: "another mtime".into(),
+                    now: format!("mtime {} ns", form.mtime_ns),
+                }),
+                Err(e) => failures.push(failed(
+                    &p.object,
+                    format!("cannot restore mtime of {}: {e}", path.display()),
+                )),
             }
         }
         to_move.extend(more);
@@ -380,7 +415,7 @@ fn object_path(store: &Store, kind: ObjectKind, name: &str) -> PathBuf {
 
 /// Sets the mode of the regular file at `path` without following a symlink; returns the
 /// mode it had.
-fn restore_mode(path: &Path, mode: u32) -> std::io::Result<u32> {
+fn restore_mode(path: &Path, want: impl Fn(u32) -> u32) -> std::io::Result<(u32, u32)> {
     use rustix::fs::{Mode as FsMode, OFlags};
     let fd = rustix::fs::open(
         path,
@@ -391,6 +426,7 @@ fn restore_mode(path: &Path, mode: u32) -> std::io::Result<u32> {
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(std::io::Error::other("not a regular file"));
     }
+    let mode = want(st.st_mode & 0o7777);
     // fchmod refuses an O_PATH descriptor; its /proc link names exactly this inode.
     let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
     fs::set_permissions(&proc, std::os::unix::fs::PermissionsExt::from_mode(mode)).or_else(
@@ -400,5 +436,5 @@ fn restore_mode(path: &Path, mode: u32) -> std::io::Result<u32> {
             fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
         },
     )?;
-    Ok(st.st_mode & 0o7777)
+    Ok((st.st_mode & 0o7777, mode))
 }

@@ -27,8 +27,15 @@ pub struct StatusReport {
     pub logical_bytes: u64,
     /// `logical_bytes / blob_bytes` (0 when the store holds no bytes).
     pub dedup_ratio: f64,
-    /// Blocks the blob files take on disk, in bytes (the `.x` variants included).
+    /// Blocks the blob files take on disk, in bytes (variants included).
     pub disk_bytes: u64,
+    /// Variant files: blobs in another form (mode, mtime) for the trees that show them
+    /// that way (docs/FORMAT.md).
+    pub variants: u64,
+    /// Bytes of the variant files: what variants cost where each is a copy (ext4). Where
+    /// the store's file system reflinks (btrfs, xfs) they share the blob's blocks, and
+    /// cost an inode each.
+    pub variant_bytes: u64,
 }
 
 impl Store {
@@ -38,11 +45,15 @@ impl Store {
         let (trees, _) = self.list_objects(ObjectKind::Tree)?;
         let mut seen = HashSet::with_capacity(blobs.len());
         let (mut blob_bytes, mut disk_bytes) = (0u64, 0u64);
-        for (hash, exec) in &blobs {
-            let path = self.blob_variant_path(hash, *exec);
+        let (mut variants, mut variant_bytes) = (0u64, 0u64);
+        for (hash, variant) in &blobs {
+            let path = self.blob_variant_path(hash, variant.as_deref());
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 disk_bytes += meta.blocks() * 512;
-                if seen.insert(*hash) {
+                if variant.is_some() {
+                    variants += 1;
+                    variant_bytes += meta.len();
+                } else if seen.insert(*hash) {
                     blob_bytes += meta.len();
                 }
             }
@@ -67,6 +78,8 @@ impl Store {
                 logical_bytes as f64 / blob_bytes as f64
             },
             disk_bytes,
+            variants,
+            variant_bytes,
         })
     }
 }

@@ -398,6 +398,7 @@ impl Store {
             }
         }
         let (mut new_blobs, mut new_bytes) = (0, 0);
+        let forms = first_forms(&trees, root, &pending);
         for (hash, (temp, size)) in &pending {
             let file = File::options()
                 .read(true)
@@ -408,7 +409,11 @@ impl Store {
                 "{staging_rel}/{}",
                 temp.file_name().expect("named").to_string_lossy()
             );
-            if batch.insert_staged_blob(self.adopt_temp(file, &rel), hash)? {
+            if batch.insert_staged_blob(
+                self.adopt_temp(file, &rel),
+                hash,
+                forms.get(hash).copied(),
+            )? {
                 new_blobs += 1;
                 new_bytes += size;
             }
@@ -558,4 +563,36 @@ pub(crate) fn unpredictable() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     now ^ (&bytes as *const _ as u64).rotate_left(32)
+}
+
+/// For each blob in `wanted`, the form of the first file entry (depth first from `root`)
+/// that names it: a new blob takes it, so a checkout of this tree needs few variants.
+fn first_forms<V>(
+    trees: &HashMap<Hash, velo_core::Tree>,
+    root: Hash,
+    wanted: &HashMap<Hash, V>,
+) -> HashMap<Hash, crate::BlobForm> {
+    let mut forms = HashMap::with_capacity(wanted.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(hash) = stack.pop() {
+        if !seen.insert(hash) {
+            continue;
+        }
+        let Some(tree) = trees.get(&hash) else {
+            continue;
+        };
+        for entry in tree.entries().iter().rev() {
+            match &entry.kind {
+                velo_core::EntryKind::Dir { hash } => stack.push(*hash),
+                velo_core::EntryKind::File { hash, .. } if wanted.contains_key(hash) => {
+                    forms.entry(*hash).or_insert_with(|| {
+                        crate::BlobForm::canonical(entry.mode.bits(), entry.mtime_ns)
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    forms
 }
