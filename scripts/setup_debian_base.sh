@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Makes (once, cached) a Debian bookworm root with gcc, libc6-dev and make for the
-# real-build test of `velo run --isolate`: debootstrap --variant=minbase.
+# Makes (once, cached) a Debian bookworm root with gcc, libc6-dev, make and python3 for the
+# real-build and exact-metadata tests of `velo run --isolate`: debootstrap --variant=minbase.
 # Usage: scripts/setup_debian_base.sh [DIR]   (default: /var/cache/velo-tests/bookworm-gcc)
 set -euo pipefail
 dir=${1:-${VELO_DEBIAN_ROOT:-/var/cache/velo-tests/bookworm-gcc}}
-if [ -x "$dir/usr/bin/gcc" ] && [ -f "$dir/.velo-complete" ]; then
+if [ -x "$dir/usr/bin/gcc" ] && [ -x "$dir/usr/bin/python3" ] && [ -f "$dir/.velo-complete" ]; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -14,6 +14,6 @@ fi
 command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
 rm -rf "$dir"
 mkdir -p "$(dirname "$dir")"
-echo "== debootstrap --variant=minbase --include=gcc,libc6-dev,make bookworm $dir"
-debootstrap --variant=minbase --include=gcc,libc6-dev,make bookworm "$dir" http://deb.debian.org/debian >/dev/null
+echo "== debootstrap --variant=minbase --include=gcc,libc6-dev,make,python3 bookworm $dir"
+debootstrap --variant=minbase --include=gcc,libc6-dev,make,python3 bookworm "$dir" http://deb.debian.org/debian >/dev/null
 touch "$dir/.velo-complete"
