@@ -461,10 +461,13 @@ fn debian_ready(needs: &[&str]) -> Option<PathBuf> {
     Some(root)
 }
 
-/// `velo run --isolate ARGS` (layers and options, then `-- COMMAND`).
+/// `velo run --isolate --farm-modes read-only ARGS` (layers and options, then
+/// `-- COMMAND`): the farms these tests check are the read-only kind, whatever the file
+/// system of the test's store (writable farms are checked in tests/sandbox.rs).
 fn velo_run(env: &Env, args: &[&str]) -> Output {
     let mut cmd = env.cmd();
-    cmd.args(["run", "--isolate"]).args(args);
+    cmd.args(["run", "--isolate", "--farm-modes", "read-only"])
+        .args(args);
     cmd.output().unwrap()
 }
 
