@@ -79,6 +79,15 @@ pub fn civil_time(secs: i64) -> String {
     )
 }
 
+/// `n` and the noun, plural unless `n` is 1: "1 file", "3 files".
+pub fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A count from tree statistics: `u64::MAX` means it saturated ("at least" that many).
 pub fn count(n: u64) -> String {
     if n == u64::MAX {

@@ -347,14 +347,14 @@ pub fn checkout(
         }
         if r.inexact_modes > 0 {
             note!(
-                "velo: {} files show their tree's mode without write (or set-id) bits: hard links share the store's read-only inodes; times are exact; --mode copy or --mode reflink gives writable files with exact modes",
-                r.inexact_modes
+                "velo: {} show the tree's mode without write (or set-id) bits: hard links share the store's read-only inodes; times are exact; --mode copy or --mode reflink gives writable files with exact modes",
+                fmt::counted(r.inexact_modes, "file")
             );
         }
         if r.variants_made > 0 {
             note!(
-                "velo: made {} variants (a stored content in another mode or mtime; `velo status` says what they cost)",
-                r.variants_made
+                "velo: made {} (a stored content in another mode or mtime; `velo status` says what they cost)",
+                fmt::counted(r.variants_made, "variant")
             );
         }
     }

@@ -359,7 +359,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             &farm.root.to_hex()[..16],
             farm.seconds,
             if farm.variants_made > 0 {
-                format!("; made {} variants", farm.variants_made)
+                format!("; made {}", fmt::counted(farm.variants_made, "variant"))
             } else {
                 String::new()
             }
@@ -376,8 +376,8 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
                 ),
             };
             note!(
-                "velo: inside, {} of its files show their mode {what}; times are exact, and a commit keeps the tree's modes of files the command does not chmod{hint}",
-                farm.inexact_modes
+                "velo: inside, {} of it show their mode {what}; times are exact, and a commit keeps the tree's modes of files the command does not chmod{hint}",
+                fmt::counted(farm.inexact_modes, "file")
             );
         }
     }

@@ -422,3 +422,24 @@ fn a_hardlink_checkout_is_removed_safely_and_a_writable_blob_is_noticed() {
     let err = env.fails(&["cat", "t", "g"]);
     assert!(err.contains("made writable outside velo"), "{err}");
 }
+
+/// A tree ingested with `--mtime zero` records 0 for every mtime, and its new blobs take
+/// that time: its hard-linked checkout links them, no variant, and shows the epoch.
+#[test]
+fn a_tree_ingested_with_zero_mtimes_needs_no_variant() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/plain"), b"plain").unwrap();
+    fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ingest(&src, &["--name", "z", "--mtime", "zero"]);
+    let out = env.path("co");
+    let report = env.json(&["checkout", "z", out.to_str().unwrap()]);
+    assert_eq!(report["variants_made"], 0, "{report}");
+    for (file, mode) in [("d/plain", 0o444), ("tool", 0o555)] {
+        let meta = fs::metadata(out.join(file)).unwrap();
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (0, 0), "{file}");
+        assert_eq!(meta.mode() & 0o7777, mode, "{file}");
+    }
+}

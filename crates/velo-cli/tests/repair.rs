@@ -369,3 +369,44 @@ fn a_variant_with_another_mtime_is_reported_and_restored() {
     assert_eq!((shown.mtime(), shown.mtime_nsec()), (1_000_000_000, 5));
     env.fsck_ok();
 }
+
+/// `touch` on a file of a hard-linked checkout changes the inode a cached farm shares with
+/// it: fsck names the farm (its file shows another mtime than its tree), repair removes it.
+#[test]
+fn a_farm_showing_another_mtime_than_its_tree_is_reported_and_removed() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    fs::write(src.join("d/data"), CONTENT).expect("write");
+    let root: Hash = env
+        .ingest(&src, &["--name", "app"])
+        .parse()
+        .expect("root hash");
+    let store = velo_store::Store::open(&env.store).expect("store");
+    let farm = {
+        let _lock = store.lock_shared().expect("lock");
+        velo_project::session::ensure_farm(&store, root, velo_store::FarmModes::ReadOnly)
+            .expect("farm")
+            .0
+    };
+    let co = env.path("co");
+    env.ok(&["checkout", "app", co.to_str().unwrap()]);
+    env.fsck_ok();
+    common::touch_ns(&co.join("d/data"), 2_000_000_000, 0);
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("stale-farm") && stdout.contains("d/data"),
+        "{stdout}"
+    );
+    let report = repair(&env, true);
+    let name = farm.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        report["farms_removed"],
+        serde_json::json!([name]),
+        "{report}"
+    );
+    assert!(!farm.exists());
+    env.fsck_ok();
+}

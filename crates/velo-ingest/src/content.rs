@@ -165,6 +165,7 @@ impl Ctx<'_> {
                                 && self.reflink_works.load(Ordering::Relaxed))
                             .then_some(source),
                             read_as: after,
+                            form: form_of(&after, self.options.mtime),
                             hash,
                             data: std::mem::take(&mut *buf),
                         });
@@ -173,7 +174,7 @@ impl Ctx<'_> {
                 }
                 let new = self.batch.insert_blob(
                     &hash,
-                    Some(form_of(&after)),
+                    Some(form_of(&after, self.options.mtime)),
                     &mut |dest: &mut File| {
                         // A clone copies the file as it is now, not as it was read: it is kept
                         // only if the file is still the version hashed. Otherwise the hashed
@@ -214,9 +215,11 @@ impl Ctx<'_> {
             self.learn(&hash);
             return Ok(Outcome::Stored(hash));
         }
-        let new = self
-            .batch
-            .insert_staged_blob(staged, &hash, Some(form_of(&after)))?;
+        let new = self.batch.insert_staged_blob(
+            staged,
+            &hash,
+            Some(form_of(&after, self.options.mtime)),
+        )?;
         self.counted(new, hash, size);
         Ok(Outcome::Stored(hash))
     }
@@ -279,12 +282,16 @@ impl Ctx<'_> {
     }
 }
 
-/// The form a new blob takes from the file it is stored from (its mtime, and 0555 if it
-/// is executable): a checkout of the tree just ingested then links the blob itself, no
-/// variant needed.
-pub(crate) fn form_of(st: &Stat) -> velo_store::BlobForm {
+/// The form a new blob takes from the file it is stored from (the mtime the tree records
+/// of it, and 0555 if it is executable): a checkout of the tree just ingested then links
+/// the blob itself, no variant needed.
+pub(crate) fn form_of(st: &Stat, mtimes: crate::MtimePolicy) -> velo_store::BlobForm {
     let own = velo_store::BlobForm::of_stat(st);
-    velo_store::BlobForm::canonical(own.mode, own.mtime_ns)
+    let mtime_ns = match mtimes {
+        crate::MtimePolicy::Keep => own.mtime_ns,
+        crate::MtimePolicy::Zero => 0,
+    };
+    velo_store::BlobForm::canonical(own.mode, mtime_ns)
 }
 
 /// Two points of the small-file path where a unit test interleaves two workers exactly,

@@ -38,6 +38,8 @@ pub(crate) enum Job {
         source: Option<File>,
         /// The source's state when it was read.
         read_as: Stat,
+        /// The form the new blob takes (crate::content::form_of).
+        form: velo_store::BlobForm,
         hash: Hash,
         /// Exactly the bytes that hash to `hash`.
         data: Vec<u8>,
@@ -225,7 +227,7 @@ impl Inserter {
         batch: &Batch<'_>,
         reflink_works: &AtomicBool,
     ) -> Result<(), StoreError> {
-        let (source, read_as, hash, data) = match job {
+        let (source, read_as, form, hash, data) = match job {
             Job::Tree { hash, bytes } => {
                 if batch.insert_tree(hash, bytes)? {
                     self.new_trees.fetch_add(1, Ordering::Relaxed);
@@ -235,11 +237,11 @@ impl Inserter {
             Job::Blob {
                 source,
                 read_as,
+                form,
                 hash,
                 data,
-            } => (source.as_ref(), read_as, hash, data),
+            } => (source.as_ref(), read_as, *form, hash, data),
         };
-        let form = crate::content::form_of(read_as);
         let new = batch.insert_blob(hash, Some(form), &mut |dest: &mut File| {
             if let Some(source) = source.filter(|_| reflink_works.load(Ordering::Relaxed)) {
                 match rustix::fs::ioctl_ficlone(&*dest, source) {

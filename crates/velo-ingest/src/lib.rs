@@ -255,7 +255,11 @@ pub fn store_open_file(
     // What is stored is what this second pass read (a live upper may change in between).
     let hash = Hash::from(hasher.finalize());
     if !store.has_blob(&hash) {
-        batch.insert_staged_blob(staged, &hash, Some(content::form_of(&stat)))?;
+        batch.insert_staged_blob(
+            staged,
+            &hash,
+            Some(content::form_of(&stat, MtimePolicy::Keep)),
+        )?;
     }
     Ok((hash, size))
 }

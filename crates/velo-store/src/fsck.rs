@@ -23,7 +23,9 @@ pub struct FsckOptions {
 pub struct Problem {
     /// A stable label: `corrupt-blob`, `corrupt-tree`, `bad-mode`, `missing-blob`,
     /// `missing-tree`, `blob-size`, `bad-root`, `unsafe-permissions` (a directory of the
-    /// store other users can write into, or enter where they must not).
+    /// store other users can write into, or enter where they must not), `bad-mtime` (a
+    /// variant's mtime is not the one its name says), `stale-farm` (a cached farm shows
+    /// another mode or mtime than its tree).
     pub kind: &'static str,
     /// The object, root or path concerned.
     pub object: String,
@@ -54,7 +56,7 @@ pub struct FsckReport {
     pub problems: Vec<Problem>,
 }
 
-fn problem(kind: &'static str, object: impl ToString, detail: impl ToString) -> Problem {
+pub(crate) fn problem(kind: &'static str, object: impl ToString, detail: impl ToString) -> Problem {
     Problem {
         kind,
         object: object.to_string(),
@@ -160,13 +162,15 @@ impl Store {
             .map(|d| d.count() as u64)
             .unwrap_or(0);
         for p in &mut problems {
-            let hex = p.object.strip_suffix(".x").unwrap_or(&p.object);
+            // A blob's file, or a variant's: the hash comes first.
+            let hex = p.object.get(..64).unwrap_or(&p.object);
             let needer = hex.parse::<Hash>().ok().and_then(|h| needed_by.get(&h));
             if let (Some(needer), "corrupt-blob" | "corrupt-tree" | "bad-mode") = (needer, p.kind) {
                 p.detail = format!("{}; {needer}", p.detail);
             }
         }
         problems.extend(self.permission_problems());
+        problems.extend(self.farm_problems(&trees));
         problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
         Ok(FsckReport {
             ok: problems.is_empty(),

@@ -103,7 +103,7 @@ impl Store {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                !matches!(crate::objects::farm_root(&name), Some(h) if live_trees.contains(&h))
+                !matches!(crate::objects::parse_farm_name(&name).map(|(h, _)| h), Some(h) if live_trees.contains(&h))
             })
             .collect();
         // A run's sandbox can outlive the shared lock of the `velo` that started it (only

@@ -19,6 +19,7 @@
 
 mod batch;
 mod error;
+mod farmcheck;
 mod fsck;
 mod gc;
 mod import_cache;

@@ -189,13 +189,11 @@ impl FarmModes {
     }
 }
 
-/// The tree whose current farm (of either kind) has this directory name.
-pub(crate) fn farm_root(name: &str) -> Option<Hash> {
+/// The tree and modes of the current farm (of either kind) with this directory name.
+pub(crate) fn parse_farm_name(name: &str) -> Option<(Hash, FarmModes)> {
     [FarmModes::ReadOnly, FarmModes::Writable]
-        .iter()
-        .find_map(|m| name.strip_suffix(m.suffix()))?
-        .parse()
-        .ok()
+        .into_iter()
+        .find_map(|m| Some((name.strip_suffix(m.suffix())?.parse().ok()?, m)))
 }
 
 /// The legacy suffix of an executable (0555) variant, from before variants had forms.

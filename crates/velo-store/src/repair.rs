@@ -219,11 +219,22 @@ impl Store {
                 }
             }
         }
-        let farms_removed = if linked_elsewhere.is_empty() {
+        let mut farms_removed = if linked_elsewhere.is_empty() {
             Vec::new()
         } else {
             self.remove_farms_linking(&linked_elsewhere)
         };
+        // A farm that shows other forms than its tree: built again by the next run.
+        for p in before
+            .problems
+            .iter()
+            .filter(|p| p.kind == crate::farmcheck::STALE_FARM)
+        {
+            if !farms_removed.contains(&p.object) {
+                crate::remove_tree(&self.root.join("farms").join(&p.object));
+                farms_removed.push(p.object.clone());
+            }
+        }
 
         let after = self.fsck_locked(FsckOptions {
             verify_content: false,
