@@ -443,3 +443,41 @@ fn a_tree_ingested_with_zero_mtimes_needs_no_variant() {
         assert_eq!(meta.mode() & 0o7777, mode, "{file}");
     }
 }
+
+/// A time the store's file system cannot hold (ext4 begins in 1901; tmpfs and a tree's
+/// nanoseconds reach back to 1677) is shown as the nearest it can, and fsck does not call
+/// that damage.
+#[test]
+fn a_time_beyond_the_store_file_system_is_clamped_and_fsck_passes() {
+    let env = Env::new();
+    let shm = std::path::Path::new("/dev/shm");
+    if !common::require(shm.is_dir(), "/dev/shm (a tmpfs, which holds any time)") {
+        return;
+    }
+    let src = tempfile::tempdir_in(shm).unwrap();
+    fs::write(src.path().join("old"), b"from the past").unwrap();
+    // 1800-01-01.
+    common::touch_ns(&src.path().join("old"), -5_364_662_400, 0);
+    env.ingest(src.path(), &["--name", "f"]);
+    let listed = env.json(&["show", "f", "old"]);
+    assert_eq!(
+        listed["mtime_ns"], -5_364_662_400_000_000_000i64,
+        "{listed}"
+    );
+    let out = env.path("co");
+    env.ok(&["checkout", "f", out.to_str().unwrap()]);
+    let shown = fs::metadata(out.join("old")).unwrap().mtime();
+    assert!(
+        (-5_364_662_400..-2_000_000_000).contains(&shown),
+        "close to the tree's time: {shown}"
+    );
+    env.fsck_ok();
+    // A run's farm too (its check compares against what the file system can hold).
+    let store = velo_store::Store::open(&env.store).unwrap();
+    let root = store.resolve("f").unwrap();
+    {
+        let _lock = store.lock_shared().unwrap();
+        velo_project::session::ensure_farm(&store, root, velo_store::FarmModes::ReadOnly).unwrap();
+    }
+    env.fsck_ok();
+}

@@ -41,7 +41,7 @@ impl Store {
             .par_iter()
             .filter_map(|(name, root, modes)| {
                 let dir = self.root.join("farms").join(name);
-                let (count, first) = stale_entries(trees, *root, &dir, *modes);
+                let (count, first) = stale_entries(self, trees, *root, &dir, *modes);
                 (count > 0).then(|| {
                     problem(
                         STALE_FARM,
@@ -58,6 +58,7 @@ impl Store {
 
 /// How many entries of the farm at `dir` differ from tree `root`, and the first one.
 fn stale_entries(
+    store: &Store,
     trees: &HashMap<Hash, Tree>,
     root: Hash,
     dir: &Path,
@@ -88,7 +89,8 @@ fn stale_entries(
                 EntryKind::Symlink { .. } => None,
             };
             let right = shown.is_some_and(|(mode, mtime)| {
-                mtime == entry.mtime_ns && want_mode.is_none_or(|want| mode == want)
+                (mtime == entry.mtime_ns || mtime == store.representable_mtime(entry.mtime_ns))
+                    && want_mode.is_none_or(|want| mode == want)
             });
             if !right {
                 if count == 0 {

@@ -379,7 +379,7 @@ impl Store {
                 .mtime()
                 .saturating_mul(1_000_000_000)
                 .saturating_add(meta.mtime_nsec());
-            if mtime_ns != form.mtime_ns {
+            if mtime_ns != form.mtime_ns && mtime_ns != self.representable_mtime(form.mtime_ns) {
                 found.push(problem(
                     "bad-mtime",
                     &label,

@@ -194,6 +194,29 @@ impl Store {
         Ok(store)
     }
 
+    /// The mtime the store's file system keeps when `mtime_ns` is set: the same, or the
+    /// nearest it can hold (ext4 clamps to 1901..2446, and 128-byte inodes to 1901..2038;
+    /// sub-second parts may be cut). Asked of an unnamed temp file; `mtime_ns` when it
+    /// cannot be asked. Checks of what a variant or farm shows compare against this.
+    pub fn representable_mtime(&self, mtime_ns: i64) -> i64 {
+        let Ok(probe) = rustix::fs::openat(
+            &self.tmp_dir,
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            FsMode::from_raw_mode(0o600),
+        ) else {
+            return mtime_ns;
+        };
+        let form = BlobForm {
+            mode: 0o600,
+            mtime_ns,
+        };
+        if rustix::fs::futimens(&probe, &form.timestamps()).is_err() {
+            return mtime_ns;
+        }
+        rustix::fs::fstat(&probe).map_or(mtime_ns, |st| BlobForm::of_stat(&st).mtime_ns)
+    }
+
     /// Whether the store's file system clones files (`FICLONE`: btrfs, xfs with
     /// reflink), so a variant costs an inode, not a copy of the bytes. Tried once per
     /// process, on two unnamed temp files.
