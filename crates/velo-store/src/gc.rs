@@ -36,8 +36,8 @@ pub struct GcReport {
     pub unused_variant_bytes: u64,
     /// Leftover temp files of interrupted commands.
     pub temp_files: u64,
-    /// Cached link farms of trees no root reaches (and half-built ones, and farms of an
-    /// older format).
+    /// Cached link farms and shim views of trees no root reaches (and half-built ones,
+    /// and farms of an older format).
     pub farms: u64,
     /// Session directories of runs that have ended (killed, or crashed before cleaning up).
     pub sessions: u64,
@@ -105,6 +105,22 @@ impl Store {
                     .unwrap_or_default();
                 !matches!(crate::objects::parse_farm_name(&name).map(|(h, _)| h), Some(h) if live_trees.contains(&h))
             })
+            .collect();
+        // Views (the shim's index of a tree, and its executables' links) of trees no root
+        // reaches, and half-built ones.
+        let dead_farms: Vec<_> = dead_farms
+            .into_iter()
+            .chain(listing("views").into_iter().filter(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let hex = name
+                    .strip_suffix(".idx")
+                    .or_else(|| name.strip_suffix(".d"))
+                    .unwrap_or("");
+                !matches!(hex.parse::<Hash>(), Ok(h) if live_trees.contains(&h))
+            }))
             .collect();
         // A run's sandbox can outlive the shared lock of the `velo` that started it (only
         // for the instant it takes the kernel to deliver the parent-death signal), so the

@@ -150,8 +150,15 @@ impl Store {
             let name = entry.map_err(StoreError::io("reading", root))?.file_name();
             let name = name.to_string_lossy();
             let ours = SUBDIRS.contains(&name.as_ref())
-                || ["lock", "VERSION", "farms", "sessions", "gc-generation"]
-                    .contains(&name.as_ref())
+                || [
+                    "lock",
+                    "VERSION",
+                    "farms",
+                    "sessions",
+                    "views",
+                    "gc-generation",
+                ]
+                .contains(&name.as_ref())
                 || (name.starts_with("VERSION.") && name.ends_with(".new"));
             if !ours {
                 return Err(StoreError::NotAStore(root.to_path_buf()));
@@ -415,10 +422,16 @@ pub fn path_is_inside(path: &Path, dir: &Path) -> bool {
     }
 }
 
-/// Removes a directory tree that may hold read-only directories (farms, checkouts,
+/// Removes a file, or a directory tree that may hold read-only directories (farms, checkouts,
 /// overlay work directories): directories are made writable first. Symlinks are never
 /// followed. Failures are logged, not raised: callers use it to clean up.
 pub fn remove_tree(path: &Path) {
+    if fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+        if let Err(e) = fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove");
+        }
+        return;
+    }
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
         if !fs::symlink_metadata(&dir)

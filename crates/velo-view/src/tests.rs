@@ -1,0 +1,191 @@
+use super::*;
+use proptest::prelude::*;
+
+fn file(name: &str) -> NodeSpec {
+    NodeSpec {
+        kind: Kind::File,
+        name: name.as_bytes().to_vec(),
+        mode: 0o644,
+        mtime_ns: 7,
+        size: 3,
+        hash: [1; 32],
+        target: Vec::new(),
+        flags: 0,
+    }
+}
+
+fn dir(name: &str) -> NodeSpec {
+    NodeSpec {
+        kind: Kind::Dir,
+        mode: 0o755,
+        size: 0,
+        ..file(name)
+    }
+}
+
+fn link(name: &str, target: &str) -> NodeSpec {
+    NodeSpec {
+        kind: Kind::Symlink,
+        target: target.as_bytes().to_vec(),
+        mode: 0o777,
+        ..file(name)
+    }
+}
+
+/// `/vrift`: a, d/{abs, b, l, loop, out, up}, e/
+fn sample() -> Vec<u8> {
+    let mut w = IndexWriter::new(0o755, 1);
+    let first = w.add_children(0, &[file("a"), dir("d"), dir("e")]).unwrap();
+    w.add_children(
+        first + 1,
+        &[
+            link("abs", "/vrift/d/b"),
+            file("b"),
+            link("l", "../a"),
+            link("loop", "loop"),
+            link("out", "/etc/passwd"),
+            link("up", ".."),
+        ],
+    )
+    .unwrap();
+    w.add_children(first + 2, &[]).unwrap();
+    w.finish([9; 32], 42)
+}
+
+fn resolve(view: &View<'_>, path: &str, follow: bool) -> (Resolved, String) {
+    let mut scratch = [0u8; PATH_MAX];
+    let r = view.resolve(b"/vrift", 0, path.as_bytes(), follow, &mut scratch);
+    let outside = match r {
+        Resolved::Outside(n) => String::from_utf8_lossy(&scratch[..n]).into_owned(),
+        _ => String::new(),
+    };
+    (r, outside)
+}
+
+fn name_of(view: &View<'_>, r: Resolved) -> String {
+    match r {
+        Resolved::Node(i) => {
+            let node = view.node(i).unwrap();
+            String::from_utf8_lossy(view.name(&node).unwrap()).into_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn paths_resolve_through_the_tree_and_its_symlinks() {
+    let bytes = sample();
+    let view = View::new(&bytes).unwrap();
+    assert_eq!(view.root_hash(), [9; 32]);
+    assert_eq!(view.device(), 42);
+    for (path, follow, want) in [
+        ("/vrift", true, ""),
+        ("/vrift/", true, ""),
+        ("/vrift/a", true, "a"),
+        ("/vrift//d/./b", true, "b"),
+        ("/vrift/d/../a", true, "a"),
+        ("/vrift/d/l", true, "a"),
+        ("/vrift/d/l", false, "l"),
+        ("/vrift/d/abs", true, "b"),
+        ("/vrift/d/up/a", true, "a"),
+        ("/vrift/d/up/", false, ""),
+        ("d/b", true, "b"),
+        ("/vrift/e", true, "e"),
+    ] {
+        let (r, _) = resolve(&view, path, follow);
+        assert_eq!(name_of(&view, r), want, "{path}");
+    }
+    let node = view.node(match resolve(&view, "/vrift/d/b", true).0 {
+        Resolved::Node(i) => i,
+        other => panic!("{other:?}"),
+    });
+    let node = node.unwrap();
+    assert_eq!(
+        (node.kind, node.mode, node.mtime_ns, node.size),
+        (Kind::File, 0o644, 7, 3)
+    );
+}
+
+#[test]
+fn paths_that_leave_the_tree_give_the_host_path() {
+    let bytes = sample();
+    let view = View::new(&bytes).unwrap();
+    assert_eq!(
+        resolve(&view, "/vrift/../etc/passwd", true),
+        (Resolved::Outside(11), "/etc/passwd".to_string())
+    );
+    assert_eq!(
+        resolve(&view, "/vrift/d/out", true),
+        (Resolved::Outside(11), "/etc/passwd".to_string())
+    );
+    assert_eq!(
+        resolve(&view, "/vrift/d/out", false).0,
+        Resolved::Node(view.child(&view.node(2).unwrap(), b"out").unwrap().unwrap())
+    );
+    assert_eq!(
+        resolve(&view, "/vrift/..", true),
+        (Resolved::Outside(1), "/".to_string())
+    );
+    assert_eq!(
+        resolve(&view, "/vriftx/a", true),
+        (Resolved::Outside(9), "/vriftx/a".to_string())
+    );
+}
+
+#[test]
+fn errors_are_the_kernel_s() {
+    let bytes = sample();
+    let view = View::new(&bytes).unwrap();
+    assert_eq!(
+        resolve(&view, "/vrift/nope", true).0,
+        Resolved::Missing {
+            parent: 0,
+            last: true
+        }
+    );
+    assert_eq!(
+        resolve(&view, "/vrift/nope/x", true).0,
+        Resolved::Missing {
+            parent: 0,
+            last: false
+        }
+    );
+    assert_eq!(resolve(&view, "/vrift/a/x", true).0, Resolved::NotDir);
+    assert_eq!(resolve(&view, "/vrift/a/", true).0, Resolved::NotDir);
+    assert_eq!(resolve(&view, "/vrift/d/loop", true).0, Resolved::Loop);
+    assert_eq!(
+        name_of(&view, resolve(&view, "/vrift/d/loop", false).0),
+        "loop"
+    );
+    let long = format!("/vrift/{}", "a/".repeat(3000));
+    assert_eq!(resolve(&view, &long, true).0, Resolved::TooLong);
+}
+
+proptest! {
+    /// Whatever the bytes, reading them never panics.
+    #[test]
+    fn a_damaged_index_gives_errors_not_panics(
+        flips in proptest::collection::vec((0usize..2048, any::<u8>()), 0..64),
+        path in "(/vrift)?(/[a-z.]{0,3}){0,6}/?",
+        cut in 0usize..4096,
+    ) {
+        let mut bytes = sample();
+        for (at, b) in flips {
+            if at < bytes.len() {
+                bytes[at] = b;
+            }
+        }
+        bytes.truncate(cut.max(8));
+        if let Some(view) = View::new(&bytes) {
+            let mut scratch = [0u8; PATH_MAX];
+            let _ = view.resolve(b"/vrift", 0, path.as_bytes(), true, &mut scratch);
+            for i in 0..view.len().min(64) {
+                if let Ok(node) = view.node(i) {
+                    let _ = view.name(&node);
+                    let _ = view.target(&node);
+                    let _ = view.child(&node, b"a");
+                }
+            }
+        }
+    }
+}
