@@ -243,7 +243,11 @@ impl CommitWalk<'_, '_> {
                 .and_then(|e| unchanged_mode(e, kind_of, mode, self.shown))
             {
                 mode = base_mode;
-            } else if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
+            }
+            // Every file of the upper was written, created or chmod'ed by the command: it
+            // never keeps a set-id bit, not even one its base entry had (the command may
+            // have replaced the bytes of a set-uid program).
+            if kind_of == FileType::RegularFile && mode.bits() & 0o6000 != 0 {
                 mode = Mode::from_st_mode(mode.bits() & !0o6000);
                 self.setid_dropped.push(rel.join(os_name));
             }
@@ -422,6 +426,7 @@ mod tests {
             with_mode(file_entry(&store, "script", b"x"), 0o700),
             with_mode(file_entry(&store, "chmodded", b"c"), 0o644),
             with_mode(file_entry(&store, "narrowed", b"n"), 0o755),
+            with_mode(file_entry(&store, "su", b"su"), 0o4755),
             tmp_dir,
         ])
         .unwrap();
@@ -434,6 +439,7 @@ mod tests {
             ("script", 0o500),   // shown
             ("chmodded", 0o640), // the command's chmod
             ("narrowed", 0o444), // the command's chmod (shown was 0555)
+            ("su", 0o555),       // shown (no set-uid bit), its bytes replaced
         ] {
             std::fs::write(upper.join(name), b"appended").unwrap();
             std::fs::set_permissions(upper.join(name), std::fs::Permissions::from_mode(mode))
@@ -443,10 +449,12 @@ mod tests {
         std::fs::set_permissions(upper.join("tmp"), std::fs::Permissions::from_mode(0o1755))
             .unwrap();
         let report = commit_upper(&store, base, &upper, FarmModes::ReadOnly).unwrap();
-        let modes: Vec<(&str, u32)> = ["secret", "pub", "script", "chmodded", "narrowed", "tmp"]
-            .into_iter()
-            .map(|n| (n, mode_at(&store, report.root, n.as_bytes())))
-            .collect();
+        let modes: Vec<(&str, u32)> = [
+            "secret", "pub", "script", "chmodded", "narrowed", "su", "tmp",
+        ]
+        .into_iter()
+        .map(|n| (n, mode_at(&store, report.root, n.as_bytes())))
+        .collect();
         assert_eq!(
             modes,
             [
@@ -455,8 +463,14 @@ mod tests {
                 ("script", 0o700),
                 ("chmodded", 0o640),
                 ("narrowed", 0o444),
+                ("su", 0o755),
                 ("tmp", 0o1777),
             ]
+        );
+        assert_eq!(
+            report.setid_dropped,
+            [PathBuf::from("su")],
+            "a base set-uid file the command wrote loses the bit, and says so"
         );
     }
 

@@ -1,0 +1,230 @@
+//! The shim's configuration, read once per process from its environment, and the mapped
+//! view index.
+
+use core::cell::UnsafeCell;
+use core::ffi::{c_char, CStr};
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use rustix::fs::{Mode, OFlags, CWD};
+use velo_view::View;
+
+/// A path held without allocation, NUL-terminated.
+pub struct PathBuf {
+    bytes: [u8; velo_view::PATH_MAX + 1],
+    len: usize,
+}
+
+impl PathBuf {
+    pub const fn new() -> PathBuf {
+        PathBuf {
+            bytes: [0; velo_view::PATH_MAX + 1],
+            len: 0,
+        }
+    }
+
+    /// Sets the content; false if it does not fit.
+    pub fn set(&mut self, parts: &[&[u8]]) -> bool {
+        let mut len = 0;
+        for part in parts {
+            let end = len + part.len();
+            if end > velo_view::PATH_MAX {
+                return false;
+            }
+            self.bytes[len..end].copy_from_slice(part);
+            len = end;
+        }
+        self.bytes[len] = 0;
+        self.len = len;
+        true
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    pub fn as_cstr(&self) -> &CStr {
+        // The buffer holds a NUL at `len` (set) and no NUL before it (paths from the
+        // environment and the index hold none; `set` callers pass no NUL).
+        CStr::from_bytes_until_nul(&self.bytes[..=self.len]).unwrap_or(c"")
+    }
+}
+
+/// What the shim knows about the run.
+pub struct Config {
+    pub view: View<'static>,
+    /// Where the tree appears: absolute, no trailing `/`.
+    pub at: PathBuf,
+    /// The store's root.
+    pub store: PathBuf,
+    /// `views/<root>.d`: executable links, and `e`, an empty directory that descriptors
+    /// of tree directories really open.
+    pub exec_dir: PathBuf,
+    pub placeholder: PathBuf,
+    /// The tree node the process started in, if any (`VRIFT_CWD`).
+    pub start_cwd: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub debug: bool,
+}
+
+struct Global(UnsafeCell<Option<Config>>);
+
+// SAFETY: the cell is written once, by the thread that moves STATE from UNINIT to
+// INITIALIZING, before it publishes ACTIVE with Release ordering; readers read it only
+// after seeing ACTIVE with Acquire ordering, and never write it.
+unsafe impl Sync for Global {}
+
+static CONFIG: Global = Global(UnsafeCell::new(None));
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+const UNINIT: u8 = 0;
+const INITIALIZING: u8 = 1;
+const ACTIVE: u8 = 2;
+const INACTIVE: u8 = 3;
+
+extern "C" {
+    static environ: *const *const c_char;
+}
+
+/// The configuration, or `None` when the shim is not active in this process (no view
+/// given, a broken one, or a call that came while it was being read: such calls pass
+/// through to the host untouched).
+pub fn get() -> Option<&'static Config> {
+    match STATE.load(Ordering::Acquire) {
+        ACTIVE => {
+            // SAFETY: ACTIVE is published after the cell was written (see `Global`).
+            unsafe { (*CONFIG.0.get()).as_ref() }
+        }
+        UNINIT => {
+            if STATE
+                .compare_exchange(UNINIT, INITIALIZING, Ordering::Acquire, Ordering::Acquire)
+                .is_err()
+            {
+                return get_after_race();
+            }
+            let config = load();
+            let active = config.is_some();
+            // SAFETY: this thread won the race to INITIALIZING; no one reads the cell
+            // before ACTIVE is stored below.
+            unsafe { *CONFIG.0.get() = config };
+            STATE.store(if active { ACTIVE } else { INACTIVE }, Ordering::Release);
+            get_after_race()
+        }
+        _ => None,
+    }
+}
+
+fn get_after_race() -> Option<&'static Config> {
+    if STATE.load(Ordering::Acquire) == ACTIVE {
+        // SAFETY: as in `get`.
+        unsafe { (*CONFIG.0.get()).as_ref() }
+    } else {
+        None
+    }
+}
+
+/// The value of environment variable `name` (given with its `=`).
+fn env(name: &[u8]) -> Option<&'static [u8]> {
+    // SAFETY: `environ` is libc's NULL-terminated array of NUL-terminated strings; it is
+    // read, never kept past this call's use of the strings, which live as long as the
+    // process does unless the program changes its environment (then later reads of
+    // these values are not made: everything is copied out during `load`).
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return None;
+        }
+        while !(*p).is_null() {
+            let entry = CStr::from_ptr(*p).to_bytes();
+            if let Some(value) = entry.strip_prefix(name) {
+                return Some(value);
+            }
+            p = p.add(1);
+        }
+    }
+    None
+}
+
+fn load() -> Option<Config> {
+    let view_path = env(b"VRIFT_VIEW=")?;
+    let mut view_buf = PathBuf::new();
+    let mut at = PathBuf::new();
+    let mut store = PathBuf::new();
+    let mut exec_dir = PathBuf::new();
+    let mut placeholder = PathBuf::new();
+    let at_value = env(b"VRIFT_AT=").unwrap_or(b"/vrift");
+    let at_value = match at_value {
+        [rest @ .., b'/'] if !rest.is_empty() => rest,
+        other => other,
+    };
+    if !view_buf.set(&[view_path])
+        || !at.set(&[at_value])
+        || at_value.first() != Some(&b'/')
+        || at_value.len() < 2
+        || !store.set(&[env(b"VRIFT_STORE=")?])
+        || !exec_dir.set(&[env(b"VRIFT_EXEC_DIR=")?])
+        || !placeholder.set(&[exec_dir.as_bytes(), b"/e"])
+    {
+        return None;
+    }
+    let debug = env(b"VRIFT_DEBUG=").is_some_and(|v| !v.is_empty() && v != b"0");
+    let view = map_view(&view_buf)?;
+    let start_cwd = env(b"VRIFT_CWD=").and_then(|rel| {
+        let mut scratch = [0u8; velo_view::PATH_MAX];
+        match view.resolve(at.as_bytes(), 0, rel, true, &mut scratch) {
+            velo_view::Resolved::Node(n) => Some(n),
+            _ => None,
+        }
+    });
+    Some(Config {
+        view,
+        at,
+        store,
+        exec_dir,
+        placeholder,
+        start_cwd,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        debug,
+    })
+}
+
+/// Maps the index read-only for the life of the process.
+fn map_view(path: &PathBuf) -> Option<View<'static>> {
+    let fd = rustix::fs::openat(
+        CWD,
+        path.as_cstr(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let len = rustix::fs::fstat(&fd).ok()?.st_size as usize;
+    if len == 0 {
+        return None;
+    }
+    // SAFETY: a fresh private read-only mapping of a file velo never changes after
+    // publishing it (a new version is a new file renamed over it; this mapping keeps the
+    // old inode). It is never unmapped, so the 'static slice stays valid.
+    let bytes: &'static [u8] = unsafe {
+        let ptr = rustix::mm::mmap(
+            core::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::PRIVATE,
+            &fd,
+            0,
+        )
+        .ok()?;
+        core::slice::from_raw_parts(ptr as *const u8, len)
+    };
+    View::new(bytes)
+}
+
+/// Reads the configuration as soon as the library is loaded, so the first intercepted
+/// call finds it ready.
+extern "C" fn init() {
+    let _ = get();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;

@@ -1,0 +1,1182 @@
+//! The interposed entry points. Each one decides whether its path (or descriptor, or
+//! stream) is the tree's; if not, the call goes to the kernel (raw system calls) or to
+//! libc's own function, unchanged.
+
+use core::ffi::{c_char, c_int, c_long, c_void, CStr};
+use core::sync::atomic::AtomicPtr;
+
+use rustix::fd::{BorrowedFd, IntoRawFd};
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+use rustix::io::Errno;
+use velo_view::{Kind, Node, FLAG_EXEC_LINK};
+
+use crate::config::{self, Config, PathBuf};
+use crate::paths::{self, Target};
+use crate::{dirs, fds, meta};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn fail<T: FailValue>(e: Errno) -> T {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e.raw_os_error() };
+    T::FAILED
+}
+
+trait FailValue {
+    const FAILED: Self;
+}
+impl FailValue for c_int {
+    const FAILED: c_int = -1;
+}
+impl FailValue for isize {
+    const FAILED: isize = -1;
+}
+impl FailValue for *mut c_char {
+    const FAILED: *mut c_char = core::ptr::null_mut();
+}
+impl FailValue for *mut libc::DIR {
+    const FAILED: *mut libc::DIR = core::ptr::null_mut();
+}
+
+/// The path argument, or `None` for a null pointer.
+unsafe fn arg<'a>(path: *const c_char) -> Option<&'a CStr> {
+    if path.is_null() {
+        None
+    } else {
+        // SAFETY: the caller passes a NUL-terminated string, as the C API requires.
+        Some(unsafe { CStr::from_ptr(path) })
+    }
+}
+
+fn at_fd<'a>(dirfd: c_int) -> BorrowedFd<'a> {
+    if dirfd == libc::AT_FDCWD {
+        CWD
+    } else {
+        // SAFETY: the descriptor is the caller's; it is only used for this one call.
+        unsafe { BorrowedFd::borrow_raw(dirfd) }
+    }
+}
+
+/// A line on stderr when `VRIFT_DEBUG` is set: what was intercepted, for which path.
+fn debug(config: &Config, what: &str, path: &[u8]) {
+    if !config.debug {
+        return;
+    }
+    let mut line = [0u8; 512];
+    let mut len = 0;
+    for part in [
+        b"velo-shim: ".as_slice(),
+        what.as_bytes(),
+        b" ",
+        path,
+        b"\n",
+    ] {
+        let n = part.len().min(line.len() - len);
+        line[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    // SAFETY: fd 2 is borrowed for one write; a failed write is ignored (debug output).
+    let _ = rustix::io::write(unsafe { BorrowedFd::borrow_raw(2) }, &line[..len]);
+}
+
+/// `<store>/blobs/ab/<hash>` of a file node.
+fn blob_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 64];
+    for (i, byte) in node.hash.iter().enumerate() {
+        hex[2 * i] = HEX[(byte >> 4) as usize];
+        hex[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    out.set(&[config.store.as_bytes(), b"/blobs/", &hex[..2], b"/", &hex])
+}
+
+/// `views/<root>.d/<node>`: the executable inode of a file node.
+fn exec_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool {
+    let mut digits = [0u8; 10];
+    let mut n = node.index;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.set(&[config.exec_dir.as_bytes(), b"/", &digits[start..]])
+}
+
+fn node(config: &Config, index: u32) -> Result<Node, Errno> {
+    config.view.node(index).map_err(|_| Errno::IO)
+}
+
+// ---------------------------------------------------------------------------------------
+// open
+// ---------------------------------------------------------------------------------------
+
+fn raw_openat(dirfd: c_int, path: &CStr, flags: c_int, mode: libc::mode_t) -> c_int {
+    match rustix::fs::openat(
+        at_fd(dirfd),
+        path,
+        OFlags::from_bits_retain(flags as u32),
+        Mode::from_raw_mode(mode),
+    ) {
+        Ok(fd) => {
+            let fd = fd.into_raw_fd();
+            fds::forget(fd);
+            fd
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn open_node(config: &Config, index: u32, flags: c_int) -> c_int {
+    let n = match node(config, index) {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
+    let access = flags & libc::O_ACCMODE;
+    let writes = access != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+    let exclusive = flags & (libc::O_CREAT | libc::O_EXCL) == libc::O_CREAT | libc::O_EXCL;
+    let kept = flags & (libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_PATH | libc::O_NOCTTY);
+    let mut real = PathBuf::new();
+    let real_flags = match n.kind {
+        Kind::File => {
+            if flags & libc::O_DIRECTORY != 0 {
+                return fail(Errno::NOTDIR);
+            }
+            if exclusive {
+                return fail(Errno::EXIST);
+            }
+            if writes {
+                return fail(Errno::ROFS);
+            }
+            if !blob_path(config, &n, &mut real) {
+                return fail(Errno::NAMETOOLONG);
+            }
+            libc::O_RDONLY | kept
+        }
+        Kind::Dir => {
+            if exclusive {
+                return fail(Errno::EXIST);
+            }
+            if writes {
+                return fail(Errno::ISDIR);
+            }
+            real.set(&[config.placeholder.as_bytes()]);
+            libc::O_RDONLY | libc::O_DIRECTORY | kept
+        }
+        Kind::Symlink => {
+            // Reached only with O_NOFOLLOW.
+            if flags & libc::O_PATH == 0 {
+                return fail(Errno::LOOP);
+            }
+            real.set(&[config.placeholder.as_bytes()]);
+            libc::O_PATH | (flags & libc::O_CLOEXEC)
+        }
+    };
+    let fd = match rustix::fs::openat(
+        CWD,
+        real.as_cstr(),
+        OFlags::from_bits_retain(real_flags as u32),
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(Errno::NOENT) => return fail(Errno::IO),
+        Err(e) => return fail(e),
+    };
+    fds::remember(fd, index);
+    fd
+}
+
+unsafe fn do_openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    // SAFETY: the caller's path argument.
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let Some(config) = config::get() else {
+        return raw_openat(dirfd, p, flags, mode);
+    };
+    let mut scratch = PathBuf::new();
+    let follow = flags & libc::O_NOFOLLOW == 0;
+    match paths::lookup(config, dirfd, p, follow, &mut scratch) {
+        Target::Host => raw_openat(dirfd, p, flags, mode),
+        Target::HostPath => raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => {
+            debug(config, "open (missing)", p.to_bytes());
+            fail(if flags & libc::O_CREAT != 0 {
+                Errno::ROFS
+            } else {
+                Errno::NOENT
+            })
+        }
+        Target::Node(n) => {
+            debug(config, "open", p.to_bytes());
+            open_node(config, n, flags)
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    unsafe { do_openat(libc::AT_FDCWD, path, flags, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    unsafe { do_openat(libc::AT_FDCWD, path, flags, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    unsafe { do_openat(dirfd, path, flags, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    unsafe { do_openat(dirfd, path, flags, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    unsafe { do_openat(libc::AT_FDCWD, path, flags, 0) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    unsafe { do_openat(libc::AT_FDCWD, path, flags, 0) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    unsafe { do_openat(dirfd, path, flags, 0) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    unsafe { do_openat(dirfd, path, flags, 0) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int {
+    unsafe {
+        do_openat(
+            libc::AT_FDCWD,
+            path,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+            mode,
+        )
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: libc::mode_t) -> c_int {
+    unsafe { creat(path, mode) }
+}
+
+// ---------------------------------------------------------------------------------------
+// Descriptors
+// ---------------------------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    fds::forget(fd);
+    // SAFETY: closing the caller's descriptor, as it asked.
+    match unsafe { rustix::io::try_close(fd) } {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+static REAL_DUP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_DUP2: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_DUP3: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_FCNTL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+macro_rules! real_fn {
+    ($cache:expr, $name:expr, $ty:ty) => {{
+        let f = dirs::real(&$cache, $name);
+        if f.is_null() {
+            return fail(Errno::NOSYS);
+        }
+        // SAFETY: the symbol libc exports under this name has this C signature.
+        unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
+    }};
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    let real = real_fn!(REAL_DUP, c"dup", unsafe extern "C" fn(c_int) -> c_int);
+    let new = unsafe { real(fd) };
+    if new >= 0 {
+        fds::copy(fd, new);
+    }
+    new
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup2(fd: c_int, new: c_int) -> c_int {
+    let real = real_fn!(
+        REAL_DUP2,
+        c"dup2",
+        unsafe extern "C" fn(c_int, c_int) -> c_int
+    );
+    let result = unsafe { real(fd, new) };
+    if result >= 0 {
+        fds::copy(fd, result);
+    }
+    result
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup3(fd: c_int, new: c_int, flags: c_int) -> c_int {
+    let real = real_fn!(
+        REAL_DUP3,
+        c"dup3",
+        unsafe extern "C" fn(c_int, c_int, c_int) -> c_int
+    );
+    let result = unsafe { real(fd, new, flags) };
+    if result >= 0 {
+        fds::copy(fd, result);
+    }
+    result
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    let real = real_fn!(
+        REAL_FCNTL,
+        c"fcntl",
+        unsafe extern "C" fn(c_int, c_int, c_long) -> c_int
+    );
+    let result = unsafe { real(fd, cmd, arg) };
+    if result >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        fds::copy(fd, result);
+    }
+    result
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+    unsafe { fcntl(fd, cmd, arg) }
+}
+
+// ---------------------------------------------------------------------------------------
+// stat
+// ---------------------------------------------------------------------------------------
+
+unsafe fn do_fstatat(
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+    flags: c_int,
+) -> c_int {
+    if out.is_null() {
+        return fail(Errno::FAULT);
+    }
+    // SAFETY: the caller's buffer, checked non-null.
+    let out = unsafe { &mut *out };
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let raw = |dirfd: c_int, p: &CStr, out: &mut libc::stat| match rustix::fs::statat(
+        at_fd(dirfd),
+        p,
+        AtFlags::from_bits_retain(flags as u32),
+    ) {
+        Ok(st) => {
+            meta::from_kernel(&st, out);
+            0
+        }
+        Err(e) => fail(e),
+    };
+    let Some(config) = config::get() else {
+        return raw(dirfd, p, out);
+    };
+    if p.to_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+        return do_fstat(config, dirfd, out);
+    }
+    let mut scratch = PathBuf::new();
+    let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    match paths::lookup(config, dirfd, p, follow, &mut scratch) {
+        Target::Host => raw(dirfd, p, out),
+        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => match node(config, n) {
+            Ok(n) => {
+                meta::fill_stat(config, &n, out);
+                0
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn do_fstat(config: &Config, fd: c_int, out: &mut libc::stat) -> c_int {
+    if let Some(index) = fds::node_of(fd) {
+        return match node(config, index) {
+            Ok(n) => {
+                meta::fill_stat(config, &n, out);
+                0
+            }
+            Err(e) => fail(e),
+        };
+    }
+    // SAFETY: the caller's descriptor, stat'ed once.
+    match rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }) {
+        Ok(st) => {
+            meta::from_kernel(&st, out);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+unsafe fn fstat_any(fd: c_int, out: *mut libc::stat) -> c_int {
+    if out.is_null() {
+        return fail(Errno::FAULT);
+    }
+    // SAFETY: the caller's buffer, checked non-null.
+    let out = unsafe { &mut *out };
+    match config::get() {
+        Some(config) => do_fstat(config, fd, out),
+        None => match rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }) {
+            Ok(st) => {
+                meta::from_kernel(&st, out);
+                0
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn stat(path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn stat64(path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lstat(path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, libc::AT_SYMLINK_NOFOLLOW) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lstat64(path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, libc::AT_SYMLINK_NOFOLLOW) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fstat(fd: c_int, out: *mut libc::stat) -> c_int {
+    unsafe { fstat_any(fd, out) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fstat64(fd: c_int, out: *mut libc::stat) -> c_int {
+    unsafe { fstat_any(fd, out) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fstatat(
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+    flags: c_int,
+) -> c_int {
+    unsafe { do_fstatat(dirfd, path, out, flags) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fstatat64(
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+    flags: c_int,
+) -> c_int {
+    unsafe { do_fstatat(dirfd, path, out, flags) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __xstat(_ver: c_int, path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __xstat64(
+    _ver: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __lxstat(_ver: c_int, path: *const c_char, out: *mut libc::stat) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, libc::AT_SYMLINK_NOFOLLOW) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __lxstat64(
+    _ver: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+) -> c_int {
+    unsafe { do_fstatat(libc::AT_FDCWD, path, out, libc::AT_SYMLINK_NOFOLLOW) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __fxstat(_ver: c_int, fd: c_int, out: *mut libc::stat) -> c_int {
+    unsafe { fstat_any(fd, out) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __fxstat64(_ver: c_int, fd: c_int, out: *mut libc::stat) -> c_int {
+    unsafe { fstat_any(fd, out) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __fxstatat(
+    _ver: c_int,
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+    flags: c_int,
+) -> c_int {
+    unsafe { do_fstatat(dirfd, path, out, flags) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __fxstatat64(
+    _ver: c_int,
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat,
+    flags: c_int,
+) -> c_int {
+    unsafe { do_fstatat(dirfd, path, out, flags) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn statx(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mask: libc::c_uint,
+    out: *mut libc::statx,
+) -> c_int {
+    if out.is_null() {
+        return fail(Errno::FAULT);
+    }
+    // SAFETY: the caller's buffer, checked non-null.
+    let out = unsafe { &mut *out };
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let raw = |dirfd: c_int, p: &CStr, out: &mut libc::statx| {
+        match rustix::fs::statx(
+            at_fd(dirfd),
+            p,
+            AtFlags::from_bits_retain(flags as u32),
+            rustix::fs::StatxFlags::from_bits_retain(mask),
+        ) {
+            Ok(st) => {
+                const _: () = assert!(
+                    core::mem::size_of::<rustix::fs::Statx>()
+                        == core::mem::size_of::<libc::statx>()
+                );
+                // SAFETY: both are the kernel's `struct statx` (the sizes are checked
+                // above), plain old data.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        &st as *const rustix::fs::Statx as *const u8,
+                        out as *mut libc::statx as *mut u8,
+                        core::mem::size_of::<libc::statx>(),
+                    )
+                };
+                0
+            }
+            Err(e) => fail(e),
+        }
+    };
+    let Some(config) = config::get() else {
+        return raw(dirfd, p, out);
+    };
+    let index = if p.to_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+        match fds::node_of(dirfd) {
+            Some(n) => n,
+            None => return raw(dirfd, p, out),
+        }
+    } else {
+        let mut scratch = PathBuf::new();
+        let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+        match paths::lookup(config, dirfd, p, follow, &mut scratch) {
+            Target::Host => return raw(dirfd, p, out),
+            Target::HostPath => return raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+            Target::Fail(e) => return fail(e),
+            Target::Missing { .. } => return fail(Errno::NOENT),
+            Target::Node(n) => n,
+        }
+    };
+    match node(config, index) {
+        Ok(n) => {
+            meta::fill_statx(config, &n, out);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// access, readlink
+// ---------------------------------------------------------------------------------------
+
+unsafe fn do_faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let raw = |dirfd: c_int, p: &CStr| match rustix::fs::accessat(
+        at_fd(dirfd),
+        p,
+        rustix::fs::Access::from_bits_retain(mode as u32),
+        AtFlags::from_bits_retain(flags as u32),
+    ) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    };
+    let Some(config) = config::get() else {
+        return raw(dirfd, p);
+    };
+    let mut scratch = PathBuf::new();
+    let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    match paths::lookup(config, dirfd, p, follow, &mut scratch) {
+        Target::Host => raw(dirfd, p),
+        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr()),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => {
+            let Ok(n) = node(config, n) else {
+                return fail(Errno::IO);
+            };
+            // The user owns every node of the tree; root may read and write anything,
+            // and execute what has an execute bit.
+            let owner = config.uid == 0;
+            if mode & libc::W_OK != 0 {
+                return fail(Errno::ROFS);
+            }
+            if mode & libc::R_OK != 0 && !owner && n.mode & 0o400 == 0 {
+                return fail(Errno::ACCESS);
+            }
+            if mode & libc::X_OK != 0 && n.mode & 0o111 == 0 {
+                return fail(Errno::ACCESS);
+            }
+            0
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    unsafe { do_faccessat(libc::AT_FDCWD, path, mode, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn faccessat(
+    dirfd: c_int,
+    path: *const c_char,
+    mode: c_int,
+    flags: c_int,
+) -> c_int {
+    unsafe { do_faccessat(dirfd, path, mode, flags) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn eaccess(path: *const c_char, mode: c_int) -> c_int {
+    unsafe { do_faccessat(libc::AT_FDCWD, path, mode, libc::AT_EACCESS) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn euidaccess(path: *const c_char, mode: c_int) -> c_int {
+    unsafe { do_faccessat(libc::AT_FDCWD, path, mode, libc::AT_EACCESS) }
+}
+
+unsafe fn do_readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: usize) -> isize {
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    if buf.is_null() {
+        return fail(Errno::FAULT);
+    }
+    // SAFETY: the caller's buffer of `size` bytes.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
+    let raw = |dirfd: c_int, p: &CStr, out: &mut [u8]| match rustix::fs::readlinkat_raw(
+        at_fd(dirfd),
+        p,
+        &mut *out,
+    ) {
+        Ok(n) => n as isize,
+        Err(e) => fail(e),
+    };
+    let Some(config) = config::get() else {
+        return raw(dirfd, p, out);
+    };
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, dirfd, p, false, &mut scratch) {
+        Target::Host => raw(dirfd, p, out),
+        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => {
+            let Ok(n) = node(config, n) else {
+                return fail(Errno::IO);
+            };
+            if n.kind != Kind::Symlink {
+                return fail(Errno::INVAL);
+            }
+            let Ok(target) = config.view.target(&n) else {
+                return fail(Errno::IO);
+            };
+            let len = target.len().min(out.len());
+            out[..len].copy_from_slice(&target[..len]);
+            len as isize
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: usize) -> isize {
+    unsafe { do_readlinkat(libc::AT_FDCWD, path, buf, size) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn readlinkat(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    size: usize,
+) -> isize {
+    unsafe { do_readlinkat(dirfd, path, buf, size) }
+}
+
+// ---------------------------------------------------------------------------------------
+// Directories
+// ---------------------------------------------------------------------------------------
+
+static REAL_OPENDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_FDOPENDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_READDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_READDIR64: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_CLOSEDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_REWINDDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_DIRFD: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_TELLDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_SEEKDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// A stream over tree directory `index`, or the error.
+fn open_stream(config: &Config, index: u32) -> *mut libc::DIR {
+    match node(config, index) {
+        Ok(n) if n.kind == Kind::Dir => {}
+        Ok(_) => return fail(Errno::NOTDIR),
+        Err(e) => return fail(e),
+    }
+    let fd = open_node(
+        config,
+        index,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if fd < 0 {
+        return core::ptr::null_mut();
+    }
+    match dirs::open(fd, index) {
+        Some(dir) => dir,
+        None => {
+            fds::forget(fd);
+            // SAFETY: the descriptor this call just opened.
+            unsafe { rustix::io::close(fd) };
+            fail(Errno::MFILE)
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
+    let real = |p: *const c_char| -> *mut libc::DIR {
+        let real = real_fn!(
+            REAL_OPENDIR,
+            c"opendir",
+            unsafe extern "C" fn(*const c_char) -> *mut libc::DIR
+        );
+        unsafe { real(p) }
+    };
+    let Some(config) = config::get() else {
+        return real(path);
+    };
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
+        Target::Host => real(path),
+        Target::HostPath => real(scratch.as_cstr().as_ptr()),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => {
+            debug(config, "opendir", p.to_bytes());
+            open_stream(config, n)
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
+    if let (Some(_), Some(index)) = (config::get(), fds::node_of(fd)) {
+        return match dirs::open(fd, index) {
+            Some(dir) => dir,
+            None => fail(Errno::MFILE),
+        };
+    }
+    let real = real_fn!(
+        REAL_FDOPENDIR,
+        c"fdopendir",
+        unsafe extern "C" fn(c_int) -> *mut libc::DIR
+    );
+    unsafe { real(fd) }
+}
+
+unsafe fn readdir_any(
+    dir: *mut libc::DIR,
+    cache: &AtomicPtr<c_void>,
+    name: &CStr,
+) -> *mut libc::dirent64 {
+    if let (Some(config), Some(stream)) = (config::get(), dirs::ours(dir)) {
+        return dirs::next(config, stream);
+    }
+    let f = dirs::real(cache, name);
+    if f.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: libc's readdir/readdir64, on the caller's host stream.
+    let real: unsafe extern "C" fn(*mut libc::DIR) -> *mut libc::dirent64 =
+        unsafe { core::mem::transmute(f) };
+    unsafe { real(dir) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readdir(dir: *mut libc::DIR) -> *mut libc::dirent64 {
+    unsafe { readdir_any(dir, &REAL_READDIR, c"readdir") }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64 {
+    unsafe { readdir_any(dir, &REAL_READDIR64, c"readdir64") }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
+    if let Some(stream) = dirs::ours(dir) {
+        let fd = stream.fd.get();
+        dirs::release(stream);
+        return unsafe { close(fd) };
+    }
+    let real = real_fn!(
+        REAL_CLOSEDIR,
+        c"closedir",
+        unsafe extern "C" fn(*mut libc::DIR) -> c_int
+    );
+    unsafe { real(dir) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn rewinddir(dir: *mut libc::DIR) {
+    if let Some(stream) = dirs::ours(dir) {
+        stream.pos.set(0);
+        return;
+    }
+    let f = dirs::real(&REAL_REWINDDIR, c"rewinddir");
+    if !f.is_null() {
+        // SAFETY: libc's rewinddir on the caller's host stream.
+        let real: unsafe extern "C" fn(*mut libc::DIR) = unsafe { core::mem::transmute(f) };
+        unsafe { real(dir) }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dirfd(dir: *mut libc::DIR) -> c_int {
+    if let Some(stream) = dirs::ours(dir) {
+        return stream.fd.get();
+    }
+    let real = real_fn!(
+        REAL_DIRFD,
+        c"dirfd",
+        unsafe extern "C" fn(*mut libc::DIR) -> c_int
+    );
+    unsafe { real(dir) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn telldir(dir: *mut libc::DIR) -> c_long {
+    if let Some(stream) = dirs::ours(dir) {
+        return stream.pos.get() as c_long;
+    }
+    let f = dirs::real(&REAL_TELLDIR, c"telldir");
+    if f.is_null() {
+        return -1;
+    }
+    // SAFETY: libc's telldir on the caller's host stream.
+    let real: unsafe extern "C" fn(*mut libc::DIR) -> c_long = unsafe { core::mem::transmute(f) };
+    unsafe { real(dir) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn seekdir(dir: *mut libc::DIR, pos: c_long) {
+    if let Some(stream) = dirs::ours(dir) {
+        stream.pos.set(pos.max(0) as u64);
+        return;
+    }
+    let f = dirs::real(&REAL_SEEKDIR, c"seekdir");
+    if !f.is_null() {
+        // SAFETY: libc's seekdir on the caller's host stream.
+        let real: unsafe extern "C" fn(*mut libc::DIR, c_long) = unsafe { core::mem::transmute(f) };
+        unsafe { real(dir, pos) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The working directory
+// ---------------------------------------------------------------------------------------
+
+static REAL_GETCWD: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+fn enter(config: &Config, index: u32) -> c_int {
+    match node(config, index) {
+        Ok(n) if n.kind == Kind::Dir => {}
+        Ok(_) => return fail(Errno::NOTDIR),
+        Err(e) => return fail(e),
+    }
+    // The kernel's working directory: an empty directory, so that nothing relative the
+    // shim does not see lands on a host directory by chance.
+    if let Err(e) = rustix::process::chdir(config.placeholder.as_cstr()) {
+        return fail(e);
+    }
+    paths::set_cwd(Some(index));
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn chdir(path: *const c_char) -> c_int {
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let host = |p: &CStr| match rustix::process::chdir(p) {
+        Ok(()) => {
+            paths::set_cwd(None);
+            0
+        }
+        Err(e) => fail(e),
+    };
+    let Some(config) = config::get() else {
+        return host(p);
+    };
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
+        Target::Host => host(p),
+        Target::HostPath => host(scratch.as_cstr()),
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => enter(config, n),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
+    if let (Some(config), Some(index)) = (config::get(), fds::node_of(fd)) {
+        return enter(config, index);
+    }
+    // SAFETY: the caller's descriptor.
+    match rustix::process::fchdir(unsafe { BorrowedFd::borrow_raw(fd) }) {
+        Ok(()) => {
+            paths::set_cwd(None);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: usize) -> *mut c_char {
+    let real = |buf: *mut c_char, size: usize| -> *mut c_char {
+        let real = real_fn!(
+            REAL_GETCWD,
+            c"getcwd",
+            unsafe extern "C" fn(*mut c_char, usize) -> *mut c_char
+        );
+        unsafe { real(buf, size) }
+    };
+    let Some(config) = config::get() else {
+        return real(buf, size);
+    };
+    let Some(index) = paths::cwd(config) else {
+        return real(buf, size);
+    };
+    let mut path = PathBuf::new();
+    if !paths::path_of(config, index, &mut path) {
+        return fail(Errno::NAMETOOLONG);
+    }
+    let bytes = path.as_bytes();
+    let (out, len) = if buf.is_null() {
+        // glibc's extension: allocate (at least `size` bytes when given).
+        let len = (bytes.len() + 1).max(size);
+        // SAFETY: malloc of a positive size; the caller frees it.
+        let p = unsafe { libc::malloc(len) } as *mut c_char;
+        if p.is_null() {
+            return fail(Errno::NOMEM);
+        }
+        (p, len)
+    } else {
+        (buf, size)
+    };
+    if bytes.len() + 1 > len {
+        if buf.is_null() {
+            // SAFETY: the buffer this call allocated.
+            unsafe { libc::free(out as *mut c_void) };
+        }
+        return fail(Errno::RANGE);
+    }
+    // SAFETY: `out` holds at least `bytes.len() + 1` bytes (checked above).
+    unsafe {
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), out as *mut u8, bytes.len());
+        *out.add(bytes.len()) = 0;
+    }
+    out
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn get_current_dir_name() -> *mut c_char {
+    unsafe { getcwd(core::ptr::null_mut(), 0) }
+}
+
+// ---------------------------------------------------------------------------------------
+// exec
+// ---------------------------------------------------------------------------------------
+
+static REAL_EXECVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let real = real_fn!(
+        REAL_EXECVE,
+        c"execve",
+        unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int
+    );
+    let Some(config) = config::get() else {
+        return unsafe { real(path, argv, envp) };
+    };
+    let Some(p) = (unsafe { arg(path) }) else {
+        return fail(Errno::FAULT);
+    };
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
+        Target::Host => unsafe { real(path, argv, envp) },
+        Target::HostPath => unsafe { real(scratch.as_cstr().as_ptr(), argv, envp) },
+        Target::Fail(e) => fail(e),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(n) => {
+            let Ok(n) = node(config, n) else {
+                return fail(Errno::IO);
+            };
+            if n.kind != Kind::File || n.flags & FLAG_EXEC_LINK == 0 {
+                return fail(Errno::ACCESS);
+            }
+            let mut exe = PathBuf::new();
+            if !exec_path(config, &n, &mut exe) {
+                return fail(Errno::NAMETOOLONG);
+            }
+            debug(config, "execve", p.to_bytes());
+            unsafe { real(exe.as_cstr().as_ptr(), argv, envp) }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Changes to the tree: read-only in this version
+// ---------------------------------------------------------------------------------------
+
+/// `EROFS` when `path` (relative to `dirfd`) is in the tree, else `None` (pass through).
+fn refuse_in_tree(dirfd: c_int, path: *const c_char) -> Option<c_int> {
+    let config = config::get()?;
+    // SAFETY: the caller's path argument.
+    let p = unsafe { arg(path) }?;
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, dirfd, p, false, &mut scratch) {
+        Target::Host | Target::HostPath => None,
+        Target::Fail(e) => Some(fail(e)),
+        _ => {
+            debug(config, "refused (read-only tree)", p.to_bytes());
+            Some(fail(Errno::ROFS))
+        }
+    }
+}
+
+macro_rules! read_only {
+    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:expr) => {
+        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            if let Some(refused) = refuse_in_tree($dirfd, $path) {
+                return refused;
+            }
+            let cname = concat!(stringify!($name), "\0");
+            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
+            let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
+            unsafe { real($($arg),*) }
+        }
+    };
+}
+
+read_only!(mkdir, REAL_MKDIR, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+read_only!(mkdirat, REAL_MKDIRAT, (dirfd: c_int, path: *const c_char, mode: libc::mode_t), dirfd, path);
+read_only!(rmdir, REAL_RMDIR, (path: *const c_char), libc::AT_FDCWD, path);
+read_only!(unlink, REAL_UNLINK, (path: *const c_char), libc::AT_FDCWD, path);
+read_only!(unlinkat, REAL_UNLINKAT, (dirfd: c_int, path: *const c_char, flags: c_int), dirfd, path);
+read_only!(chmod, REAL_CHMOD, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+read_only!(fchmodat, REAL_FCHMODAT, (dirfd: c_int, path: *const c_char, mode: libc::mode_t, flags: c_int), dirfd, path);
+read_only!(chown, REAL_CHOWN, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
+read_only!(lchown, REAL_LCHOWN, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
+read_only!(fchownat, REAL_FCHOWNAT, (dirfd: c_int, path: *const c_char, uid: libc::uid_t, gid: libc::gid_t, flags: c_int), dirfd, path);
+read_only!(truncate, REAL_TRUNCATE, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
+read_only!(truncate64, REAL_TRUNCATE64, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
+read_only!(utimensat, REAL_UTIMENSAT, (dirfd: c_int, path: *const c_char, times: *const libc::timespec, flags: c_int), dirfd, path);
+read_only!(utimes, REAL_UTIMES, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
+read_only!(utime, REAL_UTIME, (path: *const c_char, times: *const libc::utimbuf), libc::AT_FDCWD, path);
+read_only!(symlink, REAL_SYMLINK, (target: *const c_char, path: *const c_char), libc::AT_FDCWD, path);
+read_only!(symlinkat, REAL_SYMLINKAT, (target: *const c_char, dirfd: c_int, path: *const c_char), dirfd, path);
+read_only!(mknod, REAL_MKNOD, (path: *const c_char, mode: libc::mode_t, dev: libc::dev_t), libc::AT_FDCWD, path);
+read_only!(mkfifo, REAL_MKFIFO, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+
+/// Renames and links touch two paths: refused when either is in the tree.
+macro_rules! read_only2 {
+    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), ($d1:expr, $p1:expr), ($d2:expr, $p2:expr)) => {
+        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            if let Some(refused) = refuse_in_tree($d1, $p1) {
+                return refused;
+            }
+            if let Some(refused) = refuse_in_tree($d2, $p2) {
+                return refused;
+            }
+            let cname = concat!(stringify!($name), "\0");
+            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
+            let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
+            unsafe { real($($arg),*) }
+        }
+    };
+}
+
+read_only2!(rename, REAL_RENAME, (from: *const c_char, to: *const c_char), (libc::AT_FDCWD, from), (libc::AT_FDCWD, to));
+read_only2!(renameat, REAL_RENAMEAT, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char), (fd1, from), (fd2, to));
+read_only2!(renameat2, REAL_RENAMEAT2, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: libc::c_uint), (fd1, from), (fd2, to));
+read_only2!(link, REAL_LINK, (from: *const c_char, to: *const c_char), (libc::AT_FDCWD, from), (libc::AT_FDCWD, to));
+read_only2!(linkat, REAL_LINKAT, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: c_int), (fd1, from), (fd2, to));

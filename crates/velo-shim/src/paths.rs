@@ -1,0 +1,202 @@
+//! Which paths are the tree's, and where they lead: the virtual working directory, the
+//! descriptors of tree directories, lexical normalisation of absolute paths, and the view
+//! index's resolver.
+
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use rustix::io::Errno;
+use velo_view::{Resolved, PATH_MAX};
+
+use crate::config::{Config, PathBuf};
+use crate::fds;
+
+/// The working directory when it is a tree directory (its node), [`HOST`] when it is the
+/// host's, [`UNSET`] before the first look (then the configuration's start directory).
+static CWD: AtomicU32 = AtomicU32::new(UNSET);
+const HOST: u32 = u32::MAX;
+const UNSET: u32 = u32::MAX - 1;
+
+/// The tree directory the process works in, if any.
+pub fn cwd(config: &Config) -> Option<u32> {
+    match CWD.load(Ordering::Relaxed) {
+        UNSET => {
+            let start = config.start_cwd.unwrap_or(HOST);
+            let _ = CWD.compare_exchange(UNSET, start, Ordering::Relaxed, Ordering::Relaxed);
+            cwd(config)
+        }
+        HOST => None,
+        node => Some(node),
+    }
+}
+
+/// The process now works in tree directory `node`, or on the host.
+pub fn set_cwd(node: Option<u32>) {
+    CWD.store(node.unwrap_or(HOST), Ordering::Relaxed);
+}
+
+/// Where a path argument leads.
+pub enum Target {
+    /// Not the tree's: pass the call through with its own arguments.
+    Host,
+    /// A tree path that leads out of the tree: use the host path in the scratch buffer.
+    HostPath,
+    /// A node of the tree.
+    Node(u32),
+    /// Nothing there: `parent` is the directory that lacks the name.
+    #[allow(dead_code)] // `parent` and `last` are for creates, which come with the upper.
+    Missing { parent: u32, last: bool },
+    /// The lookup fails with this error.
+    Fail(Errno),
+}
+
+/// Where `path`, relative to `dirfd` (or the working directory for `AT_FDCWD`), leads.
+pub fn lookup(
+    config: &Config,
+    dirfd: i32,
+    path: &CStr,
+    follow: bool,
+    scratch: &mut PathBuf,
+) -> Target {
+    let bytes = path.to_bytes();
+    let view = &config.view;
+    let at = config.at.as_bytes();
+    let mut out = [0u8; PATH_MAX];
+    let resolved = if bytes.first() == Some(&b'/') {
+        if is_under(bytes, at) {
+            view.resolve(at, 0, bytes, follow, &mut out)
+        } else if needs_normalising(bytes) {
+            let mut normal = PathBuf::new();
+            if !normalise(bytes, &mut normal) || !is_under(normal.as_bytes(), at) {
+                return Target::Host;
+            }
+            view.resolve(at, 0, normal.as_bytes(), follow, &mut out)
+        } else {
+            return Target::Host;
+        }
+    } else {
+        let start = if dirfd == libc::AT_FDCWD {
+            cwd(config)
+        } else {
+            fds::node_of(dirfd)
+        };
+        let Some(start) = start else {
+            return Target::Host;
+        };
+        if bytes.is_empty() {
+            return Target::Fail(Errno::NOENT);
+        }
+        view.resolve(at, start, bytes, follow, &mut out)
+    };
+    match resolved {
+        Resolved::Node(n) => Target::Node(n),
+        Resolved::Missing { parent, last } => Target::Missing { parent, last },
+        Resolved::NotDir => Target::Fail(Errno::NOTDIR),
+        Resolved::Loop => Target::Fail(Errno::LOOP),
+        Resolved::TooLong => Target::Fail(Errno::NAMETOOLONG),
+        Resolved::Damaged => Target::Fail(Errno::IO),
+        Resolved::Outside(n) => {
+            if scratch.set(&[&out[..n]]) {
+                Target::HostPath
+            } else {
+                Target::Fail(Errno::NAMETOOLONG)
+            }
+        }
+    }
+}
+
+/// `path` is `at` or below it.
+fn is_under(path: &[u8], at: &[u8]) -> bool {
+    path.strip_prefix(at)
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'/')
+}
+
+/// Whether `path` holds `//`, `.` or `..` components (which may lead into the tree from
+/// a path that does not begin with it).
+fn needs_normalising(path: &[u8]) -> bool {
+    path.windows(2).any(|w| w == b"//" || w == b"/.")
+}
+
+/// Lexical normalisation of an absolute path: `//` and `.` dropped, `..` removes the
+/// component before it. False if it does not fit.
+fn normalise(path: &[u8], out: &mut PathBuf) -> bool {
+    let mut buf = [0u8; PATH_MAX];
+    let mut len = 0;
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                len = buf[..len].iter().rposition(|&b| b == b'/').unwrap_or(0);
+            }
+            name => {
+                if len + 1 + name.len() > PATH_MAX {
+                    return false;
+                }
+                buf[len] = b'/';
+                buf[len + 1..len + 1 + name.len()].copy_from_slice(name);
+                len += 1 + name.len();
+            }
+        }
+    }
+    if len == 0 {
+        return out.set(&[b"/"]);
+    }
+    out.set(&[&buf[..len]])
+}
+
+/// The virtual absolute path of `node` into `out`: `at` and the names from the root.
+pub fn path_of(config: &Config, node: u32, out: &mut PathBuf) -> bool {
+    let view = &config.view;
+    let mut chain = [0u32; 1100];
+    let mut depth = 0;
+    let mut current = node;
+    while current != 0 {
+        let Ok(n) = view.node(current) else {
+            return false;
+        };
+        if depth == chain.len() {
+            return false;
+        }
+        chain[depth] = current;
+        depth += 1;
+        current = n.parent;
+    }
+    let mut buf = [0u8; PATH_MAX];
+    let at = config.at.as_bytes();
+    buf[..at.len()].copy_from_slice(at);
+    let mut len = at.len();
+    for &index in chain[..depth].iter().rev() {
+        let Some(name) = view.node(index).ok().and_then(|n| view.name(&n).ok()) else {
+            return false;
+        };
+        if len + 1 + name.len() > PATH_MAX {
+            return false;
+        }
+        buf[len] = b'/';
+        buf[len + 1..len + 1 + name.len()].copy_from_slice(name);
+        len += 1 + name.len();
+    }
+    out.set(&[&buf[..len]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalising_is_lexical() {
+        let mut out = PathBuf::new();
+        for (path, want) in [
+            ("/a/../vrift/x", "/vrift/x"),
+            ("//vrift/./x//y/", "/vrift/x/y"),
+            ("/../..", "/"),
+            ("/vrift/..", "/"),
+        ] {
+            assert!(normalise(path.as_bytes(), &mut out));
+            assert_eq!(out.as_bytes(), want.as_bytes(), "{path}");
+        }
+        assert!(is_under(b"/vrift", b"/vrift"));
+        assert!(is_under(b"/vrift/a", b"/vrift"));
+        assert!(!is_under(b"/vriftx", b"/vrift"));
+    }
+}
