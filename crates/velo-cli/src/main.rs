@@ -384,7 +384,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         Command::Diff { from, to } => read::diff(ctx, &from, &to),
         Command::Checkout {
             tree, remove: true, ..
-        } => read::remove_checkout(&PathBuf::from(tree)),
+        } => read::remove_checkout(ctx, &PathBuf::from(tree)),
         Command::Checkout {
             tree,
             dir,

@@ -366,7 +366,7 @@ pub fn checkout(
 /// It refuses, before removing anything, what does not look like one: a file with a write
 /// bit (a blob never has one; a writable checkout needs no help from velo), another file
 /// system below DIR, the root directory, or the store itself.
-pub fn remove_checkout(dir: &Path) -> Result<ExitCode> {
+pub fn remove_checkout(ctx: &Ctx, dir: &Path) -> Result<ExitCode> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::symlink_metadata(dir)
         .with_context(|| format!("{}: cannot remove it", dir.display()))?;
@@ -374,11 +374,17 @@ pub fn remove_checkout(dir: &Path) -> Result<ExitCode> {
         bail!("{}: is not a directory (a checkout is one)", dir.display());
     }
     let canonical = std::fs::canonicalize(dir)?;
+    // Inside a store (this one, or any: a directory holding VERSION and blobs/ above it)
+    // is never a checkout: `velo checkout` refuses to write there.
+    let in_a_store = canonical
+        .ancestors()
+        .any(|a| a.join("VERSION").is_file() && a.join("blobs").is_dir());
     if canonical == Path::new("/")
-        || canonical.join("VERSION").is_file() && canonical.join("blobs").is_dir()
+        || in_a_store
+        || velo_store::path_is_inside(&canonical, &ctx.store_path)
     {
         bail!(
-            "{}: is not a checkout; velo removes only what it checked out",
+            "{}: is not a checkout (it is the root directory, or in a store); velo removes only what it checked out",
             dir.display()
         );
     }
@@ -411,6 +417,13 @@ pub fn remove_checkout(dir: &Path) -> Result<ExitCode> {
                 bail!(
                     "{}: is writable, so not a hard-linked checkout's file (a blob never is); nothing removed. A copy or reflink checkout is yours: `rm -rf` it",
                     entry.path().display()
+                );
+            } else if meta.is_file() && meta.nlink() < 2 {
+                bail!(
+                    "{}: is linked nowhere else, so not a hard-linked checkout's file (the store holds another link to each); nothing removed. Its files share nothing with the store: `chmod -R u+w {} && rm -rf {}` is safe",
+                    entry.path().display(),
+                    dir.display(),
+                    dir.display()
                 );
             }
         }

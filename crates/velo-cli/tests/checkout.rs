@@ -414,6 +414,20 @@ fn a_hardlink_checkout_is_removed_safely_and_a_writable_blob_is_noticed() {
     assert!(err.contains("not a checkout"), "{err}");
     let err = env.fails(&["checkout", "--remove", env.store.to_str().unwrap()]);
     assert!(err.contains("not a checkout"), "{err}");
+    // Nor anything inside the store (its blobs are read-only files too), nor a directory
+    // of the user's own read-only files.
+    let blobs = env.store.join("blobs");
+    let err = env.fails(&["checkout", "--remove", blobs.to_str().unwrap()]);
+    assert!(err.contains("not a checkout"), "{err}");
+    assert!(blobs.is_dir());
+    let mine = env.path("mine");
+    fs::create_dir_all(mine.join("sub")).unwrap();
+    fs::write(mine.join("sub/f"), b"precious").unwrap();
+    fs::set_permissions(mine.join("sub/f"), fs::Permissions::from_mode(0o444)).unwrap();
+    let err = env.fails(&["checkout", "--remove", mine.to_str().unwrap()]);
+    assert!(err.contains("linked nowhere else"), "{err}");
+    assert_eq!(fs::read(mine.join("sub/f")).unwrap(), b"precious");
+    env.fsck_ok();
 
     let co = env.path("co2");
     env.ok(&["checkout", "t", co.to_str().unwrap()]);

@@ -212,3 +212,39 @@ fn fsck_and_doctor_flag_store_directories_others_can_write() {
     env.fsck_ok();
     assert!(env.ok(&["doctor"]).contains("ok   store permissions"));
 }
+
+/// A run reads its layers from `farms/`: it refuses a store whose `farms/` is a symlink
+/// (to a directory someone else controls), or whose own directory others can write (they
+/// could put another `farms/` in its place); a checkout or ingest is not stopped.
+#[test]
+fn a_run_refuses_a_store_whose_farms_others_could_replace() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let store = velo_store::Store::open(&env.store).unwrap();
+    store.ensure_private_dirs().unwrap();
+
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::remove_dir(env.store.join("farms")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, env.store.join("farms")).unwrap();
+    let err = store.ensure_private_dirs().unwrap_err().to_string();
+    assert!(
+        err.contains("farms") && err.contains("not a directory"),
+        "{err}"
+    );
+    let out = env.run(&["run", "--isolate", "--manifest", "t", "--", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("will not run from this store"), "{stderr}");
+    fs::remove_file(env.store.join("farms")).unwrap();
+
+    chmod(&env.store, 0o777);
+    let err = store.ensure_private_dirs().unwrap_err().to_string();
+    assert!(err.contains("other users can write the store"), "{err}");
+    chmod(&env.store, 0o755);
+    store.ensure_private_dirs().unwrap();
+    assert_eq!(mode_of(&env.store.join("farms")), 0o700);
+}

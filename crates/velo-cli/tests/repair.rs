@@ -410,3 +410,54 @@ fn a_farm_showing_another_mtime_than_its_tree_is_reported_and_removed() {
     assert!(!farm.exists());
     env.fsck_ok();
 }
+
+/// Two runs that build one farm at once both make its variants; the store keeps one of
+/// each, so the farm that lands may link the other: an inode the store does not name,
+/// which fsck's hashing would miss. fsck names such a farm; repair removes it.
+#[test]
+fn a_farm_linking_an_inode_the_store_does_not_name_is_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("private"), CONTENT).expect("write");
+    fs::set_permissions(src.join("private"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    let root: Hash = env.ingest(&src, &["--name", "app"]).parse().expect("root");
+    let store = velo_store::Store::open(&env.store).expect("store");
+    {
+        let _lock = store.lock_shared().expect("lock");
+        velo_project::session::ensure_farm(&store, root, velo_store::FarmModes::ReadOnly)
+            .expect("farm");
+    }
+    env.fsck_ok();
+    // What the losing run's publish leaves: the store's variant is another inode.
+    let shard = env
+        .store
+        .join("blobs")
+        .join(&Hash::of_blob(CONTENT).to_hex()[..2]);
+    let variant = fs::read_dir(&shard)
+        .expect("shard")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains(".400."))
+        .expect("a 0400 variant");
+    let copy = variant.with_extension("copy");
+    fs::copy(&variant, &copy).expect("copy");
+    let mtime = fs::metadata(&variant)
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    fs::File::options()
+        .write(true)
+        .open(&copy)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+    set_mode(&copy, 0o400);
+    fs::rename(&copy, &variant).expect("rename");
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("stale-farm"), "{stdout}");
+    repair(&env, true);
+    env.fsck_ok();
+}

@@ -31,3 +31,42 @@ pub use tree::{
 /// trees stay far below; PATH_MAX alone allows about 2,000 one-letter levels). Every walk
 /// that recurses stays within its stack below this depth.
 pub const MAX_DEPTH: usize = 1024;
+
+/// Seconds and nanoseconds (as `stat` gives them) as nanoseconds since the epoch, the
+/// unit trees record: exact from 1677-09-21 to 2262-04-11, the nearest end of that range
+/// outside it. Computed in 128 bits, so a time just inside the range is never pushed to
+/// its end by an intermediate overflow.
+pub fn time_ns(secs: i64, nsec: i64) -> i64 {
+    let ns = i128::from(secs) * 1_000_000_000 + i128::from(nsec);
+    ns.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// Whether [`time_ns`] of these is exact (the time is inside the recordable range).
+pub fn time_ns_is_exact(secs: i64, nsec: i64) -> bool {
+    let ns = i128::from(secs) * 1_000_000_000 + i128::from(nsec);
+    i64::try_from(ns).is_ok()
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn times_near_the_ends_of_the_range_are_exact_and_keep_their_order() {
+        // -9223372036.5 s: the seconds alone times 10^9 overflow, the sum does not.
+        assert_eq!(
+            time_ns(-9_223_372_037, 500_000_000),
+            -9_223_372_036_500_000_000
+        );
+        assert!(time_ns_is_exact(-9_223_372_037, 500_000_000));
+        // i64::MIN ns is 1677-09-21T00:12:43.145224192.
+        assert_eq!(time_ns(-9_223_372_037, 145_224_192), i64::MIN);
+        assert!(time_ns_is_exact(-9_223_372_037, 145_224_192));
+        // Earlier: clamped to the start, never after a later time.
+        assert!(!time_ns_is_exact(-9_223_372_037, 145_224_191));
+        assert_eq!(time_ns(-10_000_000_000, 0), i64::MIN);
+        assert_eq!(time_ns(9_223_372_036, 854_775_807), i64::MAX);
+        assert_eq!(time_ns(10_000_000_000, 0), i64::MAX);
+        assert_eq!(time_ns(-2, 999_999_999), -1_000_000_001);
+    }
+}

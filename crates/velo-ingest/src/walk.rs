@@ -245,16 +245,12 @@ pub(crate) use velo_store::treeops::join;
 // The casts are no-ops on x86_64 but not on every target's `struct stat`.
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn mtime_ns(st: &Stat) -> i64 {
-    (st.st_mtime as i64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(st.st_mtime_nsec as i64)
+    velo_core::time_ns(st.st_mtime as i64, st.st_mtime_nsec as i64)
 }
 
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn ctime_ns(st: &Stat) -> i64 {
-    (st.st_ctime as i64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(st.st_ctime_nsec as i64)
+    velo_core::time_ns(st.st_ctime as i64, st.st_ctime_nsec as i64)
 }
 
 impl Ctx<'_> {
@@ -337,11 +333,7 @@ impl Ctx<'_> {
                 // A tree records nanoseconds in an i64: 1677-09-21 to 2262-04-11.
                 #[allow(clippy::unnecessary_cast)]
                 let secs = st.st_mtime as i64;
-                if secs
-                    .checked_mul(1_000_000_000)
-                    .and_then(|n| n.checked_add(st.st_mtime_nsec as i64))
-                    .is_none()
-                {
+                if !velo_core::time_ns_is_exact(secs, st.st_mtime_nsec as i64) {
                     tracing::warn!(
                         path = ?self.path_of(rel),
                         "mtime outside 1677..2262 cannot be recorded in nanoseconds; stored as the nearest representable time"

@@ -251,9 +251,7 @@ impl CommitWalk<'_, '_> {
                 mode = Mode::from_st_mode(mode.bits() & !0o6000);
                 self.setid_dropped.push(rel.join(os_name));
             }
-            let mtime_ns = (stat.st_mtime as i64)
-                .saturating_mul(1_000_000_000)
-                .saturating_add(stat.st_mtime_nsec as i64);
+            let mtime_ns = velo_core::time_ns(stat.st_mtime as i64, stat.st_mtime_nsec as i64);
             let open = |flags: OFlags| {
                 rustix::fs::openat(
                     dir,

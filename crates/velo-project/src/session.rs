@@ -284,6 +284,18 @@ fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), Pr
             dir.display()
         )));
     }
+    if me != 0 && stat.st_mode & 0o077 != 0 {
+        // What the command makes there may be open to all (a directory it makes 0777):
+        // others must not reach it through the top while the upper is kept.
+        rustix::fs::fchmod(&lock, rustix::fs::Mode::from_raw_mode(stat.st_mode & 0o700)).map_err(
+            |e| ProjectError::Dest {
+                op: "making private (chmod 700)",
+                path: canonical.clone(),
+                cause: e.into(),
+            },
+        )?;
+        tracing::warn!(upper = %canonical.display(), "made the upper private (0700): what the command makes there may be open to everyone");
+    }
     if me == 0 && stat.st_mode & 0o077 != 0 {
         return Err(refused(format!(
             "--upper {}: run as root, the command is root in its upper: other users must not reach what it makes there (a set-uid file); `chmod 700 {}`",
@@ -478,6 +490,7 @@ fn command_env(extra: &[(String, String)]) -> Vec<(String, String)> {
 /// Runs a command in the sandbox over the layers. The caller holds the shared lock for
 /// the whole run, so gc never removes a farm in use.
 pub fn run_isolated(store: &Store, options: &RunOptions) -> Result<RunOutcome, ProjectError> {
+    store.ensure_private_dirs()?;
     let manifest = options
         .manifest
         .ok_or_else(|| refused("--manifest is required".into()))?;

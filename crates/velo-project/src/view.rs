@@ -49,6 +49,7 @@ pub fn ensure_view(store: &Store, root: Hash) -> Result<View, ProjectError> {
             built_seconds: None,
         });
     }
+    store.ensure_private_dirs()?;
     let started = Instant::now();
     let stats = velo_store::treeops::stats(store, root)?;
     let nodes = stats

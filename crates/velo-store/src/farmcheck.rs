@@ -47,7 +47,7 @@ impl Store {
                         STALE_FARM,
                         name,
                         format!(
-                            "{count} entries show another mode or mtime than the tree records, first {first}: a file of a hard-linked checkout that shares their inodes was touched or chmod'ed? `velo fsck --repair` removes the farm (the next run builds it again)"
+                            "{count} entries show another mode or mtime than the tree records, or are not the store's inode for their form (so fsck's hashing misses them), first {first}: a file of a hard-linked checkout that shares their inodes was touched or chmod'ed, or two runs raced to build the farm? `velo fsck --repair` removes the farm (the next run builds it again)"
                         ),
                     )
                 })
@@ -73,11 +73,9 @@ fn stale_entries(
         };
         for entry in tree.entries() {
             let path = at.join(std::ffi::OsStr::from_bytes(entry.name.as_bytes()));
-            let shown = std::fs::symlink_metadata(&path).ok().map(|m| {
-                let mtime = m
-                    .mtime()
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(m.mtime_nsec());
+            let meta = std::fs::symlink_metadata(&path).ok();
+            let shown = meta.as_ref().map(|m| {
+                let mtime = velo_core::time_ns(m.mtime(), m.mtime_nsec());
                 (m.mode() & 0o7777, mtime)
             });
             let want_mode = match &entry.kind {
@@ -88,10 +86,13 @@ fn stale_entries(
                 }
                 EntryKind::Symlink { .. } => None,
             };
-            let right = shown.is_some_and(|(mode, mtime)| {
+            let mut right = shown.is_some_and(|(mode, mtime)| {
                 (mtime == entry.mtime_ns || mtime == store.representable_mtime(entry.mtime_ns))
                     && want_mode.is_none_or(|want| mode == want)
             });
+            if let (true, EntryKind::File { hash, .. }, Some(meta)) = (right, &entry.kind, &meta) {
+                right = is_store_inode(store, hash, entry, modes, meta);
+            }
             if !right {
                 if count == 0 {
                     first = format!("{}", path.strip_prefix(dir).unwrap_or(&path).display());
@@ -104,3 +105,27 @@ fn stale_entries(
 }
 
 use std::os::unix::ffi::OsStrExt;
+
+/// Whether a farm file is the store's own inode for its form (the blob's file or the
+/// variant), so that fsck's hashing of the store covers it. A farm that lost a race to
+/// publish a variant links an inode the store does not name; a file copied at the
+/// link-count limit is its own inode too, and is accepted when the store's is near that
+/// limit.
+fn is_store_inode(
+    store: &Store,
+    hash: &Hash,
+    entry: &velo_core::Entry,
+    modes: FarmModes,
+    meta: &std::fs::Metadata,
+) -> bool {
+    let form = BlobForm::in_farm(entry.mode.bits(), entry.mtime_ns, modes);
+    let Ok(Some(path)) = store.blob_in_form(hash, &form) else {
+        // No store file of that form (a time the file system clamps, or a missing
+        // blob: fsck reports that itself).
+        return true;
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(own) => (own.dev(), own.ino()) == (meta.dev(), meta.ino()) || own.nlink() >= 60_000,
+        Err(_) => true,
+    }
+}

@@ -375,10 +375,7 @@ impl Store {
             ));
         }
         if let Some(form) = form {
-            let mtime_ns = meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec());
+            let mtime_ns = velo_core::time_ns(meta.mtime(), meta.mtime_nsec());
             if mtime_ns != form.mtime_ns && mtime_ns != self.representable_mtime(form.mtime_ns) {
                 found.push(problem(
                     "bad-mtime",

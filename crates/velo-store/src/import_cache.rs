@@ -40,7 +40,7 @@ pub(crate) struct FileKey {
 
 impl FileKey {
     pub(crate) fn of(meta: &fs::Metadata) -> FileKey {
-        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        let ns = velo_core::time_ns;
         FileKey {
             dev: meta.dev(),
             ino: meta.ino(),

@@ -123,10 +123,7 @@ impl BlobForm {
     pub fn of_stat(st: &rustix::fs::Stat) -> BlobForm {
         BlobForm {
             mode: st.st_mode & 0o7777,
-            mtime_ns: st
-                .st_mtime
-                .saturating_mul(1_000_000_000)
-                .saturating_add(st.st_mtime_nsec as i64),
+            mtime_ns: velo_core::time_ns(st.st_mtime, st.st_mtime_nsec as i64),
         }
     }
 

@@ -67,6 +67,58 @@ impl Store {
         }
     }
 
+    /// Fails unless `farms/` and `sessions/` are private directories of the caller (made
+    /// so first where they are the caller's) and no one else can write the store's own
+    /// directory (who can rename `farms/` can put another in its place). A run reads its
+    /// layers from `farms/`: a farm someone else could write is a command they choose.
+    pub fn ensure_private_dirs(&self) -> crate::Result<()> {
+        self.secure_private_dirs();
+        let me = rustix::process::geteuid().as_raw();
+        let refuse = |path: &Path, why: String| {
+            Err(crate::StoreError::Invalid(format!(
+                "{}: {why}; velo will not run from this store until it is fixed (`velo doctor` and `velo fsck` say more)",
+                path.display()
+            )))
+        };
+        let root = std::fs::symlink_metadata(&self.root)
+            .map_err(crate::StoreError::io("inspecting", &self.root))?;
+        if root.mode() & GROUP_OTHER_WRITE != 0 {
+            return refuse(
+                &self.root,
+                format!(
+                    "other users can write the store's directory (mode {:o}): `chmod go-w {}`",
+                    root.mode() & 0o7777,
+                    self.root.display()
+                ),
+            );
+        }
+        for name in PRIVATE_DIRS {
+            let path = self.root.join(name);
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(crate::StoreError::io("inspecting", &path))?;
+            if !meta.is_dir() {
+                return refuse(&path, "is not a directory (a symlink?)".into());
+            }
+            if meta.uid() != me {
+                return refuse(
+                    &path,
+                    format!("belongs to uid {}, not to you (uid {me})", meta.uid()),
+                );
+            }
+            if meta.mode() & GROUP_OTHER_ANY != 0 {
+                return refuse(
+                    &path,
+                    format!(
+                        "others may enter it (mode {:o}): `chmod 700 {}`",
+                        meta.mode() & 0o7777,
+                        path.display()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Directories of the store another local user could write into (or, for `farms/`
     /// and `sessions/`, enter), each with the command that fixes it. Walks the
     /// directories of every farm (not their files); leaves the uppers in `sessions/`
