@@ -345,17 +345,21 @@ pub fn fsck(ctx: &Ctx, quick: bool, repair: bool) -> Result<ExitCode> {
                 );
             }
             for m in &r.modes_fixed {
-                out!(
-                    "restored mode {} of {} {} (was {})",
-                    m.now,
-                    m.kind,
-                    m.object,
-                    m.was
-                );
+                if m.now.starts_with("mtime") {
+                    out!("restored the {} of {} {}", m.now, m.kind, m.object);
+                } else {
+                    out!(
+                        "restored mode {} of {} {} (was {})",
+                        m.now,
+                        m.kind,
+                        m.object,
+                        m.was
+                    );
+                }
             }
             for f in &r.farms_removed {
                 out!(
-                    "removed cached farm {f}: it linked a quarantined blob (a run builds it again)"
+                    "removed cached farm {f}: it showed damaged bytes or other metadata than its tree (a run builds it again)"
                 );
             }
             for m in &r.missing {

@@ -371,7 +371,11 @@ impl Store {
             found.push(problem(
                 "bad-mode",
                 &label,
-                format!("blob has mode {mode:o}, must be {want}: a writable blob can be changed in place by any tree that links it"),
+                if mode & 0o222 != 0 {
+                    format!("blob has mode {mode:o}, must be {want}: a writable blob can be changed in place by any tree that links it")
+                } else {
+                    format!("blob has mode {mode:o}, must be {want}: the trees that link it show another mode than they record")
+                },
             ));
         }
         if let Some(form) = form {

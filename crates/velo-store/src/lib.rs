@@ -442,12 +442,21 @@ pub fn remove_tree(path: &Path) {
         }
         // Through a descriptor opened without following a link: a directory swapped for a
         // symlink meanwhile must not lead to a chmod elsewhere.
-        if let Ok(fd) = rustix::fs::open(
+        match rustix::fs::open(
             &dir,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             FsMode::empty(),
         ) {
-            let _ = rustix::fs::fchmod(&fd, FsMode::from_raw_mode(0o700));
+            Ok(fd) => {
+                let _ = rustix::fs::fchmod(&fd, FsMode::from_raw_mode(0o700));
+            }
+            // Mode 000 (an overlay's work/work): not even openable by its owner. By path,
+            // since lstat said a directory just above.
+            Err(rustix::io::Errno::ACCESS) => {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+            }
+            Err(_) => {}
         }
         if let Ok(entries) = fs::read_dir(&dir) {
             for entry in entries.flatten() {
