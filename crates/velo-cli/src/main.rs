@@ -25,6 +25,7 @@ mod doctor;
 mod fmt;
 mod read;
 mod run;
+mod shim;
 mod write;
 
 use std::ffi::OsString;
@@ -123,9 +124,13 @@ enum Command {
     /// Run a command in a tree: `--isolate` runs it in a rootless namespace sandbox whose
     /// root is an overlay of the layers' cached link farms and a copy-on-write upper
     Run {
-        /// Run in the namespace sandbox (the only mode so far)
+        /// Run in the namespace sandbox. Without it, the command runs on the host with the
+        /// LD_PRELOAD shim, which shows the tree at --at (dynamically linked programs only)
         #[arg(long)]
         isolate: bool,
+        /// Without --isolate: where the tree appears [default: $VRIFT_VFS_PREFIX, else /vrift]
+        #[arg(long, value_name = "PATH")]
+        at: Option<PathBuf>,
         /// A base layer below the manifest (repeatable; later ones on top)
         #[arg(long = "base", value_name = "TREE")]
         bases: Vec<String>,
@@ -427,6 +432,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         Command::SandboxStage1 => run::sandbox_stage(velo_project::sandbox::stage1),
         Command::Run {
             isolate,
+            at,
             bases,
             manifest,
             upper,
@@ -442,6 +448,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         } => {
             let args = run::RunArgs {
                 isolate,
+                at,
                 bases,
                 manifest,
                 upper,

@@ -21,6 +21,8 @@ use crate::{fmt, Ctx};
 
 pub struct RunArgs {
     pub isolate: bool,
+    /// Where the shim shows the tree (runs without --isolate).
+    pub at: Option<PathBuf>,
     pub bases: Vec<String>,
     pub manifest: String,
     pub upper: Option<PathBuf>,
@@ -54,7 +56,7 @@ pub fn sandbox_stage(
 /// A TREE for a layer: a .velo file is imported (verified) first, unless the store
 /// remembers having verified this very version of it (the import cache): that read was
 /// most of the start-up cost of `--manifest app.velo`.
-fn layer(store: &Store, spec: &str) -> Result<Hash> {
+pub fn layer(store: &Store, spec: &str) -> Result<Hash> {
     let path = Path::new(spec);
     if (spec.contains('/') || spec.ends_with(".velo"))
         || (store.resolve(spec).is_err() && path.is_file())
@@ -293,7 +295,7 @@ fn commit_run(
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     if !args.isolate {
-        bail!("velo run needs --isolate for now (the LD_PRELOAD shim projection is not built yet)");
+        return crate::shim::run_shimmed(ctx, &args);
     }
     if let Some(name) = &args.name {
         velo_store::validate_root_name(name)?;

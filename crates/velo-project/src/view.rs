@@ -69,6 +69,10 @@ pub fn ensure_view(store: &Store, root: Hash) -> Result<View, ProjectError> {
     let building = views.join(format!(".build-{}-{hex}", std::process::id()));
     velo_store::remove_tree(&building);
     std::fs::create_dir(&building).map_err(io("creating", building.clone()))?;
+    // `e`: the empty directory that descriptors of tree directories really open, and the
+    // kernel's working directory of a process working in the tree.
+    let empty = building.join("e");
+    std::fs::create_dir(&empty).map_err(io("creating", empty.clone()))?;
     let result = build(store, root, &building);
     let bytes = match result {
         Ok(bytes) => bytes,

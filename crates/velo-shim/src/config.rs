@@ -65,7 +65,20 @@ pub struct Config {
     pub uid: u32,
     pub gid: u32,
     pub debug: bool,
+    /// The shim's own environment entries (`KEY=value`), put back into the environment
+    /// of a program exec'd without them (`env -i`, an explicit environment).
+    pub own_env: [PathBuf; OWN_ENV.len()],
 }
+
+/// The variables that carry the shim into exec'd programs.
+pub const OWN_ENV: [&[u8]; 6] = [
+    b"LD_PRELOAD=",
+    b"VRIFT_VIEW=",
+    b"VRIFT_AT=",
+    b"VRIFT_STORE=",
+    b"VRIFT_EXEC_DIR=",
+    b"VRIFT_DEBUG=",
+];
 
 struct Global(UnsafeCell<Option<Config>>);
 
@@ -175,7 +188,14 @@ fn load() -> Option<Config> {
             _ => None,
         }
     });
+    let mut own_env = [const { PathBuf::new() }; OWN_ENV.len()];
+    for (slot, key) in own_env.iter_mut().zip(OWN_ENV) {
+        if let Some(value) = env(key) {
+            slot.set(&[key, value]);
+        }
+    }
     Some(Config {
+        own_env,
         view,
         at,
         store,

@@ -957,7 +957,22 @@ fn enter(config: &Config, index: u32) -> c_int {
         return fail(e);
     }
     paths::set_cwd(Some(index));
+    // Children started through the environment (system, popen, posix_spawn) start here.
+    let mut path = PathBuf::new();
+    if paths::path_of(config, index, &mut path) {
+        // SAFETY: NUL-terminated strings; setenv copies them.
+        unsafe { libc::setenv(c"VRIFT_CWD".as_ptr(), path.as_cstr().as_ptr(), 1) };
+    }
     0
+}
+
+/// The process left the tree: its children start where the kernel says.
+fn leave() {
+    paths::set_cwd(None);
+    if config::get().is_some() {
+        // SAFETY: a NUL-terminated name.
+        unsafe { libc::unsetenv(c"VRIFT_CWD".as_ptr()) };
+    }
 }
 
 #[no_mangle]
@@ -967,7 +982,7 @@ pub unsafe extern "C" fn chdir(path: *const c_char) -> c_int {
     };
     let host = |p: &CStr| match rustix::process::chdir(p) {
         Ok(()) => {
-            paths::set_cwd(None);
+            leave();
             0
         }
         Err(e) => fail(e),
@@ -993,7 +1008,7 @@ pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
     // SAFETY: the caller's descriptor.
     match rustix::process::fchdir(unsafe { BorrowedFd::borrow_raw(fd) }) {
         Ok(()) => {
-            paths::set_cwd(None);
+            leave();
             0
         }
         Err(e) => fail(e),
@@ -1059,6 +1074,93 @@ pub unsafe extern "C" fn get_current_dir_name() -> *mut c_char {
 
 static REAL_EXECVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
+/// A copy of `envp` (malloc'd, as the strings it adds) that carries the shim on: its
+/// variables put back where the program dropped them (`env -i`), the library first in
+/// `LD_PRELOAD`, and `VRIFT_CWD` saying where the process works now (a shell keeps its
+/// own copy of the variable, stale after a `cd`). Null if memory runs out: the caller
+/// then passes `envp` unchanged.
+unsafe fn carried_env(config: &Config, envp: *const *const c_char) -> *const *const c_char {
+    let mut n = 0;
+    // SAFETY: the caller's NULL-terminated environment array.
+    unsafe {
+        if !envp.is_null() {
+            while !(*envp.add(n)).is_null() {
+                n += 1;
+            }
+        }
+    }
+    let slots = n + config::OWN_ENV.len() + 2;
+    // SAFETY: malloc of a positive size; the array is handed to execve (and leaked if it
+    // fails: the process is about to exit or report the error).
+    let out = unsafe { libc::malloc(slots * core::mem::size_of::<*const c_char>()) }
+        as *mut *const c_char;
+    if out.is_null() {
+        return core::ptr::null();
+    }
+    let mut k = 0;
+    let mut have = [false; config::OWN_ENV.len()];
+    let push = |k: &mut usize, p: *const c_char| {
+        // SAFETY: `out` has `slots` entries; at most n + OWN_ENV + 1 are pushed.
+        unsafe { *out.add(*k) = p };
+        *k += 1;
+    };
+    for i in 0..n {
+        // SAFETY: entry i of the caller's array, a NUL-terminated string.
+        let entry = unsafe { *envp.add(i) };
+        let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
+        if bytes.starts_with(b"VRIFT_CWD=") {
+            continue;
+        }
+        let mut entry = entry;
+        for (j, key) in config::OWN_ENV.iter().enumerate() {
+            if bytes.starts_with(key) {
+                have[j] = true;
+                if j == 0 && !bytes.windows(15).any(|w| w == b"libvelo_shim.so") {
+                    // The program's own LD_PRELOAD: the shim goes first.
+                    let ours = config.own_env[0].as_bytes();
+                    let theirs = &bytes[key.len()..];
+                    entry = malloc_cstr(&[ours, b":", theirs]).unwrap_or(entry);
+                }
+            }
+        }
+        push(&mut k, entry);
+    }
+    for (j, own) in config.own_env.iter().enumerate() {
+        if !have[j] && !own.as_bytes().is_empty() {
+            push(&mut k, own.as_cstr().as_ptr());
+        }
+    }
+    if let Some(node) = paths::cwd(config) {
+        let mut path = PathBuf::new();
+        if paths::path_of(config, node, &mut path) {
+            if let Some(var) = malloc_cstr(&[b"VRIFT_CWD=", path.as_bytes()]) {
+                push(&mut k, var);
+            }
+        }
+    }
+    push(&mut k, core::ptr::null());
+    out
+}
+
+/// The concatenation of `parts`, NUL-terminated, in memory from malloc.
+fn malloc_cstr(parts: &[&[u8]]) -> Option<*const c_char> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    // SAFETY: malloc of len + 1 bytes, filled below.
+    let out = unsafe { libc::malloc(len + 1) } as *mut u8;
+    if out.is_null() {
+        return None;
+    }
+    let mut at = 0;
+    for part in parts {
+        // SAFETY: within the len + 1 bytes allocated.
+        unsafe { core::ptr::copy_nonoverlapping(part.as_ptr(), out.add(at), part.len()) };
+        at += part.len();
+    }
+    // SAFETY: the last byte allocated.
+    unsafe { *out.add(len) = 0 };
+    Some(out as *const c_char)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn execve(
     path: *const c_char,
@@ -1076,6 +1178,8 @@ pub unsafe extern "C" fn execve(
     let Some(p) = (unsafe { arg(path) }) else {
         return fail(Errno::FAULT);
     };
+    let carried = unsafe { carried_env(config, envp) };
+    let envp = if carried.is_null() { envp } else { carried };
     let mut scratch = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => unsafe { real(path, argv, envp) },
@@ -1096,6 +1200,181 @@ pub unsafe extern "C" fn execve(
             debug(config, "execve", p.to_bytes());
             unsafe { real(exe.as_cstr().as_ptr(), argv, envp) }
         }
+    }
+}
+
+extern "C" {
+    static environ: *const *const c_char;
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: libc's environment of this process.
+    unsafe { execve(path, argv, environ) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: as execvpe, with this process's environment.
+    unsafe { execvpe(file, argv, environ) }
+}
+
+/// glibc's execvp and execvpe search PATH and call its internal execve, which the shim
+/// cannot see: the search is done here, each candidate through [`execve`] (so programs in
+/// the tree run, and the shim's environment is carried on, as after `env -i`).
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(name) = (unsafe { arg(file) }) else {
+        return fail(Errno::FAULT);
+    };
+    let name = name.to_bytes();
+    if name.is_empty() {
+        return fail(Errno::NOENT);
+    }
+    if name.contains(&b'/') {
+        return unsafe { execve(file, argv, envp) };
+    }
+    // PATH of the process (not of `envp`), as glibc's execvpe does.
+    let path_var = unsafe { libc::getenv(c"PATH".as_ptr()) };
+    let search: &[u8] = if path_var.is_null() {
+        b"/bin:/usr/bin"
+    } else {
+        // SAFETY: getenv's NUL-terminated value, read before anything changes it.
+        unsafe { CStr::from_ptr(path_var) }.to_bytes()
+    };
+    let mut denied = false;
+    for dir in search.split(|&b| b == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut candidate = PathBuf::new();
+        if !candidate.set(&[dir, b"/", name]) {
+            continue;
+        }
+        unsafe { execve(candidate.as_cstr().as_ptr(), argv, envp) };
+        // SAFETY: this thread's errno, as execve left it.
+        match unsafe { *libc::__errno_location() } {
+            libc::EACCES => denied = true,
+            libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+            _ => return -1,
+        }
+    }
+    fail(if denied { Errno::ACCESS } else { Errno::NOENT })
+}
+
+static REAL_POSIX_SPAWN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_POSIX_SPAWNP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type Spawn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    *const *const c_char,
+    *const *const c_char,
+) -> c_int;
+
+#[allow(clippy::too_many_arguments)] // posix_spawn's six, and which of the two it is.
+/// posix_spawn(p) runs its child through glibc's internal execve: the program path is
+/// translated here (a program in the tree runs from its executable link) and the shim's
+/// environment carried on, before libc's own function runs.
+unsafe fn spawn_any(
+    real: &AtomicPtr<c_void>,
+    name: &CStr,
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let f = dirs::real(real, name);
+    if f.is_null() {
+        return libc::ENOSYS;
+    }
+    // SAFETY: libc's posix_spawn or posix_spawnp, which share this signature.
+    let real: Spawn = unsafe { core::mem::transmute(f) };
+    let Some(config) = config::get() else {
+        return unsafe { real(pid, path, actions, attr, argv, envp) };
+    };
+    let carried = unsafe { carried_env(config, envp) };
+    let envp = if carried.is_null() { envp } else { carried };
+    let Some(p) = (unsafe { arg(path) }) else {
+        return libc::EFAULT;
+    };
+    if !p.to_bytes().contains(&b'/') {
+        // posix_spawnp of a bare name: libc searches PATH (tree programs are reached by
+        // their paths).
+        return unsafe { real(pid, path, actions, attr, argv, envp) };
+    }
+    let mut scratch = PathBuf::new();
+    let mut exe = PathBuf::new();
+    let program = match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
+        Target::Host => path,
+        Target::HostPath => scratch.as_cstr().as_ptr(),
+        Target::Fail(e) => return e.raw_os_error(),
+        Target::Missing { .. } => return libc::ENOENT,
+        Target::Node(n) => {
+            let Ok(n) = node(config, n) else {
+                return libc::EIO;
+            };
+            if n.kind != Kind::File
+                || n.flags & FLAG_EXEC_LINK == 0
+                || !exec_path(config, &n, &mut exe)
+            {
+                return libc::EACCES;
+            }
+            exe.as_cstr().as_ptr()
+        }
+    };
+    unsafe { real(pid, program, actions, attr, argv, envp) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    unsafe {
+        spawn_any(
+            &REAL_POSIX_SPAWN,
+            c"posix_spawn",
+            pid,
+            path,
+            actions,
+            attr,
+            argv,
+            envp,
+        )
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    unsafe {
+        spawn_any(
+            &REAL_POSIX_SPAWNP,
+            c"posix_spawnp",
+            pid,
+            file,
+            actions,
+            attr,
+            argv,
+            envp,
+        )
     }
 }
 
@@ -1180,3 +1459,83 @@ read_only2!(renameat, REAL_RENAMEAT, (fd1: c_int, from: *const c_char, fd2: c_in
 read_only2!(renameat2, REAL_RENAMEAT2, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: libc::c_uint), (fd1, from), (fd2, to));
 read_only2!(link, REAL_LINK, (from: *const c_char, to: *const c_char), (libc::AT_FDCWD, from), (libc::AT_FDCWD, to));
 read_only2!(linkat, REAL_LINKAT, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: c_int), (fd1, from), (fd2, to));
+
+// ---------------------------------------------------------------------------------------
+// Extended attributes: tree nodes have none (the tree format keeps none yet)
+// ---------------------------------------------------------------------------------------
+
+/// For a tree path: the value an xattr query of it returns (none, or an error);
+/// `None` for a host path.
+fn xattr_of_tree(dirfd: c_int, path: *const c_char, follow: bool, listing: bool) -> Option<isize> {
+    let config = config::get()?;
+    // SAFETY: the caller's path argument.
+    let p = unsafe { arg(path) }?;
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, dirfd, p, follow, &mut scratch) {
+        Target::Host | Target::HostPath => None,
+        Target::Fail(e) => Some(fail(e)),
+        Target::Missing { .. } => Some(fail(Errno::NOENT)),
+        Target::Node(_) if listing => Some(0),
+        Target::Node(_) => Some(fail(Errno::NODATA)),
+    }
+}
+
+macro_rules! xattr_query {
+    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), $path:expr, $follow:expr, $listing:expr) => {
+        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> isize {
+            if let Some(answer) = xattr_of_tree(libc::AT_FDCWD, $path, $follow, $listing) {
+                return answer;
+            }
+            let cname = concat!(stringify!($name), "\0");
+            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
+            let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> isize);
+            unsafe { real($($arg),*) }
+        }
+    };
+}
+
+xattr_query!(getxattr, REAL_GETXATTR, (path: *const c_char, name: *const c_char, value: *mut c_void, size: usize), path, true, false);
+xattr_query!(lgetxattr, REAL_LGETXATTR, (path: *const c_char, name: *const c_char, value: *mut c_void, size: usize), path, false, false);
+xattr_query!(listxattr, REAL_LISTXATTR, (path: *const c_char, list: *mut c_char, size: usize), path, true, true);
+xattr_query!(llistxattr, REAL_LLISTXATTR, (path: *const c_char, list: *mut c_char, size: usize), path, false, true);
+
+static REAL_FGETXATTR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_FLISTXATTR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+#[no_mangle]
+pub unsafe extern "C" fn fgetxattr(
+    fd: c_int,
+    name: *const c_char,
+    value: *mut c_void,
+    size: usize,
+) -> isize {
+    if config::get().is_some() && fds::node_of(fd).is_some() {
+        return fail(Errno::NODATA);
+    }
+    let real = real_fn!(
+        REAL_FGETXATTR,
+        c"fgetxattr",
+        unsafe extern "C" fn(c_int, *const c_char, *mut c_void, usize) -> isize
+    );
+    unsafe { real(fd, name, value, size) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn flistxattr(fd: c_int, list: *mut c_char, size: usize) -> isize {
+    if config::get().is_some() && fds::node_of(fd).is_some() {
+        return 0;
+    }
+    let real = real_fn!(
+        REAL_FLISTXATTR,
+        c"flistxattr",
+        unsafe extern "C" fn(c_int, *mut c_char, usize) -> isize
+    );
+    unsafe { real(fd, list, size) }
+}
+
+read_only!(setxattr, REAL_SETXATTR, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
+read_only!(lsetxattr, REAL_LSETXATTR, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
+read_only!(removexattr, REAL_REMOVEXATTR, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
+read_only!(lremovexattr, REAL_LREMOVEXATTR, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);

@@ -72,6 +72,16 @@ pub struct StoreLock {
     _file: File,
 }
 
+impl StoreLock {
+    /// Keeps the lock in the program this process `exec`s (and its children): gc waits
+    /// until they have all exited. The lock is on the open file description, so it lasts
+    /// as long as any process holds it.
+    pub fn keep_across_exec(&self) -> Result<()> {
+        rustix::io::fcntl_setfd(&self._file, rustix::io::FdFlags::empty())
+            .map_err(|e| StoreError::io("keeping the store lock across exec", "lock")(e.into()))
+    }
+}
+
 const SUBDIRS: [&str; 6] = ["blobs", "trees", "refs", "refs/roots", "tmp", "cache"];
 
 impl Store {

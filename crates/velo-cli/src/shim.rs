@@ -1,0 +1,273 @@
+//! `velo run --manifest M [--at PATH] -- CMD`: the command runs on the host with the
+//! `LD_PRELOAD` shim (crate velo-shim), which shows the tree at `--at`. velo builds the
+//! tree's view index, finds the library, checks that the command can be intercepted at
+//! all (dynamically linked, not set-uid), and `exec`s it with the shim's environment;
+//! velo itself is gone once the command runs.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use crate::run::RunArgs;
+use crate::Ctx;
+
+/// The file name of the shim library, next to `velo` (cargo puts both in one directory).
+const LIBRARY: &str = "libvelo_shim.so";
+
+/// Where the library is: `$VRIFT_SHIM_PATH`, else next to this executable.
+fn library() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("VRIFT_SHIM_PATH") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(std::path::absolute(&path)?);
+        }
+        bail!(
+            "VRIFT_SHIM_PATH={}: no such file; point it at {LIBRARY}, or unset it to use the one next to velo",
+            path.display()
+        );
+    }
+    let exe = std::env::current_exe().context("finding velo's own executable")?;
+    let beside = exe.with_file_name(LIBRARY);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    bail!(
+        "the shim library {LIBRARY} is not next to velo ({}); build it (`cargo build -p velo-shim`) or set VRIFT_SHIM_PATH",
+        beside.display()
+    )
+}
+
+/// Why a program cannot be run through the shim, if it cannot: a statically linked ELF
+/// (no program interpreter: nothing loads the library) or a set-uid/set-gid file (the
+/// loader ignores LD_PRELOAD for it).
+fn unshimmable(path: &Path) -> Result<Option<&'static str>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.permissions().mode() & 0o6000 != 0 {
+        return Ok(Some(
+            "it is set-uid or set-gid, and the loader ignores LD_PRELOAD for such programs",
+        ));
+    }
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut head = vec![0u8; 4096];
+    let n = file.read(&mut head)?;
+    head.truncate(n);
+    if !head.starts_with(b"\x7fELF") {
+        // A script: its interpreter is what runs, checked when the kernel starts it.
+        return Ok(None);
+    }
+    let (Some(&class), Some(&data)) = (head.get(4), head.get(5)) else {
+        return Ok(None);
+    };
+    if class != 2 || data != 1 {
+        return Ok(Some("it is not a 64-bit little-endian ELF program"));
+    }
+    let u16_at = |at: usize| {
+        head.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u64_at = |at: usize| {
+        head.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return Ok(Some("its ELF header is damaged"));
+    };
+    for i in 0..u64::from(phnum) {
+        let at = phoff.saturating_add(i.saturating_mul(u64::from(phentsize))) as usize;
+        match head.get(at..at + 4) {
+            Some(kind) if u32::from_le_bytes([kind[0], kind[1], kind[2], kind[3]]) == 3 => {
+                return Ok(None);
+            }
+            Some(_) => {}
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(
+        "it is statically linked (no program interpreter), so no library can be preloaded into it",
+    ))
+}
+
+/// The host file that runs for `program`: a path in the tree is its executable link in
+/// the view; a host path is itself; a bare name is searched in PATH (whose entries under
+/// `at` are the tree's).
+fn resolve_program(
+    index: &velo_view::View<'_>,
+    exec_dir: &Path,
+    at: &[u8],
+    program: &OsStr,
+) -> Result<PathBuf> {
+    let in_tree = |path: &[u8]| -> Result<Option<PathBuf>> {
+        let mut scratch = [0u8; velo_view::PATH_MAX];
+        match index.resolve(at, 0, path, true, &mut scratch) {
+            velo_view::Resolved::Node(n) => {
+                let node = index
+                    .node(n)
+                    .map_err(|_| anyhow::anyhow!("the view index is damaged"))?;
+                if node.kind != velo_view::Kind::File {
+                    bail!(
+                        "{}: is not a file in the tree",
+                        String::from_utf8_lossy(path)
+                    );
+                }
+                if node.flags & velo_view::FLAG_EXEC_LINK == 0 {
+                    bail!(
+                        "{}: the tree does not mark it executable",
+                        String::from_utf8_lossy(path)
+                    );
+                }
+                Ok(Some(exec_dir.join(n.to_string())))
+            }
+            velo_view::Resolved::Outside(len) => {
+                Ok(Some(PathBuf::from(OsStr::from_bytes(&scratch[..len]))))
+            }
+            _ => Ok(None),
+        }
+    };
+    let bytes = program.as_bytes();
+    let under_at = |p: &[u8]| {
+        p.strip_prefix(at)
+            .is_some_and(|r| r.is_empty() || r[0] == b'/')
+    };
+    if bytes.contains(&b'/') {
+        // Relative paths start at the tree's top, where the command starts.
+        if bytes.first() != Some(&b'/') || under_at(bytes) {
+            let mut full = at.to_vec();
+            if bytes.first() != Some(&b'/') {
+                full.push(b'/');
+            }
+            full.extend_from_slice(if under_at(bytes) {
+                &bytes[at.len()..]
+            } else {
+                bytes
+            });
+            if let Some(found) = in_tree(&full)? {
+                return Ok(found);
+            }
+            bail!("{}: no such file in the tree", program.to_string_lossy());
+        }
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if under_at(candidate.as_os_str().as_bytes()) {
+            if let Ok(Some(found)) = in_tree(candidate.as_os_str().as_bytes()) {
+                return Ok(found);
+            }
+        } else if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("{}: not found in PATH", program.to_string_lossy())
+}
+
+/// Runs `args.command` with the shim: returns only on failure (success is an `exec`).
+pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
+    for (given, flag) in [
+        (!args.bases.is_empty(), "--base"),
+        (args.upper.is_some(), "--upper"),
+        (args.commit.is_some(), "--commit"),
+        (args.name.is_some(), "--name"),
+        (!args.binds.is_empty(), "--bind"),
+        (args.host_net, "--net host"),
+    ] {
+        if given {
+            bail!("{flag} is not supported without --isolate yet (the shim shows one tree, read-only, in this version); add --isolate");
+        }
+    }
+    let at = match &args.at {
+        Some(at) => at.clone(),
+        None => std::env::var_os("VRIFT_VFS_PREFIX")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/vrift")),
+    };
+    let at_bytes = at.as_os_str().as_bytes();
+    let at_bytes = at_bytes.strip_suffix(b"/").unwrap_or(at_bytes);
+    if at_bytes.first() != Some(&b'/') || at_bytes.is_empty() || at_bytes.contains(&0) {
+        bail!(
+            "--at {}: must be an absolute path other than /",
+            at.display()
+        );
+    }
+    let at = PathBuf::from(OsStr::from_bytes(at_bytes));
+    let library = library()?;
+    let store = ctx.store_or_create()?;
+    let lock = store.lock_shared()?;
+    let root = crate::run::layer(&store, &args.manifest)?;
+    let view = velo_project::view::ensure_view(&store, root)?;
+    if let Some(seconds) = view.built_seconds {
+        note!(
+            "velo: built the view of {} in {seconds:.2} s (cached for later runs)",
+            &root.to_hex()[..16]
+        );
+    }
+    let bytes =
+        std::fs::read(&view.index).with_context(|| format!("reading {}", view.index.display()))?;
+    let index = velo_view::View::new(&bytes)
+        .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    let workdir = args.workdir.as_deref().unwrap_or("");
+    {
+        let mut scratch = [0u8; velo_view::PATH_MAX];
+        let rel = workdir.trim_start_matches('/');
+        match index.resolve(at_bytes, 0, rel.as_bytes(), true, &mut scratch) {
+            velo_view::Resolved::Node(n)
+                if index.node(n).is_ok_and(|n| n.kind == velo_view::Kind::Dir) => {}
+            _ => bail!("--workdir {workdir}: no such directory in the tree"),
+        }
+    }
+    let Some(program) = args.command.first() else {
+        bail!("no command given (after --)");
+    };
+    let real = resolve_program(&index, &view.exec_dir, at_bytes, program)?;
+    if let Some(why) = unshimmable(&real)? {
+        bail!(
+            "{}: cannot run through the LD_PRELOAD shim: {why}. Run it with `velo run --isolate` (or, later, on a `velo mount`)",
+            program.to_string_lossy()
+        );
+    }
+    let preload = match std::env::var_os("LD_PRELOAD") {
+        Some(existing) if !existing.is_empty() => {
+            let mut value = library.clone().into_os_string();
+            value.push(":");
+            value.push(existing);
+            value
+        }
+        _ => library.clone().into_os_string(),
+    };
+    lock.keep_across_exec()?;
+    let placeholder = view.exec_dir.join("e");
+    let mut command = std::process::Command::new(&real);
+    command
+        .arg0(program)
+        .args(&args.command[1..])
+        .current_dir(&placeholder)
+        .env("LD_PRELOAD", preload)
+        .env("VRIFT_VIEW", &view.index)
+        .env("VRIFT_AT", &at)
+        .env("VRIFT_STORE", store.root())
+        .env("VRIFT_EXEC_DIR", &view.exec_dir)
+        .env("VRIFT_CWD", workdir.trim_start_matches('/'))
+        .env("PWD", {
+            let rel = workdir.trim_matches('/');
+            if rel.is_empty() {
+                at.clone()
+            } else {
+                at.join(rel)
+            }
+        });
+    for kv in &args.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--env {kv:?}: expected K=V");
+        };
+        command.env(k, v);
+    }
+    let error = command.exec();
+    std::mem::forget(lock);
+    Err(error).with_context(|| format!("running {}", program.to_string_lossy()))
+}

@@ -1,0 +1,258 @@
+//! `velo run --manifest M -- CMD` without `--isolate`: the LD_PRELOAD shim shows the tree
+//! at a virtual path to real, dynamically linked host programs (coreutils, findutils, sh,
+//! python3). The tree exists only in the store: nothing is mounted or copied, and the
+//! virtual path does not exist on the host.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::sync::OnceLock;
+
+use common::Env;
+
+/// The shim library is a cdylib, which `cargo test` does not rebuild for the velo binary:
+/// built here once, into the target directory velo looks in.
+fn shim_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "velo-shim"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build -p velo-shim");
+        assert!(status.success(), "cargo build -p velo-shim failed");
+        let lib = common::velo_bin().with_file_name("libvelo_shim.so");
+        assert!(lib.is_file(), "no shim library at {}", lib.display());
+    });
+}
+
+/// A small tree: a file from 2001, a symlink, a subdirectory, a private file, an
+/// executable copy of /bin/true and a Python module.
+fn tree(env: &Env) -> std::path::PathBuf {
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub/pkg")).unwrap();
+    fs::write(src.join("a.txt"), b"hello\n").unwrap();
+    common::touch_ns(&src.join("a.txt"), 978_307_200, 123_456_789);
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    fs::write(src.join("sub/b"), b"deep\n").unwrap();
+    fs::write(src.join("secret"), b"s").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::copy("/bin/true", src.join("mytrue")).unwrap();
+    fs::write(src.join("sub/pkg/__init__.py"), b"").unwrap();
+    fs::write(src.join("sub/pkg/mod.py"), b"VALUE = 42\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    src
+}
+
+fn shimmed(env: &Env, extra: &[&str], command: &[&str]) -> Output {
+    shim_built();
+    let mut cmd = env.cmd();
+    cmd.args(["run", "--manifest", "t"])
+        .args(extra)
+        .arg("--")
+        .args(command);
+    cmd.output().unwrap()
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn coreutils_list_read_and_stat_the_tree_at_its_virtual_path() {
+    let env = Env::new();
+    let src = tree(&env);
+    assert!(
+        !Path::new("/vrift").exists(),
+        "the test needs /vrift absent on the host"
+    );
+    let out = shimmed(&env, &[], &["ls", "-ln", "--time-style=+%s", "/vrift"]);
+    let text = stdout_of(&out);
+    assert!(
+        out.stderr.is_empty() || String::from_utf8_lossy(&out.stderr).starts_with("velo: built"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uid = rustix::process::getuid().as_raw();
+    for want in [
+        format!("-rw-r--r-- 1 {uid} "),
+        " 978307200 a.txt".to_string(),
+        "link -> a.txt".to_string(),
+        "-rw------- 1".to_string(),
+        "secret".to_string(),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in:\n{text}");
+    }
+    let out = shimmed(
+        &env,
+        &[],
+        &["cat", "/vrift/a.txt", "/vrift/link", "/vrift/sub/b"],
+    );
+    assert_eq!(stdout_of(&out), "hello\nhello\ndeep\n");
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "stat",
+            "-c",
+            "%n %s %a %.9Y %F",
+            "/vrift/a.txt",
+            "/vrift/sub",
+            "/vrift/link",
+        ],
+    );
+    assert_eq!(
+        stdout_of(&out),
+        "/vrift/a.txt 6 644 978307200.123456789 regular file\n\
+         /vrift/sub 0 755 "
+            .to_string()
+            + &format!(
+                "{} directory\n/vrift/link 5 777 {} symbolic link\n",
+                stat_mtime(&src.join("sub")),
+                lstat_mtime(&src.join("link"))
+            )
+    );
+    // find walks the whole tree (openat + fdopendir + readdir of tree directories).
+    let out = shimmed(&env, &[], &["find", "/vrift", "-printf", "%P %y\n"]);
+    let mut found: Vec<String> = stdout_of(&out).lines().map(String::from).collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            " d",
+            "a.txt f",
+            "link l",
+            "mytrue f",
+            "secret f",
+            "sub d",
+            "sub/b f",
+            "sub/pkg d",
+            "sub/pkg/__init__.py f",
+            "sub/pkg/mod.py f"
+        ]
+    );
+    assert!(
+        !Path::new("/vrift").exists(),
+        "nothing was made on the host"
+    );
+}
+
+fn stat_mtime(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).unwrap();
+    format!("{}.{:09}", m.mtime(), m.mtime_nsec())
+}
+
+fn lstat_mtime(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).unwrap();
+    format!("{}.{:09}", m.mtime(), m.mtime_nsec())
+}
+
+#[test]
+fn the_command_starts_at_the_top_of_the_tree_and_children_follow_its_cd() {
+    let env = Env::new();
+    tree(&env);
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "pwd; cat a.txt; cd sub && /bin/pwd && cat b && env -i /bin/cat b && ./../mytrue && echo ran-from-tree; cd /tmp && pwd",
+        ],
+    );
+    assert_eq!(
+        stdout_of(&out),
+        "/vrift\nhello\n/vrift/sub\ndeep\ndeep\nran-from-tree\n/tmp\n"
+    );
+    let out = shimmed(&env, &["--workdir", "/sub"], &["cat", "b"]);
+    assert_eq!(stdout_of(&out), "deep\n");
+    // Python: listing, reading, importing a module from the tree, a subprocess.
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "python3",
+            "-B",
+            "-c",
+            "import os, sys, subprocess; sys.path.insert(0, '/vrift/sub'); import pkg.mod; \
+             print(sorted(os.listdir('.')), open('a.txt').read().strip(), pkg.mod.VALUE, os.getcwd(), \
+             subprocess.run(['cat', 'sub/b'], capture_output=True).stdout.decode().strip())",
+        ],
+    );
+    assert_eq!(
+        stdout_of(&out),
+        "['a.txt', 'link', 'mytrue', 'secret', 'sub'] hello 42 /vrift deep\n"
+    );
+}
+
+#[test]
+fn the_tree_is_read_only_and_paths_that_leave_it_reach_the_host() {
+    let env = Env::new();
+    tree(&env);
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo x > /vrift/new; touch a.txt; rm a.txt; mkdir /vrift/d; mv a.txt b.txt; \
+             echo -- ; cat /vrift/../etc/hostname >/dev/null && echo host-reached",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("Read-only file system").count(),
+        5,
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host-reached"));
+    assert!(!Path::new("/vrift").exists());
+    env.fsck_ok();
+}
+
+#[test]
+fn a_path_that_exists_on_the_host_is_hidden_by_the_tree() {
+    let env = Env::new();
+    tree(&env);
+    let host = env.path("mnt");
+    fs::create_dir_all(&host).unwrap();
+    fs::write(host.join("a.txt"), b"the host's\n").unwrap();
+    let at = host.to_str().unwrap();
+    let out = shimmed(&env, &["--at", at], &["cat", &format!("{at}/a.txt")]);
+    assert_eq!(stdout_of(&out), "hello\n");
+    assert_eq!(fs::read(host.join("a.txt")).unwrap(), b"the host's\n");
+}
+
+#[test]
+fn programs_the_shim_cannot_enter_are_refused_with_the_way_to_run_them() {
+    let env = Env::new();
+    tree(&env);
+    if !common::require(
+        Path::new("/bin/busybox").exists(),
+        "Debian's busybox-static (a statically linked program)",
+    ) {
+        return;
+    }
+    let out = shimmed(&env, &[], &["/bin/busybox", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("statically linked") && stderr.contains("--isolate"),
+        "{stderr}"
+    );
+    let out = shimmed(&env, &["--upper", "/tmp/x"], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--isolate"));
+}
