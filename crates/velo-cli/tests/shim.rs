@@ -256,3 +256,64 @@ fn programs_the_shim_cannot_enter_are_refused_with_the_way_to_run_them() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--isolate"));
 }
+
+/// What C programs reach through libc's own internal calls (fopen, realpath, statfs):
+/// the shim does them itself for tree paths. Compiled here with the host's gcc.
+#[test]
+fn c_library_calls_that_libc_does_internally_see_the_tree() {
+    let env = Env::new();
+    tree(&env);
+    let Some(gcc) = ["/usr/bin/gcc", "/usr/bin/cc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        common::require(false, "gcc (scripts/test.sh installs it)");
+        return;
+    };
+    let source = env.path("probe.c");
+    fs::write(
+        &source,
+        br#"#include <stdio.h>
+#include <stdlib.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/statfs.h>
+int main(void) {
+    char line[64] = {0};
+    FILE *f = fopen("/vrift/sub/b", "re");
+    if (!f || !fgets(line, sizeof line, f)) { perror("fopen"); return 1; }
+    fclose(f);
+    char *real = realpath("/vrift/link", NULL);
+    char *cwd_real = realpath("sub/../a.txt", NULL);
+    struct statfs fs;
+    int st = statfs("/vrift/a.txt", &fs);
+    FILE *w = fopen("/vrift/new", "w");
+    int werr = errno;
+    f = freopen("/vrift/a.txt", "r", stdin);
+    char again[64] = {0};
+    if (!f || !fgets(again, sizeof again, stdin)) { perror("freopen"); return 1; }
+    printf("%s%s %s %d %s %s", line, real ? real : "(null)", cwd_real ? cwd_real : "(null)",
+           st, w ? "written?" : strerror(werr), again);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = env.path("probe");
+    let built = std::process::Command::new(gcc)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = shimmed(&env, &[], &[exe.to_str().unwrap()]);
+    assert_eq!(
+        stdout_of(&out),
+        "deep\n/vrift/a.txt /vrift/a.txt 0 Read-only file system hello\n"
+    );
+}

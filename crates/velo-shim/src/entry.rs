@@ -18,6 +18,19 @@ use crate::{dirs, fds, meta};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
+/// libc's own function (see `dirs::real`), as a typed pointer; fails the call with
+/// `ENOSYS` if libc lacks it.
+macro_rules! real_fn {
+    ($cache:expr, $name:expr, $ty:ty) => {{
+        let f = dirs::real(&$cache, $name);
+        if f.is_null() {
+            return fail(Errno::NOSYS);
+        }
+        // SAFETY: the symbol libc exports under this name has this C signature.
+        unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
+    }};
+}
+
 fn fail<T: FailValue>(e: Errno) -> T {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() = e.raw_os_error() };
@@ -38,6 +51,9 @@ impl FailValue for *mut c_char {
 }
 impl FailValue for *mut libc::DIR {
     const FAILED: *mut libc::DIR = core::ptr::null_mut();
+}
+impl FailValue for *mut libc::FILE {
+    const FAILED: *mut libc::FILE = core::ptr::null_mut();
 }
 
 /// The path argument, or `None` for a null pointer.
@@ -288,6 +304,223 @@ pub unsafe extern "C" fn creat64(path: *const c_char, mode: libc::mode_t) -> c_i
 }
 
 // ---------------------------------------------------------------------------------------
+// Streams and canonical paths: libc implements these with internal calls the shim does
+// not see, so they are done here for tree paths
+// ---------------------------------------------------------------------------------------
+
+/// open(2) flags for an fopen mode string ("r", "w+", "ab", "re", "rx", ...).
+fn fopen_flags(mode: &[u8]) -> Option<c_int> {
+    let mut flags = match mode.first()? {
+        b'r' => libc::O_RDONLY,
+        b'w' => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        b'a' => libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        _ => return None,
+    };
+    for &c in &mode[1..] {
+        match c {
+            b'+' => flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR,
+            b'e' => flags |= libc::O_CLOEXEC,
+            b'x' => flags |= libc::O_EXCL,
+            _ => {}
+        }
+    }
+    Some(flags)
+}
+
+static REAL_FOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_FREOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Whether `path` is the tree's (or leads out of it: then the host path is in `scratch`).
+fn tree_path(path: *const c_char, scratch: &mut PathBuf) -> Option<Target> {
+    let config = config::get()?;
+    // SAFETY: the caller's path argument.
+    let p = unsafe { arg(path) }?;
+    match paths::lookup(config, libc::AT_FDCWD, p, true, scratch) {
+        Target::Host => None,
+        other => Some(other),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    let mut scratch = PathBuf::new();
+    if tree_path(path, &mut scratch).is_some() {
+        let Some(flags) = (unsafe { arg(mode) }).and_then(|m| fopen_flags(m.to_bytes())) else {
+            unsafe { *libc::__errno_location() = libc::EINVAL };
+            return core::ptr::null_mut();
+        };
+        let fd = unsafe { do_openat(libc::AT_FDCWD, path, flags, 0o666) };
+        if fd < 0 {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: a descriptor this call opened, with a mode string fdopen accepts.
+        let file = unsafe { libc::fdopen(fd, mode) };
+        if file.is_null() {
+            unsafe { close(fd) };
+        }
+        return file;
+    }
+    let f = dirs::real(&REAL_FOPEN, c"fopen");
+    if f.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: libc's fopen.
+    let real: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE =
+        unsafe { core::mem::transmute(f) };
+    unsafe { real(path, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    unsafe { fopen(path, mode) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn freopen(
+    path: *const c_char,
+    mode: *const c_char,
+    stream: *mut libc::FILE,
+) -> *mut libc::FILE {
+    let mut scratch = PathBuf::new();
+    if !path.is_null() && tree_path(path, &mut scratch).is_some() {
+        let Some(flags) = (unsafe { arg(mode) }).and_then(|m| fopen_flags(m.to_bytes())) else {
+            unsafe { *libc::__errno_location() = libc::EINVAL };
+            return core::ptr::null_mut();
+        };
+        let fd = unsafe { do_openat(libc::AT_FDCWD, path, flags, 0o666) };
+        if fd < 0 {
+            return core::ptr::null_mut();
+        }
+        // The stream takes the new descriptor's place: flushed, then its descriptor
+        // becomes a duplicate of the new one (as freopen keeps the stream's number).
+        unsafe { libc::fflush(stream) };
+        let target = unsafe { libc::fileno(stream) };
+        if target < 0 || unsafe { dup2(fd, target) } < 0 {
+            unsafe { close(fd) };
+            return core::ptr::null_mut();
+        }
+        unsafe { close(fd) };
+        unsafe { libc::clearerr(stream) };
+        return stream;
+    }
+    let f = dirs::real(&REAL_FREOPEN, c"freopen");
+    if f.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: libc's freopen.
+    let real: unsafe extern "C" fn(
+        *const c_char,
+        *const c_char,
+        *mut libc::FILE,
+    ) -> *mut libc::FILE = unsafe { core::mem::transmute(f) };
+    unsafe { real(path, mode, stream) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn freopen64(
+    path: *const c_char,
+    mode: *const c_char,
+    stream: *mut libc::FILE,
+) -> *mut libc::FILE {
+    unsafe { freopen(path, mode, stream) }
+}
+
+static REAL_REALPATH: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// realpath(3) of a tree path: the node's virtual path, every symlink resolved.
+#[no_mangle]
+pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
+    let mut scratch = PathBuf::new();
+    let target = tree_path(path, &mut scratch);
+    let host = match target {
+        None | Some(Target::Host) => path,
+        Some(Target::HostPath) => scratch.as_cstr().as_ptr(),
+        Some(Target::Fail(e)) => return fail(e),
+        Some(Target::Missing { .. }) => return fail(Errno::NOENT),
+        Some(Target::Node(n)) => {
+            let Some(config) = config::get() else {
+                return fail(Errno::IO);
+            };
+            let mut out = PathBuf::new();
+            if !paths::path_of(config, n, &mut out) {
+                return fail(Errno::NAMETOOLONG);
+            }
+            let bytes = out.as_bytes();
+            let dest = if resolved.is_null() {
+                // SAFETY: malloc of PATH_MAX bytes, as glibc's realpath gives.
+                let p = unsafe { libc::malloc(libc::PATH_MAX as usize) } as *mut c_char;
+                if p.is_null() {
+                    return fail(Errno::NOMEM);
+                }
+                p
+            } else {
+                resolved
+            };
+            if bytes.len() + 1 > libc::PATH_MAX as usize {
+                return fail(Errno::NAMETOOLONG);
+            }
+            // SAFETY: `dest` holds PATH_MAX bytes (the caller's buffer must, by contract).
+            unsafe {
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), dest as *mut u8, bytes.len());
+                *dest.add(bytes.len()) = 0;
+            }
+            return dest;
+        }
+    };
+    let f = dirs::real(&REAL_REALPATH, c"realpath");
+    if f.is_null() {
+        return fail(Errno::NOSYS);
+    }
+    // SAFETY: libc's realpath.
+    let real: unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char =
+        unsafe { core::mem::transmute(f) };
+    unsafe { real(host, resolved) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __realpath_chk(
+    path: *const c_char,
+    resolved: *mut c_char,
+    _resolved_len: usize,
+) -> *mut c_char {
+    unsafe { realpath(path, resolved) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn canonicalize_file_name(path: *const c_char) -> *mut c_char {
+    unsafe { realpath(path, core::ptr::null_mut()) }
+}
+
+static REAL_STATFS: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// statfs of a tree path: the store's file system (where the tree's bytes are).
+#[no_mangle]
+pub unsafe extern "C" fn statfs(path: *const c_char, out: *mut libc::statfs) -> c_int {
+    let mut scratch = PathBuf::new();
+    let host = match tree_path(path, &mut scratch) {
+        None | Some(Target::Host) => path,
+        Some(Target::HostPath) => scratch.as_cstr().as_ptr(),
+        Some(Target::Fail(e)) => return fail(e),
+        Some(Target::Missing { .. }) => return fail(Errno::NOENT),
+        Some(Target::Node(_)) => match config::get() {
+            Some(config) => config.store.as_cstr().as_ptr(),
+            None => path,
+        },
+    };
+    let real = real_fn!(
+        REAL_STATFS,
+        c"statfs",
+        unsafe extern "C" fn(*const c_char, *mut libc::statfs) -> c_int
+    );
+    unsafe { real(host, out) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn statfs64(path: *const c_char, out: *mut libc::statfs) -> c_int {
+    unsafe { statfs(path, out) }
+}
+
+// ---------------------------------------------------------------------------------------
 // Descriptors
 // ---------------------------------------------------------------------------------------
 
@@ -305,17 +538,6 @@ static REAL_DUP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_DUP2: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_DUP3: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_FCNTL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-
-macro_rules! real_fn {
-    ($cache:expr, $name:expr, $ty:ty) => {{
-        let f = dirs::real(&$cache, $name);
-        if f.is_null() {
-            return fail(Errno::NOSYS);
-        }
-        // SAFETY: the symbol libc exports under this name has this C signature.
-        unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
-    }};
-}
 
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
