@@ -221,6 +221,31 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
             _ => bail!("--workdir {workdir}: no such directory in the tree"),
         }
     }
+    // The dynamic loader opens libraries itself, by real paths whose directories must hold
+    // their neighbours: a tree with shared libraries gets its (cached) farm for `dlopen`.
+    let has_libraries = (0..index.len()).any(|i| {
+        index
+            .node(i)
+            .ok()
+            .filter(|n| n.kind == velo_view::Kind::File)
+            .and_then(|n| index.name(&n).ok())
+            .is_some_and(|name| name.ends_with(b".so") || name.windows(4).any(|w| w == b".so."))
+    });
+    let farm = if has_libraries {
+        store.ensure_private_dirs()?;
+        let (path, built) =
+            velo_project::session::ensure_farm(&store, root, velo_store::FarmModes::ReadOnly)?;
+        if let Some(built) = built {
+            note!(
+                "velo: built the link farm of {} for its shared libraries in {:.2} s (cached for later runs)",
+                &root.to_hex()[..16],
+                built.seconds
+            );
+        }
+        Some(path)
+    } else {
+        None
+    };
     let Some(program) = args.command.first() else {
         bail!("no command given (after --)");
     };
@@ -253,6 +278,7 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         .env("VRIFT_STORE", store.root())
         .env("VRIFT_EXEC_DIR", &view.exec_dir)
         .env("VRIFT_CWD", workdir.trim_start_matches('/'))
+        .env("VRIFT_FARM", farm.as_deref().unwrap_or(Path::new("")))
         .env("PWD", {
             let rel = workdir.trim_matches('/');
             if rel.is_empty() {

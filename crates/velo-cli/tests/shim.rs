@@ -317,3 +317,78 @@ int main(void) {
         "deep\n/vrift/a.txt /vrift/a.txt 0 Read-only file system hello\n"
     );
 }
+
+/// A shared library in the tree, which needs another one beside it (run path `$ORIGIN`),
+/// loads with `dlopen` by its tree path: the loader gets its path in the tree's farm.
+#[test]
+fn dlopen_of_a_library_in_the_tree_finds_its_neighbours() {
+    let env = Env::new();
+    let Some(gcc) = ["/usr/bin/gcc", "/usr/bin/cc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        common::require(false, "gcc (scripts/test.sh installs it)");
+        return;
+    };
+    let src = env.path("src");
+    fs::create_dir_all(src.join("lib")).unwrap();
+    let build = |args: &[&str]| {
+        let out = std::process::Command::new(gcc).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    fs::write(env.path("dep.c"), b"int dep(void) { return 40; }\n").unwrap();
+    fs::write(
+        env.path("top.c"),
+        b"int dep(void);\nint top(void) { return dep() + 2; }\n",
+    )
+    .unwrap();
+    let lib = src.join("lib");
+    build(&[
+        "-shared",
+        "-fPIC",
+        "-o",
+        lib.join("libdep.so").to_str().unwrap(),
+        env.path("dep.c").to_str().unwrap(),
+    ]);
+    build(&[
+        "-shared",
+        "-fPIC",
+        "-o",
+        lib.join("libtop.so").to_str().unwrap(),
+        env.path("top.c").to_str().unwrap(),
+        "-L",
+        lib.to_str().unwrap(),
+        "-ldep",
+        "-Wl,-rpath,$ORIGIN",
+    ]);
+    fs::write(
+        env.path("load.c"),
+        br#"#include <dlfcn.h>
+#include <stdio.h>
+int main(void) {
+    void *h = dlopen("/vrift/lib/libtop.so", RTLD_NOW);
+    if (!h) { printf("dlopen: %s\n", dlerror()); return 1; }
+    int (*top)(void) = (int (*)(void))dlsym(h, "top");
+    printf("%d\n", top());
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = env.path("load");
+    build(&[
+        "-o",
+        exe.to_str().unwrap(),
+        env.path("load.c").to_str().unwrap(),
+        "-ldl",
+    ]);
+    env.ingest(&src, &["--name", "t"]);
+    // The host copies are gone: only the tree has the libraries.
+    fs::remove_dir_all(&src).unwrap();
+    let out = shimmed(&env, &[], &[exe.to_str().unwrap()]);
+    assert_eq!(stdout_of(&out), "42\n");
+}

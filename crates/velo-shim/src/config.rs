@@ -62,6 +62,9 @@ pub struct Config {
     pub placeholder: PathBuf,
     /// The tree node the process started in, if any (`VRIFT_CWD`).
     pub start_cwd: Option<u32>,
+    /// A hard-link farm of the tree (`VRIFT_FARM`), for what the dynamic loader must
+    /// open by a real path whose directory holds the library's neighbours (`dlopen`).
+    pub farm: PathBuf,
     pub uid: u32,
     pub gid: u32,
     pub debug: bool,
@@ -71,13 +74,14 @@ pub struct Config {
 }
 
 /// The variables that carry the shim into exec'd programs.
-pub const OWN_ENV: [&[u8]; 6] = [
+pub const OWN_ENV: [&[u8]; 7] = [
     b"LD_PRELOAD=",
     b"VRIFT_VIEW=",
     b"VRIFT_AT=",
     b"VRIFT_STORE=",
     b"VRIFT_EXEC_DIR=",
     b"VRIFT_DEBUG=",
+    b"VRIFT_FARM=",
 ];
 
 struct Global(UnsafeCell<Option<Config>>);
@@ -180,6 +184,10 @@ fn load() -> Option<Config> {
         return None;
     }
     let debug = env(b"VRIFT_DEBUG=").is_some_and(|v| !v.is_empty() && v != b"0");
+    let mut farm = PathBuf::new();
+    if let Some(value) = env(b"VRIFT_FARM=") {
+        farm.set(&[value]);
+    }
     let view = map_view(&view_buf)?;
     let start_cwd = env(b"VRIFT_CWD=").and_then(|rel| {
         let mut scratch = [0u8; velo_view::PATH_MAX];
@@ -195,6 +203,7 @@ fn load() -> Option<Config> {
         }
     }
     Some(Config {
+        farm,
         own_env,
         view,
         at,

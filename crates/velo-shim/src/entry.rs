@@ -1600,6 +1600,58 @@ pub unsafe extern "C" fn posix_spawnp(
     }
 }
 
+static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The dynamic loader opens libraries with its own internal calls: a library in the tree
+/// is handed to it by its path in the tree's farm, whose directories hold its neighbours
+/// (so `$ORIGIN` in its run path finds them), or by its blob file when there is no farm.
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_void {
+    let f = dirs::real(&REAL_DLOPEN, c"dlopen");
+    if f.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: libc's dlopen.
+    let real: unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void =
+        unsafe { core::mem::transmute(f) };
+    let Some(config) = config::get() else {
+        return unsafe { real(file, flags) };
+    };
+    let Some(p) = (unsafe { arg(file) }) else {
+        return unsafe { real(file, flags) };
+    };
+    if !p.to_bytes().contains(&b'/') {
+        return unsafe { real(file, flags) };
+    }
+    let mut scratch = PathBuf::new();
+    let mut path = PathBuf::new();
+    match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
+        Target::Host => unsafe { real(file, flags) },
+        Target::HostPath => unsafe { real(scratch.as_cstr().as_ptr(), flags) },
+        Target::Node(n) => {
+            let Ok(node) = node(config, n) else {
+                return core::ptr::null_mut();
+            };
+            let mut virtual_path = PathBuf::new();
+            let translated = if !config.farm.as_bytes().is_empty()
+                && paths::path_of(config, n, &mut virtual_path)
+            {
+                let rel = &virtual_path.as_bytes()[config.at.as_bytes().len()..];
+                path.set(&[config.farm.as_bytes(), rel])
+            } else {
+                blob_path(config, &node, &mut path)
+            };
+            if !translated {
+                return core::ptr::null_mut();
+            }
+            debug(config, "dlopen", p.to_bytes());
+            unsafe { real(path.as_cstr().as_ptr(), flags) }
+        }
+        // The loader's own message names the path when it fails.
+        _ => unsafe { real(file, flags) },
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Changes to the tree: read-only in this version
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Benchmark of the LD_PRELOAD shim (issue 10), each against a native baseline in the same
+# run, alternated (A B A B ...), medians and ratios:
+#  1. `find TREE -type f | xargs stat --format=%s` over linux-source-6.1: the tree through
+#     the shim at /vrift vs the same tree unpacked natively (same fresh loop ext4);
+#  2. `find TREE | wc -l` the same way;
+#  3. `velo run --manifest M -- /bin/true` on a cached view vs `/bin/true` (start-up cost),
+#     and the first run's view build reported apart.
+# Usage: sudo bash scripts/bench_shim.sh      RUNS=7 (per contender)   SMALL=1 (fs/ only: CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${RUNS:-7}
+[ "$(id -u)" = 0 ] || { echo "needs root (loop mounts)" >&2; exit 1; }
+need=()
+for p in linux-source-6.1 e2fsprogs xz-utils; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release --quiet -p velo-cli -p velo-shim
+velo=${CARGO_TARGET_DIR:-$PWD/target}/release/velo
+
+img=/var/tmp/velo-bench-shim.img
+mnt=/mnt/velo-bench-shim
+cleanup() { umount "$mnt" 2>/dev/null || true; rm -f "$img"; }
+trap cleanup EXIT
+umount "$mnt" 2>/dev/null || true
+truncate -s 6G "$img"
+mkfs.ext4 -q -F "$img"
+mkdir -p "$mnt"
+mount -o loop "$img" "$mnt"
+echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r), fresh loop ext4 at $mnt"
+echo "== velo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+export VR_THE_SOURCE=$mnt/store
+mkdir -p "$mnt/src"
+tar -xf /usr/src/linux-source-6.1.tar.xz -C "$mnt/src"
+native=$mnt/src/linux-source-6.1
+if [ "${SMALL:-0}" = 1 ]; then native=$native/fs; fi
+echo "== tree: $native ($(find "$native" -type f | wc -l) files)"
+"$velo" ingest "$native" --name kernel >/dev/null 2>&1
+build_start=$(date +%s.%N)
+"$velo" run --manifest kernel -- /bin/true
+build_end=$(date +%s.%N)
+echo "first run (builds the view): $(echo "$build_end - $build_start" | bc) s"
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+time_of() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+
+bench() { # name, native command (string), shim command (string)
+    local name=$1 a=$2 b=$3 ta=() tb=()
+    # Warm both: the source once natively (the blobs are other inodes: once through the shim).
+    bash -c "$a" >/dev/null 2>&1; "$velo" run --manifest kernel -- bash -c "$b" >/dev/null 2>&1
+    for _ in $(seq "$runs"); do
+        ta+=("$(time_of bash -c "$a")")
+        tb+=("$(time_of "$velo" run --manifest kernel -- bash -c "$b")")
+    done
+    local ma mb
+    ma=$(printf '%s\n' "${ta[@]}" | median)
+    mb=$(printf '%s\n' "${tb[@]}" | median)
+    printf '%-34s native %8.3f s   shim %8.3f s   ratio %.2f\n' "$name" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+}
+
+bench "find -type f | xargs stat" \
+    "find $native -type f -print0 | xargs -0 stat --format=%s" \
+    "find /vrift -type f -print0 | xargs -0 stat --format=%s"
+bench "find | wc -l" "find $native | wc -l" "find /vrift | wc -l"
+bench "cat every .c file" \
+    "find $native -name '*.c' -print0 | xargs -0 cat" \
+    "find /vrift -name '*.c' -print0 | xargs -0 cat"
+
+# Start-up: 101 runs each, alternated.
+ta=(); tb=()
+for _ in $(seq 101); do
+    ta+=("$(time_of /bin/true)")
+    tb+=("$(time_of "$velo" run --manifest kernel -- /bin/true)")
+done
+ma=$(printf '%s\n' "${ta[@]}" | median)
+mb=$(printf '%s\n' "${tb[@]}" | median)
+printf '%-34s native %8.4f s   shim %8.4f s   extra %.1f ms\n' "start-up: /bin/true" "$ma" "$mb" "$(echo "($mb - $ma) * 1000" | bc -l)"
+echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
