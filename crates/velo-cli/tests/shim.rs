@@ -257,7 +257,8 @@ fn programs_the_shim_cannot_enter_are_refused_with_the_way_to_run_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--isolate"));
 }
 
-/// What C programs reach through libc's own internal calls (fopen, realpath, statfs):
+/// What C programs reach through libc's own internal calls (scandir, fopen, realpath,
+/// statfs) or raw system calls (`syscall(SYS_statx)`, as libuv does):
 /// the shim does them itself for tree paths. Compiled here with the host's gcc.
 #[test]
 fn c_library_calls_that_libc_does_internally_see_the_tree() {
@@ -273,13 +274,26 @@ fn c_library_calls_that_libc_does_internally_see_the_tree() {
     let source = env.path("probe.c");
     fs::write(
         &source,
-        br#"#include <stdio.h>
+        br#"#define _GNU_SOURCE
+#include <stdio.h>
 #include <stdlib.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/statfs.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 int main(void) {
     char line[64] = {0};
+    struct dirent **names;
+    int n = scandir("/vrift", &names, NULL, alphasort);
+    for (int i = 0; i < n; i++) { printf("%s,", names[i]->d_name); free(names[i]); }
+    free(names);
+    struct statx sx;
+    long sr = syscall(SYS_statx, AT_FDCWD, "/vrift/a.txt", 0, STATX_BASIC_STATS, &sx);
+    printf(" %ld %llu\n", sr, (unsigned long long)sx.stx_size);
     FILE *f = fopen("/vrift/sub/b", "re");
     if (!f || !fgets(line, sizeof line, f)) { perror("fopen"); return 1; }
     fclose(f);
@@ -314,7 +328,8 @@ int main(void) {
     let out = shimmed(&env, &[], &[exe.to_str().unwrap()]);
     assert_eq!(
         stdout_of(&out),
-        "deep\n/vrift/a.txt /vrift/a.txt 0 Read-only file system hello\n"
+        ".,..,a.txt,link,mytrue,secret,sub, 0 6\n\
+         deep\n/vrift/a.txt /vrift/a.txt 0 Read-only file system hello\n"
     );
 }
 

@@ -1161,6 +1161,217 @@ pub unsafe extern "C" fn seekdir(dir: *mut libc::DIR, pos: c_long) {
     }
 }
 
+static REAL_SCANDIR: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type Filter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type Compare =
+    Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
+
+/// scandir(3): glibc's opens the directory with its internal opendir, so a tree
+/// directory is listed here: every entry the filter keeps, copied into memory from
+/// malloc (the caller frees each and the array), sorted with the caller's comparison.
+#[no_mangle]
+pub unsafe extern "C" fn scandir(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: Filter,
+    compare: Compare,
+) -> c_int {
+    let mut scratch = PathBuf::new();
+    let target = tree_path(path, &mut scratch);
+    let index = match target {
+        Some(Target::Node(n)) => n,
+        Some(Target::Fail(e)) => return fail(e),
+        Some(Target::Missing { .. }) => return fail(Errno::NOENT),
+        other => {
+            let host = if matches!(other, Some(Target::HostPath)) {
+                scratch.as_cstr().as_ptr()
+            } else {
+                path
+            };
+            let real = real_fn!(
+                REAL_SCANDIR,
+                c"scandir",
+                unsafe extern "C" fn(
+                    *const c_char,
+                    *mut *mut *mut libc::dirent64,
+                    Filter,
+                    Compare,
+                ) -> c_int
+            );
+            return unsafe { real(host, list, filter, compare) };
+        }
+    };
+    let Some(config) = config::get() else {
+        return fail(Errno::IO);
+    };
+    if list.is_null() {
+        return fail(Errno::FAULT);
+    }
+    let dir = open_stream(config, index);
+    if dir.is_null() {
+        return -1;
+    }
+    let Some(stream) = dirs::ours(dir) else {
+        return fail(Errno::IO);
+    };
+    let mut entries: *mut *mut libc::dirent64 = core::ptr::null_mut();
+    let mut count = 0usize;
+    let mut capacity = 0usize;
+    let size = core::mem::size_of::<libc::dirent64>();
+    let failed = loop {
+        let entry = dirs::next(config, stream);
+        if entry.is_null() {
+            break false;
+        }
+        if let Some(keep) = filter {
+            // SAFETY: the caller's filter, given an entry valid for this call.
+            if unsafe { keep(entry) } == 0 {
+                continue;
+            }
+        }
+        if count == capacity {
+            capacity = (capacity * 2).max(16);
+            // SAFETY: growing the malloc'd array; a failure leaves the old one.
+            let grown = unsafe {
+                libc::realloc(
+                    entries as *mut c_void,
+                    capacity * core::mem::size_of::<*mut libc::dirent64>(),
+                )
+            } as *mut *mut libc::dirent64;
+            if grown.is_null() {
+                break true;
+            }
+            entries = grown;
+        }
+        // SAFETY: a malloc'd copy of the entry, as glibc's scandir hands out.
+        let copy = unsafe { libc::malloc(size) } as *mut libc::dirent64;
+        if copy.is_null() {
+            break true;
+        }
+        unsafe {
+            core::ptr::copy_nonoverlapping(entry, copy, 1);
+            *entries.add(count) = copy;
+        }
+        count += 1;
+    };
+    unsafe { closedir(dir) };
+    if failed {
+        for i in 0..count {
+            unsafe { libc::free(*entries.add(i) as *mut c_void) };
+        }
+        unsafe { libc::free(entries as *mut c_void) };
+        return fail(Errno::NOMEM);
+    }
+    if let (Some(compare), true) = (compare, count > 1) {
+        // SAFETY: qsort over `count` pointers with the caller's comparison, which takes
+        // pointers to the elements, as scandir's contract says.
+        unsafe {
+            libc::qsort(
+                entries as *mut c_void,
+                count,
+                core::mem::size_of::<*mut libc::dirent64>(),
+                Some(core::mem::transmute::<
+                    unsafe extern "C" fn(
+                        *mut *const libc::dirent64,
+                        *mut *const libc::dirent64,
+                    ) -> c_int,
+                    unsafe extern "C" fn(*const c_void, *const c_void) -> c_int,
+                >(compare)),
+            )
+        };
+    }
+    // SAFETY: the caller's out pointer, checked non-null.
+    unsafe { *list = entries };
+    count as c_int
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn scandir64(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: Filter,
+    compare: Compare,
+) -> c_int {
+    unsafe { scandir(path, list, filter, compare) }
+}
+
+static REAL_SYSCALL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// syscall(2) with the numbers libraries call raw on paths (libuv's statx, for node):
+/// the shim's own function; every other number goes to libc's unchanged.
+#[no_mangle]
+pub unsafe extern "C" fn syscall(
+    number: c_long,
+    a1: c_long,
+    a2: c_long,
+    a3: c_long,
+    a4: c_long,
+    a5: c_long,
+    a6: c_long,
+) -> c_long {
+    match number {
+        libc::SYS_statx => {
+            return c_long::from(unsafe {
+                statx(
+                    a1 as c_int,
+                    a2 as *const c_char,
+                    a3 as c_int,
+                    a4 as libc::c_uint,
+                    a5 as *mut libc::statx,
+                )
+            })
+        }
+        libc::SYS_openat => {
+            return c_long::from(unsafe {
+                do_openat(
+                    a1 as c_int,
+                    a2 as *const c_char,
+                    a3 as c_int,
+                    a4 as libc::mode_t,
+                )
+            })
+        }
+        libc::SYS_open => {
+            return c_long::from(unsafe {
+                do_openat(
+                    libc::AT_FDCWD,
+                    a1 as *const c_char,
+                    a2 as c_int,
+                    a3 as libc::mode_t,
+                )
+            })
+        }
+        libc::SYS_newfstatat => {
+            return c_long::from(unsafe {
+                do_fstatat(
+                    a1 as c_int,
+                    a2 as *const c_char,
+                    a3 as *mut libc::stat,
+                    a4 as c_int,
+                )
+            })
+        }
+        _ => {}
+    }
+    let f = dirs::real(&REAL_SYSCALL, c"syscall");
+    if f.is_null() {
+        return c_long::from(fail::<c_int>(Errno::NOSYS));
+    }
+    // SAFETY: libc's syscall, given the caller's number and six argument registers
+    // (extra ones are ignored by the kernel for calls that take fewer).
+    let real: unsafe extern "C" fn(
+        c_long,
+        c_long,
+        c_long,
+        c_long,
+        c_long,
+        c_long,
+        c_long,
+    ) -> c_long = unsafe { core::mem::transmute(f) };
+    unsafe { real(number, a1, a2, a3, a4, a5, a6) }
+}
+
 // ---------------------------------------------------------------------------------------
 // The working directory
 // ---------------------------------------------------------------------------------------
