@@ -407,3 +407,145 @@ int main(void) {
     let out = shimmed(&env, &[], &[exe.to_str().unwrap()]);
     assert_eq!(stdout_of(&out), "42\n");
 }
+
+/// Compiles `source` with the host's gcc into `env`; `None` (a visible skip) without gcc.
+fn compiled(env: &Env, name: &str, source: &[u8]) -> Option<std::path::PathBuf> {
+    let Some(gcc) = ["/usr/bin/gcc", "/usr/bin/cc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        common::require(false, "gcc (scripts/test.sh installs it)");
+        return None;
+    };
+    let c = env.path(&format!("{name}.c"));
+    fs::write(&c, source).unwrap();
+    let exe = env.path(name);
+    let out = std::process::Command::new(gcc)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(exe)
+}
+
+/// The descriptor of a tree file is the blob's own, and a tree directory's is the view's
+/// empty directory: no call through them, or through /proc/self/fd, may change either,
+/// nor may a relative path that leaves the tree land in the store; bad descriptors are
+/// errors, not crashes (red team of the first shim).
+#[test]
+fn a_program_cannot_change_the_store_through_the_shim() {
+    let env = Env::new();
+    tree(&env);
+    let Some(exe) = compiled(
+        &env,
+        "hostile",
+        br#"#define _GNU_SOURCE
+#include <stdio.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <errno.h>
+#include <string.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/xattr.h>
+static void say(const char *what, int r) { printf("%s=%s\n", what, r < 0 ? strerror(errno) : "ok"); }
+int main(int argc, char **argv) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/a.txt", argv[1]);
+    int fd = open(path, O_RDONLY);
+    say("fchmod", fchmod(fd, 0666));
+    say("fchown", fchown(fd, 1, 1));
+    say("futimens", futimens(fd, NULL));
+    say("fsetxattr", fsetxattr(fd, "user.x", "1", 1, 0));
+    char p[64];
+    snprintf(p, sizeof p, "/proc/self/fd/%d", fd);
+    say("reopen-rw", open(p, O_WRONLY | O_TRUNC));
+    say("chmod-proc", chmod(p, 0666));
+    snprintf(path, sizeof path, "%s/sub", argv[1]);
+    int d = open(path, O_RDONLY | O_DIRECTORY);
+    say("fchmod-dir", fchmod(d, 0777));
+    say("mkfifoat", mkfifoat(d, "fifo", 0600));
+    chdir(argv[1]);
+    say("mkdir-out", mkdir("../made-by-test", 0700));
+    char t[] = "tmpXXXXXX";
+    say("mkstemp-in-tree", mkstemp(t));
+    struct stat st;
+    say("fstat-bad", fstat(-1, &st));
+    say("openat-bad-abs", openat(-1, "/etc/hostname", O_RDONLY));
+    say("fchdir-bad", fchdir(-1));
+    return 0;
+}
+"#,
+    ) else {
+        return;
+    };
+    let at = env.path("mnt/tree");
+    fs::create_dir_all(env.path("mnt")).unwrap();
+    let at = at.to_str().unwrap();
+    let out = shimmed(&env, &["--at", at], &[exe.to_str().unwrap(), at]);
+    assert_eq!(
+        stdout_of(&out),
+        "fchmod=Read-only file system\n\
+         fchown=Read-only file system\n\
+         futimens=Read-only file system\n\
+         fsetxattr=Read-only file system\n\
+         reopen-rw=Read-only file system\n\
+         chmod-proc=Read-only file system\n\
+         fchmod-dir=Read-only file system\n\
+         mkfifoat=Read-only file system\n\
+         mkdir-out=ok\n\
+         mkstemp-in-tree=Read-only file system\n\
+         fstat-bad=Bad file descriptor\n\
+         openat-bad-abs=ok\n\
+         fchdir-bad=Bad file descriptor\n"
+    );
+    // `../made-by-test` from the top of the tree is beside it on the host, not in the
+    // store (the kernel's working directory).
+    assert!(env.path("mnt/made-by-test").is_dir());
+    env.fsck_ok();
+    let views = env.store.join("views");
+    for entry in fs::read_dir(&views).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            let names: Vec<_> = fs::read_dir(entry.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<u32>().is_err())
+                .collect();
+            assert_eq!(names, ["e"], "nothing made in {}", entry.path().display());
+            assert_eq!(fs::read_dir(entry.path().join("e")).unwrap().count(), 0);
+        }
+    }
+}
+
+/// A damaged view is never handed to the shim: velo builds it again, and fsck names it.
+#[test]
+fn a_damaged_view_is_built_again_and_fsck_names_it() {
+    let env = Env::new();
+    tree(&env);
+    let out = shimmed(&env, &[], &["cat", "/vrift/a.txt"]);
+    assert_eq!(stdout_of(&out), "hello\n");
+    let index = fs::read_dir(env.store.join("views"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "idx"))
+        .unwrap();
+    let mut bytes = fs::read(&index).unwrap();
+    let at = bytes.len() - 40;
+    bytes[at] ^= 1;
+    fs::write(&index, &bytes).unwrap();
+    let out = env.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bad-view"));
+    let out = shimmed(&env, &[], &["cat", "/vrift/a.txt"]);
+    assert_eq!(stdout_of(&out), "hello\n");
+    env.fsck_ok();
+}

@@ -43,11 +43,21 @@ pub fn ensure_view(store: &Store, root: Hash) -> Result<View, ProjectError> {
     let index = views.join(format!("{hex}.idx"));
     let exec_dir = views.join(format!("{hex}.d"));
     if index.is_file() {
-        return Ok(View {
-            index,
-            exec_dir,
-            built_seconds: None,
-        });
+        match velo_store::views::view_damage(&views, &hex) {
+            None => {
+                return Ok(View {
+                    index,
+                    exec_dir,
+                    built_seconds: None,
+                })
+            }
+            Some(why) => {
+                // Never hand a damaged view to the shim: build it again.
+                tracing::warn!(view = %index.display(), %why, "building the view again");
+                velo_store::remove_tree(&index);
+                velo_store::remove_tree(&exec_dir);
+            }
+        }
     }
     store.ensure_private_dirs()?;
     let started = Instant::now();
@@ -168,7 +178,9 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
         store.sync()?;
         batch.publish()?;
     }
-    Ok(writer.finish(root.0, device_of(&root)))
+    Ok(velo_store::views::seal_view(
+        writer.finish(root.0, device_of(&root)),
+    ))
 }
 
 #[cfg(test)]

@@ -219,14 +219,20 @@ fn load() -> Option<Config> {
 
 /// Maps the index read-only for the life of the process.
 fn map_view(path: &PathBuf) -> Option<View<'static>> {
+    // Non-blocking, and only a regular file: a fifo or device named by VRIFT_VIEW must
+    // not hang or feed the program.
     let fd = rustix::fs::openat(
         CWD,
         path.as_cstr(),
-        OFlags::RDONLY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
         Mode::empty(),
     )
     .ok()?;
-    let len = rustix::fs::fstat(&fd).ok()?.st_size as usize;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
+    }
+    let len = st.st_size as usize;
     if len == 0 {
         return None;
     }

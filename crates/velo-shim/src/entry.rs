@@ -66,12 +66,23 @@ unsafe fn arg<'a>(path: *const c_char) -> Option<&'a CStr> {
     }
 }
 
-fn at_fd<'a>(dirfd: c_int) -> BorrowedFd<'a> {
-    if dirfd == libc::AT_FDCWD {
-        CWD
+/// The caller's descriptor for one call; `EBADF` for a negative one (which rustix
+/// cannot hold).
+fn borrowed<'a>(fd: c_int) -> Result<BorrowedFd<'a>, Errno> {
+    if fd < 0 {
+        return Err(Errno::BADF);
+    }
+    // SAFETY: the descriptor is the caller's; it is only used for this one call.
+    Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// The directory a path is relative to: `AT_FDCWD`, or any descriptor for an absolute
+/// path (the kernel ignores it, so a bad one must not fail the call).
+fn at_fd<'a>(dirfd: c_int, path: &CStr) -> Result<BorrowedFd<'a>, Errno> {
+    if dirfd == libc::AT_FDCWD || path.to_bytes().first() == Some(&b'/') {
+        Ok(CWD)
     } else {
-        // SAFETY: the descriptor is the caller's; it is only used for this one call.
-        unsafe { BorrowedFd::borrow_raw(dirfd) }
+        borrowed(dirfd)
     }
 }
 
@@ -133,8 +144,12 @@ fn node(config: &Config, index: u32) -> Result<Node, Errno> {
 // ---------------------------------------------------------------------------------------
 
 fn raw_openat(dirfd: c_int, path: &CStr, flags: c_int, mode: libc::mode_t) -> c_int {
+    let dir = match at_fd(dirfd, path) {
+        Ok(dir) => dir,
+        Err(e) => return fail(e),
+    };
     match rustix::fs::openat(
-        at_fd(dirfd),
+        dir,
         path,
         OFlags::from_bits_retain(flags as u32),
         Mode::from_raw_mode(mode),
@@ -614,11 +629,9 @@ unsafe fn do_fstatat(
     let Some(p) = (unsafe { arg(path) }) else {
         return fail(Errno::FAULT);
     };
-    let raw = |dirfd: c_int, p: &CStr, out: &mut libc::stat| match rustix::fs::statat(
-        at_fd(dirfd),
-        p,
-        AtFlags::from_bits_retain(flags as u32),
-    ) {
+    let raw = |dirfd: c_int, p: &CStr, out: &mut libc::stat| match at_fd(dirfd, p)
+        .and_then(|dir| rustix::fs::statat(dir, p, AtFlags::from_bits_retain(flags as u32)))
+    {
         Ok(st) => {
             meta::from_kernel(&st, out);
             0
@@ -658,8 +671,11 @@ fn do_fstat(config: &Config, fd: c_int, out: &mut libc::stat) -> c_int {
             Err(e) => fail(e),
         };
     }
-    // SAFETY: the caller's descriptor, stat'ed once.
-    match rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }) {
+    let fd = match borrowed(fd) {
+        Ok(fd) => fd,
+        Err(e) => return fail(e),
+    };
+    match rustix::fs::fstat(fd) {
         Ok(st) => {
             meta::from_kernel(&st, out);
             0
@@ -676,7 +692,7 @@ unsafe fn fstat_any(fd: c_int, out: *mut libc::stat) -> c_int {
     let out = unsafe { &mut *out };
     match config::get() {
         Some(config) => do_fstat(config, fd, out),
-        None => match rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }) {
+        None => match borrowed(fd).and_then(rustix::fs::fstat) {
             Ok(st) => {
                 meta::from_kernel(&st, out);
                 0
@@ -798,8 +814,12 @@ pub unsafe extern "C" fn statx(
         return fail(Errno::FAULT);
     };
     let raw = |dirfd: c_int, p: &CStr, out: &mut libc::statx| {
+        let dir = match at_fd(dirfd, p) {
+            Ok(dir) => dir,
+            Err(e) => return fail(e),
+        };
         match rustix::fs::statx(
-            at_fd(dirfd),
+            dir,
             p,
             AtFlags::from_bits_retain(flags as u32),
             rustix::fs::StatxFlags::from_bits_retain(mask),
@@ -859,12 +879,14 @@ unsafe fn do_faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_
     let Some(p) = (unsafe { arg(path) }) else {
         return fail(Errno::FAULT);
     };
-    let raw = |dirfd: c_int, p: &CStr| match rustix::fs::accessat(
-        at_fd(dirfd),
-        p,
-        rustix::fs::Access::from_bits_retain(mode as u32),
-        AtFlags::from_bits_retain(flags as u32),
-    ) {
+    let raw = |dirfd: c_int, p: &CStr| match at_fd(dirfd, p).and_then(|dir| {
+        rustix::fs::accessat(
+            dir,
+            p,
+            rustix::fs::Access::from_bits_retain(mode as u32),
+            AtFlags::from_bits_retain(flags as u32),
+        )
+    }) {
         Ok(()) => 0,
         Err(e) => fail(e),
     };
@@ -930,11 +952,9 @@ unsafe fn do_readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, siz
     }
     // SAFETY: the caller's buffer of `size` bytes.
     let out = unsafe { core::slice::from_raw_parts_mut(buf as *mut u8, size) };
-    let raw = |dirfd: c_int, p: &CStr, out: &mut [u8]| match rustix::fs::readlinkat_raw(
-        at_fd(dirfd),
-        p,
-        &mut *out,
-    ) {
+    let raw = |dirfd: c_int, p: &CStr, out: &mut [u8]| match at_fd(dirfd, p)
+        .and_then(|dir| rustix::fs::readlinkat_raw(dir, p, &mut *out))
+    {
         Ok(n) => n as isize,
         Err(e) => fail(e),
     };
@@ -1438,8 +1458,11 @@ pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
     if let (Some(config), Some(index)) = (config::get(), fds::node_of(fd)) {
         return enter(config, index);
     }
-    // SAFETY: the caller's descriptor.
-    match rustix::process::fchdir(unsafe { BorrowedFd::borrow_raw(fd) }) {
+    let dir = match borrowed(fd) {
+        Ok(dir) => dir,
+        Err(e) => return fail(e),
+    };
+    match rustix::process::fchdir(dir) {
         Ok(()) => {
             leave();
             0
@@ -1470,8 +1493,8 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: usize) -> *mut c_char {
     }
     let bytes = path.as_bytes();
     let (out, len) = if buf.is_null() {
-        // glibc's extension: allocate (at least `size` bytes when given).
-        let len = (bytes.len() + 1).max(size);
+        // glibc's extension: allocate `size` bytes, or as many as needed when 0.
+        let len = if size == 0 { bytes.len() + 1 } else { size };
         // SAFETY: malloc of a positive size; the caller frees it.
         let p = unsafe { libc::malloc(len) } as *mut c_char;
         if p.is_null() {
@@ -1867,30 +1890,47 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_voi
 // Changes to the tree: read-only in this version
 // ---------------------------------------------------------------------------------------
 
-/// `EROFS` when `path` (relative to `dirfd`) is in the tree, else `None` (pass through).
-fn refuse_in_tree(dirfd: c_int, path: *const c_char) -> Option<c_int> {
-    let config = config::get()?;
+/// Where a path-taking change goes: `Err(result)` when it is decided here (`EROFS` in
+/// the tree; `ENOENT` for a missing name, unless the call `creates` it; a failed lookup),
+/// `Ok(true)` when it goes to the host path now in `scratch` (a tree path that leads out
+/// of the tree: the caller's relative path must never reach the kernel, whose working
+/// directory is the view's empty directory), `Ok(false)` to pass the caller's path on.
+fn change_target(
+    dirfd: c_int,
+    path: *const c_char,
+    creates: bool,
+    scratch: &mut PathBuf,
+) -> Result<bool, c_int> {
+    let Some(config) = config::get() else {
+        return Ok(false);
+    };
     // SAFETY: the caller's path argument.
-    let p = unsafe { arg(path) }?;
-    let mut scratch = PathBuf::new();
-    match paths::lookup(config, dirfd, p, false, &mut scratch) {
-        Target::Host | Target::HostPath => None,
-        Target::Fail(e) => Some(fail(e)),
+    let Some(p) = (unsafe { arg(path) }) else {
+        return Ok(false);
+    };
+    match paths::lookup(config, dirfd, p, false, scratch) {
+        Target::Host => Ok(false),
+        Target::HostPath => Ok(true),
+        Target::Fail(e) => Err(fail(e)),
+        Target::Missing { .. } if !creates => Err(fail(Errno::NOENT)),
         _ => {
             debug(config, "refused (read-only tree)", p.to_bytes());
-            Some(fail(Errno::ROFS))
+            Err(fail(Errno::ROFS))
         }
     }
 }
 
 macro_rules! read_only {
-    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:expr) => {
+    ($name:ident, $real:ident, $creates:expr, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:ident) => {
         static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            if let Some(refused) = refuse_in_tree($dirfd, $path) {
-                return refused;
-            }
+            let mut scratch = PathBuf::new();
+            let $path = match change_target($dirfd, $path, $creates, &mut scratch) {
+                Err(result) => return result,
+                Ok(true) => scratch.as_cstr().as_ptr(),
+                Ok(false) => $path,
+            };
             let cname = concat!(stringify!($name), "\0");
             let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
             let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
@@ -1899,38 +1939,44 @@ macro_rules! read_only {
     };
 }
 
-read_only!(mkdir, REAL_MKDIR, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
-read_only!(mkdirat, REAL_MKDIRAT, (dirfd: c_int, path: *const c_char, mode: libc::mode_t), dirfd, path);
-read_only!(rmdir, REAL_RMDIR, (path: *const c_char), libc::AT_FDCWD, path);
-read_only!(unlink, REAL_UNLINK, (path: *const c_char), libc::AT_FDCWD, path);
-read_only!(unlinkat, REAL_UNLINKAT, (dirfd: c_int, path: *const c_char, flags: c_int), dirfd, path);
-read_only!(chmod, REAL_CHMOD, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
-read_only!(fchmodat, REAL_FCHMODAT, (dirfd: c_int, path: *const c_char, mode: libc::mode_t, flags: c_int), dirfd, path);
-read_only!(chown, REAL_CHOWN, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
-read_only!(lchown, REAL_LCHOWN, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
-read_only!(fchownat, REAL_FCHOWNAT, (dirfd: c_int, path: *const c_char, uid: libc::uid_t, gid: libc::gid_t, flags: c_int), dirfd, path);
-read_only!(truncate, REAL_TRUNCATE, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
-read_only!(truncate64, REAL_TRUNCATE64, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
-read_only!(utimensat, REAL_UTIMENSAT, (dirfd: c_int, path: *const c_char, times: *const libc::timespec, flags: c_int), dirfd, path);
-read_only!(utimes, REAL_UTIMES, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
-read_only!(utime, REAL_UTIME, (path: *const c_char, times: *const libc::utimbuf), libc::AT_FDCWD, path);
-read_only!(symlink, REAL_SYMLINK, (target: *const c_char, path: *const c_char), libc::AT_FDCWD, path);
-read_only!(symlinkat, REAL_SYMLINKAT, (target: *const c_char, dirfd: c_int, path: *const c_char), dirfd, path);
-read_only!(mknod, REAL_MKNOD, (path: *const c_char, mode: libc::mode_t, dev: libc::dev_t), libc::AT_FDCWD, path);
-read_only!(mkfifo, REAL_MKFIFO, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+read_only!(mkdir, REAL_MKDIR, true, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+read_only!(mkdirat, REAL_MKDIRAT, true, (dirfd: c_int, path: *const c_char, mode: libc::mode_t), dirfd, path);
+read_only!(rmdir, REAL_RMDIR, false, (path: *const c_char), libc::AT_FDCWD, path);
+read_only!(unlink, REAL_UNLINK, false, (path: *const c_char), libc::AT_FDCWD, path);
+read_only!(unlinkat, REAL_UNLINKAT, false, (dirfd: c_int, path: *const c_char, flags: c_int), dirfd, path);
+read_only!(chmod, REAL_CHMOD, false, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
+read_only!(fchmodat, REAL_FCHMODAT, false, (dirfd: c_int, path: *const c_char, mode: libc::mode_t, flags: c_int), dirfd, path);
+read_only!(chown, REAL_CHOWN, false, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
+read_only!(lchown, REAL_LCHOWN, false, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
+read_only!(fchownat, REAL_FCHOWNAT, false, (dirfd: c_int, path: *const c_char, uid: libc::uid_t, gid: libc::gid_t, flags: c_int), dirfd, path);
+read_only!(truncate, REAL_TRUNCATE, false, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
+read_only!(truncate64, REAL_TRUNCATE64, false, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
+read_only!(utimensat, REAL_UTIMENSAT, false, (dirfd: c_int, path: *const c_char, times: *const libc::timespec, flags: c_int), dirfd, path);
+read_only!(utimes, REAL_UTIMES, false, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
+read_only!(utime, REAL_UTIME, false, (path: *const c_char, times: *const libc::utimbuf), libc::AT_FDCWD, path);
+read_only!(symlink, REAL_SYMLINK, true, (target: *const c_char, path: *const c_char), libc::AT_FDCWD, path);
+read_only!(symlinkat, REAL_SYMLINKAT, true, (target: *const c_char, dirfd: c_int, path: *const c_char), dirfd, path);
+read_only!(mknod, REAL_MKNOD, true, (path: *const c_char, mode: libc::mode_t, dev: libc::dev_t), libc::AT_FDCWD, path);
+read_only!(mkfifo, REAL_MKFIFO, true, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
 
-/// Renames and links touch two paths: refused when either is in the tree.
+/// Renames and links touch two paths: refused when either is in the tree; each goes
+/// to the host path it leads to.
 macro_rules! read_only2 {
-    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), ($d1:expr, $p1:expr), ($d2:expr, $p2:expr)) => {
+    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), ($d1:expr, $p1:ident), ($d2:expr, $p2:ident)) => {
         static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            if let Some(refused) = refuse_in_tree($d1, $p1) {
-                return refused;
-            }
-            if let Some(refused) = refuse_in_tree($d2, $p2) {
-                return refused;
-            }
+            let (mut first, mut second) = (PathBuf::new(), PathBuf::new());
+            let $p1 = match change_target($d1, $p1, false, &mut first) {
+                Err(result) => return result,
+                Ok(true) => first.as_cstr().as_ptr(),
+                Ok(false) => $p1,
+            };
+            let $p2 = match change_target($d2, $p2, true, &mut second) {
+                Err(result) => return result,
+                Ok(true) => second.as_cstr().as_ptr(),
+                Ok(false) => $p2,
+            };
             let cname = concat!(stringify!($name), "\0");
             let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
             let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
@@ -1949,30 +1995,42 @@ read_only2!(linkat, REAL_LINKAT, (fd1: c_int, from: *const c_char, fd2: c_int, t
 // Extended attributes: tree nodes have none (the tree format keeps none yet)
 // ---------------------------------------------------------------------------------------
 
-/// For a tree path: the value an xattr query of it returns (none, or an error);
-/// `None` for a host path.
-fn xattr_of_tree(dirfd: c_int, path: *const c_char, follow: bool, listing: bool) -> Option<isize> {
-    let config = config::get()?;
+/// For a tree path: the value an xattr query of it returns (none, or an error), else
+/// `Err(true)` to query the host path now in `scratch`, `Err(false)` the caller's.
+fn xattr_of_tree(
+    path: *const c_char,
+    follow: bool,
+    listing: bool,
+    scratch: &mut PathBuf,
+) -> Result<isize, bool> {
+    let Some(config) = config::get() else {
+        return Err(false);
+    };
     // SAFETY: the caller's path argument.
-    let p = unsafe { arg(path) }?;
-    let mut scratch = PathBuf::new();
-    match paths::lookup(config, dirfd, p, follow, &mut scratch) {
-        Target::Host | Target::HostPath => None,
-        Target::Fail(e) => Some(fail(e)),
-        Target::Missing { .. } => Some(fail(Errno::NOENT)),
-        Target::Node(_) if listing => Some(0),
-        Target::Node(_) => Some(fail(Errno::NODATA)),
+    let Some(p) = (unsafe { arg(path) }) else {
+        return Err(false);
+    };
+    match paths::lookup(config, libc::AT_FDCWD, p, follow, scratch) {
+        Target::Host => Err(false),
+        Target::HostPath => Err(true),
+        Target::Fail(e) => Ok(fail(e)),
+        Target::Missing { .. } => Ok(fail(Errno::NOENT)),
+        Target::Node(_) if listing => Ok(0),
+        Target::Node(_) => Ok(fail(Errno::NODATA)),
     }
 }
 
 macro_rules! xattr_query {
-    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), $path:expr, $follow:expr, $listing:expr) => {
+    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), $path:ident, $follow:expr, $listing:expr) => {
         static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> isize {
-            if let Some(answer) = xattr_of_tree(libc::AT_FDCWD, $path, $follow, $listing) {
-                return answer;
-            }
+            let mut scratch = PathBuf::new();
+            let $path = match xattr_of_tree($path, $follow, $listing, &mut scratch) {
+                Ok(answer) => return answer,
+                Err(true) => scratch.as_cstr().as_ptr(),
+                Err(false) => $path,
+            };
             let cname = concat!(stringify!($name), "\0");
             let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
             let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> isize);
@@ -2020,7 +2078,159 @@ pub unsafe extern "C" fn flistxattr(fd: c_int, list: *mut c_char, size: usize) -
     unsafe { real(fd, list, size) }
 }
 
-read_only!(setxattr, REAL_SETXATTR, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-read_only!(lsetxattr, REAL_LSETXATTR, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-read_only!(removexattr, REAL_REMOVEXATTR, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
-read_only!(lremovexattr, REAL_LREMOVEXATTR, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
+read_only!(setxattr, REAL_SETXATTR, false, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
+read_only!(lsetxattr, REAL_LSETXATTR, false, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
+read_only!(removexattr, REAL_REMOVEXATTR, false, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
+read_only!(lremovexattr, REAL_LREMOVEXATTR, false, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
+
+/// Changes through a descriptor of a tree node: `EROFS` (the descriptor of a tree file is
+/// the blob's own, which no program may change; a tree directory's is the shared empty
+/// directory).
+macro_rules! fd_read_only {
+    ($name:ident, $real:ident, (fd: c_int $(, $arg:ident : $ty:ty)*)) => {
+        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(fd: c_int $(, $arg: $ty)*) -> c_int {
+            if config::get().is_some() && fds::node_of(fd).is_some() {
+                return fail(Errno::ROFS);
+            }
+            let cname = concat!(stringify!($name), "\0");
+            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
+            let real = real_fn!($real, cname, unsafe extern "C" fn(c_int $(, $ty)*) -> c_int);
+            unsafe { real(fd $(, $arg)*) }
+        }
+    };
+}
+
+fd_read_only!(fchmod, REAL_FCHMOD, (fd: c_int, mode: libc::mode_t));
+fd_read_only!(fchown, REAL_FCHOWN, (fd: c_int, uid: libc::uid_t, gid: libc::gid_t));
+fd_read_only!(futimens, REAL_FUTIMENS, (fd: c_int, times: *const libc::timespec));
+fd_read_only!(futimes, REAL_FUTIMES, (fd: c_int, times: *const libc::timeval));
+fd_read_only!(fsetxattr, REAL_FSETXATTR, (fd: c_int, name: *const c_char, value: *const c_void, size: usize, flags: c_int));
+fd_read_only!(fremovexattr, REAL_FREMOVEXATTR, (fd: c_int, name: *const c_char));
+fd_read_only!(ftruncate, REAL_FTRUNCATE, (fd: c_int, len: libc::off_t));
+fd_read_only!(ftruncate64, REAL_FTRUNCATE64, (fd: c_int, len: libc::off_t));
+fd_read_only!(fallocate, REAL_FALLOCATE, (fd: c_int, mode: c_int, offset: libc::off_t, len: libc::off_t));
+fd_read_only!(fallocate64, REAL_FALLOCATE64, (fd: c_int, mode: c_int, offset: libc::off_t, len: libc::off_t));
+fd_read_only!(mkfifoat, REAL_MKFIFOAT, (fd: c_int, path: *const c_char, mode: libc::mode_t));
+fd_read_only!(mknodat, REAL_MKNODAT, (fd: c_int, path: *const c_char, mode: libc::mode_t, dev: libc::dev_t));
+
+// ---------------------------------------------------------------------------------------
+// Temporary files: glibc's mkstemp family opens with internal calls
+// ---------------------------------------------------------------------------------------
+
+/// Runs `make` (libc's own function) on the template at `template`, whose last `tail`
+/// bytes it fills in: `EROFS` when the template's directory is in the tree; the host path
+/// a tree path leads to otherwise, with the generated name copied back.
+unsafe fn temp_in_host(
+    template: *mut c_char,
+    tail: usize,
+    make: &dyn Fn(*mut c_char) -> c_int,
+) -> c_int {
+    let Some(config) = config::get() else {
+        return make(template);
+    };
+    let Some(p) = (unsafe { arg(template) }) else {
+        return fail(Errno::FAULT);
+    };
+    let original = p.to_bytes();
+    let mut scratch = PathBuf::new();
+    match paths::lookup(config, libc::AT_FDCWD, p, false, &mut scratch) {
+        Target::Host => make(template),
+        Target::HostPath => {
+            let host = scratch.as_bytes();
+            if host.len() < tail || original.len() < tail {
+                return fail(Errno::INVAL);
+            }
+            let mut buf = PathBuf::new();
+            buf.set(&[host]);
+            let result = make(buf.as_cstr().as_ptr() as *mut c_char);
+            if result >= 0 {
+                let made = &buf.as_bytes()[host.len() - tail..];
+                // SAFETY: the caller's template, whose last `tail` bytes are the ones
+                // libc fills in; same length as `made`.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        made.as_ptr(),
+                        (template as *mut u8).add(original.len() - tail),
+                        tail,
+                    )
+                };
+            }
+            result
+        }
+        Target::Fail(e) => fail(e),
+        _ => fail(Errno::ROFS),
+    }
+}
+
+static REAL_MKSTEMP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_MKOSTEMP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_MKSTEMPS: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_MKOSTEMPS: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_MKDTEMP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+#[no_mangle]
+pub unsafe extern "C" fn mkstemp(template: *mut c_char) -> c_int {
+    let real = real_fn!(
+        REAL_MKSTEMP,
+        c"mkstemp",
+        unsafe extern "C" fn(*mut c_char) -> c_int
+    );
+    unsafe { temp_in_host(template, 6, &|t| real(t)) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkstemp64(template: *mut c_char) -> c_int {
+    unsafe { mkstemp(template) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkostemp(template: *mut c_char, flags: c_int) -> c_int {
+    let real = real_fn!(
+        REAL_MKOSTEMP,
+        c"mkostemp",
+        unsafe extern "C" fn(*mut c_char, c_int) -> c_int
+    );
+    unsafe { temp_in_host(template, 6, &|t| real(t, flags)) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkstemps(template: *mut c_char, suffix: c_int) -> c_int {
+    let real = real_fn!(
+        REAL_MKSTEMPS,
+        c"mkstemps",
+        unsafe extern "C" fn(*mut c_char, c_int) -> c_int
+    );
+    unsafe { temp_in_host(template, 6 + suffix.max(0) as usize, &|t| real(t, suffix)) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkostemps(template: *mut c_char, suffix: c_int, flags: c_int) -> c_int {
+    let real = real_fn!(
+        REAL_MKOSTEMPS,
+        c"mkostemps",
+        unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int
+    );
+    unsafe {
+        temp_in_host(template, 6 + suffix.max(0) as usize, &|t| {
+            real(t, suffix, flags)
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkdtemp(template: *mut c_char) -> *mut c_char {
+    let f = dirs::real(&REAL_MKDTEMP, c"mkdtemp");
+    if f.is_null() {
+        return fail(Errno::NOSYS);
+    }
+    // SAFETY: libc's mkdtemp.
+    let real: unsafe extern "C" fn(*mut c_char) -> *mut c_char = unsafe { core::mem::transmute(f) };
+    let made = unsafe { temp_in_host(template, 6, &|t| if real(t).is_null() { -1 } else { 0 }) };
+    if made < 0 {
+        core::ptr::null_mut()
+    } else {
+        template
+    }
+}

@@ -34,8 +34,11 @@ fn slot(fd: i32) -> Option<&'static Slot> {
 }
 
 fn identity(fd: i32) -> Option<(u64, u64)> {
-    // SAFETY: `fd` is only stat'ed; a closed or reused number gives an error or another
-    // identity, both handled by the caller.
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` (not negative) is only stat'ed; a closed or reused number gives an
+    // error or another identity, both handled by the caller.
     let st = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
     Some((st.st_dev, st.st_ino))
 }

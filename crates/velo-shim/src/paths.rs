@@ -61,6 +61,13 @@ pub fn lookup(
     let bytes = path.to_bytes();
     let view = &config.view;
     let at = config.at.as_bytes();
+    // `/proc/self/fd/N` (and `/dev/fd/N`) of a descriptor that stands for a node is that
+    // node: reopening it must not reach the blob or the empty directory behind it.
+    if let Some(fd) = proc_fd(bytes) {
+        if let Some(node) = fds::node_of(fd) {
+            return Target::Node(node);
+        }
+    }
     let mut out = [0u8; PATH_MAX];
     let resolved = if bytes.first() == Some(&b'/') {
         if is_under(bytes, at) {
@@ -103,6 +110,32 @@ pub fn lookup(
             }
         }
     }
+}
+
+/// The descriptor number of `/proc/self/fd/N`, `/dev/fd/N`, or `/proc/<own pid>/fd/N`.
+fn proc_fd(path: &[u8]) -> Option<i32> {
+    let rest = path
+        .strip_prefix(b"/proc/self/fd/")
+        .or_else(|| path.strip_prefix(b"/dev/fd/"))
+        .or_else(|| {
+            let after = path.strip_prefix(b"/proc/")?;
+            let slash = after.iter().position(|&b| b == b'/')?;
+            let pid = parse_number(&after[..slash])?;
+            (pid == rustix::process::getpid().as_raw_nonzero().get()).then_some(())?;
+            after[slash..].strip_prefix(b"/fd/")
+        })?;
+    parse_number(rest.strip_suffix(b"/").unwrap_or(rest))
+}
+
+fn parse_number(digits: &[u8]) -> Option<i32> {
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0i32, |n, d| n * 10 + i32::from(d - b'0')),
+    )
 }
 
 /// `path` is `at` or below it.

@@ -25,7 +25,8 @@ pub struct Problem {
     /// `missing-tree`, `blob-size`, `bad-root`, `unsafe-permissions` (a directory of the
     /// store other users can write into, or enter where they must not), `bad-mtime` (a
     /// variant's mtime is not the one its name says), `stale-farm` (a cached farm shows
-    /// another mode or mtime than its tree).
+    /// another mode or mtime than its tree), `bad-view` (a shim view that is damaged or
+    /// incomplete).
     pub kind: &'static str,
     /// The object, root or path concerned.
     pub object: String,
@@ -171,6 +172,7 @@ impl Store {
         }
         problems.extend(self.permission_problems());
         problems.extend(self.farm_problems(&trees));
+        problems.extend(self.view_problems());
         problems.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
         Ok(FsckReport {
             ok: problems.is_empty(),

@@ -32,6 +32,7 @@ pub mod sparse;
 mod status;
 mod transfer;
 pub mod treeops;
+pub mod views;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};

@@ -23,7 +23,7 @@ use crate::fsck::Problem;
 use crate::Store;
 
 /// Directories only the owner may enter.
-pub(crate) const PRIVATE_DIRS: [&str; 2] = ["farms", "sessions"];
+pub(crate) const PRIVATE_DIRS: [&str; 3] = ["farms", "sessions", "views"];
 
 const GROUP_OTHER_WRITE: u32 = 0o022;
 const GROUP_OTHER_ANY: u32 = 0o077;

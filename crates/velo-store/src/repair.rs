@@ -224,6 +224,19 @@ impl Store {
         } else {
             self.remove_farms_linking(&linked_elsewhere)
         };
+        // A damaged view: built again by the next run.
+        for p in before
+            .problems
+            .iter()
+            .filter(|p| p.kind == crate::views::BAD_VIEW)
+        {
+            if let Some(hex) = p.object.strip_suffix(".idx") {
+                let views = self.root.join("views");
+                crate::remove_tree(&views.join(&p.object));
+                crate::remove_tree(&views.join(format!("{hex}.d")));
+                farms_removed.push(format!("views/{}", p.object));
+            }
+        }
         // A farm that shows other forms than its tree: built again by the next run.
         for p in before
             .problems
