@@ -187,15 +187,31 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/vrift")),
     };
-    let at_bytes = at.as_os_str().as_bytes();
-    let at_bytes = at_bytes.strip_suffix(b"/").unwrap_or(at_bytes);
-    if at_bytes.first() != Some(&b'/') || at_bytes.is_empty() || at_bytes.contains(&0) {
+    // Lexically normal (`/a/../b/` is `/b`), as the shim compares paths to it.
+    if !at.is_absolute() || at.as_os_str().as_bytes().contains(&0) {
+        bail!("--at {}: must be an absolute path", at.display());
+    }
+    let mut normal = PathBuf::from("/");
+    for part in at.components() {
+        match part {
+            std::path::Component::Normal(name) => normal.push(name),
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            _ => {}
+        }
+    }
+    if normal == Path::new("/") {
         bail!(
-            "--at {}: must be an absolute path other than /",
+            "--at {}: the tree cannot hide the whole host; choose a directory such as /vrift",
             at.display()
         );
     }
-    let at = PathBuf::from(OsStr::from_bytes(at_bytes));
+    if normal.exists() && !normal.is_dir() {
+        bail!("--at {}: exists and is not a directory", at.display());
+    }
+    let at = normal;
+    let at_bytes = at.as_os_str().as_bytes();
     let library = library()?;
     let store = ctx.store_or_create()?;
     let lock = store.lock_shared()?;
@@ -211,7 +227,13 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         std::fs::read(&view.index).with_context(|| format!("reading {}", view.index.display()))?;
     let index = velo_view::View::new(&bytes)
         .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    // `--workdir` inside the tree: `/sub`, `sub`, or `<at>/sub`.
     let workdir = args.workdir.as_deref().unwrap_or("");
+    let workdir = Path::new(workdir)
+        .strip_prefix(&at)
+        .ok()
+        .and_then(|rest| rest.to_str())
+        .unwrap_or(workdir);
     {
         let mut scratch = [0u8; velo_view::PATH_MAX];
         let rel = workdir.trim_start_matches('/');

@@ -169,13 +169,16 @@ fn the_command_starts_at_the_top_of_the_tree_and_children_follow_its_cd() {
         &[
             "sh",
             "-c",
-            "pwd; cat a.txt; cd sub && /bin/pwd && cat b && env -i /bin/cat b && ./../mytrue && echo ran-from-tree; cd /tmp && pwd",
+            "pwd; cat a.txt; cd sub && /bin/pwd && cat b && env -i /bin/cat b && ./../mytrue && echo ran-from-tree; cd /tmp && pwd; \
+             cd / && cat vrift/a.txt && cd /vrift/sub && cat ../../vrift/sub/b",
         ],
     );
     assert_eq!(
         stdout_of(&out),
-        "/vrift\nhello\n/vrift/sub\ndeep\ndeep\nran-from-tree\n/tmp\n"
+        "/vrift\nhello\n/vrift/sub\ndeep\ndeep\nran-from-tree\n/tmp\nhello\ndeep\n"
     );
+    let out = shimmed(&env, &["--workdir", "/vrift/sub"], &["cat", "b"]);
+    assert_eq!(stdout_of(&out), "deep\n");
     let out = shimmed(&env, &["--workdir", "/sub"], &["cat", "b"]);
     assert_eq!(stdout_of(&out), "deep\n");
     // Python: listing, reading, importing a module from the tree, a subprocess.

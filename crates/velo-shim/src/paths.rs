@@ -33,6 +33,58 @@ pub fn cwd(config: &Config) -> Option<u32> {
 /// The process now works in tree directory `node`, or on the host.
 pub fn set_cwd(node: Option<u32>) {
     CWD.store(node.unwrap_or(HOST), Ordering::Relaxed);
+    HOST_CWD_KNOWN.store(false, Ordering::Relaxed);
+}
+
+/// The host working directory, when it is above `at` (so that a relative path such as
+/// `vrift/x` from `/` leads into the tree); read again after every change of directory.
+struct HostCwd(core::cell::UnsafeCell<PathBuf>);
+
+// SAFETY: written only while HOST_CWD_KNOWN is false by the thread that set it to
+// UPDATING; a racing reader sees KNOWN false and treats the path as the host's. A chdir
+// racing a lookup in another thread is a race in the program itself.
+unsafe impl Sync for HostCwd {}
+
+static HOST_CWD: HostCwd = HostCwd(core::cell::UnsafeCell::new(PathBuf::new()));
+static HOST_CWD_KNOWN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static HOST_CWD_UPDATING: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+/// Whether the known host working directory is `at` or above it.
+static HOST_CWD_ABOVE_AT: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+/// The host working directory if it is above `at`.
+fn host_cwd_above(config: &Config) -> Option<&'static PathBuf> {
+    if !HOST_CWD_KNOWN.load(Ordering::Acquire) {
+        if HOST_CWD_UPDATING.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let mut buf = [0u8; PATH_MAX];
+        // SAFETY: the getcwd system call into a buffer of PATH_MAX bytes.
+        let len = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: see `HostCwd`.
+        let cwd = unsafe { &mut *HOST_CWD.0.get() };
+        let above = if len > 1 {
+            let path = &buf[..len as usize - 1];
+            cwd.set(&[path]);
+            let at = config.at.as_bytes();
+            path == b"/"
+                || at
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.first() == Some(&b'/'))
+        } else {
+            false
+        };
+        HOST_CWD_ABOVE_AT.store(above, Ordering::Relaxed);
+        HOST_CWD_KNOWN.store(true, Ordering::Release);
+        HOST_CWD_UPDATING.store(false, Ordering::Release);
+    }
+    if HOST_CWD_ABOVE_AT.load(Ordering::Relaxed) {
+        // SAFETY: KNOWN was seen true: the buffer is not being written.
+        Some(unsafe { &*HOST_CWD.0.get() })
+    } else {
+        None
+    }
 }
 
 /// Where a path argument leads.
@@ -88,13 +140,51 @@ pub fn lookup(
             fds::node_of(dirfd)
         };
         let Some(start) = start else {
-            return Target::Host;
+            // From a host directory above the tree (`vrift/x` from `/`): joined and
+            // normalised, it may lead in.
+            if dirfd != libc::AT_FDCWD || bytes.is_empty() {
+                return Target::Host;
+            }
+            let Some(host) = host_cwd_above(config) else {
+                return Target::Host;
+            };
+            let mut joined = PathBuf::new();
+            let mut normal = PathBuf::new();
+            if !joined.set(&[host.as_bytes(), b"/", bytes])
+                || !normalise(joined.as_bytes(), &mut normal)
+                || !is_under(normal.as_bytes(), at)
+            {
+                return Target::Host;
+            }
+            return resolved_target(
+                view.resolve(at, 0, normal.as_bytes(), follow, &mut out),
+                &out,
+                scratch,
+            );
         };
         if bytes.is_empty() {
             return Target::Fail(Errno::NOENT);
         }
         view.resolve(at, start, bytes, follow, &mut out)
     };
+    let mut target = resolved_target(resolved, &out, scratch);
+    // A path that leaves the tree may come back into it (`../vrift/x` from the top).
+    for _ in 0..8 {
+        if !matches!(target, Target::HostPath) || !is_under(scratch.as_bytes(), at) {
+            break;
+        }
+        let mut again = PathBuf::new();
+        again.set(&[scratch.as_bytes()]);
+        target = resolved_target(
+            view.resolve(at, 0, again.as_bytes(), follow, &mut out),
+            &out,
+            scratch,
+        );
+    }
+    target
+}
+
+fn resolved_target(resolved: Resolved, out: &[u8; PATH_MAX], scratch: &mut PathBuf) -> Target {
     match resolved {
         Resolved::Node(n) => Target::Node(n),
         Resolved::Missing { parent, last } => Target::Missing { parent, last },
