@@ -167,6 +167,31 @@ fn resolve_program(
     bail!("{}: not found in PATH", program.to_string_lossy())
 }
 
+/// The view index, mapped: reading a kernel tree's (8 MB) would be much of a run's
+/// start-up. The mapping is never unmapped; velo `exec`s or exits soon after.
+fn map(path: &Path) -> Result<&'static [u8]> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata()?.len() as usize;
+    if len == 0 {
+        bail!("{}: empty view index", path.display());
+    }
+    // SAFETY: a private read-only mapping of a file velo replaces only by rename (this
+    // mapping keeps its inode), never unmapped, so the 'static slice stays valid.
+    let bytes = unsafe {
+        let ptr = rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::PRIVATE,
+            &file,
+            0,
+        )
+        .with_context(|| format!("mapping {}", path.display()))?;
+        std::slice::from_raw_parts(ptr as *const u8, len)
+    };
+    Ok(bytes)
+}
+
 /// Runs `args.command` with the shim: returns only on failure (success is an `exec`).
 pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     for (given, flag) in [
@@ -223,9 +248,8 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
             &root.to_hex()[..16]
         );
     }
-    let bytes =
-        std::fs::read(&view.index).with_context(|| format!("reading {}", view.index.display()))?;
-    let index = velo_view::View::new(&bytes)
+    let bytes = map(&view.index)?;
+    let index = velo_view::View::new(bytes)
         .with_context(|| format!("{}: not a view index", view.index.display()))?;
     // `--workdir` inside the tree: `/sub`, `sub`, or `<at>/sub`.
     let workdir = args.workdir.as_deref().unwrap_or("");
@@ -245,14 +269,7 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     }
     // The dynamic loader opens libraries itself, by real paths whose directories must hold
     // their neighbours: a tree with shared libraries gets its (cached) farm for `dlopen`.
-    let has_libraries = (0..index.len()).any(|i| {
-        index
-            .node(i)
-            .ok()
-            .filter(|n| n.kind == velo_view::Kind::File)
-            .and_then(|n| index.name(&n).ok())
-            .is_some_and(|name| name.ends_with(b".so") || name.windows(4).any(|w| w == b".so."))
-    });
+    let has_libraries = index.view_flags() & velo_view::VIEW_HAS_LIBRARIES != 0;
     let farm = if has_libraries {
         store.ensure_private_dirs()?;
         let (path, built) =

@@ -43,7 +43,7 @@ pub fn ensure_view(store: &Store, root: Hash) -> Result<View, ProjectError> {
     let index = views.join(format!("{hex}.idx"));
     let exec_dir = views.join(format!("{hex}.d"));
     if index.is_file() {
-        match velo_store::views::view_damage(&views, &hex) {
+        match velo_store::views::view_damage_cached(&views, &hex, &store.root().join("tmp")) {
             None => {
                 return Ok(View {
                     index,
@@ -56,6 +56,7 @@ pub fn ensure_view(store: &Store, root: Hash) -> Result<View, ProjectError> {
                 tracing::warn!(view = %index.display(), %why, "building the view again");
                 velo_store::remove_tree(&index);
                 velo_store::remove_tree(&exec_dir);
+                velo_store::remove_tree(&views.join(format!("{hex}.ok")));
             }
         }
     }
@@ -121,6 +122,7 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
     let mut writer = IndexWriter::new(0o755, 0);
     let mut queue = VecDeque::from([(root, 0u32)]);
     let mut links = Vec::new();
+    let mut view_flags = 0;
     while let Some((tree_hash, dir_index)) = queue.pop_front() {
         let tree = store.get_tree(&tree_hash)?;
         let first = writer.len();
@@ -139,6 +141,10 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
             };
             match &entry.kind {
                 EntryKind::File { hash, size } => {
+                    let name = entry.name.as_bytes();
+                    if name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.") {
+                        view_flags |= velo_view::VIEW_HAS_LIBRARIES;
+                    }
                     spec.size = *size;
                     spec.hash = hash.0;
                     if entry.mode.is_executable() {
@@ -178,9 +184,11 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
         store.sync()?;
         batch.publish()?;
     }
-    Ok(velo_store::views::seal_view(
-        writer.finish(root.0, device_of(&root)),
-    ))
+    Ok(velo_store::views::seal_view(writer.finish(
+        root.0,
+        device_of(&root),
+        view_flags,
+    )))
 }
 
 #[cfg(test)]

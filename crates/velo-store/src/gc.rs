@@ -118,6 +118,7 @@ impl Store {
                 let hex = name
                     .strip_suffix(".idx")
                     .or_else(|| name.strip_suffix(".d"))
+                    .or_else(|| name.strip_suffix(".ok"))
                     .unwrap_or("");
                 !matches!(hex.parse::<Hash>(), Ok(h) if live_trees.contains(&h))
             }))

@@ -11,8 +11,8 @@
 //!
 //! Layout (little-endian):
 //! ```text
-//! header   64 bytes: magic "VRVIEW01", root hash [32], node count u32, names length u32,
-//!          device number u64 (what st_dev reports), 8 bytes reserved
+//! header   64 bytes: magic "VRVIEW02", root hash [32], node count u32, names length u32,
+//!          device number u64 (what st_dev reports), view flags u64
 //! nodes    count × 96 bytes; node 0 is the root directory; the children of a directory
 //!          are contiguous and sorted bytewise by name (the tree's order), so a lookup is
 //!          a binary search per path component
@@ -26,7 +26,7 @@
 #![deny(missing_docs)]
 
 /// The first bytes of every index.
-pub const MAGIC: [u8; 8] = *b"VRVIEW01";
+pub const MAGIC: [u8; 8] = *b"VRVIEW02";
 /// Bytes before the first node.
 pub const HEADER_LEN: usize = 64;
 /// Bytes per node.
@@ -49,6 +49,10 @@ pub enum Kind {
 
 /// Flag bit: the file has an executable inode of its own under `views/<root>.d/`.
 pub const FLAG_EXEC_LINK: u8 = 1;
+
+/// View flag: the tree holds shared libraries (`*.so`, `*.so.*`), which the dynamic loader
+/// needs by real paths (a farm).
+pub const VIEW_HAS_LIBRARIES: u64 = 1;
 
 /// One node, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +154,11 @@ impl<'a> View<'a> {
         let mut hash = [0; 32];
         hash.copy_from_slice(&self.bytes[8..40]);
         hash
+    }
+
+    /// [`VIEW_HAS_LIBRARIES`] and future flags of the whole view.
+    pub fn view_flags(&self) -> u64 {
+        u64_at(self.bytes, 56).unwrap_or(0)
     }
 
     /// The device number the view's files report.
@@ -513,14 +522,14 @@ impl IndexWriter {
     }
 
     /// The index's bytes.
-    pub fn finish(self, root_hash: [u8; 32], device: u64) -> Vec<u8> {
+    pub fn finish(self, root_hash: [u8; 32], device: u64, view_flags: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.nodes.len() + self.names.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&root_hash);
         out.extend_from_slice(&self.count.to_le_bytes());
         out.extend_from_slice(&(self.names.len() as u32).to_le_bytes());
         out.extend_from_slice(&device.to_le_bytes());
-        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&view_flags.to_le_bytes());
         out.extend_from_slice(&self.nodes);
         out.extend_from_slice(&self.names);
         out

@@ -49,7 +49,7 @@ fn sample() -> Vec<u8> {
     )
     .unwrap();
     w.add_children(first + 2, &[]).unwrap();
-    w.finish([9; 32], 42)
+    w.finish([9; 32], 42, VIEW_HAS_LIBRARIES)
 }
 
 fn resolve(view: &View<'_>, path: &str, follow: bool) -> (Resolved, String) {
@@ -78,6 +78,7 @@ fn paths_resolve_through_the_tree_and_its_symlinks() {
     let view = View::new(&bytes).unwrap();
     assert_eq!(view.root_hash(), [9; 32]);
     assert_eq!(view.device(), 42);
+    assert_eq!(view.view_flags(), VIEW_HAS_LIBRARIES);
     for (path, follow, want) in [
         ("/vrift", true, ""),
         ("/vrift/", true, ""),
