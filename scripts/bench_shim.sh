@@ -65,6 +65,30 @@ bench "cat every .c file" \
     "find $native -name '*.c' -print0 | xargs -0 cat" \
     "find /vrift -name '*.c' -print0 | xargs -0 cat"
 
+# Python with C extensions: numpy and pandas installed with pip into a directory (cached
+# in /var/cache/velo-bench/shim-np), copied to the loop file system and ingested; imported
+# natively from the copy and through the shim from the tree (dlopen through its farm).
+pydir=/var/cache/velo-bench/shim-np
+if [ ! -f "$pydir/.complete" ]; then
+    rm -rf "$pydir"; mkdir -p "$pydir"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$pydir/pkgs" numpy pandas
+    touch "$pydir/.complete"
+fi
+cp -a "$pydir/pkgs" "$mnt/pkgs"
+"$velo" ingest "$mnt/pkgs" --name np >/dev/null 2>&1
+"$velo" run --manifest np -- /bin/true
+ta=(); tb=()
+py_native="import sys; sys.path.insert(0, '$mnt/pkgs'); import numpy, pandas"
+py_shim="import sys; sys.path.insert(0, '/vrift'); import numpy, pandas"
+python3 -c "$py_native"; "$velo" run --manifest np -- python3 -c "$py_shim"
+for _ in $(seq "$runs"); do
+    ta+=("$(time_of python3 -c "$py_native")")
+    tb+=("$(time_of "$velo" run --manifest np -- python3 -c "$py_shim")")
+done
+ma=$(printf '%s\n' "${ta[@]}" | median)
+mb=$(printf '%s\n' "${tb[@]}" | median)
+printf '%-34s native %8.3f s   shim %8.3f s   ratio %.2f\n' "import numpy, pandas" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+
 # Start-up: 101 runs each, alternated.
 ta=(); tb=()
 for _ in $(seq 101); do

@@ -100,6 +100,7 @@ fn resolve_program(
     index: &velo_view::View<'_>,
     exec_dir: &Path,
     at: &[u8],
+    start: &[u8],
     program: &OsStr,
 ) -> Result<PathBuf> {
     let in_tree = |path: &[u8]| -> Result<Option<PathBuf>> {
@@ -135,9 +136,13 @@ fn resolve_program(
             .is_some_and(|r| r.is_empty() || r[0] == b'/')
     };
     if bytes.contains(&b'/') {
-        // Relative paths start at the tree's top, where the command starts.
+        // Relative paths start where the command starts (`start`, in the tree).
         if bytes.first() != Some(&b'/') || under_at(bytes) {
-            let mut full = at.to_vec();
+            let mut full = if under_at(bytes) {
+                at.to_vec()
+            } else {
+                start.to_vec()
+            };
             if bytes.first() != Some(&b'/') {
                 full.push(b'/');
             }
@@ -190,6 +195,34 @@ fn map(path: &Path) -> Result<&'static [u8]> {
         std::slice::from_raw_parts(ptr as *const u8, len)
     };
     Ok(bytes)
+}
+
+/// The interpreter and optional argument of a `#!` script (as the kernel splits the line).
+fn shebang_of(path: &Path) -> Result<Option<(OsString, Option<OsString>)>> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .with_context(|| format!("reading {}", path.display()))?;
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return Ok(None);
+    };
+    let Some(end) = line.iter().position(|&b| b == b'\n') else {
+        return Ok(None);
+    };
+    let line = String::from_utf8_lossy(&line[..end]).into_owned();
+    let line = line.trim_matches([' ', '\t', '\r']);
+    let (interpreter, option) = match line.split_once([' ', '\t']) {
+        Some((i, o)) => (i, Some(o.trim_matches([' ', '\t', '\r']))),
+        None => (line, None),
+    };
+    if interpreter.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((
+        OsString::from(interpreter),
+        option.filter(|o| !o.is_empty()).map(OsString::from),
+    )))
 }
 
 /// Runs `args.command` with the shim: returns only on failure (success is an `exec`).
@@ -288,7 +321,32 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     let Some(program) = args.command.first() else {
         bail!("no command given (after --)");
     };
-    let real = resolve_program(&index, &view.exec_dir, at_bytes, program)?;
+    let start = {
+        let rel = workdir.trim_matches('/');
+        if rel.is_empty() {
+            at.clone()
+        } else {
+            at.join(rel)
+        }
+    };
+    let start_bytes = start.as_os_str().as_bytes();
+    let mut real = resolve_program(&index, &view.exec_dir, at_bytes, start_bytes, program)?;
+    let mut argv0 = program.clone();
+    let mut rest: Vec<OsString> = args.command[1..].to_vec();
+    // A `#!` script in the tree: its interpreter runs with the script's tree path (as
+    // the kernel would, but with the path the user sees, so `$0` is not in the store).
+    if real.starts_with(&view.exec_dir) {
+        if let Some((interpreter, option)) = shebang_of(&real)? {
+            let script = if program.as_bytes().contains(&b'/') {
+                program.clone()
+            } else {
+                at.join(program).into_os_string()
+            };
+            rest.splice(0..0, option.into_iter().chain([script]));
+            real = resolve_program(&index, &view.exec_dir, at_bytes, start_bytes, &interpreter)?;
+            argv0 = interpreter;
+        }
+    }
     if let Some(why) = unshimmable(&real)? {
         bail!(
             "{}: cannot run through the LD_PRELOAD shim: {why}. Run it with `velo run --isolate` (or, later, on a `velo mount`)",
@@ -308,8 +366,8 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     let placeholder = view.exec_dir.join("e");
     let mut command = std::process::Command::new(&real);
     command
-        .arg0(program)
-        .args(&args.command[1..])
+        .arg0(&argv0)
+        .args(&rest)
         .current_dir(&placeholder)
         .env("LD_PRELOAD", preload)
         .env("VRIFT_VIEW", &view.index)
@@ -318,14 +376,7 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         .env("VRIFT_EXEC_DIR", &view.exec_dir)
         .env("VRIFT_CWD", workdir.trim_start_matches('/'))
         .env("VRIFT_FARM", farm.as_deref().unwrap_or(Path::new("")))
-        .env("PWD", {
-            let rel = workdir.trim_matches('/');
-            if rel.is_empty() {
-                at.clone()
-            } else {
-                at.join(rel)
-            }
-        });
+        .env("PWD", &start);
     for kv in &args.env {
         let Some((k, v)) = kv.split_once('=') else {
             bail!("--env {kv:?}: expected K=V");

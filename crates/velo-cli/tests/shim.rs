@@ -552,3 +552,44 @@ fn a_damaged_view_is_built_again_and_fsck_names_it() {
     assert_eq!(stdout_of(&out), "hello\n");
     env.fsck_ok();
 }
+
+/// A `#!` script in the tree runs with its tree path as `$0` (so `dirname "$0"` finds its
+/// neighbours), whether velo starts it or a program in the run does; a program run from
+/// the tree sees its tree path in /proc/self/exe.
+#[test]
+fn scripts_and_programs_from_the_tree_know_their_tree_paths() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(
+        src.join("bin/s.sh"),
+        b"#!/bin/sh\necho \"$0\"; cat \"$(dirname \"$0\")/data\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(src.join("bin/s.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(src.join("bin/data"), b"beside\n").unwrap();
+    fs::copy("/bin/readlink", src.join("bin/rl")).unwrap();
+    fs::write(src.join("bin/loop.sh"), b"#!/vrift/bin/loop.sh\n").unwrap();
+    fs::set_permissions(src.join("bin/loop.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let out = shimmed(&env, &[], &["/vrift/bin/s.sh"]);
+    assert_eq!(stdout_of(&out), "/vrift/bin/s.sh\nbeside\n");
+    let out = shimmed(&env, &["--workdir", "bin"], &["./s.sh"]);
+    assert_eq!(stdout_of(&out), "./s.sh\nbeside\n");
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "bin/s.sh && /vrift/bin/rl /proc/self/exe; /vrift/bin/loop.sh; echo $?",
+        ],
+    );
+    let text = stdout_of(&out);
+    assert_eq!(
+        text,
+        "bin/s.sh\nbeside\n/vrift/bin/rl\n127\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

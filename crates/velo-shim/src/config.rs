@@ -65,6 +65,9 @@ pub struct Config {
     /// A hard-link farm of the tree (`VRIFT_FARM`), for what the dynamic loader must
     /// open by a real path whose directory holds the library's neighbours (`dlopen`).
     pub farm: PathBuf,
+    /// The tree path of the program, when it runs from a tree file (what
+    /// `/proc/self/exe` shows instead of its executable link in the store); empty if not.
+    pub self_exe: PathBuf,
     pub uid: u32,
     pub gid: u32,
     pub debug: bool,
@@ -202,7 +205,53 @@ fn load() -> Option<Config> {
             slot.set(&[key, value]);
         }
     }
+    let mut self_exe = PathBuf::new();
+    let mut exe = [0u8; velo_view::PATH_MAX];
+    if let Ok(len) = rustix::fs::readlinkat_raw(CWD, c"/proc/self/exe", &mut exe[..]) {
+        let link_dir = exec_dir.as_bytes();
+        let number = exe[..len]
+            .strip_prefix(link_dir)
+            .and_then(|rest| rest.strip_prefix(b"/"))
+            .and_then(|digits| core::str::from_utf8(digits).ok())
+            .and_then(|digits| digits.parse::<u32>().ok());
+        if let Some(node) = number {
+            let mut names = [0u32; 1100];
+            let mut depth = 0;
+            let mut current = node;
+            while current != 0 && depth < names.len() {
+                let Ok(n) = view.node(current) else { break };
+                names[depth] = current;
+                depth += 1;
+                current = n.parent;
+            }
+            let mut buf = [0u8; velo_view::PATH_MAX];
+            let mut len = 0;
+            let mut fits = true;
+            for part in core::iter::once(at.as_bytes()).chain(
+                names[..depth]
+                    .iter()
+                    .rev()
+                    .filter_map(|&i| view.node(i).ok().and_then(|n| view.name(&n).ok())),
+            ) {
+                let need = if len == 0 { part.len() } else { part.len() + 1 };
+                if len + need > buf.len() {
+                    fits = false;
+                    break;
+                }
+                if len != 0 {
+                    buf[len] = b'/';
+                    len += 1;
+                }
+                buf[len..len + part.len()].copy_from_slice(part);
+                len += part.len();
+            }
+            if fits && current == 0 {
+                self_exe.set(&[&buf[..len]]);
+            }
+        }
+    }
     Some(Config {
+        self_exe,
         farm,
         own_env,
         view,

@@ -961,6 +961,12 @@ unsafe fn do_readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, siz
     let Some(config) = config::get() else {
         return raw(dirfd, p, out);
     };
+    if !config.self_exe.as_bytes().is_empty() && paths::is_own_exe(p.to_bytes()) {
+        let target = config.self_exe.as_bytes();
+        let len = target.len().min(out.len());
+        out[..len].copy_from_slice(&target[..len]);
+        return len as isize;
+    }
     let mut scratch = PathBuf::new();
     match paths::lookup(config, dirfd, p, false, &mut scratch) {
         Target::Host => raw(dirfd, p, out),
@@ -1654,9 +1660,121 @@ pub unsafe extern "C" fn execve(
                 return fail(Errno::NAMETOOLONG);
             }
             debug(config, "execve", p.to_bytes());
+            // A `#!` script: the kernel would hand its interpreter the executable link's
+            // path, so `$0` and `__file__` would name the store. The interpreter is run
+            // here, with the tree path (it reads the script through the shim).
+            let mut head = [0u8; 256];
+            let read = rustix::fs::openat(
+                CWD,
+                exe.as_cstr(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .and_then(|fd| rustix::io::read(&fd, &mut head));
+            if let Ok(len) = read {
+                if let Some((interpreter, option)) = shebang(&head[..len]) {
+                    return unsafe { exec_script(path, interpreter, option, argv, envp) };
+                }
+            }
             unsafe { real(exe.as_cstr().as_ptr(), argv, envp) }
         }
     }
+}
+
+/// The interpreter and its one optional argument of a `#!` line (as the kernel parses
+/// it: blanks separate them, the rest of the line is the argument).
+fn shebang(head: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let line = head.strip_prefix(b"#!")?;
+    let end = line.iter().position(|&b| b == b'\n')?;
+    let line = &line[..end];
+    let trim = |s: &[u8]| -> usize { s.iter().take_while(|&&b| b == b' ' || b == b'\t').count() };
+    let line = &line[trim(line)..];
+    let stop = line
+        .iter()
+        .position(|&b| b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let (interpreter, rest) = line.split_at(stop);
+    if interpreter.is_empty() {
+        return None;
+    }
+    let rest = &rest[trim(rest)..];
+    let rest = match rest
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t' && b != b'\r')
+    {
+        Some(last) => &rest[..=last],
+        None => &rest[..0],
+    };
+    Some((interpreter, (!rest.is_empty()).then_some(rest)))
+}
+
+/// `interpreter [option] script argv[1..]`, through [`execve`] (the interpreter may be
+/// in the tree too). The arrays and strings come from malloc: the process is replaced,
+/// or reports the error and goes on with a little memory less.
+unsafe fn exec_script(
+    script: *const c_char,
+    interpreter: &[u8],
+    option: Option<&[u8]>,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let mut n = 0;
+    // SAFETY: the caller's NULL-terminated argument array.
+    unsafe {
+        if !argv.is_null() {
+            while !(*argv.add(n)).is_null() {
+                n += 1;
+            }
+        }
+    }
+    let Some(interp) = malloc_cstr(&[interpreter]) else {
+        return fail(Errno::NOMEM);
+    };
+    let option = match option.map(|o| malloc_cstr(&[o])) {
+        Some(None) => return fail(Errno::NOMEM),
+        Some(Some(o)) => Some(o),
+        None => None,
+    };
+    let slots = n + 4;
+    // SAFETY: malloc of `slots` pointers, filled below (at most n + 3 and the null).
+    let out = unsafe { libc::malloc(slots * core::mem::size_of::<*const c_char>()) }
+        as *mut *const c_char;
+    if out.is_null() {
+        return fail(Errno::NOMEM);
+    }
+    let mut k = 0;
+    let mut push = |p: *const c_char| {
+        // SAFETY: within `slots`.
+        unsafe { *out.add(k) = p };
+        k += 1;
+    };
+    push(interp);
+    if let Some(option) = option {
+        push(option);
+    }
+    push(script);
+    for i in 1..n {
+        // SAFETY: entry i of the caller's array.
+        push(unsafe { *argv.add(i) });
+    }
+    push(core::ptr::null());
+    // As the kernel: at most four interpreters deep (a script whose interpreter is itself
+    // would recurse for ever).
+    let depth = SCRIPT_DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    let result = if depth > 4 {
+        fail(Errno::LOOP)
+    } else {
+        unsafe { execve(interp, out, envp) }
+    };
+    SCRIPT_DEPTH.with(|d| d.set(d.get() - 1));
+    result
+}
+
+thread_local! {
+    static SCRIPT_DEPTH: core::cell::Cell<u8> = const { core::cell::Cell::new(0) };
 }
 
 extern "C" {

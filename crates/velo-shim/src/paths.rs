@@ -202,6 +202,17 @@ fn resolved_target(resolved: Resolved, out: &[u8; PATH_MAX], scratch: &mut PathB
     }
 }
 
+/// Whether `path` is `/proc/self/exe` or `/proc/<own pid>/exe`.
+pub fn is_own_exe(path: &[u8]) -> bool {
+    if path == b"/proc/self/exe" {
+        return true;
+    }
+    path.strip_prefix(b"/proc/")
+        .and_then(|rest| rest.strip_suffix(b"/exe"))
+        .and_then(parse_number)
+        .is_some_and(|pid| pid == rustix::process::getpid().as_raw_nonzero().get())
+}
+
 /// The descriptor number of `/proc/self/fd/N`, `/dev/fd/N`, or `/proc/<own pid>/fd/N`.
 fn proc_fd(path: &[u8]) -> Option<i32> {
     let rest = path

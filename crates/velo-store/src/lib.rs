@@ -5,7 +5,8 @@
 //! commands built on them (`gc`, `fsck` and `fsck --repair`, `status`, `.velo` export and
 //! import with its cache), plus the shared pieces other crates lean on: the tree walks and
 //! diff (`treeops`), sparse copies, the one atomic small-file write and the walk pool. It
-//! calls only `velo-core` and the OS; the ingest, projection and CLI crates call it.
+//! calls only `velo-core`, `velo-view` (to check the shim's view files) and the OS; the
+//! ingest, projection and CLI crates call it.
 //!
 //! Key decision: **safety from the file system, not from a daemon.** Every object is
 //! written to an anonymous (`O_TMPFILE`) or temporary file in `tmp/` and appears under its

@@ -32,6 +32,9 @@ pub fn view_damage(views: &Path, hex: &str) -> Option<String> {
     if blake3::hash(&bytes[..split]).as_bytes() != &bytes[split..] {
         return Some("the index does not match its checksum (changed or damaged)".into());
     }
+    if velo_view::View::new(&bytes[..split]).is_none() {
+        return Some("the index is of another format version, or not an index".into());
+    }
     let empty = views.join(format!("{hex}.d")).join("e");
     match std::fs::symlink_metadata(&empty) {
         Ok(meta) if meta.is_dir() => None,
@@ -45,7 +48,8 @@ fn identity(index: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(index).ok()?;
     Some(format!(
-        "{} {} {} {}.{} {}.{}\n",
+        "{} {} {} {} {}.{} {}.{}\n",
+        String::from_utf8_lossy(&velo_view::MAGIC),
         m.dev(),
         m.ino(),
         m.size(),
