@@ -179,6 +179,17 @@ fn the_command_starts_at_the_top_of_the_tree_and_children_follow_its_cd() {
     );
     let out = shimmed(&env, &["--workdir", "/vrift/sub"], &["cat", "b"]);
     assert_eq!(stdout_of(&out), "deep\n");
+    // A descriptor of a tree file inherited through exec still shows the tree's metadata.
+    let out = shimmed(
+        &env,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "python3 -c 'import os; s = os.fstat(3); print(int(s.st_mtime), s.st_size)' 3</vrift/a.txt",
+        ],
+    );
+    assert_eq!(stdout_of(&out), "978307200 6\n");
     let out = shimmed(&env, &["--workdir", "/sub"], &["cat", "b"]);
     assert_eq!(stdout_of(&out), "deep\n");
     // Python: listing, reading, importing a module from the tree, a subprocess.

@@ -250,6 +250,9 @@ fn load() -> Option<Config> {
             }
         }
     }
+    if let Some(list) = env(b"VRIFT_FDS=") {
+        crate::fds::adopt(list, view.len());
+    }
     Some(Config {
         self_exe,
         farm,

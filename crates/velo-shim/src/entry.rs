@@ -1551,7 +1551,7 @@ unsafe fn carried_env(config: &Config, envp: *const *const c_char) -> *const *co
             }
         }
     }
-    let slots = n + config::OWN_ENV.len() + 2;
+    let slots = n + config::OWN_ENV.len() + 3;
     // SAFETY: malloc of a positive size; the array is handed to execve (and leaked if it
     // fails: the process is about to exit or report the error).
     let out = unsafe { libc::malloc(slots * core::mem::size_of::<*const c_char>()) }
@@ -1570,7 +1570,7 @@ unsafe fn carried_env(config: &Config, envp: *const *const c_char) -> *const *co
         // SAFETY: entry i of the caller's array, a NUL-terminated string.
         let entry = unsafe { *envp.add(i) };
         let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
-        if bytes.starts_with(b"VRIFT_CWD=") {
+        if bytes.starts_with(b"VRIFT_CWD=") || bytes.starts_with(b"VRIFT_FDS=") {
             continue;
         }
         let mut entry = entry;
@@ -1591,6 +1591,9 @@ unsafe fn carried_env(config: &Config, envp: *const *const c_char) -> *const *co
         if !have[j] && !own.as_bytes().is_empty() {
             push(&mut k, own.as_cstr().as_ptr());
         }
+    }
+    if let Some(fds_var) = fds::inherited_env() {
+        push(&mut k, fds_var);
     }
     if let Some(node) = paths::cwd(config) {
         let mut path = PathBuf::new();

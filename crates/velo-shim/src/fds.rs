@@ -88,3 +88,96 @@ pub fn copy(from: i32, to: i32) {
         None => forget(to),
     }
 }
+
+/// `VRIFT_FDS=fd:node,…`: the tracked descriptors an `exec` keeps (not close-on-exec), for
+/// the new program's shim to track them too. `None` when there are none. In memory from
+/// malloc (it goes into the new program's environment).
+pub fn inherited_env() -> Option<*const core::ffi::c_char> {
+    let mut text = [0u8; 4096];
+    text[..10].copy_from_slice(b"VRIFT_FDS=");
+    let mut len = 10;
+    for (fd, slot) in TABLE.iter().enumerate() {
+        if slot.node.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let fd = fd as i32;
+        let Some(node) = node_of(fd) else { continue };
+        // SAFETY: a descriptor the table tracks, checked above; only its flags are read.
+        let flags = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) });
+        if !flags.is_ok_and(|f| !f.contains(rustix::io::FdFlags::CLOEXEC)) {
+            continue;
+        }
+        let mut item = [0u8; 24];
+        let n = format_pair(&mut item, fd as u32, node);
+        if len + n + 1 >= text.len() {
+            break;
+        }
+        if len > 10 {
+            text[len] = b',';
+            len += 1;
+        }
+        text[len..len + n].copy_from_slice(&item[..n]);
+        len += n;
+    }
+    if len == 10 {
+        return None;
+    }
+    // SAFETY: malloc of len + 1 bytes, filled and NUL-terminated below.
+    let out = unsafe { libc::malloc(len + 1) } as *mut u8;
+    if out.is_null() {
+        return None;
+    }
+    // SAFETY: within the allocation.
+    unsafe {
+        core::ptr::copy_nonoverlapping(text.as_ptr(), out, len);
+        *out.add(len) = 0;
+    }
+    Some(out as *const core::ffi::c_char)
+}
+
+fn format_pair(out: &mut [u8; 24], fd: u32, node: u32) -> usize {
+    let mut len = 0;
+    for (i, value) in [fd, node].into_iter().enumerate() {
+        if i == 1 {
+            out[len] = b':';
+            len += 1;
+        }
+        let mut digits = [0u8; 10];
+        let mut n = value;
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let d = &digits[start..];
+        out[len..len + d.len()].copy_from_slice(d);
+        len += d.len();
+    }
+    len
+}
+
+/// Tracks what `VRIFT_FDS` (from the program that exec'd this one) lists, for nodes the
+/// view has.
+pub fn adopt(list: &[u8], nodes: u32) {
+    for item in list.split(|&b| b == b',') {
+        let mut parts = item.split(|&b| b == b':');
+        let (Some(fd), Some(node)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let parse = |d: &[u8]| -> Option<u32> {
+            if d.is_empty() || d.len() > 9 || !d.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            Some(d.iter().fold(0u32, |n, c| n * 10 + u32::from(c - b'0')))
+        };
+        if let (Some(fd), Some(node)) = (parse(fd), parse(node)) {
+            if node < nodes {
+                remember(fd as i32, node);
+            }
+        }
+    }
+}
