@@ -305,6 +305,12 @@ int main(void) {
     int n = scandir("/vrift", &names, NULL, alphasort);
     for (int i = 0; i < n; i++) { printf("%s,", names[i]->d_name); free(names[i]); }
     free(names);
+    DIR *dr = opendir("/vrift/sub");
+    struct dirent de, *dep;
+    int seen = 0;
+    while (readdir_r(dr, &de, &dep) == 0 && dep) seen++;
+    closedir(dr);
+    printf("readdir_r %d\n", seen);
     struct statx sx;
     long sr = syscall(SYS_statx, AT_FDCWD, "/vrift/a.txt", 0, STATX_BASIC_STATS, &sx);
     printf(" %ld %llu\n", sr, (unsigned long long)sx.stx_size);
@@ -342,7 +348,7 @@ int main(void) {
     let out = shimmed(&env, &[], &[exe.to_str().unwrap()]);
     assert_eq!(
         stdout_of(&out),
-        ".,..,a.txt,link,mytrue,secret,sub, 0 6\n\
+        ".,..,a.txt,link,mytrue,secret,sub,readdir_r 4\n 0 6\n\
          deep\n/vrift/a.txt /vrift/a.txt 0 Read-only file system hello\n"
     );
 }

@@ -1117,6 +1117,54 @@ pub unsafe extern "C" fn readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64 {
     unsafe { readdir_any(dir, &REAL_READDIR64, c"readdir64") }
 }
 
+static REAL_READDIR_R: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// readdir_r(3) (deprecated, still used): the entry copied into the caller's buffer.
+#[no_mangle]
+pub unsafe extern "C" fn readdir_r(
+    dir: *mut libc::DIR,
+    entry: *mut libc::dirent64,
+    result: *mut *mut libc::dirent64,
+) -> c_int {
+    if let (Some(config), Some(stream)) = (config::get(), dirs::ours(dir)) {
+        if entry.is_null() || result.is_null() {
+            return libc::EFAULT;
+        }
+        let next = dirs::next(config, stream);
+        // SAFETY: the caller's buffers, checked non-null; `next` is valid until the next
+        // call on the stream.
+        unsafe {
+            if next.is_null() {
+                *result = core::ptr::null_mut();
+            } else {
+                core::ptr::copy_nonoverlapping(next, entry, 1);
+                *result = entry;
+            }
+        }
+        return 0;
+    }
+    let f = dirs::real(&REAL_READDIR_R, c"readdir_r");
+    if f.is_null() {
+        return libc::ENOSYS;
+    }
+    // SAFETY: libc's readdir_r on the caller's host stream.
+    let real: unsafe extern "C" fn(
+        *mut libc::DIR,
+        *mut libc::dirent64,
+        *mut *mut libc::dirent64,
+    ) -> c_int = unsafe { core::mem::transmute(f) };
+    unsafe { real(dir, entry, result) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readdir64_r(
+    dir: *mut libc::DIR,
+    entry: *mut libc::dirent64,
+    result: *mut *mut libc::dirent64,
+) -> c_int {
+    unsafe { readdir_r(dir, entry, result) }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
     if let Some(stream) = dirs::ours(dir) {
