@@ -119,6 +119,20 @@ fn check_fuse() -> Check {
     Check { name: "FUSE", ok, detail, advice: "install fuse3 (apt-get install fuse3) and make /dev/fuse available; needed by velo mount" }
 }
 
+/// Where the LD_PRELOAD shim library is for `velo run` without `--isolate`.
+fn check_shim() -> Check {
+    let (ok, detail) = match crate::shim::library() {
+        Ok(path) => (true, format!("{} (velo run without --isolate)", path.display())),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    Check {
+        name: "LD_PRELOAD shim",
+        ok,
+        detail,
+        advice: "cargo build --release -p velo-shim, and put target/release/libvelo_shim.so next to velo (or set VRIFT_SHIM_PATH)",
+    }
+}
+
 /// The path itself, or its nearest ancestor that exists (a store not yet created).
 fn nearest_existing(path: &Path) -> PathBuf {
     let mut dir = path.to_path_buf();
@@ -208,6 +222,7 @@ pub fn doctor(ctx: &Ctx) -> Result<ExitCode> {
         check_fuse(),
         check_userns(),
         check_overlay(&ctx.store_path),
+        check_shim(),
     ];
     if let Ok(store) = &store {
         checks.push(check_store_permissions(store));

@@ -19,7 +19,7 @@ use crate::Ctx;
 const LIBRARY: &str = "libvelo_shim.so";
 
 /// Where the library is: `$VRIFT_SHIM_PATH`, else next to this executable.
-fn library() -> Result<PathBuf> {
+pub fn library() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("VRIFT_SHIM_PATH") {
         let path = PathBuf::from(path);
         if path.is_file() {
