@@ -122,7 +122,10 @@ fn check_fuse() -> Check {
 /// Where the LD_PRELOAD shim library is for `velo run` without `--isolate`.
 fn check_shim() -> Check {
     let (ok, detail) = match crate::shim::library() {
-        Ok(path) => (true, format!("{} (velo run without --isolate)", path.display())),
+        Ok(path) => (
+            true,
+            format!("{} (velo run without --isolate)", path.display()),
+        ),
         Err(e) => (false, format!("{e:#}")),
     };
     Check {
