@@ -197,32 +197,20 @@ fn map(path: &Path) -> Result<&'static [u8]> {
     Ok(bytes)
 }
 
-/// The interpreter and optional argument of a `#!` script (as the kernel splits the line).
+/// The interpreter and optional argument of a `#!` script (velo-view's parser, which
+/// the shim uses too).
 fn shebang_of(path: &Path) -> Result<Option<(OsString, Option<OsString>)>> {
     use std::io::Read;
     let mut head = [0u8; 256];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut head))
         .with_context(|| format!("reading {}", path.display()))?;
-    let Some(line) = head[..n].strip_prefix(b"#!") else {
-        return Ok(None);
-    };
-    let Some(end) = line.iter().position(|&b| b == b'\n') else {
-        return Ok(None);
-    };
-    let line = String::from_utf8_lossy(&line[..end]).into_owned();
-    let line = line.trim_matches([' ', '\t', '\r']);
-    let (interpreter, option) = match line.split_once([' ', '\t']) {
-        Some((i, o)) => (i, Some(o.trim_matches([' ', '\t', '\r']))),
-        None => (line, None),
-    };
-    if interpreter.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some((
-        OsString::from(interpreter),
-        option.filter(|o| !o.is_empty()).map(OsString::from),
-    )))
+    Ok(velo_view::shebang(&head[..n]).map(|(interpreter, option)| {
+        (
+            OsString::from(OsStr::from_bytes(interpreter)),
+            option.map(|o| OsString::from(OsStr::from_bytes(o))),
+        )
+    }))
 }
 
 /// Runs `args.command` with the shim: returns only on failure (success is an `exec`).

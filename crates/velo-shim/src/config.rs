@@ -215,37 +215,8 @@ fn load() -> Option<Config> {
             .and_then(|digits| core::str::from_utf8(digits).ok())
             .and_then(|digits| digits.parse::<u32>().ok());
         if let Some(node) = number {
-            let mut names = [0u32; 1100];
-            let mut depth = 0;
-            let mut current = node;
-            while current != 0 && depth < names.len() {
-                let Ok(n) = view.node(current) else { break };
-                names[depth] = current;
-                depth += 1;
-                current = n.parent;
-            }
             let mut buf = [0u8; velo_view::PATH_MAX];
-            let mut len = 0;
-            let mut fits = true;
-            for part in core::iter::once(at.as_bytes()).chain(
-                names[..depth]
-                    .iter()
-                    .rev()
-                    .filter_map(|&i| view.node(i).ok().and_then(|n| view.name(&n).ok())),
-            ) {
-                let need = if len == 0 { part.len() } else { part.len() + 1 };
-                if len + need > buf.len() {
-                    fits = false;
-                    break;
-                }
-                if len != 0 {
-                    buf[len] = b'/';
-                    len += 1;
-                }
-                buf[len..len + part.len()].copy_from_slice(part);
-                len += part.len();
-            }
-            if fits && current == 0 {
+            if let Some(len) = view.path_of(at.as_bytes(), node, &mut buf) {
                 self_exe.set(&[&buf[..len]]);
             }
         }

@@ -21,10 +21,14 @@ use crate::{dirs, fds, meta};
 /// libc's own function (see `dirs::real`), as a typed pointer; fails the call with
 /// `ENOSYS` if libc lacks it.
 macro_rules! real_fn {
-    ($cache:expr, $name:expr, $ty:ty) => {{
+    ($cache:expr, $name:expr, $ty:ty) => {
+        real_fn!($cache, $name, $ty, or fail(Errno::NOSYS))
+    };
+    // `or`: what the caller returns when libc lacks the function.
+    ($cache:expr, $name:expr, $ty:ty, or $missing:expr) => {{
         let f = dirs::real(&$cache, $name);
         if f.is_null() {
-            return fail(Errno::NOSYS);
+            return $missing;
         }
         // SAFETY: the symbol libc exports under this name has this C signature.
         unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
@@ -375,13 +379,7 @@ pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut
         }
         return file;
     }
-    let f = dirs::real(&REAL_FOPEN, c"fopen");
-    if f.is_null() {
-        return core::ptr::null_mut();
-    }
-    // SAFETY: libc's fopen.
-    let real: unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE =
-        unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_FOPEN, c"fopen", unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE, or core::ptr::null_mut());
     unsafe { real(path, mode) }
 }
 
@@ -418,16 +416,7 @@ pub unsafe extern "C" fn freopen(
         unsafe { libc::clearerr(stream) };
         return stream;
     }
-    let f = dirs::real(&REAL_FREOPEN, c"freopen");
-    if f.is_null() {
-        return core::ptr::null_mut();
-    }
-    // SAFETY: libc's freopen.
-    let real: unsafe extern "C" fn(
-        *const c_char,
-        *const c_char,
-        *mut libc::FILE,
-    ) -> *mut libc::FILE = unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_FREOPEN, c"freopen", unsafe extern "C" fn( *const c_char, *const c_char, *mut libc::FILE, ) -> *mut libc::FILE, or core::ptr::null_mut());
     unsafe { real(path, mode, stream) }
 }
 
@@ -482,13 +471,7 @@ pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) ->
             return dest;
         }
     };
-    let f = dirs::real(&REAL_REALPATH, c"realpath");
-    if f.is_null() {
-        return fail(Errno::NOSYS);
-    }
-    // SAFETY: libc's realpath.
-    let real: unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char =
-        unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_REALPATH, c"realpath", unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char, or fail(Errno::NOSYS));
     unsafe { real(host, resolved) }
 }
 
@@ -1143,16 +1126,7 @@ pub unsafe extern "C" fn readdir_r(
         }
         return 0;
     }
-    let f = dirs::real(&REAL_READDIR_R, c"readdir_r");
-    if f.is_null() {
-        return libc::ENOSYS;
-    }
-    // SAFETY: libc's readdir_r on the caller's host stream.
-    let real: unsafe extern "C" fn(
-        *mut libc::DIR,
-        *mut libc::dirent64,
-        *mut *mut libc::dirent64,
-    ) -> c_int = unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_READDIR_R, c"readdir_r", unsafe extern "C" fn( *mut libc::DIR, *mut libc::dirent64, *mut *mut libc::dirent64, ) -> c_int, or libc::ENOSYS);
     unsafe { real(dir, entry, result) }
 }
 
@@ -1212,12 +1186,12 @@ pub unsafe extern "C" fn telldir(dir: *mut libc::DIR) -> c_long {
     if let Some(stream) = dirs::ours(dir) {
         return stream.pos.get() as c_long;
     }
-    let f = dirs::real(&REAL_TELLDIR, c"telldir");
-    if f.is_null() {
-        return -1;
-    }
-    // SAFETY: libc's telldir on the caller's host stream.
-    let real: unsafe extern "C" fn(*mut libc::DIR) -> c_long = unsafe { core::mem::transmute(f) };
+    let real = real_fn!(
+        REAL_TELLDIR,
+        c"telldir",
+        unsafe extern "C" fn(*mut libc::DIR) -> c_long,
+        or - 1
+    );
     unsafe { real(dir) }
 }
 
@@ -1723,40 +1697,13 @@ pub unsafe extern "C" fn execve(
             )
             .and_then(|fd| rustix::io::read(&fd, &mut head));
             if let Ok(len) = read {
-                if let Some((interpreter, option)) = shebang(&head[..len]) {
+                if let Some((interpreter, option)) = velo_view::shebang(&head[..len]) {
                     return unsafe { exec_script(path, interpreter, option, argv, envp) };
                 }
             }
             unsafe { real(exe.as_cstr().as_ptr(), argv, envp) }
         }
     }
-}
-
-/// The interpreter and its one optional argument of a `#!` line (as the kernel parses
-/// it: blanks separate them, the rest of the line is the argument).
-fn shebang(head: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
-    let line = head.strip_prefix(b"#!")?;
-    let end = line.iter().position(|&b| b == b'\n')?;
-    let line = &line[..end];
-    let trim = |s: &[u8]| -> usize { s.iter().take_while(|&&b| b == b' ' || b == b'\t').count() };
-    let line = &line[trim(line)..];
-    let stop = line
-        .iter()
-        .position(|&b| b == b' ' || b == b'\t')
-        .unwrap_or(line.len());
-    let (interpreter, rest) = line.split_at(stop);
-    if interpreter.is_empty() {
-        return None;
-    }
-    let rest = &rest[trim(rest)..];
-    let rest = match rest
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t' && b != b'\r')
-    {
-        Some(last) => &rest[..=last],
-        None => &rest[..0],
-    };
-    Some((interpreter, (!rest.is_empty()).then_some(rest)))
 }
 
 /// `interpreter [option] script argv[1..]`, through [`execve`] (the interpreter may be
@@ -2010,13 +1957,7 @@ static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 /// (so `$ORIGIN` in its run path finds them), or by its blob file when there is no farm.
 #[no_mangle]
 pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_void {
-    let f = dirs::real(&REAL_DLOPEN, c"dlopen");
-    if f.is_null() {
-        return core::ptr::null_mut();
-    }
-    // SAFETY: libc's dlopen.
-    let real: unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void =
-        unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_DLOPEN, c"dlopen", unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void, or core::ptr::null_mut());
     let Some(config) = config::get() else {
         return unsafe { real(file, flags) };
     };
@@ -2390,12 +2331,7 @@ pub unsafe extern "C" fn mkostemps(template: *mut c_char, suffix: c_int, flags: 
 
 #[no_mangle]
 pub unsafe extern "C" fn mkdtemp(template: *mut c_char) -> *mut c_char {
-    let f = dirs::real(&REAL_MKDTEMP, c"mkdtemp");
-    if f.is_null() {
-        return fail(Errno::NOSYS);
-    }
-    // SAFETY: libc's mkdtemp.
-    let real: unsafe extern "C" fn(*mut c_char) -> *mut c_char = unsafe { core::mem::transmute(f) };
+    let real = real_fn!(REAL_MKDTEMP, c"mkdtemp", unsafe extern "C" fn(*mut c_char) -> *mut c_char, or fail(Errno::NOSYS));
     let made = unsafe { temp_in_host(template, 6, &|t| if real(t).is_null() { -1 } else { 0 }) };
     if made < 0 {
         core::ptr::null_mut()

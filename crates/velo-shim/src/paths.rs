@@ -280,37 +280,11 @@ fn normalise(path: &[u8], out: &mut PathBuf) -> bool {
 
 /// The virtual absolute path of `node` into `out`: `at` and the names from the root.
 pub fn path_of(config: &Config, node: u32, out: &mut PathBuf) -> bool {
-    let view = &config.view;
-    let mut chain = [0u32; 1100];
-    let mut depth = 0;
-    let mut current = node;
-    while current != 0 {
-        let Ok(n) = view.node(current) else {
-            return false;
-        };
-        if depth == chain.len() {
-            return false;
-        }
-        chain[depth] = current;
-        depth += 1;
-        current = n.parent;
-    }
     let mut buf = [0u8; PATH_MAX];
-    let at = config.at.as_bytes();
-    buf[..at.len()].copy_from_slice(at);
-    let mut len = at.len();
-    for &index in chain[..depth].iter().rev() {
-        let Some(name) = view.node(index).ok().and_then(|n| view.name(&n).ok()) else {
-            return false;
-        };
-        if len + 1 + name.len() > PATH_MAX {
-            return false;
-        }
-        buf[len] = b'/';
-        buf[len + 1..len + 1 + name.len()].copy_from_slice(name);
-        len += 1 + name.len();
+    match config.view.path_of(config.at.as_bytes(), node, &mut buf) {
+        Some(len) => out.set(&[&buf[..len]]),
+        None => false,
     }
-    out.set(&[&buf[..len]])
 }
 
 #[cfg(test)]

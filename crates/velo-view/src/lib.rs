@@ -248,6 +248,31 @@ impl<'a> View<'a> {
         Ok(None)
     }
 
+    /// The absolute path of `node` when the tree is shown at `at` (the names from the
+    /// root), in `out`; its length, or `None` if it does not fit or the index is damaged.
+    pub fn path_of(&self, at: &[u8], node: u32, out: &mut [u8; PATH_MAX]) -> Option<usize> {
+        // Node indices from `node` up to the root's child, deepest first.
+        let mut chain = [0u32; 1100];
+        let mut depth = 0;
+        let mut current = node;
+        while current != 0 {
+            let n = self.node(current).ok()?;
+            *chain.get_mut(depth)? = current;
+            depth += 1;
+            current = n.parent;
+        }
+        out.get_mut(..at.len())?.copy_from_slice(at);
+        let mut len = at.len();
+        for &index in chain[..depth].iter().rev() {
+            let name = self.name(&self.node(index).ok()?).ok()?;
+            out.get_mut(len..len + 1 + name.len())?;
+            out[len] = b'/';
+            out[len + 1..len + 1 + name.len()].copy_from_slice(name);
+            len += 1 + name.len();
+        }
+        Some(len)
+    }
+
     /// Resolves `path` inside the tree, which is shown at `at` (absolute, no trailing
     /// `/`). A relative `path` starts at directory `start`; an absolute one must begin
     /// with `at` (the caller checked) and starts at the root. Symlinks inside the tree
@@ -375,6 +400,34 @@ impl<'a> View<'a> {
             current = child;
         }
     }
+}
+
+/// The interpreter and its one optional argument of a script's first bytes, if they
+/// start with `#!` (split as the kernel splits the line: blanks separate the two, the
+/// rest of the line is the argument).
+pub fn shebang(head: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let line = head.strip_prefix(b"#!")?;
+    let end = line.iter().position(|&b| b == b'\n')?;
+    let line = &line[..end];
+    let blanks = |s: &[u8]| s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let line = &line[blanks(line)..];
+    let stop = line
+        .iter()
+        .position(|&b| b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let (interpreter, rest) = line.split_at(stop);
+    if interpreter.is_empty() {
+        return None;
+    }
+    let rest = &rest[blanks(rest)..];
+    let rest = match rest
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t' && b != b'\r')
+    {
+        Some(last) => &rest[..=last],
+        None => &rest[..0],
+    };
+    Some((interpreter, (!rest.is_empty()).then_some(rest)))
 }
 
 /// `a` then `b` (which starts with `/` or is empty) into `out`; the length, or `None`

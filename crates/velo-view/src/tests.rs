@@ -190,3 +190,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_node_s_path_is_its_names_under_at() {
+    let bytes = sample();
+    let view = View::new(&bytes).unwrap();
+    let mut scratch = [0u8; PATH_MAX];
+    let Resolved::Node(b) = view.resolve(b"/vrift", 0, b"/vrift/d/b", true, &mut scratch) else {
+        panic!("d/b")
+    };
+    let mut out = [0u8; PATH_MAX];
+    let len = view.path_of(b"/vrift", b, &mut out).unwrap();
+    assert_eq!(&out[..len], b"/vrift/d/b");
+    let len = view.path_of(b"/vrift", 0, &mut out).unwrap();
+    assert_eq!(&out[..len], b"/vrift");
+}
+
+#[test]
+fn shebang_lines_split_as_the_kernel_splits_them() {
+    assert_eq!(shebang(b"#!/bin/sh\necho"), Some((&b"/bin/sh"[..], None)));
+    assert_eq!(
+        shebang(b"#! /usr/bin/env  python3 -u \r\n"),
+        Some((&b"/usr/bin/env"[..], Some(&b"python3 -u"[..])))
+    );
+    assert_eq!(shebang(b"#!\n"), None);
+    assert_eq!(
+        shebang(b"#!/bin/sh"),
+        None,
+        "no end of line in the head read"
+    );
+    assert_eq!(shebang(b"\x7fELF"), None);
+}
