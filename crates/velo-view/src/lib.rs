@@ -25,6 +25,9 @@
 //! target offset u32, target length u32, blob hash [32], 16 bytes reserved.
 #![deny(missing_docs)]
 
+mod layered;
+pub use layered::{Layer, Layered, NoLayer, UpperEntry};
+
 /// The first bytes of every index.
 pub const MAGIC: [u8; 8] = *b"VRVIEW02";
 /// Bytes before the first node.
@@ -286,118 +289,30 @@ impl<'a> View<'a> {
         follow_last: bool,
         scratch: &mut [u8; PATH_MAX],
     ) -> Resolved {
-        match self.resolve_inner(at, start, path, follow_last, scratch) {
-            Ok(r) => r,
-            Err(Damaged) => Resolved::Damaged,
-        }
-    }
-
-    fn resolve_inner(
-        &self,
-        at: &[u8],
-        start: u32,
-        path: &[u8],
-        follow_last: bool,
-        scratch: &mut [u8; PATH_MAX],
-    ) -> Result<Resolved, Damaged> {
-        // The path still to walk lives in `rest[..len]`, from `pos`; a symlink's target is
-        // put in front of what remains (in `scratch`, then copied back).
-        let mut rest = [0u8; PATH_MAX];
-        let mut len;
-        let mut current = start;
-        let path = if path.first() == Some(&b'/') {
-            current = 0;
-            match path.strip_prefix(at) {
-                Some(p) if p.is_empty() || p[0] == b'/' => p,
-                _ => return Ok(copy_outside(scratch, path)),
-            }
-        } else {
-            path
-        };
-        if path.len() > PATH_MAX {
-            return Ok(Resolved::TooLong);
-        }
-        rest[..path.len()].copy_from_slice(path);
-        len = path.len();
-        let mut pos = 0;
-        let mut links = 0;
-        loop {
-            while pos < len && rest[pos] == b'/' {
-                pos += 1;
-            }
-            if pos >= len {
-                return Ok(Resolved::Node(current));
-            }
-            let end = rest[pos..len]
-                .iter()
-                .position(|&b| b == b'/')
-                .map_or(len, |i| pos + i);
-            let is_last = rest[end..len].iter().all(|&b| b == b'/');
-            let trailing_slash = is_last && end < len;
-            let name_start = pos;
-            pos = end;
-            let name = &rest[name_start..end];
-            let dir = self.node(current)?;
-            if dir.kind != Kind::Dir {
-                return Ok(Resolved::NotDir);
-            }
-            if name == b"." {
-                continue;
-            }
-            if name == b".." {
-                if current == 0 {
-                    // Above the top of the tree: the host's parent of `at`.
-                    let parent = match at.iter().rposition(|&b| b == b'/') {
-                        Some(0) | None => &b"/"[..],
-                        Some(i) => &at[..i],
-                    };
-                    return Ok(join_outside(scratch, parent, &rest[pos..len]));
-                }
-                current = dir.parent;
-                continue;
-            }
-            let Some(child) = self.child(&dir, name)? else {
-                return Ok(Resolved::Missing {
-                    parent: current,
-                    last: is_last,
-                });
-            };
-            let node = self.node(child)?;
-            if node.kind == Kind::Symlink && (!is_last || follow_last || trailing_slash) {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Ok(Resolved::Loop);
-                }
-                let target = self.target(&node)?;
-                let remaining = &rest[pos..len];
-                if target.first() == Some(&b'/') {
-                    match target.strip_prefix(at) {
-                        Some(inside) if inside.is_empty() || inside[0] == b'/' => {
-                            current = 0;
-                            let Some(n) = concat(scratch, inside, remaining) else {
-                                return Ok(Resolved::TooLong);
-                            };
-                            rest[..n].copy_from_slice(&scratch[..n]);
-                            len = n;
-                            pos = 0;
-                        }
-                        _ => return Ok(join_outside(scratch, target, remaining)),
-                    }
-                } else {
-                    // Relative to the symlink's directory.
-                    let Some(n) = concat(scratch, target, remaining) else {
-                        return Ok(Resolved::TooLong);
-                    };
-                    rest[..n].copy_from_slice(&scratch[..n]);
-                    len = n;
-                    pos = 0;
-                }
-                continue;
-            }
-            if trailing_slash && node.kind != Kind::Dir {
-                return Ok(Resolved::NotDir);
-            }
-            current = child;
+        let mut rel = [0u8; PATH_MAX];
+        let mut rel_len = 0;
+        match self.resolve_layered(
+            at,
+            start,
+            path,
+            follow_last,
+            &NoLayer,
+            scratch,
+            &mut rel,
+            &mut rel_len,
+        ) {
+            Layered::Tree(n) => Resolved::Node(n),
+            Layered::Missing {
+                parent: Some(parent),
+                last,
+            } => Resolved::Missing { parent, last },
+            // Without an upper layer nothing is found in one.
+            Layered::Upper | Layered::Missing { parent: None, .. } => Resolved::Damaged,
+            Layered::NotDir => Resolved::NotDir,
+            Layered::Outside(n) => Resolved::Outside(n),
+            Layered::Loop => Resolved::Loop,
+            Layered::TooLong => Resolved::TooLong,
+            Layered::Damaged => Resolved::Damaged,
         }
     }
 }

@@ -221,3 +221,168 @@ fn shebang_lines_split_as_the_kernel_splits_them() {
     );
     assert_eq!(shebang(b"\x7fELF"), None);
 }
+
+/// An upper layer held in a map (rel path → entry), touching every directory that holds
+/// something.
+struct MapLayer {
+    entries: std::collections::HashMap<&'static str, (UpperEntry, &'static str)>,
+    touch_all: bool,
+}
+
+impl Layer for MapLayer {
+    fn touched(&self, _dir: u32) -> bool {
+        self.touch_all
+    }
+    fn entry(&self, rel: &[u8], target: &mut [u8; PATH_MAX]) -> UpperEntry {
+        match self.entries.get(std::str::from_utf8(rel).unwrap()) {
+            Some((UpperEntry::Symlink(_), t)) => {
+                target[..t.len()].copy_from_slice(t.as_bytes());
+                UpperEntry::Symlink(t.len())
+            }
+            Some((e, _)) => *e,
+            None => UpperEntry::Absent,
+        }
+    }
+}
+
+fn layered(view: &View<'_>, layer: &MapLayer, path: &str, follow: bool) -> (Layered, String) {
+    let (mut scratch, mut rel, mut len) = ([0u8; PATH_MAX], [0u8; PATH_MAX], 0);
+    let r = view.resolve_layered(
+        b"/vrift",
+        0,
+        path.as_bytes(),
+        follow,
+        layer,
+        &mut scratch,
+        &mut rel,
+        &mut len,
+    );
+    let text = match r {
+        Layered::Outside(n) => String::from_utf8_lossy(&scratch[..n]).into_owned(),
+        _ => String::from_utf8_lossy(&rel[..len]).into_owned(),
+    };
+    (r, text)
+}
+
+#[test]
+fn the_upper_hides_deletes_and_adds_to_the_tree() {
+    let bytes = sample();
+    let view = View::new(&bytes).unwrap();
+    let layer = MapLayer {
+        entries: [
+            ("a", (UpperEntry::Whiteout, "")),
+            ("d", (UpperEntry::Dir { opaque: false }, "")),
+            ("d/b", (UpperEntry::File, "")),
+            ("d/new", (UpperEntry::Dir { opaque: false }, "")),
+            ("d/new/f", (UpperEntry::File, "")),
+            ("d/sl", (UpperEntry::Symlink(0), "../e")),
+            ("e", (UpperEntry::Dir { opaque: true }, "")),
+        ]
+        .into_iter()
+        .collect(),
+        touch_all: true,
+    };
+    let d = match view.resolve(b"/vrift", 0, b"/vrift/d", true, &mut [0; PATH_MAX]) {
+        Resolved::Node(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        layered(&view, &layer, "/vrift/a", true),
+        (
+            Layered::Missing {
+                parent: Some(0),
+                last: true
+            },
+            "a".into()
+        ),
+        "a whiteout deletes"
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d", true),
+        (Layered::Tree(d), "d".into()),
+        "a directory in both is merged"
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/b", true),
+        (Layered::Upper, "d/b".into()),
+        "the upper's file hides the tree's"
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/new/f", true),
+        (Layered::Upper, "d/new/f".into())
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/new/f/", true).0,
+        Layered::NotDir
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/new/nothing/x", true),
+        (
+            Layered::Missing {
+                parent: None,
+                last: false
+            },
+            "d/new/nothing".into()
+        )
+    );
+    // An upper symlink is followed like a tree one, and `..` from an upper-only
+    // directory finds the tree again.
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/sl", true),
+        (Layered::Upper, "e".into()),
+        "the opaque e is the upper's"
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/sl", false),
+        (Layered::Upper, "d/sl".into())
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/new/../l", true),
+        (
+            Layered::Missing {
+                parent: Some(0),
+                last: true
+            },
+            "a".into()
+        ),
+        "the tree's symlink d/l -> ../a leads to the deleted a"
+    );
+    assert_eq!(
+        layered(&view, &layer, "/vrift/d/new/../../e/..", true),
+        (Layered::Tree(0), "".into())
+    );
+    // Untouched directories are never asked about.
+    let untouched = MapLayer {
+        entries: layer.entries.clone(),
+        touch_all: false,
+    };
+    assert_eq!(
+        layered(&view, &untouched, "/vrift/a", true).0,
+        Layered::Tree(1)
+    );
+    assert_eq!(
+        layered(&view, &untouched, "/vrift/../etc", true),
+        (Layered::Outside(4), "/etc".into())
+    );
+}
+
+proptest! {
+    /// With nothing in the upper, the layered walk is the tree's own resolution.
+    #[test]
+    fn an_empty_upper_changes_nothing(path in "(/vrift)?(/(a|d|e|b|l|abs|up|out|loop|\\.|\\.\\.|x)){0,6}/?", follow: bool) {
+        let bytes = sample();
+        let view = View::new(&bytes).unwrap();
+        let empty = MapLayer { entries: Default::default(), touch_all: true };
+        let (mut scratch, mut rel, mut len) = ([0u8; PATH_MAX], [0u8; PATH_MAX], 0);
+        let plain = view.resolve(b"/vrift", 0, path.as_bytes(), follow, &mut scratch);
+        let through = view.resolve_layered(b"/vrift", 0, path.as_bytes(), follow, &empty, &mut scratch, &mut rel, &mut len);
+        let same = match (plain, through) {
+            (Resolved::Node(a), Layered::Tree(b)) => a == b,
+            (Resolved::Missing { parent, last }, Layered::Missing { parent: p, last: l }) => Some(parent) == p && last == l,
+            (Resolved::NotDir, Layered::NotDir) | (Resolved::Loop, Layered::Loop) | (Resolved::TooLong, Layered::TooLong) => true,
+            (Resolved::Outside(a), Layered::Outside(b)) => a == b,
+            _ => false,
+        };
+        prop_assert!(same, "{path}: {plain:?} vs {through:?}");
+    }
+}
