@@ -105,7 +105,7 @@ fn parse_bind(spec: &str) -> Result<Bind> {
 /// typo) and returns the path to write: a symlink is followed to its target. Only a
 /// regular file is ever replaced: a device, a fifo or a socket at OUT (`/dev/null` as
 /// root) must never become a file.
-fn check_output_path(out: &Path) -> Result<PathBuf> {
+pub(crate) fn check_output_path(out: &Path) -> Result<PathBuf> {
     let out = match std::fs::symlink_metadata(out) {
         Ok(meta) if meta.file_type().is_symlink() => {
             std::fs::canonicalize(out).with_context(|| {
@@ -277,7 +277,8 @@ fn commit_run(
             stats,
             partial: false,
             source: Some(format!(
-                "velo run --isolate (manifest {})",
+                "velo run{} (manifest {})",
+                if args.isolate { " --isolate" } else { "" },
                 &manifest.to_hex()[..16]
             )),
         })
@@ -383,9 +384,23 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             );
         }
     }
+    finish_run(ctx, &store, &args, commit_to.as_deref(), manifest, outcome)
+}
+
+/// After a run (in the sandbox or with the shim): commits its changes when wanted,
+/// cleans up its session, reports.
+pub(crate) fn finish_run(
+    ctx: &Ctx,
+    store: &Store,
+    args: &RunArgs,
+    commit_to: Option<&Path>,
+    manifest: Hash,
+    outcome: velo_project::session::RunOutcome,
+) -> Result<ExitCode> {
+    let wants_commit = args.commit.is_some() || args.name.is_some();
     let mut exit_code = outcome.exit_code;
     let settled = if wants_commit {
-        settle_commit(&store, &args, commit_to.as_deref(), manifest, &outcome)
+        settle_commit(store, args, commit_to, manifest, &outcome)
     } else {
         Settled::default()
     };

@@ -1,11 +1,14 @@
 //! `velo run --manifest M [--at PATH] -- CMD`: the command runs on the host with the
 //! `LD_PRELOAD` shim (crate velo-shim), which shows the tree at `--at`. velo builds the
 //! tree's view index, finds the library, checks that the command can be intercepted at
-//! all (dynamically linked, not set-uid), and `exec`s it with the shim's environment;
-//! velo itself is gone once the command runs.
+//! all (dynamically linked, not set-uid), and starts it with the shim's environment.
+//! The command's changes go to an upper directory (temporary, or `--upper DIR`) that
+//! velo commits with the shared routine when the command succeeds and `--commit` or
+//! `--name` asks for it; velo waits for the command, passing signals on.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -213,19 +216,27 @@ fn shebang_of(path: &Path) -> Result<Option<(OsString, Option<OsString>)>> {
     }))
 }
 
-/// Runs `args.command` with the shim: returns only on failure (success is an `exec`).
+/// Runs `args.command` with the shim, waits for it, and commits its changes when asked.
 pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     for (given, flag) in [
         (!args.bases.is_empty(), "--base"),
-        (args.upper.is_some(), "--upper"),
-        (args.commit.is_some(), "--commit"),
-        (args.name.is_some(), "--name"),
         (!args.binds.is_empty(), "--bind"),
         (args.host_net, "--net host"),
     ] {
         if given {
-            bail!("{flag} is not supported without --isolate yet (the shim shows one tree, read-only, in this version); add --isolate");
+            bail!("{flag} is not supported without --isolate (the shim shows one tree over the host as it is); add --isolate");
         }
+    }
+    if let Some(name) = &args.name {
+        velo_store::validate_root_name(name)?;
+    }
+    let commit_to = args
+        .commit
+        .as_deref()
+        .map(crate::run::check_output_path)
+        .transpose()?;
+    if args.commit_always && args.commit.is_none() && args.name.is_none() {
+        note!("velo: --commit-always does nothing without --commit or --name");
     }
     let at = match &args.at {
         Some(at) => at.clone(),
@@ -260,7 +271,18 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     let at_bytes = at.as_os_str().as_bytes();
     let library = library()?;
     let store = ctx.store_or_create()?;
-    let lock = store.lock_shared()?;
+    if let Some(out) = &commit_to {
+        if velo_store::path_is_inside(out, store.root()) {
+            bail!(
+                "--commit {}: is inside the store {}; write the .velo file elsewhere",
+                out.display(),
+                store.root().display()
+            );
+        }
+    }
+    // Held until the run is committed: gc must not take the view, the farm or the
+    // blobs the command reads.
+    let _lock = store.lock_shared()?;
     let root = crate::run::layer(&store, &args.manifest)?;
     let view = velo_project::view::ensure_view(&store, root)?;
     if let Some(seconds) = view.built_seconds {
@@ -350,7 +372,25 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         }
         _ => library.clone().into_os_string(),
     };
-    lock.keep_across_exec()?;
+    // The run's changes: a temporary upper in a session of the store, or the user's.
+    let session = store.new_session()?;
+    let (upper, upper_lock, upper_is_temporary) = match &args.upper {
+        Some(dir) => {
+            let (path, lock) = velo_project::session::prepare_upper(store.root(), dir)?;
+            velo_project::sandbox::spawn::keep_private(std::os::fd::AsRawFd::as_raw_fd(&lock));
+            (path, Some(lock), false)
+        }
+        None => {
+            let path = session.dir().join("upper");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            (path, None, true)
+        }
+    };
+    let touched = session.dir().join("touched");
+    velo_project::view::write_touched(&index, &upper, &touched)?;
     let placeholder = view.exec_dir.join("e");
     let mut command = std::process::Command::new(&real);
     command
@@ -364,6 +404,8 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         .env("VRIFT_EXEC_DIR", &view.exec_dir)
         .env("VRIFT_CWD", workdir.trim_start_matches('/'))
         .env("VRIFT_FARM", farm.as_deref().unwrap_or(Path::new("")))
+        .env("VRIFT_UPPER", &upper)
+        .env("VRIFT_TOUCHED", &touched)
         .env("PWD", &start);
     for kv in &args.env {
         let Some((k, v)) = kv.split_once('=') else {
@@ -371,7 +413,42 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         };
         command.env(k, v);
     }
-    let error = command.exec();
-    std::mem::forget(lock);
-    Err(error).with_context(|| format!("running {}", program.to_string_lossy()))
+    let supervisor = velo_project::sandbox::spawn::Supervisor::new()
+        .context("catching signals to pass on to the command")?;
+    let started = std::time::Instant::now();
+    let (exit_code, command_started) = match command.spawn() {
+        Ok(child) => (
+            supervisor
+                .wait(child.id(), false)
+                .context("waiting for the command")?,
+            true,
+        ),
+        Err(e) => {
+            drop(supervisor);
+            note!("velo: cannot run {}: {e}", program.to_string_lossy());
+            (
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                },
+                false,
+            )
+        }
+    };
+    let outcome = velo_project::session::RunOutcome {
+        exit_code,
+        upper,
+        base: Some(root),
+        farms_built: Vec::new(),
+        // A copy-up keeps the tree's mode exactly: any mode the upper holds other than
+        // the tree's is the command's own chmod.
+        farm_modes: velo_store::FarmModes::Writable,
+        run_seconds: started.elapsed().as_secs_f64(),
+        session,
+        upper_is_temporary,
+        command_started,
+        upper_lock,
+    };
+    crate::run::finish_run(ctx, &store, args, commit_to.as_deref(), root, outcome)
 }

@@ -164,7 +164,7 @@ fn within(path: &Path, dir: &Path) -> bool {
 
 /// Creates (if needed), checks and locks a kept upper; returns its canonical path and the
 /// held lock.
-fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), ProjectError> {
+pub fn prepare_upper(store_root: &Path, dir: &Path) -> Result<(PathBuf, OwnedFd), ProjectError> {
     // Checked before anything is created: a refused upper leaves no trace.
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => {

@@ -191,6 +191,67 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
     )))
 }
 
+/// Writes the shared bitmap the shim keeps of tree directories the upper holds entries
+/// in (one bit per node of `index`), for a run over an upper that may hold changes
+/// already (`--upper DIR` of an earlier run): every directory of the upper that is a
+/// directory of the tree gets its bit, so lookups there ask the upper.
+pub fn write_touched(
+    index: &velo_view::View<'_>,
+    upper: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<(), ProjectError> {
+    let mut bits = vec![0u8; (index.len() as usize).div_ceil(8).max(1)];
+    let damaged = || ProjectError::Store(StoreError::Invalid("the view index is damaged".into()));
+    // (upper directory, tree node) pairs still to visit.
+    let mut queue = VecDeque::from([(upper.to_path_buf(), 0u32)]);
+    while let Some((dir, node)) = queue.pop_front() {
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(cause) => {
+                return Err(ProjectError::Dest {
+                    op: "reading upper",
+                    path: dir,
+                    cause,
+                })
+            }
+        };
+        let mut any = false;
+        let tree_dir = index.node(node).map_err(|_| damaged())?;
+        for entry in listing {
+            let entry = entry.map_err(|cause| ProjectError::Dest {
+                op: "reading upper",
+                path: dir.clone(),
+                cause,
+            })?;
+            any = true;
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            let child = index
+                .child(
+                    &tree_dir,
+                    std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()),
+                )
+                .map_err(|_| damaged())?;
+            if let Some(child) = child {
+                if index.node(child).map_err(|_| damaged())?.kind == Kind::Dir {
+                    queue.push_back((entry.path(), child));
+                }
+            }
+        }
+        if any {
+            bits[node as usize / 8] |= 1 << (node % 8);
+        }
+    }
+    std::fs::write(out, &bits).map_err(|cause| ProjectError::Dest {
+        op: "writing",
+        path: out.to_path_buf(),
+        cause,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,13 +71,20 @@ pub struct Config {
     pub uid: u32,
     pub gid: u32,
     pub debug: bool,
+    /// The upper directory writes go to (`VRIFT_UPPER`, absolute); empty when the run
+    /// has none (every change is then refused with `EROFS`).
+    pub upper: PathBuf,
+    /// One bit per tree directory, shared by every process of the run (`VRIFT_TOUCHED`,
+    /// mapped): set before the upper first holds anything directly in that directory,
+    /// so lookups elsewhere never ask the upper.
+    pub touched: &'static [AtomicU8],
     /// The shim's own environment entries (`KEY=value`), put back into the environment
     /// of a program exec'd without them (`env -i`, an explicit environment).
     pub own_env: [PathBuf; OWN_ENV.len()],
 }
 
 /// The variables that carry the shim into exec'd programs.
-pub const OWN_ENV: [&[u8]; 7] = [
+pub const OWN_ENV: [&[u8]; 9] = [
     b"LD_PRELOAD=",
     b"VRIFT_VIEW=",
     b"VRIFT_AT=",
@@ -85,6 +92,8 @@ pub const OWN_ENV: [&[u8]; 7] = [
     b"VRIFT_EXEC_DIR=",
     b"VRIFT_DEBUG=",
     b"VRIFT_FARM=",
+    b"VRIFT_UPPER=",
+    b"VRIFT_TOUCHED=",
 ];
 
 struct Global(UnsafeCell<Option<Config>>);
@@ -192,6 +201,24 @@ fn load() -> Option<Config> {
         farm.set(&[value]);
     }
     let view = map_view(&view_buf)?;
+    let mut upper = PathBuf::new();
+    let mut touched: &'static [AtomicU8] = &[];
+    if let (Some(dir), Some(bits)) = (env(b"VRIFT_UPPER="), env(b"VRIFT_TOUCHED=")) {
+        let dir = match dir {
+            [rest @ .., b'/'] if !rest.is_empty() => rest,
+            other => other,
+        };
+        let mut bits_path = PathBuf::new();
+        if dir.first() == Some(&b'/') && upper.set(&[dir]) && bits_path.set(&[bits]) {
+            match map_touched(&bits_path, view.len()) {
+                Some(map) => touched = map,
+                // Without the shared map no process could tell the others what it wrote.
+                None => {
+                    upper.set(&[]);
+                }
+            }
+        }
+    }
     let start_cwd = env(b"VRIFT_CWD=").and_then(|rel| {
         let mut scratch = [0u8; velo_view::PATH_MAX];
         match view.resolve(at.as_bytes(), 0, rel, true, &mut scratch) {
@@ -225,6 +252,8 @@ fn load() -> Option<Config> {
         crate::fds::adopt(list, view.len());
     }
     Some(Config {
+        upper,
+        touched,
         self_exe,
         farm,
         own_env,
@@ -275,6 +304,41 @@ fn map_view(path: &PathBuf) -> Option<View<'static>> {
         core::slice::from_raw_parts(ptr as *const u8, len)
     };
     View::new(bytes)
+}
+
+/// Maps the run's shared bitmap of touched directories read-write, for the life of the
+/// process; `None` unless it is a regular file with a bit for each of `nodes`.
+fn map_touched(path: &PathBuf, nodes: u32) -> Option<&'static [AtomicU8]> {
+    let fd = rustix::fs::openat(
+        CWD,
+        path.as_cstr(),
+        OFlags::RDWR | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    let len = st.st_size as usize;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+        || len < (nodes as usize).div_ceil(8)
+        || len == 0
+    {
+        return None;
+    }
+    // SAFETY: a shared mapping of a file velo made for this run and never shrinks; it is
+    // never unmapped, and it is only ever accessed through atomics (several processes
+    // set bits in it at once).
+    unsafe {
+        let ptr = rustix::mm::mmap(
+            core::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            &fd,
+            0,
+        )
+        .ok()?;
+        Some(core::slice::from_raw_parts(ptr as *const AtomicU8, len))
+    }
 }
 
 /// Reads the configuration as soon as the library is loaded, so the first intercepted

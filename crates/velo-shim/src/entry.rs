@@ -12,36 +12,19 @@ use velo_view::{Kind, Node, FLAG_EXEC_LINK};
 
 use crate::config::{self, Config, PathBuf};
 use crate::paths::{self, Target};
-use crate::{dirs, fds, meta};
+use crate::{changes, dirs, fds, meta, upper};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// libc's own function (see `dirs::real`), as a typed pointer; fails the call with
-/// `ENOSYS` if libc lacks it.
-macro_rules! real_fn {
-    ($cache:expr, $name:expr, $ty:ty) => {
-        real_fn!($cache, $name, $ty, or fail(Errno::NOSYS))
-    };
-    // `or`: what the caller returns when libc lacks the function.
-    ($cache:expr, $name:expr, $ty:ty, or $missing:expr) => {{
-        let f = dirs::real(&$cache, $name);
-        if f.is_null() {
-            return $missing;
-        }
-        // SAFETY: the symbol libc exports under this name has this C signature.
-        unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
-    }};
-}
-
-fn fail<T: FailValue>(e: Errno) -> T {
+pub(crate) fn fail<T: FailValue>(e: Errno) -> T {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() = e.raw_os_error() };
     T::FAILED
 }
 
-trait FailValue {
+pub(crate) trait FailValue {
     const FAILED: Self;
 }
 impl FailValue for c_int {
@@ -61,7 +44,7 @@ impl FailValue for *mut libc::FILE {
 }
 
 /// The path argument, or `None` for a null pointer.
-unsafe fn arg<'a>(path: *const c_char) -> Option<&'a CStr> {
+pub(crate) unsafe fn arg<'a>(path: *const c_char) -> Option<&'a CStr> {
     if path.is_null() {
         None
     } else {
@@ -82,7 +65,7 @@ fn borrowed<'a>(fd: c_int) -> Result<BorrowedFd<'a>, Errno> {
 
 /// The directory a path is relative to: `AT_FDCWD`, or any descriptor for an absolute
 /// path (the kernel ignores it, so a bad one must not fail the call).
-fn at_fd<'a>(dirfd: c_int, path: &CStr) -> Result<BorrowedFd<'a>, Errno> {
+pub(crate) fn at_fd<'a>(dirfd: c_int, path: &CStr) -> Result<BorrowedFd<'a>, Errno> {
     if dirfd == libc::AT_FDCWD || path.to_bytes().first() == Some(&b'/') {
         Ok(CWD)
     } else {
@@ -91,7 +74,7 @@ fn at_fd<'a>(dirfd: c_int, path: &CStr) -> Result<BorrowedFd<'a>, Errno> {
 }
 
 /// A line on stderr when `VRIFT_DEBUG` is set: what was intercepted, for which path.
-fn debug(config: &Config, what: &str, path: &[u8]) {
+pub(crate) fn debug(config: &Config, what: &str, path: &[u8]) {
     if !config.debug {
         return;
     }
@@ -113,7 +96,7 @@ fn debug(config: &Config, what: &str, path: &[u8]) {
 }
 
 /// `<store>/blobs/ab/<hash>` of a file node.
-fn blob_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool {
+pub(crate) fn blob_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 64];
     for (i, byte) in node.hash.iter().enumerate() {
@@ -238,15 +221,26 @@ unsafe fn do_openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc:
     let follow = flags & libc::O_NOFOLLOW == 0;
     match paths::lookup(config, dirfd, p, follow, &mut scratch) {
         Target::Host => raw_openat(dirfd, p, flags, mode),
-        Target::HostPath => raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode),
+        Target::HostPath | Target::Upper => {
+            raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode)
+        }
         Target::Fail(e) => fail(e),
-        Target::Missing { .. } => {
+        Target::Missing { last, .. } => {
             debug(config, "open (missing)", p.to_bytes());
-            fail(if flags & libc::O_CREAT != 0 {
-                Errno::ROFS
-            } else {
-                Errno::NOENT
-            })
+            if flags & libc::O_CREAT == 0 || !last {
+                return fail(Errno::NOENT);
+            }
+            match changes::prepare_create(config, &scratch) {
+                Ok(_) => raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode),
+                Err(e) => fail(e),
+            }
+        }
+        Target::Node(n) if changes::open_writes(flags) => {
+            debug(config, "open (copy-up)", p.to_bytes());
+            match changes::copy_up_node(config, n, &mut scratch, true) {
+                Ok(()) => raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode),
+                Err(e) => fail(e),
+            }
         }
         Target::Node(n) => {
             debug(config, "open", p.to_bytes());
@@ -441,12 +435,19 @@ pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) ->
         Some(Target::HostPath) => scratch.as_cstr().as_ptr(),
         Some(Target::Fail(e)) => return fail(e),
         Some(Target::Missing { .. }) => return fail(Errno::NOENT),
-        Some(Target::Node(n)) => {
+        Some(shown @ (Target::Node(_) | Target::Upper)) => {
             let Some(config) = config::get() else {
                 return fail(Errno::IO);
             };
             let mut out = PathBuf::new();
-            if !paths::path_of(config, n, &mut out) {
+            let fits = match shown {
+                Target::Node(n) => paths::path_of(config, n, &mut out),
+                _ => {
+                    let rel = paths::rel_of(config, &scratch);
+                    out.set(&[config.at.as_bytes(), b"/", rel])
+                }
+            };
+            if !fits {
                 return fail(Errno::NAMETOOLONG);
             }
             let bytes = out.as_bytes();
@@ -497,7 +498,7 @@ pub unsafe extern "C" fn statfs(path: *const c_char, out: *mut libc::statfs) -> 
     let mut scratch = PathBuf::new();
     let host = match tree_path(path, &mut scratch) {
         None | Some(Target::Host) => path,
-        Some(Target::HostPath) => scratch.as_cstr().as_ptr(),
+        Some(Target::HostPath | Target::Upper) => scratch.as_cstr().as_ptr(),
         Some(Target::Fail(e)) => return fail(e),
         Some(Target::Missing { .. }) => return fail(Errno::NOENT),
         Some(Target::Node(_)) => match config::get() {
@@ -631,7 +632,7 @@ unsafe fn do_fstatat(
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     match paths::lookup(config, dirfd, p, follow, &mut scratch) {
         Target::Host => raw(dirfd, p, out),
-        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+        Target::HostPath | Target::Upper => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => match node(config, n) {
@@ -839,7 +840,7 @@ pub unsafe extern "C" fn statx(
         let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
         match paths::lookup(config, dirfd, p, follow, &mut scratch) {
             Target::Host => return raw(dirfd, p, out),
-            Target::HostPath => return raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+            Target::HostPath | Target::Upper => return raw(libc::AT_FDCWD, scratch.as_cstr(), out),
             Target::Fail(e) => return fail(e),
             Target::Missing { .. } => return fail(Errno::NOENT),
             Target::Node(n) => n,
@@ -880,7 +881,7 @@ unsafe fn do_faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_
     let follow = flags & libc::AT_SYMLINK_NOFOLLOW == 0;
     match paths::lookup(config, dirfd, p, follow, &mut scratch) {
         Target::Host => raw(dirfd, p),
-        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr()),
+        Target::HostPath | Target::Upper => raw(libc::AT_FDCWD, scratch.as_cstr()),
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => {
@@ -953,7 +954,7 @@ unsafe fn do_readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, siz
     let mut scratch = PathBuf::new();
     match paths::lookup(config, dirfd, p, false, &mut scratch) {
         Target::Host => raw(dirfd, p, out),
-        Target::HostPath => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
+        Target::HostPath | Target::Upper => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => {
@@ -1016,9 +1017,14 @@ fn open_stream(config: &Config, index: u32) -> *mut libc::DIR {
     if fd < 0 {
         return core::ptr::null_mut();
     }
-    match dirs::open(fd, index) {
+    let upper_fd = upper::open_merged(config, index);
+    match dirs::open(fd, index, upper_fd) {
         Some(dir) => dir,
         None => {
+            if upper_fd >= 0 {
+                // SAFETY: the descriptor open_merged just opened.
+                unsafe { rustix::io::close(upper_fd) };
+            }
             fds::forget(fd);
             // SAFETY: the descriptor this call just opened.
             unsafe { rustix::io::close(fd) };
@@ -1046,7 +1052,7 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
     let mut scratch = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => real(path),
-        Target::HostPath => real(scratch.as_cstr().as_ptr()),
+        Target::HostPath | Target::Upper => real(scratch.as_cstr().as_ptr()),
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => {
@@ -1059,9 +1065,16 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
 #[no_mangle]
 pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
     if let (Some(_), Some(index)) = (config::get(), fds::node_of(fd)) {
-        return match dirs::open(fd, index) {
+        let upper_fd = config::get().map_or(-1, |c| upper::open_merged(c, index));
+        return match dirs::open(fd, index, upper_fd) {
             Some(dir) => dir,
-            None => fail(Errno::MFILE),
+            None => {
+                if upper_fd >= 0 {
+                    // SAFETY: the descriptor open_merged just opened.
+                    unsafe { rustix::io::close(upper_fd) };
+                }
+                fail(Errno::MFILE)
+            }
         };
     }
     let real = real_fn!(
@@ -1157,7 +1170,7 @@ pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn rewinddir(dir: *mut libc::DIR) {
     if let Some(stream) = dirs::ours(dir) {
-        stream.pos.set(0);
+        dirs::rewind(stream);
         return;
     }
     let f = dirs::real(&REAL_REWINDDIR, c"rewinddir");
@@ -1197,8 +1210,8 @@ pub unsafe extern "C" fn telldir(dir: *mut libc::DIR) -> c_long {
 
 #[no_mangle]
 pub unsafe extern "C" fn seekdir(dir: *mut libc::DIR, pos: c_long) {
-    if let Some(stream) = dirs::ours(dir) {
-        stream.pos.set(pos.max(0) as u64);
+    if let (Some(config), Some(stream)) = (config::get(), dirs::ours(dir)) {
+        dirs::seek(config, stream, pos.max(0) as u64);
         return;
     }
     let f = dirs::real(&REAL_SEEKDIR, c"seekdir");
@@ -1474,7 +1487,7 @@ pub unsafe extern "C" fn chdir(path: *const c_char) -> c_int {
     let mut scratch = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => host(p),
-        Target::HostPath => host(scratch.as_cstr()),
+        Target::HostPath | Target::Upper => host(scratch.as_cstr()),
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => enter(config, n),
@@ -1670,7 +1683,7 @@ pub unsafe extern "C" fn execve(
     let mut scratch = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => unsafe { real(path, argv, envp) },
-        Target::HostPath => unsafe { real(scratch.as_cstr().as_ptr(), argv, envp) },
+        Target::HostPath | Target::Upper => unsafe { real(scratch.as_cstr().as_ptr(), argv, envp) },
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => {
@@ -1885,7 +1898,7 @@ unsafe fn spawn_any(
     let mut exe = PathBuf::new();
     let program = match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => path,
-        Target::HostPath => scratch.as_cstr().as_ptr(),
+        Target::HostPath | Target::Upper => scratch.as_cstr().as_ptr(),
         Target::Fail(e) => return e.raw_os_error(),
         Target::Missing { .. } => return libc::ENOENT,
         Target::Node(n) => {
@@ -1971,7 +1984,7 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_voi
     let mut path = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => unsafe { real(file, flags) },
-        Target::HostPath => unsafe { real(scratch.as_cstr().as_ptr(), flags) },
+        Target::HostPath | Target::Upper => unsafe { real(scratch.as_cstr().as_ptr(), flags) },
         Target::Node(n) => {
             let Ok(node) = node(config, n) else {
                 return core::ptr::null_mut();
@@ -1997,111 +2010,6 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_voi
 }
 
 // ---------------------------------------------------------------------------------------
-// Changes to the tree: read-only in this version
-// ---------------------------------------------------------------------------------------
-
-/// Where a path-taking change goes: `Err(result)` when it is decided here (`EROFS` in
-/// the tree; `ENOENT` for a missing name, unless the call `creates` it; a failed lookup),
-/// `Ok(true)` when it goes to the host path now in `scratch` (a tree path that leads out
-/// of the tree: the caller's relative path must never reach the kernel, whose working
-/// directory is the view's empty directory), `Ok(false)` to pass the caller's path on.
-fn change_target(
-    dirfd: c_int,
-    path: *const c_char,
-    creates: bool,
-    scratch: &mut PathBuf,
-) -> Result<bool, c_int> {
-    let Some(config) = config::get() else {
-        return Ok(false);
-    };
-    // SAFETY: the caller's path argument.
-    let Some(p) = (unsafe { arg(path) }) else {
-        return Ok(false);
-    };
-    match paths::lookup(config, dirfd, p, false, scratch) {
-        Target::Host => Ok(false),
-        Target::HostPath => Ok(true),
-        Target::Fail(e) => Err(fail(e)),
-        Target::Missing { .. } if !creates => Err(fail(Errno::NOENT)),
-        _ => {
-            debug(config, "refused (read-only tree)", p.to_bytes());
-            Err(fail(Errno::ROFS))
-        }
-    }
-}
-
-macro_rules! read_only {
-    ($name:ident, $real:ident, $creates:expr, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:ident) => {
-        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-        #[no_mangle]
-        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            let mut scratch = PathBuf::new();
-            let $path = match change_target($dirfd, $path, $creates, &mut scratch) {
-                Err(result) => return result,
-                Ok(true) => scratch.as_cstr().as_ptr(),
-                Ok(false) => $path,
-            };
-            let cname = concat!(stringify!($name), "\0");
-            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
-            let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
-            unsafe { real($($arg),*) }
-        }
-    };
-}
-
-read_only!(mkdir, REAL_MKDIR, true, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
-read_only!(mkdirat, REAL_MKDIRAT, true, (dirfd: c_int, path: *const c_char, mode: libc::mode_t), dirfd, path);
-read_only!(rmdir, REAL_RMDIR, false, (path: *const c_char), libc::AT_FDCWD, path);
-read_only!(unlink, REAL_UNLINK, false, (path: *const c_char), libc::AT_FDCWD, path);
-read_only!(unlinkat, REAL_UNLINKAT, false, (dirfd: c_int, path: *const c_char, flags: c_int), dirfd, path);
-read_only!(chmod, REAL_CHMOD, false, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
-read_only!(fchmodat, REAL_FCHMODAT, false, (dirfd: c_int, path: *const c_char, mode: libc::mode_t, flags: c_int), dirfd, path);
-read_only!(chown, REAL_CHOWN, false, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
-read_only!(lchown, REAL_LCHOWN, false, (path: *const c_char, uid: libc::uid_t, gid: libc::gid_t), libc::AT_FDCWD, path);
-read_only!(fchownat, REAL_FCHOWNAT, false, (dirfd: c_int, path: *const c_char, uid: libc::uid_t, gid: libc::gid_t, flags: c_int), dirfd, path);
-read_only!(truncate, REAL_TRUNCATE, false, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
-read_only!(truncate64, REAL_TRUNCATE64, false, (path: *const c_char, len: libc::off_t), libc::AT_FDCWD, path);
-read_only!(utimensat, REAL_UTIMENSAT, false, (dirfd: c_int, path: *const c_char, times: *const libc::timespec, flags: c_int), dirfd, path);
-read_only!(utimes, REAL_UTIMES, false, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
-read_only!(utime, REAL_UTIME, false, (path: *const c_char, times: *const libc::utimbuf), libc::AT_FDCWD, path);
-read_only!(symlink, REAL_SYMLINK, true, (target: *const c_char, path: *const c_char), libc::AT_FDCWD, path);
-read_only!(symlinkat, REAL_SYMLINKAT, true, (target: *const c_char, dirfd: c_int, path: *const c_char), dirfd, path);
-read_only!(mknod, REAL_MKNOD, true, (path: *const c_char, mode: libc::mode_t, dev: libc::dev_t), libc::AT_FDCWD, path);
-read_only!(mkfifo, REAL_MKFIFO, true, (path: *const c_char, mode: libc::mode_t), libc::AT_FDCWD, path);
-
-/// Renames and links touch two paths: refused when either is in the tree; each goes
-/// to the host path it leads to.
-macro_rules! read_only2 {
-    ($name:ident, $real:ident, ($($arg:ident : $ty:ty),*), ($d1:expr, $p1:ident), ($d2:expr, $p2:ident)) => {
-        static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-        #[no_mangle]
-        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            let (mut first, mut second) = (PathBuf::new(), PathBuf::new());
-            let $p1 = match change_target($d1, $p1, false, &mut first) {
-                Err(result) => return result,
-                Ok(true) => first.as_cstr().as_ptr(),
-                Ok(false) => $p1,
-            };
-            let $p2 = match change_target($d2, $p2, true, &mut second) {
-                Err(result) => return result,
-                Ok(true) => second.as_cstr().as_ptr(),
-                Ok(false) => $p2,
-            };
-            let cname = concat!(stringify!($name), "\0");
-            let cname = CStr::from_bytes_with_nul(cname.as_bytes()).unwrap_or(c"");
-            let real = real_fn!($real, cname, unsafe extern "C" fn($($ty),*) -> c_int);
-            unsafe { real($($arg),*) }
-        }
-    };
-}
-
-read_only2!(rename, REAL_RENAME, (from: *const c_char, to: *const c_char), (libc::AT_FDCWD, from), (libc::AT_FDCWD, to));
-read_only2!(renameat, REAL_RENAMEAT, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char), (fd1, from), (fd2, to));
-read_only2!(renameat2, REAL_RENAMEAT2, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: libc::c_uint), (fd1, from), (fd2, to));
-read_only2!(link, REAL_LINK, (from: *const c_char, to: *const c_char), (libc::AT_FDCWD, from), (libc::AT_FDCWD, to));
-read_only2!(linkat, REAL_LINKAT, (fd1: c_int, from: *const c_char, fd2: c_int, to: *const c_char, flags: c_int), (fd1, from), (fd2, to));
-
-// ---------------------------------------------------------------------------------------
 // Extended attributes: tree nodes have none (the tree format keeps none yet)
 // ---------------------------------------------------------------------------------------
 
@@ -2122,7 +2030,7 @@ fn xattr_of_tree(
     };
     match paths::lookup(config, libc::AT_FDCWD, p, follow, scratch) {
         Target::Host => Err(false),
-        Target::HostPath => Err(true),
+        Target::HostPath | Target::Upper => Err(true),
         Target::Fail(e) => Ok(fail(e)),
         Target::Missing { .. } => Ok(fail(Errno::NOENT)),
         Target::Node(_) if listing => Ok(0),
@@ -2188,11 +2096,6 @@ pub unsafe extern "C" fn flistxattr(fd: c_int, list: *mut c_char, size: usize) -
     unsafe { real(fd, list, size) }
 }
 
-read_only!(setxattr, REAL_SETXATTR, false, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-read_only!(lsetxattr, REAL_LSETXATTR, false, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-read_only!(removexattr, REAL_REMOVEXATTR, false, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
-read_only!(lremovexattr, REAL_LREMOVEXATTR, false, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
-
 /// Changes through a descriptor of a tree node: `EROFS` (the descriptor of a tree file is
 /// the blob's own, which no program may change; a tree directory's is the shared empty
 /// directory).
@@ -2212,26 +2115,18 @@ macro_rules! fd_read_only {
     };
 }
 
-fd_read_only!(fchmod, REAL_FCHMOD, (fd: c_int, mode: libc::mode_t));
-fd_read_only!(fchown, REAL_FCHOWN, (fd: c_int, uid: libc::uid_t, gid: libc::gid_t));
-fd_read_only!(futimens, REAL_FUTIMENS, (fd: c_int, times: *const libc::timespec));
-fd_read_only!(futimes, REAL_FUTIMES, (fd: c_int, times: *const libc::timeval));
-fd_read_only!(fsetxattr, REAL_FSETXATTR, (fd: c_int, name: *const c_char, value: *const c_void, size: usize, flags: c_int));
-fd_read_only!(fremovexattr, REAL_FREMOVEXATTR, (fd: c_int, name: *const c_char));
 fd_read_only!(ftruncate, REAL_FTRUNCATE, (fd: c_int, len: libc::off_t));
 fd_read_only!(ftruncate64, REAL_FTRUNCATE64, (fd: c_int, len: libc::off_t));
 fd_read_only!(fallocate, REAL_FALLOCATE, (fd: c_int, mode: c_int, offset: libc::off_t, len: libc::off_t));
 fd_read_only!(fallocate64, REAL_FALLOCATE64, (fd: c_int, mode: c_int, offset: libc::off_t, len: libc::off_t));
-fd_read_only!(mkfifoat, REAL_MKFIFOAT, (fd: c_int, path: *const c_char, mode: libc::mode_t));
-fd_read_only!(mknodat, REAL_MKNODAT, (fd: c_int, path: *const c_char, mode: libc::mode_t, dev: libc::dev_t));
 
 // ---------------------------------------------------------------------------------------
 // Temporary files: glibc's mkstemp family opens with internal calls
 // ---------------------------------------------------------------------------------------
 
 /// Runs `make` (libc's own function) on the template at `template`, whose last `tail`
-/// bytes it fills in: `EROFS` when the template's directory is in the tree; the host path
-/// a tree path leads to otherwise, with the generated name copied back.
+/// bytes it fills in, on the host path a tree path leads to (in the upper, for a tree
+/// directory), with the generated name copied back.
 unsafe fn temp_in_host(
     template: *mut c_char,
     tail: usize,
@@ -2245,9 +2140,17 @@ unsafe fn temp_in_host(
     };
     let original = p.to_bytes();
     let mut scratch = PathBuf::new();
-    match paths::lookup(config, libc::AT_FDCWD, p, false, &mut scratch) {
+    let target = match paths::lookup(config, libc::AT_FDCWD, p, false, &mut scratch) {
+        // A new name in a tree directory: made in the upper.
+        Target::Missing { last: true } => match changes::prepare_create(config, &scratch) {
+            Ok(_) => Target::Upper,
+            Err(e) => return fail(e),
+        },
+        other => other,
+    };
+    match target {
         Target::Host => make(template),
-        Target::HostPath => {
+        Target::HostPath | Target::Upper => {
             let host = scratch.as_bytes();
             if host.len() < tail || original.len() < tail {
                 return fail(Errno::INVAL);
@@ -2270,7 +2173,8 @@ unsafe fn temp_in_host(
             result
         }
         Target::Fail(e) => fail(e),
-        _ => fail(Errno::ROFS),
+        Target::Missing { .. } => fail(Errno::NOENT),
+        Target::Node(_) => fail(Errno::EXIST),
     }
 }
 

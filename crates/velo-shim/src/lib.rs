@@ -22,11 +22,30 @@
 
 #![allow(clippy::missing_safety_doc)]
 
+/// libc's own function (see `dirs::real`), as a typed pointer; fails the call with
+/// `ENOSYS` if libc lacks it.
+macro_rules! real_fn {
+    ($cache:expr, $name:expr, $ty:ty) => {
+        real_fn!($cache, $name, $ty, or fail(Errno::NOSYS))
+    };
+    // `or`: what the caller returns when libc lacks the function.
+    ($cache:expr, $name:expr, $ty:ty, or $missing:expr) => {{
+        let f = dirs::real(&$cache, $name);
+        if f.is_null() {
+            return $missing;
+        }
+        // SAFETY: the symbol libc exports under this name has this C signature.
+        unsafe { core::mem::transmute::<*mut c_void, $ty>(f) }
+    }};
+}
+
+mod changes;
 mod config;
 mod dirs;
 mod entry;
 mod fds;
 mod meta;
 mod paths;
+mod upper;
 
 pub use entry::*;

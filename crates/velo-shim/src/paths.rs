@@ -6,10 +6,10 @@ use core::ffi::CStr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use rustix::io::Errno;
-use velo_view::{Resolved, PATH_MAX};
+use velo_view::{Layered, PATH_MAX};
 
 use crate::config::{Config, PathBuf};
-use crate::fds;
+use crate::{fds, upper};
 
 /// The working directory when it is a tree directory (its node), [`HOST`] when it is the
 /// host's, [`UNSET`] before the first look (then the configuration's start directory).
@@ -49,12 +49,13 @@ static HOST_CWD: HostCwd = HostCwd(core::cell::UnsafeCell::new(PathBuf::new()));
 static HOST_CWD_KNOWN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 static HOST_CWD_UPDATING: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
-/// Whether the known host working directory is `at` or above it.
+/// Whether the known host working directory is `at` or above it, or in the upper.
 static HOST_CWD_ABOVE_AT: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
 
-/// The host working directory if it is above `at`.
-fn host_cwd_above(config: &Config) -> Option<&'static PathBuf> {
+/// The host working directory if it is above `at`; if it is a directory of the run's
+/// upper, the tree path it stands for (`<upper>/a/b` is `<at>/a/b`).
+pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
     if !HOST_CWD_KNOWN.load(Ordering::Acquire) {
         if HOST_CWD_UPDATING.swap(true, Ordering::Acquire) {
             return None;
@@ -64,18 +65,23 @@ fn host_cwd_above(config: &Config) -> Option<&'static PathBuf> {
         let len = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
         // SAFETY: see `HostCwd`.
         let cwd = unsafe { &mut *HOST_CWD.0.get() };
-        let above = if len > 1 {
+        let relevant = if len > 1 {
             let path = &buf[..len as usize - 1];
-            cwd.set(&[path]);
             let at = config.at.as_bytes();
-            path == b"/"
-                || at
-                    .strip_prefix(path)
-                    .is_some_and(|rest| rest.first() == Some(&b'/'))
+            let upper = config.upper.as_bytes();
+            if !upper.is_empty() && is_under(path, upper) {
+                cwd.set(&[at, &path[upper.len()..]])
+            } else {
+                cwd.set(&[path]);
+                path == b"/"
+                    || at
+                        .strip_prefix(path)
+                        .is_some_and(|rest| rest.first() == Some(&b'/'))
+            }
         } else {
             false
         };
-        HOST_CWD_ABOVE_AT.store(above, Ordering::Relaxed);
+        HOST_CWD_ABOVE_AT.store(relevant, Ordering::Relaxed);
         HOST_CWD_KNOWN.store(true, Ordering::Release);
         HOST_CWD_UPDATING.store(false, Ordering::Release);
     }
@@ -93,11 +99,16 @@ pub enum Target {
     Host,
     /// A tree path that leads out of the tree: use the host path in the scratch buffer.
     HostPath,
-    /// A node of the tree.
+    /// An entry of the run's upper directory (a file or symlink the program made or
+    /// changed, or a directory the tree lacks): its host path is in the scratch buffer,
+    /// and the call goes to it.
+    Upper,
+    /// A node of the tree (a directory may be merged with an upper one).
     Node(u32),
-    /// Nothing there: `parent` is the directory that lacks the name.
-    #[allow(dead_code)] // `parent` and `last` are for creates, which come with the upper.
-    Missing { parent: u32, last: bool },
+    /// Nothing there; when `last` (the missing name was the path's last component), the
+    /// scratch buffer holds the upper path where a create would make it (empty in a run
+    /// without an upper).
+    Missing { last: bool },
     /// The lookup fails with this error.
     Fail(Errno),
 }
@@ -111,7 +122,6 @@ pub fn lookup(
     scratch: &mut PathBuf,
 ) -> Target {
     let bytes = path.to_bytes();
-    let view = &config.view;
     let at = config.at.as_bytes();
     // `/proc/self/fd/N` (and `/dev/fd/N`) of a descriptor that stands for a node is that
     // node: reopening it must not reach the blob or the empty directory behind it.
@@ -120,16 +130,15 @@ pub fn lookup(
             return Target::Node(node);
         }
     }
-    let mut out = [0u8; PATH_MAX];
-    let resolved = if bytes.first() == Some(&b'/') {
+    let mut target = if bytes.first() == Some(&b'/') {
         if is_under(bytes, at) {
-            view.resolve(at, 0, bytes, follow, &mut out)
+            resolve(config, 0, bytes, follow, scratch)
         } else if needs_normalising(bytes) {
             let mut normal = PathBuf::new();
             if !normalise(bytes, &mut normal) || !is_under(normal.as_bytes(), at) {
                 return Target::Host;
             }
-            view.resolve(at, 0, normal.as_bytes(), follow, &mut out)
+            resolve(config, 0, normal.as_bytes(), follow, scratch)
         } else {
             return Target::Host;
         }
@@ -140,12 +149,13 @@ pub fn lookup(
             fds::node_of(dirfd)
         };
         let Some(start) = start else {
-            // From a host directory above the tree (`vrift/x` from `/`): joined and
-            // normalised, it may lead in.
+            // From a host directory above the tree (`vrift/x` from `/`), or a directory
+            // of the upper (whose `..` is the merged view's): joined and normalised, it
+            // may lead in.
             if dirfd != libc::AT_FDCWD || bytes.is_empty() {
                 return Target::Host;
             }
-            let Some(host) = host_cwd_above(config) else {
+            let Some(host) = host_cwd_relevant(config) else {
                 return Target::Host;
             };
             let mut joined = PathBuf::new();
@@ -156,18 +166,13 @@ pub fn lookup(
             {
                 return Target::Host;
             }
-            return resolved_target(
-                view.resolve(at, 0, normal.as_bytes(), follow, &mut out),
-                &out,
-                scratch,
-            );
+            return resolve(config, 0, normal.as_bytes(), follow, scratch);
         };
         if bytes.is_empty() {
             return Target::Fail(Errno::NOENT);
         }
-        view.resolve(at, start, bytes, follow, &mut out)
+        resolve(config, start, bytes, follow, scratch)
     };
-    let mut target = resolved_target(resolved, &out, scratch);
     // A path that leaves the tree may come back into it (`../vrift/x` from the top).
     for _ in 0..8 {
         if !matches!(target, Target::HostPath) || !is_under(scratch.as_bytes(), at) {
@@ -175,30 +180,69 @@ pub fn lookup(
         }
         let mut again = PathBuf::new();
         again.set(&[scratch.as_bytes()]);
-        target = resolved_target(
-            view.resolve(at, 0, again.as_bytes(), follow, &mut out),
-            &out,
-            scratch,
-        );
+        target = resolve(config, 0, again.as_bytes(), follow, scratch);
     }
     target
 }
 
-fn resolved_target(resolved: Resolved, out: &[u8; PATH_MAX], scratch: &mut PathBuf) -> Target {
+/// Resolves `path` from tree directory `start` through the run's upper.
+fn resolve(
+    config: &Config,
+    start: u32,
+    path: &[u8],
+    follow: bool,
+    scratch: &mut PathBuf,
+) -> Target {
+    let mut out = [0u8; PATH_MAX];
+    let mut rel = [0u8; PATH_MAX];
+    let mut rel_len = 0;
+    let resolved = config.view.resolve_layered(
+        config.at.as_bytes(),
+        start,
+        path,
+        follow,
+        &upper::ShimLayer(config),
+        &mut out,
+        &mut rel,
+        &mut rel_len,
+    );
+    let in_upper = |scratch: &mut PathBuf| upper::host_path(config, &rel[..rel_len], scratch);
     match resolved {
-        Resolved::Node(n) => Target::Node(n),
-        Resolved::Missing { parent, last } => Target::Missing { parent, last },
-        Resolved::NotDir => Target::Fail(Errno::NOTDIR),
-        Resolved::Loop => Target::Fail(Errno::LOOP),
-        Resolved::TooLong => Target::Fail(Errno::NAMETOOLONG),
-        Resolved::Damaged => Target::Fail(Errno::IO),
-        Resolved::Outside(n) => {
+        Layered::Tree(n) => Target::Node(n),
+        Layered::Upper => {
+            if in_upper(scratch) {
+                Target::Upper
+            } else {
+                Target::Fail(Errno::NAMETOOLONG)
+            }
+        }
+        Layered::Missing { last, .. } => {
+            if !last || !upper::writable(config) || !in_upper(scratch) {
+                scratch.set(&[]);
+            }
+            Target::Missing { last }
+        }
+        Layered::NotDir => Target::Fail(Errno::NOTDIR),
+        Layered::Loop => Target::Fail(Errno::LOOP),
+        Layered::TooLong => Target::Fail(Errno::NAMETOOLONG),
+        Layered::Damaged => Target::Fail(Errno::IO),
+        Layered::Outside(n) => {
             if scratch.set(&[&out[..n]]) {
                 Target::HostPath
             } else {
                 Target::Fail(Errno::NAMETOOLONG)
             }
         }
+    }
+}
+
+/// The path of upper entry `host` (a scratch buffer [`lookup`] filled) relative to the
+/// tree's top.
+pub fn rel_of<'p>(config: &Config, host: &'p PathBuf) -> &'p [u8] {
+    let bytes = host.as_bytes();
+    match bytes.strip_prefix(config.upper.as_bytes()) {
+        Some(rest) => rest.strip_prefix(b"/").unwrap_or(rest),
+        None => b"",
     }
 }
 
