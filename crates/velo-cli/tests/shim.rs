@@ -4,30 +4,16 @@
 //! virtual path does not exist on the host.
 
 mod common;
+#[path = "common/shim_env.rs"]
+mod shim_env;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
-use std::sync::OnceLock;
 
 use common::Env;
-
-/// The shim library is a cdylib, which `cargo test` does not rebuild for the velo binary:
-/// built here once, into the target directory velo looks in.
-fn shim_built() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "velo-shim"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p velo-shim");
-        assert!(status.success(), "cargo build -p velo-shim failed");
-        let lib = common::velo_bin().with_file_name("libvelo_shim.so");
-        assert!(lib.is_file(), "no shim library at {}", lib.display());
-    });
-}
+use shim_env::{compiled, stdout_of};
 
 /// A small tree: a file from 2001, a symlink, a subdirectory, a private file, an
 /// executable copy of /bin/true and a Python module.
@@ -48,24 +34,7 @@ fn tree(env: &Env) -> std::path::PathBuf {
 }
 
 fn shimmed(env: &Env, extra: &[&str], command: &[&str]) -> Output {
-    shim_built();
-    let mut cmd = env.cmd();
-    cmd.args(["run", "--manifest", "t"])
-        .args(extra)
-        .arg("--")
-        .args(command);
-    cmd.output().unwrap()
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    shim_env::run_shimmed(env, "t", extra, command)
 }
 
 #[test]
@@ -417,39 +386,10 @@ int main(void) {
     assert_eq!(stdout_of(&out), "42\n");
 }
 
-/// Compiles `source` with the host's gcc into `env`; `None` (a visible skip) without gcc.
-fn compiled(env: &Env, name: &str, source: &[u8]) -> Option<std::path::PathBuf> {
-    let Some(gcc) = ["/usr/bin/gcc", "/usr/bin/cc"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
-        common::require(false, "gcc (scripts/test.sh installs it)");
-        return None;
-    };
-    let c = env.path(&format!("{name}.c"));
-    fs::write(&c, source).unwrap();
-    let exe = env.path(name);
-    let out = std::process::Command::new(gcc)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&c)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(exe)
-}
-
-/// The descriptor of a tree file is the blob's own, and a tree directory's is the view's
-/// empty directory: no call through them, or through /proc/self/fd, may change either,
-/// nor may a relative path that leaves the tree land in the store; bad descriptors are
-/// errors, not crashes (red team of the first shim).
-/// Every change a program makes to tree files through their descriptors or paths lands
-/// on copies in the run's upper: the store's blobs and the view keep their bytes, modes
-/// and times.
+/// Every change a program makes to tree files, through their descriptors (the blob's
+/// own, a tree directory's placeholder), `/proc/self/fd` or paths, lands on copies in the
+/// run's upper: the store's blobs and the view keep their bytes, modes and times; a
+/// relative path that leaves the tree lands beside it on the host, never in the store.
 #[test]
 fn a_program_cannot_change_the_store_through_the_shim() {
     let env = Env::new();

@@ -1,0 +1,295 @@
+//! `velo run --manifest M [--upper DIR] [--commit OUT] [--name N] -- CMD` with the shim:
+//! the command's changes go copy-on-write into an upper in the overlayfs format, which
+//! velo commits with the shared routine when the command succeeds, and which a later
+//! run (through the shim or the sandbox) continues from.
+
+mod common;
+#[path = "common/sandbox_env.rs"]
+mod sandbox_env;
+#[path = "common/shim_env.rs"]
+mod shim_env;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::Env;
+use shim_env::{run_shimmed, stdout_of};
+
+/// a.txt (2001), keep 0600, sub/{b, c}, gone/x, link -> a.txt.
+fn tree(env: &Env) {
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::create_dir_all(src.join("gone")).unwrap();
+    fs::write(src.join("a.txt"), b"hello\n").unwrap();
+    common::touch_ns(&src.join("a.txt"), 978_307_200, 0);
+    fs::write(src.join("keep"), b"private\n").unwrap();
+    fs::set_permissions(src.join("keep"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(src.join("sub/b"), b"b\n").unwrap();
+    fs::write(src.join("sub/c"), b"c\n").unwrap();
+    fs::write(src.join("gone/x"), b"x\n").unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+}
+
+fn cat(env: &Env, tree: &str, path: &str) -> String {
+    env.ok(&["cat", tree, path])
+}
+
+#[test]
+fn a_successful_command_s_changes_are_committed_as_a_new_tree() {
+    let env = Env::new();
+    tree(&env);
+    let out_velo = env.path("out.velo");
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--commit", out_velo.to_str().unwrap(), "--name", "next"],
+        &[
+            "sh",
+            "-c",
+            "set -e; echo more >> a.txt; echo new > sub/new; rm sub/c; rm -r gone; \
+             mkdir -p made/deep; echo d > made/deep/f; mv sub/b sub/b2; ln -s sub/b2 l2; \
+             chmod 0750 sub/new; touch -d @1000000000 keep; cat a.txt; ls sub",
+        ],
+    );
+    assert_eq!(stdout_of(&out), "hello\nmore\nb2\nnew\n");
+    assert!(out_velo.is_file());
+    assert_eq!(cat(&env, "next", "a.txt"), "hello\nmore\n");
+    assert_eq!(cat(&env, "next", "sub/new"), "new\n");
+    assert_eq!(cat(&env, "next", "sub/b2"), "b\n");
+    assert_eq!(cat(&env, "next", "made/deep/f"), "d\n");
+    let listing = env.ok(&["ls", "next"]);
+    assert!(!listing.contains("gone"), "{listing}");
+    assert_eq!(env.ok(&["ls", "next", "sub"]), "b2\nnew\n");
+    let show = |path: &str| env.json(&["show", "next", path]);
+    assert_eq!(show("sub/new")["mode"], 0o750);
+    assert_eq!(show("keep")["mode"], 0o600, "the untouched mode is kept");
+    assert_eq!(show("keep")["mtime_ns"], 1_000_000_000_000_000_000i64);
+    assert_eq!(show("l2")["target"], "sub/b2");
+    // The committed tree runs through the shim like any other.
+    let out = run_shimmed(&env, "next", &[], &["cat", "l2", "made/deep/f"]);
+    assert_eq!(stdout_of(&out), "b\nd\n");
+    env.fsck_ok();
+}
+
+#[test]
+fn a_failed_command_commits_nothing_and_an_upper_can_be_kept_and_continued() {
+    let env = Env::new();
+    tree(&env);
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--name", "never"],
+        &["sh", "-c", "echo x > a.txt; exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing committed"));
+    assert!(!env.ok(&["roots"]).contains("never"));
+
+    let upper = env.path("kept");
+    let up = upper.to_str().unwrap();
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--upper", up],
+        &[
+            "sh",
+            "-c",
+            "echo 1 > a.txt && rm sub/c && rm -r gone && mkdir gone && echo n > gone/n",
+        ],
+    );
+    stdout_of(&out);
+    // The upper is in the kernel overlayfs format: a 0/0 whiteout, an opaque directory.
+    let whiteout = fs::symlink_metadata(upper.join("sub/c")).unwrap();
+    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
+    let mut value = [0u8; 4];
+    let n = rustix::fs::getxattr(&upper.join("gone"), "user.overlay.opaque", &mut value).unwrap();
+    assert_eq!(&value[..n], b"y");
+    // A later run on the same upper continues from it.
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--upper", up, "--name", "after"],
+        &["sh", "-c", "cat a.txt; ls sub gone; echo 2 >> a.txt"],
+    );
+    assert_eq!(stdout_of(&out), "1\ngone:\nn\n\nsub:\nb\n");
+    assert_eq!(cat(&env, "after", "a.txt"), "1\n2\n");
+    assert_eq!(env.ok(&["ls", "after", "gone"]), "n\n");
+    env.fsck_ok();
+}
+
+#[test]
+fn an_upper_made_through_the_shim_is_continued_by_the_sandbox() {
+    let env = Env::new();
+    if !sandbox_env::sandbox_supported() {
+        return;
+    }
+    let (busybox, app) = sandbox_env::layers(&env);
+    // The shim changes the app layer; the sandbox, with busybox under it, sees the same.
+    let upper = env.path("up");
+    let up = upper.to_str().unwrap();
+    let app_velo = app.to_str().unwrap();
+    let out = run_shimmed(
+        &env,
+        app_velo,
+        &["--upper", up, "--at", "/vrift-shim-test"],
+        &[
+            "sh",
+            "-c",
+            "cd app && echo shim > from-shim && rm -r dir && ls",
+        ],
+    );
+    let listed = stdout_of(&out);
+    assert!(
+        listed.contains("from-shim") && !listed.contains("\ndir\n"),
+        "{listed}"
+    );
+    let out = env.run(&[
+        "run",
+        "--isolate",
+        "--base",
+        busybox.to_str().unwrap(),
+        "--manifest",
+        app_velo,
+        "--upper",
+        up,
+        "--",
+        "sh",
+        "-c",
+        "cat /app/from-shim; ls /app",
+    ]);
+    let text = stdout_of(&out);
+    assert!(text.starts_with("shim\n"), "{text}");
+    assert!(
+        !text.lines().any(|l| l == "dir"),
+        "the whiteout hides dir: {text}"
+    );
+}
+
+#[test]
+fn processes_racing_to_change_one_tree_file_share_one_copy() {
+    let env = Env::new();
+    tree(&env);
+    // Eight appenders at once: each first write-open copies up (or finds the copy made
+    // by another); every line lands in the one copy.
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--name", "raced"],
+        &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8; do (echo line$i >> a.txt) & done; wait; \
+             for i in 1 2 3 4 5 6 7 8; do (mkdir -p sub/d/e && echo $i > sub/d/e/f$i) & done; wait",
+        ],
+    );
+    stdout_of(&out);
+    let text = cat(&env, "raced", "a.txt");
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.remove(0), "hello", "{text}");
+    lines.sort();
+    assert_eq!(
+        lines,
+        (1..=8).map(|i| format!("line{i}")).collect::<Vec<_>>(),
+        "{text}"
+    );
+    assert_eq!(env.ok(&["ls", "raced", "sub/d/e"]).lines().count(), 8);
+}
+
+#[test]
+fn renaming_a_tree_directory_is_exdev_and_mv_copies_it() {
+    let env = Env::new();
+    tree(&env);
+    let Some(probe) = shim_env::compiled(
+        &env,
+        "ren",
+        br#"#include <stdio.h>
+#include <errno.h>
+#include <string.h>
+int main(void) {
+    int r = rename("sub", "moved");
+    printf("%s\n", r == 0 ? "ok" : strerror(errno));
+    return 0;
+}
+"#,
+    ) else {
+        return;
+    };
+    let out = run_shimmed(&env, "t", &[], &[probe.to_str().unwrap()]);
+    assert_eq!(stdout_of(&out), "Invalid cross-device link\n");
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--name", "mv"],
+        &["sh", "-c", "mv sub moved && ls; cat moved/b"],
+    );
+    assert_eq!(stdout_of(&out), "a.txt\ngone\nkeep\nlink\nmoved\nb\n");
+    assert_eq!(env.ok(&["ls", "mv", "moved"]), "b\nc\n");
+}
+
+#[test]
+fn make_builds_a_c_project_that_exists_only_in_the_tree() {
+    let env = Env::new();
+    if !common::require(
+        common::find_tool("gcc").is_some(),
+        "gcc (scripts/test.sh installs it)",
+    ) || !common::require(
+        common::find_tool("make").is_some(),
+        "make (scripts/test.sh installs it)",
+    ) {
+        return;
+    }
+    let src = env.path("proj");
+    fs::create_dir_all(src.join("lib")).unwrap();
+    fs::write(
+        src.join("lib/greet.c"),
+        "#include <stdio.h>\nvoid greet(const char *w) { printf(\"hello, %s\\n\", w); }\n",
+    )
+    .unwrap();
+    fs::write(src.join("lib/greet.h"), "void greet(const char *w);\n").unwrap();
+    fs::write(
+        src.join("main.c"),
+        "#include \"lib/greet.h\"\nint main(void) { greet(\"tree\"); return 0; }\n",
+    )
+    .unwrap();
+    fs::write(
+        src.join("Makefile"),
+        "OBJS = main.o lib/greet.o\nhello: $(OBJS)\n\t$(CC) -o $@ $(OBJS)\nmain.o: lib/greet.h\nclean:\n\trm -f hello $(OBJS)\n",
+    )
+    .unwrap();
+    env.ingest(&src, &["--name", "proj"]);
+    fs::remove_dir_all(&src).unwrap();
+    let out = run_shimmed(&env, "proj", &["--name", "built"], &["make", "-j2"]);
+    stdout_of(&out);
+    let listing = env.ok(&["ls", "built"]);
+    assert!(
+        listing.contains("hello") && listing.contains("main.o"),
+        "{listing}"
+    );
+    assert!(env.ok(&["ls", "built", "lib"]).contains("greet.o"));
+    // The binary runs from the committed tree, and the build is up to date there (its
+    // mtimes are exact), until a source changes.
+    let out = run_shimmed(&env, "built", &[], &["./hello"]);
+    assert_eq!(stdout_of(&out), "hello, tree\n");
+    let out = run_shimmed(&env, "built", &[], &["make", "-q", "hello"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_shimmed(
+        &env,
+        "built",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "sleep 0.01; touch lib/greet.h; make -q hello; echo $?",
+        ],
+    );
+    assert_eq!(stdout_of(&out), "1\n");
+    assert!(!Path::new("/vrift").exists());
+    env.fsck_ok();
+}
