@@ -104,7 +104,7 @@ fn a_failed_command_commits_nothing_and_an_upper_can_be_kept_and_continued() {
     let whiteout = fs::symlink_metadata(upper.join("sub/c")).unwrap();
     assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0);
     let mut value = [0u8; 4];
-    let n = rustix::fs::getxattr(&upper.join("gone"), "user.overlay.opaque", &mut value).unwrap();
+    let n = rustix::fs::getxattr(upper.join("gone"), "user.overlay.opaque", &mut value).unwrap();
     assert_eq!(&value[..n], b"y");
     // A later run on the same upper continues from it.
     let out = run_shimmed(
