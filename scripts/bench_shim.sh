@@ -4,7 +4,11 @@
 #  1. `find TREE -type f | xargs stat --format=%s` over linux-source-6.1: the tree through
 #     the shim at /vrift vs the same tree unpacked natively (same fresh loop ext4);
 #  2. `find TREE | wc -l` the same way;
-#  3. `velo run --manifest M -- /bin/true` on a cached view vs `/bin/true` (start-up cost),
+#  3. `python3 -c 'import numpy, pandas'` from a pip-installed directory vs from its tree;
+#  4. a C build: `make -j2` of zstd's library (the sources bundled in the zstd-sys crate, 40
+#     files; fetched with cargo once) in a native copy vs in the tree through the shim, the
+#     objects going to the run's upper;
+#  5. `velo run --manifest M -- /bin/true` on a cached view vs `/bin/true` (start-up cost),
 #     and the first run's view build reported apart.
 # Usage: sudo bash scripts/bench_shim.sh      RUNS=7 (per contender)   SMALL=1 (fs/ only: CI)
 set -euo pipefail
@@ -88,6 +92,41 @@ done
 ma=$(printf '%s\n' "${ta[@]}" | median)
 mb=$(printf '%s\n' "${tb[@]}" | median)
 printf '%-34s native %8.3f s   shim %8.3f s   ratio %.2f\n' "import numpy, pandas" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+
+# A C build: zstd's library, whose sources come with the zstd-sys crate (fetched once).
+zdir=/var/cache/velo-bench/zstd-lib
+if [ ! -f "$zdir/.complete" ]; then
+    rm -rf "$zdir"; mkdir -p "$zdir"
+    proj=$(mktemp -d)
+    mkdir -p "$proj/src"; echo 'fn main() {}' > "$proj/src/main.rs"
+    printf '[package]\nname = "fetch-zstd"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\nzstd-sys = "=2.0.16"\n' > "$proj/Cargo.toml"
+    cargo fetch --quiet --manifest-path "$proj/Cargo.toml"
+    src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/zstd-sys-2.0.16*/zstd/lib | tail -1)
+    cp -r "$src" "$zdir/lib"
+    cat > "$zdir/lib/Makefile" <<'MAKE'
+SRCS := $(wildcard common/*.c compress/*.c decompress/*.c dictBuilder/*.c)
+OBJS := $(SRCS:.c=.o)
+CFLAGS := -O1 -DZSTD_DISABLE_ASM -DZSTD_MULTITHREAD=0 -I. -Icommon
+libzstd.a: $(OBJS)
+	$(AR) rcs $@ $^
+clean:
+	rm -f libzstd.a $(OBJS)
+MAKE
+    rm -rf "$proj"; touch "$zdir/.complete"
+fi
+cp -a "$zdir/lib" "$mnt/zstd"
+"$velo" ingest "$mnt/zstd" --name zstd >/dev/null 2>&1
+"$velo" run --manifest zstd -- /bin/true
+ta=(); tb=()
+crounds=$(( (runs + 1) / 2 ))
+for _ in $(seq "$crounds"); do
+    make -s -C "$mnt/zstd" clean >/dev/null
+    ta+=("$(time_of make -s -j2 -C "$mnt/zstd")")
+    tb+=("$(time_of "$velo" run --manifest zstd -- make -s -j2)")
+done
+ma=$(printf '%s\n' "${ta[@]}" | median)
+mb=$(printf '%s\n' "${tb[@]}" | median)
+printf '%-34s native %8.3f s   shim %8.3f s   ratio %.2f\n' "C build: make -j2 (zstd lib)" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
 
 # Start-up: 101 runs each, alternated.
 ta=(); tb=()
