@@ -293,3 +293,24 @@ fn make_builds_a_c_project_that_exists_only_in_the_tree() {
     assert!(!Path::new("/vrift").exists());
     env.fsck_ok();
 }
+
+#[test]
+fn a_directory_the_command_made_works_as_a_working_directory_with_tree_paths() {
+    let env = Env::new();
+    tree(&env);
+    let out = run_shimmed(
+        &env,
+        "t",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p new/x && cd new/x && /bin/pwd && cat ../../a.txt ../../sub/b && \
+             echo y > ../../new/y && ls .. && python3 -c 'import os; print(os.getcwd(), os.path.realpath(\"../y\"))'",
+        ],
+    );
+    assert_eq!(
+        stdout_of(&out),
+        "/vrift/new/x\nhello\nb\nx\ny\n/vrift/new/x /vrift/new/y\n"
+    );
+}

@@ -1525,12 +1525,20 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: usize) -> *mut c_char {
     let Some(config) = config::get() else {
         return real(buf, size);
     };
-    let Some(index) = paths::cwd(config) else {
-        return real(buf, size);
-    };
     let mut path = PathBuf::new();
-    if !paths::path_of(config, index, &mut path) {
-        return fail(Errno::NAMETOOLONG);
+    match paths::cwd(config) {
+        Some(index) => {
+            if !paths::path_of(config, index, &mut path) {
+                return fail(Errno::NAMETOOLONG);
+            }
+        }
+        None => match paths::cwd_in_upper(config) {
+            // A directory the command made: its tree path, not the upper's.
+            Some(virtual_cwd) => {
+                path.set(&[virtual_cwd.as_bytes()]);
+            }
+            None => return real(buf, size),
+        },
     }
     let bytes = path.as_bytes();
     let (out, len) = if buf.is_null() {

@@ -49,6 +49,10 @@ static HOST_CWD: HostCwd = HostCwd(core::cell::UnsafeCell::new(PathBuf::new()));
 static HOST_CWD_KNOWN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 static HOST_CWD_UPDATING: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
+/// Whether the known host working directory is in the upper (`HOST_CWD` then holds the
+/// tree path it stands for).
+static HOST_CWD_IN_UPPER: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
 /// Whether the known host working directory is `at` or above it, or in the upper.
 static HOST_CWD_ABOVE_AT: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
@@ -70,8 +74,10 @@ pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
             let at = config.at.as_bytes();
             let upper = config.upper.as_bytes();
             if !upper.is_empty() && is_under(path, upper) {
+                HOST_CWD_IN_UPPER.store(true, Ordering::Relaxed);
                 cwd.set(&[at, &path[upper.len()..]])
             } else {
+                HOST_CWD_IN_UPPER.store(false, Ordering::Relaxed);
                 cwd.set(&[path]);
                 path == b"/"
                     || at
@@ -91,6 +97,13 @@ pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
     } else {
         None
     }
+}
+
+/// The tree path of the host working directory when it is a directory of the upper
+/// (what `getcwd` reports there).
+pub fn cwd_in_upper(config: &Config) -> Option<&'static PathBuf> {
+    let cwd = host_cwd_relevant(config)?;
+    HOST_CWD_IN_UPPER.load(Ordering::Relaxed).then_some(cwd)
 }
 
 /// Where a path argument leads.
