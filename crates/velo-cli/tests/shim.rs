@@ -242,7 +242,7 @@ fn programs_the_shim_cannot_enter_are_refused_with_the_way_to_run_them() {
         stderr.contains("statically linked") && stderr.contains("--isolate"),
         "{stderr}"
     );
-    let out = shimmed(&env, &["--upper", "/tmp/x"], &["true"]);
+    let out = shimmed(&env, &["--bind", "/tmp:/tmp"], &["true"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--isolate"));
 }

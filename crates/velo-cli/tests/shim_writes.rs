@@ -306,11 +306,12 @@ fn a_directory_the_command_made_works_as_a_working_directory_with_tree_paths() {
             "sh",
             "-c",
             "mkdir -p new/x && cd new/x && /bin/pwd && cat ../../a.txt ../../sub/b && \
-             echo y > ../../new/y && ls .. && python3 -c 'import os; print(os.getcwd(), os.path.realpath(\"../y\"))'",
+             echo y > ../../new/y && ls .. && python3 -c 'import os; print(os.getcwd(), os.path.realpath(\"../y\"))' && \
+             cd /vrift && chmod 700 sub && stat -c %a sub && touch -d @1500000000 sub && stat -c %Y sub",
         ],
     );
     assert_eq!(
         stdout_of(&out),
-        "/vrift/new/x\nhello\nb\nx\ny\n/vrift/new/x /vrift/new/y\n"
+        "/vrift/new/x\nhello\nb\nx\ny\n/vrift/new/x /vrift/new/y\n700\n1500000000\n"
     );
 }

@@ -241,7 +241,8 @@ pub fn write_touched(
                 }
             }
         }
-        if any {
+        // The top's copy is the upper itself: marked only when it holds something.
+        if any || node != 0 {
             bits[node as usize / 8] |= 1 << (node % 8);
         }
     }

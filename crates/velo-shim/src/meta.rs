@@ -1,5 +1,6 @@
 //! What `stat` and `statx` report for a tree node: the tree's metadata, the view's
-//! device, an inode number per node, and the user who runs the program as owner.
+//! device, an inode number per node, and the user who runs the program as owner; a
+//! directory the command changed shows its upper copy's mode, owner and times.
 
 use velo_view::{Kind, Node};
 
@@ -36,6 +37,17 @@ pub fn fill_stat(config: &Config, node: &Node, out: &mut libc::stat) {
     out.st_mtime_nsec = nsec;
     out.st_ctime = secs;
     out.st_ctime_nsec = nsec;
+    if let Some(copy) = crate::upper::dir_copy(config, node) {
+        out.st_mode = libc::S_IFDIR | (copy.st_mode & 0o7777);
+        out.st_uid = copy.st_uid;
+        out.st_gid = copy.st_gid;
+        out.st_atime = copy.st_atime;
+        out.st_atime_nsec = copy.st_atime_nsec as i64;
+        out.st_mtime = copy.st_mtime;
+        out.st_mtime_nsec = copy.st_mtime_nsec as i64;
+        out.st_ctime = copy.st_ctime;
+        out.st_ctime_nsec = copy.st_ctime_nsec as i64;
+    }
 }
 
 /// Fills `out` with `node`'s metadata, as `statx` reports it.
@@ -65,6 +77,21 @@ pub fn fill_statx(config: &Config, node: &Node, out: &mut libc::statx) {
     out.stx_rdev_minor = 0;
     out.stx_dev_major = libc::major(device);
     out.stx_dev_minor = libc::minor(device);
+    if let Some(copy) = crate::upper::dir_copy(config, node) {
+        let at = |secs: i64, nsec: u64| {
+            // SAFETY: statx_timestamp is plain integers; all-zero is a valid value.
+            let mut t: libc::statx_timestamp = unsafe { core::mem::zeroed() };
+            t.tv_sec = secs;
+            t.tv_nsec = nsec as u32;
+            t
+        };
+        out.stx_mode = (libc::S_IFDIR | (copy.st_mode & 0o7777)) as u16;
+        out.stx_uid = copy.st_uid;
+        out.stx_gid = copy.st_gid;
+        out.stx_atime = at(copy.st_atime, copy.st_atime_nsec as u64);
+        out.stx_mtime = at(copy.st_mtime, copy.st_mtime_nsec as u64);
+        out.stx_ctime = at(copy.st_ctime, copy.st_ctime_nsec as u64);
+    }
 }
 
 /// Copies a kernel `stat` (as rustix returns it) into libc's.

@@ -64,8 +64,8 @@ fn is_touched(config: &Config, dir: u32) -> bool {
         .is_some_and(|byte| byte.load(Ordering::Acquire) & (1 << (dir % 8)) != 0)
 }
 
-/// Tree directory `dir` may now have entries in the upper: set before they are made, so
-/// no process misses them.
+/// Tree directory `dir` may now have entries in the upper, or a copy there: set before
+/// they are made, so no process misses them.
 pub fn mark(config: &Config, dir: Option<u32>) {
     if let Some(byte) = dir.and_then(|d| config.touched.get(d as usize / 8).map(|b| (b, d))) {
         byte.0.fetch_or(1 << (byte.1 % 8), Ordering::AcqRel);
@@ -144,6 +144,8 @@ pub fn ensure_dirs(config: &Config, rel: &[u8]) -> Result<Option<u32>, Errno> {
                 };
                 let mode = view.node(dir).map_err(|_| Errno::IO)?.mode & 0o7777;
                 mark(config, current);
+                // The directory's own bit too: its metadata now comes from the upper.
+                mark(config, Some(dir));
                 match rustix::fs::mkdirat(CWD, path.as_cstr(), Mode::from_raw_mode(mode)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(e),
@@ -459,4 +461,22 @@ pub fn open_merged(config: &Config, dir: u32) -> i32 {
         Ok(fd) => rustix::fd::IntoRawFd::into_raw_fd(fd),
         Err(_) => -1,
     }
+}
+
+/// The upper's copy of tree directory `dir`, if the command changed it (made entries in
+/// it, chmod'ed it): its mode, owner and times are what `stat` reports.
+pub fn dir_copy(config: &Config, dir: &Node) -> Option<rustix::fs::Stat> {
+    if dir.kind != Kind::Dir || !writable(config) || !is_touched(config, dir.index) {
+        return None;
+    }
+    let mut buf = [0u8; PATH_MAX];
+    let len = config.view.path_of(b"", dir.index, &mut buf)?;
+    let rel = buf[..len].strip_prefix(b"/").unwrap_or(&buf[..len]);
+    let mut path = PathBuf::new();
+    if !host_path(config, rel, &mut path) {
+        return None;
+    }
+    rustix::fs::statat(CWD, path.as_cstr(), AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        .filter(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
 }
