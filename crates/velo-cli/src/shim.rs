@@ -102,14 +102,28 @@ fn unshimmable(path: &Path) -> Result<Option<&'static str>> {
 fn resolve_program(
     index: &velo_view::View<'_>,
     exec_dir: &Path,
+    upper: &Path,
     at: &[u8],
     start: &[u8],
     program: &OsStr,
 ) -> Result<PathBuf> {
     let in_tree = |path: &[u8]| -> Result<Option<PathBuf>> {
-        let mut scratch = [0u8; velo_view::PATH_MAX];
-        match index.resolve(at, 0, path, true, &mut scratch) {
-            velo_view::Resolved::Node(n) => {
+        let (mut scratch, mut rel, mut rel_len) =
+            ([0u8; velo_view::PATH_MAX], [0u8; velo_view::PATH_MAX], 0);
+        let layer = velo_project::view::DirLayer { upper };
+        match index.resolve_layered(
+            at,
+            0,
+            path,
+            true,
+            &layer,
+            &mut scratch,
+            &mut rel,
+            &mut rel_len,
+        ) {
+            // A file the command (of an earlier run on this upper) made: itself.
+            velo_view::Layered::Upper => Ok(Some(upper.join(OsStr::from_bytes(&rel[..rel_len])))),
+            velo_view::Layered::Tree(n) => {
                 let node = index
                     .node(n)
                     .map_err(|_| anyhow::anyhow!("the view index is damaged"))?;
@@ -127,7 +141,7 @@ fn resolve_program(
                 }
                 Ok(Some(exec_dir.join(n.to_string())))
             }
-            velo_view::Resolved::Outside(len) => {
+            velo_view::Layered::Outside(len) => {
                 Ok(Some(PathBuf::from(OsStr::from_bytes(&scratch[..len]))))
             }
             _ => Ok(None),
@@ -301,15 +315,6 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         .ok()
         .and_then(|rest| rest.to_str())
         .unwrap_or(workdir);
-    {
-        let mut scratch = [0u8; velo_view::PATH_MAX];
-        let rel = workdir.trim_start_matches('/');
-        match index.resolve(at_bytes, 0, rel.as_bytes(), true, &mut scratch) {
-            velo_view::Resolved::Node(n)
-                if index.node(n).is_ok_and(|n| n.kind == velo_view::Kind::Dir) => {}
-            _ => bail!("--workdir {workdir}: no such directory in the tree"),
-        }
-    }
     // The dynamic loader opens libraries itself, by real paths whose directories must hold
     // their neighbours: a tree with shared libraries gets its (cached) farm for `dlopen`.
     let has_libraries = index.view_flags() & velo_view::VIEW_HAS_LIBRARIES != 0;
@@ -331,6 +336,53 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     let Some(program) = args.command.first() else {
         bail!("no command given (after --)");
     };
+    // The run's changes: a temporary upper in a session of the store, or the user's.
+    let session = store.new_session()?;
+    let (upper, upper_lock, upper_is_temporary) = match &args.upper {
+        Some(dir) => {
+            let (path, lock) = velo_project::session::prepare_upper(store.root(), dir)?;
+            velo_project::sandbox::spawn::keep_private(std::os::fd::AsRawFd::as_raw_fd(&lock));
+            (path, Some(lock), false)
+        }
+        None => {
+            let path = session.dir().join("upper");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            (path, None, true)
+        }
+    };
+    // Where the command starts: a tree directory (the kernel's working directory is then
+    // the run's empty placeholder), or a directory an earlier run on this upper made.
+    let upper_start = {
+        let rel = workdir.trim_matches('/');
+        let (mut scratch, mut rel_buf, mut rel_len) =
+            ([0u8; velo_view::PATH_MAX], [0u8; velo_view::PATH_MAX], 0);
+        let layer = velo_project::view::DirLayer { upper: &upper };
+        match index.resolve_layered(
+            at_bytes,
+            0,
+            rel.as_bytes(),
+            true,
+            &layer,
+            &mut scratch,
+            &mut rel_buf,
+            &mut rel_len,
+        ) {
+            velo_view::Layered::Tree(n)
+                if index.node(n).is_ok_and(|n| n.kind == velo_view::Kind::Dir) =>
+            {
+                None
+            }
+            velo_view::Layered::Upper
+                if upper.join(OsStr::from_bytes(&rel_buf[..rel_len])).is_dir() =>
+            {
+                Some(upper.join(OsStr::from_bytes(&rel_buf[..rel_len])))
+            }
+            _ => bail!("--workdir {workdir}: no such directory in the tree"),
+        }
+    };
     let start = {
         let rel = workdir.trim_matches('/');
         if rel.is_empty() {
@@ -340,7 +392,14 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         }
     };
     let start_bytes = start.as_os_str().as_bytes();
-    let mut real = resolve_program(&index, &view.exec_dir, at_bytes, start_bytes, program)?;
+    let mut real = resolve_program(
+        &index,
+        &view.exec_dir,
+        &upper,
+        at_bytes,
+        start_bytes,
+        program,
+    )?;
     let mut argv0 = program.clone();
     let mut rest: Vec<OsString> = args.command[1..].to_vec();
     // A `#!` script in the tree: its interpreter runs with the script's tree path (as
@@ -353,7 +412,14 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
                 at.join(program).into_os_string()
             };
             rest.splice(0..0, option.into_iter().chain([script]));
-            real = resolve_program(&index, &view.exec_dir, at_bytes, start_bytes, &interpreter)?;
+            real = resolve_program(
+                &index,
+                &view.exec_dir,
+                &upper,
+                at_bytes,
+                start_bytes,
+                &interpreter,
+            )?;
             argv0 = interpreter;
         }
     }
@@ -372,31 +438,20 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         }
         _ => library.clone().into_os_string(),
     };
-    // The run's changes: a temporary upper in a session of the store, or the user's.
-    let session = store.new_session()?;
-    let (upper, upper_lock, upper_is_temporary) = match &args.upper {
-        Some(dir) => {
-            let (path, lock) = velo_project::session::prepare_upper(store.root(), dir)?;
-            velo_project::sandbox::spawn::keep_private(std::os::fd::AsRawFd::as_raw_fd(&lock));
-            (path, Some(lock), false)
-        }
-        None => {
-            let path = session.dir().join("upper");
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            (path, None, true)
-        }
-    };
     let touched = session.dir().join("touched");
     velo_project::view::write_touched(&index, &upper, &touched)?;
-    let placeholder = view.exec_dir.join("e");
+    // The run's own empty directory for the kernel's working directory while the
+    // command works in a tree directory (and for descriptors of tree directories).
+    let placeholder = session.dir().join("e");
+    std::fs::DirBuilder::new()
+        .mode(0o555)
+        .create(&placeholder)
+        .with_context(|| format!("creating {}", placeholder.display()))?;
     let mut command = std::process::Command::new(&real);
     command
         .arg0(&argv0)
         .args(&rest)
-        .current_dir(&placeholder)
+        .current_dir(upper_start.as_deref().unwrap_or(&placeholder))
         .env("LD_PRELOAD", preload)
         .env("VRIFT_VIEW", &view.index)
         .env("VRIFT_AT", &at)
@@ -406,7 +461,12 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         .env("VRIFT_FARM", farm.as_deref().unwrap_or(Path::new("")))
         .env("VRIFT_UPPER", &upper)
         .env("VRIFT_TOUCHED", &touched)
+        .env("VRIFT_PLACEHOLDER", &placeholder)
         .env("PWD", &start);
+    if upper_start.is_some() {
+        // The kernel's working directory (in the upper) says where the command is.
+        command.env_remove("VRIFT_CWD");
+    }
     for kv in &args.env {
         let Some((k, v)) = kv.split_once('=') else {
             bail!("--env {kv:?}: expected K=V");

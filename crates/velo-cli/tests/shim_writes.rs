@@ -315,3 +315,157 @@ fn a_directory_the_command_made_works_as_a_working_directory_with_tree_paths() {
         "/vrift/new/x\nhello\nb\nx\ny\n/vrift/new/x /vrift/new/y\n700\n1500000000\n"
     );
 }
+
+/// What the red-team runs found: other names of a descriptor (`/proc/thread-self/fd/N`,
+/// a second thread's `/proc/<tid>/fd/N`, `/dev/stdout`), `..` from a descriptor of a
+/// directory the command made, overlayfs's own xattrs, `close(-1)`, a raw system call
+/// relative to a tree directory. None of them may change the store.
+#[test]
+fn other_names_of_tree_files_and_upper_directories_stay_in_the_tree() {
+    let env = Env::new();
+    tree(&env);
+    let Some(probe) = shim_env::compiled(
+        &env,
+        "hostile2",
+        br#"#define _GNU_SOURCE
+#include <stdio.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <errno.h>
+#include <string.h>
+#include <pthread.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+static void say(const char *what, int r) { printf("%s=%s\n", what, r < 0 ? strerror(errno) : "ok"); fflush(stdout); }
+static int tree_fd;
+static void *other_thread(void *arg) {
+    char p[64];
+    snprintf(p, sizeof p, "/proc/%ld/fd/%d", (long)syscall(SYS_gettid), tree_fd);
+    int fd = open(p, O_WRONLY | O_APPEND);
+    say("tid-reopen", fd);
+    if (fd >= 0) { write(fd, "T\n", 2); close(fd); }
+    return arg;
+}
+int main(void) {
+    say("close-neg", close(-1));
+    tree_fd = open("a.txt", O_RDONLY);
+    char p[64];
+    snprintf(p, sizeof p, "/proc/thread-self/fd/%d", tree_fd);
+    int fd = open(p, O_WRONLY | O_APPEND);
+    say("thread-self-reopen", fd);
+    if (fd >= 0) { write(fd, "S\n", 2); close(fd); }
+    pthread_t t;
+    pthread_create(&t, NULL, other_thread, NULL);
+    pthread_join(t, NULL);
+    mkdir("nd", 0755);
+    int d = open("nd", O_RDONLY | O_DIRECTORY);
+    fd = openat(d, "../keep", O_WRONLY | O_APPEND);
+    say("upper-dir-dotdot", fd);
+    if (fd >= 0) { write(fd, "K\n", 2); close(fd); }
+    say("upper-dir-escape", openat(d, "../../../../../../etc/hostname/x", O_RDONLY));
+    say("fchdir-upper", fchdir(d));
+    char cwd[4096];
+    printf("cwd=%s\n", getcwd(cwd, sizeof cwd));
+    say("opaque-xattr", setxattr("/vrift/sub", "user.overlay.opaque", "y", 1, 0));
+    chdir("/vrift/sub");
+    say("raw-mkdirat", (int)syscall(SYS_mkdirat, AT_FDCWD, "raw-made", 0755));
+    return 0;
+}
+"#,
+    ) else {
+        return;
+    };
+    let prog = probe.to_str().unwrap().to_string();
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--name", "after"],
+        &[
+            "sh",
+            "-c",
+            &format!("{prog} && ls | head -1 && echo D >/dev/stdout"),
+        ],
+    );
+    assert_eq!(
+        stdout_of(&out),
+        "close-neg=Bad file descriptor\n\
+         thread-self-reopen=ok\n\
+         tid-reopen=ok\n\
+         upper-dir-dotdot=ok\n\
+         upper-dir-escape=No such file or directory\n\
+         fchdir-upper=ok\n\
+         cwd=/vrift/nd\n\
+         opaque-xattr=Operation not permitted\n\
+         raw-mkdirat=ok\n\
+         a.txt\n\
+         D\n"
+    );
+    assert_eq!(cat(&env, "after", "a.txt"), "hello\nS\nT\n");
+    assert_eq!(cat(&env, "after", "keep"), "private\nK\n");
+    assert_eq!(env.ok(&["ls", "after", "sub"]), "b\nc\n");
+    // The store's blobs kept their bytes; the view's placeholder stayed empty (the raw
+    // mkdirat landed in the run's own placeholder, gone with the run).
+    env.fsck_ok();
+    assert_eq!(cat(&env, "t", "a.txt"), "hello\n");
+    for entry in fs::read_dir(env.store.join("views")).unwrap().flatten() {
+        let e = entry.path().join("e");
+        if e.is_dir() {
+            assert_eq!(fs::read_dir(&e).unwrap().count(), 0, "{}", e.display());
+        }
+    }
+}
+
+#[test]
+fn a_relative_store_and_a_kept_upper_s_own_directories_work() {
+    let env = Env::new();
+    tree(&env);
+    // velo given the store by a relative path: the command still sees the tree.
+    let parent = env.store.parent().unwrap();
+    let name = env.store.file_name().unwrap().to_str().unwrap();
+    shim_env::shim_built();
+    let out = std::process::Command::new(common::velo_bin())
+        .current_dir(parent)
+        .args([
+            "--store",
+            name,
+            "run",
+            "--manifest",
+            "t",
+            "--name",
+            "rel",
+            "--",
+        ])
+        .args(["sh", "-c", "echo new > new && pwd"])
+        .env_remove("VR_THE_SOURCE")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "/vrift\n");
+    assert_eq!(cat(&env, "rel", "new"), "new\n");
+    // --workdir and the program resolve through a kept upper: a directory and a script
+    // an earlier run made there, and not a directory it deleted.
+    let upper = env.path("kept");
+    let up = upper.to_str().unwrap();
+    stdout_of(&run_shimmed(
+        &env,
+        "t",
+        &["--upper", up],
+        &[
+            "sh",
+            "-c",
+            "mkdir made && printf '#!/bin/sh\\necho made-script\\n' > made/run.sh && chmod +x made/run.sh && rm -r sub",
+        ],
+    ));
+    let out = run_shimmed(
+        &env,
+        "t",
+        &["--upper", up, "--workdir", "made"],
+        &["sh", "-c", "pwd; ./run.sh"],
+    );
+    assert_eq!(stdout_of(&out), "/vrift/made\nmade-script\n");
+    let out = run_shimmed(&env, "t", &["--upper", up], &["made/run.sh"]);
+    assert_eq!(stdout_of(&out), "made-script\n");
+    let out = run_shimmed(&env, "t", &["--upper", up, "--workdir", "sub"], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--workdir sub: no such directory"));
+}

@@ -6,6 +6,7 @@
 //! reaches.
 
 use std::collections::VecDeque;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -251,6 +252,52 @@ pub fn write_touched(
         path: out.to_path_buf(),
         cause,
     })
+}
+
+/// An upper directory on disk as velo-view's resolver asks about it (what the shim sees
+/// at start, for velo's own lookups of `--workdir` and the program before the run).
+pub struct DirLayer<'a> {
+    /// The upper directory.
+    pub upper: &'a std::path::Path,
+}
+
+impl velo_view::Layer for DirLayer<'_> {
+    fn touched(&self, _dir: u32) -> bool {
+        true
+    }
+
+    fn entry(&self, rel: &[u8], target: &mut [u8; velo_view::PATH_MAX]) -> velo_view::UpperEntry {
+        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::fs::MetadataExt;
+        use velo_view::UpperEntry;
+        let path = self.upper.join(std::ffi::OsStr::from_bytes(rel));
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return UpperEntry::Absent;
+        };
+        let kind = meta.file_type();
+        if kind.is_char_device() && meta.rdev() == 0 {
+            UpperEntry::Whiteout
+        } else if kind.is_dir() {
+            let opaque = xattr_is_y(&path, "user.overlay.opaque");
+            UpperEntry::Dir { opaque }
+        } else if kind.is_symlink() {
+            match std::fs::read_link(&path) {
+                Ok(t) if t.as_os_str().len() < velo_view::PATH_MAX => {
+                    let bytes = t.as_os_str().as_bytes();
+                    target[..bytes.len()].copy_from_slice(bytes);
+                    UpperEntry::Symlink(bytes.len())
+                }
+                _ => UpperEntry::File,
+            }
+        } else {
+            UpperEntry::File
+        }
+    }
+}
+
+fn xattr_is_y(path: &std::path::Path, name: &str) -> bool {
+    let mut value = [0u8; 4];
+    matches!(rustix::fs::lgetxattr(path, name, &mut value), Ok(n) if n >= 1 && value[0] == b'y')
 }
 
 #[cfg(test)]

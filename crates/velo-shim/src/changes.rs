@@ -115,12 +115,36 @@ fn change_target(
     result.map(Some).map_err(fail)
 }
 
+/// Whether an xattr name is overlayfs's own (`user.overlay.*`, `trusted.overlay.*`): the
+/// upper keeps whiteouts and opaque marks in them, so a command may not set or remove
+/// them on a tree path (overlayfs refuses them through a mount too).
+fn overlay_xattr(name: *const c_char) -> bool {
+    // SAFETY: the caller's xattr name argument, NUL-terminated as the C API requires.
+    let Some(name) = (unsafe { arg(name) }) else {
+        return false;
+    };
+    let name = name.to_bytes();
+    name.starts_with(b"user.overlay.") || name.starts_with(b"trusted.overlay.")
+}
+
 macro_rules! change {
     ($name:ident, $real:ident, $need:expr, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:ident) => {
+        change!($name, $real, $need, ($($arg : $ty),*), $dirfd, $path, refuse_if false);
+    };
+    ($name:ident, $real:ident, $need:expr, ($($arg:ident : $ty:ty),*), $dirfd:expr, $path:ident, refuse_if $refuse:expr) => {
         static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
             let mut scratch = PathBuf::new();
+            if $refuse {
+                // Decided only for the tree's paths: the host's are the kernel's business.
+                if let (Some(config), Some(p)) = (config::get(), unsafe { arg($path) }) {
+                    let mut probe = PathBuf::new();
+                    if !matches!(paths::lookup(config, $dirfd, p, false, &mut probe), Target::Host | Target::HostPath) {
+                        return fail(Errno::PERM);
+                    }
+                }
+            }
             let (opaque, $path) = match change_target($dirfd, $path, $need, &mut scratch) {
                 Err(result) => return result,
                 Ok(Some(opaque)) => (opaque, scratch.as_cstr().as_ptr()),
@@ -166,10 +190,10 @@ change!(utimensat, REAL_UTIMENSAT, existing_unless(flags, libc::AT_SYMLINK_NOFOL
 change!(utimes, REAL_UTIMES, EXISTING, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
 change!(lutimes, REAL_LUTIMES, EXISTING_NOFOLLOW, (path: *const c_char, times: *const libc::timeval), libc::AT_FDCWD, path);
 change!(utime, REAL_UTIME, EXISTING, (path: *const c_char, times: *const libc::utimbuf), libc::AT_FDCWD, path);
-change!(setxattr, REAL_SETXATTR, EXISTING, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-change!(lsetxattr, REAL_LSETXATTR, EXISTING_NOFOLLOW, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path);
-change!(removexattr, REAL_REMOVEXATTR, EXISTING, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
-change!(lremovexattr, REAL_LREMOVEXATTR, EXISTING_NOFOLLOW, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path);
+change!(setxattr, REAL_SETXATTR, EXISTING, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path, refuse_if overlay_xattr(name));
+change!(lsetxattr, REAL_LSETXATTR, EXISTING_NOFOLLOW, (path: *const c_char, name: *const c_char, value: *const c_void, size: usize, flags: c_int), libc::AT_FDCWD, path, refuse_if overlay_xattr(name));
+change!(removexattr, REAL_REMOVEXATTR, EXISTING, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path, refuse_if overlay_xattr(name));
+change!(lremovexattr, REAL_LREMOVEXATTR, EXISTING_NOFOLLOW, (path: *const c_char, name: *const c_char), libc::AT_FDCWD, path, refuse_if overlay_xattr(name));
 
 // ---------------------------------------------------------------------------------------
 // Deletion: whiteouts where the tree has the name
@@ -576,11 +600,17 @@ fn fd_change_target(fd: c_int, scratch: &mut PathBuf) -> Result<bool, Errno> {
 }
 
 macro_rules! fd_change {
-    ($name:ident, $real:ident, (fd: c_int $(, $arg:ident : $ty:ty)*), $by_path:ident, |$path:ident| $call:expr) => {
+    ($name:ident, $real:ident, (fd: c_int $(, $arg:ident : $ty:ty)*), |$path:ident| $call:expr) => {
+        fd_change!($name, $real, (fd: c_int $(, $arg : $ty)*), |$path| $call, refuse_if false);
+    };
+    ($name:ident, $real:ident, (fd: c_int $(, $arg:ident : $ty:ty)*), |$path:ident| $call:expr, refuse_if $refuse:expr) => {
         static $real: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
         #[no_mangle]
         pub unsafe extern "C" fn $name(fd: c_int $(, $arg: $ty)*) -> c_int {
             let mut scratch = PathBuf::new();
+            if $refuse && config::get().is_some() && (fds::node_of(fd).is_some() || fds::is_upper_dir(fd)) {
+                return fail(Errno::PERM);
+            }
             match fd_change_target(fd, &mut scratch) {
                 Ok(true) => {
                     let $path = scratch.as_cstr().as_ptr();
@@ -597,9 +627,35 @@ macro_rules! fd_change {
     };
 }
 
-fd_change!(fchmod, REAL_FCHMOD, (fd: c_int, mode: libc::mode_t), chmod, |p| chmod(p, mode));
-fd_change!(fchown, REAL_FCHOWN, (fd: c_int, uid: libc::uid_t, gid: libc::gid_t), chown, |p| chown(p, uid, gid));
-fd_change!(futimens, REAL_FUTIMENS, (fd: c_int, times: *const libc::timespec), utimensat, |p| utimensat(libc::AT_FDCWD, p, times, 0));
-fd_change!(futimes, REAL_FUTIMES, (fd: c_int, times: *const libc::timeval), utimes, |p| utimes(p, times));
-fd_change!(fsetxattr, REAL_FSETXATTR, (fd: c_int, name: *const c_char, value: *const c_void, size: usize, flags: c_int), setxattr, |p| setxattr(p, name, value, size, flags));
-fd_change!(fremovexattr, REAL_FREMOVEXATTR, (fd: c_int, name: *const c_char), removexattr, |p| removexattr(p, name));
+fd_change!(fchmod, REAL_FCHMOD, (fd: c_int, mode: libc::mode_t), |p| chmod(p, mode));
+fd_change!(fchown, REAL_FCHOWN, (fd: c_int, uid: libc::uid_t, gid: libc::gid_t), |p| chown(p, uid, gid));
+fd_change!(futimens, REAL_FUTIMENS, (fd: c_int, times: *const libc::timespec), |p| utimensat(libc::AT_FDCWD, p, times, 0));
+fd_change!(futimes, REAL_FUTIMES, (fd: c_int, times: *const libc::timeval), |p| utimes(p, times));
+fd_change!(fsetxattr, REAL_FSETXATTR, (fd: c_int, name: *const c_char, value: *const c_void, size: usize, flags: c_int), |p| setxattr(p, name, value, size, flags), refuse_if overlay_xattr(name));
+fd_change!(fremovexattr, REAL_FREMOVEXATTR, (fd: c_int, name: *const c_char), |p| removexattr(p, name), refuse_if overlay_xattr(name));
+
+static REAL_FUTIMESAT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+/// futimesat(2): with a null path it changes the descriptor's own file.
+#[no_mangle]
+pub unsafe extern "C" fn futimesat(
+    dirfd: c_int,
+    path: *const c_char,
+    times: *const libc::timeval,
+) -> c_int {
+    if path.is_null() {
+        return unsafe { futimes(dirfd, times) };
+    }
+    let mut scratch = PathBuf::new();
+    let path = match change_target(dirfd, path, EXISTING, &mut scratch) {
+        Err(result) => return result,
+        Ok(Some(_)) => scratch.as_cstr().as_ptr(),
+        Ok(None) => path,
+    };
+    let real = real_fn!(
+        REAL_FUTIMESAT,
+        c"futimesat",
+        unsafe extern "C" fn(c_int, *const c_char, *const libc::timeval) -> c_int
+    );
+    unsafe { real(dirfd, path, times) }
+}

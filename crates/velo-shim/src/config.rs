@@ -84,7 +84,7 @@ pub struct Config {
 }
 
 /// The variables that carry the shim into exec'd programs.
-pub const OWN_ENV: [&[u8]; 9] = [
+pub const OWN_ENV: [&[u8]; 10] = [
     b"LD_PRELOAD=",
     b"VRIFT_VIEW=",
     b"VRIFT_AT=",
@@ -94,6 +94,7 @@ pub const OWN_ENV: [&[u8]; 9] = [
     b"VRIFT_FARM=",
     b"VRIFT_UPPER=",
     b"VRIFT_TOUCHED=",
+    b"VRIFT_PLACEHOLDER=",
 ];
 
 struct Global(UnsafeCell<Option<Config>>);
@@ -191,7 +192,12 @@ fn load() -> Option<Config> {
         || at_value.len() < 2
         || !store.set(&[env(b"VRIFT_STORE=")?])
         || !exec_dir.set(&[env(b"VRIFT_EXEC_DIR=")?])
-        || !placeholder.set(&[exec_dir.as_bytes(), b"/e"])
+        || !match env(b"VRIFT_PLACEHOLDER=") {
+            // The run's own empty directory: what a call the shim does not see makes
+            // relative to a tree directory lands there, and goes with the run.
+            Some(dir) if dir.first() == Some(&b'/') => placeholder.set(&[dir]),
+            _ => placeholder.set(&[exec_dir.as_bytes(), b"/e"]),
+        }
     {
         return None;
     }

@@ -209,6 +209,21 @@ fn open_node(config: &Config, index: u32, flags: c_int) -> c_int {
     fd
 }
 
+/// Notes a descriptor just opened on an upper entry if it is a directory, so paths
+/// relative to it stay in the tree.
+fn note_upper_dir(fd: c_int, flags: c_int) {
+    if fd < 0 || (flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_PATH == 0) {
+        return;
+    }
+    // SAFETY: the descriptor this call just opened, only stat'ed.
+    let is_dir = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+    });
+    if is_dir {
+        fds::remember_upper_dir(fd);
+    }
+}
+
 unsafe fn do_openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
     // SAFETY: the caller's path argument.
     let Some(p) = (unsafe { arg(path) }) else {
@@ -221,8 +236,11 @@ unsafe fn do_openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc:
     let follow = flags & libc::O_NOFOLLOW == 0;
     match paths::lookup(config, dirfd, p, follow, &mut scratch) {
         Target::Host => raw_openat(dirfd, p, flags, mode),
-        Target::HostPath | Target::Upper => {
-            raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode)
+        Target::HostPath => raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode),
+        Target::Upper => {
+            let fd = raw_openat(libc::AT_FDCWD, scratch.as_cstr(), flags, mode);
+            note_upper_dir(fd, flags);
+            fd
         }
         Target::Fail(e) => fail(e),
         Target::Missing { last, .. } => {
@@ -525,6 +543,10 @@ pub unsafe extern "C" fn statfs64(path: *const c_char, out: *mut libc::statfs) -
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if fd < 0 {
+        // rustix cannot hold a negative descriptor; dash closes -1 in every pipeline.
+        return fail(Errno::BADF);
+    }
     fds::forget(fd);
     // SAFETY: closing the caller's descriptor, as it asked.
     match unsafe { rustix::io::try_close(fd) } {
@@ -1052,7 +1074,15 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
     let mut scratch = PathBuf::new();
     match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
         Target::Host => real(path),
-        Target::HostPath | Target::Upper => real(scratch.as_cstr().as_ptr()),
+        Target::HostPath => real(scratch.as_cstr().as_ptr()),
+        Target::Upper => {
+            let dir = real(scratch.as_cstr().as_ptr());
+            if !dir.is_null() {
+                // SAFETY: the stream libc just opened.
+                note_upper_dir(unsafe { libc::dirfd(dir) }, libc::O_RDONLY);
+            }
+            dir
+        }
         Target::Fail(e) => fail(e),
         Target::Missing { .. } => fail(Errno::NOENT),
         Target::Node(n) => {

@@ -61,11 +61,14 @@ pub fn forget(fd: i32) {
     }
 }
 
-/// The node `fd` stands for, if it still is the descriptor the shim opened for it.
-pub fn node_of(fd: i32) -> Option<u32> {
+/// The slot value of a descriptor of a directory of the run's upper (not a node).
+const UPPER_DIR: u32 = u32::MAX;
+
+/// What `fd`'s slot holds, if it still is the descriptor the shim noted it for.
+fn noted(fd: i32) -> Option<u32> {
     let slot = slot(fd)?;
-    let node = slot.node.load(Ordering::Acquire);
-    if node == 0 {
+    let value = slot.node.load(Ordering::Acquire);
+    if value == 0 {
         return None;
     }
     let (dev, ino) = identity(fd)?;
@@ -78,13 +81,29 @@ pub fn node_of(fd: i32) -> Option<u32> {
         slot.node.store(0, Ordering::Release);
         return None;
     }
-    Some(node - 1)
+    Some(value)
+}
+
+/// The node `fd` stands for, if it still is the descriptor the shim opened for it.
+pub fn node_of(fd: i32) -> Option<u32> {
+    noted(fd).filter(|&v| v != UPPER_DIR).map(|v| v - 1)
+}
+
+/// `fd` (just opened) is a directory of the run's upper: paths relative to it are the
+/// tree's (its `..` is the merged view's, not the host's).
+pub fn remember_upper_dir(fd: i32) {
+    remember(fd, UPPER_DIR - 1);
+}
+
+/// Whether `fd` is a directory of the upper the shim noted.
+pub fn is_upper_dir(fd: i32) -> bool {
+    noted(fd) == Some(UPPER_DIR)
 }
 
 /// `to` is a duplicate of `from`.
 pub fn copy(from: i32, to: i32) {
-    match node_of(from) {
-        Some(node) => remember(to, node),
+    match noted(from) {
+        Some(value) => remember(to, value - 1),
         None => forget(to),
     }
 }
@@ -101,14 +120,21 @@ pub fn inherited_env() -> Option<*const core::ffi::c_char> {
             continue;
         }
         let fd = fd as i32;
-        let Some(node) = node_of(fd) else { continue };
+        let Some(value) = noted(fd) else { continue };
         // SAFETY: a descriptor the table tracks, checked above; only its flags are read.
         let flags = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) });
         if !flags.is_ok_and(|f| !f.contains(rustix::io::FdFlags::CLOEXEC)) {
             continue;
         }
         let mut item = [0u8; 24];
-        let n = format_pair(&mut item, fd as u32, node);
+        let n = if value == UPPER_DIR {
+            // `fd:u`: a directory of the upper.
+            let n = format_pair(&mut item, fd as u32, 0);
+            item[n - 1] = b'u';
+            n
+        } else {
+            format_pair(&mut item, fd as u32, value - 1)
+        };
         if len + n + 1 >= text.len() {
             break;
         }
@@ -174,6 +200,12 @@ pub fn adopt(list: &[u8], nodes: u32) {
             }
             Some(d.iter().fold(0u32, |n, c| n * 10 + u32::from(c - b'0')))
         };
+        if node == b"u" {
+            if let Some(fd) = parse(fd) {
+                remember_upper_dir(fd as i32);
+            }
+            continue;
+        }
         if let (Some(fd), Some(node)) = (parse(fd), parse(node)) {
             if node < nodes {
                 remember(fd as i32, node);

@@ -99,6 +99,33 @@ pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
     }
 }
 
+/// The tree path of upper directory descriptor `fd` into `out` (false if it is no longer
+/// in the upper).
+fn upper_dir_path(config: &Config, fd: i32, out: &mut PathBuf) -> bool {
+    let mut link = PathBuf::new();
+    let mut digits = [0u8; 12];
+    let mut n = fd as u32;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    link.set(&[b"/proc/self/fd/", &digits[start..]]);
+    let mut buf = [0u8; PATH_MAX];
+    let Ok(len) = rustix::fs::readlinkat_raw(rustix::fs::CWD, link.as_cstr(), &mut buf[..]) else {
+        return false;
+    };
+    let path = &buf[..len.min(PATH_MAX)];
+    let upper = config.upper.as_bytes();
+    !upper.is_empty()
+        && is_under(path, upper)
+        && out.set(&[config.at.as_bytes(), &path[upper.len()..]])
+}
+
 /// The tree path of the host working directory when it is a directory of the upper
 /// (what `getcwd` reports there).
 pub fn cwd_in_upper(config: &Config) -> Option<&'static PathBuf> {
@@ -165,10 +192,22 @@ pub fn lookup(
             // From a host directory above the tree (`vrift/x` from `/`), or a directory
             // of the upper (whose `..` is the merged view's): joined and normalised, it
             // may lead in.
-            if dirfd != libc::AT_FDCWD || bytes.is_empty() {
+            if bytes.is_empty() {
                 return Target::Host;
             }
-            let Some(host) = host_cwd_relevant(config) else {
+            let mut from_fd = PathBuf::new();
+            let host = if dirfd == libc::AT_FDCWD {
+                match host_cwd_relevant(config) {
+                    Some(host) => host,
+                    None => return Target::Host,
+                }
+            } else if fds::is_upper_dir(dirfd) {
+                // A directory of the upper: where it is in the tree.
+                if !upper_dir_path(config, dirfd, &mut from_fd) {
+                    return Target::Fail(Errno::NOENT);
+                }
+                &from_fd
+            } else {
                 return Target::Host;
             };
             let mut joined = PathBuf::new();
@@ -230,8 +269,11 @@ fn resolve(
             }
         }
         Layered::Missing { last, .. } => {
-            if !last || !upper::writable(config) || !in_upper(scratch) {
+            if !last || !upper::writable(config) {
                 scratch.set(&[]);
+            } else if !in_upper(scratch) {
+                // The name fits the tree, but not under the upper's (longer) path.
+                return Target::Fail(Errno::NAMETOOLONG);
             }
             Target::Missing { last }
         }
@@ -270,19 +312,68 @@ pub fn is_own_exe(path: &[u8]) -> bool {
         .is_some_and(|pid| pid == rustix::process::getpid().as_raw_nonzero().get())
 }
 
-/// The descriptor number of `/proc/self/fd/N`, `/dev/fd/N`, or `/proc/<own pid>/fd/N`.
+/// The descriptor number of a path that names one of this process's descriptors:
+/// `/proc/self/fd/N`, `/proc/thread-self/fd/N`, `/proc/<own pid or one of its
+/// threads>/fd/N`, `/proc/self/task/<tid>/fd/N`, `/dev/fd/N`, `/dev/stdin`, `/dev/stdout`,
+/// `/dev/stderr` (any of them with doubled slashes). Reopening one must reach what the
+/// descriptor stands for, never the blob behind it.
 fn proc_fd(path: &[u8]) -> Option<i32> {
-    let rest = path
-        .strip_prefix(b"/proc/self/fd/")
-        .or_else(|| path.strip_prefix(b"/dev/fd/"))
-        .or_else(|| {
-            let after = path.strip_prefix(b"/proc/")?;
-            let slash = after.iter().position(|&b| b == b'/')?;
-            let pid = parse_number(&after[..slash])?;
-            (pid == rustix::process::getpid().as_raw_nonzero().get()).then_some(())?;
-            after[slash..].strip_prefix(b"/fd/")
-        })?;
-    parse_number(rest.strip_suffix(b"/").unwrap_or(rest))
+    if !(path.starts_with(b"/proc/") || path.starts_with(b"/dev/") || path.starts_with(b"//")) {
+        return None;
+    }
+    let mut normal = PathBuf::new();
+    let path = if path.windows(2).any(|w| w == b"//") || path.ends_with(b"/") {
+        if !normalise(path, &mut normal) {
+            return None;
+        }
+        normal.as_bytes()
+    } else {
+        path
+    };
+    match path {
+        b"/dev/stdin" => return Some(0),
+        b"/dev/stdout" => return Some(1),
+        b"/dev/stderr" => return Some(2),
+        _ => {}
+    }
+    let own_task = |id: &[u8]| -> bool {
+        let Some(n) = parse_number(id) else {
+            return false;
+        };
+        if n == rustix::process::getpid().as_raw_nonzero().get() {
+            return true;
+        }
+        // Another thread of this process.
+        let mut task = PathBuf::new();
+        task.set(&[b"/proc/self/task/", id]);
+        rustix::fs::statat(
+            rustix::fs::CWD,
+            task.as_cstr(),
+            rustix::fs::AtFlags::empty(),
+        )
+        .is_ok()
+    };
+    let rest = if let Some(rest) = path.strip_prefix(b"/dev/fd/") {
+        rest
+    } else {
+        let after = path.strip_prefix(b"/proc/")?;
+        let slash = after.iter().position(|&b| b == b'/')?;
+        let (who, mut tail) = after.split_at(slash);
+        match who {
+            b"self" | b"thread-self" => {}
+            id if own_task(id) => {}
+            _ => return None,
+        }
+        if let Some(task) = tail.strip_prefix(b"/task/") {
+            let slash = task.iter().position(|&b| b == b'/')?;
+            if !own_task(&task[..slash]) {
+                return None;
+            }
+            tail = &task[slash..];
+        }
+        tail.strip_prefix(b"/fd/")?
+    };
+    parse_number(rest)
 }
 
 fn parse_number(digits: &[u8]) -> Option<i32> {

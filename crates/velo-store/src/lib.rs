@@ -89,7 +89,10 @@ const SUBDIRS: [&str; 6] = ["blobs", "trees", "refs", "refs/roots", "tmp", "cach
 impl Store {
     /// Opens an existing store; fails clearly if there is none or it has another version.
     pub fn open(root: impl AsRef<Path>) -> Result<Store> {
-        let root = root.as_ref().to_path_buf();
+        // Absolute: the paths velo hands to other processes (the shim's environment, the
+        // sandbox's mounts) must not depend on a working directory that changes.
+        let root =
+            std::path::absolute(root.as_ref()).unwrap_or_else(|_| root.as_ref().to_path_buf());
         let version_path = root.join("VERSION");
         let text = match fs::read_to_string(&version_path) {
             Ok(text) => text,
