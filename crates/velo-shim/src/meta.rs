@@ -88,9 +88,9 @@ pub fn fill_statx(config: &Config, node: &Node, out: &mut libc::statx) {
         out.stx_mode = (libc::S_IFDIR | (copy.st_mode & 0o7777)) as u16;
         out.stx_uid = copy.st_uid;
         out.stx_gid = copy.st_gid;
-        out.stx_atime = at(copy.st_atime, copy.st_atime_nsec as u64);
-        out.stx_mtime = at(copy.st_mtime, copy.st_mtime_nsec as u64);
-        out.stx_ctime = at(copy.st_ctime, copy.st_ctime_nsec as u64);
+        out.stx_atime = at(copy.st_atime, copy.st_atime_nsec);
+        out.stx_mtime = at(copy.st_mtime, copy.st_mtime_nsec);
+        out.stx_ctime = at(copy.st_ctime, copy.st_ctime_nsec);
     }
 }
 
