@@ -101,11 +101,37 @@ fn parse_bind(spec: &str) -> Result<Bind> {
     })
 }
 
+/// Checks `--name` and `--commit` before a run; returns the path `--commit` writes.
+pub(crate) fn commit_target(args: &RunArgs) -> Result<Option<PathBuf>> {
+    if let Some(name) = &args.name {
+        velo_store::validate_root_name(name)?;
+    }
+    let commit_to = args.commit.as_deref().map(check_output_path).transpose()?;
+    if args.commit_always && args.commit.is_none() && args.name.is_none() {
+        note!("velo: --commit-always does nothing without --commit or --name");
+    }
+    Ok(commit_to)
+}
+
+/// Refuses a `--commit` file inside the store.
+pub(crate) fn commit_outside_store(out: Option<&Path>, store: &Store) -> Result<()> {
+    if let Some(out) = out {
+        if velo_store::path_is_inside(out, store.root()) {
+            bail!(
+                "--commit {}: is inside the store {}; write the .velo file elsewhere",
+                out.display(),
+                store.root().display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks `--commit OUT` before the run (after it, the run's work would be lost to a
 /// typo) and returns the path to write: a symlink is followed to its target. Only a
 /// regular file is ever replaced: a device, a fifo or a socket at OUT (`/dev/null` as
 /// root) must never become a file.
-pub(crate) fn check_output_path(out: &Path) -> Result<PathBuf> {
+fn check_output_path(out: &Path) -> Result<PathBuf> {
     let out = match std::fs::symlink_metadata(out) {
         Ok(meta) if meta.file_type().is_symlink() => {
             std::fs::canonicalize(out).with_context(|| {
@@ -298,16 +324,10 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     if !args.isolate {
         return crate::shim::run_shimmed(ctx, &args);
     }
-    if let Some(name) = &args.name {
-        velo_store::validate_root_name(name)?;
-    }
     if let Some(dir) = &args.workdir {
         velo_project::sandbox::validate_inside_path(dir).context("--workdir")?;
     }
-    let commit_to = args.commit.as_deref().map(check_output_path).transpose()?;
-    if args.commit_always && args.commit.is_none() && args.name.is_none() {
-        note!("velo: --commit-always does nothing without --commit or --name");
-    }
+    let commit_to = commit_target(&args)?;
     let binds = args
         .binds
         .iter()
@@ -324,15 +344,7 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let store = ctx.store_or_create()?;
-    if let Some(out) = &commit_to {
-        if velo_store::path_is_inside(out, store.root()) {
-            bail!(
-                "--commit {}: is inside the store {}; write the .velo file elsewhere",
-                out.display(),
-                store.root().display()
-            );
-        }
-    }
+    commit_outside_store(commit_to.as_deref(), &store)?;
     // Held for the whole run: gc must not remove a farm under a running sandbox.
     let _lock = store.lock_shared()?;
     let bases = args

@@ -241,17 +241,7 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
             bail!("{flag} is not supported without --isolate (the shim shows one tree over the host as it is); add --isolate");
         }
     }
-    if let Some(name) = &args.name {
-        velo_store::validate_root_name(name)?;
-    }
-    let commit_to = args
-        .commit
-        .as_deref()
-        .map(crate::run::check_output_path)
-        .transpose()?;
-    if args.commit_always && args.commit.is_none() && args.name.is_none() {
-        note!("velo: --commit-always does nothing without --commit or --name");
-    }
+    let commit_to = crate::run::commit_target(args)?;
     let at = match &args.at {
         Some(at) => at.clone(),
         None => std::env::var_os("VRIFT_VFS_PREFIX")
@@ -285,15 +275,7 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     let at_bytes = at.as_os_str().as_bytes();
     let library = library()?;
     let store = ctx.store_or_create()?;
-    if let Some(out) = &commit_to {
-        if velo_store::path_is_inside(out, store.root()) {
-            bail!(
-                "--commit {}: is inside the store {}; write the .velo file elsewhere",
-                out.display(),
-                store.root().display()
-            );
-        }
-    }
+    crate::run::commit_outside_store(commit_to.as_deref(), &store)?;
     // Held until the run is committed: gc must not take the view, the farm or the
     // blobs the command reads.
     let _lock = store.lock_shared()?;

@@ -5,6 +5,7 @@
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::AtomicPtr;
 
+use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use velo_view::Kind;
 
@@ -320,6 +321,31 @@ enum Side {
     At,
 }
 
+impl Side {
+    /// The directory and path the kernel is given for this side.
+    fn path<'a>(&self, fd: c_int, own: &'a CStr, scratch: &'a PathBuf) -> (c_int, &'a CStr) {
+        match self {
+            Side::Host => (fd, own),
+            Side::At => (libc::AT_FDCWD, scratch.as_cstr()),
+        }
+    }
+}
+
+/// Runs a two-path call (`renameat2`, `linkat`) with the caller's descriptors checked.
+fn two_paths(
+    (fd1, from): (c_int, &CStr),
+    (fd2, to): (c_int, &CStr),
+    call: impl FnOnce(BorrowedFd<'_>, &CStr, BorrowedFd<'_>, &CStr) -> rustix::io::Result<()>,
+) -> c_int {
+    let (Ok(d1), Ok(d2)) = (crate::entry::at_fd(fd1, from), crate::entry::at_fd(fd2, to)) else {
+        return fail(Errno::BADF);
+    };
+    match call(d1, from, d2, to) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
 /// The source of a rename or link: a tree file or symlink is copied up; a tree directory
 /// cannot move (`EXDEV`, as overlayfs without redirects: `mv` copies it instead).
 fn source_side(
@@ -401,20 +427,15 @@ unsafe fn do_rename(
     flags: libc::c_uint,
 ) -> c_int {
     let real = |fd1: c_int, from: &CStr, fd2: c_int, to: &CStr| {
-        let (Ok(d1), Ok(d2)) = (crate::entry::at_fd(fd1, from), crate::entry::at_fd(fd2, to))
-        else {
-            return fail(Errno::BADF);
-        };
-        match rustix::fs::renameat_with(
-            d1,
-            from,
-            d2,
-            to,
-            rustix::fs::RenameFlags::from_bits_retain(flags),
-        ) {
-            Ok(()) => 0,
-            Err(e) => fail(e),
-        }
+        two_paths((fd1, from), (fd2, to), |d1, from, d2, to| {
+            rustix::fs::renameat_with(
+                d1,
+                from,
+                d2,
+                to,
+                rustix::fs::RenameFlags::from_bits_retain(flags),
+            )
+        })
     };
     let (Some(p1), Some(p2)) = (unsafe { arg(from) }, unsafe { arg(to) }) else {
         return fail(Errno::FAULT);
@@ -446,16 +467,7 @@ unsafe fn do_rename(
         return fail(Errno::XDEV);
     }
     crate::entry::debug(config, "rename", p1.to_bytes());
-    let (a, b) = (
-        match source {
-            Side::Host => (fd1, p1),
-            Side::At => (libc::AT_FDCWD, first.as_cstr()),
-        },
-        match dest {
-            Side::Host => (fd2, p2),
-            Side::At => (libc::AT_FDCWD, second.as_cstr()),
-        },
-    );
+    let (a, b) = (source.path(fd1, p1, &first), dest.path(fd2, p2, &second));
     let done = real(a.0, a.1, b.0, b.1);
     if done != 0 || !source_in_tree || exchange {
         return done;
@@ -513,20 +525,15 @@ unsafe fn do_link(
     flags: c_int,
 ) -> c_int {
     let real = |fd1: c_int, from: &CStr, fd2: c_int, to: &CStr, flags: c_int| {
-        let (Ok(d1), Ok(d2)) = (crate::entry::at_fd(fd1, from), crate::entry::at_fd(fd2, to))
-        else {
-            return fail(Errno::BADF);
-        };
-        match rustix::fs::linkat(
-            d1,
-            from,
-            d2,
-            to,
-            rustix::fs::AtFlags::from_bits_retain(flags as u32),
-        ) {
-            Ok(()) => 0,
-            Err(e) => fail(e),
-        }
+        two_paths((fd1, from), (fd2, to), |d1, from, d2, to| {
+            rustix::fs::linkat(
+                d1,
+                from,
+                d2,
+                to,
+                rustix::fs::AtFlags::from_bits_retain(flags as u32),
+            )
+        })
     };
     let (Some(p1), Some(p2)) = (unsafe { arg(from) }, unsafe { arg(to) }) else {
         return fail(Errno::FAULT);
@@ -552,14 +559,7 @@ unsafe fn do_link(
     if source_in_tree != dest_in_tree {
         return fail(Errno::XDEV);
     }
-    let a = match source {
-        Side::Host => (fd1, p1),
-        Side::At => (libc::AT_FDCWD, first.as_cstr()),
-    };
-    let b = match dest {
-        Side::Host => (fd2, p2),
-        Side::At => (libc::AT_FDCWD, second.as_cstr()),
-    };
+    let (a, b) = (source.path(fd1, p1, &first), dest.path(fd2, p2, &second));
     match source {
         // The source is resolved already: the kernel must not follow it again.
         Side::At => real(a.0, a.1, b.0, b.1, flags & !libc::AT_SYMLINK_FOLLOW),

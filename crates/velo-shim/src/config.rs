@@ -49,6 +49,20 @@ impl PathBuf {
     }
 }
 
+/// `n` in decimal, in `out`'s last bytes.
+pub fn decimal(mut n: u32, out: &mut [u8; 10]) -> &[u8] {
+    let mut start = out.len();
+    loop {
+        start -= 1;
+        out[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &out[start..]
+}
+
 /// What the shim knows about the run.
 pub struct Config {
     pub view: View<'static>,

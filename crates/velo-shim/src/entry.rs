@@ -109,17 +109,11 @@ pub(crate) fn blob_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool
 /// `views/<root>.d/<node>`: the executable inode of a file node.
 fn exec_path(config: &Config, node: &Node, out: &mut PathBuf) -> bool {
     let mut digits = [0u8; 10];
-    let mut n = node.index;
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.set(&[config.exec_dir.as_bytes(), b"/", &digits[start..]])
+    out.set(&[
+        config.exec_dir.as_bytes(),
+        b"/",
+        config::decimal(node.index, &mut digits),
+    ])
 }
 
 fn node(config: &Config, index: u32) -> Result<Node, Errno> {

@@ -169,17 +169,7 @@ fn format_pair(out: &mut [u8; 24], fd: u32, node: u32) -> usize {
             len += 1;
         }
         let mut digits = [0u8; 10];
-        let mut n = value;
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let d = &digits[start..];
+        let d = crate::config::decimal(value, &mut digits);
         out[len..len + d.len()].copy_from_slice(d);
         len += d.len();
     }

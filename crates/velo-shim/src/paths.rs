@@ -103,18 +103,11 @@ pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
 /// in the upper).
 fn upper_dir_path(config: &Config, fd: i32, out: &mut PathBuf) -> bool {
     let mut link = PathBuf::new();
-    let mut digits = [0u8; 12];
-    let mut n = fd as u32;
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    link.set(&[b"/proc/self/fd/", &digits[start..]]);
+    let mut digits = [0u8; 10];
+    link.set(&[
+        b"/proc/self/fd/",
+        crate::config::decimal(fd as u32, &mut digits),
+    ]);
     let mut buf = [0u8; PATH_MAX];
     let Ok(len) = rustix::fs::readlinkat_raw(rustix::fs::CWD, link.as_cstr(), &mut buf[..]) else {
         return false;

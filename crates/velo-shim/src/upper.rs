@@ -239,8 +239,8 @@ pub fn copy_up(config: &Config, node: &Node, rel: &[u8]) -> Result<(), Errno> {
     rustix::fs::futimens(&copy, &mtime)?;
     // Linked into place only when whole: a racing copy-up finds one or the other.
     let mut proc_path = PathBuf::new();
-    let mut digits = [0u8; 12];
-    let fd_text = decimal(rustix::fd::AsRawFd::as_raw_fd(&copy) as u32, &mut digits);
+    let mut digits = [0u8; 10];
+    let fd_text = crate::config::decimal(rustix::fd::AsRawFd::as_raw_fd(&copy) as u32, &mut digits);
     proc_path.set(&[b"/proc/self/fd/", fd_text]);
     match rustix::fs::linkat(
         CWD,
@@ -286,19 +286,6 @@ fn copy_bytes(
         }
     }
     Ok(())
-}
-
-fn decimal(mut n: u32, out: &mut [u8; 12]) -> &[u8] {
-    let mut start = out.len();
-    loop {
-        start -= 1;
-        out[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &out[start..]
 }
 
 /// Deletes `rel` from the merged view where the tree has it: a whiteout in its place
