@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 make e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
+packages=(fuse3 make nodejs git python3 libdpkg-perl debconf e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -19,6 +19,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+command -v fsx >/dev/null || cargo install --locked fsx
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1269,7 +1269,7 @@ pub unsafe extern "C" fn scandir(
         Some(Target::Fail(e)) => return fail(e),
         Some(Target::Missing { .. }) => return fail(Errno::NOENT),
         other => {
-            let host = if matches!(other, Some(Target::HostPath)) {
+            let host = if matches!(other, Some(Target::HostPath | Target::Upper)) {
                 scratch.as_cstr().as_ptr()
             } else {
                 path
