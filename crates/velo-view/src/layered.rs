@@ -47,7 +47,7 @@ impl Layer for NoLayer {
 }
 
 /// Where a path leads through the layers. The path relative to the tree's top (for
-/// [`Layered::Tree`], [`Layered::Upper`] and [`Layered::Missing`]) is in the caller's
+/// [`Layered::Upper`], and [`Layered::Missing`] of a last component) is in the caller's
 /// `rel` buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layered {
@@ -76,13 +76,41 @@ pub enum Layered {
     Damaged,
 }
 
-/// A relative path being built, `a/b/c`.
+/// A relative path being built, `a/b/c`: the path of tree directory `base` (not yet
+/// spelled out, which costs a walk to the root, until the upper must be asked) followed
+/// by the names in `buf`.
 struct Rel<'b> {
     buf: &'b mut [u8; PATH_MAX],
     len: usize,
+    base: u32,
 }
 
 impl Rel<'_> {
+    /// Spells out `base`'s path in front of the names; false if it does not fit.
+    fn materialize(&mut self, view: &View<'_>) -> bool {
+        if self.base == 0 {
+            return true;
+        }
+        let mut own = [0u8; PATH_MAX];
+        let Some(n) = view.path_of(b"", self.base, &mut own) else {
+            return false;
+        };
+        let prefix = own[..n].strip_prefix(b"/").unwrap_or(&own[..n]);
+        let sep = usize::from(self.len > 0 && !prefix.is_empty());
+        let total = prefix.len() + sep + self.len;
+        if total > PATH_MAX {
+            return false;
+        }
+        self.buf.copy_within(..self.len, prefix.len() + sep);
+        self.buf[..prefix.len()].copy_from_slice(prefix);
+        if sep == 1 {
+            self.buf[prefix.len()] = b'/';
+        }
+        self.len = total;
+        self.base = 0;
+        true
+    }
+
     fn push(&mut self, name: &[u8]) -> bool {
         let sep = usize::from(self.len > 0);
         let end = self.len + sep + name.len();
@@ -162,13 +190,23 @@ impl View<'_> {
         rel: &mut [u8; PATH_MAX],
         rel_len: &mut usize,
     ) -> Layered {
-        let mut rel = Rel { buf: rel, len: 0 };
-        let result = self.walk(at, start, path, follow_last, layer, scratch, &mut rel);
-        *rel_len = rel.len;
-        match result {
+        let mut rel = Rel {
+            buf: rel,
+            len: 0,
+            base: 0,
+        };
+        let result = match self.walk(at, start, path, follow_last, layer, scratch, &mut rel) {
             Ok(r) => r,
             Err(Damaged) => Layered::Damaged,
+        };
+        // Only what is not a tree node needs its path spelled out.
+        if matches!(result, Layered::Upper | Layered::Missing { last: true, .. })
+            && !rel.materialize(self)
+        {
+            return Layered::TooLong;
         }
+        *rel_len = rel.len;
+        result
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,14 +232,8 @@ impl View<'_> {
                 _ => return Ok(outside(copy_outside(scratch, path))),
             }
         } else {
-            // The start directory's own path, for the upper's lookups.
-            let mut own = [0u8; PATH_MAX];
-            let Some(n) = self.path_of(b"", start, &mut own) else {
-                return Ok(Layered::TooLong);
-            };
-            let own = own[..n].strip_prefix(b"/").unwrap_or(&own[..n]);
-            rel.buf[..own.len()].copy_from_slice(own);
-            rel.len = own.len();
+            // The start directory's path is spelled out only if the upper must be asked.
+            rel.base = start;
             path
         };
         if path.len() > PATH_MAX {
@@ -246,6 +278,13 @@ impl View<'_> {
                 continue;
             }
             if name == b".." {
+                if rel.len == 0 && rel.base != 0 {
+                    // Up from the start directory: still a tree directory.
+                    let base = self.node(rel.base)?;
+                    rel.base = base.parent;
+                    current = Some(base.parent);
+                    continue;
+                }
                 if rel.len == 0 {
                     // Above the top of the tree: the host's parent of `at`.
                     let parent = match at.iter().rposition(|&b| b == b'/') {
@@ -259,7 +298,12 @@ impl View<'_> {
                     // A tree directory is reached only through tree directories that no
                     // opaque upper directory hides: its parent is the tree's.
                     Some(node) => Some(node.parent),
-                    None => self.locate(&rel.buf[..rel.len], layer)?,
+                    None => {
+                        if !rel.materialize(self) {
+                            return Ok(Layered::TooLong);
+                        }
+                        self.locate(&rel.buf[..rel.len], layer)?
+                    }
                 };
                 continue;
             }
@@ -269,6 +313,9 @@ impl View<'_> {
             };
             // What the upper says, where it may say anything.
             let upper = if current.is_none_or(|d| layer.touched(d)) {
+                if !rel.materialize(self) {
+                    return Ok(Layered::TooLong);
+                }
                 let Some(full) = rel.with(name, &mut joined) else {
                     return Ok(Layered::TooLong);
                 };
@@ -354,6 +401,7 @@ impl View<'_> {
                     Some(inside) if inside.is_empty() || inside[0] == b'/' => {
                         current = Some(0);
                         rel.len = 0;
+                        rel.base = 0;
                         let Some(n) = concat(scratch, inside, remaining) else {
                             return Ok(Layered::TooLong);
                         };

@@ -351,6 +351,41 @@ fn the_upper_hides_deletes_and_adds_to_the_tree() {
         layered(&view, &layer, "/vrift/d/new/../../e/..", true),
         (Layered::Tree(0), "".into())
     );
+    // From a start directory, the path the upper is asked about is spelled out whole.
+    let from_d = |path: &str| {
+        let (mut scratch, mut rel, mut len) = ([0u8; PATH_MAX], [0u8; PATH_MAX], 0);
+        let r = view.resolve_layered(
+            b"/vrift",
+            d,
+            path.as_bytes(),
+            true,
+            &layer,
+            &mut scratch,
+            &mut rel,
+            &mut len,
+        );
+        (r, String::from_utf8_lossy(&rel[..len]).into_owned())
+    };
+    assert_eq!(from_d("new/f"), (Layered::Upper, "d/new/f".into()));
+    assert_eq!(
+        from_d("../a"),
+        (
+            Layered::Missing {
+                parent: Some(0),
+                last: true
+            },
+            "a".into()
+        )
+    );
+    assert_eq!(
+        from_d("../e/x").0,
+        Layered::Missing {
+            parent: None,
+            last: true
+        }
+    );
+    assert_eq!(from_d("../e/x").1, "e/x");
+    assert_eq!(from_d("..").0, Layered::Tree(0));
     // Untouched directories are never asked about.
     let untouched = MapLayer {
         entries: layer.entries.clone(),
