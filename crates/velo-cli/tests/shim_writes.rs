@@ -469,3 +469,77 @@ fn a_relative_store_and_a_kept_upper_s_own_directories_work() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--workdir sub: no such directory"));
 }
+
+/// The other spellings of exec, access, close and dlopen: glibc implements them with
+/// internal calls the shim would not see, so each is mapped onto the shim's own.
+#[test]
+fn execl_family_execveat_fexecve_close_range_and_faccessat2_see_the_tree() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("bin/hello"), b"#!/bin/sh\necho \"hi $0 $1\"\n").unwrap();
+    fs::set_permissions(src.join("bin/hello"), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    fs::remove_dir_all(&src).unwrap();
+    let Some(probe) = shim_env::compiled(
+        &env,
+        "spellings",
+        br#"#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <sys/syscall.h>
+#include <linux/close_range.h>
+extern char **environ;
+static void run(const char *what, int how) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char *argv[] = {"hello", "v", NULL};
+        int d = open("/vrift/bin", O_RDONLY | O_DIRECTORY);
+        int f = open("/vrift/bin/hello", O_RDONLY);
+        switch (how) {
+        case 0: execl("/vrift/bin/hello", "hello", "l", (char *)NULL); break;
+        case 1: setenv("PATH", "/vrift/bin:/usr/bin:/bin", 1); execlp("hello", "hello", "lp", (char *)NULL); break;
+        case 2: execle("/vrift/bin/hello", "hello", "le", (char *)NULL, environ); break;
+        case 3: execveat(d, "hello", argv, environ, 0); break;
+        case 4: fexecve(f, argv, environ); break;
+        }
+        printf("%s failed: %s\n", what, strerror(errno));
+        _exit(1);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+}
+int main(void) {
+    run("execl", 0); run("execlp", 1); run("execle", 2); run("execveat", 3); run("fexecve", 4);
+    printf("faccessat2 %d\n", faccessat(AT_FDCWD, "/vrift/bin/hello", X_OK, AT_EACCESS));
+    int fd = open("/vrift/bin/hello", O_RDONLY);
+    int again = dup2(fd, 50);
+    close_range(3, ~0U, 0);
+    int reused = open("/etc/passwd", O_RDONLY);
+    struct stat st;
+    fstat(reused, &st);
+    printf("close_range %d %s\n", again, st.st_size > 0 && (st.st_mode & 0777) != 0755 ? "host" : "tree?");
+    return 0;
+}
+"#,
+    ) else {
+        return;
+    };
+    let out = run_shimmed(&env, "t", &[], &[probe.to_str().unwrap()]);
+    assert_eq!(
+        stdout_of(&out),
+        "hi /vrift/bin/hello l\n\
+         hi /vrift/bin/hello lp\n\
+         hi /vrift/bin/hello le\n\
+         hi /vrift/bin/hello v\n\
+         hi /vrift/bin/hello v\n\
+         faccessat2 0\n\
+         close_range 50 host\n"
+    );
+}

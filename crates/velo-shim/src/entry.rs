@@ -875,7 +875,12 @@ pub unsafe extern "C" fn statx(
 // access, readlink
 // ---------------------------------------------------------------------------------------
 
-unsafe fn do_faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+pub(crate) unsafe fn do_faccessat(
+    dirfd: c_int,
+    path: *const c_char,
+    mode: c_int,
+    flags: c_int,
+) -> c_int {
     let Some(p) = (unsafe { arg(path) }) else {
         return fail(Errno::FAULT);
     };
@@ -2003,24 +2008,35 @@ static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 #[no_mangle]
 pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_void {
     let real = real_fn!(REAL_DLOPEN, c"dlopen", unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void, or core::ptr::null_mut());
+    let (mut scratch, mut path) = (PathBuf::new(), PathBuf::new());
+    match unsafe { for_loader(file, &mut scratch, &mut path) } {
+        Some(file) => unsafe { real(file, flags) },
+        None => core::ptr::null_mut(),
+    }
+}
+
+/// The path to hand the dynamic loader for `file`: a library in the tree by its path in
+/// the tree's farm (so `$ORIGIN` finds its neighbours), else its blob; an upper file or a
+/// host path as is. `None` when the tree's index is damaged.
+pub(crate) unsafe fn for_loader(
+    file: *const c_char,
+    scratch: &mut PathBuf,
+    path: &mut PathBuf,
+) -> Option<*const c_char> {
     let Some(config) = config::get() else {
-        return unsafe { real(file, flags) };
+        return Some(file);
     };
     let Some(p) = (unsafe { arg(file) }) else {
-        return unsafe { real(file, flags) };
+        return Some(file);
     };
     if !p.to_bytes().contains(&b'/') {
-        return unsafe { real(file, flags) };
+        return Some(file);
     }
-    let mut scratch = PathBuf::new();
-    let mut path = PathBuf::new();
-    match paths::lookup(config, libc::AT_FDCWD, p, true, &mut scratch) {
-        Target::Host => unsafe { real(file, flags) },
-        Target::HostPath | Target::Upper => unsafe { real(scratch.as_cstr().as_ptr(), flags) },
+    match paths::lookup(config, libc::AT_FDCWD, p, true, scratch) {
+        Target::Host => Some(file),
+        Target::HostPath | Target::Upper => Some(scratch.as_cstr().as_ptr()),
         Target::Node(n) => {
-            let Ok(node) = node(config, n) else {
-                return core::ptr::null_mut();
-            };
+            let node = node(config, n).ok()?;
             let mut virtual_path = PathBuf::new();
             let translated = if !config.farm.as_bytes().is_empty()
                 && paths::path_of(config, n, &mut virtual_path)
@@ -2028,16 +2044,16 @@ pub unsafe extern "C" fn dlopen(file: *const c_char, flags: c_int) -> *mut c_voi
                 let rel = &virtual_path.as_bytes()[config.at.as_bytes().len()..];
                 path.set(&[config.farm.as_bytes(), rel])
             } else {
-                blob_path(config, &node, &mut path)
+                blob_path(config, &node, path)
             };
             if !translated {
-                return core::ptr::null_mut();
+                return None;
             }
             debug(config, "dlopen", p.to_bytes());
-            unsafe { real(path.as_cstr().as_ptr(), flags) }
+            Some(path.as_cstr().as_ptr())
         }
         // The loader's own message names the path when it fails.
-        _ => unsafe { real(file, flags) },
+        _ => Some(file),
     }
 }
 

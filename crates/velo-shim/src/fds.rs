@@ -8,7 +8,7 @@ use rustix::fd::BorrowedFd;
 
 /// Descriptors above this are not tracked (they show the blob's own metadata);
 /// docs/COMPATIBILITY.md says so.
-const SLOTS: usize = 1 << 16;
+pub const SLOTS: usize = 1 << 16;
 
 struct Slot {
     /// Node index + 1; 0 for none.

@@ -46,6 +46,7 @@ mod entry;
 mod fds;
 mod meta;
 mod paths;
+mod spellings;
 mod upper;
 
 pub use entry::*;
