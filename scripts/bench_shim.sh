@@ -84,10 +84,13 @@ cp -a "$pydir/pkgs" "$mnt/pkgs"
 ta=(); tb=()
 py_native="import sys; sys.path.insert(0, '$mnt/pkgs'); import numpy, pandas"
 py_shim="import sys; sys.path.insert(0, '/vrift'); import numpy, pandas"
-python3 -c "$py_native"; "$velo" run --manifest np -- python3 -c "$py_shim"
+# The interpreter itself, not a wrapper (pyenv's `python3` is a bash script that runs a
+# dozen programs before Python starts, each of which would load the shim too).
+py=$(python3 -c 'import sys; print(sys.executable)')
+"$py" -c "$py_native"; "$velo" run --manifest np -- "$py" -c "$py_shim"
 for _ in $(seq "$runs"); do
-    ta+=("$(time_of python3 -c "$py_native")")
-    tb+=("$(time_of "$velo" run --manifest np -- python3 -c "$py_shim")")
+    ta+=("$(time_of "$py" -c "$py_native")")
+    tb+=("$(time_of "$velo" run --manifest np -- "$py" -c "$py_shim")")
 done
 ma=$(printf '%s\n' "${ta[@]}" | median)
 mb=$(printf '%s\n' "${tb[@]}" | median)
