@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 make nodejs git python3 libdpkg-perl debconf e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
+packages=(fuse3 make nodejs git python3 python3-pip libdpkg-perl debconf e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -20,6 +20,18 @@ fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 command -v fsx >/dev/null || cargo install --locked fsx
+# numpy and pandas installed with pip into a directory, for the shim's real-software test
+# (the interpreter that installed them is recorded beside them).
+np_dir=${VELO_NUMPY_DIR:-/var/cache/velo-tests/numpy-pandas}
+if [ ! -f "$np_dir/.python" ] && mkdir -p "$np_dir" 2>/dev/null; then
+    py=$(python3 -c 'import sys; print(sys.executable)')
+    if "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages \
+        --target "$np_dir/pkgs" numpy pandas; then
+        echo "$py" > "$np_dir/.python"
+    else
+        echo "warning: pip could not install numpy and pandas for the shim test" >&2
+    fi
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -923,3 +923,35 @@ fn python_writes_a_package_imports_it_and_removes_a_tree_directory() {
     assert!(compiled.is_empty(), "{compiled:?}");
     env.fsck_ok();
 }
+
+/// numpy and pandas (C extensions, installed with pip into a directory by
+/// scripts/test.sh) imported from a tree placed with `--at` where the directory was made,
+/// with the host's copy gone: python finds every module and extension in the tree.
+#[test]
+fn python_imports_numpy_and_pandas_from_a_tree_at_the_path_it_was_made() {
+    let cache = std::env::var_os("VELO_NUMPY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/velo-tests/numpy-pandas"));
+    let python = fs::read_to_string(cache.join(".python")).ok();
+    if !common::require(
+        python.is_some() && cache.join("pkgs/numpy").is_dir(),
+        "numpy and pandas installed by scripts/test.sh (pip)",
+    ) {
+        return;
+    }
+    let python = python.unwrap_or_default().trim().to_string();
+    let env = Env::new();
+    let made = env.path("site");
+    common::cp("-a", &cache.join("pkgs"), &made);
+    env.ingest(&made, &["--name", "np"]);
+    fs::remove_dir_all(&made).unwrap();
+    let at = made.to_str().unwrap();
+    let script = format!(
+        "import sys; sys.path.insert(0, '{at}'); import numpy, pandas; \
+         print(numpy.__file__.startswith('{at}/'), pandas.__file__.startswith('{at}/'), \
+         int(numpy.arange(10).sum()), int(pandas.Series([1, 2, 3]).sum()))"
+    );
+    let out = run_shimmed(&env, "np", &["--at", at], &[&python, "-c", &script]);
+    assert_eq!(stdout_of(&out), "True True 45 6\n");
+    assert!(!made.exists(), "the host copy stays gone");
+}
