@@ -455,6 +455,22 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
         };
         command.env(k, v);
     }
+    let velo_pid = rustix::process::getpid();
+    // SAFETY: runs in the child between fork and exec, calling only async-signal-safe
+    // system calls (prctl, getppid, kill) and allocating nothing.
+    unsafe {
+        command.pre_exec(move || {
+            // The command goes when velo does (killed): a run no one will commit or
+            // clean up must not go on writing into a session gc may remove.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(velo_pid) {
+                return Err(std::io::Error::other(
+                    "velo exited before the command started",
+                ));
+            }
+            Ok(())
+        });
+    }
     let supervisor = velo_project::sandbox::spawn::Supervisor::new()
         .context("catching signals to pass on to the command")?;
     let started = std::time::Instant::now();

@@ -543,3 +543,44 @@ int main(void) {
          close_range 50 host\n"
     );
 }
+
+/// A run whose velo is killed takes its command with it: nothing would commit or clean
+/// up after it, and gc may remove its session.
+#[test]
+fn the_command_goes_when_velo_is_killed() {
+    let env = Env::new();
+    tree(&env);
+    shim_env::shim_built();
+    let pid_file = env.path("child.pid");
+    let mut velo = env
+        .cmd()
+        .args(["run", "--manifest", "t", "--"])
+        .args([
+            "sh",
+            "-c",
+            &format!("echo $$ > {}; exec sleep 60", pid_file.display()),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = String::new();
+    for _ in 0..200 {
+        child = fs::read_to_string(&pid_file).unwrap_or_default();
+        if !child.trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let child: i32 = child.trim().parse().expect("the command wrote its pid");
+    velo.kill().unwrap();
+    velo.wait().unwrap();
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        !Path::new(&format!("/proc/{child}")).exists()
+            || fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| {
+                s.split(") ")
+                    .nth(1)
+                    .is_some_and(|rest| rest.starts_with('Z'))
+            })
+    });
+    assert!(gone, "the command {child} outlived velo");
+}
