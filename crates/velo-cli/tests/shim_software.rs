@@ -182,27 +182,21 @@ fn coreutils_findutils_and_tar_walk_a_real_source_tree() {
         assert_eq!(g, w, "ls -lR differs");
     }
 
-    // find | xargs stat: every file, with its size.
-    let stat_script = "find . -type f -print0 | xargs -0 stat --format='%n %s'";
-    let want = sorted_lines(&native(&kept, "sh", &["-c", stat_script]));
-    let got = sorted_lines(&stdout_of(&run_shimmed(
-        &env,
-        "t",
-        &[],
-        &["sh", "-c", stat_script],
-    )));
-    assert_eq!(got, want, "find | xargs stat");
-
-    // Contents: sha256sum of every file read through the shim.
-    let sum_script = "find . -type f -print0 | xargs -0 sha256sum";
-    let want = sorted_lines(&native(&kept, "sh", &["-c", sum_script]));
-    let got = sorted_lines(&stdout_of(&run_shimmed(
-        &env,
-        "t",
-        &[],
-        &["sh", "-c", sum_script],
-    )));
-    assert_eq!(got, want, "sha256sum of every file");
+    // find | xargs stat: every file, with its size; and its contents, read through the
+    // shim.
+    for script in [
+        "find . -type f -print0 | xargs -0 stat --format='%n %s'",
+        "find . -type f -print0 | xargs -0 sha256sum",
+    ] {
+        let want = sorted_lines(&native(&kept, "sh", &["-c", script]));
+        let got = sorted_lines(&stdout_of(&run_shimmed(
+            &env,
+            "t",
+            &[],
+            &["sh", "-c", script],
+        )));
+        assert_eq!(got, want, "{script}");
+    }
 
     // du -sb (fts) adds up what find (stat of every entry) reports.
     let out = run_shimmed(
