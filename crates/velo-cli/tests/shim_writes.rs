@@ -393,7 +393,7 @@ int main(void) {
          thread-self-reopen=ok\n\
          tid-reopen=ok\n\
          upper-dir-dotdot=ok\n\
-         upper-dir-escape=No such file or directory\n\
+         upper-dir-escape=Not a directory\n\
          fchdir-upper=ok\n\
          cwd=/vrift/nd\n\
          opaque-xattr=Operation not permitted\n\
@@ -583,4 +583,81 @@ fn the_command_goes_when_velo_is_killed() {
             })
     });
     assert!(gone, "the command {child} outlived velo");
+}
+
+/// The second red-team round: `..` above the top from a directory the command made leads
+/// to the host's parent of the tree (never into velo's session), a host directory's
+/// descriptor above the tree reaches it (rsync's `fstatat(fd_of_root, "vrift")`),
+/// `/proc/self/fd/N` of a tree file names its tree path, the kernel's errors for `.` and
+/// for renames onto directories, and `posix_spawnp` finding a program in a tree PATH
+/// entry (Rust's `Command` spawns that way).
+#[test]
+fn paths_from_new_directories_host_descriptors_and_spawnp_behave_as_natively() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("a.txt"), b"hi\n").unwrap();
+    fs::copy("/bin/true", src.join("bin/mytrue")).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    fs::remove_dir_all(&src).unwrap();
+    let Some(probe) = shim_env::compiled(
+        &env,
+        "round2",
+        br#"#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <errno.h>
+#include <string.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <sys/stat.h>
+extern char **environ;
+static const char *err(int r) { return r < 0 ? strerror(errno) : "ok"; }
+int main(void) {
+    char link[64], buf[4096];
+    mkdir("n1", 0755);
+    int fd = open("n1", O_RDONLY | O_DIRECTORY);
+    int up = openat(fd, "../..", O_RDONLY | O_DIRECTORY);
+    snprintf(link, sizeof link, "/proc/self/fd/%d", up);
+    ssize_t n = readlink(link, buf, sizeof buf);
+    buf[n > 0 ? n : 0] = 0;
+    printf("above-top=%s\n", buf);
+    printf("no-session=%s\n", err(openat(fd, "../../lock", O_RDONLY)));
+    int t = open("a.txt", O_RDONLY);
+    snprintf(link, sizeof link, "/proc/self/fd/%d", t);
+    n = readlink(link, buf, sizeof buf);
+    buf[n > 0 ? n : 0] = 0;
+    printf("tree-fd=%s\n", buf);
+    int root = open("/", O_RDONLY | O_PATH);
+    struct stat st;
+    printf("from-root=%s\n", err(fstatat(root, "vrift/a.txt", &st, 0)));
+    printf("unlink-dot=%s rmdir-dot=%s\n", err(unlink(".")), err(rmdir(".")));
+    printf("rename-file-onto-dir=%s\n", err(rename("a.txt", "sub")));
+    setenv("PATH", "/vrift/bin:/usr/bin:/bin", 1);
+    pid_t pid;
+    char *argv[] = {"mytrue", NULL};
+    int e = posix_spawnp(&pid, "mytrue", NULL, NULL, argv, environ);
+    int status = 1;
+    if (e == 0) waitpid(pid, &status, 0);
+    printf("spawnp=%d status=%d\n", e, status);
+    return 0;
+}
+"#,
+    ) else {
+        return;
+    };
+    let out = run_shimmed(&env, "t", &[], &[probe.to_str().unwrap()]);
+    assert_eq!(
+        stdout_of(&out),
+        "above-top=/\n\
+         no-session=No such file or directory\n\
+         tree-fd=/vrift/a.txt\n\
+         from-root=ok\n\
+         unlink-dot=Is a directory rmdir-dot=Invalid argument\n\
+         rename-file-onto-dir=Is a directory\n\
+         spawnp=0 status=0\n"
+    );
 }

@@ -254,13 +254,16 @@ unsafe fn do_remove(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
             let Ok(node) = config.view.node(n) else {
                 return fail(Errno::IO);
             };
-            if n == 0 {
-                return fail(Errno::BUSY);
-            }
             match (dir, node.kind) {
                 (true, Kind::Dir) | (false, Kind::File | Kind::Symlink) => {}
                 (true, _) => return fail(Errno::NOTDIR),
                 (false, Kind::Dir) => return fail(Errno::ISDIR),
+            }
+            if dir && last_component(p.to_bytes()) == b"." {
+                return fail(Errno::INVAL);
+            }
+            if n == 0 {
+                return fail(Errno::BUSY);
             }
             let mut rel = PathBuf::new();
             if !node_rel(config, n, &mut rel) {
@@ -312,6 +315,71 @@ pub unsafe extern "C" fn remove(path: *const c_char) -> c_int {
 // ---------------------------------------------------------------------------------------
 // Renames and links
 // ---------------------------------------------------------------------------------------
+
+/// A path's last component (`.` for `a/.` and `a/./`).
+fn last_component(path: &[u8]) -> &[u8] {
+    let trimmed = match path.iter().rposition(|&b| b != b'/') {
+        Some(end) => &path[..=end],
+        None => return path,
+    };
+    trimmed.rsplit(|&b| b == b'/').next().unwrap_or(trimmed)
+}
+
+/// What a rename would do natively where the tree's directories are concerned: the
+/// error a rename of `source` (a tree or upper entry) onto `dest` gets before anything is
+/// copied up. A tree directory itself cannot move (`EXDEV`, as overlayfs without
+/// redirects), but the kernel's own checks come first.
+fn rename_refusal(
+    config: &Config,
+    source: &Target,
+    dest: &Target,
+    dest_host: &PathBuf,
+) -> Option<Errno> {
+    let kind = |t: &Target, host: Option<&PathBuf>| -> Option<bool> {
+        match t {
+            Target::Node(n) => config.view.node(*n).ok().map(|n| n.kind == Kind::Dir),
+            Target::Upper => host.and_then(|h| {
+                rustix::fs::statat(
+                    rustix::fs::CWD,
+                    h.as_cstr(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .ok()
+                .map(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                })
+            }),
+            _ => None,
+        }
+    };
+    let source_dir = match source {
+        Target::Node(_) => kind(source, None)?,
+        _ => return None,
+    };
+    let dest_dir = kind(dest, Some(dest_host));
+    match (source_dir, dest_dir) {
+        (false, Some(true)) => Some(Errno::ISDIR),
+        (true, Some(false)) => Some(Errno::NOTDIR),
+        (true, Some(true)) => {
+            let empty = match dest {
+                Target::Node(n) => config.view.node(*n).ok().and_then(|node| {
+                    let mut rel = PathBuf::new();
+                    node_rel(config, *n, &mut rel).then_some(())?;
+                    upper::merged_is_empty(config, &node, rel.as_bytes()).ok()
+                }),
+                _ => None,
+            };
+            Some(if empty == Some(false) {
+                Errno::NOTEMPTY
+            } else {
+                Errno::XDEV
+            })
+        }
+        (true, None) => Some(Errno::XDEV),
+        (false, _) => None,
+    }
+}
 
 /// One side of a rename or link, made ready in the upper.
 enum Side {
@@ -446,12 +514,18 @@ unsafe fn do_rename(
     let (mut first, mut second) = (PathBuf::new(), PathBuf::new());
     let noreplace = flags & libc::RENAME_NOREPLACE != 0;
     let exchange = flags & libc::RENAME_EXCHANGE != 0;
-    // The destination is looked at first: a refused rename must not copy anything up.
+    // Both sides are looked at first: a refused rename must not copy anything up.
     let mut probe = PathBuf::new();
-    if let (Target::Node(_) | Target::Upper, true) =
-        (paths::lookup(config, fd2, p2, false, &mut probe), noreplace)
-    {
+    let dest_target = paths::lookup(config, fd2, p2, false, &mut probe);
+    if let (Target::Node(_) | Target::Upper, true) = (&dest_target, noreplace) {
         return fail(Errno::EXIST);
+    }
+    let mut source_probe = PathBuf::new();
+    let source_target = paths::lookup(config, fd1, p1, false, &mut source_probe);
+    if !exchange {
+        if let Some(e) = rename_refusal(config, &source_target, &dest_target, &probe) {
+            return fail(e);
+        }
     }
     let (source, source_in_tree) = match source_side(config, fd1, p1, false, &mut first) {
         Ok(s) => s,

@@ -973,6 +973,14 @@ unsafe fn do_readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, siz
         return len as isize;
     }
     let mut scratch = PathBuf::new();
+    // `/proc/self/fd/N` of a descriptor of the tree names its tree path, as the kernel's
+    // link would name a real file's.
+    if paths::descriptor_path(config, p.to_bytes(), &mut scratch) {
+        let target = scratch.as_bytes();
+        let len = target.len().min(out.len());
+        out[..len].copy_from_slice(&target[..len]);
+        return len as isize;
+    }
     match paths::lookup(config, dirfd, p, false, &mut scratch) {
         Target::Host => raw(dirfd, p, out),
         Target::HostPath | Target::Upper => raw(libc::AT_FDCWD, scratch.as_cstr(), out),
@@ -1927,9 +1935,67 @@ unsafe fn spawn_any(
         return libc::EFAULT;
     };
     if !p.to_bytes().contains(&b'/') {
-        // posix_spawnp of a bare name: libc searches PATH (tree programs are reached by
-        // their paths).
-        return unsafe { real(pid, path, actions, attr, argv, envp) };
+        // posix_spawnp of a bare name: PATH is searched here (libc's search would not see
+        // the tree's directories), each candidate then spawned by its path.
+        let name = p.to_bytes();
+        if name.is_empty() {
+            return libc::ENOENT;
+        }
+        let path_var = unsafe { libc::getenv(c"PATH".as_ptr()) };
+        let search: &[u8] = if path_var.is_null() {
+            b"/bin:/usr/bin"
+        } else {
+            // SAFETY: getenv's NUL-terminated value, read before anything changes it.
+            unsafe { CStr::from_ptr(path_var) }.to_bytes()
+        };
+        for dir in search.split(|&b| b == b':') {
+            let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+            let mut candidate = PathBuf::new();
+            if !candidate.set(&[dir, b"/", name]) {
+                continue;
+            }
+            let mut probe = PathBuf::new();
+            let found = match paths::lookup(
+                config,
+                libc::AT_FDCWD,
+                candidate.as_cstr(),
+                true,
+                &mut probe,
+            ) {
+                Target::Node(n) => node(config, n)
+                    .is_ok_and(|n| n.kind == Kind::File && n.flags & FLAG_EXEC_LINK != 0),
+                Target::Host => {
+                    rustix::fs::access(candidate.as_cstr(), rustix::fs::Access::EXEC_OK).is_ok()
+                        && rustix::fs::stat(candidate.as_cstr()).is_ok_and(|st| {
+                            rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                == rustix::fs::FileType::RegularFile
+                        })
+                }
+                Target::HostPath | Target::Upper => {
+                    rustix::fs::access(probe.as_cstr(), rustix::fs::Access::EXEC_OK).is_ok()
+                        && rustix::fs::stat(probe.as_cstr()).is_ok_and(|st| {
+                            rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                == rustix::fs::FileType::RegularFile
+                        })
+                }
+                _ => false,
+            };
+            if found {
+                return unsafe {
+                    spawn_any(
+                        &REAL_POSIX_SPAWN,
+                        c"posix_spawn",
+                        pid,
+                        candidate.as_cstr().as_ptr(),
+                        actions,
+                        attr,
+                        argv,
+                        envp,
+                    )
+                };
+            }
+        }
+        return libc::ENOENT;
     }
     let mut scratch = PathBuf::new();
     let mut exe = PathBuf::new();

@@ -99,9 +99,32 @@ pub fn host_cwd_relevant(config: &Config) -> Option<&'static PathBuf> {
     }
 }
 
-/// The tree path of upper directory descriptor `fd` into `out` (false if it is no longer
-/// in the upper).
-fn upper_dir_path(config: &Config, fd: i32, out: &mut PathBuf) -> bool {
+/// The tree path of the descriptor a `/proc/self/fd/N`-style `path` names, when it is one
+/// of a tree node or of a directory of the upper (into `out`).
+pub fn descriptor_path(config: &Config, path: &[u8], out: &mut PathBuf) -> bool {
+    let Some(fd) = proc_fd(path) else {
+        return false;
+    };
+    if let Some(node) = fds::node_of(fd) {
+        return path_of(config, node, out);
+    }
+    fds::is_upper_dir(fd) && upper_dir_path(config, fd, out)
+}
+
+/// Whether relative `path` could lead into the tree at `at` from a host directory: it
+/// names `at`'s last component, or goes up (`..`). Others are the kernel's alone, and
+/// cost no look at the directory they start from.
+fn may_reach(path: &[u8], at: &[u8]) -> bool {
+    let last = at.rsplit(|&b| b == b'/').next().unwrap_or(at);
+    path.split(|&b| b == b'/')
+        .any(|part| part == b".." || part == last)
+}
+
+/// The host path descriptor `fd` is open on, into `out`.
+fn fd_path(fd: i32, out: &mut PathBuf) -> bool {
+    if fd < 0 {
+        return false;
+    }
     let mut link = PathBuf::new();
     let mut digits = [0u8; 10];
     link.set(&[
@@ -109,10 +132,20 @@ fn upper_dir_path(config: &Config, fd: i32, out: &mut PathBuf) -> bool {
         crate::config::decimal(fd as u32, &mut digits),
     ]);
     let mut buf = [0u8; PATH_MAX];
-    let Ok(len) = rustix::fs::readlinkat_raw(rustix::fs::CWD, link.as_cstr(), &mut buf[..]) else {
+    match rustix::fs::readlinkat_raw(rustix::fs::CWD, link.as_cstr(), &mut buf[..]) {
+        Ok(len) if len < PATH_MAX && len > 0 && buf[0] == b'/' => out.set(&[&buf[..len]]),
+        _ => false,
+    }
+}
+
+/// The tree path of upper directory descriptor `fd` into `out` (false if it is no longer
+/// in the upper).
+fn upper_dir_path(config: &Config, fd: i32, out: &mut PathBuf) -> bool {
+    let mut host = PathBuf::new();
+    if !fd_path(fd, &mut host) {
         return false;
-    };
-    let path = &buf[..len.min(PATH_MAX)];
+    }
+    let path = host.as_bytes();
     let upper = config.upper.as_bytes();
     !upper.is_empty()
         && is_under(path, upper)
@@ -182,28 +215,53 @@ pub fn lookup(
             fds::node_of(dirfd)
         };
         let Some(start) = start else {
-            // From a host directory above the tree (`vrift/x` from `/`), or a directory
-            // of the upper (whose `..` is the merged view's): joined and normalised, it
-            // may lead in.
             if bytes.is_empty() {
                 return Target::Host;
             }
-            let mut from_fd = PathBuf::new();
+            let mut base = PathBuf::new();
+            let in_upper = if dirfd == libc::AT_FDCWD {
+                match cwd_in_upper(config) {
+                    Some(virtual_cwd) => base.set(&[virtual_cwd.as_bytes()]),
+                    None => false,
+                }
+            } else if fds::is_upper_dir(dirfd) {
+                // A directory of the upper: where it is in the tree.
+                if !upper_dir_path(config, dirfd, &mut base) {
+                    return Target::Fail(Errno::NOENT);
+                }
+                true
+            } else {
+                false
+            };
+            let mut joined = PathBuf::new();
+            if in_upper {
+                // From a directory of the upper, the walk goes through the merged view
+                // (its `..` and symlinks too) and leaves the tree only above its top:
+                // never by the kernel's path from the upper directory itself.
+                if !joined.set(&[base.as_bytes(), b"/", bytes]) {
+                    return Target::Fail(Errno::NAMETOOLONG);
+                }
+                return match resolve(config, 0, joined.as_bytes(), follow, scratch) {
+                    Target::Host => Target::Fail(Errno::IO),
+                    other => other,
+                };
+            }
+            // From a host directory (the working directory, or a descriptor) above the
+            // tree (`vrift/x` from `/`): joined and normalised, it may lead in.
+            if !may_reach(bytes, at) {
+                return Target::Host;
+            }
             let host = if dirfd == libc::AT_FDCWD {
                 match host_cwd_relevant(config) {
                     Some(host) => host,
                     None => return Target::Host,
                 }
-            } else if fds::is_upper_dir(dirfd) {
-                // A directory of the upper: where it is in the tree.
-                if !upper_dir_path(config, dirfd, &mut from_fd) {
-                    return Target::Fail(Errno::NOENT);
-                }
-                &from_fd
             } else {
-                return Target::Host;
+                if !fd_path(dirfd, &mut base) {
+                    return Target::Host;
+                }
+                &base
             };
-            let mut joined = PathBuf::new();
             let mut normal = PathBuf::new();
             if !joined.set(&[host.as_bytes(), b"/", bytes])
                 || !normalise(joined.as_bytes(), &mut normal)

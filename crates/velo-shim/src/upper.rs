@@ -453,7 +453,12 @@ pub fn open_merged(config: &Config, dir: u32) -> i32 {
 /// The upper's copy of tree directory `dir`, if the command changed it (made entries in
 /// it, chmod'ed it): its mode, owner and times are what `stat` reports.
 pub fn dir_copy(config: &Config, dir: &Node) -> Option<rustix::fs::Stat> {
-    if dir.kind != Kind::Dir || !writable(config) || !is_touched(config, dir.index) {
+    // The top's copy is the upper itself, whose mode is velo's (0700), not the tree's.
+    if dir.kind != Kind::Dir
+        || dir.index == 0
+        || !writable(config)
+        || !is_touched(config, dir.index)
+    {
         return None;
     }
     let mut buf = [0u8; PATH_MAX];
