@@ -23,6 +23,7 @@ macro_rules! out {
 
 mod doctor;
 mod fmt;
+mod mount;
 mod read;
 mod run;
 mod shim;
@@ -173,6 +174,22 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Serve a tree as a FUSE file system at MOUNTPOINT (read-only in this version), in
+    /// the background until `velo umount`
+    Mount {
+        /// A root name, a tree hash (or unique prefix), or a .velo file
+        tree: String,
+        /// An existing directory, outside the store
+        mountpoint: PathBuf,
+        /// Serve in this process until unmounted, instead of in the background
+        #[arg(long)]
+        foreground: bool,
+        /// Let other users in (needs root, or user_allow_other in /etc/fuse.conf)
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Unmount a `velo mount` (also one whose server died)
+    Umount { mountpoint: PathBuf },
     /// Write a tree as a .velo manifest
     Export {
         tree: String,
@@ -422,6 +439,21 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         Command::Roots => write::roots(ctx),
         Command::Forget { name_or_root } => write::forget(ctx, &name_or_root),
         Command::Status => write::status(ctx),
+        Command::Mount {
+            tree,
+            mountpoint,
+            foreground,
+            allow_other,
+        } => mount::mount(
+            ctx,
+            &mount::MountArgs {
+                tree,
+                mountpoint,
+                foreground,
+                allow_other,
+            },
+        ),
+        Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Gc { run } => write::gc(ctx, run),
         Command::Fsck { quick, repair } => write::fsck(ctx, quick, repair),
         Command::Doctor => doctor::doctor(ctx),

@@ -191,7 +191,7 @@ fn resolve_program(
 
 /// The view index, mapped: reading a kernel tree's (8 MB) would be much of a run's
 /// start-up. The mapping is never unmapped; velo `exec`s or exits soon after.
-fn map(path: &Path) -> Result<&'static [u8]> {
+pub(crate) fn map(path: &Path) -> Result<&'static [u8]> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata()?.len() as usize;
     if len == 0 {

@@ -1,0 +1,134 @@
+//! `velo mount TREE MOUNTPOINT` / `velo umount`: the FUSE server (read-only in this
+//! version). Needs /dev/fuse and either root or fusermount3: elsewhere the tests show as
+//! skipped, and fail under CI.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::Env;
+
+fn fuse_available() -> bool {
+    let fusermount = ["fusermount3", "fusermount"]
+        .iter()
+        .any(|t| common::find_tool(t).is_some());
+    common::require(
+        Path::new("/dev/fuse").exists() && (common::is_root() || fusermount),
+        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
+    )
+}
+
+/// A mount that is unmounted when the test ends, whatever happens.
+struct Mounted<'a> {
+    env: &'a Env,
+    at: std::path::PathBuf,
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
+    }
+}
+
+fn mount<'a>(env: &'a Env, tree: &str, at: &Path) -> Mounted<'a> {
+    fs::create_dir_all(at).unwrap();
+    env.ok(&["mount", tree, at.to_str().unwrap()]);
+    Mounted {
+        env,
+        at: at.to_path_buf(),
+    }
+}
+
+#[test]
+fn a_mounted_tree_shows_every_entry_exactly_and_refuses_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    common::awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let want = common::scan(&src);
+    let at = env.path("mnt");
+    let mounted = mount(&env, "t", &at);
+    // Names, kinds, modes, sizes, mtimes (ns), contents and symlink targets.
+    assert_eq!(common::scan(&at), want);
+    let err = fs::write(at.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = fs::remove_file(at.join("plain.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    // Real tools read it as they read any directory.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("find . | sort | wc -l && du -sb --apparent-size plain.txt")
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().next(),
+        Some((want.len() + 1).to_string().as_str()),
+        "{text}"
+    );
+    drop(mounted);
+    assert!(
+        fs::read_dir(&at).unwrap().next().is_none(),
+        "the mount point is empty again after velo umount"
+    );
+    env.fsck_ok();
+}
+
+#[test]
+fn a_mount_whose_server_died_is_cleaned_up_and_bad_mount_points_are_refused() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at);
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"f\n");
+    // Kill the server: the mount point is dead (ENOTCONN) until cleaned up.
+    let out = Command::new("pkill")
+        .args([
+            "-9",
+            "-f",
+            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success(), "no server process found");
+    let mut dead = false;
+    for _ in 0..100 {
+        if fs::read_dir(&at).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+            dead = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(dead, "the mount did not die with its server");
+    // The next mount cleans it up, saying so.
+    let out = env.run(&["mount", "t", at.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server died"));
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"f\n");
+    // A second mount on a live one, a mount point in the store, a missing one: refused.
+    let again = env.fails(&["mount", "t", at.to_str().unwrap()]);
+    assert!(again.contains("already a FUSE mount"), "{again}");
+    let inside = env.store.join("views");
+    let refused = env.fails(&["mount", "t", inside.to_str().unwrap()]);
+    assert!(refused.contains("inside the store"), "{refused}");
+    let missing = env.fails(&["mount", "t", env.path("nope").to_str().unwrap()]);
+    assert!(missing.contains("make the directory first"), "{missing}");
+    let not_mount = env.fails(&["umount", env.path("src").to_str().unwrap()]);
+    assert!(not_mount.contains("not a velo mount"), "{not_mount}");
+}
