@@ -111,11 +111,27 @@ fn check_fuse() -> Check {
     .iter()
     .find(|p| Path::new(p).exists());
     let ok = device.is_ok();
-    let detail = match (&device, helper) {
+    let mut detail = match (&device, helper) {
         (Ok(_), Some(h)) => format!("/dev/fuse opens; mount helper {h}"),
         (Ok(_), None) => "/dev/fuse opens; no fusermount3 helper (only root can mount)".to_string(),
         (Err(e), _) => format!("/dev/fuse: {e}"),
     };
+    // FUSE passthrough (reads served by the kernel from the backing file) came in Linux
+    // 6.9 and needs CAP_SYS_ADMIN.
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let passthrough = match (version >= (6, 9), rustix::process::geteuid().is_root()) {
+        (true, true) => "the kernel offers passthrough to root (velo mount does not use it yet)",
+        (true, false) => "passthrough needs root (CAP_SYS_ADMIN)",
+        (false, _) => "no passthrough before Linux 6.9",
+    };
+    detail.push_str(&format!("; Linux {release}: {passthrough}"));
     Check { name: "FUSE", ok, detail, advice: "install fuse3 (apt-get install fuse3) and make /dev/fuse available; needed by velo mount" }
 }
 
