@@ -453,7 +453,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 allow_other,
             },
         ),
-        Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Umount { mountpoint } => mount::umount(ctx, &mountpoint),
         Command::Gc { run } => write::gc(ctx, run),
         Command::Fsck { quick, repair } => write::fsck(ctx, quick, repair),
         Command::Doctor => doctor::doctor(ctx),

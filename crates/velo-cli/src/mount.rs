@@ -31,38 +31,59 @@ fn is_dead_mount(path: &Path) -> bool {
 }
 
 /// Unmounts `path`: `fusermount3 -u` (works for the user who mounted), else umount(2).
-fn unmount(path: &Path) -> Result<()> {
+/// `lazy`: detach it now even if it is busy (the server's own stop on a signal).
+fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let fusermount = ["fusermount3", "fusermount"].into_iter().find(|tool| {
         std::process::Command::new(tool)
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success())
     });
+    let busy_hint = |detail: &str| {
+        anyhow::anyhow!(
+            "unmounting {}: {detail}. A process has a file open there or works in it (`fuser -vm {}` lists them): end it, or detach the mount now with `fusermount3 -uz {}`",
+            path.display(),
+            path.display(),
+            path.display()
+        )
+    };
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
     if let Some(tool) = fusermount {
         let out = std::process::Command::new(tool)
-            .arg("-u")
+            .arg(if lazy { "-uz" } else { "-u" })
             .arg(path)
             .output()
             .with_context(|| format!("running {tool} -u {}", path.display()))?;
         if out.status.success() {
             return Ok(());
         }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if rustix::process::geteuid().is_root() {
-            return rustix::mount::unmount(path, rustix::mount::UnmountFlags::empty())
-                .with_context(|| format!("unmounting {}", path.display()));
+            return match rustix::mount::unmount(path, flags) {
+                Ok(()) => Ok(()),
+                Err(rustix::io::Errno::BUSY) => Err(busy_hint("it is busy")),
+                Err(e) => Err(e).with_context(|| format!("unmounting {}", path.display())),
+            };
         }
-        bail!(
-            "{tool} -u {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        if stderr.contains("busy") {
+            return Err(busy_hint(&stderr));
+        }
+        bail!("{tool} -u {}: {stderr}", path.display());
     }
-    rustix::mount::unmount(path, rustix::mount::UnmountFlags::empty()).with_context(|| {
-        format!(
-            "unmounting {} (fusermount3 is not installed: apt install fuse3)",
-            path.display()
-        )
-    })
+    match rustix::mount::unmount(path, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => Err(busy_hint("it is busy")),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "unmounting {} (fusermount3 is not installed: apt install fuse3)",
+                path.display()
+            )
+        }),
+    }
 }
 
 pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
@@ -73,7 +94,7 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
             "velo: {} is a mount whose server died; unmounting it first",
             mountpoint.display()
         );
-        unmount(&mountpoint)?;
+        unmount(&mountpoint, false)?;
     }
     if velo_fuse::is_fuse_mount(&mountpoint) {
         bail!(
@@ -111,6 +132,22 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     let bytes = crate::shim::map(&view.index)?;
     let index = velo_view::View::new(bytes)
         .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    // A signal (Ctrl-C, `kill`) unmounts before the server goes, so no dead mount is
+    // left behind.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("catching signals")?;
+    let watched = mountpoint.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            if let Err(e) = unmount(&watched, true) {
+                note!("velo: {e:#}");
+            }
+        }
+    });
     let fs = velo_fuse::TreeFs::new(
         index,
         store.root(),
@@ -171,6 +208,14 @@ fn start_in_background(
     loop {
         if velo_fuse::is_fuse_mount(mountpoint) {
             let _ = std::fs::remove_file(&log);
+            if ctx.json {
+                crate::fmt::try_print_json(&serde_json::json!({
+                    "mounted": mountpoint,
+                    "root": root,
+                    "server_pid": child.id(),
+                }))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             note!(
                 "velo: mounted {} at {} (server pid {}; `velo umount {}` to stop it)",
                 &root[..16],
@@ -199,11 +244,14 @@ fn start_in_background(
     }
 }
 
-pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
+pub fn umount(ctx: &Ctx, mountpoint: &Path) -> Result<ExitCode> {
     let path = std::path::absolute(mountpoint)?;
     if !velo_fuse::is_fuse_mount(&path) && !is_dead_mount(&path) {
         bail!("{}: not a velo mount", path.display());
     }
-    unmount(&path)?;
+    unmount(&path, false)?;
+    if ctx.json {
+        crate::fmt::try_print_json(&serde_json::json!({ "unmounted": path }))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -132,3 +132,84 @@ fn a_mount_whose_server_died_is_cleaned_up_and_bad_mount_points_are_refused() {
     let not_mount = env.fails(&["umount", env.path("src").to_str().unwrap()]);
     assert!(not_mount.contains("not a velo mount"), "{not_mount}");
 }
+
+fn server_pid(at: &Path) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What the red-team run of the mount found: many readers at once ran the server out of
+/// descriptors (EIO), and a server stopped by a signal left a dead mount.
+#[test]
+fn many_readers_at_once_and_a_signalled_server_leave_no_error_and_no_dead_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("many")).unwrap();
+    for i in 0..3000 {
+        fs::write(src.join(format!("many/f{i}")), format!("{i}\n")).unwrap();
+    }
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let out = env.run(&["--json", "mount", "t", at.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mounted"], at.to_str().unwrap());
+    let mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    // 24 readers over every file, each opening one file at a time.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("for i in $(seq 24); do (find many -type f | xargs -n 100 cat > /dev/null) & done; wait; echo done")
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "done\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SIGTERM to the server: it unmounts before it goes.
+    let pid = server_pid(&at).expect("the server runs");
+    assert!(Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success());
+    let gone = (0..250).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(gone, "the server did not stop on SIGTERM");
+    assert!(
+        fs::read_dir(&at).unwrap().next().is_none(),
+        "the mount point is an empty directory again, not a dead mount"
+    );
+    drop(mounted);
+}

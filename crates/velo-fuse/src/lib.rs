@@ -19,7 +19,6 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -34,7 +33,7 @@ use velo_view::{Kind, Node, View};
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
     /// The mount or the session failed.
-    #[error("mounting {mountpoint}: {source}")]
+    #[error("mounting {mountpoint}")]
     Mount {
         /// Where.
         mountpoint: PathBuf,
@@ -47,6 +46,9 @@ pub enum FuseError {
 /// served (nothing can write it in this slice).
 const TTL: Duration = Duration::from_secs(3600);
 
+/// Blob files kept open at most.
+const OPEN_BLOBS: usize = 1024;
+
 /// The server of one tree.
 pub struct TreeFs {
     view: View<'static>,
@@ -54,9 +56,10 @@ pub struct TreeFs {
     blobs: PathBuf,
     uid: u32,
     gid: u32,
-    /// Open files: handle → the blob file.
-    files: Mutex<HashMap<u64, Arc<File>>>,
-    next_handle: AtomicU64,
+    /// Blob files open for reads, by node: a bounded cache shared by every open of a
+    /// node (the kernel's releases may lag far behind its opens under many readers: one
+    /// descriptor per open ran the server out of them).
+    files: Mutex<HashMap<u32, Arc<File>>>,
 }
 
 impl TreeFs {
@@ -69,7 +72,6 @@ impl TreeFs {
             uid,
             gid,
             files: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
         }
     }
 
@@ -112,6 +114,40 @@ impl TreeFs {
             flags: 0,
             blksize: 4096,
         }
+    }
+
+    /// The blob file of `node`, from the cache or opened now.
+    fn blob(&self, node: &Node) -> Result<Arc<File>, Errno> {
+        if let Some(file) = self
+            .files
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&node.index).cloned())
+        {
+            return Ok(file);
+        }
+        let file = match File::open(self.blob_path(node)) {
+            Ok(file) => Arc::new(file),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
+                // Readers holding the cached descriptors keep theirs; new ones wait.
+                if let Ok(mut files) = self.files.lock() {
+                    files.clear();
+                }
+                return Err(Errno::EAGAIN);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a blob of the served tree is missing: velo fsck");
+                return Err(Errno::EIO);
+            }
+        };
+        if let Ok(mut files) = self.files.lock() {
+            if files.len() >= OPEN_BLOBS {
+                // Dropped from the cache, not closed under a reader: each read holds its Arc.
+                files.clear();
+            }
+            files.insert(node.index, file.clone());
+        }
+        Ok(file)
     }
 
     fn blob_path(&self, node: &Node) -> PathBuf {
@@ -173,19 +209,15 @@ impl Filesystem for TreeFs {
         if node.kind != Kind::File {
             return reply.error(Errno::EISDIR);
         }
-        let file = match File::open(self.blob_path(&node)) {
-            Ok(file) => file,
-            Err(e) => {
-                tracing::warn!(error = %e, "a blob of the served tree is missing: velo fsck");
-                return reply.error(Errno::EIO);
-            }
-        };
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut files) = self.files.lock() {
-            files.insert(handle, Arc::new(file));
+        // Opened now, so a missing blob fails the open, not a later read.
+        if let Err(e) = self.blob(&node) {
+            return reply.error(e);
         }
         // The tree never changes while served: the kernel may keep its page cache.
-        reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(
+            FileHandle(u64::from(node.index)),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
     }
 
     fn read(
@@ -199,13 +231,16 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let file = self
-            .files
-            .lock()
+        let file = match u32::try_from(u64::from(fh))
             .ok()
-            .and_then(|files| files.get(&u64::from(fh)).cloned());
-        let Some(file) = file else {
-            return reply.error(Errno::EBADF);
+            .filter(|&i| i < self.view.len())
+            .and_then(|i| self.view.node(i).ok())
+        {
+            Some(node) => match self.blob(&node) {
+                Ok(file) => file,
+                Err(e) => return reply.error(e),
+            },
+            None => return reply.error(Errno::EBADF),
         };
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
@@ -230,9 +265,7 @@ impl Filesystem for TreeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Ok(mut files) = self.files.lock() {
-            files.remove(&u64::from(fh));
-        }
+        let _ = fh;
         reply.ok();
     }
 
