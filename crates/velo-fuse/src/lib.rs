@@ -60,6 +60,8 @@ pub struct TreeFs {
     /// node (the kernel's releases may lag far behind its opens under many readers: one
     /// descriptor per open ran the server out of them).
     files: Mutex<HashMap<u32, Arc<File>>>,
+    /// The kernel agreed to FUSE_NO_OPEN_SUPPORT.
+    no_open: std::sync::atomic::AtomicBool,
 }
 
 impl TreeFs {
@@ -72,6 +74,7 @@ impl TreeFs {
             uid,
             gid,
             files: Mutex::new(HashMap::new()),
+            no_open: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -157,7 +160,17 @@ impl TreeFs {
 }
 
 impl Filesystem for TreeFs {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // A file's open needs no round trip: the server keeps nothing per open (reads
+        // find the blob by inode), and the kernel then keeps the page cache across opens.
+        // Directories stay opened, so their listings are cached (FOPEN_CACHE_DIR).
+        let wanted = fuser::InitFlags::FUSE_NO_OPEN_SUPPORT | fuser::InitFlags::FUSE_PARALLEL_DIROPS;
+        for flag in wanted.iter() {
+            let granted = config.add_capabilities(flag).is_ok();
+            if flag == fuser::InitFlags::FUSE_NO_OPEN_SUPPORT {
+                self.no_open.store(granted, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 
@@ -223,7 +236,7 @@ impl Filesystem for TreeFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -231,8 +244,10 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let file = match u32::try_from(u64::from(fh))
-            .ok()
+        let _ = fh;
+        let file = match u64::from(ino)
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
             .filter(|&i| i < self.view.len())
             .and_then(|i| self.view.node(i).ok())
         {
@@ -272,7 +287,7 @@ impl Filesystem for TreeFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(node) if node.kind == Kind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR)
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
