@@ -164,11 +164,13 @@ impl Filesystem for TreeFs {
         // A file's open needs no round trip: the server keeps nothing per open (reads
         // find the blob by inode), and the kernel then keeps the page cache across opens.
         // Directories stay opened, so their listings are cached (FOPEN_CACHE_DIR).
-        let wanted = fuser::InitFlags::FUSE_NO_OPEN_SUPPORT | fuser::InitFlags::FUSE_PARALLEL_DIROPS;
+        let wanted =
+            fuser::InitFlags::FUSE_NO_OPEN_SUPPORT | fuser::InitFlags::FUSE_PARALLEL_DIROPS;
         for flag in wanted.iter() {
             let granted = config.add_capabilities(flag).is_ok();
             if flag == fuser::InitFlags::FUSE_NO_OPEN_SUPPORT {
-                self.no_open.store(granted, std::sync::atomic::Ordering::Relaxed);
+                self.no_open
+                    .store(granted, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Ok(())
@@ -286,9 +288,10 @@ impl Filesystem for TreeFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
-            Ok(node) if node.kind == Kind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Ok(node) if node.kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
