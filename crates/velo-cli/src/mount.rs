@@ -113,6 +113,12 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         bail!("mount point {}: not a directory", mountpoint.display());
     }
     let mountpoint = std::fs::canonicalize(&mountpoint)?;
+    if std::fs::read_dir(&mountpoint).is_ok_and(|mut d| d.next().is_some()) {
+        note!(
+            "velo: {} is not empty: the mount hides what is there until `velo umount`",
+            mountpoint.display()
+        );
+    }
     let store = ctx.store_or_create()?;
     let store_root = std::fs::canonicalize(store.root())?;
     if mountpoint.starts_with(&store_root) || store_root.starts_with(&mountpoint) {

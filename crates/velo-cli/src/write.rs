@@ -287,6 +287,11 @@ pub fn status(ctx: &Ctx) -> Result<ExitCode> {
 
 pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
     let store = ctx.store()?;
+    if run && store.in_use() {
+        note!(
+            "velo: waiting for the other velo processes on this store to finish (runs, ingests, and `velo mount` servers: `velo umount` them)"
+        );
+    }
     let r = store.gc(run)?;
     if ctx.json {
         fmt::print_json(&serde_json::to_value(&r)?);

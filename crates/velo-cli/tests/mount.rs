@@ -72,7 +72,22 @@ fn a_mounted_tree_shows_every_entry_exactly_and_refuses_changes() {
         Some((want.len() + 1).to_string().as_str()),
         "{text}"
     );
+    // gc waits for the mount's server (it reads the store), and says so.
+    let gc = env
+        .cmd()
+        .args(["gc", "--run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
     drop(mounted);
+    let gc = gc.wait_with_output().unwrap();
+    assert!(gc.status.success());
+    let said = String::from_utf8_lossy(&gc.stderr);
+    assert!(
+        said.contains("waiting for the other velo processes"),
+        "{said}"
+    );
     assert!(
         fs::read_dir(&at).unwrap().next().is_none(),
         "the mount point is empty again after velo umount"

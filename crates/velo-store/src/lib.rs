@@ -285,6 +285,15 @@ impl Store {
         self.lock(true)
     }
 
+    /// Whether another velo process holds the store's lock now (a run, a mount, an
+    /// ingest): an exclusive lock (gc, repair) would wait for it.
+    pub fn in_use(&self) -> bool {
+        let Ok(file) = File::open(self.root.join("lock")) else {
+            return false;
+        };
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+    }
+
     fn lock(&self, exclusive: bool) -> Result<StoreLock> {
         use rustix::fs::FlockOperation as Op;
         let path = self.root.join("lock");
