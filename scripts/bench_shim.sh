@@ -14,38 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-7}
-[ "$(id -u)" = 0 ] || { echo "needs root (loop mounts)" >&2; exit 1; }
-need=()
-for p in linux-source-6.1 e2fsprogs xz-utils; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
-if [ ${#need[@]} -gt 0 ]; then apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
-cargo build --release --quiet -p velo-cli -p velo-shim
-velo=${CARGO_TARGET_DIR:-$PWD/target}/release/velo
-
 img=/var/tmp/velo-bench-shim.img
 mnt=/mnt/velo-bench-shim
-cleanup() { umount "$mnt" 2>/dev/null || true; rm -f "$img"; }
-trap cleanup EXIT
-umount "$mnt" 2>/dev/null || true
-truncate -s 6G "$img"
-mkfs.ext4 -q -F "$img"
-mkdir -p "$mnt"
-mount -o loop "$img" "$mnt"
-echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r), fresh loop ext4 at $mnt"
-echo "== velo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-export VR_THE_SOURCE=$mnt/store
-mkdir -p "$mnt/src"
-tar -xf /usr/src/linux-source-6.1.tar.xz -C "$mnt/src"
-native=$mnt/src/linux-source-6.1
-if [ "${SMALL:-0}" = 1 ]; then native=$native/fs; fi
-echo "== tree: $native ($(find "$native" -type f | wc -l) files)"
-"$velo" ingest "$native" --name kernel >/dev/null 2>&1
+packages=""
+crates="-p velo-cli -p velo-shim"
+# shellcheck source=scripts/bench_kernel_tree.sh
+source scripts/bench_kernel_tree.sh
 build_start=$(date +%s.%N)
 "$velo" run --manifest kernel -- /bin/true
 build_end=$(date +%s.%N)
 echo "first run (builds the view): $(echo "$build_end - $build_start" | bc) s"
-
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-time_of() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
 
 bench() { # name, native command (string), shim command (string)
     local name=$1 a=$2 b=$3 ta=() tb=()
