@@ -21,6 +21,7 @@ macro_rules! out {
     };
 }
 
+mod control;
 mod doctor;
 mod fmt;
 mod mount;
@@ -181,6 +182,16 @@ enum Command {
         tree: String,
         /// An existing directory, outside the store
         mountpoint: PathBuf,
+        /// Keep the changes in DIR (overlay format), across unmounts and crashes; by
+        /// default they live until `velo umount` (which can commit them)
+        #[arg(long, value_name = "DIR")]
+        upper: Option<PathBuf>,
+        /// The name `velo commit` and `velo umount` register commits under by default
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse every change (EROFS)
+        #[arg(long)]
+        read_only: bool,
         /// Serve in this process until unmounted, instead of in the background
         #[arg(long)]
         foreground: bool,
@@ -188,8 +199,27 @@ enum Command {
         #[arg(long)]
         allow_other: bool,
     },
-    /// Unmount a `velo mount` (also one whose server died)
-    Umount { mountpoint: PathBuf },
+    /// Unmount a `velo mount` (also one whose server died), committing its changes first
+    /// with --commit/--name (or the mount's --name)
+    Umount {
+        mountpoint: PathBuf,
+        /// Commit the mount's changes into a new tree and write it to OUT.velo
+        #[arg(long, value_name = "OUT.velo")]
+        commit: Option<PathBuf>,
+        /// Commit the mount's changes and register the new tree under NAME
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Seal a mount's current state as a new tree; the mount goes on serving
+    Commit {
+        mountpoint: PathBuf,
+        /// Register the new tree under NAME (default: the mount's --name)
+        #[arg(long)]
+        name: Option<String>,
+        /// Also write it to OUT.velo
+        #[arg(short = 'o', long = "output", value_name = "OUT.velo")]
+        output: Option<PathBuf>,
+    },
     /// Write a tree as a .velo manifest
     Export {
         tree: String,
@@ -442,6 +472,9 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         Command::Mount {
             tree,
             mountpoint,
+            upper,
+            name,
+            read_only,
             foreground,
             allow_other,
         } => mount::mount(
@@ -449,11 +482,23 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             &mount::MountArgs {
                 tree,
                 mountpoint,
+                upper,
+                name,
+                read_only,
                 foreground,
                 allow_other,
             },
         ),
-        Command::Umount { mountpoint } => mount::umount(ctx, &mountpoint),
+        Command::Umount {
+            mountpoint,
+            commit,
+            name,
+        } => mount::umount(ctx, &mountpoint, commit.as_deref(), name.as_deref()),
+        Command::Commit {
+            mountpoint,
+            name,
+            output,
+        } => mount::commit(ctx, &mountpoint, output.as_deref(), name.as_deref()),
         Command::Gc { run } => write::gc(ctx, run),
         Command::Fsck { quick, repair } => write::fsck(ctx, quick, repair),
         Command::Doctor => doctor::doctor(ctx),

@@ -3,9 +3,11 @@
 //! The server holds the store's shared lock for as long as it serves, so gc never takes
 //! what it reads.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,9 +17,15 @@ use crate::Ctx;
 pub struct MountArgs {
     pub tree: String,
     pub mountpoint: PathBuf,
+    pub upper: Option<PathBuf>,
+    pub name: Option<String>,
+    pub read_only: bool,
     pub foreground: bool,
     pub allow_other: bool,
 }
+
+/// The xattr on a kept upper's top naming the tree its changes apply to.
+const BASE_XATTR: &str = "user.velo.base";
 
 /// A mount point whose server is gone answers every request with `ENOTCONN` (a `stat`
 /// may still be answered from the kernel's cache: listing it asks the server).
@@ -113,11 +121,11 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         bail!("mount point {}: not a directory", mountpoint.display());
     }
     let mountpoint = std::fs::canonicalize(&mountpoint)?;
-    if std::fs::read_dir(&mountpoint).is_ok_and(|mut d| d.next().is_some()) {
-        note!(
-            "velo: {} is not empty: the mount hides what is there until `velo umount`",
-            mountpoint.display()
-        );
+    if args.upper.is_some() && args.read_only {
+        bail!("--upper and --read-only exclude each other");
+    }
+    if let Some(name) = &args.name {
+        velo_store::validate_root_name(name).with_context(|| format!("--name {name}"))?;
     }
     let store = ctx.store_or_create()?;
     let store_root = std::fs::canonicalize(store.root())?;
@@ -131,13 +139,42 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     let lock = store.lock_shared()?;
     let root = crate::run::layer(&store, &args.tree)?;
     let view = velo_project::view::ensure_view(&store, root)?;
+    let kept_upper = match &args.upper {
+        Some(dir) => Some(prepare_kept_upper(&store_root, dir, &mountpoint, root)?),
+        None => None,
+    };
+    if std::fs::read_dir(&mountpoint).is_ok_and(|mut d| d.next().is_some()) {
+        note!(
+            "velo: {} is not empty: the mount hides what is there until `velo umount`",
+            mountpoint.display()
+        );
+    }
     if !args.foreground {
+        drop(kept_upper);
         drop(lock);
         return start_in_background(ctx, args, &root.to_hex(), &mountpoint);
     }
     let bytes = crate::shim::map(&view.index)?;
     let index = velo_view::View::new(bytes)
         .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    // Without --upper the changes live in a session of the store for as long as the
+    // mount does.
+    let session = match (&kept_upper, args.read_only) {
+        (None, false) => Some(store.new_session()?),
+        _ => None,
+    };
+    let upper_path = match (&kept_upper, &session) {
+        (Some((path, _)), _) => Some(path.clone()),
+        (None, Some(session)) => {
+            let path = session.dir().join("upper");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Some(path)
+        }
+        (None, None) => None,
+    };
     // A signal (Ctrl-C, `kill`) unmounts before the server goes, so no dead mount is
     // left behind.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -157,9 +194,20 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     let fs = velo_fuse::TreeFs::new(
         index,
         store.root(),
+        upper_path.as_deref(),
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
-    );
+    )?;
+    let server = Arc::new(MountServer {
+        store_root: store_root.clone(),
+        root,
+        upper: upper_path.clone(),
+        temporary: session.is_some(),
+        name: args.name.clone(),
+        control: fs.control(),
+    });
+    let at_exit = Arc::new(crate::control::AtExit::default());
+    crate::control::listen(&mountpoint, server.clone(), at_exit.clone())?;
     velo_fuse::serve(
         fs,
         &mountpoint,
@@ -167,8 +215,117 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
             allow_other: args.allow_other,
         },
     )?;
+    // Unmounted: nothing changes the upper any more. A `velo umount --commit` waits.
+    let mut keep_session = false;
+    if let Some(client) = at_exit.take() {
+        let result = crate::control::Server::commit(&*server);
+        if result.is_err() {
+            keep_session = true;
+        }
+        crate::control::answer_at_exit(client, result);
+    }
+    if let Some(session) = session {
+        if keep_session {
+            let _ = session.keep(
+                "velo mount could not commit its changes at unmount; upper/ holds them in overlay format. Remove this directory when done.\n",
+            );
+        }
+        session.remove();
+    }
+    drop(kept_upper);
     drop(lock);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks, locks and claims a kept `--upper` for tree `root`: its top records the tree
+/// its changes apply to, so it is never remounted over another tree.
+fn prepare_kept_upper(
+    store_root: &Path,
+    dir: &Path,
+    mountpoint: &Path,
+    root: velo_core::Hash,
+) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
+    let (path, lock) = velo_project::session::prepare_upper(store_root, dir)?;
+    if path.starts_with(mountpoint) || mountpoint.starts_with(&path) {
+        bail!(
+            "--upper {}: inside the mount point {} (or containing it); the server would wait on itself. Choose another directory",
+            dir.display(),
+            mountpoint.display()
+        );
+    }
+    let mut recorded = [0u8; 64];
+    match rustix::fs::fgetxattr(&lock, BASE_XATTR, &mut recorded) {
+        Ok(64) if recorded == *root.to_hex().as_bytes() => {}
+        Ok(n) => bail!(
+            "--upper {}: it holds changes to tree {}, not to {}; mount that tree, or use a new directory",
+            dir.display(),
+            String::from_utf8_lossy(&recorded[..n.min(64)]),
+            root
+        ),
+        Err(_) => {
+            if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
+                note!(
+                    "velo: --upper {} already holds changes (not made by velo mount); they now apply to tree {}",
+                    dir.display(),
+                    &root.to_hex()[..16]
+                );
+            }
+            rustix::fs::fsetxattr(
+                &lock,
+                BASE_XATTR,
+                root.to_hex().as_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            )
+            .with_context(|| {
+                format!(
+                    "--upper {}: recording its tree in a user xattr (the upper's file system must support user xattrs, as the overlay format needs)",
+                    dir.display()
+                )
+            })?;
+        }
+    }
+    Ok((path, lock))
+}
+
+/// The mount's side of the control endpoint.
+struct MountServer {
+    store_root: PathBuf,
+    root: velo_core::Hash,
+    upper: Option<PathBuf>,
+    temporary: bool,
+    name: Option<String>,
+    control: velo_fuse::Control,
+}
+
+impl crate::control::Server for MountServer {
+    fn info(&self) -> crate::control::ServerInfo {
+        crate::control::ServerInfo {
+            store: self.store_root.clone(),
+            root: self.root.to_hex(),
+            upper: self.upper.clone(),
+            temporary: self.temporary,
+            name: self.name.clone(),
+        }
+    }
+
+    fn changed(&self) -> bool {
+        self.upper
+            .as_ref()
+            .is_some_and(|u| std::fs::read_dir(u).is_ok_and(|mut d| d.next().is_some()))
+    }
+
+    fn commit(&self) -> Result<velo_project::commit::CommitReport> {
+        let Some(upper) = &self.upper else {
+            bail!("the mount is read-only: nothing to commit");
+        };
+        let store = velo_store::Store::open(&self.store_root)?;
+        let _lock = store.lock_shared()?;
+        let _quiet = self.control.quiesce();
+        let report = velo_project::commit::commit_upper(&store, self.root, upper, None)
+            .context("committing the mount's changes")?;
+        store.sync()?;
+        Ok(report)
+    }
 }
 
 /// Starts `velo mount --foreground` detached, and returns once the mount is live (or
@@ -200,6 +357,15 @@ fn start_in_background(
         .stderr(log_file);
     if args.allow_other {
         command.arg("--allow-other");
+    }
+    if let Some(upper) = &args.upper {
+        command.arg("--upper").arg(upper);
+    }
+    if let Some(name) = &args.name {
+        command.arg("--name").arg(name);
+    }
+    if args.read_only {
+        command.arg("--read-only");
     }
     // SAFETY: setsid between fork and exec: an async-signal-safe system call; the server
     // leaves the caller's session, so a terminal's hangup does not stop it.
@@ -250,14 +416,158 @@ fn start_in_background(
     }
 }
 
-pub fn umount(ctx: &Ctx, mountpoint: &Path) -> Result<ExitCode> {
+pub fn umount(
+    ctx: &Ctx,
+    mountpoint: &Path,
+    commit_to: Option<&Path>,
+    name: Option<&str>,
+) -> Result<ExitCode> {
     let path = std::path::absolute(mountpoint)?;
-    if !velo_fuse::is_fuse_mount(&path) && !is_dead_mount(&path) {
+    if is_dead_mount(&path) {
+        unmount(&path, false)?;
+        note!(
+            "velo: {} was a mount whose server died; unmounted{}",
+            path.display(),
+            if commit_to.is_some() || name.is_some() {
+                ". Nothing committed: mount its --upper again and `velo commit`"
+            } else {
+                ""
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !velo_fuse::is_fuse_mount(&path) {
         bail!("{}: not a velo mount", path.display());
     }
+    let path = std::fs::canonicalize(&path)?;
+    let mut client = match crate::control::Client::connect(&path) {
+        Ok(client) => Some(client),
+        Err(e) if commit_to.is_none() && name.is_none() => {
+            tracing::debug!("{e:#}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let info = match &mut client {
+        Some(client) => Some(client.request("info")?),
+        None => None,
+    };
+    let field = |key: &str| {
+        info.as_ref()
+            .and_then(|i| i.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    let name = name.map(str::to_string).or_else(|| field("name"));
+    let wants_commit = commit_to.is_some() || name.is_some();
+    let commit_to = commit_to.map(std::path::absolute).transpose()?;
+    let mut held = None;
+    if let (true, Some(client)) = (wants_commit, &mut client) {
+        let store_path = field("store").context("the server named no store")?;
+        let store = velo_store::Store::open(Path::new(&store_path))?;
+        // Held from before the commit until the tree is registered: gc must not take the
+        // new objects in between.
+        let lock = store.lock_shared()?;
+        client.request("commit_at_exit")?;
+        held = Some((store, lock));
+    }
     unmount(&path, false)?;
+    let mut committed = None;
+    if let (Some((store, _lock)), Some(client)) = (&held, &mut client) {
+        let report = crate::control::report_of(
+            &client
+                .reply()
+                .context("the mount was unmounted, but its server did not commit")?,
+        )?;
+        let c = crate::run::record_commit(
+            store,
+            &report,
+            commit_to.as_deref(),
+            name.as_deref(),
+            format!("velo umount {}", path.display()),
+        )?;
+        committed = Some(c);
+    } else if info
+        .as_ref()
+        .is_some_and(|i| i.get("temporary") == Some(&serde_json::Value::Bool(true)))
+        && info
+            .as_ref()
+            .is_some_and(|i| i.get("changed") == Some(&serde_json::Value::Bool(true)))
+    {
+        note!(
+            "velo: the mount's changes are discarded (it had no --upper; `velo umount --commit OUT.velo` or --name keeps them)"
+        );
+    }
+    print_committed(ctx, &path, committed.as_ref(), name.as_deref(), "unmounted")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_committed(
+    ctx: &Ctx,
+    path: &Path,
+    committed: Option<&crate::run::Committed>,
+    name: Option<&str>,
+    what: &str,
+) -> Result<()> {
     if ctx.json {
-        crate::fmt::try_print_json(&serde_json::json!({ "unmounted": path }))?;
+        crate::fmt::try_print_json(&serde_json::json!({
+            what: path,
+            "committed": committed.map(|c| c.root.to_hex()),
+            "name": committed.and(name),
+            "name_moved_from": committed.and_then(|c| c.moved_from.clone()),
+            "setid_dropped": committed.map(|c| c.setid_dropped.clone()).unwrap_or_default(),
+        }))?;
+        return Ok(());
+    }
+    if let Some(c) = committed {
+        for p in &c.setid_dropped {
+            note!("velo: {p}: setuid/setgid bits dropped (a file written on the mount cannot grant privileges)");
+        }
+        note!("velo: committed {} as {}", path.display(), c.root);
+        if let (Some(name), Some(previous)) = (name, &c.moved_from) {
+            note!("velo: {name} moved from {previous} to {}", c.root);
+        }
+    }
+    Ok(())
+}
+
+/// `velo commit MOUNTPOINT`: seals the mount's current state as a tree; the mount goes
+/// on serving.
+pub fn commit(
+    ctx: &Ctx,
+    mountpoint: &Path,
+    output: Option<&Path>,
+    name: Option<&str>,
+) -> Result<ExitCode> {
+    let path =
+        std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let mut client = crate::control::Client::connect(&path)?;
+    let info = client.request("info")?;
+    let name = name.map(str::to_string).or_else(|| {
+        info.get("name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    });
+    let store_path = info
+        .get("store")
+        .and_then(|v| v.as_str())
+        .context("the server named no store")?;
+    let store = velo_store::Store::open(Path::new(store_path))?;
+    let _lock = store.lock_shared()?;
+    let output = output.map(std::path::absolute).transpose()?;
+    let report = crate::control::report_of(&client.request("commit")?)?;
+    let c = crate::run::record_commit(
+        &store,
+        &report,
+        output.as_deref(),
+        name.as_deref(),
+        format!("velo commit {}", path.display()),
+    )?;
+    if ctx.json {
+        print_committed(ctx, &path, Some(&c), name.as_deref(), "mount")?;
+    } else {
+        print_committed(ctx, &path, Some(&c), name.as_deref(), "mount")?;
+        out!("{}", c.root);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -244,11 +244,11 @@ fn settle_commit(
 }
 
 /// What a commit produced.
-struct Committed {
-    root: Hash,
-    moved_from: Option<String>,
+pub(crate) struct Committed {
+    pub root: Hash,
+    pub moved_from: Option<String>,
     /// Files whose setuid/setgid bits the commit dropped (paths inside the tree).
-    setid_dropped: Vec<String>,
+    pub setid_dropped: Vec<String>,
 }
 
 /// Commits the upper, writes `--commit OUT`, then registers the root (under `--name`).
@@ -272,8 +272,33 @@ fn commit_run(
         )),
         None => outcome.upper.clone(),
     };
-    let report = velo_project::commit::commit_upper(store, base, &upper, outcome.farm_modes)
+    // The sandbox's lowers are farms; the shim shows every mode exactly.
+    let shown = args.isolate.then_some(outcome.farm_modes);
+    let report = velo_project::commit::commit_upper(store, base, &upper, shown)
         .context("committing the run's changes")?;
+    record_commit(
+        store,
+        &report,
+        commit_to,
+        args.name.as_deref(),
+        format!(
+            "velo run{} (manifest {})",
+            if args.isolate { " --isolate" } else { "" },
+            &manifest.to_hex()[..16]
+        ),
+    )
+}
+
+/// Makes a committed tree durable and known: writes it to `commit_to` (a .velo), then
+/// registers it (under `name`). Nothing is registered unless everything before
+/// succeeded. Shared by `velo run`, `velo commit` and `velo umount`.
+pub(crate) fn record_commit(
+    store: &Store,
+    report: &velo_project::commit::CommitReport,
+    commit_to: Option<&Path>,
+    name: Option<&str>,
+    source: String,
+) -> Result<Committed> {
     let root = report.root;
     store.sync()?;
     let stats = velo_store::treeops::stats(store, root)?;
@@ -285,7 +310,7 @@ fn commit_run(
             )
         })?;
     }
-    let moved_from = match &args.name {
+    let moved_from = match name {
         Some(name) => store
             .root_by_name(name)?
             .map(|r| r.root)
@@ -294,7 +319,7 @@ fn commit_run(
     };
     store
         .register_root(&RootRecord {
-            name: args.name.clone(),
+            name: name.map(str::to_string),
             root: root.to_hex(),
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -302,11 +327,7 @@ fn commit_run(
                 .unwrap_or(0),
             stats,
             partial: false,
-            source: Some(format!(
-                "velo run{} (manifest {})",
-                if args.isolate { " --isolate" } else { "" },
-                &manifest.to_hex()[..16]
-            )),
+            source: Some(source),
         })
         .with_context(|| format!("registering the committed tree {root}"))?;
     Ok(Committed {

@@ -1,6 +1,6 @@
-//! `velo mount TREE MOUNTPOINT` / `velo umount`: the FUSE server (read-only in this
-//! version). Needs /dev/fuse and either root or fusermount3: elsewhere the tests show as
-//! skipped, and fail under CI.
+//! `velo mount TREE MOUNTPOINT` / `velo umount`: the FUSE server, reading (its writes are
+//! in mount_writes.rs). Needs /dev/fuse and either root or fusermount3: elsewhere the
+//! tests show as skipped, and fail under CI.
 
 mod common;
 
@@ -33,8 +33,14 @@ impl Drop for Mounted<'_> {
 }
 
 fn mount<'a>(env: &'a Env, tree: &str, at: &Path) -> Mounted<'a> {
+    mount_with(env, tree, at, &[])
+}
+
+fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
     fs::create_dir_all(at).unwrap();
-    env.ok(&["mount", tree, at.to_str().unwrap()]);
+    let mut args = vec!["mount", tree, at.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    env.ok(&args);
     Mounted {
         env,
         at: at.to_path_buf(),
@@ -42,7 +48,7 @@ fn mount<'a>(env: &'a Env, tree: &str, at: &Path) -> Mounted<'a> {
 }
 
 #[test]
-fn a_mounted_tree_shows_every_entry_exactly_and_refuses_changes() {
+fn a_read_only_mount_shows_every_entry_exactly_and_refuses_changes() {
     if !fuse_available() {
         return;
     }
@@ -52,7 +58,7 @@ fn a_mounted_tree_shows_every_entry_exactly_and_refuses_changes() {
     env.ingest(&src, &["--name", "t"]);
     let want = common::scan(&src);
     let at = env.path("mnt");
-    let mounted = mount(&env, "t", &at);
+    let mounted = mount_with(&env, "t", &at, &["--read-only"]);
     // Names, kinds, modes, sizes, mtimes (ns), contents and symlink targets.
     assert_eq!(common::scan(&at), want);
     let err = fs::write(at.join("new"), b"x").unwrap_err();

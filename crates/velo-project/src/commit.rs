@@ -124,11 +124,13 @@ pub struct CommitReport {
 ///
 /// `shown` is how the lowers showed modes to the command: a file or directory whose mode
 /// in the upper is still the one shown of its base entry keeps the base entry's mode.
+/// `None`: they showed every mode exactly (the shim, the FUSE mount), so the upper's mode
+/// is the one to record.
 pub fn commit_upper(
     store: &Store,
     base: Hash,
     upper: &Path,
-    shown: FarmModes,
+    shown: Option<FarmModes>,
 ) -> Result<CommitReport, ProjectError> {
     let batch = store.begin_batch()?;
     let dir = rustix::fs::open(
@@ -163,7 +165,13 @@ pub fn commit_upper(
 /// [`velo_store::BlobForm::in_farm`]) and a directory's without group and other write,
 /// and a copy-up keeps what was shown; recording that would, say, make a 0600 file the
 /// command appended to 0400. A chmod to another mode is the command's and is kept.
-fn unchanged_mode(base: &Entry, kind_of: FileType, mode: Mode, modes: FarmModes) -> Option<Mode> {
+fn unchanged_mode(
+    base: &Entry,
+    kind_of: FileType,
+    mode: Mode,
+    modes: Option<FarmModes>,
+) -> Option<Mode> {
+    let modes = modes?;
     let shown = match (&base.kind, kind_of) {
         (EntryKind::File { .. }, FileType::RegularFile) => {
             velo_store::BlobForm::in_farm(base.mode.bits(), 0, modes).mode
@@ -189,8 +197,8 @@ fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, Pro
 struct CommitWalk<'a, 'b> {
     store: &'a Store,
     batch: &'a Batch<'b>,
-    /// How the lowers showed modes.
-    shown: FarmModes,
+    /// How the lowers showed modes (`None`: exactly).
+    shown: Option<FarmModes>,
     setid_dropped: Vec<PathBuf>,
 }
 
@@ -343,7 +351,13 @@ mod tests {
         chmod("plain", 0o755);
         chmod("sub", 0o2775);
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
+        let report = commit_upper(
+            &store,
+            empty_base(&store),
+            &upper,
+            Some(FarmModes::ReadOnly),
+        )
+        .unwrap();
         let mut dropped = report.setid_dropped.clone();
         dropped.sort();
         assert_eq!(
@@ -373,7 +387,13 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, b"data in the middle", size / 2).unwrap();
         drop(file);
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
+        let report = commit_upper(
+            &store,
+            empty_base(&store),
+            &upper,
+            Some(FarmModes::ReadOnly),
+        )
+        .unwrap();
         let velo_store::treeops::Found::Entry(entry) =
             velo_store::treeops::lookup(&store, report.root, b"big").unwrap()
         else {
@@ -446,7 +466,7 @@ mod tests {
         std::fs::write(upper.join("tmp/new"), b"n").unwrap();
         std::fs::set_permissions(upper.join("tmp"), std::fs::Permissions::from_mode(0o1755))
             .unwrap();
-        let report = commit_upper(&store, base, &upper, FarmModes::ReadOnly).unwrap();
+        let report = commit_upper(&store, base, &upper, Some(FarmModes::ReadOnly)).unwrap();
         let modes: Vec<(&str, u32)> = [
             "secret", "pub", "script", "chmodded", "narrowed", "su", "tmp",
         ]
@@ -604,7 +624,13 @@ mod tests {
         .unwrap();
         rustix::io::write(&leaf, b"deep").unwrap();
         let _lock = store.lock_shared().unwrap();
-        let report = commit_upper(&store, empty_base(&store), &upper, FarmModes::ReadOnly).unwrap();
+        let report = commit_upper(
+            &store,
+            empty_base(&store),
+            &upper,
+            Some(FarmModes::ReadOnly),
+        )
+        .unwrap();
         let deep: Vec<u8> = std::iter::repeat_n(format!("{name}/"), 30)
             .collect::<String>()
             .into_bytes();

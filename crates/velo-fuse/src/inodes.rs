@@ -1,0 +1,489 @@
+//! The mount's namespace: which object each inode number stands for, and where it lives
+//! (the tree, the upper, or both).
+//!
+//! Inode numbers are stable for the life of the mount. A tree node `n` is inode `n + 1`
+//! and needs no record while nothing in the upper touches it: a lookup in a tree
+//! directory that the upper does not have is a binary search in the view index and no
+//! system call. Anything the upper holds is recorded: its upper inode number (so hard
+//! links share one inode), the names it has (parent inode, name), and the tree node it
+//! came from. A tree file keeps its inode number when it is copied up; an object made on
+//! the mount gets a fresh number from a range above every tree node, never reused, so the
+//! kernel never mistakes a new file for a deleted one it still has open.
+//!
+//! Tree directories never move (renaming one is `EXDEV`, which `mv` handles by copying),
+//! so a tree node's path is always its path in the tree; a recorded object's path is its
+//! parent's path and its name.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+
+use fuser::{Errno, FileType};
+use rustix::fs::{OFlags, Stat};
+use velo_view::{Kind, Node, View, PATH_MAX};
+
+use crate::upper::{self, errno, Upper};
+
+/// The root directory's inode.
+pub(crate) const ROOT: u64 = 1;
+/// The first inode number of objects made on the mount.
+const FIRST_NEW: u64 = 1 << 40;
+/// Deeper than any path the kernel can hand us (`PATH_MAX` / 2).
+const MAX_DEPTH: usize = 2048;
+
+/// A recorded inode.
+pub(crate) struct Inode {
+    pub kind: FileType,
+    /// The tree node it shows (a directory: merges with; `None` for an opaque upper
+    /// directory or an object made on the mount).
+    pub lower: Option<u32>,
+    /// Whether the upper has it.
+    pub upper: bool,
+    /// Its inode number in the upper.
+    pub upper_ino: Option<u64>,
+    /// Its names: (parent inode, name). Empty: deleted (possibly still open).
+    pub links: Vec<(u64, Box<[u8]>)>,
+    /// The kernel's references to it (lookups not yet forgotten).
+    pub nlookup: u64,
+}
+
+/// What an inode is, in short.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Info {
+    pub kind: FileType,
+    pub lower: Option<u32>,
+    pub upper: bool,
+    /// It still has a name.
+    pub linked: bool,
+}
+
+/// Every recorded inode.
+pub(crate) struct State {
+    pub inodes: HashMap<u64, Inode>,
+    /// Upper inode number → our inode.
+    pub by_upper: HashMap<u64, u64>,
+    /// Tree nodes deleted or replaced during this mount: nothing new takes their number.
+    pub dead: HashSet<u32>,
+    next: u64,
+}
+
+impl State {
+    pub(crate) fn new(has_upper: bool) -> State {
+        let mut inodes = HashMap::new();
+        inodes.insert(
+            ROOT,
+            Inode {
+                kind: FileType::Directory,
+                lower: Some(0),
+                upper: has_upper,
+                upper_ino: None,
+                links: Vec::new(),
+                nlookup: 1,
+            },
+        );
+        State {
+            inodes,
+            by_upper: HashMap::new(),
+            dead: HashSet::new(),
+            next: FIRST_NEW,
+        }
+    }
+
+    fn fresh(&mut self) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        ino
+    }
+}
+
+pub(crate) fn kind_of(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+pub(crate) fn kind_of_mode(mode: u32) -> FileType {
+    match rustix::fs::FileType::from_raw_mode(mode) {
+        rustix::fs::FileType::Directory => FileType::Directory,
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Fifo => FileType::NamedPipe,
+        rustix::fs::FileType::Socket => FileType::Socket,
+        rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+        rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// The namespace: the tree's view, the upper, and the record of what the upper changed.
+pub(crate) struct Namespace {
+    pub view: View<'static>,
+    pub upper: Option<Upper>,
+    /// `<store>/blobs`.
+    pub blobs: std::path::PathBuf,
+}
+
+impl Namespace {
+    pub(crate) fn blob_path(&self, node: &Node) -> std::path::PathBuf {
+        let hex: String = node.hash.iter().map(|b| format!("{b:02x}")).collect();
+        self.blobs.join(&hex[..2]).join(hex)
+    }
+
+    /// A tree file's blob, opened now.
+    pub(crate) fn blob_file(&self, node: &Node) -> Result<File, Errno> {
+        File::open(self.blob_path(node)).map_err(|e| {
+            tracing::warn!(error = %e, "a blob of the served tree is missing: velo fsck");
+            Errno::EIO
+        })
+    }
+
+    pub(crate) fn node(&self, index: u32) -> Result<Node, Errno> {
+        if index >= self.view.len() {
+            return Err(Errno::ENOENT);
+        }
+        self.view.node(index).map_err(|_| Errno::EIO)
+    }
+
+    /// The tree node an unrecorded inode number stands for.
+    pub(crate) fn tree_node(&self, ino: u64) -> Result<Node, Errno> {
+        let index = ino
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or(Errno::ENOENT)?;
+        self.node(index)
+    }
+
+    pub(crate) fn upper(&self) -> Result<&Upper, Errno> {
+        self.upper.as_ref().ok_or(Errno::EROFS)
+    }
+
+    pub(crate) fn info(&self, st: &State, ino: u64) -> Result<Info, Errno> {
+        if let Some(i) = st.inodes.get(&ino) {
+            return Ok(Info {
+                kind: i.kind,
+                lower: i.lower,
+                upper: i.upper,
+                linked: ino == ROOT || !i.links.is_empty(),
+            });
+        }
+        let node = self.tree_node(ino)?;
+        Ok(Info {
+            kind: kind_of(node.kind),
+            lower: Some(node.index),
+            upper: false,
+            linked: true,
+        })
+    }
+
+    /// The live tree node named `name` in the tree directory that `dir` merges with.
+    pub(crate) fn lower_child(&self, st: &State, dir: &Info, name: &[u8]) -> Option<u32> {
+        self.any_lower_child(dir, name)
+            .filter(|c| !st.dead.contains(c))
+    }
+
+    /// The tree node of that name, deleted or not.
+    pub(crate) fn any_lower_child(&self, dir: &Info, name: &[u8]) -> Option<u32> {
+        let node = self.node(dir.lower?).ok()?;
+        self.view.child(&node, name).ok().flatten()
+    }
+
+    /// A name of `ino`: (parent inode, name).
+    pub(crate) fn link(&self, st: &State, ino: u64) -> Result<(u64, Vec<u8>), Errno> {
+        if let Some(i) = st.inodes.get(&ino) {
+            let (parent, name) = i.links.first().ok_or(Errno::ENOENT)?;
+            return Ok((*parent, name.to_vec()));
+        }
+        let node = self.tree_node(ino)?;
+        let name = self.view.name(&node).map_err(|_| Errno::EIO)?;
+        Ok((u64::from(node.parent) + 1, name.to_vec()))
+    }
+
+    /// The path of `ino` relative to the top (empty for the root).
+    pub(crate) fn rel(&self, st: &State, ino: u64) -> Result<Vec<u8>, Errno> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut prefix: Vec<u8> = Vec::new();
+        let mut current = ino;
+        while current != ROOT {
+            if names.len() > MAX_DEPTH {
+                return Err(Errno::ELOOP);
+            }
+            match st.inodes.get(&current) {
+                Some(i) => {
+                    let (parent, name) = i.links.first().ok_or(Errno::ENOENT)?;
+                    names.push(name);
+                    current = *parent;
+                }
+                None => {
+                    // A tree node: its path in the tree (tree directories never move).
+                    let node = self.tree_node(current)?;
+                    let mut buf = [0u8; PATH_MAX];
+                    let n = self
+                        .view
+                        .path_of(b"", node.index, &mut buf)
+                        .ok_or(Errno::ENAMETOOLONG)?;
+                    prefix = buf[..n].strip_prefix(b"/").unwrap_or(&buf[..n]).to_vec();
+                    break;
+                }
+            }
+        }
+        let mut rel = prefix;
+        for name in names.iter().rev() {
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(name);
+        }
+        Ok(rel)
+    }
+
+    /// The upper directory of directory `ino`, made first (with its parents) if the
+    /// upper lacks it.
+    pub(crate) fn upper_dir(&self, st: &mut State, ino: u64) -> Result<OwnedFd, Errno> {
+        self.copy_up(st, ino, CopyUp::Whole)?;
+        let rel = self.rel(st, ino)?;
+        self.upper()?.dir(&rel)
+    }
+
+    /// The child `name` of directory `parent`: its inode, and its upper `stat` if the
+    /// upper has it. Records what it finds in the upper.
+    pub(crate) fn find(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<Option<(u64, Option<Stat>)>, Errno> {
+        let p = self.info(st, parent)?;
+        if p.kind != FileType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        if !p.linked {
+            return Ok(None);
+        }
+        let lower = self.lower_child(st, &p, name);
+        if !p.upper {
+            return Ok(lower.map(|c| (u64::from(c) + 1, None)));
+        }
+        let dir = self.upper()?.dir(&self.rel(st, parent)?)?;
+        match upper::stat_at(&dir, name)? {
+            Some(s) if upper::is_whiteout(&s) => Ok(None),
+            Some(s) => {
+                let ino = self.record(st, &dir, parent, name, &s, lower);
+                Ok(Some((ino, Some(s))))
+            }
+            None => Ok(lower.map(|c| (u64::from(c) + 1, None))),
+        }
+    }
+
+    /// Records the upper object `s` at `dir`/`name` (child of `parent`); `lower` is the
+    /// live tree node of that name. Returns its inode.
+    pub(crate) fn record(
+        &self,
+        st: &mut State,
+        dir: &OwnedFd,
+        parent: u64,
+        name: &[u8],
+        s: &Stat,
+        lower: Option<u32>,
+    ) -> u64 {
+        let kind = kind_of_mode(s.st_mode);
+        let ino = match st.by_upper.get(&s.st_ino) {
+            Some(&ino) => ino,
+            None => match lower {
+                Some(c) => u64::from(c) + 1,
+                None => st.fresh(),
+            },
+        };
+        let known = st
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.upper && i.upper_ino == Some(s.st_ino));
+        if !known {
+            let shows = lower.filter(|&c| {
+                let same_kind = self.node(c).is_ok_and(|n| kind_of(n.kind) == kind);
+                same_kind
+                    && (kind != FileType::Directory
+                        || rustix::fs::openat(
+                            dir,
+                            name,
+                            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            rustix::fs::Mode::empty(),
+                        )
+                        .is_ok_and(|d| !upper::is_opaque(&d)))
+            });
+            let entry = st.inodes.entry(ino).or_insert(Inode {
+                kind,
+                lower: shows,
+                upper: true,
+                upper_ino: Some(s.st_ino),
+                links: Vec::new(),
+                nlookup: 0,
+            });
+            entry.kind = kind;
+            entry.upper = true;
+            entry.upper_ino = Some(s.st_ino);
+            if entry.lower.is_none() {
+                entry.lower = shows;
+            }
+            st.by_upper.insert(s.st_ino, ino);
+        }
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            if !i.links.iter().any(|(p, n)| *p == parent && **n == *name) {
+                i.links.push((parent, name.into()));
+            }
+        }
+        ino
+    }
+
+    /// Records a new object the mount just made at `parent`/`name`.
+    pub(crate) fn record_new(&self, st: &mut State, parent: u64, name: &[u8], s: &Stat) -> u64 {
+        let ino = st.fresh();
+        st.inodes.insert(
+            ino,
+            Inode {
+                kind: kind_of_mode(s.st_mode),
+                lower: None,
+                upper: true,
+                upper_ino: Some(s.st_ino),
+                links: vec![(parent, name.into())],
+                nlookup: 0,
+            },
+        );
+        st.by_upper.insert(s.st_ino, ino);
+        ino
+    }
+
+    /// `ino` lost its name `parent`/`name`.
+    pub(crate) fn unlinked(&self, st: &mut State, ino: u64, parent: u64, name: &[u8]) {
+        let Some(i) = st.inodes.get_mut(&ino) else {
+            // A tree node the upper never held: recorded now, with no name.
+            if let Ok(node) = self.tree_node(ino) {
+                st.inodes.insert(
+                    ino,
+                    Inode {
+                        kind: kind_of(node.kind),
+                        lower: Some(node.index),
+                        upper: false,
+                        upper_ino: None,
+                        links: Vec::new(),
+                        nlookup: 0,
+                    },
+                );
+            }
+            return;
+        };
+        i.links.retain(|(p, n)| !(*p == parent && **n == *name));
+        if i.links.is_empty() {
+            // The upper may reuse its number for a new file.
+            if let Some(u) = i.upper_ino.take() {
+                if st.by_upper.get(&u) == Some(&ino) {
+                    st.by_upper.remove(&u);
+                }
+            }
+        }
+    }
+
+    /// `ino` has a new name `parent`/`name` (a hard link).
+    pub(crate) fn linked(&self, st: &mut State, ino: u64, parent: u64, name: &[u8]) {
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            i.links.push((parent, name.into()));
+        }
+    }
+
+    /// Moves `ino`'s name `from` to `to`.
+    pub(crate) fn moved(&self, st: &mut State, ino: u64, from: (u64, &[u8]), to: (u64, &[u8])) {
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            for link in &mut i.links {
+                if link.0 == from.0 && *link.1 == *from.1 {
+                    *link = (to.0, to.1.into());
+                    return;
+                }
+            }
+            i.links.push((to.0, to.1.into()));
+        }
+    }
+
+    /// Gives `ino` an object in the upper (its parents first): a tree directory becomes
+    /// an upper directory that merges with it, a tree file a copy of its blob (or an
+    /// empty file, for `CopyUp::Empty`: it is about to be truncated). Returns the new
+    /// file, open read-write, when one was made.
+    pub(crate) fn copy_up(
+        &self,
+        st: &mut State,
+        ino: u64,
+        how: CopyUp,
+    ) -> Result<Option<File>, Errno> {
+        let upper = self.upper()?;
+        let mut pending = Vec::new();
+        let mut current = ino;
+        loop {
+            let info = self.info(st, current)?;
+            if info.upper {
+                break;
+            }
+            if !info.linked {
+                return Err(Errno::ENOENT);
+            }
+            pending.push(current);
+            if pending.len() > MAX_DEPTH {
+                return Err(Errno::ELOOP);
+            }
+            current = self.link(st, current)?.0;
+        }
+        let mut made = None;
+        for &ino in pending.iter().rev() {
+            let info = self.info(st, ino)?;
+            let node = self.node(info.lower.ok_or(Errno::EIO)?)?;
+            let (parent, name) = self.link(st, ino)?;
+            let dir = upper.dir(&self.rel(st, parent)?)?;
+            let file = upper::keeping_times(&dir, || match node.kind {
+                Kind::Dir => {
+                    rustix::fs::mkdirat(
+                        &dir,
+                        name.as_slice(),
+                        rustix::fs::Mode::from_raw_mode(0o700),
+                    )
+                    .map_err(errno)?;
+                    rustix::fs::chmodat(
+                        &dir,
+                        name.as_slice(),
+                        rustix::fs::Mode::from_raw_mode(node.mode & 0o7777),
+                        rustix::fs::AtFlags::empty(),
+                    )
+                    .map_err(errno)?;
+                    upper::set_mtime(&dir, &name, node.mtime_ns)?;
+                    Ok(None)
+                }
+                Kind::Symlink => {
+                    let target = self.view.target(&node).map_err(|_| Errno::EIO)?;
+                    rustix::fs::symlinkat(target, &dir, name.as_slice()).map_err(errno)?;
+                    upper::set_mtime(&dir, &name, node.mtime_ns)?;
+                    Ok(None)
+                }
+                Kind::File => {
+                    let blob = match how {
+                        CopyUp::Empty if ino == pending[0] => None,
+                        CopyUp::Whole | CopyUp::Empty => Some(self.blob_file(&node)?),
+                    };
+                    upper::copy_file(&dir, &name, blob.as_ref(), node.mode, node.mtime_ns).map(Some)
+                }
+            })?;
+            let s =
+                rustix::fs::statat(&dir, name.as_slice(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(errno)?;
+            let lower = Some(node.index);
+            self.record(st, &dir, parent, &name, &s, lower);
+            made = file;
+        }
+        Ok(made)
+    }
+}
+
+/// How to copy a file up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyUp {
+    /// With its bytes.
+    Whole,
+    /// Empty (it is being truncated).
+    Empty,
+}

@@ -1,0 +1,1569 @@
+//! The FUSE requests: each one a lookup in the namespace ([`crate::inodes`]) and, for a
+//! change, a copy-up and the matching call on the upper.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
+use velo_view::Kind;
+
+use crate::inodes::{kind_of, kind_of_mode, CopyUp, State, ROOT};
+use crate::upper::{self, errno, io_errno};
+use crate::{Open, TreeFs, TTL};
+
+/// One entry of a directory listing.
+pub(crate) struct DirEntry {
+    ino: u64,
+    kind: FileType,
+    name: Box<[u8]>,
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn time_ns(ns: i64) -> SystemTime {
+    time(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+}
+
+fn timespec(t: Option<TimeOrNow>) -> rustix::fs::Timespec {
+    const UTIME_NOW: i64 = (1 << 30) - 1;
+    const UTIME_OMIT: i64 = (1 << 30) - 2;
+    match t {
+        None => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT as _,
+        },
+        Some(TimeOrNow::Now) => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW as _,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_nanos())),
+                Err(e) => {
+                    let d = e.duration();
+                    let ns = -(d.as_nanos() as i128);
+                    (
+                        ns.div_euclid(1_000_000_000) as i64,
+                        ns.rem_euclid(1_000_000_000) as i64,
+                    )
+                }
+            };
+            rustix::fs::Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec as _,
+            }
+        }
+    }
+}
+
+fn split(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&[], rel),
+    }
+}
+
+fn is_overlay_xattr(name: &[u8]) -> bool {
+    upper::OVERLAY_XATTR_PREFIXES
+        .iter()
+        .any(|p| name.starts_with(p.as_bytes()))
+}
+
+fn proc_fd(fd: &impl AsRawFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+impl TreeFs {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn opens(&self) -> MutexGuard<'_, crate::Opens> {
+        self.opens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by every change; `EROFS` when the mount has no upper.
+    fn change(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, Errno> {
+        if self.ns.upper.is_none() {
+            return Err(Errno::EROFS);
+        }
+        Ok(self.gate.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn tree_attr(&self, ino: u64, node: &velo_view::Node, linked: bool) -> FileAttr {
+        let mtime = time_ns(node.mtime_ns);
+        let (kind, nlink) = match node.kind {
+            Kind::File => (FileType::RegularFile, 1),
+            Kind::Dir => (FileType::Directory, 2 + self.tree_subdirs(node)),
+            Kind::Symlink => (FileType::Symlink, 1),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: node.size,
+            blocks: node.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: (node.mode & 0o7777) as u16,
+            nlink: if linked { nlink } else { 0 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    fn tree_subdirs(&self, dir: &velo_view::Node) -> u32 {
+        (0..dir.child_count)
+            .filter(|i| {
+                self.ns
+                    .view
+                    .node(dir.first_child + i)
+                    .is_ok_and(|c| c.kind == Kind::Dir)
+            })
+            .count() as u32
+    }
+
+    fn stat_attr(ino: u64, s: &Stat) -> FileAttr {
+        let mtime = time(s.st_mtime, s.st_mtime_nsec as i64);
+        FileAttr {
+            ino: INodeNo(ino),
+            size: s.st_size as u64,
+            blocks: s.st_blocks as u64,
+            atime: time(s.st_atime, s.st_atime_nsec as i64),
+            mtime,
+            ctime: time(s.st_ctime, s.st_ctime_nsec as i64),
+            crtime: mtime,
+            kind: kind_of_mode(s.st_mode),
+            perm: (s.st_mode & 0o7777) as u16,
+            nlink: s.st_nlink as u32,
+            uid: s.st_uid,
+            gid: s.st_gid,
+            rdev: s.st_rdev as u32,
+            flags: 0,
+            blksize: s.st_blksize as u32,
+        }
+    }
+
+    /// The upper object of `ino`, `stat`ed (through an open handle when it has no name).
+    fn upper_stat(&self, st: &State, ino: u64) -> Result<Stat, Errno> {
+        match self.ns.rel(st, ino) {
+            Ok(rel) => {
+                let fd = self.ns.upper()?.open_at(&rel, OFlags::PATH)?;
+                rustix::fs::fstat(&fd).map_err(errno)
+            }
+            Err(e) => match self.open_file_of(ino) {
+                Some(file) => rustix::fs::fstat(&*file).map_err(errno),
+                None => Err(e),
+            },
+        }
+    }
+
+    /// An open file of `ino`, if any handle has one.
+    fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        self.opens().by_handle.values().find_map(|o| match o {
+            Open::File { ino: i, file } if *i == ino => Some(file.clone()),
+            _ => None,
+        })
+    }
+
+    fn attr(&self, st: &mut State, ino: u64, stat: Option<&Stat>) -> Result<FileAttr, Errno> {
+        let info = self.ns.info(st, ino)?;
+        if !info.upper {
+            let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
+            return Ok(self.tree_attr(ino, &node, info.linked));
+        }
+        let s = match stat {
+            Some(s) => *s,
+            None => self.upper_stat(st, ino)?,
+        };
+        let mut attr = Self::stat_attr(ino, &s);
+        if ino == ROOT {
+            // The upper's top is a private directory of velo's; the root shows the
+            // tree's mode and the mounting user, as before any change.
+            let node = self.ns.node(0)?;
+            attr.perm = (node.mode & 0o7777) as u16;
+            attr.uid = self.uid;
+            attr.gid = self.gid;
+        }
+        if info.kind == FileType::Directory && info.lower.is_some() && info.linked {
+            // A merged directory: its subdirectories from both layers.
+            let subdirs = self
+                .listing(st, ino)?
+                .iter()
+                .filter(|e| e.kind == FileType::Directory)
+                .count();
+            attr.nlink = 2 + subdirs as u32;
+        }
+        if !info.linked {
+            attr.nlink = 0;
+        }
+        Ok(attr)
+    }
+
+    /// Replies with `ino`'s entry, counting the kernel's new reference.
+    fn reply_entry(&self, st: &mut State, ino: u64, stat: Option<&Stat>, reply: ReplyEntry) {
+        match self.attr(st, ino, stat) {
+            Ok(attr) => {
+                if let Some(i) = st.inodes.get_mut(&ino) {
+                    i.nlookup += 1;
+                }
+                reply.entry(&TTL, &attr, Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// The merged listing of directory `ino` (without `.` and `..`).
+    fn listing(&self, st: &mut State, ino: u64) -> Result<Vec<DirEntry>, Errno> {
+        let info = self.ns.info(st, ino)?;
+        let mut out = Vec::new();
+        if !info.linked {
+            return Ok(out);
+        }
+        let mut in_upper = std::collections::HashSet::new();
+        if info.upper {
+            let dir = self.ns.upper()?.dir(&self.ns.rel(st, ino)?)?;
+            for (name, upper_ino, whiteout) in upper::entries(&dir)? {
+                in_upper.insert(name.clone());
+                if whiteout {
+                    continue;
+                }
+                let child = match st.by_upper.get(&upper_ino) {
+                    Some(&child) => child,
+                    None => {
+                        let Some(s) = upper::stat_at(&dir, &name)? else {
+                            continue;
+                        };
+                        let lower = self.ns.lower_child(st, &info, &name);
+                        self.ns.record(st, &dir, ino, &name, &s, lower)
+                    }
+                };
+                let kind = self.ns.info(st, child).map(|i| i.kind)?;
+                out.push(DirEntry {
+                    ino: child,
+                    kind,
+                    name: name.into(),
+                });
+            }
+        }
+        if let Some(lower) = info.lower {
+            let dir = self.ns.node(lower)?;
+            for index in dir.first_child..dir.first_child + dir.child_count {
+                let child = self.ns.node(index)?;
+                let name = self.ns.view.name(&child).map_err(|_| Errno::EIO)?;
+                if st.dead.contains(&index) || in_upper.contains(name) {
+                    continue;
+                }
+                out.push(DirEntry {
+                    ino: u64::from(index) + 1,
+                    kind: kind_of(child.kind),
+                    name: name.into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// As root, what the mount makes belongs to the caller (the kernel checked that the
+    /// caller may make it).
+    fn own(&self, req: &Request, dir: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
+        if !self.as_root || (req.uid() == 0 && req.gid() == 0) {
+            return Ok(());
+        }
+        let parent = rustix::fs::fstat(dir).map_err(errno)?;
+        // A set-group-ID directory gives its group, as the file system already did.
+        let gid = (parent.st_mode & 0o2000 == 0).then(|| rustix::fs::Gid::from_raw(req.gid()));
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(req.uid())),
+            gid,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno)
+    }
+
+    /// Makes room for a new object `parent`/`name`: the parent in the upper, no whiteout
+    /// in the way. Returns the parent's upper directory and whether a tree entry of that
+    /// name existed (a new directory there must be opaque).
+    fn prepare_name(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<(OwnedFd, bool), Errno> {
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        if self.ns.find(st, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let p = self.ns.info(st, parent)?;
+        if !p.linked {
+            return Err(Errno::ENOENT);
+        }
+        let dir = self.ns.upper_dir(st, parent)?;
+        let cleared = upper::clear_whiteout(&dir, name)?;
+        let over_tree = cleared || self.ns.any_lower_child(&p, name).is_some();
+        if let Some(c) = self.ns.any_lower_child(&p, name) {
+            st.dead.insert(c);
+        }
+        Ok((dir, over_tree))
+    }
+
+    /// Makes a new object with `make` after [`Self::prepare_name`]; a whiteout it had
+    /// to remove is put back if the making fails.
+    fn make(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        make: impl FnOnce(&OwnedFd) -> Result<Option<File>, Errno>,
+    ) -> Result<(u64, Stat, Option<File>), Errno> {
+        let mut st = self.state();
+        let (dir, over_tree) = self.prepare_name(&mut st, parent, name)?;
+        let file = match make(&dir) {
+            Ok(file) => file,
+            Err(e) => {
+                if over_tree {
+                    let _ = upper::whiteout(&dir, name);
+                }
+                return Err(e);
+            }
+        };
+        self.own(req, &dir, name)?;
+        let s = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        if over_tree && kind_of_mode(s.st_mode) == FileType::Directory {
+            let sub = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?;
+            upper::make_opaque(&sub)?;
+        }
+        let ino = self.ns.record_new(&mut st, parent, name, &s);
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            i.nlookup += 1;
+        }
+        Ok((ino, s, file))
+    }
+
+    fn new_handle(&self, open: Open) -> u64 {
+        let mut opens = self.opens();
+        let fh = opens.next;
+        opens.next += 1;
+        opens.by_handle.insert(fh, open);
+        fh
+    }
+
+    fn handle_file(&self, fh: FileHandle) -> Result<Arc<File>, Errno> {
+        match self.opens().by_handle.get(&u64::from(fh)) {
+            Some(Open::File { file, .. }) => Ok(file.clone()),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    /// After a copy-up, reads of every open handle of `ino` come from the upper file.
+    fn point_handles_at(&self, ino: u64, file: &Arc<File>) {
+        for open in self.opens().by_handle.values_mut() {
+            if let Open::File { ino: i, file: f } = open {
+                if *i == ino {
+                    *f = file.clone();
+                }
+            }
+        }
+    }
+
+    /// Copies `ino` up and points its open handles at the copy.
+    fn copy_up(&self, st: &mut State, ino: u64, how: CopyUp) -> Result<(), Errno> {
+        if let Some(file) = self.ns.copy_up(st, ino, how)? {
+            self.point_handles_at(ino, &Arc::new(file));
+        }
+        Ok(())
+    }
+
+    /// `ino`'s upper object as a parent directory and a name (after a copy-up).
+    fn at(&self, st: &mut State, ino: u64) -> Result<(OwnedFd, Vec<u8>), Errno> {
+        self.copy_up(st, ino, CopyUp::Whole)?;
+        let rel = self.ns.rel(st, ino)?;
+        let (parent, name) = split(&rel);
+        Ok((self.ns.upper()?.dir(parent)?, name.to_vec()))
+    }
+
+    /// Whether directory `ino` shows no entry.
+    fn is_empty_dir(&self, st: &mut State, ino: u64) -> Result<bool, Errno> {
+        Ok(self.listing(st, ino)?.is_empty())
+    }
+
+    /// Removes the whiteouts of an upper directory that shows nothing, so it can be
+    /// removed or replaced.
+    fn clear_dir(dir: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
+        let sub = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(sub) => sub,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(errno(e)),
+        };
+        for (child, _, whiteout) in upper::entries(&sub)? {
+            if !whiteout {
+                return Err(Errno::ENOTEMPTY);
+            }
+            rustix::fs::unlinkat(&sub, child.as_slice(), AtFlags::empty()).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], dir_wanted: bool) -> Result<(), Errno> {
+        let _gate = self.change()?;
+        let mut st = self.state();
+        let (ino, _) = self.ns.find(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
+        let info = self.ns.info(&st, ino)?;
+        let is_dir = info.kind == FileType::Directory;
+        if dir_wanted && !is_dir {
+            return Err(Errno::ENOTDIR);
+        }
+        if !dir_wanted && is_dir {
+            return Err(Errno::EISDIR);
+        }
+        if is_dir && !self.is_empty_dir(&mut st, ino)? {
+            return Err(Errno::ENOTEMPTY);
+        }
+        let p = self.ns.info(&st, parent)?;
+        let dir = self.ns.upper_dir(&mut st, parent)?;
+        if upper::stat_at(&dir, name)?.is_some_and(|s| !upper::is_whiteout(&s)) {
+            if is_dir {
+                Self::clear_dir(&dir, name)?;
+                rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)?;
+            } else {
+                rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)?;
+            }
+        }
+        if let Some(c) = self.ns.lower_child(&st, &p, name) {
+            upper::whiteout(&dir, name)?;
+            st.dead.insert(c);
+        }
+        self.ns.unlinked(&mut st, ino, parent, name);
+        Ok(())
+    }
+
+    fn rename_in(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let _gate = self.change()?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) || newname.len() > 255 {
+            return Err(if newname.len() > 255 {
+                Errno::ENAMETOOLONG
+            } else {
+                Errno::EINVAL
+            });
+        }
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let mut st = self.state();
+        let (src, _) = self.ns.find(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
+        let si = self.ns.info(&st, src)?;
+        let dst = self.ns.find(&mut st, newparent, newname)?.map(|(i, _)| i);
+        // A tree directory's entries live in the tree, under its path: it cannot move
+        // (mv copies it instead, as it does across file systems).
+        let is_tree_dir =
+            |i: &crate::inodes::Info| i.kind == FileType::Directory && i.lower.is_some();
+        if is_tree_dir(&si) {
+            return Err(Errno::EXDEV);
+        }
+        let di = dst.map(|d| self.ns.info(&st, d)).transpose()?;
+        match (&di, exchange) {
+            (None, true) => return Err(Errno::ENOENT),
+            (Some(d), true) if is_tree_dir(d) => return Err(Errno::EXDEV),
+            (Some(_), false) if noreplace => return Err(Errno::EEXIST),
+            _ => {}
+        }
+        if dst == Some(src) {
+            return Ok(());
+        }
+        if let (Some(d), false) = (&di, exchange) {
+            let src_dir = si.kind == FileType::Directory;
+            let dst_dir = d.kind == FileType::Directory;
+            if src_dir && !dst_dir {
+                return Err(Errno::ENOTDIR);
+            }
+            if !src_dir && dst_dir {
+                return Err(Errno::EISDIR);
+            }
+            if dst_dir && !self.is_empty_dir(&mut st, dst.unwrap_or(0))? {
+                return Err(Errno::ENOTEMPTY);
+            }
+        }
+        self.copy_up(&mut st, src, CopyUp::Whole)?;
+        if let (Some(d), true) = (dst, exchange) {
+            self.copy_up(&mut st, d, CopyUp::Whole)?;
+        }
+        let pinfo = self.ns.info(&st, parent)?;
+        let npinfo = self.ns.info(&st, newparent)?;
+        let sdir = self.ns.upper_dir(&mut st, parent)?;
+        let ddir = self.ns.upper_dir(&mut st, newparent)?;
+        let src_tree_here = self.ns.lower_child(&st, &pinfo, name);
+        let tree_at_dst = self.ns.any_lower_child(&npinfo, newname);
+        let open_dir = |dir: &OwnedFd, n: &[u8]| {
+            rustix::fs::openat(
+                dir,
+                n,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)
+        };
+        // A directory that lands where the tree has an entry must hide the tree's.
+        if si.kind == FileType::Directory && tree_at_dst.is_some() {
+            upper::make_opaque(&open_dir(&sdir, name)?)?;
+        }
+        if exchange {
+            if let Some(d) = &di {
+                if d.kind == FileType::Directory && self.ns.any_lower_child(&pinfo, name).is_some()
+                {
+                    upper::make_opaque(&open_dir(&ddir, newname)?)?;
+                }
+            }
+        }
+        let mut restore_whiteout = false;
+        if !exchange {
+            match upper::stat_at(&ddir, newname)? {
+                Some(s)
+                    if upper::is_whiteout(&s) && (si.kind == FileType::Directory || noreplace) =>
+                {
+                    rustix::fs::unlinkat(&ddir, newname, AtFlags::empty()).map_err(errno)?;
+                    restore_whiteout = true;
+                }
+                Some(s) if kind_of_mode(s.st_mode) == FileType::Directory => {
+                    Self::clear_dir(&ddir, newname)?;
+                }
+                _ => {}
+            }
+        }
+        let mut how = rustix::fs::RenameFlags::empty();
+        if exchange {
+            how |= rustix::fs::RenameFlags::EXCHANGE;
+        }
+        if noreplace {
+            how |= rustix::fs::RenameFlags::NOREPLACE;
+        }
+        if let Err(e) = rustix::fs::renameat_with(&sdir, name, &ddir, newname, how) {
+            if restore_whiteout {
+                let _ = upper::whiteout(&ddir, newname);
+            }
+            return Err(errno(e));
+        }
+        if !exchange {
+            if let Some(c) = src_tree_here {
+                upper::whiteout(&sdir, name)?;
+                st.dead.insert(c);
+            }
+            if let Some(c) = self.ns.lower_child(&st, &npinfo, newname) {
+                st.dead.insert(c);
+            }
+            if let Some(d) = dst {
+                self.ns.unlinked(&mut st, d, newparent, newname);
+            }
+            self.ns
+                .moved(&mut st, src, (parent, name), (newparent, newname));
+        } else if let Some(d) = dst {
+            self.ns
+                .moved(&mut st, src, (parent, name), (newparent, newname));
+            self.ns
+                .moved(&mut st, d, (newparent, newname), (parent, name));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)] // setattr's own fields, one per argument
+    fn set_attr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
+        let _gate = self.change()?;
+        if ino == ROOT && (mode.is_some() || uid.is_some() || gid.is_some()) {
+            // A tree records no mode or owner for its root, and the upper's top stays
+            // private.
+            return Err(Errno::EPERM);
+        }
+        let mut st = self.state();
+        let info = self.ns.info(&st, ino)?;
+        let handle = fh.and_then(|fh| self.handle_file(fh).ok());
+        if !info.linked {
+            // Deleted but open: only through the open file.
+            let file = handle
+                .clone()
+                .or_else(|| self.open_file_of(ino))
+                .ok_or(Errno::ENOENT)?;
+            if let Some(mode) = mode {
+                rustix::fs::fchmod(&*file, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::fchown(
+                    &*file,
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                )
+                .map_err(errno)?;
+            }
+            if let Some(size) = size {
+                rustix::fs::ftruncate(&*file, size).map_err(errno)?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                rustix::fs::futimens(
+                    &*file,
+                    &rustix::fs::Timestamps {
+                        last_access: timespec(atime),
+                        last_modification: timespec(mtime),
+                    },
+                )
+                .map_err(errno)?;
+            }
+            let s = rustix::fs::fstat(&*file).map_err(errno)?;
+            let mut attr = Self::stat_attr(ino, &s);
+            attr.nlink = 0;
+            return Ok(attr);
+        }
+        let how = if size == Some(0) && info.kind == FileType::RegularFile && !info.upper {
+            CopyUp::Empty
+        } else {
+            CopyUp::Whole
+        };
+        self.copy_up(&mut st, ino, how)?;
+        let (dir, name) = self.at(&mut st, ino)?;
+        if let Some(mode) = mode {
+            rustix::fs::chmodat(
+                &dir,
+                name.as_slice(),
+                Mode::from_raw_mode(mode & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(errno)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(
+                &dir,
+                name.as_slice(),
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
+        if let Some(size) = size {
+            match &handle {
+                Some(file) if rustix::fs::ftruncate(&**file, size).is_ok() => {}
+                _ => {
+                    let file = rustix::fs::openat(
+                        &dir,
+                        name.as_slice(),
+                        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(errno)?;
+                    rustix::fs::ftruncate(&file, size).map_err(errno)?;
+                }
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            rustix::fs::utimensat(
+                &dir,
+                name.as_slice(),
+                &rustix::fs::Timestamps {
+                    last_access: timespec(atime),
+                    last_modification: timespec(mtime),
+                },
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+        }
+        let s =
+            rustix::fs::statat(&dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+        self.attr(&mut st, ino, Some(&s))
+    }
+
+    fn open_file(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), Errno> {
+        let raw = OFlags::from_bits_retain(flags as u32);
+        let accmode = raw & (OFlags::WRONLY | OFlags::RDWR);
+        let truncate = raw.contains(OFlags::TRUNC);
+        let writes = !accmode.is_empty() || truncate;
+        let mut st = self.state();
+        let info = self.ns.info(&st, ino)?;
+        if info.kind == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        let file = if writes {
+            drop(st);
+            let _gate = self.change()?;
+            st = self.state();
+            let how = if truncate && !info.upper {
+                CopyUp::Empty
+            } else {
+                CopyUp::Whole
+            };
+            self.copy_up(&mut st, ino, how)?;
+            // Offsets come with every write: O_APPEND would make the file system ignore
+            // them (the kernel already placed appends at the end).
+            let keep = OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::SYNC | OFlags::DSYNC;
+            self.reopen(&st, ino, (raw & keep) | OFlags::NONBLOCK)?
+        } else if info.upper {
+            self.reopen(&st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
+        } else {
+            let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
+            self.ns.blob_file(&node)?
+        };
+        drop(st);
+        let fh = self.new_handle(Open::File {
+            ino,
+            file: Arc::new(file),
+        });
+        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+    }
+
+    /// Opens `ino`'s upper object with `flags` (through an open handle when it has no
+    /// name left).
+    fn reopen(&self, st: &State, ino: u64, flags: OFlags) -> Result<File, Errno> {
+        match self.ns.rel(st, ino) {
+            Ok(rel) => Ok(File::from(self.ns.upper()?.open_at(&rel, flags)?)),
+            Err(e) => {
+                let open = self.open_file_of(ino).ok_or(e)?;
+                rustix::fs::open(
+                    proc_fd(&*open).as_str(),
+                    flags | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map(File::from)
+                .map_err(errno)
+            }
+        }
+    }
+
+    /// `ino`'s object for the xattr calls: an `O_PATH` descriptor reached through
+    /// `/proc/self/fd` (which follows to the object itself, symlink or not).
+    fn xattr_target(&self, st: &State, ino: u64) -> Result<OwnedFd, Errno> {
+        let rel = self.ns.rel(st, ino)?;
+        self.ns.upper()?.open_at(&rel, OFlags::PATH)
+    }
+}
+
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for TreeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_ATOMIC_O_TRUNC;
+        for flag in wanted.iter() {
+            let _ = config.add_capabilities(flag);
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut st = self.state();
+        match self.ns.find(&mut st, parent.into(), name.as_bytes()) {
+            Ok(Some((ino, stat))) => self.reply_entry(&mut st, ino, stat.as_ref(), reply),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let ino = u64::from(ino);
+        if ino == ROOT {
+            return;
+        }
+        let mut st = self.state();
+        let gone = st.inodes.get_mut(&ino).is_some_and(|i| {
+            i.nlookup = i.nlookup.saturating_sub(nlookup);
+            // Objects made on the mount are counted from birth; tree nodes stay recorded.
+            i.nlookup == 0 && i.links.is_empty() && i.lower.is_none()
+        });
+        if gone {
+            st.inodes.remove(&ino);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let mut st = self.state();
+        let ino = u64::from(ino);
+        let result = match self.attr(&mut st, ino, None) {
+            Err(e) if e.code() == Errno::ENOENT.code() && fh.is_some() => fh
+                .and_then(|fh| self.handle_file(fh).ok())
+                .ok_or(Errno::ENOENT)
+                .and_then(|f| rustix::fs::fstat(&*f).map_err(errno))
+                .map(|s| {
+                    let mut attr = Self::stat_attr(ino, &s);
+                    attr.nlink = 0;
+                    attr
+                }),
+            other => other,
+        };
+        match result {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.set_attr(ino.into(), mode, uid, gid, size, atime, mtime, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let st = self.state();
+        let ino = u64::from(ino);
+        let result = self.ns.info(&st, ino).and_then(|info| {
+            if info.kind != FileType::Symlink {
+                return Err(Errno::EINVAL);
+            }
+            if info.upper {
+                let rel = self.ns.rel(&st, ino)?;
+                let (parent, name) = split(&rel);
+                let dir = self.ns.upper()?.dir(parent)?;
+                rustix::fs::readlinkat(&dir, name, Vec::new())
+                    .map(|t| t.into_bytes())
+                    .map_err(errno)
+            } else {
+                let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
+                self.ns
+                    .view
+                    .target(&node)
+                    .map(|t| t.to_vec())
+                    .map_err(|_| Errno::EIO)
+            }
+        });
+        match result {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = rustix::fs::FileType::from_raw_mode(mode);
+        // A 0/0 character device is the upper format's whiteout: it would delete the
+        // name in the commit instead of making a device.
+        if kind == rustix::fs::FileType::CharacterDevice && rdev == 0 {
+            return reply.error(Errno::EPERM);
+        }
+        let result = self.change().and_then(|_gate| {
+            self.make(req, parent.into(), name.as_bytes(), |dir| {
+                if kind == rustix::fs::FileType::RegularFile {
+                    rustix::fs::openat(
+                        dir,
+                        name.as_bytes(),
+                        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(mode & 0o7777),
+                    )
+                    .map(|_| None)
+                    .map_err(errno)
+                } else {
+                    rustix::fs::mknodat(
+                        dir,
+                        name.as_bytes(),
+                        kind,
+                        Mode::from_raw_mode(mode & 0o7777),
+                        u64::from(rdev),
+                    )
+                    .map(|_| None)
+                    .map_err(errno)
+                }
+            })
+        });
+        match result {
+            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.change().and_then(|_gate| {
+            self.make(req, parent.into(), name.as_bytes(), |dir| {
+                rustix::fs::mkdirat(dir, name.as_bytes(), Mode::from_raw_mode(mode & 0o7777))
+                    .map(|_| None)
+                    .map_err(errno)
+            })
+        });
+        match result {
+            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent.into(), name.as_bytes(), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent.into(), name.as_bytes(), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.change().and_then(|_gate| {
+            self.make(req, parent.into(), link_name.as_bytes(), |dir| {
+                rustix::fs::symlinkat(target, dir, link_name.as_bytes())
+                    .map(|_| None)
+                    .map_err(errno)
+            })
+        });
+        match result {
+            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.rename_in(
+            parent.into(),
+            name.as_bytes(),
+            newparent.into(),
+            newname.as_bytes(),
+            flags,
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let ino = u64::from(ino);
+        let newparent = u64::from(newparent);
+        let result = self.change().and_then(|_gate| {
+            let mut st = self.state();
+            let info = self.ns.info(&st, ino)?;
+            if info.kind == FileType::Directory {
+                return Err(Errno::EPERM);
+            }
+            let (src_dir, src_name) = self.at(&mut st, ino)?;
+            let (dir, _) = self.prepare_name(&mut st, newparent, newname.as_bytes())?;
+            rustix::fs::linkat(
+                &src_dir,
+                src_name.as_slice(),
+                &dir,
+                newname.as_bytes(),
+                AtFlags::empty(),
+            )
+            .map_err(errno)?;
+            let s = rustix::fs::statat(&dir, newname.as_bytes(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(errno)?;
+            self.ns.linked(&mut st, ino, newparent, newname.as_bytes());
+            Ok((st, s))
+        });
+        match result {
+            Ok((mut st, s)) => self.reply_entry(&mut st, ino, Some(&s), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_file(ino.into(), flags.0) {
+            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let file = match self.handle_file(fh) {
+            Ok(file) => file,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(io_errno(e)),
+            }
+        }
+        reply.data(&buf[..done]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.change().and_then(|_gate| {
+            let file = self.handle_file(fh)?;
+            file.write_all_at(data, offset).map_err(io_errno)
+        });
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.opens().by_handle.remove(&u64::from(fh));
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.handle_file(fh).and_then(|file| {
+            if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            }
+            .map_err(io_errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = u64::from(ino);
+        let mut st = self.state();
+        let result = self.ns.info(&st, ino).and_then(|info| {
+            if info.kind != FileType::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            if !info.upper && info.linked {
+                // A tree directory the upper does not touch: listed from the view.
+                return Ok(0);
+            }
+            let entries = self.listing(&mut st, ino)?;
+            Ok(self.new_handle(Open::Dir(Arc::new(entries))))
+        });
+        match result {
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let ino = u64::from(ino);
+        let parent = {
+            let st = self.state();
+            if ino == ROOT {
+                ROOT
+            } else {
+                self.ns.link(&st, ino).map(|l| l.0).unwrap_or(ROOT)
+            }
+        };
+        let listed = match self.opens().by_handle.get(&u64::from(fh)) {
+            Some(Open::Dir(entries)) => Some(entries.clone()),
+            _ => None,
+        };
+        // Offsets: 0 `.`, 1 `..`, 2 + i the i-th entry; each entry carries the next one.
+        let (count, tree_dir) = match &listed {
+            Some(entries) => (entries.len() as u64, None),
+            None => match self.ns.tree_node(ino) {
+                Ok(node) if node.kind == Kind::Dir => (u64::from(node.child_count), Some(node)),
+                Ok(_) => return reply.error(Errno::ENOTDIR),
+                Err(e) => return reply.error(e),
+            },
+        };
+        for position in offset..2 + count {
+            let full = match position {
+                0 => reply.add(INodeNo(ino), 1, FileType::Directory, OsStr::new(".")),
+                1 => reply.add(INodeNo(parent), 2, FileType::Directory, OsStr::new("..")),
+                _ => {
+                    let i = (position - 2) as usize;
+                    if let Some(entries) = &listed {
+                        let e = &entries[i];
+                        reply.add(
+                            INodeNo(e.ino),
+                            position + 1,
+                            e.kind,
+                            OsStr::from_bytes(&e.name),
+                        )
+                    } else {
+                        let Some(dir) = &tree_dir else { break };
+                        let index = dir.first_child + i as u32;
+                        let (Ok(child), true) = (self.ns.node(index), true) else {
+                            return reply.error(Errno::EIO);
+                        };
+                        let Ok(name) = self.ns.view.name(&child) else {
+                            return reply.error(Errno::EIO);
+                        };
+                        reply.add(
+                            INodeNo(u64::from(index) + 1),
+                            position + 1,
+                            kind_of(child.kind),
+                            OsStr::from_bytes(name),
+                        )
+                    }
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.opens().by_handle.remove(&u64::from(fh));
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let st = self.state();
+        let ino = u64::from(ino);
+        let result = match self.ns.info(&st, ino) {
+            Ok(info) if info.upper => self
+                .ns
+                .rel(&st, ino)
+                .and_then(|rel| self.ns.upper()?.dir(&rel))
+                .and_then(|dir| rustix::fs::fsync(&dir).map_err(errno)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let stats = match &self.ns.upper {
+            Some(upper) => upper.statvfs(),
+            None => rustix::fs::statvfs(&self.ns.blobs).map_err(errno),
+        };
+        match stats {
+            Ok(st) => reply.statfs(
+                st.f_blocks,
+                if self.ns.upper.is_some() {
+                    st.f_bfree
+                } else {
+                    0
+                },
+                if self.ns.upper.is_some() {
+                    st.f_bavail
+                } else {
+                    0
+                },
+                st.f_files.max(u64::from(self.ns.view.len())),
+                if self.ns.upper.is_some() {
+                    st.f_ffree
+                } else {
+                    0
+                },
+                st.f_bsize as u32,
+                255,
+                st.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if is_overlay_xattr(name.as_bytes()) {
+            return reply.error(Errno::EPERM);
+        }
+        let ino = u64::from(ino);
+        let result = self.change().and_then(|_gate| {
+            let mut st = self.state();
+            self.copy_up(&mut st, ino, CopyUp::Whole)?;
+            let fd = self.xattr_target(&st, ino)?;
+            rustix::fs::setxattr(
+                proc_fd(&fd).as_str(),
+                name,
+                value,
+                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+            )
+            .map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if is_overlay_xattr(name.as_bytes()) {
+            return reply.error(Errno::ENODATA);
+        }
+        let st = self.state();
+        let ino = u64::from(ino);
+        let result = self.ns.info(&st, ino).and_then(|info| {
+            if !info.upper {
+                return Err(Errno::ENODATA);
+            }
+            let fd = self.xattr_target(&st, ino)?;
+            let path = proc_fd(&fd);
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = rustix::fs::getxattr(path.as_str(), name, &mut buf[..]).map_err(errno)?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match result {
+            Ok(value) => reply_xattr(&value, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let st = self.state();
+        let ino = u64::from(ino);
+        let result = self.ns.info(&st, ino).and_then(|info| {
+            if !info.upper {
+                return Ok(Vec::new());
+            }
+            let fd = self.xattr_target(&st, ino)?;
+            let path = proc_fd(&fd);
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
+            let mut out = Vec::new();
+            for name in buf[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                if !is_overlay_xattr(name) {
+                    out.extend_from_slice(name);
+                    out.push(0);
+                }
+            }
+            Ok(out)
+        });
+        match result {
+            Ok(value) => reply_xattr(&value, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if is_overlay_xattr(name.as_bytes()) {
+            return reply.error(Errno::ENODATA);
+        }
+        let ino = u64::from(ino);
+        let result = self.change().and_then(|_gate| {
+            let st = self.state();
+            if !self.ns.info(&st, ino)?.upper {
+                return Err(Errno::ENODATA);
+            }
+            let fd = self.xattr_target(&st, ino)?;
+            rustix::fs::removexattr(proc_fd(&fd).as_str(), name).map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let raw = OFlags::from_bits_retain(flags as u32);
+        let keep = OFlags::SYNC | OFlags::DSYNC;
+        let result = self.change().and_then(|_gate| {
+            self.make(req, parent.into(), name.as_bytes(), |dir| {
+                rustix::fs::openat(
+                    dir,
+                    name.as_bytes(),
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::RDWR
+                        | OFlags::CLOEXEC
+                        | OFlags::NOFOLLOW
+                        | (raw & keep),
+                    Mode::from_raw_mode(mode & 0o7777),
+                )
+                .map(|fd| Some(File::from(fd)))
+                .map_err(errno)
+            })
+        });
+        match result {
+            Ok((ino, s, Some(file))) => {
+                let fh = self.new_handle(Open::File {
+                    ino,
+                    file: Arc::new(file),
+                });
+                reply.created(
+                    &TTL,
+                    &Self::stat_attr(ino, &s),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                );
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.change().and_then(|_gate| {
+            let file = self.handle_file(fh)?;
+            rustix::fs::fallocate(
+                &*file,
+                rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                offset,
+                length,
+            )
+            .map_err(errno)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        const SEEK_DATA: i32 = 3;
+        const SEEK_HOLE: i32 = 4;
+        let result = self.handle_file(fh).and_then(|file| {
+            let to = match whence {
+                SEEK_DATA => rustix::fs::SeekFrom::Data(offset.max(0) as u64),
+                SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset.max(0) as u64),
+                _ => return Err(Errno::EINVAL),
+            };
+            // The handle's own offset is never used (reads and writes carry theirs).
+            rustix::fs::seek(&*file, to).map_err(errno)
+        });
+        match result {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let result = self.change().and_then(|_gate| {
+            let (input, output) = (self.handle_file(fh_in)?, self.handle_file(fh_out)?);
+            let (mut off_in, mut off_out) = (offset_in, offset_out);
+            rustix::fs::copy_file_range(
+                &*input,
+                Some(&mut off_in),
+                &*output,
+                Some(&mut off_out),
+                len.min(u64::from(u32::MAX) & !0xfff) as usize,
+            )
+            .map_err(errno)
+        });
+        match result {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+}
