@@ -406,10 +406,45 @@ impl TreeFs {
         Ok(())
     }
 
+    /// Copies up `ino` before it moves. A directory that shows tree entries is copied
+    /// up whole, and made opaque: its entries live in the tree under its old path, so
+    /// at the new one they must all be in the upper (as `mv` across file systems copies
+    /// them; the cost follows the directory's size).
+    fn copy_up_moving(&self, st: &mut State, ino: u64) -> Result<(), Errno> {
+        let info = self.ns.info(st, ino)?;
+        if info.kind != FileType::Directory || info.lower.is_none() {
+            return self.copy_up(st, ino, CopyUp::Whole);
+        }
+        let mut dirs = vec![ino];
+        let mut walked = Vec::new();
+        while let Some(dir) = dirs.pop() {
+            self.copy_up(st, dir, CopyUp::Whole)?;
+            for entry in self.listing(st, dir)? {
+                if entry.kind == FileType::Directory {
+                    dirs.push(entry.ino);
+                } else {
+                    self.copy_up(st, entry.ino, CopyUp::Whole)?;
+                }
+            }
+            walked.push(dir);
+        }
+        let rel = self.ns.rel(st, ino)?;
+        upper::make_opaque(&self.ns.upper()?.dir(&rel)?)?;
+        for dir in walked {
+            if let Some(i) = st.inodes.get_mut(&dir) {
+                i.lower = None;
+            }
+        }
+        Ok(())
+    }
+
     /// `ino`'s upper object as a parent directory and a name (after a copy-up).
     fn at(&self, st: &mut State, ino: u64) -> Result<(OwnedFd, Vec<u8>), Errno> {
         self.copy_up(st, ino, CopyUp::Whole)?;
         let rel = self.ns.rel(st, ino)?;
+        if rel.is_empty() {
+            return Ok((self.ns.upper()?.dir(b"")?, b".".to_vec()));
+        }
         let (parent, name) = split(&rel);
         Ok((self.ns.upper()?.dir(parent)?, name.to_vec()))
     }
@@ -498,15 +533,9 @@ impl TreeFs {
         let dst = self.ns.find(&mut st, newparent, newname)?.map(|(i, _)| i);
         // A tree directory's entries live in the tree, under its path: it cannot move
         // (mv copies it instead, as it does across file systems).
-        let is_tree_dir =
-            |i: &crate::inodes::Info| i.kind == FileType::Directory && i.lower.is_some();
-        if is_tree_dir(&si) {
-            return Err(Errno::EXDEV);
-        }
         let di = dst.map(|d| self.ns.info(&st, d)).transpose()?;
         match (&di, exchange) {
             (None, true) => return Err(Errno::ENOENT),
-            (Some(d), true) if is_tree_dir(d) => return Err(Errno::EXDEV),
             (Some(_), false) if noreplace => return Err(Errno::EEXIST),
             _ => {}
         }
@@ -526,10 +555,11 @@ impl TreeFs {
                 return Err(Errno::ENOTEMPTY);
             }
         }
-        self.copy_up(&mut st, src, CopyUp::Whole)?;
+        self.copy_up_moving(&mut st, src)?;
         if let (Some(d), true) = (dst, exchange) {
-            self.copy_up(&mut st, d, CopyUp::Whole)?;
+            self.copy_up_moving(&mut st, d)?;
         }
+        let si = self.ns.info(&st, src)?;
         let pinfo = self.ns.info(&st, parent)?;
         let npinfo = self.ns.info(&st, newparent)?;
         let sdir = self.ns.upper_dir(&mut st, parent)?;

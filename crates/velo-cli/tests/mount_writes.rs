@@ -1,0 +1,500 @@
+//! `velo mount` read-write: the same changes made on the mount and on a native copy of
+//! the tree give the same files, modes, times and contents, before and after a commit;
+//! descriptors, mappings, links and renames behave as on a local file system; the upper format is
+//! defended against programs on the mount; `velo commit` and `velo umount --commit` seal
+//! the state. Needs /dev/fuse and root or fusermount3: elsewhere the tests show as
+//! skipped, and fail under CI.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Env;
+
+fn fuse_available() -> bool {
+    let fusermount = ["fusermount3", "fusermount"]
+        .iter()
+        .any(|t| common::find_tool(t).is_some());
+    common::require(
+        Path::new("/dev/fuse").exists() && (common::is_root() || fusermount),
+        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
+    )
+}
+
+/// A mount that is unmounted when the test ends, whatever happens.
+struct Mounted<'a> {
+    env: &'a Env,
+    at: PathBuf,
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
+    }
+}
+
+fn mount<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
+    fs::create_dir_all(at).unwrap();
+    let mut args = vec!["mount", tree, at.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    env.ok(&args);
+    Mounted {
+        env,
+        at: at.to_path_buf(),
+    }
+}
+
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "in {}: {script}\nstdout: {}\nstderr: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every kind of change, made by ordinary tools. Times of what it changes are set at the
+/// end (relative to MARKER, a file made just before), so both runs can be compared.
+const CHANGES: &str = r#"set -e
+echo appended >> plain.txt
+printf new > created.txt
+mkdir -p newdir/inner && echo deep > newdir/inner/f
+chmod 0640 sub/private
+chmod 0700 sub
+rm sub/readonly
+rm -r empty_dir
+mkdir empty_dir && echo fresh > empty_dir/x
+rm -r sub/deeper/deepest
+mkdir sub/deeper/deepest
+mv sub/exec.sh moved.sh
+mv created.txt newdir/created.txt
+ln newdir/created.txt hard2
+ln plain.txt hard3
+ln -s plain.txt newlink
+rm dangling
+truncate -s 3 .dotfile
+mv -f hardlink-to-plain sub/deeper/big.bin
+mv newdir/inner newdir/inner2
+python3 - <<'EOF'
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, NOREPLACE, EXCHANGE = -100, 1, 2
+def renameat2(a, b, flags):
+    if libc.renameat2(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+def check(got, want, what):
+    assert got == want, "%s: errno %d (%s), wanted %d" % (what, got, os.strerror(got), want)
+check(renameat2("moved.sh", "abs-link", EXCHANGE), 0, "exchange a file and a symlink")
+check(renameat2("plain.txt", "hard2", NOREPLACE), errno.EEXIST, "noreplace onto a file")
+check(renameat2("newdir", "setgid_dir", EXCHANGE), 0, "exchange two directories")
+check(renameat2("hard3", "brand-new", NOREPLACE), 0, "noreplace onto nothing")
+os.utime("moved.sh", ns=(1_234_567_890_123_456_789, 1_234_567_890_123_456_789), follow_symlinks=False)
+EOF
+find . -newer "$MARKER" ! -type l -exec touch -d @1650000000.25 {} +
+find . -newer "$MARKER" -type l -exec touch -h -d @1650000000.5 {} +
+"#;
+
+fn apply_changes(dir: &Path, marker: &Path) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(CHANGES)
+        .env("MARKER", marker)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the changes failed in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn changes_on_the_mount_match_the_same_changes_natively_and_commit_exactly() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    common::awkward_tree(&src);
+    env.ingest(&src, &["--name", "t"]);
+    let native = env.path("native");
+    sh(
+        &env.path(""),
+        // The tree records no hard links: the native copy has none either.
+        &format!(
+            "cp -a --no-preserve=links {} {}",
+            src.display(),
+            native.display()
+        ),
+    );
+    let marker = env.path("marker");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&marker, b"").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let at = env.path("mnt");
+    let mounted = mount(&env, "t", &at, &[]);
+    let before = fs::metadata(at.join("plain.txt")).unwrap();
+    apply_changes(&native, &marker);
+    apply_changes(&at, &marker);
+    let want = common::scan(&native);
+    assert_eq!(common::scan(&at), want);
+
+    // A tree file keeps its inode number when it is copied up; links share one.
+    let after = fs::metadata(at.join("plain.txt")).unwrap();
+    assert_eq!(before.ino(), after.ino());
+    assert_eq!(after.nlink(), 2);
+    assert_eq!(fs::metadata(at.join("hard2")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(at.join("hard2")).unwrap().ino(),
+        fs::metadata(at.join("setgid_dir/created.txt"))
+            .unwrap()
+            .ino()
+    );
+    // The directory made where the tree had one shows none of the tree's entries.
+    assert_eq!(
+        fs::read_dir(at.join("sub/deeper/deepest")).unwrap().count(),
+        0
+    );
+    // A directory's link count counts its subdirectories from both layers.
+    assert_eq!(fs::metadata(at.join("sub")).unwrap().nlink(), 3);
+
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "changed"]);
+    // Still serving after the commit, and the commit is what the mount showed.
+    assert_eq!(common::scan(&at), want);
+    let out = env.path("out");
+    env.ok(&[
+        "checkout",
+        "changed",
+        out.to_str().unwrap(),
+        "--mode",
+        "copy",
+    ]);
+    assert_eq!(common::scan(&out), want);
+    // The original tree is untouched.
+    assert_eq!(env.ok(&["cat", "t", "plain.txt"]), "plain\n");
+    drop(mounted);
+    env.fsck_ok();
+}
+
+/// Descriptors and mappings: an unlinked open file reads on; a mapping's writes, a
+/// fallocate and a copy_file_range all give the size and bytes a local file system gives.
+#[test]
+fn open_descriptors_mappings_and_ranges_behave_as_on_a_local_file_system() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("tree-file"), b"from the tree\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &[]);
+    let script = r#"
+import mmap, os
+# A tree file opened, deleted, still readable; a second reader opened before a writer's
+# copy-up sees the writer's bytes (one inode).
+r = open("tree-file", "rb")
+w = open("tree-file", "r+b")
+w.write(b"FROM")
+w.flush()
+assert r.read() == b"FROM the tree\n", "reader after copy-up"
+os.unlink("tree-file")
+r.seek(0)
+assert r.read() == b"FROM the tree\n", "reader after unlink"
+assert os.fstat(w.fileno()).st_nlink == 0
+w.close(); r.close()
+assert not os.path.exists("tree-file")
+# A new file, unlinked while open: writes and reads go on.
+f = open("scratch", "w+b")
+os.unlink("scratch")
+f.write(b"x" * 10000)
+f.flush()
+f.seek(0)
+assert len(f.read()) == 10000
+f.close()
+# Shared mapping writes, after extending with ftruncate.
+fd = os.open("mapped", os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, 8192)
+m = mmap.mmap(fd, 8192)
+m[4096:4101] = b"hello"
+m.flush()
+m.close()
+os.close(fd)
+assert os.stat("mapped").st_size == 8192
+with open("mapped", "rb") as g:
+    g.seek(4096)
+    assert g.read(5) == b"hello"
+# fallocate extends; punching a hole keeps the size and reads zeros.
+fd = os.open("alloc", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"a" * 100)
+os.posix_fallocate(fd, 0, 65536)
+assert os.fstat(fd).st_size == 65536
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+assert libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, ctypes.c_long(0), ctypes.c_long(50)) == 0, ctypes.get_errno()
+os.close(fd)
+with open("alloc", "rb") as g:
+    data = g.read()
+assert len(data) == 65536 and data[:50] == b"\0" * 50 and data[50:100] == b"a" * 50
+# copy_file_range between two files of the mount.
+src = os.open("alloc", os.O_RDONLY)
+dst = os.open("copied", os.O_RDWR | os.O_CREAT, 0o644)
+n = os.copy_file_range(src, dst, 100, 0, 1000)
+assert n == 100, n
+assert os.fstat(dst).st_size == 1100
+os.close(src); os.close(dst)
+# statfs answers.
+st = os.statvfs(".")
+assert st.f_bsize > 0 and st.f_blocks > 0
+# A file lock and a record lock.
+import fcntl
+with open("locked", "w") as l:
+    fcntl.flock(l, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.lockf(l, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Programs on the mount cannot forge the upper format: no whiteout by mknod, no overlay
+/// xattr; their own user xattrs work.
+#[test]
+fn programs_on_the_mount_cannot_forge_the_upper_format() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    fs::write(src.join("dir/kept"), b"kept\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &[]);
+    let script = r#"
+import errno, os
+try:
+    os.mknod("dir/kept2", 0o600 | 0o020000, os.makedev(0, 0))
+    raise SystemExit("mknod of a 0/0 device succeeded")
+except OSError as e:
+    assert e.errno == errno.EPERM, e
+for name in (b"user.overlay.opaque", b"trusted.overlay.opaque", b"user.overlay.whiteout"):
+    try:
+        os.setxattr("dir", name, b"y")
+        raise SystemExit("setting %r succeeded" % name)
+    except OSError as e:
+        assert e.errno in (errno.EPERM, errno.ENOTSUP), e
+os.setxattr("dir/kept", b"user.note", b"hello")
+assert os.getxattr("dir/kept", b"user.note") == b"hello"
+assert os.listxattr("dir/kept") == ["user.note"], os.listxattr("dir/kept")
+os.mkdir("dir/new")
+assert "user.overlay.opaque" not in os.listxattr("dir")
+os.removexattr("dir/kept", b"user.note")
+assert os.listxattr("dir/kept") == []
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(at.join("dir/kept")).unwrap(), b"kept\n");
+    // A tree directory moves (copied up whole), keeping its inode and its entries.
+    let ino = fs::metadata(at.join("dir")).unwrap().ino();
+    fs::rename(at.join("dir"), at.join("dir2")).unwrap();
+    assert_eq!(fs::metadata(at.join("dir2")).unwrap().ino(), ino);
+    assert_eq!(fs::read(at.join("dir2/kept")).unwrap(), b"kept\n");
+    assert!(!at.join("dir").exists());
+    fs::create_dir(at.join("dir")).unwrap();
+    assert_eq!(fs::read_dir(at.join("dir")).unwrap().count(), 0);
+}
+
+/// `--upper` keeps the changes across unmounts and records its tree; `velo umount
+/// --commit` seals what the mount showed; without an upper the changes go, and velo
+/// says so.
+#[test]
+fn kept_uppers_and_commits_at_unmount() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), b"a\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    fs::write(src.join("other"), b"other\n").unwrap();
+    env.ingest(&src, &["--name", "t2"]);
+    let at = env.path("mnt");
+    let upper = env.path("upper");
+    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    fs::write(at.join("b"), b"b\n").unwrap();
+    fs::remove_file(at.join("a")).unwrap();
+    drop(mounted);
+    // Remounted: the state is there.
+    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    assert_eq!(fs::read(at.join("b")).unwrap(), b"b\n");
+    assert!(!at.join("a").exists());
+    drop(mounted);
+    // Over another tree: refused, nothing changed.
+    let refused = env.fails(&[
+        "mount",
+        "t2",
+        at.to_str().unwrap(),
+        "--upper",
+        upper.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("holds changes to tree"), "{refused}");
+    assert!(!velo_mounted(&at));
+    // An upper inside the mount point: refused.
+    let inside = at.join("up");
+    let refused = env.fails(&[
+        "mount",
+        "t",
+        at.to_str().unwrap(),
+        "--upper",
+        inside.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("inside the mount point"), "{refused}");
+
+    // umount --commit writes a .velo and registers the tree.
+    let _mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let sealed = env.path("sealed.velo");
+    env.ok(&[
+        "umount",
+        at.to_str().unwrap(),
+        "--commit",
+        sealed.to_str().unwrap(),
+        "--name",
+        "sealed",
+    ]);
+    assert!(!velo_mounted(&at));
+    assert!(sealed.is_file());
+    assert_eq!(env.ok(&["ls", "sealed"]), "b\n");
+
+    // No --upper: the changes go at umount, and velo says so; with the mount's --name
+    // they are committed under it.
+    let mounted = mount(&env, "t", &at, &[]);
+    fs::write(at.join("c"), b"c\n").unwrap();
+    let out = env.run(&["umount", at.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("discarded"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::mem::forget(mounted);
+    let _mounted = mount(&env, "t", &at, &["--name", "by-default"]);
+    fs::write(at.join("d"), b"d\n").unwrap();
+    env.ok(&["umount", at.to_str().unwrap()]);
+    assert_eq!(env.ok(&["ls", "by-default"]), "a\nd\n");
+    env.fsck_ok();
+}
+
+fn velo_mounted(at: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
+}
+
+/// fsx with every operation it has (mmap reads and writes, truncate, fallocate, punch
+/// hole, copy_file_range, fsync) on a tree file of the mount, byte-identical to the same
+/// run on a local file.
+#[test]
+fn fsx_on_a_tree_file_of_the_mount_matches_its_native_run() {
+    if !fuse_available() {
+        return;
+    }
+    let fsx = common::find_tool("fsx").or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from)?;
+        Some(home.join(".cargo/bin/fsx")).filter(|p| p.is_file())
+    });
+    if !common::require(fsx.is_some(), "fsx (cargo install fsx)") {
+        return;
+    }
+    let fsx = fsx.unwrap();
+    let toml = "[weights]\nclose_open = 2\nread = 10\nwrite = 10\nmapread = 10\n\
+                mapwrite = 10\ninvalidate = 1\ntruncate = 2\nfsync = 1\nfdatasync = 1\n\
+                posix_fallocate = 1\npunch_hole = 1\nsendfile = 1\nposix_fadvise = 1\n\
+                copy_file_range = 1\n";
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let original: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    fs::write(src.join("testfile"), &original).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let run = |dir: &Path| {
+        fs::write(env.path("fsx.toml"), toml).unwrap();
+        let out = Command::new(&fsx)
+            .args(["-f"])
+            .arg(env.path("fsx.toml"))
+            .args(["-S", "29", "-N", "10000", "-P"])
+            .arg(env.path(""))
+            .arg("testfile")
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("All operations completed A-OK!"), "{text}");
+        fs::read(dir.join("testfile")).unwrap()
+    };
+    let host = env.path("host");
+    fs::create_dir_all(&host).unwrap();
+    fs::write(host.join("testfile"), &original).unwrap();
+    let expected = run(&host);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &[]);
+    let got = run(&at);
+    assert!(
+        got == expected,
+        "the mount's file differs from fsx's native run"
+    );
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "exercised"]);
+    let out = env.path("out");
+    env.ok(&[
+        "checkout",
+        "exercised",
+        out.to_str().unwrap(),
+        "--mode",
+        "copy",
+    ]);
+    assert!(fs::read(out.join("testfile")).unwrap() == expected);
+}
