@@ -122,7 +122,14 @@ pub(crate) struct Namespace {
     pub upper: Option<Upper>,
     /// `<store>/blobs`.
     pub blobs: std::path::PathBuf,
+    /// Blob files open for reads, by node: a bounded cache shared by every open of a
+    /// node, so a warm `cat` costs the server no `open(2)` (and many readers at once do
+    /// not run it out of descriptors).
+    pub blob_files: std::sync::Mutex<HashMap<u32, std::sync::Arc<File>>>,
 }
+
+/// Blob files kept open at most.
+const OPEN_BLOBS: usize = 1024;
 
 impl Namespace {
     pub(crate) fn blob_path(&self, node: &Node) -> std::path::PathBuf {
@@ -130,11 +137,44 @@ impl Namespace {
         self.blobs.join(&hex[..2]).join(hex)
     }
 
+    /// A tree file's blob, from the cache or opened now.
+    pub(crate) fn cached_blob(&self, node: &Node) -> Result<std::sync::Arc<File>, Errno> {
+        if let Some(file) = self
+            .blob_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node.index)
+        {
+            return Ok(file.clone());
+        }
+        let file = std::sync::Arc::new(self.blob_file(node)?);
+        let mut cache = self.blob_files.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= OPEN_BLOBS {
+            // Dropped from the cache, not closed under a reader: each open holds its Arc.
+            cache.clear();
+        }
+        cache.insert(node.index, file.clone());
+        Ok(file)
+    }
+
     /// A tree file's blob, opened now.
     pub(crate) fn blob_file(&self, node: &Node) -> Result<File, Errno> {
-        File::open(self.blob_path(node)).map_err(|e| {
-            tracing::warn!(error = %e, "a blob of the served tree is missing: velo fsck");
-            Errno::EIO
+        File::open(self.blob_path(node)).map_err(|e| match e.raw_os_error() {
+            Some(code)
+                if code == rustix::io::Errno::MFILE.raw_os_error()
+                    || code == rustix::io::Errno::NFILE.raw_os_error() =>
+            {
+                // Out of descriptors for now: readers holding cached ones keep theirs.
+                self.blob_files
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                Errno::EAGAIN
+            }
+            _ => {
+                tracing::warn!(error = %e, "a blob of the served tree is missing: velo fsck");
+                Errno::EIO
+            }
         })
     }
 

@@ -121,6 +121,7 @@ impl TreeFs {
                 view,
                 upper,
                 blobs: store.join("blobs"),
+                blob_files: Mutex::new(HashMap::new()),
             },
             uid,
             gid,
@@ -155,6 +156,20 @@ pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<()
     // The kernel has applied the caller's umask to every mode it sends; the server's own
     // must not take more away.
     rustix::process::umask(rustix::fs::Mode::empty());
+    // Every open file of the mount holds a descriptor in the server: as many as allowed.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if limit
+        .maximum
+        .is_some_and(|max| limit.current.is_some_and(|cur| cur < max))
+    {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("velo".into()),

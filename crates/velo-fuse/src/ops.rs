@@ -779,14 +779,22 @@ impl TreeFs {
             self.reopen(&st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
         } else {
             let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
-            self.ns.blob_file(&node)?
+            return Ok((
+                self.new_handle(Open::File {
+                    ino,
+                    file: self.ns.cached_blob(&node)?,
+                }),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ));
         };
         drop(st);
         let fh = self.new_handle(Open::File {
             ino,
             file: Arc::new(file),
         });
-        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+        // No flush on close: writes are done when they are answered (no writeback
+        // cache) and locks are the kernel's, so a flush would be a round trip for nothing.
+        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH))
     }
 
     /// Opens `ino`'s upper object with `flags` (through an open handle when it has no
@@ -1506,7 +1514,7 @@ impl Filesystem for TreeFs {
                     &Self::stat_attr(ino, &s),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
                 );
             }
             Ok(_) => reply.error(Errno::EIO),
