@@ -198,6 +198,23 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
     )?;
+    // Entries' extended attributes are read from their directory's tree on demand
+    // (the view marks the few entries that have any).
+    let xattr_store = velo_store::Store::open(&store_root)?;
+    let fs = fs.with_tree_xattrs(Box::new(move |dir_tree, name| {
+        xattr_store
+            .get_tree(&velo_core::Hash(*dir_tree))
+            .ok()
+            .and_then(|tree| {
+                tree.get(name).map(|e| {
+                    e.xattrs
+                        .iter()
+                        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }));
     let server = Arc::new(MountServer {
         store_root: store_root.clone(),
         root,
@@ -321,8 +338,16 @@ impl crate::control::Server for MountServer {
         let store = velo_store::Store::open(&self.store_root)?;
         let _lock = store.lock_shared()?;
         let _quiet = self.control.quiesce();
-        let report = velo_project::commit::commit_upper(&store, self.root, upper, None)
-            .context("committing the mount's changes")?;
+        let report = velo_project::commit::commit_upper(
+            &store,
+            self.root,
+            upper,
+            velo_project::commit::Shown {
+                modes: None,
+                xattrs: true,
+            },
+        )
+        .context("committing the mount's changes")?;
         store.sync()?;
         Ok(report)
     }

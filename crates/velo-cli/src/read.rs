@@ -331,6 +331,7 @@ pub fn checkout(
             "linked": r.linked, "reflinked": r.reflinked, "copied": r.copied,
             "link_limit_fallbacks": r.link_limit_fallbacks, "cross_device": r.cross_device,
             "setid_dropped": r.setid_dropped, "inexact_modes": r.inexact_modes,
+            "xattrs_not_shown": r.xattrs_not_shown,
             "variants_made": r.variants_made, "seconds": r.seconds,
         }));
     } else {
@@ -349,6 +350,12 @@ pub fn checkout(
             note!(
                 "velo: {} show the tree's mode without write (or set-id) bits: hard links share the store's read-only inodes; times are exact; --mode copy or --mode reflink gives writable files with exact modes",
                 fmt::counted(r.inexact_modes, "file")
+            );
+        }
+        if r.xattrs_not_shown > 0 {
+            note!(
+                "velo: {} lack extended attributes the tree records (hard links share the store's inodes, or this user may not set them: security.capability needs root); --mode copy or --mode reflink shows them",
+                fmt::counted(r.xattrs_not_shown, "entry")
             );
         }
         if r.variants_made > 0 {

@@ -273,7 +273,10 @@ fn commit_run(
         None => outcome.upper.clone(),
     };
     // The sandbox's lowers are farms; the shim shows every mode exactly.
-    let shown = args.isolate.then_some(outcome.farm_modes);
+    let shown = velo_project::commit::Shown {
+        modes: args.isolate.then_some(outcome.farm_modes),
+        xattrs: false,
+    };
     let report = velo_project::commit::commit_upper(store, base, &upper, shown)
         .context("committing the run's changes")?;
     record_commit(

@@ -227,6 +227,7 @@ fn fixture() -> Fixture {
     ];
     let [hello, inner, empty] = contents.map(Hash::of_blob);
     let file = |n: &str, hash: Hash, size: usize| Entry {
+        xattrs: Default::default(),
         name: name(n),
         mode: Mode::new(0o644).expect("mode"),
         mtime_ns: 1_700_000_000_000_000_000,
@@ -238,6 +239,7 @@ fn fixture() -> Fixture {
     let child_tree = Tree::new(vec![
         file("inner", inner, contents[1].len()),
         Entry {
+            xattrs: Default::default(),
             name: name("link"),
             mode: Mode::new(0o777).expect("mode"),
             mtime_ns: 0,
@@ -252,6 +254,7 @@ fn fixture() -> Fixture {
         file("a.txt", hello, contents[0].len()),
         file("empty", empty, 0),
         Entry {
+            xattrs: Default::default(),
             name: name("sub"),
             mode: Mode::new(0o755).expect("mode"),
             mtime_ns: -5,

@@ -66,6 +66,7 @@ fn a_tree_as_deep_as_allowed_ingests_and_checks_out_and_a_deeper_one_is_refused(
 
 fn dir_entry(hash: Hash) -> Entry {
     Entry {
+        xattrs: Default::default(),
         name: Name::try_from("d").unwrap(),
         mode: Mode::new(0o755).unwrap(),
         mtime_ns: 0,
@@ -108,6 +109,7 @@ fn a_manifest_deeper_than_allowed_is_refused_at_import() {
 fn exponential_manifest(env: &Env, file: &str, bottom_mtime: i64) -> std::path::PathBuf {
     let mut trees: Vec<(Hash, Vec<u8>)> = Vec::new();
     let leaf = Entry {
+        xattrs: Default::default(),
         name: Name::try_from("f").unwrap(),
         mode: Mode::new(0o644).unwrap(),
         mtime_ns: 0,

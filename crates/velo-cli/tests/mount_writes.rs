@@ -498,3 +498,108 @@ fn fsx_on_a_tree_file_of_the_mount_matches_its_native_run() {
     ]);
     assert!(fs::read(out.join("testfile")).unwrap() == expected);
 }
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    rustix::fs::lgetxattr(path, name, &mut buf)
+        .ok()
+        .map(|n| buf[..n].to_vec())
+}
+
+/// Extended attributes (user.*, security.capability) go from ingest into the tree, show
+/// in copy checkouts and on the mount, survive a copy-up, and what is set on the mount is
+/// committed; the overlay format's own never is.
+#[test]
+fn extended_attributes_are_kept_from_ingest_to_checkout_mount_and_commit() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    fs::write(src.join("dir/tagged"), b"tagged\n").unwrap();
+    fs::write(src.join("plain"), b"plain\n").unwrap();
+    let set = |path: &Path, name: &str, value: &[u8]| {
+        rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()).unwrap()
+    };
+    set(&src.join("dir/tagged"), "user.origin", b"ingest");
+    set(&src.join("dir"), "user.dir-note", b"a directory");
+    // Not kept: a name outside user.* and security.capability.
+    let _ = rustix::fs::lsetxattr(
+        src.join("plain"),
+        "trusted.private",
+        b"x",
+        rustix::fs::XattrFlags::empty(),
+    );
+    env.ingest(&src, &["--name", "t"]);
+
+    let copy = env.path("copy");
+    env.ok(&["checkout", "t", copy.to_str().unwrap(), "--mode", "copy"]);
+    assert_eq!(
+        xattr(&copy.join("dir/tagged"), "user.origin").as_deref(),
+        Some(&b"ingest"[..])
+    );
+    assert_eq!(
+        xattr(&copy.join("dir"), "user.dir-note").as_deref(),
+        Some(&b"a directory"[..])
+    );
+    assert_eq!(xattr(&copy.join("plain"), "trusted.private"), None);
+    // A hard-linked checkout cannot show them on shared inodes, and says so.
+    let linked = env.path("linked");
+    let out = env.run(&["checkout", "t", linked.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lack extended attributes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let at = env.path("mnt");
+    let mounted = mount(&env, "t", &at, &[]);
+    assert_eq!(
+        xattr(&at.join("dir/tagged"), "user.origin").as_deref(),
+        Some(&b"ingest"[..])
+    );
+    // A write copies the file up with its attributes; new ones are set on the mount.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(at.join("dir/tagged"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more\n"))
+        .unwrap();
+    assert_eq!(
+        xattr(&at.join("dir/tagged"), "user.origin").as_deref(),
+        Some(&b"ingest"[..])
+    );
+    set(&at.join("plain"), "user.added", b"on the mount");
+    fs::write(at.join("new"), b"new\n").unwrap();
+    set(&at.join("new"), "user.fresh", b"1");
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "c"]);
+    drop(mounted);
+
+    let out = env.path("out");
+    env.ok(&["checkout", "c", out.to_str().unwrap(), "--mode", "copy"]);
+    assert_eq!(fs::read(out.join("dir/tagged")).unwrap(), b"tagged\nmore\n");
+    assert_eq!(
+        xattr(&out.join("dir/tagged"), "user.origin").as_deref(),
+        Some(&b"ingest"[..])
+    );
+    assert_eq!(
+        xattr(&out.join("dir"), "user.dir-note").as_deref(),
+        Some(&b"a directory"[..])
+    );
+    assert_eq!(
+        xattr(&out.join("plain"), "user.added").as_deref(),
+        Some(&b"on the mount"[..])
+    );
+    assert_eq!(
+        xattr(&out.join("new"), "user.fresh").as_deref(),
+        Some(&b"1"[..])
+    );
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(out.join("dir"), &mut names).unwrap();
+    assert!(
+        !names[..n].windows(8).any(|w| w == b"overlay."),
+        "the upper format's attributes are never committed"
+    );
+    env.fsck_ok();
+}

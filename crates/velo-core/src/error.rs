@@ -69,6 +69,19 @@ pub enum DecodeError {
         /// What is wrong.
         why: &'static str,
     },
+    /// An extended attribute a tree may not hold.
+    #[error("entry {name:?}: extended attribute {xattr:?}: {why}")]
+    BadXattr {
+        /// The entry name.
+        name: String,
+        /// The attribute name.
+        xattr: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A version-2 tree without any extended attribute (it has a version-1 encoding).
+    #[error("a version-2 tree without extended attributes is not canonical")]
+    NotCanonical,
     /// Entries not strictly sorted (duplicate or out of order).
     #[error("entries are not strictly sorted by name: {before:?} comes before {after:?}")]
     Unsorted {

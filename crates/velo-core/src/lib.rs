@@ -18,6 +18,7 @@ mod hash;
 pub mod manifest;
 mod name;
 mod tree;
+mod xattr;
 
 pub use error::DecodeError;
 pub use hash::{Hash, HashParseError, TREE_HASH_CONTEXT};
@@ -25,6 +26,7 @@ pub use name::{Name, NameError};
 pub use tree::{
     depth, Entry, EntryKind, Mode, Tree, TreeError, MAX_SYMLINK_TARGET, TREE_FORMAT_VERSION,
 };
+pub use xattr::{is_kept_xattr, XattrError, Xattrs, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 
 /// The deepest tree velo makes or accepts: directories nested more than this many levels
 /// are refused with a clear error by ingest, import, commit, checkout and merge (real

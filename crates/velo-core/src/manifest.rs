@@ -441,6 +441,7 @@ mod tests {
         let content = b"hello world".to_vec();
         let blob = Hash::of_blob(&content);
         let file = |name: &str| Entry {
+            xattrs: Default::default(),
             name: Name::try_from(name).unwrap(),
             mode: Mode::new(0o644).unwrap(),
             mtime_ns: 5,
@@ -454,6 +455,7 @@ mod tests {
         let root = Tree::new(vec![
             file("top"),
             Entry {
+                xattrs: Default::default(),
                 name: Name::try_from("sub").unwrap(),
                 mode: Mode::new(0o755).unwrap(),
                 mtime_ns: 6,

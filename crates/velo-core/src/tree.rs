@@ -5,12 +5,18 @@
 //! `varint name_len · name · u8 kind · varint mode · i64le mtime_ns · payload`, where the
 //! payload is `hash[32] · varint size` for a file, `hash[32]` for a directory and
 //! `varint len · target` for a symlink. Entries are strictly ascending by name bytes.
+//! Version 2 is the same with each entry followed by its extended attributes
+//! (`varint count · count × (varint len · name · varint len · value)`); a tree is encoded
+//! as version 2 exactly when some entry has one, so every tree without them keeps the
+//! version-1 encoding and hash it always had.
 
 use crate::codec::{put_varint, Reader};
 use crate::{DecodeError, Hash, Name};
 
-/// The version byte every encoded tree starts with.
+/// The version byte of a tree without extended attributes.
 pub const TREE_FORMAT_VERSION: u8 = 1;
+/// The version byte of a tree some entry of which has extended attributes.
+pub const TREE_FORMAT_VERSION_XATTRS: u8 = 2;
 
 /// The longest symlink target accepted (PATH_MAX - 1).
 pub const MAX_SYMLINK_TARGET: usize = 4095;
@@ -97,6 +103,8 @@ pub struct Entry {
     pub mtime_ns: i64,
     /// Kind and payload.
     pub kind: EntryKind,
+    /// Extended attributes (empty for almost every entry).
+    pub xattrs: crate::Xattrs,
 }
 
 /// Why a set of entries cannot form a tree.
@@ -168,7 +176,12 @@ impl Tree {
     /// The canonical encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.entries.len() * 64);
-        out.push(TREE_FORMAT_VERSION);
+        let with_xattrs = self.entries.iter().any(|e| !e.xattrs.is_empty());
+        out.push(if with_xattrs {
+            TREE_FORMAT_VERSION_XATTRS
+        } else {
+            TREE_FORMAT_VERSION
+        });
         put_varint(&mut out, self.entries.len() as u64);
         for e in &self.entries {
             let name = e.name.as_bytes();
@@ -187,6 +200,9 @@ impl Tree {
                     put_varint(&mut out, target.len() as u64);
                     out.extend_from_slice(target);
                 }
+            }
+            if with_xattrs {
+                e.xattrs.encode(&mut out);
             }
         }
         out
@@ -208,13 +224,14 @@ impl Tree {
     pub fn decode(bytes: &[u8]) -> Result<Tree, DecodeError> {
         let mut r = Reader::new(bytes);
         let version = r.u8("tree version")?;
-        if version != TREE_FORMAT_VERSION {
+        if version != TREE_FORMAT_VERSION && version != TREE_FORMAT_VERSION_XATTRS {
             return Err(DecodeError::UnsupportedVersion {
                 what: "tree object",
                 found: u64::from(version),
-                supported: u64::from(TREE_FORMAT_VERSION),
+                supported: u64::from(TREE_FORMAT_VERSION_XATTRS),
             });
         }
+        let with_xattrs = version == TREE_FORMAT_VERSION_XATTRS;
         // The smallest entry is a one-byte-named symlink to a one-byte target:
         // name length, name, kind, mode, mtime (8), target length, target = 14 bytes.
         let count = r.bounded("entry count", MAX_ENTRIES)?;
@@ -258,6 +275,11 @@ impl Tree {
                 }
                 other => return Err(DecodeError::UnknownKind(other, shown())),
             };
+            let xattrs = if with_xattrs {
+                crate::Xattrs::decode(&mut r, &shown())?
+            } else {
+                crate::Xattrs::default()
+            };
             if let Some(prev) = entries.last() {
                 if prev.name >= name {
                     return Err(DecodeError::Unsorted {
@@ -271,10 +293,14 @@ impl Tree {
                 mode,
                 mtime_ns,
                 kind,
+                xattrs,
             });
         }
         if r.remaining() != 0 {
             return Err(DecodeError::TrailingBytes(r.remaining()));
+        }
+        if with_xattrs && entries.iter().all(|e| e.xattrs.is_empty()) {
+            return Err(DecodeError::NotCanonical);
         }
         Ok(Tree { entries })
     }
@@ -321,6 +347,7 @@ mod tests {
 
     fn file(name: &str, content: &[u8], mode: u32) -> Entry {
         Entry {
+            xattrs: Default::default(),
             name: Name::try_from(name).unwrap(),
             mode: Mode::new(mode).unwrap(),
             mtime_ns: 1_700_000_000_123_456_789,
@@ -378,7 +405,7 @@ mod tests {
         empty_link.push(0);
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("empty input", vec![]),
-            ("version 2", {
+            ("version 2 without its attribute fields", {
                 let mut v = good.clone();
                 v[0] = 2;
                 v
@@ -402,6 +429,77 @@ mod tests {
         assert!(Tree::decode(&good).is_ok());
     }
 
+    fn with_xattrs(mut entry: Entry, pairs: &[(&[u8], &[u8])]) -> Entry {
+        entry.xattrs = crate::Xattrs::new(
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect(),
+        )
+        .unwrap();
+        entry
+    }
+
+    /// Version 2 only where some entry has attributes: every tree without keeps the
+    /// encoding (and hash) of version 1.
+    #[test]
+    fn extended_attributes_make_version_2_and_round_trip() {
+        let plain = Tree::new(vec![file("a", b"1", 0o644)]).unwrap();
+        assert_eq!(plain.encode()[0], 1);
+        let tree = Tree::new(vec![
+            with_xattrs(
+                file("a", b"1", 0o644),
+                &[(b"user.b", b"2"), (b"security.capability", b"\x01\x00")],
+            ),
+            file("b", b"2", 0o644),
+        ])
+        .unwrap();
+        let bytes = tree.encode();
+        assert_eq!(bytes[0], 2);
+        let decoded = Tree::decode(&bytes).unwrap();
+        assert_eq!(decoded, tree);
+        assert_eq!(decoded.entries()[0].xattrs.get(b"user.b"), Some(&b"2"[..]));
+        assert_ne!(tree.hash(), plain.hash());
+
+        // A version-2 encoding of a tree without attributes is not canonical.
+        let mut v2 = plain.encode();
+        v2[0] = 2;
+        v2.push(0);
+        assert_eq!(Tree::decode(&v2), Err(DecodeError::NotCanonical));
+        // An attribute a tree does not keep, and names out of order, are refused.
+        let one = Tree::new(vec![with_xattrs(
+            file("a", b"1", 0o644),
+            &[(b"user.x", b"1")],
+        )])
+        .unwrap()
+        .encode();
+        let renamed = |from: &[u8], to: &[u8]| {
+            let at = one.windows(from.len()).position(|w| w == from).unwrap();
+            let mut out = one.clone();
+            out[at..at + from.len()].copy_from_slice(to);
+            out
+        };
+        assert!(matches!(
+            Tree::decode(&renamed(b"user.x", b"trustd")),
+            Err(DecodeError::BadXattr { .. })
+        ));
+        let two = Tree::new(vec![with_xattrs(
+            file("a", b"1", 0o644),
+            &[(b"user.a", b"1"), (b"user.b", b"2")],
+        )])
+        .unwrap()
+        .encode();
+        let a = two.windows(6).position(|w| w == b"user.a").unwrap();
+        let b = two.windows(6).position(|w| w == b"user.b").unwrap();
+        let mut swapped = two.clone();
+        swapped[a + 5] = b'b';
+        swapped[b + 5] = b'a';
+        assert!(matches!(
+            Tree::decode(&swapped),
+            Err(DecodeError::BadXattr { .. })
+        ));
+    }
+
     fn arb_entry() -> impl Strategy<Value = Entry> {
         let name = proptest::collection::vec(any::<u8>(), 1..20)
             .prop_filter_map("valid name", |b| Name::new(&b).ok());
@@ -414,12 +512,33 @@ mod tests {
             proptest::collection::vec(1u8..=255, 1..64)
                 .prop_map(|t| EntryKind::Symlink { target: t.into() }),
         ];
-        (name, 0u32..=0o7777, any::<i64>(), kind).prop_map(|(name, mode, mtime_ns, kind)| Entry {
-            name,
-            mode: Mode::new(mode).unwrap(),
-            mtime_ns,
-            kind,
-        })
+        let xattrs = proptest::option::weighted(
+            0.2,
+            proptest::collection::btree_map(
+                proptest::collection::vec(b'a'..=b'z', 1..8),
+                proptest::collection::vec(any::<u8>(), 0..16),
+                1..4,
+            ),
+        )
+        .prop_map(|pairs| {
+            crate::Xattrs::new(
+                pairs
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(n, v)| ([&b"user."[..], &n].concat(), v))
+                    .collect(),
+            )
+            .unwrap()
+        });
+        (name, 0u32..=0o7777, any::<i64>(), kind, xattrs).prop_map(
+            |(name, mode, mtime_ns, kind, xattrs)| Entry {
+                xattrs,
+                name,
+                mode: Mode::new(mode).unwrap(),
+                mtime_ns,
+                kind,
+            },
+        )
     }
 
     proptest! {
@@ -447,6 +566,7 @@ mod tests {
 
     fn dir(name: &str, hash: Hash) -> Entry {
         Entry {
+            xattrs: Default::default(),
             name: Name::try_from(name).unwrap(),
             mode: Mode::new(0o755).unwrap(),
             mtime_ns: 0,

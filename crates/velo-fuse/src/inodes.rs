@@ -16,7 +16,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 
 use fuser::{Errno, FileType};
 use rustix::fs::{OFlags, Stat};
@@ -126,6 +127,8 @@ pub(crate) struct Namespace {
     /// node, so a warm `cat` costs the server no `open(2)` (and many readers at once do
     /// not run it out of descriptors).
     pub blob_files: std::sync::Mutex<HashMap<u32, std::sync::Arc<File>>>,
+    /// Where tree entries' extended attributes come from (the store's tree objects).
+    pub tree_xattrs: Option<Box<crate::TreeXattrs>>,
 }
 
 /// Blob files kept open at most.
@@ -135,6 +138,26 @@ impl Namespace {
     pub(crate) fn blob_path(&self, node: &Node) -> std::path::PathBuf {
         let hex: String = node.hash.iter().map(|b| format!("{b:02x}")).collect();
         self.blobs.join(&hex[..2]).join(hex)
+    }
+
+    /// The extended attributes the tree records for `node` (name, value), ascending.
+    pub(crate) fn lower_xattrs(&self, node: &Node) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if node.flags & velo_view::FLAG_XATTRS == 0 || node.index == 0 {
+            return Vec::new();
+        }
+        let (Some(source), Ok(parent), Ok(name)) = (
+            &self.tree_xattrs,
+            self.node(node.parent),
+            self.view.name(node),
+        ) else {
+            return Vec::new();
+        };
+        let dir_tree = if parent.index == 0 {
+            self.view.root_hash()
+        } else {
+            parent.hash
+        };
+        source(&dir_tree, name)
     }
 
     /// A tree file's blob, from the cache or opened now.
@@ -508,6 +531,22 @@ impl Namespace {
                     upper::copy_file(&dir, &name, blob.as_ref(), node.mode, node.mtime_ns).map(Some)
                 }
             })?;
+            // The copy keeps what the tree records of the entry.
+            let attrs = self.lower_xattrs(&node);
+            if !attrs.is_empty() {
+                let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+                path.extend_from_slice(&name);
+                let path = std::ffi::OsString::from_vec(path);
+                for (attr, value) in &attrs {
+                    rustix::fs::lsetxattr(
+                        &path,
+                        attr.as_slice(),
+                        value,
+                        rustix::fs::XattrFlags::empty(),
+                    )
+                    .map_err(errno)?;
+                }
+            }
             let s =
                 rustix::fs::statat(&dir, name.as_slice(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(errno)?;

@@ -51,6 +51,10 @@ pub enum FuseError {
     },
 }
 
+/// Where a tree entry's extended attributes come from: given the hash of the tree object
+/// of its directory and its name, the (name, value) pairs the tree records, ascending.
+pub type TreeXattrs = dyn Fn(&[u8; 32], &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> + Send + Sync;
+
 /// How long the kernel may keep names and attributes: nothing changes what is served
 /// except requests through the kernel, which updates its caches itself.
 const TTL: Duration = Duration::from_secs(3600);
@@ -122,6 +126,7 @@ impl TreeFs {
                 upper,
                 blobs: store.join("blobs"),
                 blob_files: Mutex::new(HashMap::new()),
+                tree_xattrs: None,
             },
             uid,
             gid,
@@ -133,6 +138,12 @@ impl TreeFs {
             }),
             gate: Arc::new(RwLock::new(())),
         })
+    }
+
+    /// Serves the extended attributes tree entries record, read through `source`.
+    pub fn with_tree_xattrs(mut self, source: Box<TreeXattrs>) -> TreeFs {
+        self.ns.tree_xattrs = Some(source);
+        self
     }
 
     /// The handle the CLI keeps to commit while the server runs.

@@ -1409,7 +1409,14 @@ impl Filesystem for TreeFs {
         let ino = u64::from(ino);
         let result = self.ns.info(&st, ino).and_then(|info| {
             if !info.upper {
-                return Err(Errno::ENODATA);
+                let node = self.ns.node(info.lower.ok_or(Errno::ENODATA)?)?;
+                return self
+                    .ns
+                    .lower_xattrs(&node)
+                    .into_iter()
+                    .find(|(n, _)| n.as_slice() == name.as_bytes())
+                    .map(|(_, v)| v)
+                    .ok_or(Errno::ENODATA);
             }
             let fd = self.xattr_target(&st, ino)?;
             let path = proc_fd(&fd);
@@ -1429,7 +1436,13 @@ impl Filesystem for TreeFs {
         let ino = u64::from(ino);
         let result = self.ns.info(&st, ino).and_then(|info| {
             if !info.upper {
-                return Ok(Vec::new());
+                let node = self.ns.node(info.lower.ok_or(Errno::ENODATA)?)?;
+                let mut out = Vec::new();
+                for (name, _) in self.ns.lower_xattrs(&node) {
+                    out.extend_from_slice(&name);
+                    out.push(0);
+                }
+                return Ok(out);
             }
             let fd = self.xattr_target(&st, ino)?;
             let path = proc_fd(&fd);
@@ -1456,10 +1469,8 @@ impl Filesystem for TreeFs {
         }
         let ino = u64::from(ino);
         let result = self.change().and_then(|_gate| {
-            let st = self.state();
-            if !self.ns.info(&st, ino)?.upper {
-                return Err(Errno::ENODATA);
-            }
+            let mut st = self.state();
+            self.copy_up(&mut st, ino, CopyUp::Whole)?;
             let fd = self.xattr_target(&st, ino)?;
             rustix::fs::removexattr(proc_fd(&fd).as_str(), name).map_err(errno)
         });

@@ -21,6 +21,9 @@ mod content;
 mod inserter;
 mod statcache;
 mod walk;
+mod xattrs;
+
+pub use xattrs::read_xattrs;
 
 #[cfg(test)]
 mod race_tests;

@@ -347,12 +347,22 @@ impl Ctx<'_> {
 
     fn entry(
         &self,
+        dir: BorrowedFd<'_>,
         rel: &[u8],
         name: &[u8],
         st: &Stat,
         kind: EntryKind,
     ) -> Result<Entry, IngestError> {
+        // Linux allows no user attribute on a symlink: nothing to ask.
+        let xattrs = match kind {
+            EntryKind::Symlink { .. } => velo_core::Xattrs::default(),
+            _ => crate::read_xattrs(dir, name).map_err(|e| IngestError::BadEntry {
+                path: self.path_of(rel),
+                message: format!("reading its extended attributes: {e}"),
+            })?,
+        };
         Ok(Entry {
+            xattrs,
             name: Name::new(name).map_err(|e| IngestError::BadEntry {
                 path: self.path_of(rel),
                 message: e.to_string(),
@@ -411,7 +421,7 @@ impl Ctx<'_> {
                     let kind = EntryKind::Symlink {
                         target: target.into_bytes().into(),
                     };
-                    entries.push(self.entry(&child, name, &st, kind)?);
+                    entries.push(self.entry(dirfd, &child, name, &st, kind)?);
                     stats.symlinks += 1;
                 }
                 FileType::Socket => self.skip(&child, "socket"),
@@ -433,7 +443,7 @@ impl Ctx<'_> {
                             Err(e) if self.skipped_unreadable(&child, &e) => return None,
                             Err(e) => return Some(Err(e)),
                         };
-                        Some(self.entry(&child, name, st, EntryKind::File { hash, size }))
+                        Some(self.entry(dirfd, &child, name, st, EntryKind::File { hash, size }))
                     })
                     .collect::<Result<Vec<Entry>, IngestError>>()
             },
@@ -455,7 +465,7 @@ impl Ctx<'_> {
                             Err(e) => return Some(Err(e)),
                         };
                         Some(
-                            self.entry(&child, name, st, EntryKind::Dir { hash })
+                            self.entry(dirfd, &child, name, st, EntryKind::Dir { hash })
                                 .map(|entry| (entry, sub)),
                         )
                     })

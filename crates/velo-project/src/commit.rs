@@ -14,7 +14,7 @@
 //! files are kept (see velo-store's `sparse`).
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -122,15 +122,27 @@ pub struct CommitReport {
 /// and become visible only after one flush, so a power cut never leaves an object whose
 /// bytes are not on disk (see velo-store's batch).
 ///
-/// `shown` is how the lowers showed modes to the command: a file or directory whose mode
-/// in the upper is still the one shown of its base entry keeps the base entry's mode.
-/// `None`: they showed every mode exactly (the shim, the FUSE mount), so the upper's mode
-/// is the one to record.
+/// How a projection showed the base tree to the command, which says what an unchanged
+/// attribute of a copied-up entry looks like in the upper.
+#[derive(Clone, Copy, Debug)]
+pub struct Shown {
+    /// How modes showed: a file or directory whose mode in the upper is still the one
+    /// shown of its base entry keeps the base entry's mode. `None`: every mode exactly
+    /// (the shim, the FUSE mount), so the upper's mode is the one to record.
+    pub modes: Option<FarmModes>,
+    /// Whether the base's extended attributes showed (the FUSE mount copies them up).
+    /// Where they did not (link farms, the shim), an upper entry without any keeps its
+    /// base entry's: a copy-up there never had them, and dropping a file capability
+    /// because a command appended to the file would lose data.
+    pub xattrs: bool,
+}
+
+/// `shown` is how the lowers showed the base (see [`Shown`]).
 pub fn commit_upper(
     store: &Store,
     base: Hash,
     upper: &Path,
-    shown: Option<FarmModes>,
+    shown: Shown,
 ) -> Result<CommitReport, ProjectError> {
     let batch = store.begin_batch()?;
     let dir = rustix::fs::open(
@@ -197,8 +209,8 @@ fn stage_tree(store: &Store, batch: &Batch<'_>, tree: &Tree) -> Result<Hash, Pro
 struct CommitWalk<'a, 'b> {
     store: &'a Store,
     batch: &'a Batch<'b>,
-    /// How the lowers showed modes (`None`: exactly).
-    shown: Option<FarmModes>,
+    /// How the lowers showed the base.
+    shown: Shown,
     setid_dropped: Vec<PathBuf>,
 }
 
@@ -248,7 +260,7 @@ impl CommitWalk<'_, '_> {
             let mut mode = Mode::from_st_mode(stat.st_mode);
             if let Some(base_mode) = entries
                 .get(&name)
-                .and_then(|e| unchanged_mode(e, kind_of, mode, self.shown))
+                .and_then(|e| unchanged_mode(e, kind_of, mode, self.shown.modes))
             {
                 mode = base_mode;
             }
@@ -302,9 +314,28 @@ impl CommitWalk<'_, '_> {
                     continue;
                 }
             };
+            let mut xattrs = match kind {
+                EntryKind::Symlink { .. } => velo_core::Xattrs::default(),
+                _ => velo_ingest::read_xattrs(dir.as_fd(), file_name.to_bytes()).map_err(|e| {
+                    ProjectError::Dest {
+                        op: "reading extended attributes in the upper",
+                        path: path.clone(),
+                        cause: e,
+                    }
+                })?,
+            };
+            if xattrs.is_empty() && !self.shown.xattrs {
+                if let Some(base) = entries
+                    .get(&name)
+                    .filter(|b| b.kind.label() == kind.label())
+                {
+                    xattrs = base.xattrs.clone();
+                }
+            }
             entries.insert(
                 name.clone(),
                 Entry {
+                    xattrs,
                     name,
                     mode,
                     mtime_ns,
@@ -355,7 +386,10 @@ mod tests {
             &store,
             empty_base(&store),
             &upper,
-            Some(FarmModes::ReadOnly),
+            Shown {
+                modes: Some(FarmModes::ReadOnly),
+                xattrs: false,
+            },
         )
         .unwrap();
         let mut dropped = report.setid_dropped.clone();
@@ -391,7 +425,10 @@ mod tests {
             &store,
             empty_base(&store),
             &upper,
-            Some(FarmModes::ReadOnly),
+            Shown {
+                modes: Some(FarmModes::ReadOnly),
+                xattrs: false,
+            },
         )
         .unwrap();
         let velo_store::treeops::Found::Entry(entry) =
@@ -466,7 +503,16 @@ mod tests {
         std::fs::write(upper.join("tmp/new"), b"n").unwrap();
         std::fs::set_permissions(upper.join("tmp"), std::fs::Permissions::from_mode(0o1755))
             .unwrap();
-        let report = commit_upper(&store, base, &upper, Some(FarmModes::ReadOnly)).unwrap();
+        let report = commit_upper(
+            &store,
+            base,
+            &upper,
+            Shown {
+                modes: Some(FarmModes::ReadOnly),
+                xattrs: false,
+            },
+        )
+        .unwrap();
         let modes: Vec<(&str, u32)> = [
             "secret", "pub", "script", "chmodded", "narrowed", "su", "tmp",
         ]
@@ -505,6 +551,7 @@ mod tests {
             batch.publish().unwrap();
         }
         Entry {
+            xattrs: Default::default(),
             name: Name::new(name.as_bytes()).unwrap(),
             mode: Mode::from_st_mode(0o644),
             mtime_ns: 0,
@@ -518,6 +565,7 @@ mod tests {
     fn dir_entry(store: &Store, name: &str, entries: Vec<Entry>) -> Entry {
         let (hash, _) = store.put_tree(&Tree::new(entries).unwrap()).unwrap();
         Entry {
+            xattrs: Default::default(),
             name: Name::new(name.as_bytes()).unwrap(),
             mode: Mode::from_st_mode(0o755),
             mtime_ns: 0,
@@ -628,7 +676,10 @@ mod tests {
             &store,
             empty_base(&store),
             &upper,
-            Some(FarmModes::ReadOnly),
+            Shown {
+                modes: Some(FarmModes::ReadOnly),
+                xattrs: false,
+            },
         )
         .unwrap();
         let deep: Vec<u8> = std::iter::repeat_n(format!("{name}/"), 30)

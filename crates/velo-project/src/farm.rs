@@ -96,6 +96,10 @@ pub struct CheckoutReport {
     pub inexact_modes: u64,
     /// Variants made (a blob in another mode or mtime, for entries that show it so).
     pub variants_made: u64,
+    /// Entries whose extended attributes the checkout could not show: hard-linked files
+    /// (a shared inode keeps none), and attributes this user may not set
+    /// (`security.capability` needs root).
+    pub xattrs_not_shown: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -146,6 +150,7 @@ struct Ctx<'a> {
     setid_dropped: AtomicU64,
     inexact_modes: AtomicU64,
     variants_made: AtomicU64,
+    xattrs_not_shown: AtomicU64,
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -334,6 +339,7 @@ fn checkout_into(
         link_limit: AtomicU64::new(0),
         setid_dropped: AtomicU64::new(0),
         inexact_modes: AtomicU64::new(0),
+        xattrs_not_shown: AtomicU64::new(0),
         variants_made: AtomicU64::new(0),
     };
     let fd = rustix::fs::open(
@@ -355,6 +361,7 @@ fn checkout_into(
         cross_device: ctx.cross_device.into_inner(),
         setid_dropped: ctx.setid_dropped.into_inner(),
         inexact_modes: ctx.inexact_modes.into_inner(),
+        xattrs_not_shown: ctx.xattrs_not_shown.into_inner(),
         variants_made: ctx.variants_made.into_inner(),
         seconds: 0.0,
     };
@@ -399,6 +406,23 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Gives `fd` the entry's extended attributes; counts the entry if some could not be
+    /// set for want of privilege.
+    fn xattrs(&self, entry: &Entry, fd: BorrowedFd<'_>, rel: &[u8]) -> Result<(), ProjectError> {
+        let mut refused = false;
+        for (name, value) in entry.xattrs.iter() {
+            match rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::PERM | Errno::ACCESS | Errno::NOTSUP) => refused = true,
+                Err(e) => return Err(self.dest_error("setting extended attributes of", rel, e)),
+            }
+        }
+        if refused {
+            self.xattrs_not_shown.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn entry(&self, entry: &Entry, parent: BorrowedFd<'_>, rel: &[u8]) -> Result<(), ProjectError> {
         let name = entry.name.as_bytes();
         let path = join(rel, name);
@@ -414,6 +438,7 @@ impl Ctx<'_> {
                 )
                 .map_err(|e| self.dest_error("opening", &path, e))?;
                 self.dir(*hash, fd.as_fd(), path.clone())?;
+                self.xattrs(entry, fd.as_fd(), &path)?;
                 // Mode and mtime last: filling the directory would change its mtime, and a
                 // read-only mode would stop the filling.
                 let bits = match self.mode {
@@ -478,6 +503,10 @@ impl Ctx<'_> {
             match rustix::fs::linkat(CWD, &source, parent, name, AtFlags::empty()) {
                 Ok(()) => {
                     self.linked.fetch_add(1, Ordering::Relaxed);
+                    if !entry.xattrs.is_empty() {
+                        // A shared inode keeps no attributes of one entry.
+                        self.xattrs_not_shown.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
                 Err(Errno::MLINK) => {
@@ -548,6 +577,7 @@ impl Ctx<'_> {
             })?;
             self.copied.fetch_add(1, Ordering::Relaxed);
         }
+        self.xattrs(entry, dest.as_fd(), path)?;
         rustix::fs::fchmod(&dest, FsMode::from_raw_mode(mode_bits))
             .map_err(|e| self.dest_error("setting mode of", path, e))?;
         rustix::fs::futimens(&dest, &timestamps(entry.mtime_ns))

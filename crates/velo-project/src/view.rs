@@ -138,7 +138,11 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
                 size: 0,
                 hash: [0; 32],
                 target: Vec::new(),
-                flags: 0,
+                flags: if entry.xattrs.is_empty() {
+                    0
+                } else {
+                    velo_view::FLAG_XATTRS
+                },
             };
             match &entry.kind {
                 EntryKind::File { hash, size } => {
@@ -155,6 +159,7 @@ fn build(store: &Store, root: Hash, exec_dir: &std::path::Path) -> Result<Vec<u8
                 }
                 EntryKind::Dir { hash } => {
                     spec.kind = Kind::Dir;
+                    spec.hash = hash.0;
                     queue.push_back((*hash, index));
                 }
                 EntryKind::Symlink { target } => {

@@ -14,6 +14,7 @@ fn manifest(dir: &Path) -> (std::path::PathBuf, Hash) {
     let source = Store::open_or_create(dir.join("source")).unwrap();
     let (blob, _) = source.insert_blob(b"hello, cache\n").unwrap();
     let tree = Tree::new(vec![Entry {
+        xattrs: Default::default(),
         name: Name::new(b"hello.txt").unwrap(),
         mode: Mode::new(0o644).unwrap(),
         mtime_ns: 1_600_000_000_000_000_000,

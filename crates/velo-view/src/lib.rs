@@ -53,6 +53,10 @@ pub enum Kind {
 /// Flag bit: the file has an executable inode of its own under `views/<root>.d/`.
 pub const FLAG_EXEC_LINK: u8 = 1;
 
+/// Flag bit: the entry has extended attributes (in its directory's tree object, whose
+/// hash a directory node carries).
+pub const FLAG_XATTRS: u8 = 2;
+
 /// View flag: the tree holds shared libraries (`*.so`, `*.so.*`), which the dynamic loader
 /// needs by real paths (a farm).
 pub const VIEW_HAS_LIBRARIES: u64 = 1;
@@ -78,7 +82,8 @@ pub struct Node {
     pub first_child: u32,
     /// A directory's number of children.
     pub child_count: u32,
-    /// A file's blob hash.
+    /// A file's blob hash; a directory's tree hash (zero for the root: see
+    /// [`View::root_hash`]).
     pub hash: [u8; 32],
     name: (u32, u16),
     target: (u32, u32),
