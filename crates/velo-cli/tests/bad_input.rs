@@ -568,14 +568,25 @@ fn hostile_cases(f: &Fixture) -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ),
         // Tree objects.
         (
-            "tree format version 2",
+            "tree format version 3",
             Raw::single_tree({
                 let mut t = tree_bytes(&[file_entry(b"a", hello, 25)]);
-                t[0] = 2;
+                t[0] = 3;
                 t
             })
             .encode(),
-            "tree object format version 2",
+            "tree object format version 3",
+        ),
+        (
+            "tree format version 2 without attributes",
+            Raw::single_tree({
+                let mut t = tree_bytes(&[file_entry(b"a", hello, 25)]);
+                t[0] = 2;
+                t.push(0);
+                t
+            })
+            .encode(),
+            "not canonical",
         ),
         (
             "tree with a trailing byte",

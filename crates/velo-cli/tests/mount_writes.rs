@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -602,4 +602,45 @@ fn extended_attributes_are_kept_from_ingest_to_checkout_mount_and_commit() {
         "the upper format's attributes are never committed"
     );
     env.fsck_ok();
+}
+
+/// What pjdfstest's open::etxtbsy found: `open(O_RDONLY|O_TRUNC)` of a running program
+/// was refused (ETXTBSY) only after the server had truncated it. Also: `>` on a tree file
+/// copies nothing up before it truncates, and reads through an earlier descriptor see
+/// the new bytes.
+#[test]
+fn a_running_program_is_never_truncated_and_truncating_opens_copy_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::copy("/bin/sleep", src.join("tree-exe")).unwrap();
+    fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &[]);
+    fs::copy("/bin/sleep", at.join("made-exe")).unwrap();
+    let size = fs::metadata("/bin/sleep").unwrap().len();
+    for exe in ["tree-exe", "made-exe"] {
+        let mut child = Command::new(at.join(exe)).arg("30").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let err = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_TRUNC)
+            .open(at.join(exe))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{exe}: {err}");
+        assert_eq!(fs::metadata(at.join(exe)).unwrap().len(), size, "{exe}");
+        assert!(child.try_wait().unwrap().is_none(), "{exe} still runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let reader = fs::File::open(at.join("big")).unwrap();
+    sh(&at, "echo short > big");
+    assert_eq!(fs::read(at.join("big")).unwrap(), b"short\n");
+    let mut again = String::new();
+    std::io::Read::read_to_string(&mut &reader, &mut again).unwrap();
+    assert_eq!(again, "short\n");
 }

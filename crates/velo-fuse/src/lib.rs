@@ -59,16 +59,17 @@ pub type TreeXattrs = dyn Fn(&[u8; 32], &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> + Send
 /// except requests through the kernel, which updates its caches itself.
 const TTL: Duration = Duration::from_secs(3600);
 
-/// An open file or directory of the mount.
-enum Open {
-    /// A file: its inode and the file read and written (the blob until it is copied
-    /// up, then the upper file).
-    File { ino: u64, file: Arc<File> },
-    /// A directory's merged listing, taken when it was opened.
-    Dir(Arc<Vec<ops::DirEntry>>),
+/// An open file of the mount: its inode and the file read and written (the blob until
+/// it is copied up, then the upper file).
+struct Open {
+    ino: u64,
+    file: Arc<File>,
+    /// Opened for writing but not copied up yet: the first change copies it up (whole,
+    /// or empty when the change is a truncation to nothing, as `O_TRUNC` sends it).
+    pending: bool,
 }
 
-/// Open files and directories by handle.
+/// Open files by handle.
 struct Opens {
     by_handle: HashMap<u64, Open>,
     next: u64,
@@ -83,6 +84,8 @@ pub struct TreeFs {
     as_root: bool,
     state: Mutex<State>,
     opens: Mutex<Opens>,
+    /// Merged listings of upper directories being read, by inode (see `readdir`).
+    listings: Mutex<HashMap<u64, Arc<Vec<ops::DirEntry>>>>,
     /// Held shared by every change, exclusively by a commit.
     gate: Arc<RwLock<()>>,
 }
@@ -132,6 +135,7 @@ impl TreeFs {
             gid,
             as_root: rustix::process::geteuid().is_root(),
             state: Mutex::new(state),
+            listings: Mutex::new(HashMap::new()),
             opens: Mutex::new(Opens {
                 by_handle: HashMap::new(),
                 next: 1,

@@ -182,10 +182,11 @@ impl TreeFs {
 
     /// An open file of `ino`, if any handle has one.
     fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
-        self.opens().by_handle.values().find_map(|o| match o {
-            Open::File { ino: i, file } if *i == ino => Some(file.clone()),
-            _ => None,
-        })
+        self.opens()
+            .by_handle
+            .values()
+            .find(|o| o.ino == ino)
+            .map(|o| o.file.clone())
     }
 
     fn attr(&self, st: &mut State, ino: u64, stat: Option<&Stat>) -> Result<FileAttr, Errno> {
@@ -286,6 +287,37 @@ impl TreeFs {
         Ok(out)
     }
 
+    /// The listing readdir serves for directory `ino` from `offset`: `None` for a tree
+    /// directory the upper does not touch (read from the view, which never changes);
+    /// else the merged listing, taken afresh at offset 0 and kept for the calls that
+    /// continue it, so offsets stay stable while one reader goes through it.
+    fn dir_listing(&self, ino: u64, offset: u64) -> Result<Option<Arc<Vec<DirEntry>>>, Errno> {
+        let mut st = self.state();
+        let info = self.ns.info(&st, ino)?;
+        if info.kind != FileType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        if !info.upper && info.linked {
+            return Ok(None);
+        }
+        if offset > 0 {
+            if let Some(kept) = self.listings().get(&ino) {
+                return Ok(Some(kept.clone()));
+            }
+        }
+        let entries = Arc::new(self.listing(&mut st, ino)?);
+        let mut listings = self.listings();
+        if listings.len() >= 1024 {
+            listings.clear();
+        }
+        listings.insert(ino, entries.clone());
+        Ok(Some(entries))
+    }
+
+    fn listings(&self) -> MutexGuard<'_, std::collections::HashMap<u64, Arc<Vec<DirEntry>>>> {
+        self.listings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// As root, what the mount makes belongs to the caller (the kernel checked that the
     /// caller may make it).
     fn own(&self, req: &Request, dir: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
@@ -381,19 +413,46 @@ impl TreeFs {
     }
 
     fn handle_file(&self, fh: FileHandle) -> Result<Arc<File>, Errno> {
-        match self.opens().by_handle.get(&u64::from(fh)) {
-            Some(Open::File { file, .. }) => Ok(file.clone()),
-            _ => Err(Errno::EBADF),
+        self.opens()
+            .by_handle
+            .get(&u64::from(fh))
+            .map(|o| o.file.clone())
+            .ok_or(Errno::EBADF)
+    }
+
+    /// The file a change through handle `fh` goes to: a tree file opened for writing is
+    /// copied up now (`how`), on its first change.
+    fn writable_file(&self, fh: FileHandle, how: CopyUp) -> Result<Arc<File>, Errno> {
+        let (ino, pending) = {
+            let opens = self.opens();
+            let open = opens.by_handle.get(&u64::from(fh)).ok_or(Errno::EBADF)?;
+            if !open.pending {
+                return Ok(open.file.clone());
+            }
+            (open.ino, open.pending)
+        };
+        if pending {
+            let mut st = self.state();
+            if !self.ns.info(&st, ino)?.upper {
+                self.copy_up(&mut st, ino, how)?;
+            } else {
+                // Copied up through another handle meanwhile: open the copy.
+                let file = Arc::new(self.reopen(&st, ino, OFlags::RDWR | OFlags::NONBLOCK)?);
+                if let Some(open) = self.opens().by_handle.get_mut(&u64::from(fh)) {
+                    open.file = file;
+                    open.pending = false;
+                }
+            }
         }
+        self.handle_file(fh)
     }
 
     /// After a copy-up, reads of every open handle of `ino` come from the upper file.
     fn point_handles_at(&self, ino: u64, file: &Arc<File>) {
         for open in self.opens().by_handle.values_mut() {
-            if let Open::File { ino: i, file: f } = open {
-                if *i == ino {
-                    *f = file.clone();
-                }
+            if open.ino == ino {
+                open.file = file.clone();
+                open.pending = false;
             }
         }
     }
@@ -699,6 +758,8 @@ impl TreeFs {
             CopyUp::Whole
         };
         self.copy_up(&mut st, ino, how)?;
+        // After the copy-up: a handle opened for writing now has the copy.
+        let handle = fh.and_then(|fh| self.handle_file(fh).ok());
         let (dir, name) = self.at(&mut st, ino)?;
         if let Some(mode) = mode {
             rustix::fs::chmodat(
@@ -754,47 +815,51 @@ impl TreeFs {
     fn open_file(&self, ino: u64, flags: i32) -> Result<(u64, FopenFlags), Errno> {
         let raw = OFlags::from_bits_retain(flags as u32);
         let accmode = raw & (OFlags::WRONLY | OFlags::RDWR);
-        let truncate = raw.contains(OFlags::TRUNC);
-        let writes = !accmode.is_empty() || truncate;
-        let mut st = self.state();
+        let writes = !accmode.is_empty();
+        let st = self.state();
         let info = self.ns.info(&st, ino)?;
         if info.kind == FileType::Directory {
             return Err(Errno::EISDIR);
         }
-        let file = if writes {
-            drop(st);
-            let _gate = self.change()?;
-            st = self.state();
-            let how = if truncate && !info.upper {
-                CopyUp::Empty
-            } else {
-                CopyUp::Whole
-            };
-            self.copy_up(&mut st, ino, how)?;
-            // Offsets come with every write: O_APPEND would make the file system ignore
-            // them (the kernel already placed appends at the end).
-            let keep = OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC | OFlags::SYNC | OFlags::DSYNC;
-            self.reopen(&st, ino, (raw & keep) | OFlags::NONBLOCK)?
-        } else if info.upper {
-            self.reopen(&st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
+        let lower_node = if info.upper {
+            None
         } else {
-            let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
-            return Ok((
-                self.new_handle(Open::File {
-                    ino,
-                    file: self.ns.cached_blob(&node)?,
-                }),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ));
+            Some(self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?)
         };
         drop(st);
-        let fh = self.new_handle(Open::File {
-            ino,
-            file: Arc::new(file),
-        });
         // No flush on close: writes are done when they are answered (no writeback
         // cache) and locks are the kernel's, so a flush would be a round trip for nothing.
-        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH))
+        let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
+        if let Some(node) = lower_node {
+            // A tree file, also when opened for writing: the copy-up waits for the first
+            // change, which is often a truncation (`>`), and then copies nothing.
+            if writes {
+                drop(self.change()?);
+            }
+            let fh = self.new_handle(Open {
+                ino,
+                file: self.ns.cached_blob(&node)?,
+                pending: writes,
+            });
+            return Ok((fh, flags));
+        }
+        let file = if writes {
+            let _gate = self.change()?;
+            let st = self.state();
+            // Offsets come with every write: O_APPEND would make the file system ignore
+            // them (the kernel already placed appends at the end).
+            let keep = OFlags::WRONLY | OFlags::RDWR | OFlags::SYNC | OFlags::DSYNC;
+            self.reopen(&st, ino, (raw & keep) | OFlags::NONBLOCK)?
+        } else {
+            let st = self.state();
+            self.reopen(&st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
+        };
+        let fh = self.new_handle(Open {
+            ino,
+            file: Arc::new(file),
+            pending: false,
+        });
+        Ok((fh, flags))
     }
 
     /// Opens `ino`'s upper object with `flags` (through an open handle when it has no
@@ -835,7 +900,10 @@ fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
 
 impl Filesystem for TreeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_ATOMIC_O_TRUNC;
+        // Not FUSE_ATOMIC_O_TRUNC: with it, `open(O_RDONLY|O_TRUNC)` of a running program
+        // would truncate in the server before the kernel refuses it (ETXTBSY); without
+        // it, the truncation comes as a setattr after the kernel's checks.
+        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -1152,7 +1220,7 @@ impl Filesystem for TreeFs {
         reply: ReplyWrite,
     ) {
         let result = self.change().and_then(|_gate| {
-            let file = self.handle_file(fh)?;
+            let file = self.writable_file(fh, CopyUp::Whole)?;
             file.write_all_at(data, offset).map_err(io_errno)
         });
         match result {
@@ -1208,34 +1276,18 @@ impl Filesystem for TreeFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ino = u64::from(ino);
-        let mut st = self.state();
-        let result = self.ns.info(&st, ino).and_then(|info| {
-            if info.kind != FileType::Directory {
-                return Err(Errno::ENOTDIR);
-            }
-            if !info.upper && info.linked {
-                // A tree directory the upper does not touch: listed from the view.
-                return Ok(0);
-            }
-            let entries = self.listing(&mut st, ino)?;
-            Ok(self.new_handle(Open::Dir(Arc::new(entries))))
-        });
-        match result {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(e),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // No open round trip for directories: the kernel then keeps every listing it
+        // has read (as FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE) until a change through it, and
+        // sends no release. Listings are kept by inode instead (see `readdir`).
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
@@ -1248,9 +1300,9 @@ impl Filesystem for TreeFs {
                 self.ns.link(&st, ino).map(|l| l.0).unwrap_or(ROOT)
             }
         };
-        let listed = match self.opens().by_handle.get(&u64::from(fh)) {
-            Some(Open::Dir(entries)) => Some(entries.clone()),
-            _ => None,
+        let listed = match self.dir_listing(ino, offset) {
+            Ok(listed) => listed,
+            Err(e) => return reply.error(e),
         };
         // Offsets: 0 `.`, 1 `..`, 2 + i the i-th entry; each entry carries the next one.
         let (count, tree_dir) = match &listed {
@@ -1516,9 +1568,10 @@ impl Filesystem for TreeFs {
         });
         match result {
             Ok((ino, s, Some(file))) => {
-                let fh = self.new_handle(Open::File {
+                let fh = self.new_handle(Open {
                     ino,
                     file: Arc::new(file),
+                    pending: false,
                 });
                 reply.created(
                     &TTL,
@@ -1544,7 +1597,7 @@ impl Filesystem for TreeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.change().and_then(|_gate| {
-            let file = self.handle_file(fh)?;
+            let file = self.writable_file(fh, CopyUp::Whole)?;
             rustix::fs::fallocate(
                 &*file,
                 rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
@@ -1599,7 +1652,10 @@ impl Filesystem for TreeFs {
         reply: ReplyWrite,
     ) {
         let result = self.change().and_then(|_gate| {
-            let (input, output) = (self.handle_file(fh_in)?, self.handle_file(fh_out)?);
+            let (input, output) = (
+                self.handle_file(fh_in)?,
+                self.writable_file(fh_out, CopyUp::Whole)?,
+            );
             let (mut off_in, mut off_out) = (offset_in, offset_out);
             rustix::fs::copy_file_range(
                 &*input,
