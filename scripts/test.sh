@@ -20,6 +20,7 @@ fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 command -v fsx >/dev/null || cargo install --locked fsx
+command -v pjdfstest >/dev/null || [ -x "$HOME/.cargo/bin/pjdfstest" ] || cargo install --locked pjdfstest
 # numpy and pandas installed with pip into a directory, for the shim's real-software test
 # (the interpreter that installed them is recorded beside them).
 np_dir=${VELO_NUMPY_DIR:-/var/cache/velo-tests/numpy-pandas}
@@ -57,4 +58,16 @@ if [ -s "$VELO_SKIPPED_LOG" ]; then
     sort -u "$VELO_SKIPPED_LOG" | sed 's/^/   /'
 fi
 rm -f "$VELO_SKIPPED_LOG"
+
+# POSIX conformance of velo mount against ext4 on the same machine (scripts/pjdfstest_mount.sh;
+# exceptions with reasons in scripts/pjdfstest_exceptions.txt), once per run here.
+if [ "$(id -u)" = 0 ]; then
+    echo "== pjdfstest: velo mount against ext4"
+    VELO=${VELO:-${CARGO_TARGET_DIR:-$PWD/target}/debug/velo} bash scripts/pjdfstest_mount.sh --repeat 1 -o target/pjdfstest || status=1
+elif [ "${CI:-}" = true ]; then
+    echo "== pjdfstest: FAILED: needs root (a loop ext4, pjdfstest's user switches)"
+    status=1
+else
+    echo "== SKIPPED pjdfstest (needs root): sudo bash scripts/pjdfstest_mount.sh"
+fi
 exit "$status"
