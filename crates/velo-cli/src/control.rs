@@ -66,6 +66,8 @@ pub struct ServerInfo {
     pub upper: Option<PathBuf>,
     pub temporary: bool,
     pub name: Option<String>,
+    /// The kernel reads tree files straight from their blobs.
+    pub passthrough: bool,
 }
 
 /// What the server does for a request (implemented by the mount's server).
@@ -142,6 +144,7 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                     "v": VERSION, "ok": true,
                     "store": info.store, "root": info.root, "upper": info.upper,
                     "temporary": info.temporary, "name": info.name,
+                    "passthrough": info.passthrough,
                     "changed": server.changed(),
                 })
             }

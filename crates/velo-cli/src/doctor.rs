@@ -127,11 +127,19 @@ fn check_fuse() -> Check {
         .filter_map(|n| n.parse::<u32>().ok());
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     let passthrough = match (version >= (6, 9), rustix::process::geteuid().is_root()) {
-        (true, true) => "the kernel offers passthrough to root (velo mount does not use it yet)",
-        (true, false) => "passthrough needs root (CAP_SYS_ADMIN)",
-        (false, _) => "no passthrough before Linux 6.9",
+        (true, true) => "passthrough available: `velo mount --passthrough` reads tree files straight from the store",
+        (true, false) => "no passthrough for this user (it needs CAP_SYS_ADMIN: root)",
+        (false, _) => "no passthrough (it came in Linux 6.9)",
     };
     detail.push_str(&format!("; Linux {release}: {passthrough}"));
+    // FUSE over io_uring (Linux 6.14+) is a kernel module switch; velo's FUSE library
+    // (fuser 0.17) reads requests from /dev/fuse and does not speak it yet.
+    let uring = match std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring") {
+        Ok(v) if v.trim() == "Y" => "the kernel offers FUSE over io_uring, which velo does not use yet (fuser 0.17 reads /dev/fuse)",
+        Ok(_) => "FUSE over io_uring is off in this kernel (fuse.enable_uring=0); velo does not use it yet",
+        Err(_) => "no FUSE over io_uring in this kernel (Linux 6.14+); velo does not use it yet",
+    };
+    detail.push_str(&format!("; {uring}"));
     Check { name: "FUSE", ok, detail, advice: "install fuse3 (apt-get install fuse3) and make /dev/fuse available; needed by velo mount" }
 }
 

@@ -192,6 +192,11 @@ enum Command {
         /// Refuse every change (EROFS)
         #[arg(long)]
         read_only: bool,
+        /// Let the kernel read tree files straight from the store (FUSE passthrough: Linux
+        /// 6.9+, root). The kernel keeps one way of reading per file, so while a tree file
+        /// is open for reading that way, opening it for writing fails (ETXTBSY)
+        #[arg(long)]
+        passthrough: bool,
         /// Serve in this process until unmounted, instead of in the background
         #[arg(long)]
         foreground: bool,
@@ -475,6 +480,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             upper,
             name,
             read_only,
+            passthrough,
             foreground,
             allow_other,
         } => mount::mount(
@@ -485,6 +491,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 upper,
                 name,
                 read_only,
+                passthrough,
                 foreground,
                 allow_other,
             },

@@ -20,6 +20,7 @@ pub struct MountArgs {
     pub upper: Option<PathBuf>,
     pub name: Option<String>,
     pub read_only: bool,
+    pub passthrough: bool,
     pub foreground: bool,
     pub allow_other: bool,
 }
@@ -124,6 +125,9 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     if args.upper.is_some() && args.read_only {
         bail!("--upper and --read-only exclude each other");
     }
+    if args.passthrough && !rustix::process::geteuid().is_root() {
+        bail!("--passthrough needs root (the kernel gives FUSE passthrough only to CAP_SYS_ADMIN)");
+    }
     if let Some(name) = &args.name {
         velo_store::validate_root_name(name).with_context(|| format!("--name {name}"))?;
     }
@@ -197,7 +201,8 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         upper_path.as_deref(),
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
-    )?;
+    )?
+    .with_passthrough(args.passthrough);
     // Entries' extended attributes are read from their directory's tree on demand
     // (the view marks the few entries that have any).
     let xattr_store = velo_store::Store::open(&store_root)?;
@@ -322,6 +327,7 @@ impl crate::control::Server for MountServer {
             upper: self.upper.clone(),
             temporary: self.temporary,
             name: self.name.clone(),
+            passthrough: self.control.passthrough(),
         }
     }
 
@@ -391,6 +397,9 @@ fn start_in_background(
     }
     if args.read_only {
         command.arg("--read-only");
+    }
+    if args.passthrough {
+        command.arg("--passthrough");
     }
     // SAFETY: setsid between fork and exec: an async-signal-safe system call; the server
     // leaves the caller's session, so a terminal's hangup does not stop it.

@@ -1,8 +1,10 @@
 //! Real software on a read-write `velo mount`: tar unpacking a real source tree while
-//! another process writes elsewhere on the mount; git (init, clone, commit, gc, fsck, and
-//! a repository that came with the tree); make of a real C project (mtimes decide what is
-//! rebuilt); python's venv, compileall and `__pycache__`; and a server killed with -9 over
-//! a kept `--upper`, whose fsynced writes and renames survive.
+//! another process writes elsewhere on the mount (and times before 1970); git (init,
+//! clone, commit, gc, fsck, and a repository that came with the tree); make of a real C
+//! project (mtimes decide what is rebuilt); python's venv, compileall and `__pycache__`;
+//! and a server killed with -9 over a kept `--upper`, whose fsynced writes and renames
+//! survive. Each test commits what the mount shows and checks the committed tree, checked
+//! out, against it.
 //!
 //! Every command that touches the mount runs with a deadline: a server that hangs (an
 //! earlier FUSE file system deadlocked under tar and a concurrent writer) fails the test,
@@ -80,6 +82,16 @@ fn server_pid(at: &Path) -> Option<u32> {
         .ok()
 }
 
+/// Whether `at` is a mount whose server is gone: listing it fails with ENOTCONN (opening
+/// it may still succeed, without a request to the server).
+fn is_dead_mount(at: &Path) -> bool {
+    let dead = |e: std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    match fs::read_dir(at) {
+        Err(e) => dead(e),
+        Ok(mut entries) => entries.next().is_some_and(|e| e.is_err_and(dead)),
+    }
+}
+
 /// What each thread of the server at `at` waits in (its kernel stack where readable).
 fn server_threads(at: &Path) -> String {
     let Some(pid) = server_pid(at) else {
@@ -109,28 +121,26 @@ const DEADLINE: Duration = Duration::from_secs(240);
 
 /// Runs `cmd` (stdin closed, output captured) and returns its output; when it outlives
 /// [`DEADLINE`], kills the server of the mount at `at` (which ends the command: the mount
-/// answers ENOTCONN) and fails, naming what the server's threads waited in.
+/// answers ENOTCONN) and fails, naming what the server's threads waited in. The command
+/// is started on a thread of its own too: starting it waits for its exec, which waits for
+/// its chdir into the mount.
 fn bounded(mut cmd: Command, at: &Path) -> Output {
+    let what = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
+        let _ = tx.send(cmd.spawn().and_then(|child| child.wait_with_output()));
     });
     match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for the command"),
+        Ok(out) => out.unwrap_or_else(|e| panic!("running {what}: {e}")),
         Err(_) => {
             let threads = server_threads(at);
             if let Some(pid) = server_pid(at) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
-            panic!(
-                "{cmd:?} did not finish within {DEADLINE:?}: the server hung. Its threads:\n{threads}"
-            );
+            panic!("{what} did not finish within {DEADLINE:?}: the server hung. Its threads:\n{threads}");
         }
     }
 }
@@ -329,8 +339,8 @@ fn tar_unpacks_a_real_source_tree_onto_the_mount_while_another_process_writes_th
     // The writer: rewrites, reads back and deletes files and renames and removes a
     // directory in busy/, until tar is done (and at least 200 rounds); a reader lists
     // out/ (lookups and listings of the directories tar fills) until then. tar starts once
-    // the writer has written, and while it runs, `velo commit` seals the mount (holding
-    // off every change until the upper has been read).
+    // the writer has written; when it has reached include/linux (its largest directory),
+    // `velo commit` seals the mount (holding off every change until the upper is read).
     let stop = env.path("stop");
     let rounds = env.path("rounds");
     let script = format!(
@@ -357,6 +367,7 @@ reader=$!
 while [ ! -e busy/f1 ]; do sleep 0.01; done
 tar -C out -xf '{archive}' &
 untar=$!
+while [ ! -e out/include/linux ] && kill -0 $untar 2> /dev/null; do sleep 0.01; done
 "$VELO" --store "$VELO_STORE" commit . --name midway > /dev/null
 wait $untar
 touch '{stop}'
@@ -467,7 +478,6 @@ wait $reader
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
     assert!(strange.is_empty(), "{strange:?}");
-    eprintln!("DEBUG midway out entries {} of {}", midway.keys().filter(|p| p.starts_with(b"out/")).count(), want.len());
     assert!(midway.contains_key(b"busy".as_slice()) && midway.contains_key(b"README".as_slice()));
     // The mount goes on serving after the commit.
     assert_eq!(
@@ -743,6 +753,9 @@ fn git_in_a_repository_that_came_with_the_tree_is_clean_on_the_mount_and_commits
         format!("four three two one {head}")
     );
 
+    // git rewrote refs/heads/main by renaming main.lock over the tree's file, and gc's
+    // pack-refs then deleted it: the deletion must reach the upper as a whiteout, or the
+    // commit brings back the tree's ref (commit "three") and HEAD moves back.
     let head = run("$GIT rev-parse HEAD");
     let co = umount_committed(&env, mounted, "committed");
     assert_eq!(
@@ -1139,7 +1152,7 @@ fn fsynced_writes_and_renames_survive_a_server_killed_with_sigkill() {
         .success());
     let dead = (0..500).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
-        fs::read_dir(&at).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+        is_dead_mount(&at)
     });
     assert!(dead, "the mount did not die with its server");
     let out = env.run(&["umount", at.to_str().unwrap()]);

@@ -644,3 +644,71 @@ fn a_running_program_is_never_truncated_and_truncating_opens_copy_nothing() {
     std::io::Read::read_to_string(&mut &reader, &mut again).unwrap();
     assert_eq!(again, "short\n");
 }
+
+/// `--passthrough` (root, Linux 6.9+): the kernel reads tree files from their blobs. It
+/// keeps one way of reading per file, so a writer waits for passthrough readers to close
+/// (ETXTBSY), never gets EIO, and no blob is ever written.
+#[test]
+fn passthrough_reads_tree_files_from_the_store_and_keeps_writers_apart() {
+    if !fuse_available() {
+        return;
+    }
+    if !common::require(
+        common::is_root(),
+        "root (FUSE passthrough needs CAP_SYS_ADMIN)",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"tree bytes\n").unwrap();
+    fs::write(src.join("g"), vec![3u8; 300_000]).unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &["--passthrough"]);
+    let script = r#"
+import errno, mmap, os
+r = open("f", "rb")
+assert r.read() == b"tree bytes\n"
+try:
+    open("f", "ab")
+    raise SystemExit("a writer opened while a passthrough reader had it open")
+except OSError as e:
+    assert e.errno == errno.ETXTBSY, e
+try:
+    os.truncate("f", 0)
+    raise SystemExit("truncated while a passthrough reader had it open")
+except OSError as e:
+    assert e.errno == errno.ETXTBSY, e
+r2 = open("f", "rb")
+assert r2.read() == b"tree bytes\n"
+r2.close(); r.close()
+with open("f", "ab") as w:
+    w.write(b"appended\n")
+assert open("f", "rb").read() == b"tree bytes\nappended\n"
+with open("g", "rb") as g:
+    m = mmap.mmap(g.fileno(), 0, prot=mmap.PROT_READ)
+    assert m[:3] == b"\x03\x03\x03" and len(m) == 300000
+    m.close()
+os.rename("g", "g2")
+assert open("g2", "rb").read() == b"\x03" * 300000
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "c"]);
+    assert_eq!(env.ok(&["cat", "c", "f"]), "tree bytes\nappended\n");
+    assert_eq!(env.ok(&["cat", "t", "f"]), "tree bytes\n");
+    env.fsck_ok();
+}

@@ -67,6 +67,15 @@ struct Open {
     /// Opened for writing but not copied up yet: the first change copies it up (whole,
     /// or empty when the change is a truncation to nothing, as `O_TRUNC` sends it).
     pending: bool,
+    /// Opened for writing.
+    writable: bool,
+    /// `file` is the blob of a tree file.
+    from_tree: bool,
+    /// Opened (or being opened) for passthrough reads of the blob.
+    passthrough: bool,
+    /// The kernel reads `file` itself (passthrough) while this lives (shared by every
+    /// passthrough open of the inode).
+    backing: Option<Arc<fuser::BackingId>>,
 }
 
 /// Open files by handle.
@@ -88,15 +97,25 @@ pub struct TreeFs {
     listings: Mutex<HashMap<u64, Arc<Vec<ops::DirEntry>>>>,
     /// Held shared by every change, exclusively by a commit.
     gate: Arc<RwLock<()>>,
+    /// Whether to ask the kernel for passthrough (it needs CAP_SYS_ADMIN).
+    want_passthrough: bool,
+    /// The kernel agreed to passthrough.
+    passthrough: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The handle of a running server that the CLI keeps: it seals the upper for a commit.
 #[derive(Clone)]
 pub struct Control {
     gate: Arc<RwLock<()>>,
+    passthrough: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
+    /// Whether the kernel reads tree files straight from their blobs (passthrough).
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits for the changes in flight and holds off new ones while the guard lives.
     pub fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
         self.gate.write().unwrap_or_else(|e| e.into_inner())
@@ -141,6 +160,8 @@ impl TreeFs {
                 next: 1,
             }),
             gate: Arc::new(RwLock::new(())),
+            want_passthrough: false,
+            passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -150,10 +171,20 @@ impl TreeFs {
         self
     }
 
+    /// Asks the kernel to read tree files opened for reading straight from their blobs
+    /// (FUSE passthrough, Linux 6.9+, CAP_SYS_ADMIN). The kernel keeps one way of reading
+    /// per inode, so while a tree file is open that way, opening it for writing (or
+    /// truncating it) fails with ETXTBSY until it is closed.
+    pub fn with_passthrough(mut self, wanted: bool) -> TreeFs {
+        self.want_passthrough = wanted;
+        self
+    }
+
     /// The handle the CLI keeps to commit while the server runs.
     pub fn control(&self) -> Control {
         Control {
             gate: self.gate.clone(),
+            passthrough: self.passthrough.clone(),
         }
     }
 }

@@ -404,6 +404,15 @@ impl TreeFs {
         Ok((ino, s, file))
     }
 
+    /// Whether some open of `ino` reads through passthrough: its bytes cannot change
+    /// until they close (the kernel would go on reading the blob for them).
+    fn read_through_passthrough(opens: &crate::Opens, ino: u64) -> bool {
+        opens
+            .by_handle
+            .values()
+            .any(|o| o.ino == ino && o.passthrough)
+    }
+
     fn new_handle(&self, open: Open) -> u64 {
         let mut opens = self.opens();
         let fh = opens.next;
@@ -450,9 +459,10 @@ impl TreeFs {
     /// After a copy-up, reads of every open handle of `ino` come from the upper file.
     fn point_handles_at(&self, ino: u64, file: &Arc<File>) {
         for open in self.opens().by_handle.values_mut() {
-            if open.ino == ino {
+            if open.ino == ino && !open.passthrough {
                 open.file = file.clone();
                 open.pending = false;
+                open.from_tree = false;
             }
         }
     }
@@ -752,6 +762,9 @@ impl TreeFs {
             attr.nlink = 0;
             return Ok(attr);
         }
+        if size.is_some() && Self::read_through_passthrough(&self.opens(), ino) {
+            return Err(Errno::ETXTBSY);
+        }
         let how = if size == Some(0) && info.kind == FileType::RegularFile && !info.upper {
             CopyUp::Empty
         } else {
@@ -836,16 +849,33 @@ impl TreeFs {
             if writes {
                 drop(self.change()?);
             }
-            let fh = self.new_handle(Open {
-                ino,
-                file: self.ns.cached_blob(&node)?,
-                pending: writes,
-            });
+            let file = self.ns.cached_blob(&node)?;
+            let mut opens = self.opens();
+            if writes && Self::read_through_passthrough(&opens, ino) {
+                return Err(Errno::ETXTBSY);
+            }
+            let fh = opens.next;
+            opens.next += 1;
+            opens.by_handle.insert(
+                fh,
+                Open {
+                    ino,
+                    file,
+                    pending: writes,
+                    writable: writes,
+                    from_tree: true,
+                    passthrough: false,
+                    backing: None,
+                },
+            );
             return Ok((fh, flags));
         }
         let file = if writes {
             let _gate = self.change()?;
             let st = self.state();
+            if Self::read_through_passthrough(&self.opens(), ino) {
+                return Err(Errno::ETXTBSY);
+            }
             // Offsets come with every write: O_APPEND would make the file system ignore
             // them (the kernel already placed appends at the end).
             let keep = OFlags::WRONLY | OFlags::RDWR | OFlags::SYNC | OFlags::DSYNC;
@@ -858,6 +888,10 @@ impl TreeFs {
             ino,
             file: Arc::new(file),
             pending: false,
+            writable: writes,
+            from_tree: false,
+            passthrough: false,
+            backing: None,
         });
         Ok((fh, flags))
     }
@@ -908,6 +942,15 @@ impl Filesystem for TreeFs {
             let _ = config.add_capabilities(flag);
         }
         let _ = config.set_max_write(1 << 20);
+        if self.want_passthrough
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -1173,10 +1216,54 @@ impl Filesystem for TreeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_file(ino.into(), flags.0) {
-            Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(e),
+        let (fh, flags) = match self.open_file(ino.into(), flags.0) {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(e),
+        };
+        // A tree file opened for reading, with passthrough: the kernel reads the blob
+        // itself (its page cache is the blob's, shared by every tree and mount). Only a
+        // read-only descriptor is ever handed over, so nothing can write a blob. The
+        // kernel keeps one way of reading per inode: while one open reads through
+        // passthrough, every other open of the inode must too, from the same file.
+        if self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut opens = self.opens();
+            let ino = u64::from(ino);
+            // One backing for every passthrough open of the inode (the kernel refuses a
+            // second one: EBUSY), made by the first and kept while any is open.
+            let mut shared = None;
+            let mut others = false;
+            for (h, o) in &opens.by_handle {
+                if *h != fh && o.ino == ino {
+                    others = true;
+                    if let Some(backing) = &o.backing {
+                        shared = Some((o.file.clone(), backing.clone()));
+                    }
+                }
+            }
+            if let Some(o) = opens.by_handle.get_mut(&fh) {
+                let chosen = match shared {
+                    _ if o.writable => None,
+                    Some(pair) => Some(pair),
+                    None if !others && o.from_tree => match reply.open_backing(&*o.file) {
+                        Ok(backing) => Some((o.file.clone(), Arc::new(backing))),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "no passthrough for this open");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                if let Some((file, backing)) = chosen {
+                    o.file = file;
+                    o.passthrough = true;
+                    // The kernel takes no caching flag with passthrough (EIO).
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
+                    o.backing = Some(backing);
+                    return;
+                }
+            }
         }
+        reply.opened(FileHandle(fh), flags)
     }
 
     fn read(
@@ -1572,6 +1659,10 @@ impl Filesystem for TreeFs {
                     ino,
                     file: Arc::new(file),
                     pending: false,
+                    writable: true,
+                    from_tree: false,
+                    passthrough: false,
+                    backing: None,
                 });
                 reply.created(
                     &TTL,
