@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Benchmark of `velo mount` (issue 11, read-only first slice), each against the same tree
-# unpacked natively on the same fresh loop ext4, alternated (A B A B ...), medians and
-# ratios:
-#  1. `find TREE | wc -l`, warm;
-#  2. `find TREE -type f | xargs stat --format=%s`, warm;
-#  3. `cat` of every .c file, warm;
-#  4. mount to the first `ls` (the tree is not walked up front).
-# Usage: sudo bash scripts/bench_mount.sh      RUNS=7 (per contender)   SMALL=1 (fs/ only: CI)
+# Benchmark of `velo mount` (issue 11), each against the same work done natively on the
+# same fresh loop ext4, alternated (A B A B ...), medians and ratios:
+#  1. mount to the first `ls` (the tree is not walked up front);
+#  2. `find TREE | wc -l`, `find -type f | xargs stat`, `cat` of every .c file, warm;
+#  3. untar of the kernel source onto the mount (into its upper), then `rm -rf` of it;
+#  4. sequential read of a 1 GiB file (cold and warm; also with --passthrough) and
+#     sequential write of 1 GiB (fsync'ed);
+#  5. MAKE=1: `make -j2 fs/ext4/` of the kernel on the mount (after defconfig, prepare).
+# Usage: sudo bash scripts/bench_mount.sh   RUNS=7 (per contender, reads)  WRUNS=3 (writes)
+#        SMALL=1 (fs/ only, no 1 GiB files: CI)  MAKE=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-7}
@@ -50,4 +52,87 @@ bench() { # name, command with TREE standing for the tree's path
 bench "find | wc -l (warm)" "find TREE | wc -l"
 bench "find -type f | xargs stat (warm)" "find TREE -type f -print0 | xargs -0 stat --format=%s"
 bench "cat every .c file (warm)" "find TREE -name '*.c' -print0 | xargs -0 cat"
+"$velo" umount "$fusemnt"
+
+wruns=${WRUNS:-3}
+ratio() { printf '%-34s native %8.3f s   mount %8.3f s   ratio %.2f\n' "$1" "$2" "$3" "$(echo "$3 / $2" | bc -l)"; }
+# 3. Untar and rm -rf: the archive decompressed once (so xz does not dominate), the same
+# archive untarred natively and onto a mount whose upper is on the same ext4.
+tarball=$mnt/kernel.tar
+( cd "$(dirname "$native")" && tar -cf "$tarball" "$(basename "$native")" )
+mkdir -p "$mnt/empty"; "$velo" ingest "$mnt/empty" --name empty >/dev/null 2>&1
+ut_a=(); ut_b=(); rm_a=(); rm_b=()
+for i in $(seq "$wruns"); do
+    mkdir -p "$mnt/untar-native"
+    ut_a+=("$(time_of tar -xf "$tarball" -C "$mnt/untar-native")")
+    "$velo" mount empty "$fusemnt" --upper "$mnt/upper-$i" >/dev/null 2>&1
+    ut_b+=("$(time_of tar -xf "$tarball" -C "$fusemnt")")
+    sync
+    rm_a+=("$(time_of rm -rf "$mnt/untar-native")")
+    rm_b+=("$(time_of bash -c "rm -rf $fusemnt/*")")
+    "$velo" umount "$fusemnt"
+    rm -rf "$mnt/upper-$i"
+done
+ratio "untar kernel source" "$(printf '%s\n' "${ut_a[@]}" | median)" "$(printf '%s\n' "${ut_b[@]}" | median)"
+ratio "rm -rf of it" "$(printf '%s\n' "${rm_a[@]}" | median)" "$(printf '%s\n' "${rm_b[@]}" | median)"
+rm -f "$tarball"
+
+# 4. Sequential read and write of 1 GiB.
+if [ "${SMALL:-0}" != 1 ]; then
+    mkdir -p "$mnt/big"
+    head -c 1G /dev/urandom > "$mnt/big/file"
+    "$velo" ingest "$mnt/big" --name big >/dev/null 2>&1
+    seq_read() { # label, extra mount flags
+        local label=$1; shift
+        local ca=() cb=() wa=() wb=()
+        "$velo" mount big "$fusemnt" "$@" >/dev/null 2>&1
+        for _ in $(seq "$wruns"); do
+            sync; echo 3 > /proc/sys/vm/drop_caches
+            ca+=("$(time_of cat "$mnt/big/file")")
+            sync; echo 3 > /proc/sys/vm/drop_caches
+            cb+=("$(time_of cat "$fusemnt/file")")
+            cat "$mnt/big/file" "$fusemnt/file" > /dev/null
+            wa+=("$(time_of cat "$mnt/big/file")")
+            wb+=("$(time_of cat "$fusemnt/file")")
+        done
+        "$velo" umount "$fusemnt"
+        ratio "read 1 GiB cold$label" "$(printf '%s\n' "${ca[@]}" | median)" "$(printf '%s\n' "${cb[@]}" | median)"
+        ratio "read 1 GiB warm$label" "$(printf '%s\n' "${wa[@]}" | median)" "$(printf '%s\n' "${wb[@]}" | median)"
+    }
+    seq_read ""
+    seq_read " (--passthrough)" --passthrough
+    wa=(); wb=()
+    for i in $(seq "$wruns"); do
+        wa+=("$(time_of dd if="$mnt/big/file" of="$mnt/big/copy" bs=1M conv=fsync)")
+        rm -f "$mnt/big/copy"
+        "$velo" mount empty "$fusemnt" --upper "$mnt/wupper-$i" >/dev/null 2>&1
+        wb+=("$(time_of dd if="$mnt/big/file" of="$fusemnt/copy" bs=1M conv=fsync)")
+        "$velo" umount "$fusemnt"
+        rm -rf "$mnt/wupper-$i"
+    done
+    ratio "write 1 GiB (fsync)" "$(printf '%s\n' "${wa[@]}" | median)" "$(printf '%s\n' "${wb[@]}" | median)"
+fi
+
+# 5. make -j2 fs/ext4/ of the kernel, on the mount (its upper takes the objects) and
+# natively, once each after one warm-up (prepare) in each place.
+if [ "${MAKE:-0}" = 1 ] && [ "${SMALL:-0}" != 1 ]; then
+    for p in gcc make flex bison bc libelf-dev libssl-dev; do dpkg -s "$p" >/dev/null 2>&1 || need_make=1; done
+    if [ -n "${need_make:-}" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc make flex bison bc libelf-dev libssl-dev >/dev/null; fi
+    (cd "$native" && make -s defconfig >/dev/null && make -s -j2 prepare >/dev/null 2>&1)
+    "$velo" ingest "$native" --name kernel-prepared >/dev/null 2>&1
+    "$velo" mount kernel-prepared "$fusemnt" --upper "$mnt/mupper" >/dev/null 2>&1
+    ma=(); mb=()
+    for _ in 1 2; do
+        (cd "$native" && make -s -j2 fs/ext4/ >/dev/null 2>&1; find fs/ext4 -name '*.o' -delete)
+        (cd "$fusemnt" && make -s -j2 fs/ext4/ >/dev/null 2>&1; find fs/ext4 -name '*.o' -delete)
+    done
+    for _ in 1 2; do
+        ma+=("$(time_of bash -c "cd $native && make -s -j2 fs/ext4/")")
+        (cd "$native" && find fs/ext4 -name '*.o' -delete)
+        mb+=("$(time_of bash -c "cd $fusemnt && make -s -j2 fs/ext4/")")
+        (cd "$fusemnt" && find fs/ext4 -name '*.o' -delete)
+    done
+    "$velo" umount "$fusemnt"
+    ratio "make -j2 fs/ext4/" "$(printf '%s\n' "${ma[@]}" | median)" "$(printf '%s\n' "${mb[@]}" | median)"
+fi
 echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

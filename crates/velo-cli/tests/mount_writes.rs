@@ -712,3 +712,36 @@ print("ok")
     assert_eq!(env.ok(&["cat", "t", "f"]), "tree bytes\n");
     env.fsck_ok();
 }
+
+/// What git's ref updates found (the real-software tests): a tree name renamed over and
+/// then deleted, or deleted, made again and deleted again, came back in the commit (no
+/// whiteout was left the second time).
+#[test]
+fn a_tree_name_deleted_after_another_change_stays_deleted_in_the_commit() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for name in ["a", "b", "d"] {
+        fs::write(src.join(name), name).unwrap();
+    }
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let upper = env.path("upper");
+    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    sh(
+        &at,
+        "echo n > a.lock && mv a.lock a && rm a && echo n > b.lock && mv b.lock b && \
+         mv b b-moved && rm d && echo x > d && rm d",
+    );
+    assert_eq!(sh(&at, "ls"), "b-moved\n");
+    drop(mounted);
+    // Remounted from the kept upper, and committed: the same.
+    let _mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    assert_eq!(sh(&at, "ls"), "b-moved\n");
+    env.ok(&["umount", at.to_str().unwrap(), "--name", "after"]);
+    assert_eq!(env.ok(&["ls", "after"]), "b-moved\n");
+    assert_eq!(env.ok(&["cat", "after", "b-moved"]), "n\n");
+}

@@ -58,12 +58,11 @@ fn timespec(t: Option<TimeOrNow>) -> rustix::fs::Timespec {
             let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
                 Ok(d) => (d.as_secs() as i64, i64::from(d.subsec_nanos())),
                 Err(e) => {
+                    // fuser 0.17 turns the kernel's (seconds < 0, nanoseconds) into
+                    // epoch - (|seconds| + nanoseconds): undone here, so a time before 1970
+                    // is the one the program set.
                     let d = e.duration();
-                    let ns = -(d.as_nanos() as i128);
-                    (
-                        ns.div_euclid(1_000_000_000) as i64,
-                        ns.rem_euclid(1_000_000_000) as i64,
-                    )
+                    (-(d.as_secs() as i64), i64::from(d.subsec_nanos()))
                 }
             };
             rustix::fs::Timespec {
@@ -570,7 +569,10 @@ impl TreeFs {
                 rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)?;
             }
         }
-        if let Some(c) = self.ns.lower_child(&st, &p, name) {
+        // Whiteout wherever the tree has the name, also when an earlier change already
+        // hid it (a rename over it, a delete and re-create): without one, removing the
+        // upper entry would show the tree's again.
+        if let Some(c) = self.ns.any_lower_child(&p, name) {
             upper::whiteout(&dir, name)?;
             st.dead.insert(c);
         }
@@ -633,7 +635,7 @@ impl TreeFs {
         let npinfo = self.ns.info(&st, newparent)?;
         let sdir = self.ns.upper_dir(&mut st, parent)?;
         let ddir = self.ns.upper_dir(&mut st, newparent)?;
-        let src_tree_here = self.ns.lower_child(&st, &pinfo, name);
+        let src_tree_here = self.ns.any_lower_child(&pinfo, name);
         let tree_at_dst = self.ns.any_lower_child(&npinfo, newname);
         let open_dir = |dir: &OwnedFd, n: &[u8]| {
             rustix::fs::openat(
