@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
+use std::sync::Arc;
 
 use fuser::{Errno, FileType};
 use rustix::fs::{OFlags, Stat};
@@ -129,7 +130,12 @@ pub(crate) struct Namespace {
     pub blob_files: std::sync::Mutex<HashMap<u32, std::sync::Arc<File>>>,
     /// Where tree entries' extended attributes come from (the store's tree objects).
     pub tree_xattrs: Option<Box<crate::TreeXattrs>>,
+    /// Open upper directories by inode (see [`Namespace::dir_of`]).
+    pub dir_fds: std::sync::Mutex<HashMap<u64, Arc<OwnedFd>>>,
 }
+
+/// Upper directories kept open at most.
+const OPEN_DIRS: usize = 4096;
 
 /// Blob files kept open at most.
 const OPEN_BLOBS: usize = 1024;
@@ -302,10 +308,53 @@ impl Namespace {
 
     /// The upper directory of directory `ino`, made first (with its parents) if the
     /// upper lacks it.
-    pub(crate) fn upper_dir(&self, st: &mut State, ino: u64) -> Result<OwnedFd, Errno> {
+    pub(crate) fn upper_dir(&self, st: &mut State, ino: u64) -> Result<Arc<OwnedFd>, Errno> {
         self.copy_up(st, ino, CopyUp::Whole)?;
-        let rel = self.rel(st, ino)?;
-        self.upper()?.dir(&rel)
+        self.dir_of(st, ino)
+    }
+
+    /// The open upper directory of directory `ino`, which the upper has. Kept by inode: a
+    /// descriptor names the directory itself, so it stays right when the directory or one
+    /// above it is renamed, and opening it costs no walk from the top (a copy-up or a
+    /// create made several). Dropped when the directory is removed ([`Self::forget_dir`]).
+    pub(crate) fn dir_of(&self, st: &State, ino: u64) -> Result<Arc<OwnedFd>, Errno> {
+        if let Some(fd) = self
+            .dir_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+        {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(self.upper()?.dir(&self.rel(st, ino)?)?);
+        let mut fds = self.dir_fds.lock().unwrap_or_else(|e| e.into_inner());
+        if fds.len() >= OPEN_DIRS {
+            fds.clear();
+        }
+        fds.insert(ino, fd.clone());
+        Ok(fd)
+    }
+
+    /// Directory `ino` is gone from the upper (removed, or replaced by a rename).
+    pub(crate) fn forget_dir(&self, ino: u64) {
+        self.dir_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
+    }
+
+    /// `ino`'s upper object as its parent's open directory and its name (the root: its
+    /// own directory and `.`).
+    pub(crate) fn parent_dir(
+        &self,
+        st: &State,
+        ino: u64,
+    ) -> Result<(Arc<OwnedFd>, Vec<u8>), Errno> {
+        if ino == ROOT {
+            return Ok((self.dir_of(st, ROOT)?, b".".to_vec()));
+        }
+        let (parent, name) = self.link(st, ino)?;
+        Ok((self.dir_of(st, parent)?, name))
     }
 
     /// The child `name` of directory `parent`: its inode, and its upper `stat` if the
@@ -327,7 +376,7 @@ impl Namespace {
         if !p.upper {
             return Ok(lower.map(|c| (u64::from(c) + 1, None)));
         }
-        let dir = self.upper()?.dir(&self.rel(st, parent)?)?;
+        let dir = self.dir_of(st, parent)?;
         match upper::stat_at(&dir, name)? {
             Some(s) if upper::is_whiteout(&s) => Ok(None),
             Some(s) => {
@@ -418,6 +467,14 @@ impl Namespace {
 
     /// `ino` lost its name `parent`/`name`.
     pub(crate) fn unlinked(&self, st: &mut State, ino: u64, parent: u64, name: &[u8]) {
+        // A directory has one name: without it, it is gone from the upper.
+        if st
+            .inodes
+            .get(&ino)
+            .is_none_or(|i| i.kind == FileType::Directory)
+        {
+            self.forget_dir(ino);
+        }
         let Some(i) = st.inodes.get_mut(&ino) else {
             // A tree node the upper never held: recorded now, with no name.
             if let Ok(node) = self.tree_node(ino) {
@@ -476,7 +533,7 @@ impl Namespace {
         ino: u64,
         how: CopyUp,
     ) -> Result<Option<File>, Errno> {
-        let upper = self.upper()?;
+        self.upper()?;
         let mut pending = Vec::new();
         let mut current = ino;
         loop {
@@ -498,7 +555,7 @@ impl Namespace {
             let info = self.info(st, ino)?;
             let node = self.node(info.lower.ok_or(Errno::EIO)?)?;
             let (parent, name) = self.link(st, ino)?;
-            let dir = upper.dir(&self.rel(st, parent)?)?;
+            let dir = self.dir_of(st, parent)?;
             let file = upper::keeping_times(&dir, || match node.kind {
                 Kind::Dir => {
                     rustix::fs::mkdirat(

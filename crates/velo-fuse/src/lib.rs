@@ -149,6 +149,7 @@ impl TreeFs {
                 blobs: store.join("blobs"),
                 blob_files: Mutex::new(HashMap::new()),
                 tree_xattrs: None,
+                dir_fds: Mutex::new(HashMap::new()),
             },
             uid,
             gid,

@@ -167,10 +167,9 @@ impl TreeFs {
 
     /// The upper object of `ino`, `stat`ed (through an open handle when it has no name).
     fn upper_stat(&self, st: &State, ino: u64) -> Result<Stat, Errno> {
-        match self.ns.rel(st, ino) {
-            Ok(rel) => {
-                let fd = self.ns.upper()?.open_at(&rel, OFlags::PATH)?;
-                rustix::fs::fstat(&fd).map_err(errno)
+        match self.ns.parent_dir(st, ino) {
+            Ok((dir, name)) => {
+                rustix::fs::statat(&*dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW).map_err(errno)
             }
             Err(e) => match self.open_file_of(ino) {
                 Some(file) => rustix::fs::fstat(&*file).map_err(errno),
@@ -244,7 +243,7 @@ impl TreeFs {
         }
         let mut in_upper = std::collections::HashSet::new();
         if info.upper {
-            let dir = self.ns.upper()?.dir(&self.ns.rel(st, ino)?)?;
+            let dir = self.ns.dir_of(st, ino)?;
             for (name, upper_ino, whiteout) in upper::entries(&dir)? {
                 in_upper.insert(name.clone());
                 if whiteout {
@@ -344,7 +343,7 @@ impl TreeFs {
         st: &mut State,
         parent: u64,
         name: &[u8],
-    ) -> Result<(OwnedFd, bool), Errno> {
+    ) -> Result<(Arc<OwnedFd>, bool), Errno> {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
         }
@@ -496,8 +495,7 @@ impl TreeFs {
             }
             walked.push(dir);
         }
-        let rel = self.ns.rel(st, ino)?;
-        upper::make_opaque(&self.ns.upper()?.dir(&rel)?)?;
+        upper::make_opaque(&*self.ns.dir_of(st, ino)?)?;
         for dir in walked {
             if let Some(i) = st.inodes.get_mut(&dir) {
                 i.lower = None;
@@ -507,14 +505,9 @@ impl TreeFs {
     }
 
     /// `ino`'s upper object as a parent directory and a name (after a copy-up).
-    fn at(&self, st: &mut State, ino: u64) -> Result<(OwnedFd, Vec<u8>), Errno> {
+    fn at(&self, st: &mut State, ino: u64) -> Result<(Arc<OwnedFd>, Vec<u8>), Errno> {
         self.copy_up(st, ino, CopyUp::Whole)?;
-        let rel = self.ns.rel(st, ino)?;
-        if rel.is_empty() {
-            return Ok((self.ns.upper()?.dir(b"")?, b".".to_vec()));
-        }
-        let (parent, name) = split(&rel);
-        Ok((self.ns.upper()?.dir(parent)?, name.to_vec()))
+        self.ns.parent_dir(st, ino)
     }
 
     /// Whether directory `ino` shows no entry.
