@@ -1,11 +1,15 @@
 //! The control endpoint of a `velo mount` server: how `velo commit` and `velo umount`
 //! ask a running server to seal its state.
 //!
-//! A Unix socket in the abstract namespace named after the mount point (no file to leave
-//! behind when the server is killed, no path-length limit). Messages are single JSON
-//! lines of at most [`MAX_LINE`] bytes carrying `"v": 1`. Both ends check who is on the
-//! other side: the server answers only its own user (or root), and a client talks only
-//! to a server of its own user (or root), so no one can squat the name to take commits.
+//! A Unix socket in the abstract namespace (no file to leave behind when the server is
+//! killed, no path-length limit) with a random name, which the server gives its mount as
+//! its source (`velo-<name>` in /proc/self/mountinfo): a client finds it from the mount
+//! point, and no one can take the name before the server does. Messages are single JSON
+//! lines of at most [`MAX_LINE`] bytes carrying `"v": 1`, one connection reading its
+//! requests in order. Both ends check who is on the other side: the server answers only
+//! its own user (or root), and a client talks only to a server of its own user (or
+//! root). At most [`MAX_CLIENTS`] connections at once; an idle one is closed after
+//! [`IDLE`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -21,13 +25,64 @@ const MAX_LINE: u64 = 64 * 1024;
 /// The protocol version.
 const VERSION: u64 = 1;
 
-fn address(mountpoint: &Path) -> Result<SocketAddr> {
-    use std::os::unix::ffi::OsStrExt;
-    let key = velo_core::Hash::of_blob(mountpoint.as_os_str().as_bytes()).to_hex();
+/// The longest a connection may wait between requests.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Connections served at once.
+const MAX_CLIENTS: usize = 64;
+
+fn address(name: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::from_abstract_name(format!(
-        "velo-mount-{}",
-        &key[..32]
+        "velo-mount-{name}"
     ))?)
+}
+
+/// A fresh socket name for a server (and its mount's source `velo-<name>`).
+pub fn new_name() -> String {
+    let mut seed = [0u8; 16];
+    if rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty()).is_err() {
+        // Never reached on Linux 3.17+; the time and pid still make squatting a guess.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        seed[..16].copy_from_slice(&(now ^ u128::from(std::process::id())).to_le_bytes());
+    }
+    velo_core::Hash::of_blob(&seed).to_hex()[..32].to_string()
+}
+
+/// The socket name of the velo server mounted at `mountpoint`, from its source name.
+fn name_of_mount(mountpoint: &Path) -> Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let info = std::fs::read("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    // Fields: id parent dev root mountpoint options ... - fstype source superopts; the
+    // mount point's spaces and backslashes are written as octal escapes.
+    let want: Vec<u8> = mountpoint
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .flat_map(|&b| match b {
+            b' ' | b'\t' | b'\n' | b'\\' => format!("\\{b:03o}").into_bytes(),
+            _ => vec![b],
+        })
+        .collect();
+    let mut found = None;
+    for line in info.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        if fields.get(4) == Some(&want.as_slice()) {
+            // The last mount there is the one that shows.
+            found = fields.get(dash + 2).map(|s| s.to_vec());
+        }
+    }
+    let source = found.with_context(|| format!("{} is not a mount point", mountpoint.display()))?;
+    match source.strip_prefix(b"velo-") {
+        Some(name) if !name.is_empty() && name.iter().all(u8::is_ascii_hexdigit) => {
+            Ok(String::from_utf8_lossy(name).into_owned())
+        }
+        _ => bail!("{} is not a velo mount", mountpoint.display()),
+    }
 }
 
 /// The uid of the process at the other end of `stream`.
@@ -42,13 +97,21 @@ fn trusted(uid: Option<u32>) -> bool {
     uid.is_some_and(|uid| uid == me || uid == 0)
 }
 
-fn read_line(stream: &mut impl Read) -> std::io::Result<Option<Value>> {
-    let mut line = String::new();
-    let n = BufReader::new(stream.take(MAX_LINE)).read_line(&mut line)?;
+fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
+    let mut line = Vec::new();
+    let n = reader.take(MAX_LINE + 1).read_until(b'\n', &mut line)?;
     if n == 0 {
         return Ok(None);
     }
-    serde_json::from_str(&line)
+    if line.last() != Some(&b'\n') {
+        let why = if n as u64 > MAX_LINE {
+            "a message longer than 64 KiB"
+        } else {
+            "a message without its end of line"
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    }
+    serde_json::from_slice(&line)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
@@ -92,18 +155,25 @@ impl AtExit {
     }
 }
 
-/// Starts answering requests for the mount at `mountpoint` on a thread.
-pub fn listen(mountpoint: &Path, server: Arc<dyn Server>, at_exit: Arc<AtExit>) -> Result<()> {
-    let listener = UnixListener::bind_addr(&address(mountpoint)?).with_context(|| {
-        format!(
-            "another velo server already answers for {}",
-            mountpoint.display()
-        )
-    })?;
+/// Starts answering requests, on socket `name` (see [`new_name`]), on a thread.
+pub fn listen(name: &str, server: Arc<dyn Server>, at_exit: Arc<AtExit>) -> Result<()> {
+    let listener =
+        UnixListener::bind_addr(&address(name)?).context("binding the mount's control socket")?;
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let (server, at_exit) = (server.clone(), at_exit.clone());
-            std::thread::spawn(move || serve_client(stream, &*server, &at_exit));
+            use std::sync::atomic::Ordering::SeqCst;
+            if clients.fetch_add(1, SeqCst) >= MAX_CLIENTS {
+                clients.fetch_sub(1, SeqCst);
+                let mut stream = stream;
+                let _ = write_line(&mut stream, &error_reply("too many connections; try again"));
+                continue;
+            }
+            let (server, at_exit, clients) = (server.clone(), at_exit.clone(), clients.clone());
+            std::thread::spawn(move || {
+                serve_client(stream, &*server, &at_exit);
+                clients.fetch_sub(1, SeqCst);
+            });
         }
     });
     Ok(())
@@ -121,8 +191,14 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
         );
         return;
     }
+    let _ = stream.set_read_timeout(Some(IDLE));
+    let Ok(reading) = stream.try_clone() else {
+        return;
+    };
+    // One reader for the connection: requests sent together are answered in order.
+    let mut reader = BufReader::new(reading);
     loop {
-        let request = match read_line(&mut stream) {
+        let request = match read_line(&mut reader) {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(e) => {
@@ -159,14 +235,26 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 let Ok(waiting) = stream.try_clone() else {
                     return;
                 };
-                *at_exit.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(waiting);
+                {
+                    let mut slot = at_exit.0.lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.is_some() {
+                        drop(slot);
+                        let _ = write_line(
+                            &mut stream,
+                            &error_reply("another velo umount is committing this mount"),
+                        );
+                        continue;
+                    }
+                    *slot = Some(waiting);
+                }
                 if write_line(&mut stream, &json!({ "v": VERSION, "ok": true })).is_err() {
                     at_exit.take();
                     return;
                 }
-                // The client unmounts now; if it gives up (closes, or says cancel), the
-                // commit is off.
-                let _ = read_line(&mut stream);
+                // The client unmounts now; if it gives up (closes the connection), the
+                // commit is off. The wait has no deadline: unmounting may take long.
+                let _ = stream.set_read_timeout(None);
+                let _ = read_line(&mut reader);
                 at_exit.take();
                 return;
             }
@@ -193,13 +281,15 @@ pub fn answer_at_exit(mut stream: UnixStream, result: Result<velo_project::commi
 /// A connection to the server of the mount at `mountpoint`.
 pub struct Client {
     stream: UnixStream,
+    reader: BufReader<UnixStream>,
 }
 
 impl Client {
     pub fn connect(mountpoint: &Path) -> Result<Client> {
-        let stream = UnixStream::connect_addr(&address(mountpoint)?).with_context(|| {
+        let name = name_of_mount(mountpoint)?;
+        let stream = UnixStream::connect_addr(&address(&name)?).with_context(|| {
             format!(
-                "no velo server answers for {} (not a velo mount, or its server died: `velo umount {}`)",
+                "no velo server answers for {} (its server died: `velo umount {}`)",
                 mountpoint.display(),
                 mountpoint.display()
             )
@@ -210,7 +300,8 @@ impl Client {
                 mountpoint.display()
             );
         }
-        Ok(Client { stream })
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
     }
 
     /// Sends `op` and returns the reply (an `ok: false` reply is an error).
@@ -222,7 +313,7 @@ impl Client {
 
     /// The next reply.
     pub fn reply(&mut self) -> Result<Value> {
-        let reply = read_line(&mut self.stream)
+        let reply = read_line(&mut self.reader)
             .context("reading the mount server's reply")?
             .context("the mount's server closed the connection without answering")?;
         if reply.get("ok").and_then(Value::as_bool) != Some(true) {

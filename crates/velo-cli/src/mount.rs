@@ -202,7 +202,8 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
     )?
-    .with_passthrough(args.passthrough);
+    .with_passthrough(args.passthrough)
+    .with_max_depth(velo_core::MAX_DEPTH);
     // Entries' extended attributes are read from their directory's tree on demand
     // (the view marks the few entries that have any).
     let xattr_store = velo_store::Store::open(&store_root)?;
@@ -229,12 +230,14 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         control: fs.control(),
     });
     let at_exit = Arc::new(crate::control::AtExit::default());
-    crate::control::listen(&mountpoint, server.clone(), at_exit.clone())?;
+    let control = crate::control::new_name();
+    crate::control::listen(&control, server.clone(), at_exit.clone())?;
     velo_fuse::serve(
         fs,
         &mountpoint,
         &velo_fuse::MountOptions {
             allow_other: args.allow_other,
+            source: Some(format!("velo-{control}")),
         },
     )?;
     // Unmounted: nothing changes the upper any more. A `velo umount --commit` waits.
@@ -359,6 +362,27 @@ impl crate::control::Server for MountServer {
     }
 }
 
+/// Marks every descriptor above stderr close-on-exec (velo opens its own that way; these
+/// came from whoever started velo).
+fn close_inherited_on_exec() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: a descriptor number this process has open (listed just now; velo runs
+        // no other thread that closes descriptors meanwhile), borrowed only for this call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = rustix::io::fcntl_getfd(borrowed) {
+            let _ = rustix::io::fcntl_setfd(borrowed, flags | rustix::io::FdFlags::CLOEXEC);
+        }
+    }
+}
+
 /// Starts `velo mount --foreground` detached, and returns once the mount is live (or
 /// with the server's own error when it could not mount).
 fn start_in_background(
@@ -401,6 +425,9 @@ fn start_in_background(
     if args.passthrough {
         command.arg("--passthrough");
     }
+    // The server outlives this process: it must not keep what the caller handed velo (a
+    // pipe whose reader waits for its end would wait as long as the mount lives).
+    close_inherited_on_exec();
     // SAFETY: setsid between fork and exec: an async-signal-safe system call; the server
     // leaves the caller's session, so a terminal's hangup does not stop it.
     unsafe {
@@ -565,6 +592,14 @@ fn print_committed(
     Ok(())
 }
 
+/// Has the kernel write back what it holds of the mount (its writeback cache), so the
+/// server's upper has every write made before the commit was asked for.
+fn sync_mount(path: &Path) -> Result<()> {
+    let dir = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
+}
+
 /// `velo commit MOUNTPOINT`: seals the mount's current state as a tree; the mount goes
 /// on serving.
 pub fn commit(
@@ -589,6 +624,7 @@ pub fn commit(
     let store = velo_store::Store::open(Path::new(store_path))?;
     let _lock = store.lock_shared()?;
     let output = output.map(std::path::absolute).transpose()?;
+    sync_mount(&path)?;
     let report = crate::control::report_of(&client.request("commit")?)?;
     let c = crate::run::record_commit(
         &store,

@@ -745,3 +745,89 @@ fn a_tree_name_deleted_after_another_change_stays_deleted_in_the_commit() {
     assert_eq!(env.ok(&["ls", "after"]), "b-moved\n");
     assert_eq!(env.ok(&["cat", "after", "b-moved"]), "n\n");
 }
+
+/// What the hostile red-team run found: a program could nest directories deeper than a
+/// tree holds (no commit could seal the mount again, and `rm -rf` failed), file
+/// capabilities set on the mount survived into commits, and the control socket read past
+/// its 64 KiB limit and lost requests sent together.
+#[test]
+fn a_hostile_program_cannot_make_the_mount_uncommittable_or_keep_privileges() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let _mounted = mount(&env, "t", &at, &[]);
+    let script = r#"
+import errno, os, socket, json, struct
+fd = os.open(".", os.O_RDONLY)
+depth = 0
+while True:
+    try:
+        os.mkdir("a", dir_fd=fd)
+    except OSError as e:
+        assert e.errno == errno.ENAMETOOLONG, e
+        break
+    fd = os.open("a", os.O_RDONLY, dir_fd=fd)
+    depth += 1
+    assert depth < 5000
+print("depth", depth)
+if os.geteuid() == 0:
+    # A version-2 file capability: cap_setuid permitted and effective.
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0)
+    with open("capable", "wb") as f:
+        f.write(b"x")
+    os.setxattr("capable", "security.capability", cap)
+    os.chmod("capable", 0o4755)
+# The control socket, found as velo finds it: the mount's source names it.
+source = None
+for line in open("/proc/self/mountinfo"):
+    fields = line.split(" ")
+    if fields[4] == os.getcwd():
+        source = fields[fields.index("-") + 2]
+assert source.startswith("velo-"), source
+s = socket.socket(socket.AF_UNIX)
+s.connect(b"\0velo-mount-" + source[5:].encode())
+r = s.makefile("rb")
+s.sendall(b'{"v":1,"op":"info"}\n{"v":1,"op":"info"}\n')
+assert json.loads(r.readline())["ok"] and json.loads(r.readline())["ok"]
+s.sendall(b'{"v":1,"op":"info"}' + b" " * 70000 + b"\n")
+reply = json.loads(r.readline())
+assert not reply["ok"] and "64 KiB" in reply["error"], reply
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("ok\n"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The top is one level: 1,023 directories below it at most.
+    assert!(text.contains("depth 1023\n"), "{text}");
+    let report = env.json(&["commit", at.to_str().unwrap(), "--name", "c"]);
+    if common::is_root() {
+        assert_eq!(report["setid_dropped"], serde_json::json!(["capable"]));
+        let copy = env.path("copy");
+        env.ok(&["checkout", "c", copy.to_str().unwrap(), "--mode", "copy"]);
+        let mut buf = [0u8; 64];
+        assert!(
+            rustix::fs::getxattr(copy.join("capable"), "security.capability", &mut buf).is_err(),
+            "the capability was committed"
+        );
+    }
+    sh(&at, "rm -rf a");
+    assert_eq!(
+        env.ok(&["ls", "c"]).lines().count(),
+        if common::is_root() { 3 } else { 2 }
+    );
+}

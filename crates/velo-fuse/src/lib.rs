@@ -101,6 +101,8 @@ pub struct TreeFs {
     want_passthrough: bool,
     /// The kernel agreed to passthrough.
     passthrough: Arc<std::sync::atomic::AtomicBool>,
+    /// The most levels of directories a tree holds (the top counts as one).
+    max_depth: usize,
 }
 
 /// The handle of a running server that the CLI keeps: it seals the upper for a commit.
@@ -163,6 +165,7 @@ impl TreeFs {
             gate: Arc::new(RwLock::new(())),
             want_passthrough: false,
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            max_depth: usize::MAX,
         })
     }
 
@@ -181,6 +184,13 @@ impl TreeFs {
         self
     }
 
+    /// Refuses directories nested deeper than `levels` (the top counts as one): what a
+    /// tree may hold, so that every state of the mount can be committed.
+    pub fn with_max_depth(mut self, levels: usize) -> TreeFs {
+        self.max_depth = levels;
+        self
+    }
+
     /// The handle the CLI keeps to commit while the server runs.
     pub fn control(&self) -> Control {
         Control {
@@ -196,6 +206,8 @@ pub struct MountOptions {
     /// Let other users in (`allow_other`; needs root or `user_allow_other` in
     /// /etc/fuse.conf).
     pub allow_other: bool,
+    /// The mount's source name (`/proc/self/mountinfo`); default `velo`.
+    pub source: Option<String>,
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted. Blocks.
@@ -219,7 +231,7 @@ pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<()
     }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName("velo".into()),
+        fuser::MountOption::FSName(options.source.clone().unwrap_or_else(|| "velo".into())),
         fuser::MountOption::Subtype("velo".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,

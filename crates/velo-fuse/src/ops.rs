@@ -325,6 +325,7 @@ impl TreeFs {
         let parent = rustix::fs::fstat(dir).map_err(errno)?;
         // A set-group-ID directory gives its group, as the file system already did.
         let gid = (parent.st_mode & 0o2000 == 0).then(|| rustix::fs::Gid::from_raw(req.gid()));
+        let made = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
         rustix::fs::chownat(
             dir,
             name,
@@ -332,7 +333,19 @@ impl TreeFs {
             gid,
             AtFlags::SYMLINK_NOFOLLOW,
         )
-        .map_err(errno)
+        .map_err(errno)?;
+        // chown drops set-id bits; the caller made its own file with them, as it may.
+        let kind = rustix::fs::FileType::from_raw_mode(made.st_mode);
+        if made.st_mode & 0o6000 != 0 && kind != rustix::fs::FileType::Symlink {
+            rustix::fs::chmodat(
+                dir,
+                name,
+                Mode::from_raw_mode(made.st_mode & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(errno)?;
+        }
+        Ok(())
     }
 
     /// Makes room for a new object `parent`/`name`: the parent in the upper, no whiteout
@@ -510,6 +523,27 @@ impl TreeFs {
         self.ns.parent_dir(st, ino)
     }
 
+    /// Refuses a directory `levels` deep under directory `parent` that would nest deeper
+    /// than a tree may hold (a commit could never seal it).
+    fn check_depth(&self, parent: u64, levels: usize) -> Result<(), Errno> {
+        let st = self.state();
+        self.check_depth_in(&st, parent, levels)
+    }
+
+    fn check_depth_in(&self, st: &State, parent: u64, levels: usize) -> Result<(), Errno> {
+        let rel = self.ns.rel(st, parent)?;
+        let depth = if rel.is_empty() {
+            0
+        } else {
+            1 + rel.iter().filter(|&&b| b == b'/').count()
+        };
+        // The top is a level of its own.
+        if depth + levels + 1 > self.max_depth {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(())
+    }
+
     /// Whether directory `ino` shows no entry.
     fn is_empty_dir(&self, st: &mut State, ino: u64) -> Result<bool, Errno> {
         Ok(self.listing(st, ino)?.is_empty())
@@ -620,6 +654,10 @@ impl TreeFs {
             }
         }
         self.copy_up_moving(&mut st, src)?;
+        if si.kind == FileType::Directory && newparent != parent {
+            let height = upper_height(&*self.ns.dir_of(&st, src)?, self.max_depth);
+            self.check_depth_in(&st, newparent, height)?;
+        }
         if let (Some(d), true) = (dst, exchange) {
             self.copy_up_moving(&mut st, d)?;
         }
@@ -712,6 +750,7 @@ impl TreeFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
+        kill: bool,
     ) -> Result<FileAttr, Errno> {
         let _gate = self.change()?;
         if ino == ROOT && (mode.is_some() || uid.is_some() || gid.is_some()) {
@@ -741,6 +780,9 @@ impl TreeFs {
             }
             if let Some(size) = size {
                 rustix::fs::ftruncate(&*file, size).map_err(errno)?;
+                if kill {
+                    kill_privileges(&file)?;
+                }
             }
             if atime.is_some() || mtime.is_some() {
                 rustix::fs::futimens(
@@ -801,6 +843,16 @@ impl TreeFs {
                     .map_err(errno)?;
                     rustix::fs::ftruncate(&file, size).map_err(errno)?;
                 }
+            }
+            if kill {
+                let file = rustix::fs::openat(
+                    &*dir,
+                    name.as_slice(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno)?;
+                kill_privileges(&File::from(file))?;
             }
         }
         if atime.is_some() || mtime.is_some() {
@@ -873,8 +925,16 @@ impl TreeFs {
             }
             // Offsets come with every write: O_APPEND would make the file system ignore
             // them (the kernel already placed appends at the end).
-            let keep = OFlags::WRONLY | OFlags::RDWR | OFlags::SYNC | OFlags::DSYNC;
-            self.reopen(&st, ino, (raw & keep) | OFlags::NONBLOCK)?
+            // Read-write even when asked write-only, where the mode lets the server: the
+            // kernel may read through any writable handle to fill a partly written page.
+            let keep = OFlags::SYNC | OFlags::DSYNC;
+            match self.reopen(&st, ino, OFlags::RDWR | (raw & keep) | OFlags::NONBLOCK) {
+                Err(e) if e.code() == Errno::EACCES.code() => {
+                    let access = raw & (OFlags::WRONLY | OFlags::RDWR);
+                    self.reopen(&st, ino, access | (raw & keep) | OFlags::NONBLOCK)?
+                }
+                other => other?,
+            }
         } else {
             let st = self.state();
             self.reopen(&st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
@@ -917,6 +977,68 @@ impl TreeFs {
     }
 }
 
+/// How many levels of directories the upper directory `dir` holds (itself included),
+/// counted up to `limit`.
+fn upper_height(dir: &OwnedFd, limit: usize) -> usize {
+    let Ok(top) = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return 1;
+    };
+    let mut deepest = 1;
+    let mut stack = vec![(top, 1usize)];
+    while let Some((fd, level)) = stack.pop() {
+        deepest = deepest.max(level);
+        if level > limit {
+            break;
+        }
+        let Ok(entries) = upper::entries(&fd) else {
+            continue;
+        };
+        for (name, _, whiteout) in entries {
+            if whiteout {
+                continue;
+            }
+            if let Ok(sub) = rustix::fs::openat(
+                &fd,
+                name.as_slice(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                stack.push((sub, level + 1));
+            }
+        }
+    }
+    deepest
+}
+
+/// What writing or truncating a file takes away (the kernel leaves it to the server:
+/// FUSE_HANDLE_KILLPRIV_V2): the set-uid bit, the set-group-ID bit where group execute
+/// is set, and file capabilities.
+fn kill_privileges(file: &File) -> Result<(), Errno> {
+    let st = rustix::fs::fstat(file).map_err(errno)?;
+    let mut mode = st.st_mode & 0o7777;
+    mode &= !0o4000;
+    if mode & 0o010 != 0 {
+        mode &= !0o2000;
+    }
+    if mode != st.st_mode & 0o7777 {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode)).map_err(errno)?;
+    }
+    // Asked first: removing an absent capability is EPERM for a server that is not root.
+    let mut probe = [0u8; 64];
+    if rustix::fs::fgetxattr(file, "security.capability", &mut probe).is_ok() {
+        match rustix::fs::fremovexattr(file, "security.capability") {
+            Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    Ok(())
+}
+
 fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
     if size == 0 {
         reply.size(value.len() as u32);
@@ -932,7 +1054,15 @@ impl Filesystem for TreeFs {
         // Not FUSE_ATOMIC_O_TRUNC: with it, `open(O_RDONLY|O_TRUNC)` of a running program
         // would truncate in the server before the kernel refuses it (ETXTBSY); without
         // it, the truncation comes as a setattr after the kernel's checks.
-        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS;
+        // FUSE_HANDLE_KILLPRIV_V2: the server drops set-uid/set-gid bits and file
+        // capabilities when a file is written, truncated or chowned (the kernel says when,
+        // in the request), so the kernel does not ask for `security.capability` before
+        // every write (a round trip each, four per file of an untar).
+        // Not FUSE_WRITEBACK_CACHE: the kernel would keep mtimes itself and write pages
+        // back later, so the upper (and so a commit) would hold other mtimes than the mount
+        // showed (found by git and make on the mount).
+        let wanted =
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -997,7 +1127,7 @@ impl Filesystem for TreeFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1013,7 +1143,10 @@ impl Filesystem for TreeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.set_attr(ino.into(), mode, uid, gid, size, atime, mtime, fh) {
+        // Truncation by anyone but root drops set-id bits and capabilities (the kernel
+        // leaves that to the server: FUSE_HANDLE_KILLPRIV_V2).
+        let kill = size.is_some() && mode.is_none() && req.uid() != 0;
+        match self.set_attr(ino.into(), mode, uid, gid, size, atime, mtime, fh, kill) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -1104,6 +1237,7 @@ impl Filesystem for TreeFs {
         reply: ReplyEntry,
     ) {
         let result = self.change().and_then(|_gate| {
+            self.check_depth(parent.into(), 1)?;
             self.make(req, parent.into(), name.as_bytes(), |dir| {
                 rustix::fs::mkdirat(dir, name.as_bytes(), Mode::from_raw_mode(mode & 0o7777))
                     .map(|_| None)
@@ -1296,13 +1430,16 @@ impl Filesystem for TreeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let result = self.change().and_then(|_gate| {
             let file = self.writable_file(fh, CopyUp::Whole)?;
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                kill_privileges(&file)?;
+            }
             file.write_all_at(data, offset).map_err(io_errno)
         });
         match result {

@@ -7,7 +7,7 @@
 //! follows the changed set, not the tree.
 //!
 //! What was written inside a run is untrusted: a file committed from an upper loses its
-//! set-user-ID and set-group-ID bits (the report lists them), so `chmod 4755` inside a
+//! set-user-ID and set-group-ID bits and its file capabilities (the report lists them), so `chmod 4755` inside a
 //! sandbox can never become a set-uid file that root later checks out. Directories keep
 //! theirs: on Linux set-uid means nothing on a directory, and set-gid only makes new
 //! entries inherit the directory's group, which grants no one anything. Holes of sparse
@@ -113,9 +113,12 @@ pub struct CommitReport {
     /// The new root tree.
     pub root: Hash,
     /// Files of the upper (paths relative to the tree's root) whose set-user-ID or
-    /// set-group-ID bits were dropped; callers should say so.
+    /// set-group-ID bits or file capabilities were dropped; callers should say so.
     pub setid_dropped: Vec<PathBuf>,
 }
+
+/// The attribute of file capabilities.
+const CAPABILITY: &[u8] = b"security.capability";
 
 /// Applies an overlay-format upper directory to `base`; returns the new root and what was
 /// dropped. The caller holds the store's shared lock. New objects are staged in a batch
@@ -330,6 +333,21 @@ impl CommitWalk<'_, '_> {
                     .filter(|b| b.kind.label() == kind.label())
                 {
                     xattrs = base.xattrs.clone();
+                }
+            }
+            // File capabilities are privileges, like set-id bits: a file of the upper was
+            // written or made by the command, so it never keeps them.
+            if xattrs.get(CAPABILITY).is_some() {
+                xattrs = velo_core::Xattrs::new(
+                    xattrs
+                        .iter()
+                        .filter(|(n, _)| *n != CAPABILITY)
+                        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                        .collect(),
+                )
+                .map_err(|e| ProjectError::Store(StoreError::Invalid(e.to_string())))?;
+                if !self.setid_dropped.contains(&rel.join(os_name)) {
+                    self.setid_dropped.push(rel.join(os_name));
                 }
             }
             entries.insert(
