@@ -141,16 +141,26 @@ pub trait Server: Send + Sync + 'static {
     /// Seals the current state: the new root and the files whose set-id bits were
     /// dropped.
     fn commit(&self) -> Result<velo_project::commit::CommitReport>;
+    /// Whether the mount still serves (a client that goes away before it is unmounted
+    /// takes its commit-at-unmount back; after, the commit goes on without it).
+    fn mounted(&self) -> bool;
 }
 
-/// A commit asked for when the server stops (`velo umount --commit`): the connection to
-/// answer on.
+/// A commit asked for when the server stops (`velo umount --commit/--name`): where to
+/// write it, under which name, and the connection to answer on.
+pub struct Pending {
+    pub stream: UnixStream,
+    pub name: Option<String>,
+    pub out: Option<PathBuf>,
+}
+
+/// The one commit-at-unmount a server may be asked for.
 #[derive(Default)]
-pub struct AtExit(Mutex<Option<UnixStream>>);
+pub struct AtExit(Mutex<Option<Pending>>);
 
 impl AtExit {
-    /// The waiting client's connection, if one still waits.
-    pub fn take(&self) -> Option<UnixStream> {
+    /// The commit asked for, if one still is.
+    pub fn take(&self) -> Option<Pending> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -218,7 +228,8 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 let info = server.info();
                 json!({
                     "v": VERSION, "ok": true,
-                    "store": info.store, "root": info.root, "upper": info.upper,
+                    "store": info.store.to_string_lossy(), "root": info.root,
+                    "upper": info.upper.as_ref().map(|u| u.to_string_lossy()),
                     "temporary": info.temporary, "name": info.name,
                     "passthrough": info.passthrough,
                     "changed": server.changed(),
@@ -227,7 +238,16 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
             Some("commit") => match server.commit() {
                 Ok(report) => json!({
                     "v": VERSION, "ok": true, "root": report.root.to_hex(),
-                    "setid_dropped": report.setid_dropped,
+                    "setid_dropped": report
+                        .setid_dropped
+                        .iter()
+                        .map(|p| p.to_string_lossy())
+                        .collect::<Vec<_>>(),
+                    "not_committed": report
+                        .not_committed
+                        .iter()
+                        .map(|p| p.to_string_lossy())
+                        .collect::<Vec<_>>(),
                 }),
                 Err(e) => error_reply(format!("{e:#}")),
             },
@@ -235,6 +255,14 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 let Ok(waiting) = stream.try_clone() else {
                     return;
                 };
+                let name = request
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let out = request
+                    .get("out")
+                    .and_then(Value::as_str)
+                    .map(PathBuf::from);
                 {
                     let mut slot = at_exit.0.lock().unwrap_or_else(|e| e.into_inner());
                     if slot.is_some() {
@@ -245,17 +273,24 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                         );
                         continue;
                     }
-                    *slot = Some(waiting);
+                    *slot = Some(Pending {
+                        stream: waiting,
+                        name,
+                        out,
+                    });
                 }
                 if write_line(&mut stream, &json!({ "v": VERSION, "ok": true })).is_err() {
                     at_exit.take();
                     return;
                 }
-                // The client unmounts now; if it gives up (closes the connection), the
-                // commit is off. The wait has no deadline: unmounting may take long.
+                // The client unmounts now. If it goes away while the mount still serves
+                // (its unmount failed), the commit is off; once unmounted, the server
+                // commits and registers it whether the client waits or not.
                 let _ = stream.set_read_timeout(None);
                 let _ = read_line(&mut reader);
-                at_exit.take();
+                if server.mounted() {
+                    at_exit.take();
+                }
                 return;
             }
             _ => error_reply("unknown request"),
@@ -266,13 +301,16 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
     }
 }
 
-/// Answers the client that asked for a commit at exit.
-pub fn answer_at_exit(mut stream: UnixStream, result: Result<velo_project::commit::CommitReport>) {
-    let reply = match result {
-        Ok(report) => json!({
-            "v": VERSION, "ok": true, "root": report.root.to_hex(),
-            "setid_dropped": report.setid_dropped,
-        }),
+/// Answers the client that asked for a commit at exit (if it still listens).
+pub fn answer_at_exit(mut stream: UnixStream, reply: Result<Value>) {
+    let reply = match reply {
+        Ok(mut value) => {
+            if let Some(map) = value.as_object_mut() {
+                map.insert("v".into(), json!(VERSION));
+                map.insert("ok".into(), json!(true));
+            }
+            value
+        }
         Err(e) => error_reply(format!("{e:#}")),
     };
     let _ = write_line(&mut stream, &reply);
@@ -306,8 +344,12 @@ impl Client {
 
     /// Sends `op` and returns the reply (an `ok: false` reply is an error).
     pub fn request(&mut self, op: &str) -> Result<Value> {
-        write_line(&mut self.stream, &json!({ "v": VERSION, "op": op }))
-            .context("talking to the mount's server")?;
+        self.request_with(json!({ "v": VERSION, "op": op }))
+    }
+
+    /// Sends a request with fields of its own.
+    pub fn request_with(&mut self, request: Value) -> Result<Value> {
+        write_line(&mut self.stream, &request).context("talking to the mount's server")?;
         self.reply()
     }
 
@@ -341,6 +383,16 @@ pub fn report_of(reply: &Value) -> Result<velo_project::commit::CommitReport> {
             .map_err(|e| anyhow::anyhow!("the server's reply names a bad root: {e}"))?,
         setid_dropped: reply
             .get("setid_dropped")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        not_committed: reply
+            .get("not_committed")
             .and_then(Value::as_array)
             .map(|a| {
                 a.iter()

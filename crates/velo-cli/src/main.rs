@@ -175,8 +175,8 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
-    /// Serve a tree as a FUSE file system at MOUNTPOINT (read-only in this version), in
-    /// the background until `velo umount`
+    /// Serve a tree as a read-write FUSE file system at MOUNTPOINT, in the background
+    /// until `velo umount`; changes go copy-on-write to an upper, `velo commit` seals them
     Mount {
         /// A root name, a tree hash (or unique prefix), or a .velo file
         tree: String,

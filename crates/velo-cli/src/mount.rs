@@ -188,8 +188,11 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     ])
     .context("catching signals")?;
     let watched = mountpoint.clone();
+    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = signalled.clone();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = unmount(&watched, true) {
                 note!("velo: {e:#}");
             }
@@ -222,6 +225,9 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
             .unwrap_or_default()
     }));
     let server = Arc::new(MountServer {
+        mountpoint: mountpoint.clone(),
+        serving: std::sync::atomic::AtomicBool::new(true),
+        signalled: signalled.clone(),
         store_root: store_root.clone(),
         root,
         upper: upper_path.clone(),
@@ -240,14 +246,42 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
             source: Some(format!("velo-{control}")),
         },
     )?;
-    // Unmounted: nothing changes the upper any more. A `velo umount --commit` waits.
+    server
+        .serving
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // The server made files with the caller's modes; what it writes now is its own.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Unmounted: nothing changes the upper any more. A `velo umount --commit` asked for
+    // a commit: made and registered here, so it is kept even if that client went away.
     let mut keep_session = false;
-    if let Some(client) = at_exit.take() {
-        let result = crate::control::Server::commit(&*server);
-        if result.is_err() {
+    let mut kept_note = String::new();
+    if let Some(pending) = at_exit.take() {
+        let result = commit_at_exit(&server, &store, &pending, &mountpoint);
+        if let (Err(e), Some(session)) = (&result, &session) {
             keep_session = true;
+            kept_note = format!(
+                "; the changes are kept in {} (overlay format: mount that tree with --upper {} to go on)",
+                session.dir().join("upper").display(),
+                session.dir().join("upper").display()
+            );
+            note!("velo: committing at unmount failed: {e:#}{kept_note}");
         }
-        crate::control::answer_at_exit(client, result);
+        crate::control::answer_at_exit(
+            pending.stream,
+            result.map_err(|e| anyhow::anyhow!("{e:#}{kept_note}")),
+        );
+    } else if server.signalled.load(std::sync::atomic::Ordering::SeqCst)
+        && session.is_some()
+        && crate::control::Server::changed(&*server)
+    {
+        // Stopped by a signal: never throw changes away silently.
+        keep_session = true;
+        if let Some(session) = &session {
+            note!(
+                "velo: stopped by a signal; the changes are kept in {} (overlay format)",
+                session.dir().join("upper").display()
+            );
+        }
     }
     if let Some(session) = session {
         if keep_session {
@@ -270,7 +304,25 @@ fn prepare_kept_upper(
     mountpoint: &Path,
     root: velo_core::Hash,
 ) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
+    // Checked before anything is made: a refused upper leaves no directory behind.
+    if let Ok(absolute) = std::path::absolute(dir) {
+        let resolved = absolute
+            .ancestors()
+            .find_map(|a| {
+                let rest = absolute.strip_prefix(a).ok()?;
+                Some(std::fs::canonicalize(a).ok()?.join(rest))
+            })
+            .unwrap_or(absolute);
+        if resolved.starts_with(mountpoint) || mountpoint.starts_with(&resolved) {
+            bail!(
+                "--upper {}: inside the mount point {} (or containing it); the server would wait on itself. Choose another directory",
+                dir.display(),
+                mountpoint.display()
+            );
+        }
+    }
     let (path, lock) = velo_project::session::prepare_upper(store_root, dir)?;
+    probe_upper(&lock, dir)?;
     if path.starts_with(mountpoint) || mountpoint.starts_with(&path) {
         bail!(
             "--upper {}: inside the mount point {} (or containing it); the server would wait on itself. Choose another directory",
@@ -312,8 +364,71 @@ fn prepare_kept_upper(
     Ok((path, lock))
 }
 
+/// Commits the upper of a server that was just unmounted, writes and registers it as the
+/// `velo umount` that asked said; the reply it gets.
+fn commit_at_exit(
+    server: &MountServer,
+    store: &velo_store::Store,
+    pending: &crate::control::Pending,
+    mountpoint: &Path,
+) -> Result<serde_json::Value> {
+    let report = crate::control::Server::commit(server)?;
+    let c = crate::run::record_commit(
+        store,
+        &report,
+        pending.out.as_deref(),
+        pending.name.as_deref(),
+        format!("velo umount {}", mountpoint.display()),
+    )?;
+    Ok(serde_json::json!({
+        "root": c.root.to_hex(),
+        "name_moved_from": c.moved_from,
+        "setid_dropped": c.setid_dropped,
+        "not_committed": c.not_committed,
+    }))
+}
+
+/// Refuses an upper on a file system that cannot hold the upper format: unnamed files
+/// for whole copy-ups (`O_TMPFILE`) and 0/0 character devices for deletions.
+fn probe_upper(dir: &std::os::fd::OwnedFd, shown: &Path) -> Result<()> {
+    let hint = "choose a directory on ext4, xfs, btrfs or tmpfs";
+    rustix::fs::openat(
+        dir,
+        ".",
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .with_context(|| {
+        format!(
+            "--upper {}: its file system has no unnamed files (O_TMPFILE), which copy-ups need; {hint}",
+            shown.display()
+        )
+    })?;
+    let probe = format!(".velo-probe-{}", std::process::id());
+    rustix::fs::mknodat(
+        dir,
+        probe.as_str(),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .with_context(|| {
+        format!(
+            "--upper {}: its file system refuses 0/0 character devices, the upper format's deletions; {hint}",
+            shown.display()
+        )
+    })?;
+    let _ = rustix::fs::unlinkat(dir, probe.as_str(), rustix::fs::AtFlags::empty());
+    Ok(())
+}
+
 /// The mount's side of the control endpoint.
 struct MountServer {
+    mountpoint: PathBuf,
+    /// Cleared once the session ends (the mount is gone).
+    serving: std::sync::atomic::AtomicBool,
+    /// A signal stopped the server.
+    signalled: Arc<std::sync::atomic::AtomicBool>,
     store_root: PathBuf,
     root: velo_core::Hash,
     upper: Option<PathBuf>,
@@ -332,6 +447,11 @@ impl crate::control::Server for MountServer {
             name: self.name.clone(),
             passthrough: self.control.passthrough(),
         }
+    }
+
+    fn mounted(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
+            && velo_fuse::is_fuse_mount(&self.mountpoint)
     }
 
     fn changed(&self) -> bool {
@@ -443,7 +563,7 @@ fn start_in_background(
             let _ = std::fs::remove_file(&log);
             if ctx.json {
                 crate::fmt::try_print_json(&serde_json::json!({
-                    "mounted": mountpoint,
+                    "mounted": mountpoint.to_string_lossy(),
                     "root": root,
                     "server_pid": child.id(),
                 }))?;
@@ -522,32 +642,48 @@ pub fn umount(
     let name = name.map(str::to_string).or_else(|| field("name"));
     let wants_commit = commit_to.is_some() || name.is_some();
     let commit_to = commit_to.map(std::path::absolute).transpose()?;
-    let mut held = None;
+    // Everything that could fail the commit's registration is checked before the mount
+    // goes: a bad name or output path must not cost the changes.
+    if wants_commit {
+        check_commit_target(name.as_deref(), commit_to.as_deref())?;
+        if info
+            .as_ref()
+            .is_some_and(|i| i.get("upper").is_none_or(|u| u.is_null()))
+        {
+            bail!(
+                "{} is a --read-only mount: nothing to commit (velo umount without --commit/--name unmounts it)",
+                path.display()
+            );
+        }
+    }
     if let (true, Some(client)) = (wants_commit, &mut client) {
-        let store_path = field("store").context("the server named no store")?;
-        let store = velo_store::Store::open(Path::new(&store_path))?;
-        // Held from before the commit until the tree is registered: gc must not take the
-        // new objects in between.
-        let lock = store.lock_shared()?;
-        client.request("commit_at_exit")?;
-        held = Some((store, lock));
+        let out = match &commit_to {
+            Some(out) => Some(out.to_str().with_context(|| {
+                format!("--commit {}: velo umount takes a UTF-8 path", out.display())
+            })?),
+            None => None,
+        };
+        client.request_with(serde_json::json!({
+            "v": 1, "op": "commit_at_exit", "name": name, "out": out,
+        }))?;
     }
     unmount(&path, false)?;
     let mut committed = None;
-    if let (Some((store, _lock)), Some(client)) = (&held, &mut client) {
-        let report = crate::control::report_of(
-            &client
-                .reply()
-                .context("the mount was unmounted, but its server did not commit")?,
-        )?;
-        let c = crate::run::record_commit(
-            store,
-            &report,
-            commit_to.as_deref(),
-            name.as_deref(),
-            format!("velo umount {}", path.display()),
-        )?;
-        committed = Some(c);
+    if let (true, Some(client)) = (wants_commit, &mut client) {
+        // The server commits and registers once the mount is gone; stopping velo now
+        // loses nothing.
+        let reply = client
+            .reply()
+            .context("the mount was unmounted, but its server did not commit")?;
+        committed = Some(crate::run::Committed {
+            root: crate::control::report_of(&reply)?.root,
+            moved_from: reply
+                .get("name_moved_from")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            setid_dropped: strings(&reply, "setid_dropped"),
+            not_committed: strings(&reply, "not_committed"),
+        });
     } else if info
         .as_ref()
         .is_some_and(|i| i.get("temporary") == Some(&serde_json::Value::Bool(true)))
@@ -572,17 +708,21 @@ fn print_committed(
 ) -> Result<()> {
     if ctx.json {
         crate::fmt::try_print_json(&serde_json::json!({
-            what: path,
+            what: path.to_string_lossy(),
             "committed": committed.map(|c| c.root.to_hex()),
             "name": committed.and(name),
             "name_moved_from": committed.and_then(|c| c.moved_from.clone()),
             "setid_dropped": committed.map(|c| c.setid_dropped.clone()).unwrap_or_default(),
+            "not_committed": committed.map(|c| c.not_committed.clone()).unwrap_or_default(),
         }))?;
         return Ok(());
     }
     if let Some(c) = committed {
         for p in &c.setid_dropped {
-            note!("velo: {p}: setuid/setgid bits dropped (a file written on the mount cannot grant privileges)");
+            note!("velo: {p}: setuid/setgid bits and file capabilities dropped (a file written on the mount cannot grant privileges)");
+        }
+        for p in &c.not_committed {
+            note!("velo: {p}: not committed (a socket, fifo or device: a tree holds files, directories and symlinks)");
         }
         note!("velo: committed {} as {}", path.display(), c.root);
         if let (Some(name), Some(previous)) = (name, &c.moved_from) {
@@ -597,6 +737,42 @@ fn print_committed(
 fn sync_mount(path: &Path) -> Result<()> {
     let dir = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
+}
+
+/// The strings of array `key` of a reply.
+fn strings(reply: &serde_json::Value, key: &str) -> Vec<String> {
+    reply
+        .get(key)
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Refuses a commit whose name or output could not be registered or written.
+fn check_commit_target(name: Option<&str>, out: Option<&Path>) -> Result<()> {
+    if let Some(name) = name {
+        velo_store::validate_root_name(name).with_context(|| format!("--name {name:?}"))?;
+    }
+    if let Some(out) = out {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent {
+            if !parent.is_dir() {
+                bail!(
+                    "--commit {}: {} is not a directory",
+                    out.display(),
+                    parent.display()
+                );
+            }
+        }
+        if out.is_dir() {
+            bail!("--commit {}: a directory, not a file", out.display());
+        }
+    }
     Ok(())
 }
 
@@ -624,6 +800,7 @@ pub fn commit(
     let store = velo_store::Store::open(Path::new(store_path))?;
     let _lock = store.lock_shared()?;
     let output = output.map(std::path::absolute).transpose()?;
+    check_commit_target(name.as_deref(), output.as_deref())?;
     sync_mount(&path)?;
     let report = crate::control::report_of(&client.request("commit")?)?;
     let c = crate::run::record_commit(

@@ -249,6 +249,8 @@ pub(crate) struct Committed {
     pub moved_from: Option<String>,
     /// Files whose setuid/setgid bits the commit dropped (paths inside the tree).
     pub setid_dropped: Vec<String>,
+    /// Sockets, fifos and devices the commit could not hold (paths inside the tree).
+    pub not_committed: Vec<String>,
 }
 
 /// Commits the upper, writes `--commit OUT`, then registers the root (under `--name`).
@@ -338,6 +340,11 @@ pub(crate) fn record_commit(
         moved_from,
         setid_dropped: report
             .setid_dropped
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        not_committed: report
+            .not_committed
             .iter()
             .map(|p| p.display().to_string())
             .collect(),
@@ -483,6 +490,9 @@ pub(crate) fn finish_run(
     } else if let Some(c) = &committed {
         for path in &c.setid_dropped {
             note!("velo: {path}: setuid/setgid bits dropped (a sandboxed command cannot grant privileges)");
+        }
+        for path in &c.not_committed {
+            note!("velo: {path}: not committed (a socket, fifo or device: a tree holds files, directories and symlinks)");
         }
         note!("velo: committed the run's changes as {}", c.root);
         if let (Some(name), Some(previous)) = (&args.name, &c.moved_from) {

@@ -831,3 +831,123 @@ print("ok")
         if common::is_root() { 3 } else { 2 }
     );
 }
+
+/// What the new-user red-team run found: a bad `--name` was refused only after the mount
+/// and its changes were gone; a `velo umount --name` stopped after the unmount lost the
+/// commit; a fifo made over a deleted tree file brought the file back in the commit;
+/// `--json` with a non-UTF-8 mount point panicked; a refused `--upper` left a directory.
+#[test]
+fn mistakes_and_interruptions_at_unmount_lose_no_change() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("old"), b"old\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    // A non-UTF-8 mount point, with --json.
+    let at = env.path("").join(std::ffi::OsStr::from_bytes(b"mnt-\xff"));
+    fs::create_dir_all(&at).unwrap();
+    let out = env.run(&["--json", "mount", "t", at.to_str().unwrap_or("")]);
+    let out = if out.status.success() {
+        out
+    } else {
+        env.cmd()
+            .args(["--json", "mount", "t"])
+            .arg(&at)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    fs::write(at.join("precious"), b"precious\n").unwrap();
+    fs::remove_file(at.join("old")).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(at.join("old"))
+        .status()
+        .unwrap()
+        .success());
+    // A bad name: refused while the mount still serves.
+    let refused = env
+        .cmd()
+        .args(["umount", "--name", "bad name"])
+        .arg(&at)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("bad name"));
+    assert_eq!(fs::read(at.join("precious")).unwrap(), b"precious\n");
+    // A commit asked for at unmount is made and registered by the server, even when the
+    // client is gone by then: here the client says so over the socket and hangs up,
+    // and the unmount is done by hand.
+    let script = r#"
+import json, os, socket, subprocess, sys
+at = sys.argv[1].encode("utf-8", "surrogateescape")
+source = None
+for line in open("/proc/self/mountinfo", "rb"):
+    f = line.split(b" ")
+    if f[4] == at.replace(b"\\", b"\\134"):
+        source = f[f.index(b"-") + 2].decode()
+s = socket.socket(socket.AF_UNIX)
+s.connect(b"\0velo-mount-" + source[5:].encode())
+s.sendall(b'{"v":1,"op":"commit_at_exit","name":"kept"}\n')
+assert json.loads(s.makefile("rb").readline())["ok"]
+subprocess.run(["fusermount3", "-u", at], check=True)
+s.close()
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::mem::forget(mounted);
+    let registered = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        env.run(&["ls", "kept"]).status.success()
+    });
+    assert!(
+        registered,
+        "the commit asked for at unmount was not registered"
+    );
+    // The fifo hid the tree's file: neither is in the commit.
+    assert_eq!(env.ok(&["ls", "kept"]), "precious\n");
+    // A read-only mount: `umount --name` is refused before anything happens.
+    let ro = env.path("ro");
+    let _ro = mount(&env, "t", &ro, &["--read-only"]);
+    let refused = env.fails(&["umount", ro.to_str().unwrap(), "--name", "x"]);
+    assert!(refused.contains("read-only"), "{refused}");
+    assert!(ro.join("old").exists());
+    // A refused --upper leaves nothing behind.
+    let other = env.path("other");
+    let _other = mount(&env, "t", &other, &[]);
+    let inside = other.join("up");
+    let again = env.path("again");
+    fs::create_dir_all(&again).unwrap();
+    let refused = env.fails(&[
+        "mount",
+        "t",
+        again.to_str().unwrap(),
+        "--upper",
+        again.join("up").to_str().unwrap(),
+    ]);
+    assert!(refused.contains("inside the mount point"), "{refused}");
+    assert!(!again.join("up").exists() && !inside.exists());
+    env.fsck_ok();
+}

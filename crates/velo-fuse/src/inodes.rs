@@ -318,20 +318,50 @@ impl Namespace {
     /// above it is renamed, and opening it costs no walk from the top (a copy-up or a
     /// create made several). Dropped when the directory is removed ([`Self::forget_dir`]).
     pub(crate) fn dir_of(&self, st: &State, ino: u64) -> Result<Arc<OwnedFd>, Errno> {
-        if let Some(fd) = self
-            .dir_fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ino)
-        {
-            return Ok(fd.clone());
+        let cached = |ino: u64| {
+            self.dir_fds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ino)
+                .cloned()
+        };
+        if let Some(fd) = cached(ino) {
+            return Ok(fd);
         }
-        let fd = Arc::new(self.upper()?.dir(&self.rel(st, ino)?)?);
+        // Opened from the nearest open ancestor down, one name at a time: no path is
+        // ever longer than a name (a deep directory's path may pass PATH_MAX).
+        let mut below = Vec::new();
+        let mut current = ino;
+        let mut fd = loop {
+            if current == ROOT {
+                break Arc::new(self.upper()?.dir(b"")?);
+            }
+            if let Some(fd) = cached(current) {
+                break fd;
+            }
+            if below.len() > MAX_DEPTH {
+                return Err(Errno::ELOOP);
+            }
+            let (parent, name) = self.link(st, current)?;
+            below.push((current, name));
+            current = parent;
+        };
         let mut fds = self.dir_fds.lock().unwrap_or_else(|e| e.into_inner());
         if fds.len() >= OPEN_DIRS {
             fds.clear();
         }
-        fds.insert(ino, fd.clone());
+        fds.insert(current, fd.clone());
+        for (dir, name) in below.into_iter().rev() {
+            let opened = rustix::fs::openat(
+                &*fd,
+                name.as_slice(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(errno)?;
+            fd = Arc::new(opened);
+            fds.insert(dir, fd.clone());
+        }
         Ok(fd)
     }
 

@@ -954,8 +954,15 @@ impl TreeFs {
     /// Opens `ino`'s upper object with `flags` (through an open handle when it has no
     /// name left).
     fn reopen(&self, st: &State, ino: u64, flags: OFlags) -> Result<File, Errno> {
-        match self.ns.rel(st, ino) {
-            Ok(rel) => Ok(File::from(self.ns.upper()?.open_at(&rel, flags)?)),
+        match self.ns.parent_dir(st, ino) {
+            Ok((dir, name)) => rustix::fs::openat(
+                &*dir,
+                name.as_slice(),
+                flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map(File::from)
+            .map_err(errno),
             Err(e) => {
                 let open = self.open_file_of(ino).ok_or(e)?;
                 rustix::fs::open(
@@ -972,8 +979,14 @@ impl TreeFs {
     /// `ino`'s object for the xattr calls: an `O_PATH` descriptor reached through
     /// `/proc/self/fd` (which follows to the object itself, symlink or not).
     fn xattr_target(&self, st: &State, ino: u64) -> Result<OwnedFd, Errno> {
-        let rel = self.ns.rel(st, ino)?;
-        self.ns.upper()?.open_at(&rel, OFlags::PATH)
+        let (dir, name) = self.ns.parent_dir(st, ino)?;
+        rustix::fs::openat(
+            &*dir,
+            name.as_slice(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)
     }
 }
 

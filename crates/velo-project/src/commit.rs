@@ -115,6 +115,9 @@ pub struct CommitReport {
     /// Files of the upper (paths relative to the tree's root) whose set-user-ID or
     /// set-group-ID bits or file capabilities were dropped; callers should say so.
     pub setid_dropped: Vec<PathBuf>,
+    /// Sockets, fifos and devices of the upper: a tree cannot hold them, so the new tree
+    /// has nothing of their names (not the base's entry either); callers should say so.
+    pub not_committed: Vec<PathBuf>,
 }
 
 /// The attribute of file capabilities.
@@ -162,15 +165,17 @@ pub fn commit_upper(
         batch: &batch,
         shown,
         setid_dropped: Vec::new(),
+        not_committed: Vec::new(),
     };
     let tree = velo_store::in_walk_pool(|| walk.dir(Some(base_tree), &dir, upper, Path::new("")))?;
-    let setid_dropped = walk.setid_dropped;
+    let (setid_dropped, not_committed) = (walk.setid_dropped, walk.not_committed);
     let root = stage_tree(store, &batch, &tree)?;
     store.sync()?;
     batch.publish()?;
     Ok(CommitReport {
         root,
         setid_dropped,
+        not_committed,
     })
 }
 
@@ -215,6 +220,7 @@ struct CommitWalk<'a, 'b> {
     /// How the lowers showed the base.
     shown: Shown,
     setid_dropped: Vec<PathBuf>,
+    not_committed: Vec<PathBuf>,
 }
 
 impl CommitWalk<'_, '_> {
@@ -313,7 +319,9 @@ impl CommitWalk<'_, '_> {
                     }
                 }
                 _ => {
-                    tracing::warn!(path = %rel.join(os_name).display(), "not committing a socket, fifo or device");
+                    // It replaced whatever the base had there: that must not come back.
+                    entries.remove(&name);
+                    self.not_committed.push(rel.join(os_name));
                     continue;
                 }
             };
