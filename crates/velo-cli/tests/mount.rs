@@ -8,43 +8,10 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::Env;
-
-fn fuse_available() -> bool {
-    let fusermount = ["fusermount3", "fusermount"]
-        .iter()
-        .any(|t| common::find_tool(t).is_some());
-    common::require(
-        Path::new("/dev/fuse").exists() && (common::is_root() || fusermount),
-        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
-    )
-}
-
-/// A mount that is unmounted when the test ends, whatever happens.
-struct Mounted<'a> {
-    env: &'a Env,
-    at: std::path::PathBuf,
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
-    }
-}
+use common::{fuse_available, mount_with, Env, Mounted};
 
 fn mount<'a>(env: &'a Env, tree: &str, at: &Path) -> Mounted<'a> {
     mount_with(env, tree, at, &[])
-}
-
-fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
-    fs::create_dir_all(at).unwrap();
-    let mut args = vec!["mount", tree, at.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    env.ok(&args);
-    Mounted {
-        env,
-        at: at.to_path_buf(),
-    }
 }
 
 #[test]

@@ -19,52 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::Env;
-
-fn fuse_available() -> bool {
-    let fusermount = ["fusermount3", "fusermount"]
-        .iter()
-        .any(|t| common::find_tool(t).is_some());
-    common::require(
-        Path::new("/dev/fuse").exists() && (common::is_root() || fusermount),
-        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
-    )
-}
-
-/// A mount that is unmounted when the test ends, whatever happens (`velo umount` also
-/// cleans up a mount whose server died).
-struct Mounted<'a> {
-    env: &'a Env,
-    at: PathBuf,
-}
-
-impl Mounted<'_> {
-    /// `velo umount MOUNTPOINT EXTRA`, asserting success (the guard is then spent).
-    fn umount(self, extra: &[&str]) -> String {
-        let mut args = vec!["umount", self.at.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let out = self.env.ok(&args);
-        std::mem::forget(self);
-        out
-    }
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
-    }
-}
-
-fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
-    fs::create_dir_all(at).unwrap();
-    let mut args = vec!["mount", tree, at.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    env.ok(&args);
-    Mounted {
-        env,
-        at: at.to_path_buf(),
-    }
-}
+use common::{fuse_available, mount_with, Env, Mounted};
 
 fn server_pid(at: &Path) -> Option<u32> {
     let out = Command::new("pgrep")

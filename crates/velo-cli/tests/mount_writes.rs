@@ -12,40 +12,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::Env;
-
-fn fuse_available() -> bool {
-    let fusermount = ["fusermount3", "fusermount"]
-        .iter()
-        .any(|t| common::find_tool(t).is_some());
-    common::require(
-        Path::new("/dev/fuse").exists() && (common::is_root() || fusermount),
-        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
-    )
-}
-
-/// A mount that is unmounted when the test ends, whatever happens.
-struct Mounted<'a> {
-    env: &'a Env,
-    at: PathBuf,
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
-    }
-}
-
-fn mount<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
-    fs::create_dir_all(at).unwrap();
-    let mut args = vec!["mount", tree, at.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    env.ok(&args);
-    Mounted {
-        env,
-        at: at.to_path_buf(),
-    }
-}
+use common::{fuse_available, mount_with, Env, Mounted};
 
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh")
@@ -148,7 +115,7 @@ fn changes_on_the_mount_match_the_same_changes_natively_and_commit_exactly() {
     std::thread::sleep(std::time::Duration::from_millis(20));
 
     let at = env.path("mnt");
-    let mounted = mount(&env, "t", &at, &[]);
+    let mounted = mount_with(&env, "t", &at, &[]);
     let before = fs::metadata(at.join("plain.txt")).unwrap();
     apply_changes(&native, &marker);
     apply_changes(&at, &marker);
@@ -205,7 +172,7 @@ fn open_descriptors_mappings_and_ranges_behave_as_on_a_local_file_system() {
     fs::write(src.join("tree-file"), b"from the tree\n").unwrap();
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &[]);
+    let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
 import mmap, os
 # A tree file opened, deleted, still readable; a second reader opened before a writer's
@@ -298,7 +265,7 @@ fn programs_on_the_mount_cannot_forge_the_upper_format() {
     fs::write(src.join("dir/kept"), b"kept\n").unwrap();
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &[]);
+    let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
 import errno, os
 try:
@@ -361,12 +328,12 @@ fn kept_uppers_and_commits_at_unmount() {
     env.ingest(&src, &["--name", "t2"]);
     let at = env.path("mnt");
     let upper = env.path("upper");
-    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
     fs::write(at.join("b"), b"b\n").unwrap();
     fs::remove_file(at.join("a")).unwrap();
     drop(mounted);
     // Remounted: the state is there.
-    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
     assert_eq!(fs::read(at.join("b")).unwrap(), b"b\n");
     assert!(!at.join("a").exists());
     drop(mounted);
@@ -392,7 +359,7 @@ fn kept_uppers_and_commits_at_unmount() {
     assert!(refused.contains("inside the mount point"), "{refused}");
 
     // umount --commit writes a .velo and registers the tree.
-    let _mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let _mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
     let sealed = env.path("sealed.velo");
     env.ok(&[
         "umount",
@@ -408,7 +375,7 @@ fn kept_uppers_and_commits_at_unmount() {
 
     // No --upper: the changes go at umount, and velo says so; with the mount's --name
     // they are committed under it.
-    let mounted = mount(&env, "t", &at, &[]);
+    let mounted = mount_with(&env, "t", &at, &[]);
     fs::write(at.join("c"), b"c\n").unwrap();
     let out = env.run(&["umount", at.to_str().unwrap()]);
     assert!(out.status.success());
@@ -418,7 +385,7 @@ fn kept_uppers_and_commits_at_unmount() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::mem::forget(mounted);
-    let _mounted = mount(&env, "t", &at, &["--name", "by-default"]);
+    let _mounted = mount_with(&env, "t", &at, &["--name", "by-default"]);
     fs::write(at.join("d"), b"d\n").unwrap();
     env.ok(&["umount", at.to_str().unwrap()]);
     assert_eq!(env.ok(&["ls", "by-default"]), "a\nd\n");
@@ -481,7 +448,7 @@ fn fsx_on_a_tree_file_of_the_mount_matches_its_native_run() {
     fs::write(host.join("testfile"), &original).unwrap();
     let expected = run(&host);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &[]);
+    let _mounted = mount_with(&env, "t", &at, &[]);
     let got = run(&at);
     assert!(
         got == expected,
@@ -555,7 +522,7 @@ fn extended_attributes_are_kept_from_ingest_to_checkout_mount_and_commit() {
     );
 
     let at = env.path("mnt");
-    let mounted = mount(&env, "t", &at, &[]);
+    let mounted = mount_with(&env, "t", &at, &[]);
     assert_eq!(
         xattr(&at.join("dir/tagged"), "user.origin").as_deref(),
         Some(&b"ingest"[..])
@@ -620,7 +587,7 @@ fn a_running_program_is_never_truncated_and_truncating_opens_copy_nothing() {
     fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &[]);
+    let _mounted = mount_with(&env, "t", &at, &[]);
     fs::copy("/bin/sleep", at.join("made-exe")).unwrap();
     let size = fs::metadata("/bin/sleep").unwrap().len();
     for exe in ["tree-exe", "made-exe"] {
@@ -666,7 +633,7 @@ fn passthrough_reads_tree_files_from_the_store_and_keeps_writers_apart() {
     fs::write(src.join("g"), vec![3u8; 300_000]).unwrap();
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &["--passthrough"]);
+    let _mounted = mount_with(&env, "t", &at, &["--passthrough"]);
     let script = r#"
 import errno, mmap, os
 r = open("f", "rb")
@@ -730,7 +697,7 @@ fn a_tree_name_deleted_after_another_change_stays_deleted_in_the_commit() {
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
     let upper = env.path("upper");
-    let mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
     sh(
         &at,
         "echo n > a.lock && mv a.lock a && rm a && echo n > b.lock && mv b.lock b && \
@@ -739,7 +706,7 @@ fn a_tree_name_deleted_after_another_change_stays_deleted_in_the_commit() {
     assert_eq!(sh(&at, "ls"), "b-moved\n");
     drop(mounted);
     // Remounted from the kept upper, and committed: the same.
-    let _mounted = mount(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let _mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
     assert_eq!(sh(&at, "ls"), "b-moved\n");
     env.ok(&["umount", at.to_str().unwrap(), "--name", "after"]);
     assert_eq!(env.ok(&["ls", "after"]), "b-moved\n");
@@ -761,7 +728,7 @@ fn a_hostile_program_cannot_make_the_mount_uncommittable_or_keep_privileges() {
     fs::write(src.join("f"), b"f\n").unwrap();
     env.ingest(&src, &["--name", "t"]);
     let at = env.path("mnt");
-    let _mounted = mount(&env, "t", &at, &[]);
+    let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
 import errno, os, socket, json, struct
 fd = os.open(".", os.O_RDONLY)
@@ -930,13 +897,13 @@ print("ok")
     assert_eq!(env.ok(&["ls", "kept"]), "precious\n");
     // A read-only mount: `umount --name` is refused before anything happens.
     let ro = env.path("ro");
-    let _ro = mount(&env, "t", &ro, &["--read-only"]);
+    let _ro = mount_with(&env, "t", &ro, &["--read-only"]);
     let refused = env.fails(&["umount", ro.to_str().unwrap(), "--name", "x"]);
     assert!(refused.contains("read-only"), "{refused}");
     assert!(ro.join("old").exists());
     // A refused --upper leaves nothing behind.
     let other = env.path("other");
-    let _other = mount(&env, "t", &other, &[]);
+    let _other = mount_with(&env, "t", &other, &[]);
     let inside = other.join("up");
     let again = env.path("again");
     fs::create_dir_all(&again).unwrap();

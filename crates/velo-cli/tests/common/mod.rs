@@ -508,3 +508,51 @@ pub fn assert_flushed_before_published(what: &str, trace: &[String], store: &Pat
         trace[..=first_publish].join("\n")
     );
 }
+
+// The FUSE mount's tests (mount.rs, mount_writes.rs, mount_software.rs).
+
+/// Whether `velo mount` can run here (after `require`, which fails under CI).
+pub fn fuse_available() -> bool {
+    let fusermount = ["fusermount3", "fusermount"]
+        .iter()
+        .any(|t| find_tool(t).is_some());
+    require(
+        Path::new("/dev/fuse").exists() && (is_root() || fusermount),
+        "FUSE (/dev/fuse, and root or fusermount3: apt install fuse3)",
+    )
+}
+
+/// A mount that is unmounted when the test ends, whatever happens (`velo umount` also
+/// cleans up a mount whose server died).
+pub struct Mounted<'a> {
+    pub env: &'a Env,
+    pub at: PathBuf,
+}
+
+impl Mounted<'_> {
+    /// `velo umount MOUNTPOINT EXTRA`, asserting success (the guard is then spent).
+    pub fn umount(self, extra: &[&str]) -> String {
+        let mut args = vec!["umount", self.at.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.env.ok(&args);
+        std::mem::forget(self);
+        out
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.run(&["umount", self.at.to_str().unwrap()]);
+    }
+}
+
+pub fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mounted<'a> {
+    fs::create_dir_all(at).unwrap();
+    let mut args = vec!["mount", tree, at.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    env.ok(&args);
+    Mounted {
+        env,
+        at: at.to_path_buf(),
+    }
+}
