@@ -371,6 +371,19 @@ impl Client {
     }
 }
 
+/// The strings of array `key` of a reply.
+pub fn strings(reply: &Value, key: &str) -> Vec<String> {
+    reply
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The report in a commit reply.
 pub fn report_of(reply: &Value) -> Result<velo_project::commit::CommitReport> {
     let root = reply
@@ -381,25 +394,13 @@ pub fn report_of(reply: &Value) -> Result<velo_project::commit::CommitReport> {
         root: root
             .parse::<velo_core::Hash>()
             .map_err(|e| anyhow::anyhow!("the server's reply names a bad root: {e}"))?,
-        setid_dropped: reply
-            .get("setid_dropped")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(PathBuf::from)
-                    .collect()
-            })
-            .unwrap_or_default(),
-        not_committed: reply
-            .get("not_committed")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(PathBuf::from)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        setid_dropped: strings(reply, "setid_dropped")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        not_committed: strings(reply, "not_committed")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
     })
 }

@@ -681,8 +681,8 @@ pub fn umount(
                 .get("name_moved_from")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
-            setid_dropped: strings(&reply, "setid_dropped"),
-            not_committed: strings(&reply, "not_committed"),
+            setid_dropped: crate::control::strings(&reply, "setid_dropped"),
+            not_committed: crate::control::strings(&reply, "not_committed"),
         });
     } else if info
         .as_ref()
@@ -738,19 +738,6 @@ fn sync_mount(path: &Path) -> Result<()> {
     let dir = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", path.display()))?;
     Ok(())
-}
-
-/// The strings of array `key` of a reply.
-fn strings(reply: &serde_json::Value, key: &str) -> Vec<String> {
-    reply
-        .get(key)
-        .and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Refuses a commit whose name or output could not be registered or written.

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fuse_available, mount_with, Env, Mounted};
+use common::{fuse_available, mount_with, server_pid, Env, Mounted};
 
 fn mount<'a>(env: &'a Env, tree: &str, at: &Path) -> Mounted<'a> {
     mount_with(env, tree, at, &[])
@@ -119,22 +119,6 @@ fn a_mount_whose_server_died_is_cleaned_up_and_bad_mount_points_are_refused() {
     assert!(missing.contains("make the directory first"), "{missing}");
     let not_mount = env.fails(&["umount", env.path("src").to_str().unwrap()]);
     assert!(not_mount.contains("not a velo mount"), "{not_mount}");
-}
-
-fn server_pid(at: &Path) -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// What the red-team run of the mount found: many readers at once ran the server out of

@@ -19,23 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{fuse_available, mount_with, Env, Mounted};
-
-fn server_pid(at: &Path) -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
-        ])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
+use common::{fuse_available, mount_with, server_pid, Env, Mounted};
 
 /// Whether `at` is a mount whose server is gone: listing it fails with ENOTCONN (opening
 /// it may still succeed, without a request to the server).

@@ -556,3 +556,20 @@ pub fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mo
         at: at.to_path_buf(),
     }
 }
+
+/// The pid of the server of the velo mount at `at`.
+pub fn server_pid(at: &Path) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
