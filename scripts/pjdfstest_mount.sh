@@ -4,13 +4,16 @@
 # ext4, and fails if a test passes on ext4 but not on the mount, unless
 # scripts/pjdfstest_exceptions.txt lists it (one test name and its reason a line).
 #
-#   sudo bash scripts/pjdfstest_mount.sh [-o OUT_DIR] [--repeat N] [--no-unpriv] [--verify-char] [PATTERN...]
+#   sudo bash scripts/pjdfstest_mount.sh [-o OUT_DIR] [--repeat N] [--no-unpriv] [--no-passthrough] [--verify-char] [PATTERN...]
 #
 # Runs, each on the same loop ext4:
 #   ext4-root, velo-root       as root (pjdfstest switches to `nobody` and `tests` for the
 #                              permission tests; the mount has --allow-other)
 #   velo-root-treedir          as root, inside a directory of the served tree (not yet in
 #                              the upper: the first change copies it up)
+#   velo-root-passthrough      as root, on a mount with --passthrough (the kernel reads tree
+#                              files from their blobs and reads and writes upper files
+#                              itself; --no-passthrough: skip)
 #   ext4-user, velo-user       as the unprivileged user `tests`, which mounts through
 #                              fusermount3 itself (no --allow-other, so no user_allow_other
 #                              needed); pjdfstest skips its root-only tests. Needs /dev/fuse
@@ -39,12 +42,14 @@ out=$repo/target/pjdfstest
 unpriv=1
 repeat=3
 verify_char=0
+passthrough=1
 patterns=()
 while [ $# -gt 0 ]; do
     case $1 in
         -o) out=$2; shift 2 ;;
         --repeat) repeat=$2; shift 2 ;;
         --no-unpriv) unpriv=0; shift ;;
+        --no-passthrough) passthrough=0; shift ;;
         --verify-char) verify_char=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
@@ -234,6 +239,12 @@ mount_velo root "$mnt/root-store" "$mnt/velo-root" --allow-other
 run velo-root root "$mnt/velo-root" "$repeat"
 run velo-root-treedir root "$mnt/velo-root/sub/dir" "$repeat"
 alive root "$mnt/velo-root"
+if [ "$passthrough" = 1 ]; then
+    # a short path: pjdfstest binds sockets below it (sun_path holds 108 bytes)
+    mount_velo root "$mnt/pt-store" "$mnt/pt" --allow-other --passthrough
+    run velo-root-passthrough root "$mnt/pt" "$repeat"
+    alive root "$mnt/pt"
+fi
 
 # --- as an unprivileged user -------------------------------------------------------------
 if [ "$unpriv" = 1 ]; then
@@ -284,6 +295,7 @@ if [ -f "$exceptions" ]; then
     done <"$exceptions"
 fi
 pairs=("ext4-root velo-root" "ext4-root velo-root-treedir")
+[ "$passthrough" = 1 ] && pairs+=("ext4-root velo-root-passthrough")
 [ "$unpriv" = 1 ] && pairs+=("ext4-user velo-user")
 [ "$verify_char" = 1 ] && pairs+=("ext4-root-char13 velo-root-char13")
 regressions=0

@@ -680,6 +680,102 @@ print("ok")
     env.fsck_ok();
 }
 
+/// `--passthrough`: files of the upper (made on the mount, or copied up) are read and
+/// written by the kernel straight, so their bytes never pass through the server (its
+/// write count stays flat while 8 MiB are written), and everything the server still
+/// answers for them (size, truncate, fallocate, fsync, a second open, mmap, commit)
+/// agrees with what was written.
+#[test]
+fn passthrough_writes_upper_files_without_the_server() {
+    if !fuse_available() {
+        return;
+    }
+    if !common::require(
+        common::is_root(),
+        "root (FUSE passthrough needs CAP_SYS_ADMIN)",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("t"), b"tree\n").unwrap();
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let upper = env.path("upper");
+    let _mounted = mount_with(
+        &env,
+        "t",
+        &at,
+        &["--passthrough", "--upper", upper.to_str().unwrap()],
+    );
+    let pid = common::server_pid(&at).expect("the server's pid");
+    let written_by_server = || {
+        let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("wchar: "))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = written_by_server();
+    let script = r#"
+import mmap, os
+chunk = bytes(range(256)) * 4096
+with open("new", "wb") as w:
+    for _ in range(8):
+        w.write(chunk)
+    w.flush()
+    os.fsync(w.fileno())
+    assert os.fstat(w.fileno()).st_size == 8 << 20
+    with open("new", "rb") as r:
+        assert r.read() == chunk * 8
+with open("new", "r+b") as a, open("new", "r+b") as b:
+    a.seek(10); a.write(b"AAAA"); a.flush()
+    b.seek(10); assert b.read(4) == b"AAAA"
+    os.ftruncate(b.fileno(), 1 << 20)
+    os.posix_fallocate(a.fileno(), 0, 2 << 20)
+    m = mmap.mmap(a.fileno(), 0)
+    m[0:3] = b"MAP"
+    m.flush(); m.close()
+assert os.stat("new").st_size == 2 << 20
+data = open("new", "rb").read()
+assert data[:3] == b"MAP" and data[10:14] == b"AAAA" and data[(1 << 20):] == bytes(1 << 20)
+with open("t", "ab") as t:
+    t.write(b"more\n")
+with open("t", "ab") as t:
+    t.write(b"again\n")
+assert open("t", "rb").read() == b"tree\nmore\nagain\n"
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&at)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let through_server = written_by_server() - before;
+    assert!(
+        through_server < 4 << 20,
+        "{through_server} bytes went through the server for 8 MiB of passthrough writes"
+    );
+    assert_eq!(fs::metadata(upper.join("new")).unwrap().len(), 2 << 20);
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "c"]);
+    let bytes = env.cmd().args(["cat", "c", "new"]).output().unwrap().stdout;
+    assert_eq!(&bytes[..3], b"MAP");
+    assert_eq!(&bytes[10..14], b"AAAA");
+    assert_eq!(bytes.len(), 2 << 20);
+    assert_eq!(env.ok(&["cat", "c", "t"]), "tree\nmore\nagain\n");
+    env.fsck_ok();
+}
+
 /// What git's ref updates found (the real-software tests): a tree name renamed over and
 /// then deleted, or deleted, made again and deleted again, came back in the commit (no
 /// whiteout was left the second time).

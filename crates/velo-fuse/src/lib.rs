@@ -71,9 +71,10 @@ struct Open {
     writable: bool,
     /// `file` is the blob of a tree file.
     from_tree: bool,
-    /// Opened (or being opened) for passthrough reads of the blob.
+    /// The kernel reads (and for an upper file, writes) the backing file itself: the
+    /// blob when `from_tree`, else the upper file.
     passthrough: bool,
-    /// The kernel reads `file` itself (passthrough) while this lives (shared by every
+    /// The kernel's handle of the backing file while this lives (shared by every
     /// passthrough open of the inode).
     backing: Option<Arc<fuser::BackingId>>,
 }

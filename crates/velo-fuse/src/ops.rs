@@ -415,13 +415,71 @@ impl TreeFs {
         Ok((ino, s, file))
     }
 
-    /// Whether some open of `ino` reads through passthrough: its bytes cannot change
-    /// until they close (the kernel would go on reading the blob for them).
+    /// Whether some open of `ino` reads its blob through passthrough: its bytes cannot
+    /// change until they close (the kernel would go on reading the blob for them).
     fn read_through_passthrough(opens: &crate::Opens, ino: u64) -> bool {
         opens
             .by_handle
             .values()
-            .any(|o| o.ino == ino && o.passthrough)
+            .any(|o| o.ino == ino && o.passthrough && o.from_tree)
+    }
+
+    /// Hands open `fh` of `ino` to the kernel for passthrough where it can be: a tree file
+    /// opened for reading reads its blob (read-only, so nothing can write a blob); an
+    /// upper file is read and written straight, so writes cost what they cost on the
+    /// upper's file system. The kernel keeps one backing file per inode: while one open
+    /// uses it, every other open of the inode must use the same one, so the first
+    /// passthrough open makes it and the others share it. A tree file opened for writing
+    /// stays with the server (its copy-up waits for the first change), and so does any
+    /// open of an inode the server already serves another way.
+    /// Returns the backing to reply with, or `None` for an open the server serves.
+    fn passthrough_backing(
+        &self,
+        fh: u64,
+        ino: u64,
+        register: impl FnOnce(&File) -> std::io::Result<fuser::BackingId>,
+    ) -> Option<Arc<fuser::BackingId>> {
+        if !self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut opens = self.opens();
+        let mut shared = None;
+        let mut others = false;
+        for (h, o) in &opens.by_handle {
+            if *h != fh && o.ino == ino {
+                others = true;
+                if let Some(backing) = &o.backing {
+                    shared = Some((o.file.clone(), backing.clone(), o.from_tree));
+                }
+            }
+        }
+        let o = opens.by_handle.get_mut(&fh)?;
+        let backing = match shared {
+            _ if o.pending => return None,
+            Some((file, backing, blob)) => {
+                // A reader of the blob reads through the same blob's descriptor; an
+                // upper file's opens keep their own (fsync, fallocate, lseek use it).
+                if blob {
+                    if !o.from_tree || o.writable {
+                        return None;
+                    }
+                    o.file = file;
+                }
+                backing
+            }
+            None if others => return None,
+            None if o.from_tree && o.writable => return None,
+            None => match register(&o.file) {
+                Ok(backing) => Arc::new(backing),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no passthrough for this open");
+                    return None;
+                }
+            },
+        };
+        o.passthrough = true;
+        o.backing = Some(backing.clone());
+        Some(backing)
     }
 
     fn new_handle(&self, open: Open) -> u64 {
@@ -1362,48 +1420,9 @@ impl Filesystem for TreeFs {
             Ok(opened) => opened,
             Err(e) => return reply.error(e),
         };
-        // A tree file opened for reading, with passthrough: the kernel reads the blob
-        // itself (its page cache is the blob's, shared by every tree and mount). Only a
-        // read-only descriptor is ever handed over, so nothing can write a blob. The
-        // kernel keeps one way of reading per inode: while one open reads through
-        // passthrough, every other open of the inode must too, from the same file.
-        if self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut opens = self.opens();
-            let ino = u64::from(ino);
-            // One backing for every passthrough open of the inode (the kernel refuses a
-            // second one: EBUSY), made by the first and kept while any is open.
-            let mut shared = None;
-            let mut others = false;
-            for (h, o) in &opens.by_handle {
-                if *h != fh && o.ino == ino {
-                    others = true;
-                    if let Some(backing) = &o.backing {
-                        shared = Some((o.file.clone(), backing.clone()));
-                    }
-                }
-            }
-            if let Some(o) = opens.by_handle.get_mut(&fh) {
-                let chosen = match shared {
-                    _ if o.writable => None,
-                    Some(pair) => Some(pair),
-                    None if !others && o.from_tree => match reply.open_backing(&*o.file) {
-                        Ok(backing) => Some((o.file.clone(), Arc::new(backing))),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "no passthrough for this open");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                if let Some((file, backing)) = chosen {
-                    o.file = file;
-                    o.passthrough = true;
-                    // The kernel takes no caching flag with passthrough (EIO).
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
-                    o.backing = Some(backing);
-                    return;
-                }
-            }
+        if let Some(backing) = self.passthrough_backing(fh, ino.into(), |f| reply.open_backing(f)) {
+            // The kernel takes no caching flag with passthrough (EIO).
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
         }
         reply.opened(FileHandle(fh), flags)
     }
@@ -1809,9 +1828,21 @@ impl Filesystem for TreeFs {
                     passthrough: false,
                     backing: None,
                 });
+                let attr = Self::stat_attr(ino, &s);
+                if let Some(backing) = self.passthrough_backing(fh, ino, |f| reply.open_backing(f))
+                {
+                    return reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_NOFLUSH,
+                        &backing,
+                    );
+                }
                 reply.created(
                     &TTL,
-                    &Self::stat_attr(ino, &s),
+                    &attr,
                     Generation(0),
                     FileHandle(fh),
                     FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
