@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Benchmark of `velo mount` (issue 11), each against the same work done natively on the
-# same fresh loop ext4, alternated (A B A B ...), medians and ratios:
-#  1. mount to the first `ls` (the tree is not walked up front);
-#  2. `find TREE | wc -l`, `find -type f | xargs stat`, `cat` of every .c file, warm;
-#  3. untar of the kernel source onto the mount (into its upper), then `rm -rf` of it;
-#  4. sequential read of a 1 GiB file (cold and warm; also with --passthrough) and
-#     sequential write of 1 GiB (fsync'ed);
-#  5. MAKE=1: `make -j2 fs/ext4/` of the kernel on the mount (after defconfig, prepare).
+# same fresh loop ext4, alternated (A B A B ...), medians and ratios. Parts (PARTS, default
+# all but make):
+#   ls     mount to the first `ls` (the tree is not walked up front);
+#   warm   `find TREE | wc -l`, `find -type f | xargs stat`, `cat` of every .c file, warm;
+#   cold   `find` and `find | xargs stat` after `echo 3 > drop_caches` before each run;
+#   untar  untar of the kernel source onto the mount (into its upper), then `rm -rf` of it;
+#   read   sequential read of a 1 GiB file (cold and warm; also with --passthrough);
+#   write  sequential write of 1 GiB (fsync'ed; also with --passthrough);
+#   git    `git status` in the kernel tree made a git repository, warm and cold;
+#   make   (or MAKE=1) `make -j2 fs/ext4/` of the kernel on the mount (after defconfig,
+#          prepare).
 # Usage: sudo bash scripts/bench_mount.sh   RUNS=7 (per contender, reads)  WRUNS=3 (writes)
-#        SMALL=1 (fs/ only, no 1 GiB files: CI)  MAKE=1
+#        PARTS="warm untar"  SMALL=1 (fs/ only, no 1 GiB files, no git: CI)  MAKE=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-7}
@@ -19,11 +23,15 @@ mkdir -p "$fusemnt"
 packages="fuse3"
 crates="-p velo-cli"
 extra_cleanup() { "$velo" umount "$fusemnt" 2>/dev/null || true; }
+parts=${PARTS:-ls warm cold untar read write git}
+if [ "${MAKE:-0}" = 1 ]; then parts="$parts make"; fi
+want() { case " $parts " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # shellcheck source=scripts/bench_kernel_tree.sh
 source scripts/bench_kernel_tree.sh
 
 # Mount to first ls: the view exists already (built once per root, as for the shim).
 "$velo" mount kernel "$fusemnt" >/dev/null 2>&1; "$velo" umount "$fusemnt"
+if want ls; then
 tm=()
 for _ in $(seq "$runs"); do
     s=$(date +%s.%N)
@@ -34,30 +42,43 @@ for _ in $(seq "$runs"); do
     "$velo" umount "$fusemnt"
 done
 printf '%-34s %8.3f s (median of %s)\n' "mount to first ls" "$(printf '%s\n' "${tm[@]}" | median)" "$runs"
+fi
 
 "$velo" mount kernel "$fusemnt" >/dev/null 2>&1
-bench() { # name, command with TREE standing for the tree's path
+# shellcheck disable=SC2086 # the times are words on purpose
+report() { # name, native times, mount times (space-separated)
+    local ma mb
+    ma=$(printf '%s\n' $2 | median)
+    mb=$(printf '%s\n' $3 | median)
+    printf '%-34s native %8.3f s   mount %8.3f s   ratio %.2f\n' "$1" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+}
+bench() { # name, command with TREE standing for the tree's path; COLD=1: caches dropped first
     local name=$1 cmd=$2 ta=() tb=() a b
     a=${cmd//TREE/$native}; b=${cmd//TREE/$fusemnt}
     bash -c "$a" >/dev/null 2>&1; bash -c "$b" >/dev/null 2>&1
     for _ in $(seq "$runs"); do
+        if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
         ta+=("$(time_of bash -c "$a")")
+        if [ "${COLD:-0}" = 1 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
         tb+=("$(time_of bash -c "$b")")
     done
-    local ma mb
-    ma=$(printf '%s\n' "${ta[@]}" | median)
-    mb=$(printf '%s\n' "${tb[@]}" | median)
-    printf '%-34s native %8.3f s   mount %8.3f s   ratio %.2f\n' "$name" "$ma" "$mb" "$(echo "$mb / $ma" | bc -l)"
+    report "$name" "${ta[*]}" "${tb[*]}"
 }
-bench "find | wc -l (warm)" "find TREE | wc -l"
-bench "find -type f | xargs stat (warm)" "find TREE -type f -print0 | xargs -0 stat --format=%s"
-bench "cat every .c file (warm)" "find TREE -name '*.c' -print0 | xargs -0 cat"
+if want warm; then
+    bench "find | wc -l (warm)" "find TREE | wc -l"
+    bench "find -type f | xargs stat (warm)" "find TREE -type f -print0 | xargs -0 stat --format=%s"
+    bench "cat every .c file (warm)" "find TREE -name '*.c' -print0 | xargs -0 cat"
+fi
+if want cold; then
+    COLD=1 bench "find | wc -l (cold)" "find TREE | wc -l"
+    COLD=1 bench "find -type f | xargs stat (cold)" "find TREE -type f -print0 | xargs -0 stat --format=%s"
+fi
 "$velo" umount "$fusemnt"
 
 wruns=${WRUNS:-3}
-ratio() { printf '%-34s native %8.3f s   mount %8.3f s   ratio %.2f\n' "$1" "$2" "$3" "$(echo "$3 / $2" | bc -l)"; }
-# 3. Untar and rm -rf: the archive decompressed once (so xz does not dominate), the same
+# Untar and rm -rf: the archive decompressed once (so xz does not dominate), the same
 # archive untarred natively and onto a mount whose upper is on the same ext4.
+if want untar; then
 tarball=$mnt/kernel.tar
 ( cd "$(dirname "$native")" && tar -cf "$tarball" "$(basename "$native")" )
 mkdir -p "$mnt/empty"; "$velo" ingest "$mnt/empty" --name empty >/dev/null 2>&1
@@ -73,12 +94,13 @@ for i in $(seq "$wruns"); do
     "$velo" umount "$fusemnt"
     rm -rf "$mnt/upper-$i"
 done
-ratio "untar kernel source" "$(printf '%s\n' "${ut_a[@]}" | median)" "$(printf '%s\n' "${ut_b[@]}" | median)"
-ratio "rm -rf of it" "$(printf '%s\n' "${rm_a[@]}" | median)" "$(printf '%s\n' "${rm_b[@]}" | median)"
+report "untar kernel source" "${ut_a[*]}" "${ut_b[*]}"
+report "rm -rf of it" "${rm_a[*]}" "${rm_b[*]}"
 rm -f "$tarball"
+fi
 
-# 4. Sequential read and write of 1 GiB.
-if [ "${SMALL:-0}" != 1 ]; then
+# Sequential read and write of 1 GiB.
+if [ "${SMALL:-0}" != 1 ] && { want read || want write; }; then
     mkdir -p "$mnt/big"
     head -c 1G /dev/urandom > "$mnt/big/file"
     "$velo" ingest "$mnt/big" --name big >/dev/null 2>&1
@@ -96,26 +118,52 @@ if [ "${SMALL:-0}" != 1 ]; then
             wb+=("$(time_of cat "$fusemnt/file")")
         done
         "$velo" umount "$fusemnt"
-        ratio "read 1 GiB cold$label" "$(printf '%s\n' "${ca[@]}" | median)" "$(printf '%s\n' "${cb[@]}" | median)"
-        ratio "read 1 GiB warm$label" "$(printf '%s\n' "${wa[@]}" | median)" "$(printf '%s\n' "${wb[@]}" | median)"
+        report "read 1 GiB cold$label" "${ca[*]}" "${cb[*]}"
+        report "read 1 GiB warm$label" "${wa[*]}" "${wb[*]}"
     }
-    seq_read ""
-    seq_read " (--passthrough)" --passthrough
-    wa=(); wb=()
-    for i in $(seq "$wruns"); do
-        wa+=("$(time_of dd if="$mnt/big/file" of="$mnt/big/copy" bs=1M conv=fsync)")
-        rm -f "$mnt/big/copy"
-        "$velo" mount empty "$fusemnt" --upper "$mnt/wupper-$i" >/dev/null 2>&1
-        wb+=("$(time_of dd if="$mnt/big/file" of="$fusemnt/copy" bs=1M conv=fsync)")
-        "$velo" umount "$fusemnt"
-        rm -rf "$mnt/wupper-$i"
-    done
-    ratio "write 1 GiB (fsync)" "$(printf '%s\n' "${wa[@]}" | median)" "$(printf '%s\n' "${wb[@]}" | median)"
+    seq_write() { # label, extra mount flags
+        local label=$1; shift
+        local wa=() wb=()
+        for i in $(seq "$wruns"); do
+            cat "$mnt/big/file" > /dev/null
+            wa+=("$(time_of dd if="$mnt/big/file" of="$mnt/big/copy" bs=1M conv=fsync)")
+            rm -f "$mnt/big/copy"
+            "$velo" mount empty "$fusemnt" --upper "$mnt/wupper-$i" "$@" >/dev/null 2>&1
+            wb+=("$(time_of dd if="$mnt/big/file" of="$fusemnt/copy" bs=1M conv=fsync)")
+            "$velo" umount "$fusemnt"
+            rm -rf "$mnt/wupper-$i"
+        done
+        report "write 1 GiB (fsync)$label" "${wa[*]}" "${wb[*]}"
+    }
+    if want read; then
+        seq_read ""
+        seq_read " (--passthrough)" --passthrough
+    fi
+    if want write; then
+        mkdir -p "$mnt/empty"; "$velo" ingest "$mnt/empty" --name empty >/dev/null 2>&1
+        seq_write ""
+        seq_write " (--passthrough)" --passthrough
+    fi
+    rm -rf "$mnt/big"
 fi
 
-# 5. make -j2 fs/ext4/ of the kernel, on the mount (its upper takes the objects) and
+# git status in the kernel tree made a repository (one commit of everything), natively and
+# on a mount of it; the first status on each side refreshes the index (the mount shows
+# other inode numbers than the index recorded), so both are run before timing.
+if want git && [ "${SMALL:-0}" != 1 ]; then
+    dpkg -s git >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
+    (cd "$native" && git init -q && git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm kernel && git gc -q)
+    "$velo" ingest "$native" --name kernel-git >/dev/null 2>&1
+    "$velo" mount kernel-git "$fusemnt" --upper "$mnt/gupper" >/dev/null 2>&1
+    (cd "$fusemnt" && git status --porcelain >/dev/null)
+    bench "git status (warm)" "cd TREE && git status --porcelain"
+    COLD=1 bench "git status (cold)" "cd TREE && git status --porcelain"
+    "$velo" umount "$fusemnt"
+fi
+
+# make -j2 fs/ext4/ of the kernel, on the mount (its upper takes the objects) and
 # natively, once each after one warm-up (prepare) in each place.
-if [ "${MAKE:-0}" = 1 ] && [ "${SMALL:-0}" != 1 ]; then
+if want make && [ "${SMALL:-0}" != 1 ]; then
     for p in gcc make flex bison bc libelf-dev libssl-dev; do dpkg -s "$p" >/dev/null 2>&1 || need_make=1; done
     if [ -n "${need_make:-}" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc make flex bison bc libelf-dev libssl-dev >/dev/null; fi
     (cd "$native" && make -s defconfig >/dev/null && make -s -j2 prepare >/dev/null 2>&1)
@@ -133,6 +181,6 @@ if [ "${MAKE:-0}" = 1 ] && [ "${SMALL:-0}" != 1 ]; then
         (cd "$fusemnt" && find fs/ext4 -name '*.o' -delete)
     done
     "$velo" umount "$fusemnt"
-    ratio "make -j2 fs/ext4/" "$(printf '%s\n' "${ma[@]}" | median)" "$(printf '%s\n' "${mb[@]}" | median)"
+    report "make -j2 fs/ext4/" "${ma[*]}" "${mb[*]}"
 fi
 echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

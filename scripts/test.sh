@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 make nodejs git python3 python3-pip libdpkg-perl debconf e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
+packages=(fuse3 make nodejs git python3 python3-pip python3-venv libdpkg-perl debconf e2fsprogs btrfs-progs xfsprogs util-linux bsdutils procps gcc libc6-dev busybox-static debootstrap strace)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

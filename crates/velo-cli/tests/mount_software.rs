@@ -2,6 +2,7 @@
 //! another process writes elsewhere on the mount (and times before 1970); git (init,
 //! clone, commit, gc, fsck, and a repository that came with the tree); make of a real C
 //! project (mtimes decide what is rebuilt); python's venv, compileall and `__pycache__`;
+//! pip installing and uninstalling packages in a venv;
 //! and a server killed with -9 over a kept `--upper`, whose fsynced writes and renames
 //! survive. Each test commits what the mount shows and checks the committed tree, checked
 //! out, against it.
@@ -1027,6 +1028,133 @@ fn python_venv_compileall_and_pycache_work_on_the_mount() {
         (loaded.len(), written.len()),
         (4, 0),
         "{loaded:?} {written:?}"
+    );
+    env.fsck_ok();
+}
+
+/// Debian's wheels of pip and setuptools (python3-pip-whl, python3-setuptools-whl, which
+/// python3-venv pulls in): what `python3 -m venv` installs pip from, offline.
+const WHEELS: &str = "/usr/share/python-wheels";
+
+/// The same pip session natively and on the mount: `python3 -m venv` (ensurepip: pip
+/// installs itself, about a thousand files, and compiles them), `pip install` of the
+/// setuptools wheel and of a local wheel with a console script, then `pip uninstall` of
+/// setuptools (all offline).
+const PIP_SESSION: &str = r#"set -e
+"$PY" -m venv venv
+venv/bin/python -m pip install -q --no-index --find-links "$WHEELS" --find-links "$LOCAL" setuptools mytool
+venv/bin/mytool
+venv/bin/python -m pip uninstall -q -y setuptools
+venv/bin/python -c 'import importlib.util as u; print("setuptools gone:", u.find_spec("setuptools") is None)'
+venv/bin/python -m pip list --format=freeze | sed 's/==.*//' | sort
+"#;
+
+/// Writes `mytool-1.0-py3-none-any.whl` (a module and a console script) into `dir`: a
+/// wheel is a zip of the package and its `.dist-info`.
+fn write_mytool_wheel(python: &Path, dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    let script = r#"
+import sys, zipfile
+files = {
+    "mytool/__init__.py": "def main():\n    print('mytool 1.0 runs from', __file__.rsplit('/', 6)[-6])\n",
+    "mytool-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mytool\nVersion: 1.0\n",
+    "mytool-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: velo-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    "mytool-1.0.dist-info/entry_points.txt": "[console_scripts]\nmytool = mytool:main\n",
+}
+files["mytool-1.0.dist-info/RECORD"] = "".join(f"{n},,\n" for n in files) + "mytool-1.0.dist-info/RECORD,,\n"
+with zipfile.ZipFile(sys.argv[1] + "/mytool-1.0-py3-none-any.whl", "w") as z:
+    for name, text in files.items():
+        z.writestr(name, text)
+"#;
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .unwrap();
+    stdout_ok(&out, "making the mytool wheel");
+}
+
+/// What pip left under `venv/lib` (relative paths, bytecode aside: it records times).
+fn installed(root: &Path) -> Vec<String> {
+    let lib = root.join("venv/lib");
+    let mut found: Vec<String> = common::scan(&lib)
+        .into_keys()
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
+        .filter(|p| !p.ends_with(".pyc"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn pip_installs_and_uninstalls_packages_in_a_venv_on_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let Some(python) = python_bin() else {
+        return;
+    };
+    let has_wheels = fs::read_dir(WHEELS).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("setuptools-"))
+    });
+    if !common::require(
+        has_wheels,
+        "Debian's pip and setuptools wheels in /usr/share/python-wheels (python3-venv; scripts/test.sh installs it)",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    small_tree(&env, "t");
+    let local = env.path("local-wheels");
+    write_mytool_wheel(&python, &local);
+    let session = |dir: &Path, at: &Path| -> String {
+        let mut cmd = shell(dir, PIP_SESSION);
+        cmd.env("PY", &python)
+            .env("WHEELS", WHEELS)
+            .env("LOCAL", &local)
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .env("PIP_NO_CACHE_DIR", "1")
+            .env("PIP_CONFIG_FILE", "/dev/null")
+            .env_remove("PYTHONDONTWRITEBYTECODE")
+            .env_remove("PYTHONPATH")
+            .env_remove("PYTHONHOME")
+            .env_remove("VIRTUAL_ENV");
+        stdout_ok(&bounded(cmd, at), "the pip session")
+    };
+    let native_dir = env.path("native");
+    fs::create_dir_all(&native_dir).unwrap();
+    let native_out = session(&native_dir, &native_dir);
+
+    let at = env.path("mnt");
+    let mounted = mount_with(&env, "t", &at, &[]);
+    let out = session(&at, &at);
+    assert_eq!(
+        out, "mytool 1.0 runs from venv\nsetuptools gone: True\nmytool\npip\n",
+        "on the mount"
+    );
+    assert_eq!(out, native_out, "the same session natively");
+    let on_mount = installed(&at);
+    assert!(
+        on_mount
+            .iter()
+            .any(|p| p.ends_with("site-packages/pip/__init__.py")),
+        "{on_mount:?}"
+    );
+    assert_eq!(on_mount, installed(&native_dir), "what pip installed");
+
+    // Committed: the checkout holds the same venv, and its python imports what pip put
+    // there (a venv finds its packages relative to itself).
+    let co = umount_committed(&env, mounted, "pip");
+    assert_eq!(installed(&co), on_mount);
+    let mut run = Command::new(co.join("venv/bin/python"));
+    run.args(["-c", "import mytool, pip; mytool.main()"])
+        .env_remove("PYTHONPATH")
+        .env_remove("PYTHONHOME");
+    assert_eq!(
+        stdout_ok(&run.output().unwrap(), "the committed venv"),
+        "mytool 1.0 runs from venv\n"
     );
     env.fsck_ok();
 }
