@@ -245,6 +245,20 @@ pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<()
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(4);
+    // fuser opens /dev/fuse first, and so does fusermount3 (as the calling user): with
+    // the device at 0600 no unprivileged mount can work, so say what to change.
+    let device = rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK;
+    if !rustix::process::geteuid().is_root() && rustix::fs::access("/dev/fuse", device).is_err() {
+        return Err(FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "/dev/fuse is not open to this user: unprivileged FUSE mounts need it \
+                 readable and writable by everyone (mode 0666, what Debian's udev rule \
+                 sets; as root: chmod 0666 /dev/fuse), or mount as root",
+            ),
+        });
+    }
     fuser::mount2(fs, mountpoint, &config).map_err(|source| FuseError::Mount {
         mountpoint: mountpoint.to_path_buf(),
         source,
