@@ -152,7 +152,8 @@ fi
 # other inode numbers than the index recorded), so both are run before timing.
 if want git && [ "${SMALL:-0}" != 1 ]; then
     dpkg -s git >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
-    (cd "$native" && git init -q && git add -A && git -c user.name=bench -c user.email=bench@localhost commit -qm kernel && git gc -q)
+    # -f: Debian's kernel source has a .gitignore of `/*` (its packaging's).
+    (cd "$native" && git init -q && git add -f -A && git -c user.name=bench -c user.email=bench@localhost commit -qm kernel && git gc -q)
     "$velo" ingest "$native" --name kernel-git >/dev/null 2>&1
     "$velo" mount kernel-git "$fusemnt" --upper "$mnt/gupper" >/dev/null 2>&1
     (cd "$fusemnt" && git status --porcelain >/dev/null)

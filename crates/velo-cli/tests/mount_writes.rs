@@ -776,6 +776,110 @@ print("ok")
     env.fsck_ok();
 }
 
+/// Listings carry each entry's attributes (readdirplus), and the kernel takes a reference
+/// on each entry listed, as for a lookup: entries listed, forgotten by the kernel (caches
+/// dropped) and looked up again keep their inode numbers, links and bytes, whether they
+/// are tree files, copied-up files, new files or hard links.
+#[test]
+fn inode_numbers_survive_listings_and_the_kernel_forgetting_them() {
+    if !fuse_available() {
+        return;
+    }
+    if !common::require(common::is_root(), "root (to drop the kernel's caches)") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("dir/tree-sub")).unwrap();
+    for name in ["a", "b", "tree-sub/c"] {
+        fs::write(src.join("dir").join(name), name).unwrap();
+    }
+    env.ingest(&src, &["--name", "t"]);
+    let at = env.path("mnt");
+    let upper = env.path("upper");
+    let _mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let dir = at.join("dir");
+    for i in 0..40 {
+        fs::write(dir.join(format!("new{i}")), format!("new {i}")).unwrap();
+    }
+    fs::create_dir(dir.join("made")).unwrap();
+    fs::write(dir.join("made/inner"), "inner").unwrap();
+    fs::set_permissions(
+        dir.join("a"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::hard_link(dir.join("new0"), dir.join("link0")).unwrap();
+    let drop_caches = || {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    };
+    let shown = |m: &fs::Metadata| {
+        (
+            m.ino(),
+            m.nlink(),
+            m.mode(),
+            m.size(),
+            m.mtime_nsec(),
+            m.mtime(),
+        )
+    };
+    let walk = |root: &Path| -> Vec<(String, (u64, u64, u32, u64, i64, i64), Vec<u8>)> {
+        let mut found = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for entry in fs::read_dir(&d).unwrap() {
+                let entry = entry.unwrap();
+                let meta = entry.metadata().unwrap();
+                assert_eq!(
+                    entry.ino(),
+                    meta.ino(),
+                    "{:?}: listed and stat inode",
+                    entry.path()
+                );
+                let bytes = if meta.is_dir() {
+                    dirs.push(entry.path());
+                    Vec::new()
+                } else {
+                    fs::read(entry.path()).unwrap()
+                };
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .display()
+                    .to_string();
+                found.push((rel, shown(&meta), bytes));
+            }
+        }
+        found.sort();
+        found
+    };
+    use std::os::unix::fs::DirEntryExt;
+    let first = walk(&at);
+    assert_eq!(first.len(), 1 + 2 + 2 + 40 + 2 + 1, "{first:?}");
+    for round in 0..3 {
+        drop_caches();
+        // Looked up by path first (no listing), then listed again.
+        for (rel, attributes, _) in &first {
+            let meta = fs::symlink_metadata(at.join(rel)).unwrap();
+            assert_eq!(&shown(&meta), attributes, "round {round}: {rel}");
+        }
+        drop_caches();
+        assert_eq!(
+            walk(&at),
+            first,
+            "round {round}: listed after the kernel forgot"
+        );
+    }
+    let link = first.iter().find(|e| e.0 == "dir/link0").unwrap();
+    let new0 = first.iter().find(|e| e.0 == "dir/new0").unwrap();
+    assert_eq!(
+        (link.1 .0, link.1 .1),
+        (new0.1 .0, 2),
+        "a hard link shares the inode"
+    );
+}
+
 /// What git's ref updates found (the real-software tests): a tree name renamed over and
 /// then deleted, or deleted, made again and deleted again, came back in the commit (no
 /// whiteout was left the second time).

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use velo_view::Kind;
@@ -310,6 +310,64 @@ impl TreeFs {
         }
         listings.insert(ino, entries.clone());
         Ok(Some(entries))
+    }
+
+    /// Lists directory `ino` from `offset` into `emit` (the entry's inode, the offset of
+    /// the entry after it, its kind and name) until `emit` says the reply is full.
+    /// Offsets: 0 `.`, 1 `..`, 2 + i the i-th entry.
+    fn list_from(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut emit: impl FnMut(u64, u64, FileType, &OsStr) -> Result<bool, Errno>,
+    ) -> Result<(), Errno> {
+        let parent = {
+            let st = self.state();
+            if ino == ROOT {
+                ROOT
+            } else {
+                self.ns.link(&st, ino).map(|l| l.0).unwrap_or(ROOT)
+            }
+        };
+        let listed = self.dir_listing(ino, offset)?;
+        let (count, tree_dir) = match &listed {
+            Some(entries) => (entries.len() as u64, None),
+            None => {
+                let node = self.ns.tree_node(ino)?;
+                if node.kind != Kind::Dir {
+                    return Err(Errno::ENOTDIR);
+                }
+                (u64::from(node.child_count), Some(node))
+            }
+        };
+        for position in offset..2 + count {
+            let full = match position {
+                0 => emit(ino, 1, FileType::Directory, OsStr::new("."))?,
+                1 => emit(parent, 2, FileType::Directory, OsStr::new(".."))?,
+                _ => {
+                    let i = (position - 2) as usize;
+                    if let Some(entries) = &listed {
+                        let e = &entries[i];
+                        emit(e.ino, position + 1, e.kind, OsStr::from_bytes(&e.name))?
+                    } else {
+                        let Some(dir) = &tree_dir else { break };
+                        let index = dir.first_child + i as u32;
+                        let child = self.ns.node(index).map_err(|_| Errno::EIO)?;
+                        let name = self.ns.view.name(&child).map_err(|_| Errno::EIO)?;
+                        emit(
+                            u64::from(index) + 1,
+                            position + 1,
+                            kind_of(child.kind),
+                            OsStr::from_bytes(name),
+                        )?
+                    }
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn listings(&self) -> MutexGuard<'_, std::collections::HashMap<u64, Arc<Vec<DirEntry>>>> {
@@ -1132,8 +1190,10 @@ impl Filesystem for TreeFs {
         // Not FUSE_WRITEBACK_CACHE: the kernel would keep mtimes itself and write pages
         // back later, so the upper (and so a commit) would hold other mtimes than the mount
         // showed (found by git and make on the mount).
-        let wanted =
-            fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        // FUSE_DO_READDIRPLUS: listings carry every entry's attributes (`readdirplus`).
+        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS
+            | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            | fuser::InitFlags::FUSE_DO_READDIRPLUS;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -1542,65 +1602,47 @@ impl Filesystem for TreeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let ino = u64::from(ino);
-        let parent = {
-            let st = self.state();
-            if ino == ROOT {
-                ROOT
-            } else {
-                self.ns.link(&st, ino).map(|l| l.0).unwrap_or(ROOT)
-            }
-        };
-        let listed = match self.dir_listing(ino, offset) {
-            Ok(listed) => listed,
-            Err(e) => return reply.error(e),
-        };
-        // Offsets: 0 `.`, 1 `..`, 2 + i the i-th entry; each entry carries the next one.
-        let (count, tree_dir) = match &listed {
-            Some(entries) => (entries.len() as u64, None),
-            None => match self.ns.tree_node(ino) {
-                Ok(node) if node.kind == Kind::Dir => (u64::from(node.child_count), Some(node)),
-                Ok(_) => return reply.error(Errno::ENOTDIR),
-                Err(e) => return reply.error(e),
-            },
-        };
-        for position in offset..2 + count {
-            let full = match position {
-                0 => reply.add(INodeNo(ino), 1, FileType::Directory, OsStr::new(".")),
-                1 => reply.add(INodeNo(parent), 2, FileType::Directory, OsStr::new("..")),
-                _ => {
-                    let i = (position - 2) as usize;
-                    if let Some(entries) = &listed {
-                        let e = &entries[i];
-                        reply.add(
-                            INodeNo(e.ino),
-                            position + 1,
-                            e.kind,
-                            OsStr::from_bytes(&e.name),
-                        )
-                    } else {
-                        let Some(dir) = &tree_dir else { break };
-                        let index = dir.first_child + i as u32;
-                        let (Ok(child), true) = (self.ns.node(index), true) else {
-                            return reply.error(Errno::EIO);
-                        };
-                        let Ok(name) = self.ns.view.name(&child) else {
-                            return reply.error(Errno::EIO);
-                        };
-                        reply.add(
-                            INodeNo(u64::from(index) + 1),
-                            position + 1,
-                            kind_of(child.kind),
-                            OsStr::from_bytes(name),
-                        )
-                    }
-                }
-            };
-            if full {
-                break;
-            }
+        let listed = self.list_from(ino.into(), offset, |entry, next, kind, name| {
+            Ok(reply.add(INodeNo(entry), next, kind, name))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // Each entry with its attributes: a `find | xargs stat` or `ls -l` after the
+        // listing asks nothing more. The kernel takes a reference on every entry but `.`
+        // and `..`, as for a lookup.
+        let listed = self.list_from(ino.into(), offset, |entry, next, _kind, name| {
+            let mut st = self.state();
+            let attr = match self.attr(&mut st, entry, None) {
+                Ok(attr) => attr,
+                // Gone since the listing was read: as if listed a moment later.
+                Err(e) if e.code() == Errno::ENOENT.code() => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let full = reply.add(INodeNo(entry), next, name, &TTL, &attr, Generation(0));
+            let dots = name == "." || name == "..";
+            if !full && !dots {
+                if let Some(i) = st.inodes.get_mut(&entry) {
+                    i.nlookup += 1;
+                }
+            }
+            Ok(full)
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn releasedir(
