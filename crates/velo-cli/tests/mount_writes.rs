@@ -823,7 +823,8 @@ fn inode_numbers_survive_listings_and_the_kernel_forgetting_them() {
             m.mtime(),
         )
     };
-    let walk = |root: &Path| -> Vec<(String, (u64, u64, u32, u64, i64, i64), Vec<u8>)> {
+    type Attributes = (u64, u64, u32, u64, i64, i64);
+    let walk = |root: &Path| -> Vec<(String, Attributes, Vec<u8>)> {
         let mut found = Vec::new();
         let mut dirs = vec![root.to_path_buf()];
         while let Some(d) = dirs.pop() {
