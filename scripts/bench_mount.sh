@@ -153,7 +153,7 @@ fi
 if want git && [ "${SMALL:-0}" != 1 ]; then
     dpkg -s git >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
     # -f: Debian's kernel source has a .gitignore of `/*` (its packaging's).
-    (cd "$native" && git init -q && git add -f -A && git -c user.name=bench -c user.email=bench@localhost commit -qm kernel && git gc -q)
+    (cd "$native" && git init -q && git add -f -A && git -c gc.auto=0 -c user.name=bench -c user.email=bench@localhost commit -qm kernel)
     "$velo" ingest "$native" --name kernel-git >/dev/null 2>&1
     "$velo" mount kernel-git "$fusemnt" --upper "$mnt/gupper" >/dev/null 2>&1
     (cd "$fusemnt" && git status --porcelain >/dev/null)
