@@ -23,6 +23,25 @@ use crate::inodes::{kind_of, kind_of_mode, CopyUp, State, ROOT};
 use crate::upper::{self, errno, io_errno};
 use crate::{Open, TreeFs, TTL};
 
+/// The attributes of a negative entry: only its inode number, 0, counts.
+const NO_ENTRY: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
+
 /// One entry of a directory listing.
 pub(crate) struct DirEntry {
     ino: u64,
@@ -1214,7 +1233,10 @@ impl Filesystem for TreeFs {
         let mut st = self.state();
         match self.ns.find(&mut st, parent.into(), name.as_bytes()) {
             Ok(Some((ino, stat))) => self.reply_entry(&mut st, ino, stat.as_ref(), reply),
-            Ok(None) => reply.error(Errno::ENOENT),
+            // A negative entry (inode 0) the kernel keeps as long as a positive one: every
+            // name is made through it, so it never misses a change, and a compiler's
+            // search of its include paths asks once per name, not once per file compiled.
+            Ok(None) => reply.entry(&TTL, &NO_ENTRY, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
