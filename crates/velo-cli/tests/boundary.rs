@@ -469,10 +469,10 @@ fn loopback_works_without_a_network() {
         &app,
         &[],
         // The client connects only once the listener listens (port 7777 is 1E61 in
-        // /proc/net/tcp, state 0A): a client that came first was the flake.
-        "timeout 10 nc -l -p 7777 > /tmp/got & \
-         for i in $(seq 200); do grep -q ':1E61 00000000:0000 0A' /proc/net/tcp && break; sleep 0.05; done; \
-         echo over-loopback | nc 127.0.0.1 7777; \
+        // /proc/net/tcp or tcp6, state 0A): a client that came first was the flake.
+        "timeout 20 nc -l -p 7777 > /tmp/got & \
+         for i in $(seq 200); do grep -qE ':1E61 [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6 && break; sleep 0.05; done; \
+         for i in $(seq 20); do echo over-loopback | nc 127.0.0.1 7777 && break; sleep 0.2; done; \
          wait; cat /tmp/got",
     );
     let text = String::from_utf8_lossy(&out.stdout);
