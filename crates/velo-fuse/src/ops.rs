@@ -534,13 +534,17 @@ impl TreeFs {
         let backing = match shared {
             _ if o.pending => return None,
             Some((file, backing, blob)) => {
-                // A reader of the blob reads through the same blob's descriptor; an
-                // upper file's opens keep their own (fsync, fallocate, lseek use it).
+                // A reader of the blob reads through the same blob's descriptor (also
+                // when the file was copied up since, for a chmod or a rename: its bytes
+                // cannot have changed while the blob is read), and counts as a reader
+                // of the blob; an upper file's opens keep their own (fsync, fallocate,
+                // lseek use it).
                 if blob {
-                    if !o.from_tree || o.writable {
+                    if o.writable {
                         return None;
                     }
                     o.file = file;
+                    o.from_tree = true;
                 }
                 backing
             }
@@ -1643,18 +1647,40 @@ impl Filesystem for TreeFs {
     ) {
         // Each entry with its attributes: a `find | xargs stat` or `ls -l` after the
         // listing asks nothing more. The kernel takes a reference on every entry but `.`
-        // and `..`, as for a lookup.
-        let listed = self.list_from(ino.into(), offset, |entry, next, _kind, name| {
+        // and `..` (whose attributes it ignores), as for a lookup, and keeps the entry as
+        // long as a looked-up one: so an entry goes out only if its name still leads to
+        // its inode now (a listing read in several requests continues from the state of
+        // its first; a name renamed or removed since must not come back to the kernel).
+        let dir = u64::from(ino);
+        let listed = self.list_from(dir, offset, |entry, next, kind, name| {
+            if name == "." || name == ".." {
+                let attr = FileAttr {
+                    ino: INodeNo(entry),
+                    kind,
+                    ..NO_ENTRY
+                };
+                return Ok(reply.add(
+                    INodeNo(entry),
+                    next,
+                    name,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                ));
+            }
             let mut st = self.state();
-            let attr = match self.attr(&mut st, entry, None) {
+            let stat = match self.ns.find(&mut st, dir, name.as_bytes()) {
+                Ok(Some((now, stat))) if now == entry => stat,
+                Ok(_) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let attr = match self.attr(&mut st, entry, stat.as_ref()) {
                 Ok(attr) => attr,
-                // Gone since the listing was read: as if listed a moment later.
                 Err(e) if e.code() == Errno::ENOENT.code() => return Ok(false),
                 Err(e) => return Err(e),
             };
             let full = reply.add(INodeNo(entry), next, name, &TTL, &attr, Generation(0));
-            let dots = name == "." || name == "..";
-            if !full && !dots {
+            if !full {
                 if let Some(i) = st.inodes.get_mut(&entry) {
                     i.nlookup += 1;
                 }
