@@ -14,6 +14,32 @@ use std::process::Command;
 
 use common::{fuse_available, mount_with, Env, Mounted};
 
+/// Runs `python3 -c SCRIPT` in `dir` and asserts what it printed (its stderr in the
+/// message otherwise).
+fn python_prints(dir: &Path, script: &str, expected: &str) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether FUSE passthrough can be asked for (FUSE and root: it needs CAP_SYS_ADMIN).
+fn passthrough_available() -> bool {
+    fuse_available()
+        && common::require(
+            common::is_root(),
+            "root (FUSE passthrough needs CAP_SYS_ADMIN)",
+        )
+}
+
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh")
         .arg("-c")
@@ -238,18 +264,7 @@ with open("locked", "w") as l:
     fcntl.lockf(l, fcntl.LOCK_EX | fcntl.LOCK_NB)
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&at)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_prints(&at, script, "ok\n");
 }
 
 /// Programs on the mount cannot forge the upper format: no whiteout by mknod, no overlay
@@ -288,18 +303,7 @@ os.removexattr("dir/kept", b"user.note")
 assert os.listxattr("dir/kept") == []
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&at)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_prints(&at, script, "ok\n");
     assert_eq!(fs::read(at.join("dir/kept")).unwrap(), b"kept\n");
     // A tree directory moves (copied up whole), keeping its inode and its entries.
     let ino = fs::metadata(at.join("dir")).unwrap().ino();
@@ -617,13 +621,7 @@ fn a_running_program_is_never_truncated_and_truncating_opens_copy_nothing() {
 /// (ETXTBSY), never gets EIO, and no blob is ever written.
 #[test]
 fn passthrough_reads_tree_files_from_the_store_and_keeps_writers_apart() {
-    if !fuse_available() {
-        return;
-    }
-    if !common::require(
-        common::is_root(),
-        "root (FUSE passthrough needs CAP_SYS_ADMIN)",
-    ) {
+    if !passthrough_available() {
         return;
     }
     let env = Env::new();
@@ -677,18 +675,7 @@ os.rename("g", "g2")
 assert open("g2", "rb").read() == b"\x03" * 300000
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&at)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_prints(&at, script, "ok\n");
     env.ok(&["commit", at.to_str().unwrap(), "--name", "c"]);
     assert_eq!(env.ok(&["cat", "c", "f"]), "tree bytes\nappended\n");
     assert_eq!(env.ok(&["cat", "t", "f"]), "tree bytes\n");
@@ -702,13 +689,7 @@ print("ok")
 /// agrees with what was written.
 #[test]
 fn passthrough_writes_upper_files_without_the_server() {
-    if !fuse_available() {
-        return;
-    }
-    if !common::require(
-        common::is_root(),
-        "root (FUSE passthrough needs CAP_SYS_ADMIN)",
-    ) {
+    if !passthrough_available() {
         return;
     }
     let env = Env::new();
@@ -764,18 +745,7 @@ with open("t", "ab") as t:
 assert open("t", "rb").read() == b"tree\nmore\nagain\n"
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&at)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_prints(&at, script, "ok\n");
     let through_server = written_by_server() - before;
     assert!(
         through_server < 4 << 20,
@@ -930,18 +900,7 @@ os.close(os.open(f"{d}/old-00000", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
 assert sorted(os.listdir(d)) == sorted([f"new-{i:05d}" for i in range(n)] + ["old-00000"])
 print("ok", len(rest) > 0)
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&at)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok True\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_prints(&at, script, "ok True\n");
 }
 
 /// What git's ref updates found (the real-software tests): a tree name renamed over and

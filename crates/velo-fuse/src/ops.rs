@@ -240,6 +240,19 @@ impl TreeFs {
         Ok(attr)
     }
 
+    /// The kernel dropped `n` references to `ino`: an object no name and no reference
+    /// leads to any more is forgotten. Objects made on the mount are counted from birth;
+    /// tree nodes stay recorded.
+    fn drop_lookups(st: &mut State, ino: u64, n: u64) {
+        let gone = st.inodes.get_mut(&ino).is_some_and(|i| {
+            i.nlookup = i.nlookup.saturating_sub(n);
+            i.nlookup == 0 && i.links.is_empty() && i.lower.is_none()
+        });
+        if gone {
+            st.inodes.remove(&ino);
+        }
+    }
+
     /// Replies with `ino`'s entry, counting the kernel's new reference.
     fn reply_entry(&self, st: &mut State, ino: u64, stat: Option<&Stat>, reply: ReplyEntry) {
         match self.attr(st, ino, stat) {
@@ -1250,15 +1263,7 @@ impl Filesystem for TreeFs {
         if ino == ROOT {
             return;
         }
-        let mut st = self.state();
-        let gone = st.inodes.get_mut(&ino).is_some_and(|i| {
-            i.nlookup = i.nlookup.saturating_sub(nlookup);
-            // Objects made on the mount are counted from birth; tree nodes stay recorded.
-            i.nlookup == 0 && i.links.is_empty() && i.lower.is_none()
-        });
-        if gone {
-            st.inodes.remove(&ino);
-        }
+        Self::drop_lookups(&mut self.state(), ino, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1652,6 +1657,7 @@ impl Filesystem for TreeFs {
         // its inode now (a listing read in several requests continues from the state of
         // its first; a name renamed or removed since must not come back to the kernel).
         let dir = u64::from(ino);
+        let mut counted = Vec::new();
         let listed = self.list_from(dir, offset, |entry, next, kind, name| {
             if name == "." || name == ".." {
                 let attr = FileAttr {
@@ -1683,13 +1689,21 @@ impl Filesystem for TreeFs {
             if !full {
                 if let Some(i) = st.inodes.get_mut(&entry) {
                     i.nlookup += 1;
+                    counted.push(entry);
                 }
             }
             Ok(full)
         });
         match listed {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                // The kernel sees none of the entries of a failed reply.
+                let mut st = self.state();
+                for entry in counted {
+                    Self::drop_lookups(&mut st, entry, 1);
+                }
+                reply.error(e)
+            }
         }
     }
 
