@@ -85,6 +85,7 @@ run_fsx() { # dir, fsx arguments...
 status=0
 native_runs=${NATIVE:-1}
 for seed in $seeds; do
+    failed_before=$status status=0
     native=$fs/native-$seed upper=$fs/upper-$seed
     native_time=0
     if [ "$native_runs" = 1 ]; then
@@ -135,6 +136,7 @@ for seed in $seeds; do
         printf 'seed %s: velo mount (with a remount) %8.1f s   %s\n' "$seed" "$mount_time" \
             "$([ $status = 0 ] && echo 'no miscompare, equal across the remount and in the commit' || echo FAILED)"
     fi
+    if [ "$failed_before" != 0 ]; then status=1; fi
 done
 velo fsck >/dev/null && echo "== velo fsck: clean"
 exit "$status"
