@@ -74,10 +74,7 @@ fn a_mount_whose_server_died_is_cleaned_up_and_bad_mount_points_are_refused() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"f\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("f", b"f\n")]);
     let at = env.path("mnt");
     let _mounted = mount(&env, "t", &at);
     assert_eq!(fs::read(at.join("f")).unwrap(), b"f\n");

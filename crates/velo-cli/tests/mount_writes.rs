@@ -193,10 +193,7 @@ fn open_descriptors_mappings_and_ranges_behave_as_on_a_local_file_system() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("tree-file"), b"from the tree\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("tree-file", b"from the tree\n")]);
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
@@ -275,10 +272,7 @@ fn programs_on_the_mount_cannot_forge_the_upper_format() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(src.join("dir")).unwrap();
-    fs::write(src.join("dir/kept"), b"kept\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("dir/kept", b"kept\n")]);
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
@@ -324,10 +318,7 @@ fn kept_uppers_and_commits_at_unmount() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("a"), b"a\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    let src = common::ingest_files(&env, "t", &[("a", b"a\n")]);
     fs::write(src.join("other"), b"other\n").unwrap();
     env.ingest(&src, &["--name", "t2"]);
     let at = env.path("mnt");
@@ -693,10 +684,7 @@ fn passthrough_writes_upper_files_without_the_server() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("t"), b"tree\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("t", b"tree\n")]);
     let at = env.path("mnt");
     let upper = env.path("upper");
     let _mounted = mount_with(
@@ -876,10 +864,7 @@ fn names_renamed_during_a_listing_do_not_come_back() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), "f").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("f", "f".as_bytes())]);
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
@@ -946,10 +931,7 @@ fn a_hostile_program_cannot_make_the_mount_uncommittable_or_keep_privileges() {
         return;
     }
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"f\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("f", b"f\n")]);
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
@@ -1033,10 +1015,7 @@ fn mistakes_and_interruptions_at_unmount_lose_no_change() {
     }
     use std::os::unix::ffi::OsStrExt;
     let env = Env::new();
-    let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("old"), b"old\n").unwrap();
-    env.ingest(&src, &["--name", "t"]);
+    common::ingest_files(&env, "t", &[("old", b"old\n")]);
     // A non-UTF-8 mount point, with --json.
     let at = env.path("").join(std::ffi::OsStr::from_bytes(b"mnt-\xff"));
     fs::create_dir_all(&at).unwrap();

@@ -96,6 +96,19 @@ impl Env {
 }
 
 /// Whether the tests run as root (loop devices and mounts need it).
+/// Writes `files` (relative path, bytes) under a fresh `src` directory of `env` and
+/// ingests it as `name`; returns the directory.
+pub fn ingest_files(env: &Env, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let src = env.path("src");
+    for (path, bytes) in files {
+        let path = src.join(path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, bytes).unwrap();
+    }
+    env.ingest(&src, &["--name", name]);
+    src
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
