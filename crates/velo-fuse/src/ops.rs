@@ -240,6 +240,12 @@ impl TreeFs {
         Ok(attr)
     }
 
+    /// The kernel took a reference to `ino` (an entry it was given); whether `ino` is
+    /// recorded, so counted (tree nodes never recorded need no count).
+    fn count_lookup(st: &mut State, ino: u64) -> bool {
+        st.inodes.get_mut(&ino).map(|i| i.nlookup += 1).is_some()
+    }
+
     /// The kernel dropped `n` references to `ino`: an object no name and no reference
     /// leads to any more is forgotten. Objects made on the mount are counted from birth;
     /// tree nodes stay recorded.
@@ -257,9 +263,7 @@ impl TreeFs {
     fn reply_entry(&self, st: &mut State, ino: u64, stat: Option<&Stat>, reply: ReplyEntry) {
         match self.attr(st, ino, stat) {
             Ok(attr) => {
-                if let Some(i) = st.inodes.get_mut(&ino) {
-                    i.nlookup += 1;
-                }
+                Self::count_lookup(st, ino);
                 reply.entry(&TTL, &attr, Generation(0));
             }
             Err(e) => reply.error(e),
@@ -499,9 +503,7 @@ impl TreeFs {
             upper::make_opaque(&sub)?;
         }
         let ino = self.ns.record_new(&mut st, parent, name, &s);
-        if let Some(i) = st.inodes.get_mut(&ino) {
-            i.nlookup += 1;
-        }
+        Self::count_lookup(&mut st, ino);
         Ok((ino, s, file))
     }
 
@@ -1686,11 +1688,8 @@ impl Filesystem for TreeFs {
                 Err(e) => return Err(e),
             };
             let full = reply.add(INodeNo(entry), next, name, &TTL, &attr, Generation(0));
-            if !full {
-                if let Some(i) = st.inodes.get_mut(&entry) {
-                    i.nlookup += 1;
-                    counted.push(entry);
-                }
+            if !full && Self::count_lookup(&mut st, entry) {
+                counted.push(entry);
             }
             Ok(full)
         });
