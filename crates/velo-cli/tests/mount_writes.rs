@@ -193,7 +193,16 @@ fn open_descriptors_mappings_and_ranges_behave_as_on_a_local_file_system() {
         return;
     }
     let env = Env::new();
-    common::ingest_files(&env, "t", &[("tree-file", b"from the tree\n")]);
+    let big = vec![b'y'; 200_000];
+    common::ingest_files(
+        &env,
+        "t",
+        &[
+            ("tree-file", b"from the tree\n"),
+            ("existing-unlink", &big),
+            ("existing-rename", &big),
+        ],
+    );
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
@@ -211,6 +220,40 @@ assert r.read() == b"FROM the tree\n", "reader after unlink"
 assert os.fstat(w.fileno()).st_nlink == 0
 w.close(); r.close()
 assert not os.path.exists("tree-file")
+# A file of the upper opened again (the kernel sends the server no open for it), then
+# unlinked or renamed over while open: writes and reads go on, also past the kernel's
+# page cache (dropped with fadvise, so every read asks the server).
+# (Copied up by a chmod: no handle of the server ever had it open.)
+for how in ("unlink", "rename"):
+    os.chmod("existing-" + how, 0o644)
+    g = open("existing-" + how, "r+b")
+    if how == "unlink":
+        os.unlink("existing-" + how)
+    else:
+        with open("other", "wb") as f:
+            f.write(b"other")
+        os.rename("other", "existing-" + how)
+    g.seek(150000)
+    g.write(b"z" * 10)
+    g.flush()
+    os.posix_fadvise(g.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    g.seek(0)
+    data = g.read()
+    assert len(data) == 200000 and data[150000:150010] == b"z" * 10, how
+    os.fsync(g.fileno())
+    assert os.fstat(g.fileno()).st_nlink == 0, how
+    g.close()
+assert open("existing-rename", "rb").read() == b"other"
+os.unlink("existing-rename")
+# A file whose mode no longer lets anyone read it reads on through a descriptor opened
+# before the chmod.
+with open("closed", "wb") as f:
+    f.write(b"c" * 100000)
+g = open("closed", "rb")
+os.chmod("closed", 0)
+os.posix_fadvise(g.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+assert g.read() == b"c" * 100000
+g.close()
 # A new file, unlinked while open: writes and reads go on.
 f = open("scratch", "w+b")
 os.unlink("scratch")

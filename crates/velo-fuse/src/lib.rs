@@ -79,10 +79,24 @@ struct Open {
     backing: Option<Arc<fuser::BackingId>>,
 }
 
-/// Open files by handle.
+/// Open files by handle, and upper files kept open by inode.
 struct Opens {
     by_handle: HashMap<u64, Open>,
+    /// Without passthrough the kernel sends no open or release for files (see
+    /// `TreeFs::open`): its reads and writes come with no handle, and are served from
+    /// these (a bounded cache, but for files held after their last name went).
+    by_inode: HashMap<u64, InodeFile>,
     next: u64,
+}
+
+/// An upper file kept open for requests without a handle.
+struct InodeFile {
+    file: Arc<File>,
+    /// Opened for writing (else only for reading).
+    writable: bool,
+    /// Its last name is gone while the kernel still had it: it may be open, and so is
+    /// kept until the kernel forgets it.
+    held: bool,
 }
 
 /// The server of one tree.
@@ -161,6 +175,7 @@ impl TreeFs {
             listings: Mutex::new(HashMap::new()),
             opens: Mutex::new(Opens {
                 by_handle: HashMap::new(),
+                by_inode: HashMap::new(),
                 next: 1,
             }),
             gate: Arc::new(RwLock::new(())),

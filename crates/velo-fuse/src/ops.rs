@@ -42,6 +42,10 @@ const NO_ENTRY: FileAttr = FileAttr {
     flags: 0,
 };
 
+/// Upper files kept open by inode at most, besides those held after their last name
+/// went (see `TreeFs::inode_file`).
+const INODE_FILES: usize = 1024;
+
 /// One entry of a directory listing.
 pub(crate) struct DirEntry {
     ino: u64,
@@ -199,7 +203,11 @@ impl TreeFs {
 
     /// An open file of `ino`, if any handle has one.
     fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
-        self.opens()
+        let opens = self.opens();
+        if let Some(f) = opens.by_inode.get(&ino) {
+            return Some(f.file.clone());
+        }
+        opens
             .by_handle
             .values()
             .find(|o| o.ino == ino)
@@ -594,9 +602,161 @@ impl TreeFs {
             .ok_or(Errno::EBADF)
     }
 
-    /// The file a change through handle `fh` goes to: a tree file opened for writing is
-    /// copied up now (`how`), on its first change.
-    fn writable_file(&self, fh: FileHandle, how: CopyUp) -> Result<Arc<File>, Errno> {
+    /// Whether the kernel opens files without asking (no passthrough: see `open`).
+    fn no_open(&self) -> bool {
+        !self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The file a read of `ino` through handle `fh` reads: the handle's, or for the
+    /// kernel's handle 0 (a file it opened without asking) the tree file's blob or the
+    /// upper file.
+    fn file_of(&self, ino: u64, fh: FileHandle) -> Result<Arc<File>, Errno> {
+        if u64::from(fh) != 0 {
+            return self.handle_file(fh);
+        }
+        self.inode_file(ino, false)
+    }
+
+    /// `ino`'s file for requests without a handle: a tree file's blob (never for
+    /// writing: the caller copies up first), else its upper file, kept open by inode.
+    fn inode_file(&self, ino: u64, writable: bool) -> Result<Arc<File>, Errno> {
+        if let Some(f) = self.opens().by_inode.get(&ino) {
+            if f.writable || !writable {
+                return Ok(f.file.clone());
+            }
+        }
+        let st = self.state();
+        let info = self.ns.info(&st, ino)?;
+        if info.kind == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        if !info.upper {
+            if writable {
+                return Err(Errno::EBADF);
+            }
+            let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
+            drop(st);
+            return self.ns.cached_blob(&node);
+        }
+        let file = Arc::new(self.open_for_server(&st, ino, writable)?);
+        drop(st);
+        let mut opens = self.opens();
+        if opens.by_inode.len() >= INODE_FILES {
+            opens.by_inode.retain(|_, f| f.held);
+        }
+        let held = opens.by_inode.get(&ino).is_some_and(|f| f.held);
+        opens.by_inode.insert(
+            ino,
+            crate::InodeFile {
+                file: file.clone(),
+                writable,
+                held,
+            },
+        );
+        Ok(file)
+    }
+
+    /// Opens `ino`'s upper file for the server's reads (and writes): what the kernel
+    /// allowed when the program opened it, the server must be able to do later, also
+    /// after a chmod took the owner's permission away (the mounting user owns every
+    /// upper file; root needs no permission).
+    fn open_for_server(&self, st: &State, ino: u64, writable: bool) -> Result<File, Errno> {
+        let fallback = if writable {
+            OFlags::WRONLY
+        } else {
+            OFlags::RDONLY
+        };
+        let first = match self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK) {
+            Err(e) if e.code() == Errno::EACCES.code() => {
+                self.reopen(st, ino, fallback | OFlags::NONBLOCK)
+            }
+            other => other,
+        };
+        match first {
+            Err(e) if e.code() == Errno::EACCES.code() && !self.as_root => {
+                let (dir, name) = self.ns.parent_dir(st, ino)?;
+                let s = rustix::fs::statat(&*dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(errno)?;
+                let mode = Mode::from_raw_mode(s.st_mode & 0o7777);
+                rustix::fs::chmodat(
+                    &*dir,
+                    name.as_slice(),
+                    mode | Mode::RUSR | Mode::WUSR,
+                    AtFlags::empty(),
+                )
+                .map_err(errno)?;
+                let file = self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK);
+                rustix::fs::chmodat(&*dir, name.as_slice(), mode, AtFlags::empty())
+                    .map_err(errno)?;
+                file
+            }
+            other => other,
+        }
+    }
+
+    /// Before the last name of `ino` goes: without opens, any reference the kernel has
+    /// may be an open file that reads and writes on until it is closed, so its upper
+    /// file stays open until the kernel forgets the inode. (A tree file's blob stays
+    /// anyway.)
+    fn hold_before_unlink(&self, st: &State, ino: u64) {
+        if !self.no_open() {
+            return;
+        }
+        let Some(i) = st.inodes.get(&ino) else {
+            return;
+        };
+        // A copied-up tree file's references were not all counted: held too.
+        if !i.upper || i.kind != FileType::RegularFile || (i.nlookup == 0 && i.lower.is_none()) {
+            return;
+        }
+        if i.links.len() > 1 {
+            return;
+        }
+        let held = match self.opens().by_inode.get_mut(&ino) {
+            Some(f) => {
+                f.held = true;
+                true
+            }
+            None => false,
+        };
+        if held {
+            return;
+        }
+        // No chmod here (unlike `open_for_server`): an `rm -rf` of read-only files would
+        // pay it for every file; such a file is held for reading only.
+        let opened = match self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK) {
+            Ok(file) => Ok((file, true)),
+            Err(_) => self
+                .reopen(st, ino, OFlags::RDONLY | OFlags::NONBLOCK)
+                .map(|file| (file, false)),
+        };
+        match opened {
+            Ok((file, writable)) => {
+                self.opens().by_inode.insert(
+                    ino,
+                    crate::InodeFile {
+                        file: Arc::new(file),
+                        writable,
+                        held: true,
+                    },
+                );
+            }
+            Err(e) => tracing::debug!(ino, error = ?e, "an unlinked file is not kept open"),
+        }
+    }
+
+    /// The file a change of `ino` through handle `fh` goes to: a tree file is copied up
+    /// now (`how`), on its first change.
+    fn writable_file(&self, ino: u64, fh: FileHandle, how: CopyUp) -> Result<Arc<File>, Errno> {
+        if u64::from(fh) == 0 {
+            {
+                let mut st = self.state();
+                if !self.ns.info(&st, ino)?.upper {
+                    self.copy_up(&mut st, ino, how)?;
+                }
+            }
+            return self.inode_file(ino, true);
+        }
         let (ino, pending) = {
             let opens = self.opens();
             let open = opens.by_handle.get(&u64::from(fh)).ok_or(Errno::EBADF)?;
@@ -742,6 +902,7 @@ impl TreeFs {
         }
         let p = self.ns.info(&st, parent)?;
         let dir = self.ns.upper_dir(&mut st, parent)?;
+        self.hold_before_unlink(&st, ino);
         if upper::stat_at(&dir, name)?.is_some_and(|s| !upper::is_whiteout(&s)) {
             if is_dir {
                 Self::clear_dir(&dir, name)?;
@@ -858,6 +1019,9 @@ impl TreeFs {
                 _ => {}
             }
         }
+        if let (Some(d), false) = (dst, exchange) {
+            self.hold_before_unlink(&st, d);
+        }
         let mut how = rustix::fs::RenameFlags::empty();
         if exchange {
             how |= rustix::fs::RenameFlags::EXCHANGE;
@@ -914,8 +1078,15 @@ impl TreeFs {
         }
         let mut st = self.state();
         let info = self.ns.info(&st, ino)?;
-        let handle = fh.and_then(|fh| self.handle_file(fh).ok());
+        let handle = fh
+            .filter(|fh| u64::from(*fh) != 0)
+            .and_then(|fh| self.handle_file(fh).ok());
         if !info.linked {
+            if !info.upper {
+                // A deleted tree file that is still open reads its blob, which nothing
+                // may change; its changes have nowhere to go.
+                return Err(Errno::EPERM);
+            }
             // Deleted but open: only through the open file.
             let file = handle
                 .clone()
@@ -963,7 +1134,16 @@ impl TreeFs {
         };
         self.copy_up(&mut st, ino, how)?;
         // After the copy-up: a handle opened for writing now has the copy.
-        let handle = fh.and_then(|fh| self.handle_file(fh).ok());
+        let handle = match fh {
+            Some(fh) if u64::from(fh) != 0 => self.handle_file(fh).ok(),
+            Some(_) if size.is_some() => {
+                drop(st);
+                let file = self.inode_file(ino, true).ok();
+                st = self.state();
+                file
+            }
+            _ => None,
+        };
         let (dir, name) = self.at(&mut st, ino)?;
         if let Some(mode) = mode {
             rustix::fs::chmodat(
@@ -1265,7 +1445,12 @@ impl Filesystem for TreeFs {
         if ino == ROOT {
             return;
         }
-        Self::drop_lookups(&mut self.state(), ino, nlookup);
+        let mut st = self.state();
+        Self::drop_lookups(&mut st, ino, nlookup);
+        if st.inodes.get(&ino).is_none_or(|i| i.nlookup == 0) {
+            // The kernel has no file of it open any more.
+            self.opens().by_inode.remove(&ino);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1273,7 +1458,7 @@ impl Filesystem for TreeFs {
         let ino = u64::from(ino);
         let result = match self.attr(&mut st, ino, None) {
             Err(e) if e.code() == Errno::ENOENT.code() && fh.is_some() => fh
-                .and_then(|fh| self.handle_file(fh).ok())
+                .and_then(|fh| self.file_of(ino, fh).ok())
                 .ok_or(Errno::ENOENT)
                 .and_then(|f| rustix::fs::fstat(&*f).map_err(errno))
                 .map(|s| {
@@ -1509,6 +1694,15 @@ impl Filesystem for TreeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open() {
+            // Without passthrough an open needs nothing of the server: `ENOSYS` tells the
+            // kernel to open every file itself from now on (handle 0, its page cache
+            // kept) and send no release, which saves two round trips per open (a
+            // compiler opens hundreds of headers per file compiled). What a handle held
+            // is kept by inode instead (`inode_file`, `hold_before_unlink`). Files made
+            // through `create` still get handles.
+            return reply.error(Errno::ENOSYS);
+        }
         let (fh, flags) = match self.open_file(ino.into(), flags.0) {
             Ok(opened) => opened,
             Err(e) => return reply.error(e),
@@ -1523,7 +1717,7 @@ impl Filesystem for TreeFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -1531,7 +1725,7 @@ impl Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let file = match self.handle_file(fh) {
+        let file = match self.file_of(ino.into(), fh) {
             Ok(file) => file,
             Err(e) => return reply.error(e),
         };
@@ -1551,7 +1745,7 @@ impl Filesystem for TreeFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1561,7 +1755,7 @@ impl Filesystem for TreeFs {
         reply: ReplyWrite,
     ) {
         let result = self.change().and_then(|_gate| {
-            let file = self.writable_file(fh, CopyUp::Whole)?;
+            let file = self.writable_file(ino.into(), fh, CopyUp::Whole)?;
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 kill_privileges(&file)?;
             }
@@ -1581,7 +1775,10 @@ impl Filesystem for TreeFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Writes are done when they are answered and locks are the kernel's: nothing to
+        // do at a close. Handles say so (FOPEN_NOFLUSH); files the kernel opened itself
+        // (see `open`) have no flags, so the kernel is told once never to ask.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1601,12 +1798,12 @@ impl Filesystem for TreeFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self.handle_file(fh).and_then(|file| {
+        let result = self.file_of(ino.into(), fh).and_then(|file| {
             if datasync {
                 file.sync_data()
             } else {
@@ -1959,7 +2156,7 @@ impl Filesystem for TreeFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1967,7 +2164,7 @@ impl Filesystem for TreeFs {
         reply: ReplyEmpty,
     ) {
         let result = self.change().and_then(|_gate| {
-            let file = self.writable_file(fh, CopyUp::Whole)?;
+            let file = self.writable_file(ino.into(), fh, CopyUp::Whole)?;
             rustix::fs::fallocate(
                 &*file,
                 rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
@@ -1985,7 +2182,7 @@ impl Filesystem for TreeFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -1993,7 +2190,7 @@ impl Filesystem for TreeFs {
     ) {
         const SEEK_DATA: i32 = 3;
         const SEEK_HOLE: i32 = 4;
-        let result = self.handle_file(fh).and_then(|file| {
+        let result = self.file_of(ino.into(), fh).and_then(|file| {
             let to = match whence {
                 SEEK_DATA => rustix::fs::SeekFrom::Data(offset.max(0) as u64),
                 SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset.max(0) as u64),
@@ -2011,10 +2208,10 @@ impl Filesystem for TreeFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -2023,8 +2220,8 @@ impl Filesystem for TreeFs {
     ) {
         let result = self.change().and_then(|_gate| {
             let (input, output) = (
-                self.handle_file(fh_in)?,
-                self.writable_file(fh_out, CopyUp::Whole)?,
+                self.file_of(ino_in.into(), fh_in)?,
+                self.writable_file(ino_out.into(), fh_out, CopyUp::Whole)?,
             );
             let (mut off_in, mut off_out) = (offset_in, offset_out);
             rustix::fs::copy_file_range(
