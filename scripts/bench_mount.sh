@@ -12,6 +12,7 @@
 #   make   (or MAKE=1) `make -j2 fs/ext4/` of the kernel on the mount (after defconfig,
 #          prepare).
 # Usage: sudo bash scripts/bench_mount.sh   RUNS=7 (per contender, reads)  WRUNS=3 (writes)
+#        MRUNS=2 (makes per contender)
 #        PARTS="warm untar"  SMALL=1 (fs/ only, no 1 GiB files, no git: CI)  MAKE=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -175,7 +176,7 @@ if want make && [ "${SMALL:-0}" != 1 ]; then
         (cd "$native" && make -s -j2 fs/ext4/ >/dev/null 2>&1; find fs/ext4 -name '*.o' -delete)
         (cd "$fusemnt" && make -s -j2 fs/ext4/ >/dev/null 2>&1; find fs/ext4 -name '*.o' -delete)
     done
-    for _ in 1 2; do
+    for _ in $(seq "${MRUNS:-2}"); do
         ma+=("$(time_of bash -c "cd $native && make -s -j2 fs/ext4/")")
         (cd "$native" && find fs/ext4 -name '*.o' -delete)
         mb+=("$(time_of bash -c "cd $fusemnt && make -s -j2 fs/ext4/")")

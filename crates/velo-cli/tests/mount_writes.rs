@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -1162,4 +1162,104 @@ print("ok")
     assert!(refused.contains("inside the mount point"), "{refused}");
     assert!(!again.join("up").exists() && !inside.exists());
     env.fsck_ok();
+}
+
+/// Restores /dev/fuse's mode when dropped.
+struct DeviceMode(u32);
+
+impl Drop for DeviceMode {
+    fn drop(&mut self) {
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// An unprivileged server (as uid 65534, through fusermount3): the kernel opens files
+/// without asking it, so a file whose mode was taken away after a program opened it must
+/// still be read and written through that program's descriptor, also once unlinked.
+#[test]
+fn an_unprivileged_server_serves_descriptors_whose_file_mode_was_taken_away() {
+    if !fuse_available()
+        || !common::require(common::is_root(), "root (to become uid 65534 with setpriv)")
+        || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+        || !common::require(
+            common::find_tool("fusermount3").is_some(),
+            "fusermount3 (apt install fuse3)",
+        )
+    {
+        return;
+    }
+    let mode = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+    let _restore = DeviceMode(mode);
+    // What Debian's udev sets; an unprivileged mount cannot work without it.
+    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("work");
+    fs::create_dir_all(work.join("src")).unwrap();
+    fs::write(work.join("src/tree-file"), b"t").unwrap();
+    let script = r#"
+import os
+def forget_cache():
+    # More files than the server keeps open by inode: its descriptors are dropped.
+    for i in range(1100):
+        with open("pad-%d" % i, "wb") as f:
+            f.write(b"p")
+def uncached(f):
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    f.seek(0)
+    return f.read()
+with open("closed", "wb") as f:
+    f.write(b"c" * 100000)
+g = open("closed", "rb")
+os.chmod("closed", 0)
+forget_cache()
+assert uncached(g) == b"c" * 100000, "read after chmod 0"
+g.close()
+assert os.stat("closed").st_mode & 0o7777 == 0, oct(os.stat("closed").st_mode)
+os.chmod("closed", 0o644)
+w = open("closed", "r+b")
+os.chmod("closed", 0o200)
+forget_cache()
+w.seek(10)
+w.write(b"W")
+w.flush()
+assert uncached(w)[:12] == b"c" * 10 + b"W" + b"c", "write then read after chmod 0200"
+os.fchmod(w.fileno(), 0o444)
+os.unlink("closed")
+w.seek(20)
+w.write(b"X")
+w.flush()
+data = uncached(w)
+assert len(data) == 100000 and data[20:21] == b"X", "write after chmod 0444 and unlink"
+w.close()
+print("ok")
+"#;
+    fs::write(work.join("t.py"), script).unwrap();
+    let velo = common::velo_bin();
+    let run = format!(
+        "set -e; w=\"$1\"; cd \"$w\"; v() {{ \"{}\" --store \"$w/store\" \"$@\"; }}; \
+         mkdir m; v ingest src --name t >/dev/null; v mount t m --upper up >/dev/null; \
+         (cd m && python3 ../t.py) > out 2>&1 || status=$?; v umount m; cat out; exit ${{status:-0}}",
+        velo.display()
+    );
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/bin/sh", "-c", &run, "sh"])
+        .arg(&work)
+        .env_remove("VR_THE_SOURCE")
+        .env("HOME", &work)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

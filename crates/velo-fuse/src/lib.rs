@@ -91,9 +91,8 @@ struct Opens {
 
 /// An upper file kept open for requests without a handle.
 struct InodeFile {
+    /// Read-write (read-only only for a file executed outside the mount).
     file: Arc<File>,
-    /// Opened for writing (else only for reading).
-    writable: bool,
     /// Its last name is gone while the kernel still had it: it may be open, and so is
     /// kept until the kernel forgets it.
     held: bool,

@@ -207,10 +207,20 @@ impl TreeFs {
         if let Some(f) = opens.by_inode.get(&ino) {
             return Some(f.file.clone());
         }
+        // Never a blob: what this is asked for may change the file.
         opens
             .by_handle
             .values()
-            .find(|o| o.ino == ino)
+            .find(|o| o.ino == ino && !o.from_tree)
+            .map(|o| o.file.clone())
+    }
+
+    /// Handle `fh`'s file if it is the upper file (a change may go to it), not a blob.
+    fn upper_handle_file(&self, fh: FileHandle) -> Option<Arc<File>> {
+        self.opens()
+            .by_handle
+            .get(&u64::from(fh))
+            .filter(|o| !o.from_tree)
             .map(|o| o.file.clone())
     }
 
@@ -619,14 +629,33 @@ impl TreeFs {
 
     /// `ino`'s file for requests without a handle: a tree file's blob (never for
     /// writing: the caller copies up first), else its upper file, kept open by inode.
+    /// `writable`: the caller holds the change gate (every caller that writes does).
     fn inode_file(&self, ino: u64, writable: bool) -> Result<Arc<File>, Errno> {
         if let Some(f) = self.opens().by_inode.get(&ino) {
-            if f.writable || !writable {
-                return Ok(f.file.clone());
-            }
+            return Ok(f.file.clone());
         }
-        let st = self.state();
-        let info = self.ns.info(&st, ino)?;
+        let first = self.inode_file_in(&self.state(), ino, writable);
+        match first {
+            Err(e) if e.code() == Errno::EACCES.code() && !writable && !self.as_root => {
+                // Lending the owner permission changes the mode for a moment: not while
+                // a commit reads the upper. The gate before the state (the order of
+                // every change).
+                let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                let st = self.state();
+                let file = self.open_lending(&st, ino)?;
+                Ok(self.keep_inode_file(ino, file, false))
+            }
+            other => other,
+        }
+    }
+
+    /// [`Self::inode_file`] with the state held. A read (`!writable`) of a file its owner
+    /// may not open gets `EACCES`, for the caller to retry with the gate.
+    fn inode_file_in(&self, st: &State, ino: u64, writable: bool) -> Result<Arc<File>, Errno> {
+        if let Some(f) = self.opens().by_inode.get(&ino) {
+            return Ok(f.file.clone());
+        }
+        let info = self.ns.info(st, ino)?;
         if info.kind == FileType::Directory {
             return Err(Errno::EISDIR);
         }
@@ -635,69 +664,84 @@ impl TreeFs {
                 return Err(Errno::EBADF);
             }
             let node = self.ns.node(info.lower.ok_or(Errno::ENOENT)?)?;
-            drop(st);
             return self.ns.cached_blob(&node);
         }
-        let file = Arc::new(self.open_for_server(&st, ino, writable)?);
-        drop(st);
+        let file = match self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK) {
+            Err(e) if e.code() == Errno::EACCES.code() && writable && !self.as_root => {
+                self.open_lending(st, ino)?
+            }
+            // Executed outside the mount (the upper file itself): reads still work.
+            Err(e) if e.code() == Errno::ETXTBSY.code() && !writable => {
+                self.reopen(st, ino, OFlags::RDONLY | OFlags::NONBLOCK)?
+            }
+            other => other?,
+        };
+        Ok(self.keep_inode_file(ino, file, false))
+    }
+
+    /// Keeps `file` as `ino`'s upper file (`held`: until the kernel forgets `ino`).
+    fn keep_inode_file(&self, ino: u64, file: File, held: bool) -> Arc<File> {
+        let file = Arc::new(file);
         let mut opens = self.opens();
         if opens.by_inode.len() >= INODE_FILES {
             opens.by_inode.retain(|_, f| f.held);
         }
-        let held = opens.by_inode.get(&ino).is_some_and(|f| f.held);
+        let held = held || opens.by_inode.get(&ino).is_some_and(|f| f.held);
         opens.by_inode.insert(
             ino,
             crate::InodeFile {
                 file: file.clone(),
-                writable,
                 held,
             },
         );
-        Ok(file)
+        file
     }
 
-    /// Opens `ino`'s upper file for the server's reads (and writes): what the kernel
-    /// allowed when the program opened it, the server must be able to do later, also
-    /// after a chmod took the owner's permission away (the mounting user owns every
-    /// upper file; root needs no permission).
-    fn open_for_server(&self, st: &State, ino: u64, writable: bool) -> Result<File, Errno> {
-        let fallback = if writable {
-            OFlags::WRONLY
-        } else {
-            OFlags::RDONLY
-        };
-        let first = match self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK) {
-            Err(e) if e.code() == Errno::EACCES.code() => {
-                self.reopen(st, ino, fallback | OFlags::NONBLOCK)
-            }
-            other => other,
-        };
-        match first {
-            Err(e) if e.code() == Errno::EACCES.code() && !self.as_root => {
-                let (dir, name) = self.ns.parent_dir(st, ino)?;
-                let s = rustix::fs::statat(&*dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(errno)?;
-                let mode = Mode::from_raw_mode(s.st_mode & 0o7777);
-                rustix::fs::chmodat(
-                    &*dir,
-                    name.as_slice(),
-                    mode | Mode::RUSR | Mode::WUSR,
-                    AtFlags::empty(),
+    /// Opens `ino`'s upper file read-write although its mode does not let its owner (the
+    /// server, not root) do so: what the kernel allowed when a program opened it, the
+    /// server must do later, also after a chmod took the permission away. The owner's
+    /// read and write are lent for the moment of the `open` (through an `O_PATH`
+    /// descriptor, so a file with no name left works too); the file's ctime shows it.
+    /// The caller holds the change gate.
+    fn open_lending(&self, st: &State, ino: u64) -> Result<File, Errno> {
+        let path = match self.ns.parent_dir(st, ino) {
+            Ok((dir, name)) => rustix::fs::openat(
+                &*dir,
+                name.as_slice(),
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?,
+            Err(e) => {
+                let held = self.open_file_of(ino).ok_or(e)?;
+                rustix::fs::open(
+                    proc_fd(&*held).as_str(),
+                    OFlags::PATH | OFlags::CLOEXEC,
+                    Mode::empty(),
                 )
-                .map_err(errno)?;
-                let file = self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK);
-                rustix::fs::chmodat(&*dir, name.as_slice(), mode, AtFlags::empty())
-                    .map_err(errno)?;
-                file
+                .map_err(errno)?
             }
-            other => other,
+        };
+        let s = rustix::fs::fstat(&path).map_err(errno)?;
+        if kind_of_mode(s.st_mode) != FileType::RegularFile {
+            return Err(Errno::EACCES);
         }
+        let through = proc_fd(&path);
+        let mode = Mode::from_raw_mode(s.st_mode & 0o7777);
+        rustix::fs::chmod(through.as_str(), mode | Mode::RUSR | Mode::WUSR).map_err(errno)?;
+        let file = rustix::fs::open(
+            through.as_str(),
+            OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        rustix::fs::chmod(through.as_str(), mode).map_err(errno)?;
+        file.map(File::from).map_err(errno)
     }
 
     /// Before the last name of `ino` goes: without opens, any reference the kernel has
     /// may be an open file that reads and writes on until it is closed, so its upper
     /// file stays open until the kernel forgets the inode. (A tree file's blob stays
-    /// anyway.)
+    /// anyway.) The caller holds the change gate and the state.
     fn hold_before_unlink(&self, st: &State, ino: u64) {
         if !self.no_open() {
             return;
@@ -712,34 +756,15 @@ impl TreeFs {
         if i.links.len() > 1 {
             return;
         }
-        let held = match self.opens().by_inode.get_mut(&ino) {
-            Some(f) => {
-                f.held = true;
-                true
-            }
-            None => false,
-        };
-        if held {
+        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
+            f.held = true;
             return;
         }
-        // No chmod here (unlike `open_for_server`): an `rm -rf` of read-only files would
-        // pay it for every file; such a file is held for reading only.
-        let opened = match self.reopen(st, ino, OFlags::RDWR | OFlags::NONBLOCK) {
-            Ok(file) => Ok((file, true)),
-            Err(_) => self
-                .reopen(st, ino, OFlags::RDONLY | OFlags::NONBLOCK)
-                .map(|file| (file, false)),
-        };
-        match opened {
-            Ok((file, writable)) => {
-                self.opens().by_inode.insert(
-                    ino,
-                    crate::InodeFile {
-                        file: Arc::new(file),
-                        writable,
-                        held: true,
-                    },
-                );
+        match self.inode_file_in(st, ino, true) {
+            Ok(_) => {
+                if let Some(f) = self.opens().by_inode.get_mut(&ino) {
+                    f.held = true;
+                }
             }
             Err(e) => tracing::debug!(ino, error = ?e, "an unlinked file is not kept open"),
         }
@@ -1078,9 +1103,7 @@ impl TreeFs {
         }
         let mut st = self.state();
         let info = self.ns.info(&st, ino)?;
-        let handle = fh
-            .filter(|fh| u64::from(*fh) != 0)
-            .and_then(|fh| self.handle_file(fh).ok());
+        let handle = fh.and_then(|fh| self.upper_handle_file(fh));
         if !info.linked {
             if !info.upper {
                 // A deleted tree file that is still open reads its blob, which nothing
@@ -1135,13 +1158,8 @@ impl TreeFs {
         self.copy_up(&mut st, ino, how)?;
         // After the copy-up: a handle opened for writing now has the copy.
         let handle = match fh {
-            Some(fh) if u64::from(fh) != 0 => self.handle_file(fh).ok(),
-            Some(_) if size.is_some() => {
-                drop(st);
-                let file = self.inode_file(ino, true).ok();
-                st = self.state();
-                file
-            }
+            Some(fh) if u64::from(fh) != 0 => self.upper_handle_file(fh),
+            Some(_) if size.is_some() => self.inode_file_in(&st, ino, true).ok(),
             _ => None,
         };
         let (dir, name) = self.at(&mut st, ino)?;
@@ -1454,9 +1472,9 @@ impl Filesystem for TreeFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let mut st = self.state();
         let ino = u64::from(ino);
-        let result = match self.attr(&mut st, ino, None) {
+        let attr = self.attr(&mut self.state(), ino, None);
+        let result = match attr {
             Err(e) if e.code() == Errno::ENOENT.code() && fh.is_some() => fh
                 .and_then(|fh| self.file_of(ino, fh).ok())
                 .ok_or(Errno::ENOENT)
@@ -2099,7 +2117,13 @@ impl Filesystem for TreeFs {
         reply: ReplyCreate,
     ) {
         let raw = OFlags::from_bits_retain(flags as u32);
-        let keep = OFlags::SYNC | OFlags::DSYNC;
+        // A file kept by inode serves every writer of it: its synchronous writes are
+        // the kernel's fsync after each (it sends one for O_SYNC and O_DSYNC files).
+        let keep = if self.no_open() {
+            OFlags::empty()
+        } else {
+            OFlags::SYNC | OFlags::DSYNC
+        };
         let result = self.change().and_then(|_gate| {
             self.make(req, parent.into(), name.as_bytes(), |dir| {
                 rustix::fs::openat(
@@ -2118,6 +2142,19 @@ impl Filesystem for TreeFs {
             })
         });
         match result {
+            Ok((ino, s, Some(file))) if self.no_open() => {
+                // Kept by inode like every file the kernel opened itself, with handle 0:
+                // kernels before 6.9 send no release for any file once opens are
+                // refused, so a handle would never be given back.
+                self.keep_inode_file(ino, file, false);
+                reply.created(
+                    &TTL,
+                    &Self::stat_attr(ino, &s),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                );
+            }
             Ok((ino, s, Some(file))) => {
                 let fh = self.new_handle(Open {
                     ino,
@@ -2218,11 +2255,11 @@ impl Filesystem for TreeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let result = self.change().and_then(|_gate| {
-            let (input, output) = (
-                self.file_of(ino_in.into(), fh_in)?,
-                self.writable_file(ino_out.into(), fh_out, CopyUp::Whole)?,
-            );
+        // The input first: a read, which may take the gate itself (see `inode_file`).
+        let input = self.file_of(ino_in.into(), fh_in);
+        let result = input.and_then(|input| {
+            let _gate = self.change()?;
+            let output = self.writable_file(ino_out.into(), fh_out, CopyUp::Whole)?;
             let (mut off_in, mut off_out) = (offset_in, offset_out);
             rustix::fs::copy_file_range(
                 &*input,
