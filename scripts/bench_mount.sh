@@ -171,6 +171,15 @@ if want make && [ "${SMALL:-0}" != 1 ]; then
     (cd "$native" && make -s defconfig >/dev/null && make -s -j2 prepare >/dev/null 2>&1)
     "$velo" ingest "$native" --name kernel-prepared >/dev/null 2>&1
     "$velo" mount kernel-prepared "$fusemnt" --upper "$mnt/mupper" >/dev/null 2>&1
+    # A tree made a git repository by the git part: every make runs scripts/setlocalversion,
+    # whose `git --no-optional-locks status` never refreshes the index. The index holds the
+    # stat data (inode, device, ctime) of the native files, so on the mount git would hash
+    # every file of the tree again in every make. A user's first `git status` on the mount
+    # refreshes it: done here too, on both sides.
+    if [ -d "$native/.git" ]; then
+        git -C "$native" status --porcelain >/dev/null 2>&1 || true
+        git -C "$fusemnt" status --porcelain >/dev/null 2>&1 || true
+    fi
     ma=(); mb=()
     for _ in 1 2; do
         (cd "$native" && make -s -j2 fs/ext4/ >/dev/null 2>&1; find fs/ext4 -name '*.o' -delete)
