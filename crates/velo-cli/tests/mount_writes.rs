@@ -1263,3 +1263,67 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A server out of descriptors cannot keep an unlinked open file: the unlink fails, and
+/// no program loses the bytes of a file it has open.
+#[test]
+fn an_unlink_the_server_cannot_keep_open_fails_and_loses_nothing() {
+    if !fuse_available()
+        || !common::require(
+            common::find_tool("prlimit").is_some(),
+            "prlimit (util-linux)",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("kept", b"kept\n")]);
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let out = Command::new("prlimit")
+        .args(["--nofile=300:300", "--"])
+        .arg(common::velo_bin())
+        .arg("--store")
+        .arg(&env.store)
+        .args(["mount", "t"])
+        .arg(&at)
+        .env_remove("VR_THE_SOURCE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    let script = r#"
+import errno, os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+n = 600
+fds = [os.open("f%d" % i, os.O_CREAT | os.O_RDWR, 0o644) for i in range(n)]
+for i, fd in enumerate(fds):
+    os.pwrite(fd, b"data-%d" % i, 0)
+refused = []
+for i in range(n):
+    try:
+        os.unlink("f%d" % i)
+    except OSError as e:
+        assert e.errno in (errno.EMFILE, errno.ENFILE), e
+        refused.append(i)
+assert refused, "the server kept 600 files open with 300 descriptors"
+assert len(refused) < n, "no unlink succeeded"
+for i, fd in enumerate(fds):
+    os.pwrite(fd, b"more", 100)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    want = b"data-%d" % i
+    assert os.pread(fd, len(want), 0) == want, i
+    assert os.path.exists("f%d" % i) == (i in refused), i
+    os.close(fd)
+print("ok")
+"#;
+    python_prints(&at, script, "ok\n");
+}

@@ -117,6 +117,9 @@ pub struct TreeFs {
     passthrough: Arc<std::sync::atomic::AtomicBool>,
     /// The most levels of directories a tree holds (the top counts as one).
     max_depth: usize,
+    /// Upper files kept open by inode at most (besides held ones): a share of the
+    /// descriptors the server may open.
+    inode_files: usize,
 }
 
 /// The handle of a running server that the CLI keeps: it seals the upper for a commit.
@@ -181,6 +184,7 @@ impl TreeFs {
             want_passthrough: false,
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             max_depth: usize::MAX,
+            inode_files: ops::INODE_FILES,
         })
     }
 
@@ -226,7 +230,7 @@ pub struct MountOptions {
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted. Blocks.
-pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<(), FuseError> {
+pub fn serve(mut fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<(), FuseError> {
     // The kernel has applied the caller's umask to every mode it sends; the server's own
     // must not take more away.
     rustix::process::umask(rustix::fs::Mode::empty());
@@ -243,6 +247,11 @@ pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<()
                 maximum: limit.maximum,
             },
         );
+    }
+    // A file cache never takes more than an eighth of the descriptors: creates and
+    // copy-ups must still find one.
+    if let Some(cur) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        fs.inode_files = fs.inode_files.min((cur / 8).max(16) as usize);
     }
     let mut config = fuser::Config::default();
     config.mount_options = vec![

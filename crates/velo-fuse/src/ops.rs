@@ -44,7 +44,7 @@ const NO_ENTRY: FileAttr = FileAttr {
 
 /// Upper files kept open by inode at most, besides those held after their last name
 /// went (see `TreeFs::inode_file`).
-const INODE_FILES: usize = 1024;
+pub(crate) const INODE_FILES: usize = 1024;
 
 /// One entry of a directory listing.
 pub(crate) struct DirEntry {
@@ -683,7 +683,7 @@ impl TreeFs {
     fn keep_inode_file(&self, ino: u64, file: File, held: bool) -> Arc<File> {
         let file = Arc::new(file);
         let mut opens = self.opens();
-        if opens.by_inode.len() >= INODE_FILES {
+        if opens.by_inode.len() >= self.inode_files {
             opens.by_inode.retain(|_, f| f.held);
         }
         let held = held || opens.by_inode.get(&ino).is_some_and(|f| f.held);
@@ -741,33 +741,34 @@ impl TreeFs {
     /// Before the last name of `ino` goes: without opens, any reference the kernel has
     /// may be an open file that reads and writes on until it is closed, so its upper
     /// file stays open until the kernel forgets the inode. (A tree file's blob stays
-    /// anyway.) The caller holds the change gate and the state.
-    fn hold_before_unlink(&self, st: &State, ino: u64) {
+    /// anyway.) The caller holds the change gate and the state. An error (the server is
+    /// out of descriptors) fails the removal: a program that has the file open would
+    /// lose its bytes.
+    fn hold_before_unlink(&self, st: &State, ino: u64) -> Result<(), Errno> {
         if !self.no_open() {
-            return;
+            return Ok(());
         }
         let Some(i) = st.inodes.get(&ino) else {
-            return;
+            return Ok(());
         };
         // A copied-up tree file's references were not all counted: held too.
         if !i.upper || i.kind != FileType::RegularFile || (i.nlookup == 0 && i.lower.is_none()) {
-            return;
+            return Ok(());
         }
         if i.links.len() > 1 {
-            return;
+            return Ok(());
         }
         if let Some(f) = self.opens().by_inode.get_mut(&ino) {
             f.held = true;
-            return;
+            return Ok(());
         }
-        match self.inode_file_in(st, ino, true) {
-            Ok(_) => {
-                if let Some(f) = self.opens().by_inode.get_mut(&ino) {
-                    f.held = true;
-                }
-            }
-            Err(e) => tracing::debug!(ino, error = ?e, "an unlinked file is not kept open"),
+        self.inode_file_in(st, ino, true).inspect_err(|e| {
+            tracing::warn!(ino, error = ?e, "a file to be removed cannot be kept open: not removed");
+        })?;
+        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
+            f.held = true;
         }
+        Ok(())
     }
 
     /// The file a change of `ino` through handle `fh` goes to: a tree file is copied up
@@ -927,7 +928,7 @@ impl TreeFs {
         }
         let p = self.ns.info(&st, parent)?;
         let dir = self.ns.upper_dir(&mut st, parent)?;
-        self.hold_before_unlink(&st, ino);
+        self.hold_before_unlink(&st, ino)?;
         if upper::stat_at(&dir, name)?.is_some_and(|s| !upper::is_whiteout(&s)) {
             if is_dir {
                 Self::clear_dir(&dir, name)?;
@@ -1045,7 +1046,7 @@ impl TreeFs {
             }
         }
         if let (Some(d), false) = (dst, exchange) {
-            self.hold_before_unlink(&st, d);
+            self.hold_before_unlink(&st, d)?;
         }
         let mut how = rustix::fs::RenameFlags::empty();
         if exchange {
