@@ -102,8 +102,8 @@ for seed in $seeds; do
     s=$(date +%s.%N)
     velo mount fsx "$fs/mnt" --upper "$upper" >/dev/null 2>&1
     for i in $(seq 0 $((half - 1))); do
-        run_fsx "$fs/mnt" -S $((seed + 1000 * i)) -N "$chunk" || status=1
-        echo "   seed $seed, run $((i + 1)) of $chunks on the mount: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
+        run_ok=1; run_fsx "$fs/mnt" -S $((seed + 1000 * i)) -N "$chunk" || { status=1 run_ok=0; }
+        echo "   seed $seed, run $((i + 1)) of $chunks on the mount: $([ $run_ok = 1 ] && echo ok || echo FAILED) ($(date +%T))"
     done
     if [ "$native_runs" != 1 ]; then cp "$fs/mnt/testfile" "$fs/native-half-$seed"; fi
     velo umount "$fs/mnt"
@@ -113,8 +113,8 @@ for seed in $seeds; do
         status=1
     fi
     for i in $(seq "$half" $((chunks - 1))); do
-        run_fsx "$fs/mnt" -S $((seed + 1000 * i)) -N "$chunk" || status=1
-        echo "   seed $seed, run $((i + 1)) of $chunks on the mount (after the remount): $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
+        run_ok=1; run_fsx "$fs/mnt" -S $((seed + 1000 * i)) -N "$chunk" || { status=1 run_ok=0; }
+        echo "   seed $seed, run $((i + 1)) of $chunks on the mount (after the remount): $([ $run_ok = 1 ] && echo ok || echo FAILED) ($(date +%T))"
     done
     mount_time=$(echo "$(date +%s.%N) - $s" | bc)
     if [ "$native_runs" != 1 ]; then mkdir -p "$native"; cp "$fs/mnt/testfile" "$native/testfile"; fi
