@@ -201,12 +201,17 @@ fn open_descriptors_mappings_and_ranges_behave_as_on_a_local_file_system() {
             ("tree-file", b"from the tree\n"),
             ("existing-unlink", &big),
             ("existing-rename", &big),
+            ("tree-unlinked", &big),
         ],
     );
     let at = env.path("mnt");
     let _mounted = mount_with(&env, "t", &at, &[]);
     let script = r#"
 import mmap, os
+def uncached_read(f):
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    f.seek(0)
+    return f.read()
 # A tree file opened, deleted, still readable; a second reader opened before a writer's
 # copy-up sees the writer's bytes (one inode).
 r = open("tree-file", "rb")
@@ -245,6 +250,20 @@ for how in ("unlink", "rename"):
     g.close()
 assert open("existing-rename", "rb").read() == b"other"
 os.unlink("existing-rename")
+# A tree file never changed, opened for writing and then deleted: writes, truncation and
+# chmod through the descriptor go on (to a copy with no name), reads see them.
+g = open("tree-unlinked", "r+b")
+os.unlink("tree-unlinked")
+g.seek(5)
+g.write(b"Q")
+g.flush()
+os.fchmod(g.fileno(), 0o600)
+os.ftruncate(g.fileno(), 1000)
+data = uncached_read(g)
+assert data == b"y" * 5 + b"Q" + b"y" * 994, data[:10]
+assert os.fstat(g.fileno()).st_mode & 0o777 == 0o600
+assert os.fstat(g.fileno()).st_nlink == 0
+g.close()
 # A file whose mode no longer lets anyone read it reads on through a descriptor opened
 # before the chmod.
 with open("closed", "wb") as f:

@@ -557,6 +557,22 @@ impl Namespace {
     /// an upper directory that merges with it, a tree file a copy of its blob (or an
     /// empty file, for `CopyUp::Empty`: it is about to be truncated). Returns the new
     /// file, open read-write, when one was made.
+    /// Copies up a tree file that has no name left (deleted while a program may have it
+    /// open) into a file with no name in the upper: the caller keeps it open by inode.
+    pub(crate) fn copy_up_unlinked(&self, st: &mut State, ino: u64) -> Result<File, Errno> {
+        let info = self.info(st, ino)?;
+        if info.linked || info.upper || info.kind != FileType::RegularFile {
+            return Err(Errno::EINVAL);
+        }
+        let node = self.node(info.lower.ok_or(Errno::EIO)?)?;
+        let blob = self.blob_file(&node)?;
+        let top = self.dir_of(st, ROOT)?;
+        let file = upper::anonymous_copy(&top, Some(&blob), node.mode, node.mtime_ns)?;
+        let i = st.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        i.upper = true;
+        Ok(file)
+    }
+
     pub(crate) fn copy_up(
         &self,
         st: &mut State,

@@ -777,7 +777,14 @@ impl TreeFs {
         if u64::from(fh) == 0 {
             {
                 let mut st = self.state();
-                if !self.ns.info(&st, ino)?.upper {
+                let info = self.ns.info(&st, ino)?;
+                if !info.upper && !info.linked {
+                    // Deleted while a program may have it open: its changes go to a copy
+                    // with no name, which lives as long as the kernel keeps the inode.
+                    let file = self.ns.copy_up_unlinked(&mut st, ino)?;
+                    return Ok(self.keep_inode_file(ino, file, true));
+                }
+                if !info.upper {
                     self.copy_up(&mut st, ino, how)?;
                 }
             }
@@ -1107,9 +1114,14 @@ impl TreeFs {
         let handle = fh.and_then(|fh| self.upper_handle_file(fh));
         if !info.linked {
             if !info.upper {
-                // A deleted tree file that is still open reads its blob, which nothing
-                // may change; its changes have nowhere to go.
-                return Err(Errno::EPERM);
+                // A deleted tree file that is still open reads its blob, which nothing may
+                // change: its changes go to a copy with no name (without opens; with
+                // handles they have nowhere to go).
+                if !self.no_open() {
+                    return Err(Errno::EPERM);
+                }
+                let file = self.ns.copy_up_unlinked(&mut st, ino)?;
+                self.keep_inode_file(ino, file, true);
             }
             // Deleted but open: only through the open file.
             let file = handle

@@ -179,6 +179,27 @@ pub(crate) fn copy_file(
     mode: u32,
     mtime_ns: i64,
 ) -> Result<File, Errno> {
+    let file = anonymous_copy(dir, src, mode, mtime_ns)?;
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        dir,
+        name,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(errno)?;
+    Ok(file)
+}
+
+/// A file with no name on `dir`'s file system holding `src`'s bytes (none: empty) with
+/// `mode` and the mtime `mtime_ns`.
+pub(crate) fn anonymous_copy(
+    dir: &OwnedFd,
+    src: Option<&File>,
+    mode: u32,
+    mtime_ns: i64,
+) -> Result<File, Errno> {
     let tmp = rustix::fs::openat(
         dir,
         ".",
@@ -198,15 +219,6 @@ pub(crate) fn copy_file(
             last_access: t,
             last_modification: t,
         },
-    )
-    .map_err(errno)?;
-    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-    rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc_path.as_str(),
-        dir,
-        name,
-        AtFlags::SYMLINK_FOLLOW,
     )
     .map_err(errno)?;
     Ok(file)
