@@ -469,8 +469,10 @@ fn loopback_works_without_a_network() {
         &app,
         &[],
         // The client connects only once the listener listens (port 7777 is 1E61 in
-        // /proc/net/tcp or tcp6, state 0A): a client that came first was the flake.
-        "timeout 20 nc -l -p 7777 > /tmp/got & \
+        // /proc/net/tcp or tcp6, state 0A): a client that came first was the flake. The
+        // listener's stdin stays open a while: busybox nc may quit at its stdin's end
+        // before it reads what the client sent (an empty /tmp/got, seen under load).
+        "sleep 3 | timeout 20 nc -l -p 7777 > /tmp/got & \
          for i in $(seq 200); do grep -qE ':1E61 [0-9A-F]+:0000 0A' /proc/net/tcp /proc/net/tcp6 && break; sleep 0.05; done; \
          for i in $(seq 20); do echo over-loopback | nc 127.0.0.1 7777 && break; sleep 0.2; done; \
          wait; cat /tmp/got",
