@@ -1267,8 +1267,7 @@ print("ok")
         .status()
         .unwrap();
     assert!(chown.success());
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let out = common::as_nobody()
         .args(["/bin/sh", "-c", &run, "sh"])
         .arg(&work)
         .env_remove("VR_THE_SOURCE")

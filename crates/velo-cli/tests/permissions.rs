@@ -6,7 +6,6 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 
 use common::Env;
 
@@ -105,8 +104,7 @@ fn a_setuid_file_imported_from_a_velo_file_is_checked_out_without_the_bit() {
 
 /// Runs `sh -c script` as uid/gid 65534 with no supplementary groups.
 fn as_nobody(script: &str, arg: &Path) -> std::process::Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    common::as_nobody()
         .args(["/bin/sh", "-c", script, "sh"])
         .arg(arg)
         .output()

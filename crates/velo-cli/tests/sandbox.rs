@@ -379,8 +379,7 @@ fn an_unprivileged_user_runs_with_their_own_store() {
     for f in [&busybox, &app] {
         fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let out = common::as_nobody()
         .arg(common::velo_bin())
         .args(["run", "--isolate", "--base"])
         .arg(&busybox)

@@ -43,7 +43,7 @@ const NO_ENTRY: FileAttr = FileAttr {
 };
 
 /// Upper files kept open by inode at most, besides those held after their last name
-/// went (see `TreeFs::inode_file`).
+/// went (see `TreeFs::open_inode_file`).
 pub(crate) const INODE_FILES: usize = 1024;
 
 /// One entry of a directory listing.
@@ -619,24 +619,17 @@ impl TreeFs {
 
     /// The file a read of `ino` through handle `fh` reads: the handle's, or for the
     /// kernel's handle 0 (a file it opened without asking) the tree file's blob or the
-    /// upper file.
+    /// upper file, kept open by inode.
     fn file_of(&self, ino: u64, fh: FileHandle) -> Result<Arc<File>, Errno> {
         if u64::from(fh) != 0 {
             return self.handle_file(fh);
         }
-        self.inode_file(ino, false)
-    }
-
-    /// `ino`'s file for requests without a handle: a tree file's blob (never for
-    /// writing: the caller copies up first), else its upper file, kept open by inode.
-    /// `writable`: the caller holds the change gate (every caller that writes does).
-    fn inode_file(&self, ino: u64, writable: bool) -> Result<Arc<File>, Errno> {
-        if let Some(f) = self.opens().by_inode.get(&ino) {
-            return Ok(f.file.clone());
+        if let Some(file) = self.kept_inode_file(ino) {
+            return Ok(file);
         }
-        let first = self.inode_file_in(&self.state(), ino, writable);
+        let first = self.open_inode_file(&self.state(), ino, false, false);
         match first {
-            Err(e) if e.code() == Errno::EACCES.code() && !writable && !self.as_root => {
+            Err(e) if e.code() == Errno::EACCES.code() && !self.as_root => {
                 // Lending the owner permission changes the mode for a moment: not while
                 // a commit reads the upper. The gate before the state (the order of
                 // every change).
@@ -649,10 +642,25 @@ impl TreeFs {
         }
     }
 
-    /// [`Self::inode_file`] with the state held. A read (`!writable`) of a file its owner
-    /// may not open gets `EACCES`, for the caller to retry with the gate.
-    fn inode_file_in(&self, st: &State, ino: u64, writable: bool) -> Result<Arc<File>, Errno> {
-        if let Some(f) = self.opens().by_inode.get(&ino) {
+    /// `ino`'s upper file if it is kept open by inode.
+    fn kept_inode_file(&self, ino: u64) -> Option<Arc<File>> {
+        self.opens().by_inode.get(&ino).map(|f| f.file.clone())
+    }
+
+    /// `ino`'s file for a request without a handle, with the state held: kept or opened
+    /// now (and kept; `held`: until the kernel forgets `ino`). A tree file is read from
+    /// its blob (never for writing: the caller copies up first). `writable`: the caller
+    /// holds the change gate, so the owner's permission may be lent; a read of a file
+    /// its owner may not open gets `EACCES`, for the caller to retry with the gate.
+    fn open_inode_file(
+        &self,
+        st: &State,
+        ino: u64,
+        writable: bool,
+        held: bool,
+    ) -> Result<Arc<File>, Errno> {
+        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
+            f.held |= held;
             return Ok(f.file.clone());
         }
         let info = self.ns.info(st, ino)?;
@@ -676,7 +684,14 @@ impl TreeFs {
             }
             other => other?,
         };
-        Ok(self.keep_inode_file(ino, file, false))
+        Ok(self.keep_inode_file(ino, file, held))
+    }
+
+    /// A tree file deleted while a program may have it open, copied up on its first
+    /// change into a file with no name, kept as long as the kernel keeps the inode.
+    fn copy_up_deleted(&self, st: &mut State, ino: u64) -> Result<Arc<File>, Errno> {
+        let file = self.ns.copy_up_unlinked(st, ino)?;
+        Ok(self.keep_inode_file(ino, file, true))
     }
 
     /// Keeps `file` as `ino`'s upper file (`held`: until the kernel forgets `ino`).
@@ -704,24 +719,7 @@ impl TreeFs {
     /// descriptor, so a file with no name left works too); the file's ctime shows it.
     /// The caller holds the change gate.
     fn open_lending(&self, st: &State, ino: u64) -> Result<File, Errno> {
-        let path = match self.ns.parent_dir(st, ino) {
-            Ok((dir, name)) => rustix::fs::openat(
-                &*dir,
-                name.as_slice(),
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(errno)?,
-            Err(e) => {
-                let held = self.open_file_of(ino).ok_or(e)?;
-                rustix::fs::open(
-                    proc_fd(&*held).as_str(),
-                    OFlags::PATH | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(errno)?
-            }
-        };
+        let path = self.reopen(st, ino, OFlags::PATH)?;
         let s = rustix::fs::fstat(&path).map_err(errno)?;
         if kind_of_mode(s.st_mode) != FileType::RegularFile {
             return Err(Errno::EACCES);
@@ -758,37 +756,26 @@ impl TreeFs {
         if i.links.len() > 1 {
             return Ok(());
         }
-        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
-            f.held = true;
-            return Ok(());
-        }
-        self.inode_file_in(st, ino, true).inspect_err(|e| {
-            tracing::warn!(ino, error = ?e, "a file to be removed cannot be kept open: not removed");
-        })?;
-        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
-            f.held = true;
-        }
-        Ok(())
+        self.open_inode_file(st, ino, true, true)
+            .map(drop)
+            .inspect_err(|e| {
+                tracing::warn!(ino, error = ?e, "a file to be removed cannot be kept open: not removed");
+            })
     }
 
     /// The file a change of `ino` through handle `fh` goes to: a tree file is copied up
     /// now (`how`), on its first change.
     fn writable_file(&self, ino: u64, fh: FileHandle, how: CopyUp) -> Result<Arc<File>, Errno> {
         if u64::from(fh) == 0 {
-            {
-                let mut st = self.state();
-                let info = self.ns.info(&st, ino)?;
-                if !info.upper && !info.linked {
-                    // Deleted while a program may have it open: its changes go to a copy
-                    // with no name, which lives as long as the kernel keeps the inode.
-                    let file = self.ns.copy_up_unlinked(&mut st, ino)?;
-                    return Ok(self.keep_inode_file(ino, file, true));
-                }
-                if !info.upper {
-                    self.copy_up(&mut st, ino, how)?;
-                }
+            let mut st = self.state();
+            let info = self.ns.info(&st, ino)?;
+            if !info.upper && !info.linked {
+                return self.copy_up_deleted(&mut st, ino);
             }
-            return self.inode_file(ino, true);
+            if !info.upper {
+                self.copy_up(&mut st, ino, how)?;
+            }
+            return self.open_inode_file(&st, ino, true, false);
         }
         let (ino, pending) = {
             let opens = self.opens();
@@ -1120,8 +1107,7 @@ impl TreeFs {
                 if !self.no_open() {
                     return Err(Errno::EPERM);
                 }
-                let file = self.ns.copy_up_unlinked(&mut st, ino)?;
-                self.keep_inode_file(ino, file, true);
+                self.copy_up_deleted(&mut st, ino)?;
             }
             // Deleted but open: only through the open file.
             let file = handle
@@ -1172,7 +1158,7 @@ impl TreeFs {
         // After the copy-up: a handle opened for writing now has the copy.
         let handle = match fh {
             Some(fh) if u64::from(fh) != 0 => self.upper_handle_file(fh),
-            Some(_) if size.is_some() => self.inode_file_in(&st, ino, true).ok(),
+            Some(_) if size.is_some() => self.open_inode_file(&st, ino, true, false).ok(),
             _ => None,
         };
         let (dir, name) = self.at(&mut st, ino)?;
@@ -1730,7 +1716,7 @@ impl Filesystem for TreeFs {
             // kernel to open every file itself from now on (handle 0, its page cache
             // kept) and send no release, which saves two round trips per open (a
             // compiler opens hundreds of headers per file compiled). What a handle held
-            // is kept by inode instead (`inode_file`, `hold_before_unlink`). Files made
+            // is kept by inode instead (`file_of`, `hold_before_unlink`). Files made
             // through `create` still get handles.
             return reply.error(Errno::ENOSYS);
         }
@@ -2268,7 +2254,7 @@ impl Filesystem for TreeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        // The input first: a read, which may take the gate itself (see `inode_file`).
+        // The input first: a read, which may take the gate itself (see `file_of`).
         let input = self.file_of(ino_in.into(), fh_in);
         let result = input.and_then(|input| {
             let _gate = self.change()?;

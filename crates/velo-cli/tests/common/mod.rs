@@ -113,6 +113,14 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// A command that runs as uid/gid 65534 (nobody) with no supplementary groups (root
+/// only): `setpriv ... --`, for the caller to add the program and its arguments.
+pub fn as_nobody() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+    cmd
+}
+
 /// Under CI a missing capability is a failure, elsewhere a skip with a message.
 pub fn require(capability: bool, what: &str) -> bool {
     if capability {
