@@ -131,6 +131,8 @@ pub struct ServerInfo {
     pub name: Option<String>,
     /// The kernel reads tree files straight from their blobs.
     pub passthrough: bool,
+    /// The workspace directory, for a workspace's server.
+    pub workspace: Option<PathBuf>,
 }
 
 /// What the server does for a request (implemented by the mount's server).
@@ -144,6 +146,11 @@ pub trait Server: Send + Sync + 'static {
     /// Whether the mount still serves (a client that goes away before it is unmounted
     /// takes its commit-at-unmount back; after, the commit goes on without it).
     fn mounted(&self) -> bool;
+    /// Answers a request this module does not know (`None`: nor does the server): the
+    /// workspace's branch and snapshot requests. `Ok` values are sent with `ok: true`.
+    fn answer(&self, _op: &str, _request: &Value) -> Option<Result<Value>> {
+        None
+    }
 }
 
 /// A commit asked for when the server stops (`velo umount --commit/--name`): where to
@@ -232,6 +239,7 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                     "upper": info.upper.as_ref().map(|u| u.to_string_lossy()),
                     "temporary": info.temporary, "name": info.name,
                     "passthrough": info.passthrough,
+                    "workspace": info.workspace.as_ref().map(|w| w.to_string_lossy()),
                     "changed": server.changed(),
                 })
             }
@@ -293,7 +301,18 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 }
                 return;
             }
-            _ => error_reply("unknown request"),
+            Some(op) => match server.answer(op, &request) {
+                Some(Ok(mut value)) => {
+                    if let Some(map) = value.as_object_mut() {
+                        map.insert("v".into(), json!(VERSION));
+                        map.insert("ok".into(), json!(true));
+                    }
+                    value
+                }
+                Some(Err(e)) => error_reply(format!("{e:#}")),
+                None => error_reply("unknown request"),
+            },
+            None => error_reply("unknown request"),
         };
         if write_line(&mut stream, &reply).is_err() {
             return;

@@ -28,6 +28,7 @@ mod mount;
 mod read;
 mod run;
 mod shim;
+mod workspace;
 mod write;
 
 use std::ffi::OsString;
@@ -99,8 +100,19 @@ enum Command {
     Cat { tree: String, path: OsString },
     /// Show one entry's metadata
     Show { tree: String, path: OsString },
-    /// List paths added, removed or modified from the first tree to the second
-    Diff { from: String, to: String },
+    /// List paths added, removed or modified from the first tree to the second (trees,
+    /// or in a workspace also snapshot ids and branch names)
+    Diff {
+        from: String,
+        to: String,
+        /// Only the counts of added, removed and modified paths
+        #[arg(long)]
+        stat: bool,
+        /// The workspace whose snapshots and branches FROM and TO may name [default:
+        /// $VELO_WORKSPACE, else the one the working directory is in]
+        #[arg(long, short = 'w', value_name = "DIR")]
+        workspace: Option<PathBuf>,
+    },
     /// Materialise a tree as a directory: hard links into the store, reflinks or copies
     Checkout {
         /// A root name, a tree hash (or unique prefix), or a .velo file (with --remove: the
@@ -276,12 +288,105 @@ enum Command {
         /// A command's own page (`velo man run`), with every option
         command: Option<String>,
     },
+    /// Make or mount an agent workspace: branches of a tree, each writable on its own
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
+    },
+    /// Seal a workspace branch's state as a snapshot; list, show and delete them
+    Snapshot {
+        /// The workspace [default: $VELO_WORKSPACE, else the one the working directory is in]
+        #[arg(long, short = 'w', value_name = "DIR", global = true)]
+        workspace: Option<PathBuf>,
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Make, list, run in, reset and delete workspace branches
+    Branch {
+        /// The workspace [default: $VELO_WORKSPACE, else the one the working directory is in]
+        #[arg(long, short = 'w', value_name = "DIR", global = true)]
+        workspace: Option<PathBuf>,
+        #[command(subcommand)]
+        action: BranchAction,
+    },
+    #[command(hide = true, name = "__workspace-serve")]
+    WorkspaceServe { dir: PathBuf, mountpoint: PathBuf },
     #[command(hide = true, name = "__probe-userns")]
     ProbeUserns,
     #[command(hide = true, name = "__probe-overlay")]
     ProbeOverlay { dir: PathBuf },
     #[command(hide = true, name = "__sandbox")]
     SandboxStage1,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkspaceAction {
+    /// Make workspace DIR over a tree (its branch `main`), and serve it at --mount
+    Init {
+        /// A new or empty directory: the workspace's records and every branch's changes
+        dir: PathBuf,
+        /// The tree: a root name, a tree hash (or unique prefix), or a .velo file
+        #[arg(long, value_name = "TREE")]
+        from: String,
+        /// Serve it here: branch main at MOUNTPOINT, every branch at
+        /// MOUNTPOINT/.velo/branches/NAME
+        #[arg(long, value_name = "MOUNTPOINT")]
+        mount: Option<PathBuf>,
+    },
+    /// Serve an existing workspace at MOUNTPOINT (`velo umount MOUNTPOINT` stops it)
+    Mount { dir: PathBuf, mountpoint: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotAction {
+    /// Seal a branch's current state (default: $VELO_BRANCH, else main)
+    Create {
+        #[arg(long)]
+        branch: Option<String>,
+        #[arg(short = 'm', long = "message", value_name = "MSG")]
+        message: Option<String>,
+    },
+    /// List the snapshots: id, tree, branch, message
+    List,
+    /// Show one snapshot
+    Show { id: String },
+    /// Delete a snapshot (what only it kept becomes collectable)
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BranchAction {
+    /// Make a branch from a snapshot, another branch or a tree (default: main's state)
+    Create {
+        name: String,
+        #[arg(long, value_name = "SNAPSHOT|BRANCH|TREE")]
+        from: Option<String>,
+    },
+    /// List the branches: name, base tree, whether they hold changes
+    List,
+    /// Delete a branch and its changes
+    Delete { name: String },
+    /// Run a command (and its children) seeing branch NAME at the workspace's mount point
+    Exec {
+        name: String,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Write a branch's changes since its base into a host directory (e.g. the checkout
+    /// the workspace was made from); refused if a path it changes differs there
+    Apply {
+        name: String,
+        dir: PathBuf,
+        /// Overwrite paths that differ from the branch's base
+        #[arg(long)]
+        force: bool,
+    },
+    /// Roll a branch back to a snapshot (its changes since are dropped)
+    Reset {
+        name: String,
+        #[arg(value_name = "SNAPSHOT")]
+        to: String,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -438,7 +543,45 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
         ),
         Command::Cat { tree, path } => read::cat(ctx, &tree, path.as_bytes()),
         Command::Show { tree, path } => read::show(ctx, &tree, path.as_bytes()),
-        Command::Diff { from, to } => read::diff(ctx, &from, &to),
+        Command::Diff {
+            from,
+            to,
+            stat,
+            workspace,
+        } => workspace::diff(ctx, &from, &to, stat, workspace.as_deref()),
+        Command::Workspace { action } => match action {
+            WorkspaceAction::Init { dir, from, mount } => {
+                workspace::init(ctx, &dir, &from, mount.as_deref())
+            }
+            WorkspaceAction::Mount { dir, mountpoint } => workspace::mount(ctx, &dir, &mountpoint),
+        },
+        Command::WorkspaceServe { dir, mountpoint } => workspace::serve(&dir, &mountpoint),
+        Command::Snapshot { workspace, action } => {
+            workspace::find(workspace.as_deref()).and_then(|ws| match action {
+                SnapshotAction::Create { branch, message } => {
+                    workspace::snapshot_create(ctx, &ws, branch.as_deref(), message.as_deref())
+                }
+                SnapshotAction::List => workspace::snapshot_list(ctx, &ws),
+                SnapshotAction::Show { id } => workspace::snapshot_show(ctx, &ws, &id),
+                SnapshotAction::Delete { id } => workspace::snapshot_delete(ctx, &ws, &id),
+            })
+        }
+        Command::Branch { workspace, action } => {
+            workspace::find(workspace.as_deref()).and_then(|ws| match action {
+                BranchAction::Create { name, from } => {
+                    workspace::branch_create(ctx, &ws, &name, from.as_deref())
+                }
+                BranchAction::List => workspace::branch_list(ctx, &ws),
+                BranchAction::Delete { name } => workspace::branch_delete(ctx, &ws, &name),
+                BranchAction::Exec { name, command } => {
+                    workspace::branch_exec(&ws, &name, &command)
+                }
+                BranchAction::Reset { name, to } => workspace::branch_reset(ctx, &ws, &name, &to),
+                BranchAction::Apply { name, dir, force } => {
+                    workspace::branch_apply(ctx, &ws, &name, &dir, force)
+                }
+            })
+        }
         Command::Checkout {
             tree, remove: true, ..
         } => read::remove_checkout(ctx, &PathBuf::from(tree)),

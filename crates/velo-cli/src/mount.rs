@@ -30,7 +30,7 @@ const BASE_XATTR: &str = "user.velo.base";
 
 /// A mount point whose server is gone answers every request with `ENOTCONN` (a `stat`
 /// may still be answered from the kernel's cache: listing it asks the server).
-fn is_dead_mount(path: &Path) -> bool {
+pub(crate) fn is_dead_mount(path: &Path) -> bool {
     let dead =
         |e: std::io::Error| e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error());
     match std::fs::read_dir(path) {
@@ -41,7 +41,7 @@ fn is_dead_mount(path: &Path) -> bool {
 
 /// Unmounts `path`: `fusermount3 -u` (works for the user who mounted), else umount(2).
 /// `lazy`: detach it now even if it is busy (the server's own stop on a signal).
-fn unmount(path: &Path, lazy: bool) -> Result<()> {
+pub(crate) fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let fusermount = ["fusermount3", "fusermount"].into_iter().find(|tool| {
         std::process::Command::new(tool)
             .arg("-V")
@@ -179,25 +179,7 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         }
         (None, None) => None,
     };
-    // A signal (Ctrl-C, `kill`) unmounts before the server goes, so no dead mount is
-    // left behind.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("catching signals")?;
-    let watched = mountpoint.clone();
-    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = signalled.clone();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = unmount(&watched, true) {
-                note!("velo: {e:#}");
-            }
-        }
-    });
+    let signalled = unmount_on_signal(&mountpoint)?;
     let fs = velo_fuse::TreeFs::new(
         index,
         store.root(),
@@ -207,23 +189,7 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     )?
     .with_passthrough(args.passthrough)
     .with_max_depth(velo_core::MAX_DEPTH);
-    // Entries' extended attributes are read from their directory's tree on demand
-    // (the view marks the few entries that have any).
-    let xattr_store = velo_store::Store::open(&store_root)?;
-    let fs = fs.with_tree_xattrs(Box::new(move |dir_tree, name| {
-        xattr_store
-            .get_tree(&velo_core::Hash(*dir_tree))
-            .ok()
-            .and_then(|tree| {
-                tree.get(name).map(|e| {
-                    e.xattrs
-                        .iter()
-                        .map(|(n, v)| (n.to_vec(), v.to_vec()))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
-    }));
+    let fs = fs.with_tree_xattrs(tree_xattrs(&store_root)?);
     let server = Arc::new(MountServer {
         mountpoint: mountpoint.clone(),
         serving: std::sync::atomic::AtomicBool::new(true),
@@ -294,6 +260,49 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     drop(kept_upper);
     drop(lock);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Unmounts `mountpoint` (lazily) when the process gets SIGINT, SIGTERM or SIGHUP, so
+/// no dead mount is left behind; the flag says whether that happened.
+pub(crate) fn unmount_on_signal(mountpoint: &Path) -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("catching signals")?;
+    let watched = mountpoint.to_path_buf();
+    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = signalled.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = unmount(&watched, true) {
+                note!("velo: {e:#}");
+            }
+        }
+    });
+    Ok(signalled)
+}
+
+/// Where a server reads tree entries' extended attributes: from their directory's tree,
+/// on demand (the view marks the few entries that have any).
+pub(crate) fn tree_xattrs(store_root: &Path) -> Result<Box<velo_fuse::TreeXattrs>> {
+    let xattr_store = velo_store::Store::open(store_root)?;
+    Ok(Box::new(move |dir_tree, name| {
+        xattr_store
+            .get_tree(&velo_core::Hash(*dir_tree))
+            .ok()
+            .and_then(|tree| {
+                tree.get(name).map(|e| {
+                    e.xattrs
+                        .iter()
+                        .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }))
 }
 
 /// Checks, locks and claims a kept `--upper` for tree `root`: its top records the tree
@@ -446,6 +455,7 @@ impl crate::control::Server for MountServer {
             temporary: self.temporary,
             name: self.name.clone(),
             passthrough: self.control.passthrough(),
+            workspace: None,
         }
     }
 
@@ -512,24 +522,12 @@ fn start_in_background(
     mountpoint: &Path,
 ) -> Result<ExitCode> {
     let store = ctx.store_or_create()?;
-    let log = store
-        .root()
-        .join("tmp")
-        .join(format!("mount-{}.log", std::process::id()));
-    std::fs::create_dir_all(store.root().join("tmp"))?;
-    let log_file =
-        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
+    let (mut command, log) = server_command(&store)?;
     command
-        .arg("--store")
-        .arg(store.root())
         .arg("mount")
         .arg(root)
         .arg(mountpoint)
-        .arg("--foreground")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log_file);
+        .arg("--foreground");
     if args.allow_other {
         command.arg("--allow-other");
     }
@@ -545,6 +543,43 @@ fn start_in_background(
     if args.passthrough {
         command.arg("--passthrough");
     }
+    start_server(ctx, command, &log, root, mountpoint, true)
+}
+
+/// A `velo --store STORE` command for a server started in the background: no input, no
+/// output, its errors to a log in the store's tmp/ (the path returned) that
+/// [`start_server`] shows if it fails to mount.
+pub(crate) fn server_command(
+    store: &velo_store::Store,
+) -> Result<(std::process::Command, PathBuf)> {
+    let log = store
+        .root()
+        .join("tmp")
+        .join(format!("mount-{}.log", std::process::id()));
+    std::fs::create_dir_all(store.root().join("tmp"))?;
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .arg("--store")
+        .arg(store.root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file);
+    Ok((command, log))
+}
+
+/// Starts `command` (a server that mounts `mountpoint`, logging to `log`) detached, and
+/// returns once the mount is live, or with the server's own error when it could not
+/// mount. `what` names what it serves in the messages; `report`: say that it mounted.
+pub(crate) fn start_server(
+    ctx: &Ctx,
+    mut command: std::process::Command,
+    log: &Path,
+    what: &str,
+    mountpoint: &Path,
+    report: bool,
+) -> Result<ExitCode> {
     // The server outlives this process: it must not keep what the caller handed velo (a
     // pipe whose reader waits for its end would wait as long as the mount lives).
     close_inherited_on_exec();
@@ -560,18 +595,21 @@ fn start_in_background(
     let started = Instant::now();
     loop {
         if velo_fuse::is_fuse_mount(mountpoint) {
-            let _ = std::fs::remove_file(&log);
+            let _ = std::fs::remove_file(log);
+            if !report {
+                return Ok(ExitCode::SUCCESS);
+            }
             if ctx.json {
                 crate::fmt::try_print_json(&serde_json::json!({
                     "mounted": mountpoint.to_string_lossy(),
-                    "root": root,
+                    "root": what,
                     "server_pid": child.id(),
                 }))?;
                 return Ok(ExitCode::SUCCESS);
             }
             note!(
                 "velo: mounted {} at {} (server pid {}; `velo umount {}` to stop it)",
-                &root[..16],
+                &what[..what.len().min(16)],
                 mountpoint.display(),
                 child.id(),
                 mountpoint.display()
@@ -579,8 +617,8 @@ fn start_in_background(
             return Ok(ExitCode::SUCCESS);
         }
         if let Some(status) = child.try_wait()? {
-            let message = std::fs::read_to_string(&log).unwrap_or_default();
-            let _ = std::fs::remove_file(&log);
+            let message = std::fs::read_to_string(log).unwrap_or_default();
+            let _ = std::fs::remove_file(log);
             bail!(
                 "the mount's server exited ({status}) before mounting: {}",
                 message.trim()
@@ -734,7 +772,7 @@ fn print_committed(
 
 /// Has the kernel write back what it holds of the mount (its writeback cache), so the
 /// server's upper has every write made before the commit was asked for.
-fn sync_mount(path: &Path) -> Result<()> {
+pub(crate) fn sync_mount(path: &Path) -> Result<()> {
     let dir = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", path.display()))?;
     Ok(())

@@ -249,11 +249,29 @@ fn refuse_unlistable(
     Ok(())
 }
 
-pub fn diff(ctx: &Ctx, from: &str, to: &str) -> Result<ExitCode> {
+/// `stat`: only how many paths were added, removed and modified.
+pub fn diff(ctx: &Ctx, from: &str, to: &str, stat: bool) -> Result<ExitCode> {
     let a = resolve(ctx, from)?;
     let b = resolve(ctx, to)?;
     let both = Both(a.source.as_ref(), b.source.as_ref());
     let changes = treeops::diff(&both, a.root, b.root)?;
+    if stat {
+        let count = |kind| changes.iter().filter(|c| c.change == kind).count();
+        let (added, removed, modified) = (
+            count(treeops::ChangeKind::Added),
+            count(treeops::ChangeKind::Removed),
+            count(treeops::ChangeKind::Modified),
+        );
+        if ctx.json {
+            fmt::print_json(&json!({
+                "from": a.root.to_hex(), "to": b.root.to_hex(),
+                "added": added, "removed": removed, "modified": modified,
+            }));
+        } else {
+            out!("{added} added, {removed} removed, {modified} modified");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if ctx.json {
         let list: Vec<_> = changes
             .iter()

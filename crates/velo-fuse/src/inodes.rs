@@ -26,10 +26,12 @@ use velo_view::{Kind, Node, View, PATH_MAX};
 
 use crate::upper::{self, errno, Upper};
 
-/// The root directory's inode.
-pub(crate) const ROOT: u64 = 1;
-/// The first inode number of objects made on the mount.
+/// The first inode number of objects made on the mount, above the namespace's base
+/// (tree nodes are numbered from 1 above it: a view holds fewer than 2^32 nodes).
 const FIRST_NEW: u64 = 1 << 40;
+/// The inode numbers a namespace may use: a server of several trees gives each its own
+/// range (see [`crate::workspace`]), so no inode number is ever shared between them.
+pub(crate) const SLOT_BITS: u32 = 44;
 /// Deeper than any path the kernel can hand us (`PATH_MAX` / 2).
 const MAX_DEPTH: usize = 2048;
 
@@ -70,10 +72,11 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(has_upper: bool) -> State {
+    /// The state of a namespace whose inode numbers start above `base`.
+    pub(crate) fn new(has_upper: bool, base: u64) -> State {
         let mut inodes = HashMap::new();
         inodes.insert(
-            ROOT,
+            base + 1,
             Inode {
                 kind: FileType::Directory,
                 lower: Some(0),
@@ -87,7 +90,7 @@ impl State {
             inodes,
             by_upper: HashMap::new(),
             dead: HashSet::new(),
-            next: FIRST_NEW,
+            next: base + FIRST_NEW,
         }
     }
 
@@ -132,6 +135,8 @@ pub(crate) struct Namespace {
     pub tree_xattrs: Option<Box<crate::TreeXattrs>>,
     /// Open upper directories by inode (see [`Namespace::dir_of`]).
     pub dir_fds: std::sync::Mutex<HashMap<u64, Arc<OwnedFd>>>,
+    /// Where this namespace's inode numbers start: tree node `i` is `base + i + 1`.
+    pub base: u64,
 }
 
 /// Upper directories kept open at most.
@@ -141,6 +146,16 @@ const OPEN_DIRS: usize = 4096;
 const OPEN_BLOBS: usize = 1024;
 
 impl Namespace {
+    /// The root directory's inode.
+    pub(crate) fn root(&self) -> u64 {
+        self.base + 1
+    }
+
+    /// The inode of tree node `index`.
+    pub(crate) fn ino_of(&self, index: u32) -> u64 {
+        self.base + u64::from(index) + 1
+    }
+
     pub(crate) fn blob_path(&self, node: &Node) -> std::path::PathBuf {
         let hex: String = node.hash.iter().map(|b| format!("{b:02x}")).collect();
         self.blobs.join(&hex[..2]).join(hex)
@@ -217,7 +232,7 @@ impl Namespace {
     /// The tree node an unrecorded inode number stands for.
     pub(crate) fn tree_node(&self, ino: u64) -> Result<Node, Errno> {
         let index = ino
-            .checked_sub(1)
+            .checked_sub(self.base + 1)
             .and_then(|i| u32::try_from(i).ok())
             .ok_or(Errno::ENOENT)?;
         self.node(index)
@@ -233,7 +248,7 @@ impl Namespace {
                 kind: i.kind,
                 lower: i.lower,
                 upper: i.upper,
-                linked: ino == ROOT || !i.links.is_empty(),
+                linked: ino == self.root() || !i.links.is_empty(),
             });
         }
         let node = self.tree_node(ino)?;
@@ -265,7 +280,7 @@ impl Namespace {
         }
         let node = self.tree_node(ino)?;
         let name = self.view.name(&node).map_err(|_| Errno::EIO)?;
-        Ok((u64::from(node.parent) + 1, name.to_vec()))
+        Ok((self.ino_of(node.parent), name.to_vec()))
     }
 
     /// The path of `ino` relative to the top (empty for the root).
@@ -273,7 +288,7 @@ impl Namespace {
         let mut names: Vec<&[u8]> = Vec::new();
         let mut prefix: Vec<u8> = Vec::new();
         let mut current = ino;
-        while current != ROOT {
+        while current != self.root() {
             if names.len() > MAX_DEPTH {
                 return Err(Errno::ELOOP);
             }
@@ -333,7 +348,7 @@ impl Namespace {
         let mut below = Vec::new();
         let mut current = ino;
         let mut fd = loop {
-            if current == ROOT {
+            if current == self.root() {
                 break Arc::new(self.upper()?.dir(b"")?);
             }
             if let Some(fd) = cached(current) {
@@ -380,8 +395,8 @@ impl Namespace {
         st: &State,
         ino: u64,
     ) -> Result<(Arc<OwnedFd>, Vec<u8>), Errno> {
-        if ino == ROOT {
-            return Ok((self.dir_of(st, ROOT)?, b".".to_vec()));
+        if ino == self.root() {
+            return Ok((self.dir_of(st, ino)?, b".".to_vec()));
         }
         let (parent, name) = self.link(st, ino)?;
         Ok((self.dir_of(st, parent)?, name))
@@ -404,7 +419,7 @@ impl Namespace {
         }
         let lower = self.lower_child(st, &p, name);
         if !p.upper {
-            return Ok(lower.map(|c| (u64::from(c) + 1, None)));
+            return Ok(lower.map(|c| (self.ino_of(c), None)));
         }
         let dir = self.dir_of(st, parent)?;
         match upper::stat_at(&dir, name)? {
@@ -413,7 +428,7 @@ impl Namespace {
                 let ino = self.record(st, &dir, parent, name, &s, lower);
                 Ok(Some((ino, Some(s))))
             }
-            None => Ok(lower.map(|c| (u64::from(c) + 1, None))),
+            None => Ok(lower.map(|c| (self.ino_of(c), None))),
         }
     }
 
@@ -432,7 +447,7 @@ impl Namespace {
         let ino = match st.by_upper.get(&s.st_ino) {
             Some(&ino) => ino,
             None => match lower {
-                Some(c) => u64::from(c) + 1,
+                Some(c) => self.ino_of(c),
                 None => st.fresh(),
             },
         };
@@ -566,7 +581,7 @@ impl Namespace {
         }
         let node = self.node(info.lower.ok_or(Errno::EIO)?)?;
         let blob = self.blob_file(&node)?;
-        let top = self.dir_of(st, ROOT)?;
+        let top = self.dir_of(st, self.root())?;
         let file = upper::anonymous_copy(&top, Some(&blob), node.mode, node.mtime_ns)?;
         let i = st.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         i.upper = true;

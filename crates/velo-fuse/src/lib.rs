@@ -20,6 +20,9 @@
 mod inodes;
 mod ops;
 mod upper;
+mod workspace;
+
+pub use workspace::{Branches, WorkspaceFs, CONTROL_DIR};
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -111,6 +114,8 @@ pub struct TreeFs {
     listings: Mutex<HashMap<u64, Arc<Vec<ops::DirEntry>>>>,
     /// Held shared by every change, exclusively by a commit.
     gate: Arc<RwLock<()>>,
+    /// No longer served (a workspace's branch taken away): every change fails.
+    retired: Arc<std::sync::atomic::AtomicBool>,
     /// Whether to ask the kernel for passthrough (it needs CAP_SYS_ADMIN).
     want_passthrough: bool,
     /// The kernel agreed to passthrough.
@@ -127,6 +132,7 @@ pub struct TreeFs {
 pub struct Control {
     gate: Arc<RwLock<()>>,
     passthrough: Arc<std::sync::atomic::AtomicBool>,
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Control {
@@ -138,6 +144,14 @@ impl Control {
     /// Waits for the changes in flight and holds off new ones while the guard lives.
     pub fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
         self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the changes in flight and fails every later one (`ESTALE`): the upper
+    /// is no longer the server's to write.
+    pub fn retire(&self) {
+        let _quiet = self.quiesce();
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -160,7 +174,7 @@ impl TreeFs {
                 })
             })
             .transpose()?;
-        let state = State::new(upper.is_some());
+        let state = State::new(upper.is_some(), 0);
         Ok(TreeFs {
             ns: Namespace {
                 view,
@@ -169,6 +183,7 @@ impl TreeFs {
                 blob_files: Mutex::new(HashMap::new()),
                 tree_xattrs: None,
                 dir_fds: Mutex::new(HashMap::new()),
+                base: 0,
             },
             uid,
             gid,
@@ -181,6 +196,7 @@ impl TreeFs {
                 next: 1,
             }),
             gate: Arc::new(RwLock::new(())),
+            retired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             want_passthrough: false,
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             max_depth: usize::MAX,
@@ -215,7 +231,16 @@ impl TreeFs {
         Control {
             gate: self.gate.clone(),
             passthrough: self.passthrough.clone(),
+            retired: self.retired.clone(),
         }
+    }
+
+    /// This server with its inode numbers in range `slot` (see [`workspace`]).
+    fn in_slot(mut self, slot: u64) -> TreeFs {
+        let base = slot << inodes::SLOT_BITS;
+        self.ns.base = base;
+        self.state = Mutex::new(State::new(self.ns.upper.is_some(), base));
+        self
     }
 }
 
@@ -231,10 +256,26 @@ pub struct MountOptions {
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted. Blocks.
 pub fn serve(mut fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<(), FuseError> {
-    // The kernel has applied the caller's umask to every mode it sends; the server's own
-    // must not take more away.
-    rustix::process::umask(rustix::fs::Mode::empty());
-    // Every open file of the mount holds a descriptor in the server: as many as allowed.
+    fs.inode_files = fs.inode_files.min(inode_file_limit());
+    let read_only = fs.ns.upper.is_none();
+    mount_and_serve(fs, read_only, mountpoint, options)
+}
+
+/// Mounts a workspace's server at `mountpoint` and serves it until it is unmounted.
+/// Blocks.
+pub fn serve_workspace(
+    fs: WorkspaceFs,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<(), FuseError> {
+    fs.set_inode_files(inode_file_limit());
+    mount_and_serve(fs, false, mountpoint, options)
+}
+
+/// Raises the server's descriptor limit as far as allowed, and returns how many upper
+/// files a server may keep open by inode: never more than an eighth of the descriptors,
+/// so creates and copy-ups still find one.
+fn inode_file_limit() -> usize {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if limit
         .maximum
@@ -248,11 +289,21 @@ pub fn serve(mut fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Resul
             },
         );
     }
-    // A file cache never takes more than an eighth of the descriptors: creates and
-    // copy-ups must still find one.
-    if let Some(cur) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-        fs.inode_files = fs.inode_files.min((cur / 8).max(16) as usize);
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        Some(cur) => ops::INODE_FILES.min((cur / 8).max(16) as usize),
+        None => ops::INODE_FILES,
     }
+}
+
+fn mount_and_serve(
+    fs: impl fuser::Filesystem,
+    read_only: bool,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<(), FuseError> {
+    // The kernel has applied the caller's umask to every mode it sends; the server's own
+    // must not take more away.
+    rustix::process::umask(rustix::fs::Mode::empty());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(options.source.clone().unwrap_or_else(|| "velo".into())),
@@ -261,7 +312,7 @@ pub fn serve(mut fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Resul
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
-    if fs.ns.upper.is_none() {
+    if read_only {
         config.mount_options.push(fuser::MountOption::RO);
     }
     if options.allow_other {

@@ -19,7 +19,7 @@ use fuser::{
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use velo_view::Kind;
 
-use crate::inodes::{kind_of, kind_of_mode, CopyUp, State, ROOT};
+use crate::inodes::{kind_of, kind_of_mode, CopyUp, State};
 use crate::upper::{self, errno, io_errno};
 use crate::{Open, TreeFs, TTL};
 
@@ -127,7 +127,23 @@ impl TreeFs {
         if self.ns.upper.is_none() {
             return Err(Errno::EROFS);
         }
-        Ok(self.gate.read().unwrap_or_else(|e| e.into_inner()))
+        let gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Errno::ESTALE);
+        }
+        Ok(gate)
+    }
+
+    /// Answers a lookup of this namespace's root from elsewhere (a workspace's
+    /// `.velo/branches/NAME`), kept by the kernel for `ttl`.
+    pub(crate) fn root_entry(&self, ttl: Duration, reply: ReplyEntry) {
+        self.reply_entry_for(&mut self.state(), self.ns.root(), None, ttl, reply);
+    }
+
+    /// The attributes of this namespace's root (the kernel's references to a root are
+    /// not counted: a root is never forgotten).
+    pub(crate) fn root_attr(&self) -> Result<FileAttr, Errno> {
+        self.attr(&mut self.state(), self.ns.root(), None)
     }
 
     fn tree_attr(&self, ino: u64, node: &velo_view::Node, linked: bool) -> FileAttr {
@@ -235,7 +251,7 @@ impl TreeFs {
             None => self.upper_stat(st, ino)?,
         };
         let mut attr = Self::stat_attr(ino, &s);
-        if ino == ROOT {
+        if ino == self.ns.root() {
             // The upper's top is a private directory of velo's; the root shows the
             // tree's mode and the mounting user, as before any change.
             let node = self.ns.node(0)?;
@@ -279,10 +295,21 @@ impl TreeFs {
 
     /// Replies with `ino`'s entry, counting the kernel's new reference.
     fn reply_entry(&self, st: &mut State, ino: u64, stat: Option<&Stat>, reply: ReplyEntry) {
+        self.reply_entry_for(st, ino, stat, TTL, reply);
+    }
+
+    fn reply_entry_for(
+        &self,
+        st: &mut State,
+        ino: u64,
+        stat: Option<&Stat>,
+        ttl: Duration,
+        reply: ReplyEntry,
+    ) {
         match self.attr(st, ino, stat) {
             Ok(attr) => {
                 Self::count_lookup(st, ino);
-                reply.entry(&TTL, &attr, Generation(0));
+                reply.entry(&ttl, &attr, Generation(0));
             }
             Err(e) => reply.error(e),
         }
@@ -330,7 +357,7 @@ impl TreeFs {
                     continue;
                 }
                 out.push(DirEntry {
-                    ino: u64::from(index) + 1,
+                    ino: self.ns.ino_of(index),
                     kind: kind_of(child.kind),
                     name: name.into(),
                 });
@@ -377,10 +404,13 @@ impl TreeFs {
     ) -> Result<(), Errno> {
         let parent = {
             let st = self.state();
-            if ino == ROOT {
-                ROOT
+            if ino == self.ns.root() {
+                ino
             } else {
-                self.ns.link(&st, ino).map(|l| l.0).unwrap_or(ROOT)
+                self.ns
+                    .link(&st, ino)
+                    .map(|l| l.0)
+                    .unwrap_or(self.ns.root())
             }
         };
         let listed = self.dir_listing(ino, offset)?;
@@ -409,7 +439,7 @@ impl TreeFs {
                         let child = self.ns.node(index).map_err(|_| Errno::EIO)?;
                         let name = self.ns.view.name(&child).map_err(|_| Errno::EIO)?;
                         emit(
-                            u64::from(index) + 1,
+                            self.ns.ino_of(index),
                             position + 1,
                             kind_of(child.kind),
                             OsStr::from_bytes(name),
@@ -1091,7 +1121,7 @@ impl TreeFs {
         kill: bool,
     ) -> Result<FileAttr, Errno> {
         let _gate = self.change()?;
-        if ino == ROOT && (mode.is_some() || uid.is_some() || gid.is_some()) {
+        if ino == self.ns.root() && (mode.is_some() || uid.is_some() || gid.is_some()) {
             // A tree records no mode or owner for its root, and the upper's top stays
             // private.
             return Err(Errno::EPERM);
@@ -1413,32 +1443,37 @@ fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
+/// Asks the kernel for what the server wants of it; whether it agreed to passthrough
+/// (asked for when `want_passthrough`).
+pub(crate) fn configure(config: &mut KernelConfig, want_passthrough: bool) -> bool {
+    // Not FUSE_ATOMIC_O_TRUNC: with it, `open(O_RDONLY|O_TRUNC)` of a running program
+    // would truncate in the server before the kernel refuses it (ETXTBSY); without
+    // it, the truncation comes as a setattr after the kernel's checks.
+    // FUSE_HANDLE_KILLPRIV_V2: the server drops set-uid/set-gid bits and file
+    // capabilities when a file is written, truncated or chowned (the kernel says when,
+    // in the request), so the kernel does not ask for `security.capability` before
+    // every write (a round trip each, four per file of an untar).
+    // Not FUSE_WRITEBACK_CACHE: the kernel would keep mtimes itself and write pages
+    // back later, so the upper (and so a commit) would hold other mtimes than the mount
+    // showed (found by git and make on the mount).
+    // FUSE_DO_READDIRPLUS: listings carry every entry's attributes (`readdirplus`).
+    let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS
+        | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2
+        | fuser::InitFlags::FUSE_DO_READDIRPLUS;
+    for flag in wanted.iter() {
+        let _ = config.add_capabilities(flag);
+    }
+    let _ = config.set_max_write(1 << 20);
+    want_passthrough
+        && config
+            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+            .is_ok()
+        && config.set_max_stack_depth(1).is_ok()
+}
+
 impl Filesystem for TreeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Not FUSE_ATOMIC_O_TRUNC: with it, `open(O_RDONLY|O_TRUNC)` of a running program
-        // would truncate in the server before the kernel refuses it (ETXTBSY); without
-        // it, the truncation comes as a setattr after the kernel's checks.
-        // FUSE_HANDLE_KILLPRIV_V2: the server drops set-uid/set-gid bits and file
-        // capabilities when a file is written, truncated or chowned (the kernel says when,
-        // in the request), so the kernel does not ask for `security.capability` before
-        // every write (a round trip each, four per file of an untar).
-        // Not FUSE_WRITEBACK_CACHE: the kernel would keep mtimes itself and write pages
-        // back later, so the upper (and so a commit) would hold other mtimes than the mount
-        // showed (found by git and make on the mount).
-        // FUSE_DO_READDIRPLUS: listings carry every entry's attributes (`readdirplus`).
-        let wanted = fuser::InitFlags::FUSE_PARALLEL_DIROPS
-            | fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2
-            | fuser::InitFlags::FUSE_DO_READDIRPLUS;
-        for flag in wanted.iter() {
-            let _ = config.add_capabilities(flag);
-        }
-        let _ = config.set_max_write(1 << 20);
-        if self.want_passthrough
-            && config
-                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
-                .is_ok()
-            && config.set_max_stack_depth(1).is_ok()
-        {
+        if configure(config, self.want_passthrough) {
             self.passthrough
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1459,7 +1494,7 @@ impl Filesystem for TreeFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let ino = u64::from(ino);
-        if ino == ROOT {
+        if ino == self.ns.root() {
             return;
         }
         let mut st = self.state();

@@ -1,0 +1,818 @@
+//! The agent workspace's commands: `velo workspace`, `velo branch`, `velo snapshot`, and
+//! the names `velo diff` takes in a workspace.
+//!
+//! The records (branches, snapshots, what gc keeps) are crate velo-workspace's. This
+//! module runs the workspace's one FUSE server (velo-fuse's `WorkspaceFs`: the top
+//! branch at the mount point, every branch at `.velo/branches/NAME`) and talks to it
+//! through the mount's control socket: a branch's upper is written only by that server
+//! while it runs, so a snapshot of a served branch is sealed by the server (changes held
+//! off while its upper is read), and branches made or deleted while it runs are added to
+//! or taken from it. Without a running server the same operations work on the records
+//! directly.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use velo_core::Hash;
+use velo_store::Store;
+use velo_workspace::{Named, Workspace, TOP_BRANCH};
+
+use crate::Ctx;
+
+/// The environment variable naming the workspace for commands run outside it.
+const WORKSPACE_ENV: &str = "VELO_WORKSPACE";
+/// Set by `branch exec` for the command: the branch it sees.
+const BRANCH_ENV: &str = "VELO_BRANCH";
+
+/// The workspace a command acts on: `--workspace`, else `$VELO_WORKSPACE`, else the one
+/// the working directory is in (its directory, or its mount).
+pub fn find(explicit: Option<&Path>) -> Result<Workspace> {
+    if let Some(dir) = explicit {
+        return Ok(Workspace::open(dir)?);
+    }
+    if let Some(dir) = std::env::var_os(WORKSPACE_ENV).filter(|v| !v.is_empty()) {
+        return Workspace::open(Path::new(&dir))
+            .with_context(|| format!("${WORKSPACE_ENV}={}", Path::new(&dir).display()));
+    }
+    let cwd = std::env::current_dir().context("the working directory")?;
+    if let Some(dir) = velo_workspace::find_from(&cwd) {
+        return Ok(Workspace::open(&dir)?);
+    }
+    for dir in cwd.ancestors() {
+        if velo_fuse::is_fuse_mount(dir) {
+            if let Some(ws) = crate::control::Client::connect(dir)
+                .ok()
+                .and_then(|mut c| c.request("info").ok())
+                .and_then(|info| info.get("workspace")?.as_str().map(PathBuf::from))
+            {
+                return Ok(Workspace::open(&ws)?);
+            }
+        }
+    }
+    bail!(
+        "no workspace here: give --workspace DIR, set ${WORKSPACE_ENV}, or run inside a workspace or its mount"
+    )
+}
+
+fn store_of(ws: &Workspace) -> Result<Store> {
+    Store::open(&ws.config().store).with_context(|| {
+        format!(
+            "the store of workspace {} ({})",
+            ws.dir().display(),
+            ws.config().store.display()
+        )
+    })
+}
+
+/// A connection to the workspace's running server, if it runs.
+fn server(ws: &Workspace) -> Option<crate::control::Client> {
+    let mount = ws.config().mount.as_ref()?;
+    if !velo_fuse::is_fuse_mount(mount) {
+        return None;
+    }
+    let mut client = crate::control::Client::connect(mount).ok()?;
+    let info = client.request("info").ok()?;
+    let serves =
+        info.get("workspace").and_then(Value::as_str) == Some(&*ws.dir().to_string_lossy());
+    serves.then_some(client)
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// The shared commit routine on a branch's upper: the tree it shows.
+fn commit_branch(store: &Store, base: Hash, upper: &Path) -> Result<Hash> {
+    let report = velo_project::commit::commit_upper(
+        store,
+        base,
+        upper,
+        velo_project::commit::Shown {
+            modes: None,
+            xattrs: true,
+        },
+    )
+    .with_context(|| format!("committing {}", upper.display()))?;
+    store.sync()?;
+    Ok(report.root)
+}
+
+/// The tree branch `name` shows now: its base when its upper is empty (nothing read),
+/// else its base and upper committed (by its server when it runs).
+fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
+    let record = ws.branch(name)?;
+    let upper = ws.upper_of(name);
+    if is_empty_dir(&upper) {
+        return Ok(record.base()?);
+    }
+    if let Some(mut client) = server(ws) {
+        if let Some(mount) = &ws.config().mount {
+            crate::mount::sync_mount(mount)?;
+        }
+        let reply = client.request_with(json!({ "v": 1, "op": "snapshot", "branch": name }))?;
+        return crate::control::report_of(&reply).map(|r| r.root);
+    }
+    // No server: take the upper's lock, so a server started meanwhile waits.
+    let (path, _lock) = velo_project::session::prepare_upper(store.root(), &upper)?;
+    commit_branch(store, record.base()?, &path)
+}
+
+/// The tree a name shows: a snapshot's, a branch's current one, or a tree of the store.
+pub fn tree_of(ws: &Workspace, store: &Store, spec: &str) -> Result<Hash> {
+    Ok(match ws.resolve(store, spec)? {
+        Named::Snapshot(s) => s.tree()?,
+        Named::Branch(b) => branch_tree(ws, store, &b.name)?,
+        Named::Tree(h) => h,
+    })
+}
+
+fn print(ctx: &Ctx, value: Value, text: impl FnOnce()) -> Result<ExitCode> {
+    if ctx.json {
+        crate::fmt::try_print_json(&value)?;
+    } else {
+        text();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `velo workspace init DIR --from TREE [--mount MOUNTPOINT]`.
+pub fn init(ctx: &Ctx, dir: &Path, from: &str, mount: Option<&Path>) -> Result<ExitCode> {
+    let store = ctx.store_or_create()?;
+    let _lock = store.lock_shared()?;
+    let base = crate::run::layer(&store, from)?;
+    let mountpoint =
+        match mount {
+            Some(m) => Some(std::fs::canonicalize(m).with_context(|| {
+                format!("mount point {}: make the directory first", m.display())
+            })?),
+            None => None,
+        };
+    let ws = Workspace::init(dir, &store, base, mountpoint.as_deref())?;
+    if let Some(mp) = &mountpoint {
+        start(ctx, &ws, &store, mp)?;
+    }
+    print(
+        ctx,
+        json!({
+            "workspace": ws.dir().to_string_lossy(),
+            "base": base.to_hex(),
+            "branch": TOP_BRANCH,
+            "mount": mountpoint.as_ref().map(|m| m.to_string_lossy()),
+        }),
+        || {
+            note!(
+                "velo: workspace {} over {} (branch {TOP_BRANCH}){}",
+                ws.dir().display(),
+                &base.to_hex()[..16],
+                match &mountpoint {
+                    Some(m) => format!(", mounted at {}", m.display()),
+                    None => String::new(),
+                }
+            );
+        },
+    )
+}
+
+/// `velo workspace mount DIR MOUNTPOINT`: serves an existing workspace.
+pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
+    let mut ws = Workspace::open(dir)?;
+    let store = store_of(&ws)?;
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| {
+        format!(
+            "mount point {}: make the directory first",
+            mountpoint.display()
+        )
+    })?;
+    ws.set_mount(Some(&mp))?;
+    start(ctx, &ws, &store, &mp)?;
+    print(
+        ctx,
+        json!({ "workspace": ws.dir().to_string_lossy(), "mount": mp.to_string_lossy() }),
+        || {
+            note!(
+                "velo: workspace {} mounted at {}",
+                ws.dir().display(),
+                mp.display()
+            )
+        },
+    )
+}
+
+/// Starts the workspace's server in the background, mounted at `mp`.
+fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
+    if crate::mount::is_dead_mount(mp) {
+        note!(
+            "velo: {} is a mount whose server died; unmounting it first",
+            mp.display()
+        );
+        crate::mount::unmount(mp, false)?;
+    }
+    if velo_fuse::is_fuse_mount(mp) {
+        bail!(
+            "{}: already a FUSE mount; `velo umount {}` first",
+            mp.display(),
+            mp.display()
+        );
+    }
+    let store_root = std::fs::canonicalize(store.root())?;
+    for (inside, of) in [(mp, &store_root), (mp, &ws.dir().to_path_buf())] {
+        if inside.starts_with(of) || of.starts_with(inside) {
+            bail!(
+                "mount point {}: inside {} (or containing it); a server serving into its own files would deadlock. Choose another directory",
+                mp.display(),
+                of.display()
+            );
+        }
+    }
+    let (mut command, log) = crate::mount::server_command(store)?;
+    command.arg("__workspace-serve").arg(ws.dir()).arg(mp);
+    // Quiet on success: the caller says what it made.
+    crate::mount::start_server(ctx, command, &log, "workspace", mp, false)?;
+    Ok(())
+}
+
+/// One served branch: what it was made from, and the lock on its upper.
+struct Served {
+    base: Hash,
+    upper: PathBuf,
+    _lock: OwnedFd,
+}
+
+/// The workspace server's side of the control socket.
+struct WorkspaceServer {
+    dir: PathBuf,
+    mountpoint: PathBuf,
+    store_root: PathBuf,
+    serving: std::sync::atomic::AtomicBool,
+    branches: Arc<velo_fuse::Branches>,
+    served: Mutex<HashMap<String, Served>>,
+    /// One branch change at a time.
+    admin: Mutex<()>,
+}
+
+/// A branch's server, and its upper's lock.
+fn branch_fs(
+    store: &Store,
+    store_root: &Path,
+    ws: &Workspace,
+    name: &str,
+) -> Result<(velo_fuse::TreeFs, Served)> {
+    let record = ws.branch(name)?;
+    let base = record.base()?;
+    let view = velo_project::view::ensure_view(store, base)?;
+    let index = velo_view::View::new(crate::shim::map(&view.index)?)
+        .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    let (upper, lock) = velo_project::session::prepare_upper(store_root, &ws.upper_of(name))?;
+    let fs = velo_fuse::TreeFs::new(
+        index,
+        store.root(),
+        Some(&upper),
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    )?
+    .with_max_depth(velo_core::MAX_DEPTH)
+    .with_tree_xattrs(crate::mount::tree_xattrs(store_root)?);
+    Ok((
+        fs,
+        Served {
+            base,
+            upper,
+            _lock: lock,
+        },
+    ))
+}
+
+impl WorkspaceServer {
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
+        self.served.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, name: &str) -> Result<Value> {
+        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = Workspace::open(&self.dir)?;
+        let store = Store::open(&self.store_root)?;
+        let (fs, served) = branch_fs(&store, &self.store_root, &ws, name)?;
+        self.branches.add(name, fs)?;
+        self.served().insert(name.to_string(), served);
+        Ok(json!({ "branch": name }))
+    }
+
+    fn remove(&self, name: &str) -> Result<Value> {
+        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if name == TOP_BRANCH {
+            bail!("branch {TOP_BRANCH} shows at the top of the mount while it is mounted; unmount first");
+        }
+        let removed = self.branches.remove(name);
+        self.served().remove(name);
+        Ok(json!({ "branch": name, "was_served": removed }))
+    }
+
+    fn snapshot(&self, name: &str) -> Result<velo_project::commit::CommitReport> {
+        let (base, upper) = {
+            let served = self.served();
+            let s = served
+                .get(name)
+                .with_context(|| format!("branch {name} is not served"))?;
+            (s.base, s.upper.clone())
+        };
+        let control = self
+            .branches
+            .control(name)
+            .with_context(|| format!("branch {name} is not served"))?;
+        let store = Store::open(&self.store_root)?;
+        let _lock = store.lock_shared()?;
+        let _quiet = control.quiesce();
+        let report = velo_project::commit::commit_upper(
+            &store,
+            base,
+            &upper,
+            velo_project::commit::Shown {
+                modes: None,
+                xattrs: true,
+            },
+        )
+        .with_context(|| format!("committing branch {name}"))?;
+        store.sync()?;
+        Ok(report)
+    }
+}
+
+fn report_json(report: &velo_project::commit::CommitReport) -> Value {
+    json!({
+        "root": report.root.to_hex(),
+        "setid_dropped": report.setid_dropped.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+        "not_committed": report.not_committed.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+    })
+}
+
+impl crate::control::Server for WorkspaceServer {
+    fn info(&self) -> crate::control::ServerInfo {
+        let top = self.served().get(TOP_BRANCH).map(|s| s.base.to_hex());
+        crate::control::ServerInfo {
+            store: self.store_root.clone(),
+            root: top.unwrap_or_default(),
+            upper: None,
+            temporary: false,
+            name: None,
+            passthrough: false,
+            workspace: Some(self.dir.clone()),
+        }
+    }
+
+    fn changed(&self) -> bool {
+        false
+    }
+
+    fn commit(&self) -> Result<velo_project::commit::CommitReport> {
+        self.snapshot(TOP_BRANCH)
+    }
+
+    fn mounted(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
+            && velo_fuse::is_fuse_mount(&self.mountpoint)
+    }
+
+    fn answer(&self, op: &str, request: &Value) -> Option<Result<Value>> {
+        let branch = || {
+            let name = request
+                .get("branch")
+                .and_then(Value::as_str)
+                .context("the request names no branch")?;
+            velo_workspace::validate_branch_name(name)?;
+            Ok::<_, anyhow::Error>(name.to_string())
+        };
+        Some(match op {
+            "branch_add" => branch().and_then(|b| self.add(&b)),
+            "branch_remove" => branch().and_then(|b| self.remove(&b)),
+            "snapshot" => branch()
+                .and_then(|b| self.snapshot(&b))
+                .map(|r| report_json(&r)),
+            "branches" => Ok(json!({ "branches": self.branches.names() })),
+            _ => return None,
+        })
+    }
+}
+
+/// `velo __workspace-serve DIR MOUNTPOINT`: the server, in the foreground.
+pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
+    let ws = Workspace::open(dir)?;
+    let store = store_of(&ws)?;
+    let store_root = std::fs::canonicalize(store.root())?;
+    let lock = store.lock_shared()?;
+    let (top, top_served) = branch_fs(&store, &store_root, &ws, TOP_BRANCH)?;
+    let fs = velo_fuse::WorkspaceFs::new(
+        TOP_BRANCH,
+        top,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+    let server = Arc::new(WorkspaceServer {
+        dir: ws.dir().to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        store_root: store_root.clone(),
+        serving: std::sync::atomic::AtomicBool::new(true),
+        branches: fs.branches(),
+        served: Mutex::new(HashMap::new()),
+        admin: Mutex::new(()),
+    });
+    server.served().insert(TOP_BRANCH.to_string(), top_served);
+    for record in ws.branches()? {
+        if record.name != TOP_BRANCH {
+            server.add(&record.name)?;
+        }
+    }
+    crate::mount::unmount_on_signal(mountpoint)?;
+    let at_exit = Arc::new(crate::control::AtExit::default());
+    let control = crate::control::new_name();
+    crate::control::listen(&control, server.clone(), at_exit.clone())?;
+    velo_fuse::serve_workspace(
+        fs,
+        mountpoint,
+        &velo_fuse::MountOptions {
+            allow_other: false,
+            source: Some(format!("velo-{control}")),
+        },
+    )?;
+    server
+        .serving
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    if let Some(pending) = at_exit.take() {
+        crate::control::answer_at_exit(
+            pending.stream,
+            Err(anyhow::anyhow!(
+                "a workspace keeps every branch's changes in its own upper; unmounted without a commit (`velo snapshot create` seals a branch)"
+            )),
+        );
+    }
+    drop(lock);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `velo snapshot create [--branch B] [-m MSG]`.
+pub fn snapshot_create(
+    ctx: &Ctx,
+    ws: &Workspace,
+    branch: Option<&str>,
+    message: Option<&str>,
+) -> Result<ExitCode> {
+    let from_env = std::env::var(BRANCH_ENV).ok().filter(|b| !b.is_empty());
+    let branch = branch
+        .map(str::to_string)
+        .or(from_env)
+        .unwrap_or_else(|| TOP_BRANCH.to_string());
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    let tree = branch_tree(ws, &store, &branch)?;
+    let record = ws.add_snapshot(&store, tree, &branch, message)?;
+    print(ctx, serde_json::to_value(&record)?, || {
+        note!("velo: snapshot {} of branch {branch}", record.id);
+        out!("{} {}", record.id, record.tree);
+    })
+}
+
+/// `velo snapshot list`.
+pub fn snapshot_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
+    let list = ws.snapshots()?;
+    print(ctx, json!({ "snapshots": list }), || {
+        for s in &list {
+            out!(
+                "{}\t{}\t{}\t{}",
+                s.id,
+                &s.tree[..16],
+                s.branch,
+                s.message.as_deref().unwrap_or("")
+            );
+        }
+    })
+}
+
+/// `velo snapshot show ID`.
+pub fn snapshot_show(ctx: &Ctx, ws: &Workspace, id: &str) -> Result<ExitCode> {
+    let s = ws.snapshot(id)?;
+    print(ctx, serde_json::to_value(&s)?, || {
+        out!(
+            "snapshot {}\ntree     {}\nbranch   {}\ncreated  {}",
+            s.id,
+            s.tree,
+            s.branch,
+            s.created_unix
+        );
+        if let Some(m) = &s.message {
+            out!("message  {m}");
+        }
+    })
+}
+
+/// `velo snapshot delete ID`.
+pub fn snapshot_delete(ctx: &Ctx, ws: &Workspace, id: &str) -> Result<ExitCode> {
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    ws.delete_snapshot(&store, id)?;
+    print(ctx, json!({ "deleted": id }), || {
+        note!("velo: snapshot {id} deleted")
+    })
+}
+
+/// `velo branch create NAME [--from SNAPSHOT|BRANCH|TREE]`.
+pub fn branch_create(
+    ctx: &Ctx,
+    ws: &Workspace,
+    name: &str,
+    from: Option<&str>,
+) -> Result<ExitCode> {
+    velo_workspace::validate_branch_name(name)?;
+    if ws.branch(name).is_ok() {
+        bail!("branch {name} exists (`velo branch delete {name}` first, or choose another name)");
+    }
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    let from = from.unwrap_or(TOP_BRANCH);
+    let base = tree_of(ws, &store, from)?;
+    let record = ws.create_branch(&store, name, base, Some(from))?;
+    let mut served = false;
+    if let Some(mut client) = server(ws) {
+        client.request_with(json!({ "v": 1, "op": "branch_add", "branch": name }))?;
+        served = true;
+    }
+    let path = ws
+        .config()
+        .mount
+        .as_ref()
+        .filter(|_| served)
+        .map(|m| branch_path(m, name));
+    print(
+        ctx,
+        json!({
+            "branch": name, "base": record.base, "from": from,
+            "path": path.as_ref().map(|p| p.to_string_lossy()),
+        }),
+        || match &path {
+            Some(p) => note!("velo: branch {name} from {from} at {}", p.display()),
+            None => note!("velo: branch {name} from {from}"),
+        },
+    )
+}
+
+/// Where branch `name` shows under the mount (the top branch: at the top itself).
+fn branch_path(mount: &Path, name: &str) -> PathBuf {
+    if name == TOP_BRANCH {
+        return mount.to_path_buf();
+    }
+    mount
+        .join(velo_fuse::CONTROL_DIR)
+        .join("branches")
+        .join(name)
+}
+
+/// `velo branch list`.
+pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
+    let list = ws.branches()?;
+    let rows: Vec<Value> = list
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name, "base": b.base, "from": b.from,
+                "changed": !is_empty_dir(&ws.upper_of(&b.name)),
+            })
+        })
+        .collect();
+    print(ctx, json!({ "branches": rows }), || {
+        for b in &list {
+            let changed = !is_empty_dir(&ws.upper_of(&b.name));
+            out!(
+                "{}\t{}\t{}",
+                b.name,
+                &b.base[..16],
+                if changed { "changed" } else { "clean" }
+            );
+        }
+    })
+}
+
+/// `velo branch delete NAME`.
+pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> {
+    if name == TOP_BRANCH {
+        bail!("branch {TOP_BRANCH} is the workspace's own; it is not deleted");
+    }
+    ws.branch(name)?;
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    if let Some(mut client) = server(ws) {
+        client.request_with(json!({ "v": 1, "op": "branch_remove", "branch": name }))?;
+    }
+    ws.delete_branch(&store, name)?;
+    print(ctx, json!({ "deleted": name }), || {
+        note!("velo: branch {name} deleted")
+    })
+}
+
+/// `velo branch reset NAME SNAPSHOT`: the branch shows that snapshot again, its changes
+/// since are gone.
+pub fn branch_reset(ctx: &Ctx, ws: &Workspace, name: &str, to: &str) -> Result<ExitCode> {
+    ws.branch(name)?;
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    let tree = tree_of(ws, &store, to)?;
+    let mut client = server(ws);
+    if client.is_some() && name == TOP_BRANCH {
+        bail!(
+            "branch {TOP_BRANCH} shows at the top of the mount while it is mounted: `velo umount` the workspace, reset, and `velo workspace mount` it again (or reset another branch)"
+        );
+    }
+    if let Some(client) = &mut client {
+        client.request_with(json!({ "v": 1, "op": "branch_remove", "branch": name }))?;
+    }
+    let record = ws.reset_branch(&store, name, tree, to);
+    if let Some(client) = &mut client {
+        // Served again whether the reset was done or not.
+        client.request_with(json!({ "v": 1, "op": "branch_add", "branch": name }))?;
+    }
+    let record = record?;
+    print(
+        ctx,
+        json!({ "branch": name, "base": record.base, "from": to }),
+        || note!("velo: branch {name} reset to {to}"),
+    )
+}
+
+/// `velo branch apply NAME DIR [--force]`: the branch's changes since its base, written
+/// into DIR.
+pub fn branch_apply(
+    ctx: &Ctx,
+    ws: &Workspace,
+    name: &str,
+    dir: &Path,
+    force: bool,
+) -> Result<ExitCode> {
+    let record = ws.branch(name)?;
+    let store = store_of(ws)?;
+    let _lock = store.lock_shared()?;
+    let now = branch_tree(ws, &store, name)?;
+    let report = velo_workspace::apply(&store, record.base()?, now, dir, force)?;
+    let shown = |list: &[PathBuf]| {
+        list.iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    print(
+        ctx,
+        json!({
+            "branch": name, "dir": dir.to_string_lossy(), "tree": now.to_hex(),
+            "written": shown(&report.written), "removed": shown(&report.removed),
+        }),
+        || {
+            for p in &report.removed {
+                out!("D {}", p.display());
+            }
+            for p in &report.written {
+                out!("W {}", p.display());
+            }
+            note!(
+                "velo: applied branch {name} to {}: {} written, {} removed",
+                dir.display(),
+                report.written.len(),
+                report.removed.len()
+            );
+        },
+    )
+}
+
+/// `velo branch exec NAME -- CMD...`: CMD runs in a mount namespace of its own where the
+/// workspace's mount point shows branch NAME (and so do its children's).
+pub fn branch_exec(ws: &Workspace, name: &str, command: &[OsString]) -> Result<ExitCode> {
+    ws.branch(name)?;
+    let mount = ws
+        .config()
+        .mount
+        .clone()
+        .context("the workspace is not mounted: `velo workspace mount DIR MOUNTPOINT` first")?;
+    if server(ws).is_none() {
+        bail!(
+            "the workspace's server does not run at {}: `velo workspace mount {} {}`",
+            mount.display(),
+            ws.dir().display(),
+            mount.display()
+        );
+    }
+    let source = branch_path(&mount, name);
+    std::fs::metadata(&source)
+        .with_context(|| format!("branch {name} is not served at {}", source.display()))?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let cwd = std::env::current_dir().ok();
+    let source = CString::new(source.as_os_str().as_bytes())?;
+    let target = CString::new(mount.as_os_str().as_bytes())?;
+    let cwd = cwd
+        .map(|c| CString::new(c.as_os_str().as_bytes()))
+        .transpose()?;
+    let root = rustix::process::geteuid().is_root();
+    let maps = (
+        format!("{0} {0} 1\n", rustix::process::getuid().as_raw()),
+        format!("{0} {0} 1\n", rustix::process::getgid().as_raw()),
+    );
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env(BRANCH_ENV, name)
+        .env(WORKSPACE_ENV, ws.dir());
+    // SAFETY: between fork and exec the closure makes only system calls (unshare, open,
+    // write, mount, chdir) on buffers made before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            enter_view(root, &maps, &source, &target, cwd.as_deref()).map_err(std::io::Error::from)
+        });
+    }
+    let e = cmd.exec();
+    bail!("running {}: {e}", Path::new(program).display())
+}
+
+/// In the child of `branch exec`: a mount namespace (and, unprivileged, a user namespace
+/// mapping only the caller's ids) where `target` shows `source`.
+fn enter_view(
+    root: bool,
+    maps: &(String, String),
+    source: &std::ffi::CStr,
+    target: &std::ffi::CStr,
+    cwd: Option<&std::ffi::CStr>,
+) -> rustix::io::Result<()> {
+    use rustix::thread::UnshareFlags;
+    let flags = if root {
+        UnshareFlags::NEWNS
+    } else {
+        UnshareFlags::NEWNS | UnshareFlags::NEWUSER
+    };
+    // SAFETY: the forked child, single-threaded, about to exec: no other thread shares
+    // (or caches anything of) the namespaces or credentials this changes.
+    unsafe { rustix::thread::unshare_unsafe(flags)? };
+    if !root {
+        write_proc(c"/proc/self/setgroups", b"deny")?;
+        write_proc(c"/proc/self/uid_map", maps.0.as_bytes())?;
+        write_proc(c"/proc/self/gid_map", maps.1.as_bytes())?;
+    }
+    // Mounts made outside still show here; this one stays here.
+    rustix::mount::mount_change(
+        c"/",
+        rustix::mount::MountPropagationFlags::DOWNSTREAM
+            | rustix::mount::MountPropagationFlags::REC,
+    )?;
+    rustix::mount::mount_bind(source, target)?;
+    if let Some(cwd) = cwd {
+        // The working directory was the top branch's, if it was in the mount.
+        let _ = rustix::process::chdir(cwd);
+    }
+    Ok(())
+}
+
+fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> rustix::io::Result<()> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    rustix::io::write(&fd, bytes)?;
+    Ok(())
+}
+
+/// `velo diff A B`: in a workspace, A and B may also be snapshot ids or branch names.
+pub fn diff(
+    ctx: &Ctx,
+    from: &str,
+    to: &str,
+    stat: bool,
+    explicit: Option<&Path>,
+) -> Result<ExitCode> {
+    let ws = match (explicit, find(None)) {
+        (Some(dir), _) => Some(Workspace::open(dir)?),
+        (None, found) => found.ok(),
+    };
+    let (from, to) = match &ws {
+        Some(ws) => {
+            let store = store_of(ws)?;
+            let _lock = store.lock_shared()?;
+            let tree = |spec: &str| match ws.resolve(&store, spec) {
+                // A tree of the store, or a .velo file: read as without a workspace.
+                Ok(Named::Tree(_)) | Err(_) => Ok(spec.to_string()),
+                Ok(_) => tree_of(ws, &store, spec).map(|h| h.to_hex()),
+            };
+            (tree(from)?, tree(to)?)
+        }
+        None => (from.to_string(), to.to_string()),
+    };
+    let store_ctx = match &ws {
+        Some(ws) => Ctx {
+            store_path: ws.config().store.clone(),
+            json: ctx.json,
+        },
+        None => Ctx {
+            store_path: ctx.store_path.clone(),
+            json: ctx.json,
+        },
+    };
+    crate::read::diff(&store_ctx, &from, &to, stat)
+}

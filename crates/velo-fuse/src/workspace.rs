@@ -1,0 +1,759 @@
+//! One server of several trees: the agent workspace's branches.
+//!
+//! Each branch is a [`TreeFs`] of its own (a tree and its own upper) with its own range
+//! of inode numbers (a *slot*, [`SLOT_BITS`] wide): no inode number is shared between
+//! branches, so the kernel's caches of names, attributes and pages can never show one
+//! branch's object in another. [`WorkspaceFs`] routes every request to the branch its
+//! inode belongs to. The branch in slot 0 shows at the top of the mount; every other
+//! branch shows at `.velo/branches/NAME`, a directory the top answers to by name but
+//! does not list, so tools that walk the tree (`git status`, `find`) never see it. (The
+//! top's branch is not listed there: the kernel gives a directory one name only, and the
+//! mount's root is its.)
+//!
+//! Branches come and go while the mount serves ([`Branches`]); a branch taken away keeps
+//! its slot retired, so requests for its inodes fail with `ESTALE` and its numbers are
+//! never given out again. The names under `.velo/branches` are answered with no cache
+//! time: a branch replaced under the same name shows at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::inodes::SLOT_BITS;
+use crate::{Control, TreeFs, TTL};
+
+/// The slot of the directories `.velo` and `.velo/branches`.
+const SYNTHETIC: u64 = (1 << (64 - SLOT_BITS)) - 1;
+const VELO_DIR: u64 = (SYNTHETIC << SLOT_BITS) | 1;
+const BRANCHES_DIR: u64 = (SYNTHETIC << SLOT_BITS) | 2;
+/// The name the top answers with the branches.
+pub const CONTROL_DIR: &str = ".velo";
+
+/// The branches a workspace server serves, changed while it serves.
+pub struct Branches {
+    table: RwLock<Table>,
+    uid: u32,
+    gid: u32,
+}
+
+struct Table {
+    /// Upper files each branch keeps open by inode at most (see `TreeFs::inode_files`).
+    inode_files: usize,
+    by_slot: HashMap<u64, Arc<TreeFs>>,
+    by_name: BTreeMap<String, u64>,
+    next_slot: u64,
+    /// When the list of branches last changed: the mtime of `.velo/branches`, so the
+    /// kernel drops its cached listing of it.
+    changed: SystemTime,
+}
+
+/// What a request's inode belongs to.
+enum Target {
+    Branch(Arc<TreeFs>),
+    Synthetic(u64),
+}
+
+impl Branches {
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves `fs` as branch `name` (in a slot of its own) from now on; its control.
+    /// Fails if a branch of that name is served.
+    pub fn add(&self, name: &str, fs: TreeFs) -> Result<Control, std::io::Error> {
+        let mut table = self.table_mut();
+        if table.by_name.contains_key(name) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("branch {name} is already served"),
+            ));
+        }
+        if table.next_slot >= SYNTHETIC {
+            return Err(std::io::Error::other(
+                "this server has given out every branch slot; remount the workspace",
+            ));
+        }
+        let slot = table.next_slot;
+        table.next_slot += 1;
+        let mut fs = fs.in_slot(slot);
+        fs.inode_files = fs.inode_files.min(table.inode_files);
+        let fs = Arc::new(fs);
+        let control = fs.control();
+        table.by_slot.insert(slot, fs);
+        table.by_name.insert(name.to_string(), slot);
+        table.changed = SystemTime::now();
+        Ok(control)
+    }
+
+    /// Stops serving branch `name` (not the one at the top): waits for the changes in
+    /// flight, then every later request for its inodes fails with `ESTALE`. Whether it
+    /// was served.
+    pub fn remove(&self, name: &str) -> bool {
+        let fs = {
+            let mut table = self.table_mut();
+            let Some(&slot) = table.by_name.get(name) else {
+                return false;
+            };
+            if slot == 0 {
+                return false;
+            }
+            table.by_name.remove(name);
+            table.changed = SystemTime::now();
+            table.by_slot.remove(&slot)
+        };
+        if let Some(fs) = fs {
+            fs.control().retire();
+        }
+        true
+    }
+
+    /// The control of branch `name`, if it is served.
+    pub fn control(&self, name: &str) -> Option<Control> {
+        let table = self.table();
+        let slot = table.by_name.get(name)?;
+        table.by_slot.get(slot).map(|fs| fs.control())
+    }
+
+    /// The names of the branches served.
+    pub fn names(&self) -> Vec<String> {
+        self.table().by_name.keys().cloned().collect()
+    }
+
+    fn target(&self, ino: u64) -> Result<Target, Errno> {
+        let slot = ino >> SLOT_BITS;
+        if slot == SYNTHETIC {
+            return match ino {
+                VELO_DIR | BRANCHES_DIR => Ok(Target::Synthetic(ino)),
+                _ => Err(Errno::ENOENT),
+            };
+        }
+        self.table()
+            .by_slot
+            .get(&slot)
+            .cloned()
+            .map(Target::Branch)
+            .ok_or(Errno::ESTALE)
+    }
+
+    fn synthetic_attr(&self, ino: u64) -> FileAttr {
+        let changed = self.table().changed;
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: changed,
+            mtime: changed,
+            ctime: changed,
+            crtime: changed,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+/// The server of a workspace: its branches, routed by inode.
+pub struct WorkspaceFs {
+    branches: Arc<Branches>,
+    /// The branch at the top (slot 0).
+    top: Arc<TreeFs>,
+}
+
+impl WorkspaceFs {
+    /// A server showing `top` (a server made with [`TreeFs::new`]) as branch `name` at the
+    /// top of the mount. Synthetic directories show `uid`/`gid` as their owner.
+    pub fn new(name: &str, top: TreeFs, uid: u32, gid: u32) -> WorkspaceFs {
+        let top = Arc::new(top.in_slot(0));
+        let mut by_slot = HashMap::new();
+        by_slot.insert(0, top.clone());
+        let mut by_name = BTreeMap::new();
+        by_name.insert(name.to_string(), 0);
+        WorkspaceFs {
+            branches: Arc::new(Branches {
+                table: RwLock::new(Table {
+                    by_slot,
+                    by_name,
+                    inode_files: crate::ops::INODE_FILES,
+                    next_slot: 1,
+                    changed: SystemTime::now(),
+                }),
+                uid,
+                gid,
+            }),
+            top,
+        }
+    }
+
+    /// Branches added from now on keep at most `n` upper files open by inode (the top
+    /// keeps the limit it was made with).
+    pub(crate) fn set_inode_files(&self, n: usize) {
+        self.branches.table_mut().inode_files = n;
+    }
+
+    /// The handle to add and remove branches while the server runs.
+    pub fn branches(&self) -> Arc<Branches> {
+        self.branches.clone()
+    }
+
+    /// The control of the branch at the top.
+    pub fn control(&self) -> Control {
+        self.top.control()
+    }
+
+    fn is_control_name(parent: INodeNo, name: &OsStr) -> bool {
+        u64::from(parent) == 1 && name.as_bytes() == CONTROL_DIR.as_bytes()
+    }
+
+    /// The branch of `ino`, or the error to reply (`synthetic`: for the two synthetic
+    /// directories).
+    fn branch(&self, ino: INodeNo, synthetic: Errno) -> Result<Arc<TreeFs>, Errno> {
+        match self.branches.target(ino.into())? {
+            Target::Branch(fs) => Ok(fs),
+            Target::Synthetic(_) => Err(synthetic),
+        }
+    }
+
+    /// The branch of both `a` and `b`; `EXDEV` when they are in different ones.
+    fn same_branch(&self, a: INodeNo, b: INodeNo) -> Result<Arc<TreeFs>, Errno> {
+        if u64::from(a) >> SLOT_BITS != u64::from(b) >> SLOT_BITS {
+            return Err(Errno::EXDEV);
+        }
+        self.branch(a, Errno::EPERM)
+    }
+
+    fn synthetic_listing(&self, ino: u64) -> Vec<(u64, FileType, Vec<u8>)> {
+        let mut out = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (VELO_DIR, FileType::Directory, b"..".to_vec()),
+        ];
+        if ino == VELO_DIR {
+            out[1].0 = 1;
+            out.push((BRANCHES_DIR, FileType::Directory, b"branches".to_vec()));
+        } else {
+            let table = self.branches.table();
+            for (name, slot) in table.by_name.iter().filter(|(_, &slot)| slot != 0) {
+                out.push((
+                    (slot << SLOT_BITS) | 1,
+                    FileType::Directory,
+                    name.clone().into(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Routes `$call` on the branch of `$ino`, or replies `$synthetic` (or the routing
+/// error) on `$reply`.
+macro_rules! route {
+    ($self:ident, $ino:expr, $synthetic:expr, $reply:ident, |$fs:ident| $call:expr) => {
+        match $self.branch($ino, $synthetic) {
+            Ok($fs) => $call,
+            Err(e) => $reply.error(e),
+        }
+    };
+}
+
+/// Refuses a name-making request for `.velo` at the top.
+macro_rules! refuse_control_name {
+    ($parent:expr, $name:expr, $reply:ident) => {
+        if WorkspaceFs::is_control_name($parent, $name) {
+            $reply.error(Errno::EEXIST);
+            return;
+        }
+    };
+}
+
+impl Filesystem for WorkspaceFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        crate::ops::configure(config, false);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if Self::is_control_name(parent, name) {
+            return reply.entry(&TTL, &self.branches.synthetic_attr(VELO_DIR), Generation(0));
+        }
+        match self.branches.target(parent.into()) {
+            Ok(Target::Branch(fs)) => fs.lookup(req, parent, name, reply),
+            Ok(Target::Synthetic(VELO_DIR)) if name.as_bytes() == b"branches" => reply.entry(
+                &TTL,
+                &self.branches.synthetic_attr(BRANCHES_DIR),
+                Generation(0),
+            ),
+            Ok(Target::Synthetic(BRANCHES_DIR)) => {
+                let fs = {
+                    let table = self.branches.table();
+                    std::str::from_utf8(name.as_bytes())
+                        .ok()
+                        .and_then(|n| table.by_name.get(n))
+                        .filter(|&&slot| slot != 0)
+                        .and_then(|slot| table.by_slot.get(slot).cloned())
+                };
+                match fs {
+                    // No cache time: a branch replaced under this name shows at once.
+                    Some(fs) => fs.root_entry(Duration::ZERO, reply),
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            Ok(Target::Synthetic(_)) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        if let Ok(Target::Branch(fs)) = self.branches.target(ino.into()) {
+            fs.forget(req, ino, nlookup);
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.getattr(req, ino, fh, reply),
+            Ok(Target::Synthetic(ino)) => {
+                reply.attr(&Duration::ZERO, &self.branches.synthetic_attr(ino))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        crtime: Option<SystemTime>,
+        chgtime: Option<SystemTime>,
+        bkuptime: Option<SystemTime>,
+        flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        route!(self, ino, Errno::EPERM, reply, |fs| fs.setattr(
+            req, ino, mode, uid, gid, size, atime, mtime, ctime, fh, crtime, chgtime, bkuptime,
+            flags, reply
+        ))
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+            .readlink(req, ino, reply))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        refuse_control_name!(parent, name, reply);
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .mknod(req, parent, name, mode, umask, rdev, reply))
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        refuse_control_name!(parent, name, reply);
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .mkdir(req, parent, name, mode, umask, reply))
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Self::is_control_name(parent, name) {
+            return reply.error(Errno::EBUSY);
+        }
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .unlink(req, parent, name, reply))
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Self::is_control_name(parent, name) {
+            return reply.error(Errno::EBUSY);
+        }
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .rmdir(req, parent, name, reply))
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        refuse_control_name!(parent, link_name, reply);
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .symlink(req, parent, link_name, target, reply))
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if Self::is_control_name(parent, name) || Self::is_control_name(newparent, newname) {
+            return reply.error(Errno::EBUSY);
+        }
+        match self.same_branch(parent, newparent) {
+            Ok(fs) => fs.rename(req, parent, name, newparent, newname, flags, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        refuse_control_name!(newparent, newname, reply);
+        match self.same_branch(ino, newparent) {
+            Ok(fs) => fs.link(req, ino, newparent, newname, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+            .open(req, ino, flags, reply))
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+            .read(req, ino, fh, offset, size, flags, lock_owner, reply))
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        route!(self, ino, Errno::EISDIR, reply, |fs| fs.write(
+            req,
+            ino,
+            fh,
+            offset,
+            data,
+            write_flags,
+            flags,
+            lock_owner,
+            reply
+        ))
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        route!(self, ino, Errno::ENOSYS, reply, |fs| fs
+            .flush(req, ino, fh, lock_owner, reply))
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.release(req, ino, fh, flags, lock_owner, flush, reply),
+            _ => reply.ok(),
+        }
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+            .fsync(req, ino, fh, datasync, reply))
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // As every branch answers (see `TreeFs::opendir`): no open round trip for
+        // directories.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.readdir(req, ino, fh, offset, reply),
+            Ok(Target::Synthetic(dir)) => {
+                let listing = self.synthetic_listing(dir);
+                for (i, (entry, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
+                    if reply.add(
+                        INodeNo(*entry),
+                        i as u64 + 1,
+                        *kind,
+                        OsStr::from_bytes(name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.readdirplus(req, ino, fh, offset, reply),
+            Ok(Target::Synthetic(dir)) => {
+                // With no cache time, so a branch replaced under its name shows at once.
+                let listing = self.synthetic_listing(dir);
+                for (i, (entry, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
+                    let attr = match self.branches.target(*entry) {
+                        Ok(Target::Branch(fs)) => match fs.root_attr() {
+                            Ok(attr) => attr,
+                            Err(_) => continue,
+                        },
+                        _ => FileAttr {
+                            kind: *kind,
+                            ..self.branches.synthetic_attr(*entry)
+                        },
+                    };
+                    if reply.add(
+                        INodeNo(*entry),
+                        i as u64 + 1,
+                        OsStr::from_bytes(name),
+                        &Duration::ZERO,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.releasedir(req, ino, fh, flags, reply),
+            _ => reply.ok(),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.fsyncdir(req, ino, fh, datasync, reply),
+            Ok(Target::Synthetic(_)) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.statfs(req, ino, reply),
+            _ => self.top.statfs(req, INodeNo(1), reply),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        route!(self, ino, Errno::EPERM, reply, |fs| fs
+            .setxattr(req, ino, name, value, flags, position, reply))
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        route!(self, ino, Errno::ENODATA, reply, |fs| fs
+            .getxattr(req, ino, name, size, reply))
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.listxattr(req, ino, size, reply),
+            Ok(Target::Synthetic(_)) if size == 0 => reply.size(0),
+            Ok(Target::Synthetic(_)) => reply.data(&[]),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        route!(self, ino, Errno::EPERM, reply, |fs| fs
+            .removexattr(req, ino, name, reply))
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.branches.target(ino.into()) {
+            Ok(Target::Branch(fs)) => fs.access(req, ino, mask, reply),
+            Ok(Target::Synthetic(_)) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        refuse_control_name!(parent, name, reply);
+        route!(self, parent, Errno::EPERM, reply, |fs| fs
+            .create(req, parent, name, mode, umask, flags, reply))
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+            .fallocate(req, ino, fh, offset, length, mode, reply))
+    }
+
+    fn lseek(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+            .lseek(req, ino, fh, offset, whence, reply))
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.same_branch(ino_in, ino_out) {
+            Ok(fs) => fs.copy_file_range(
+                req, ino_in, fh_in, offset_in, ino_out, fh_out, offset_out, len, flags, reply,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! `branch apply`: a branch's changes written into a host directory (the user's checkout).
+//!
+//! What is written is exactly the difference between the branch's base and its state
+//! (velo-store's tree diff: equal subtrees are not read). Before anything is written,
+//! every path it touches is checked to be in the base's state on the host (or already
+//! in the branch's): a file the user changed meanwhile is a conflict, and nothing is
+//! written. Each file is written to a new name beside it and renamed over, so a reader
+//! sees the old or the new bytes, never half.
+
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use velo_core::{Entry, EntryKind, Hash};
+use velo_store::treeops::{self, ChangeKind, Found};
+use velo_store::Store;
+
+use crate::{io, Result, WorkspaceError};
+
+/// What an apply did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Paths written (made or replaced), relative to the directory.
+    pub written: Vec<PathBuf>,
+    /// Paths removed.
+    pub removed: Vec<PathBuf>,
+}
+
+fn entry_at(store: &Store, root: Hash, path: &[u8]) -> Result<Option<Entry>> {
+    match treeops::lookup(store, root, path) {
+        Ok(Found::Entry(e)) => Ok(Some(e)),
+        Ok(Found::Root(_)) => Ok(None),
+        Err(velo_store::StoreError::NoSuchPath { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the host object at `path` is what `entry` records (content, target, kind; a
+/// missing entry: nothing there).
+fn host_matches(path: &Path, entry: Option<&Entry>) -> Result<bool> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entry.is_none()),
+        Err(e) => return Err(io("reading", path)(e)),
+    };
+    let Some(entry) = entry else {
+        return Ok(false);
+    };
+    Ok(match &entry.kind {
+        EntryKind::Dir { .. } => meta.is_dir(),
+        EntryKind::Symlink { target } => {
+            meta.file_type().is_symlink()
+                && std::fs::read_link(path)
+                    .map_err(io("reading", path))?
+                    .as_os_str()
+                    .as_bytes()
+                    == &target[..]
+        }
+        EntryKind::File { hash, size } => {
+            if !meta.is_file() || meta.len() != *size {
+                return Ok(false);
+            }
+            let mut file = std::fs::File::open(path).map_err(io("reading", path))?;
+            let mut hasher = blake3::Hasher::new();
+            std::io::copy(&mut file, &mut hasher).map_err(io("reading", path))?;
+            Hash(*hasher.finalize().as_bytes()) == *hash
+        }
+    })
+}
+
+/// A name beside `path` for what replaces it.
+fn staging_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.velo-apply-{}", std::process::id()))
+}
+
+fn remove_any(path: &Path) -> Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(io("removing", path))
+}
+
+fn write_entry(store: &Store, path: &Path, entry: &Entry) -> Result<()> {
+    let mode = entry.mode.bits() & 0o7777;
+    match &entry.kind {
+        EntryKind::Dir { .. } => {
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    remove_any(path)?;
+                    std::fs::create_dir(path).map_err(io("creating", path))?;
+                }
+                Err(_) => std::fs::create_dir(path).map_err(io("creating", path))?,
+            }
+            // Its mode is set after its children are written (see `apply`).
+        }
+        EntryKind::Symlink { target } => {
+            let staged = staging_name(path);
+            let _ = std::fs::remove_file(&staged);
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &staged)
+                .map_err(io("creating", &staged))?;
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+                remove_any(path)?;
+            }
+            std::fs::rename(&staged, path).map_err(io("replacing", path))?;
+        }
+        EntryKind::File { hash, .. } => {
+            let staged = staging_name(path);
+            let _ = std::fs::remove_file(&staged);
+            let written = (|| {
+                let mut from = store.open_blob(hash)?;
+                let mut to = std::fs::File::create(&staged).map_err(io("creating", &staged))?;
+                std::io::copy(&mut from, &mut to).map_err(io("writing", &staged))?;
+                to.flush().map_err(io("writing", &staged))?;
+                to.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(io("setting the mode of", &staged))?;
+                let mtime = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_nanos(entry.mtime_ns.max(0) as u64);
+                to.set_modified(mtime)
+                    .map_err(io("setting the mtime of", &staged))?;
+                to.sync_all().map_err(io("writing", &staged))?;
+                Ok::<_, WorkspaceError>(())
+            })();
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+                remove_any(path)?;
+            }
+            std::fs::rename(&staged, path).map_err(io("replacing", path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the changes from tree `base` to tree `new` into `dir`, which must show `base`
+/// at every path that changes (or already `new`'s state there); with `force`, whatever
+/// is there is replaced.
+pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> Result<ApplyReport> {
+    let dir_meta = std::fs::metadata(dir).map_err(io("opening", dir))?;
+    if !dir_meta.is_dir() {
+        return Err(WorkspaceError::Refused(format!(
+            "{}: not a directory",
+            dir.display()
+        )));
+    }
+    let changes = treeops::diff(store, base, new)?;
+    let host = |p: &[u8]| dir.join(std::ffi::OsStr::from_bytes(p));
+    if !force {
+        let mut conflicts = Vec::new();
+        for change in &changes {
+            let path = host(&change.path);
+            let was = entry_at(store, base, &change.path)?;
+            if host_matches(&path, was.as_ref())? {
+                continue;
+            }
+            let now = entry_at(store, new, &change.path)?;
+            if host_matches(&path, now.as_ref())? {
+                continue;
+            }
+            conflicts.push(String::from_utf8_lossy(&change.path).into_owned());
+        }
+        if !conflicts.is_empty() {
+            let shown: Vec<&str> = conflicts.iter().take(20).map(String::as_str).collect();
+            return Err(WorkspaceError::Refused(format!(
+                "{} path(s) of {} changed since the branch's base (nothing written): {}{}; bring them back, or apply with --force to overwrite them",
+                conflicts.len(),
+                dir.display(),
+                shown.join(", "),
+                if conflicts.len() > 20 { ", ..." } else { "" }
+            )));
+        }
+    }
+    let mut report = ApplyReport::default();
+    // Removals deepest first, then what is made or replaced, parents first.
+    for change in changes
+        .iter()
+        .rev()
+        .filter(|c| c.change == ChangeKind::Removed)
+    {
+        let path = host(&change.path);
+        remove_any(&path)?;
+        report
+            .removed
+            .push(PathBuf::from(std::ffi::OsStr::from_bytes(&change.path)));
+    }
+    let mut dirs = Vec::new();
+    for change in changes.iter().filter(|c| c.change != ChangeKind::Removed) {
+        let Some(entry) = entry_at(store, new, &change.path)? else {
+            continue;
+        };
+        let path = host(&change.path);
+        write_entry(store, &path, &entry)?;
+        if matches!(entry.kind, EntryKind::Dir { .. }) {
+            dirs.push((path, entry.mode.bits() & 0o7777));
+        }
+        report
+            .written
+            .push(PathBuf::from(std::ffi::OsStr::from_bytes(&change.path)));
+    }
+    // Directories' modes last, deepest first: a read-only directory must still have
+    // taken its children.
+    for (path, mode) in dirs.iter().rev() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+            .map_err(io("setting the mode of", path))?;
+    }
+    Ok(report)
+}

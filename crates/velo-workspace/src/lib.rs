@@ -1,0 +1,644 @@
+//! The agent workspace on disk: branches, snapshots, and what keeps their trees from gc.
+//!
+//! A workspace is a directory:
+//!
+//! ```text
+//! DIR/workspace.json            {"v":1,"id","store","mount","top"}
+//! DIR/branches/NAME/branch.json {"v":1,"name","base","created_unix","from"}
+//! DIR/branches/NAME/upper/      the branch's changes (the one upper format)
+//! DIR/snapshots/ID.json         {"v":1,"id","tree","branch","message","created_unix"}
+//! ```
+//!
+//! A branch is a base tree and its own upper; creating one writes two small files and
+//! an empty directory, whatever the tree's size. A snapshot is a sealed tree (the shared
+//! commit routine of velo-project made it from a branch's base and upper), so writes
+//! after it never show through it. Every branch base and snapshot is a registered root of
+//! the store (`ws.<id>.base.<branch>`, `ws.<id>.snap.<snapshot>`): gc keeps them, and
+//! deleting a branch or snapshot unregisters it, so what only it reached becomes
+//! collectable.
+//!
+//! This crate owns those records; it calls velo-store (roots, trees) and velo-project
+//! (commit) and is called by the CLI, which also runs the FUSE server of a workspace.
+//! Records are replaced atomically and durably; a half-made branch (killed between its
+//! directory and its record) is not listed and is made again by the next create.
+#![deny(missing_docs)]
+
+mod apply;
+
+pub use apply::{apply, ApplyReport};
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use velo_core::Hash;
+use velo_store::{Durability, RootRecord, Store};
+
+/// The record format's version.
+const VERSION: u32 = 1;
+/// The branch shown at the top of the mount, made by `init`.
+pub const TOP_BRANCH: &str = "main";
+
+/// What failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// A file of the workspace could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A record is not what this version writes.
+    #[error(
+        "{path}: not a velo workspace record ({why}); it was damaged or written by another version"
+    )]
+    BadRecord {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The user asked for something that cannot be.
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] velo_store::StoreError),
+    /// A commit failed.
+    #[error(transparent)]
+    Project(#[from] velo_project::ProjectError),
+}
+
+/// This crate's results.
+pub type Result<T, E = WorkspaceError> = std::result::Result<T, E>;
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError {
+    let path = path.to_path_buf();
+    move |source| WorkspaceError::Io { op, path, source }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `workspace.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// Record version.
+    pub v: u32,
+    /// The workspace's id (names its roots in the store).
+    pub id: String,
+    /// The store its trees live in.
+    pub store: PathBuf,
+    /// Where it is mounted when it is.
+    pub mount: Option<PathBuf>,
+}
+
+/// `branches/NAME/branch.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BranchRecord {
+    /// Record version.
+    pub v: u32,
+    /// The branch's name.
+    pub name: String,
+    /// The tree its upper's changes apply to (hex).
+    pub base: String,
+    /// When it was made or last reset.
+    pub created_unix: u64,
+    /// What it was made from, as the user named it.
+    pub from: Option<String>,
+}
+
+impl BranchRecord {
+    /// The base tree.
+    pub fn base(&self) -> Result<Hash> {
+        self.base.parse().map_err(|e| WorkspaceError::BadRecord {
+            path: PathBuf::from(format!("branch {}", self.name)),
+            why: format!("bad base: {e}"),
+        })
+    }
+}
+
+/// `snapshots/ID.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Record version.
+    pub v: u32,
+    /// Its id: a number, counted up in each workspace.
+    pub id: String,
+    /// The sealed tree (hex).
+    pub tree: String,
+    /// The branch it was taken of.
+    pub branch: String,
+    /// The user's message.
+    pub message: Option<String>,
+    /// When it was taken.
+    pub created_unix: u64,
+}
+
+impl SnapshotRecord {
+    /// The sealed tree.
+    pub fn tree(&self) -> Result<Hash> {
+        self.tree.parse().map_err(|e| WorkspaceError::BadRecord {
+            path: PathBuf::from(format!("snapshot {}", self.id)),
+            why: format!("bad tree: {e}"),
+        })
+    }
+}
+
+/// What a name given to `diff`, `branch create --from` or `branch reset` stands for.
+#[derive(Clone, Debug)]
+pub enum Named {
+    /// A snapshot.
+    Snapshot(SnapshotRecord),
+    /// A branch (its current state is its base plus its upper).
+    Branch(BranchRecord),
+    /// A tree of the store.
+    Tree(Hash),
+}
+
+/// An open workspace.
+pub struct Workspace {
+    dir: PathBuf,
+    config: Config,
+}
+
+/// Checks a branch name: what a root name may hold (it is part of one), at most 64
+/// characters.
+pub fn validate_branch_name(name: &str) -> Result<()> {
+    if name.len() > 64 {
+        return Err(WorkspaceError::Refused(format!(
+            "branch name {:?}: at most 64 characters",
+            name.chars().take(70).collect::<String>()
+        )));
+    }
+    velo_store::validate_root_name(name)
+        .map_err(|e| WorkspaceError::Refused(format!("branch name: {e}")))
+}
+
+fn write_record(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| WorkspaceError::BadRecord {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    let dir = path.parent().unwrap_or(Path::new("."));
+    velo_store::replace_file(path, dir, &bytes, Durability::Durable).map_err(io("writing", path))
+}
+
+fn read_record<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(io("reading", path))?;
+    if bytes.len() > 1 << 20 {
+        return Err(WorkspaceError::BadRecord {
+            path: path.to_path_buf(),
+            why: "larger than 1 MiB".into(),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| WorkspaceError::BadRecord {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
+impl Workspace {
+    /// Makes workspace `dir` (which must not exist, or be empty) over tree `base` of
+    /// `store`, with branch [`TOP_BRANCH`].
+    pub fn init(dir: &Path, store: &Store, base: Hash, mount: Option<&Path>) -> Result<Workspace> {
+        match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(WorkspaceError::Refused(format!(
+                        "{}: not empty; a workspace is made in a new or empty directory",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+            }
+            Err(e) => return Err(io("reading", dir)(e)),
+        }
+        let dir = std::fs::canonicalize(dir).map_err(io("resolving", dir))?;
+        let store_root =
+            std::fs::canonicalize(store.root()).map_err(io("resolving", store.root()))?;
+        let mut seed = [0u8; 16];
+        let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
+        seed[..8].copy_from_slice(&(now_unix() ^ u64::from(std::process::id())).to_le_bytes());
+        let config = Config {
+            v: VERSION,
+            id: Hash::of_blob(&seed).to_hex()[..12].to_string(),
+            store: store_root,
+            mount: mount.map(Path::to_path_buf),
+        };
+        for sub in ["branches", "snapshots"] {
+            let path = dir.join(sub);
+            std::fs::create_dir(&path).map_err(io("creating", &path))?;
+        }
+        let ws = Workspace { dir, config };
+        ws.create_branch(store, TOP_BRANCH, base, None)?;
+        // Written last: a directory without it is no workspace, and init may run again.
+        write_record(&ws.dir.join("workspace.json"), &ws.config)?;
+        Ok(ws)
+    }
+
+    /// Opens workspace `dir`.
+    pub fn open(dir: &Path) -> Result<Workspace> {
+        let dir = std::fs::canonicalize(dir).map_err(io("opening the workspace", dir))?;
+        let path = dir.join("workspace.json");
+        if !path.exists() {
+            return Err(WorkspaceError::Refused(format!(
+                "{}: not a velo workspace (no workspace.json); `velo workspace init` makes one",
+                dir.display()
+            )));
+        }
+        let config: Config = read_record(&path)?;
+        if config.v != VERSION {
+            return Err(WorkspaceError::BadRecord {
+                path,
+                why: format!("version {} (this velo reads {VERSION})", config.v),
+            });
+        }
+        Ok(Workspace { dir, config })
+    }
+
+    /// The workspace directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Records where the workspace is mounted (`None`: not mounted).
+    pub fn set_mount(&mut self, mount: Option<&Path>) -> Result<()> {
+        self.config.mount = mount.map(Path::to_path_buf);
+        write_record(&self.dir.join("workspace.json"), &self.config)
+    }
+
+    fn root_name(&self, kind: &str, name: &str) -> String {
+        format!("ws.{}.{kind}.{name}", self.config.id)
+    }
+
+    fn branch_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("branches").join(name)
+    }
+
+    /// Branch `name`'s upper directory.
+    pub fn upper_of(&self, name: &str) -> PathBuf {
+        self.branch_dir(name).join("upper")
+    }
+
+    fn register(&self, store: &Store, kind: &str, name: &str, tree: Hash) -> Result<()> {
+        let stats = velo_store::treeops::stats(store, tree)?;
+        store.register_root(&RootRecord {
+            name: Some(self.root_name(kind, name)),
+            root: tree.to_hex(),
+            created_unix: now_unix(),
+            stats,
+            partial: false,
+            source: Some(format!("workspace {} {kind} {name}", self.dir.display())),
+        })?;
+        Ok(())
+    }
+
+    fn unregister(&self, store: &Store, kind: &str, name: &str) -> Result<()> {
+        store.forget(&self.root_name(kind, name))?;
+        Ok(())
+    }
+
+    /// Every branch, by name.
+    pub fn branches(&self) -> Result<Vec<BranchRecord>> {
+        let dir = self.dir.join("branches");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let entry = entry.map_err(io("listing", &dir))?;
+            let record = entry.path().join("branch.json");
+            if record.exists() {
+                out.push(read_record::<BranchRecord>(&record)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Branch `name`.
+    pub fn branch(&self, name: &str) -> Result<BranchRecord> {
+        validate_branch_name(name)?;
+        let path = self.branch_dir(name).join("branch.json");
+        if !path.exists() {
+            return Err(WorkspaceError::Refused(format!(
+                "no branch {name} in workspace {} (`velo branch list` lists them)",
+                self.dir.display()
+            )));
+        }
+        read_record(&path)
+    }
+
+    /// Makes branch `name` over tree `base` with an empty upper: no tree is read or
+    /// copied. `from` is what the user named as its origin.
+    pub fn create_branch(
+        &self,
+        store: &Store,
+        name: &str,
+        base: Hash,
+        from: Option<&str>,
+    ) -> Result<BranchRecord> {
+        validate_branch_name(name)?;
+        let dir = self.branch_dir(name);
+        let record_path = dir.join("branch.json");
+        if record_path.exists() {
+            return Err(WorkspaceError::Refused(format!(
+                "branch {name} exists (`velo branch delete {name}` first, or choose another name)"
+            )));
+        }
+        // A directory without its record is a create that was killed half-way: made again.
+        if dir.exists() {
+            remove_dir(&dir)?;
+        }
+        private_dir(&dir)?;
+        private_dir(&dir.join("upper"))?;
+        self.register(store, "base", name, base)?;
+        let record = BranchRecord {
+            v: VERSION,
+            name: name.to_string(),
+            base: base.to_hex(),
+            created_unix: now_unix(),
+            from: from.map(str::to_string),
+        };
+        write_record(&record_path, &record)?;
+        Ok(record)
+    }
+
+    /// Deletes branch `name`: its changes and its record; its base becomes collectable
+    /// unless something else keeps it.
+    pub fn delete_branch(&self, store: &Store, name: &str) -> Result<()> {
+        self.branch(name)?;
+        let dir = self.branch_dir(name);
+        // The record goes first: a delete killed half-way leaves no listed branch.
+        let record = dir.join("branch.json");
+        std::fs::remove_file(&record).map_err(io("removing", &record))?;
+        remove_dir(&dir)?;
+        self.unregister(store, "base", name)
+    }
+
+    /// Points branch `name` at tree `base` and empties its upper (its changes are gone:
+    /// snapshot first to keep them).
+    pub fn reset_branch(
+        &self,
+        store: &Store,
+        name: &str,
+        base: Hash,
+        from: &str,
+    ) -> Result<BranchRecord> {
+        let mut record = self.branch(name)?;
+        let upper = self.upper_of(name);
+        // The new upper is made beside the old one and swapped in, so a reset killed
+        // half-way leaves the old state or the new, never a mix.
+        let fresh = self.branch_dir(name).join("upper.new");
+        if fresh.exists() {
+            remove_dir(&fresh)?;
+        }
+        private_dir(&fresh)?;
+        self.register(store, "base", name, base)?;
+        record.base = base.to_hex();
+        record.created_unix = now_unix();
+        record.from = Some(from.to_string());
+        let old = self.branch_dir(name).join("upper.old");
+        if old.exists() {
+            remove_dir(&old)?;
+        }
+        std::fs::rename(&upper, &old).map_err(io("moving aside", &upper))?;
+        std::fs::rename(&fresh, &upper).map_err(io("moving into place", &fresh))?;
+        write_record(&self.branch_dir(name).join("branch.json"), &record)?;
+        remove_dir(&old)?;
+        Ok(record)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let dir = self.dir.join("snapshots");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let path = entry.map_err(io("listing", &dir))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                out.push(read_record::<SnapshotRecord>(&path)?);
+            }
+        }
+        out.sort_by_key(|s| s.id.parse::<u64>().unwrap_or(u64::MAX));
+        Ok(out)
+    }
+
+    /// Snapshot `id`.
+    pub fn snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || id.len() > 19 {
+            return Err(WorkspaceError::Refused(format!(
+                "{id:?}: a snapshot id is a number (`velo snapshot list` lists them)"
+            )));
+        }
+        let path = self.dir.join("snapshots").join(format!("{id}.json"));
+        if !path.exists() {
+            return Err(WorkspaceError::Refused(format!(
+                "no snapshot {id} in workspace {}",
+                self.dir.display()
+            )));
+        }
+        read_record(&path)
+    }
+
+    /// Records tree `tree` (sealed from `branch`) as a new snapshot and keeps it from gc.
+    pub fn add_snapshot(
+        &self,
+        store: &Store,
+        tree: Hash,
+        branch: &str,
+        message: Option<&str>,
+    ) -> Result<SnapshotRecord> {
+        let dir = self.dir.join("snapshots");
+        let next = self
+            .snapshots()?
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        // The id is claimed with an exclusive create: two snapshots at once get two ids.
+        let mut id = next;
+        let path = loop {
+            let path = dir.join(format!("{id}.json"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => break path,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => id += 1,
+                Err(e) => return Err(io("creating", &path)(e)),
+            }
+        };
+        let record = SnapshotRecord {
+            v: VERSION,
+            id: id.to_string(),
+            tree: tree.to_hex(),
+            branch: branch.to_string(),
+            message: message.map(str::to_string),
+            created_unix: now_unix(),
+        };
+        let registered = self.register(store, "snap", &record.id, tree);
+        if let Err(e) = registered {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        write_record(&path, &record)?;
+        Ok(record)
+    }
+
+    /// Deletes snapshot `id`; its tree becomes collectable unless something else keeps it.
+    pub fn delete_snapshot(&self, store: &Store, id: &str) -> Result<()> {
+        self.snapshot(id)?;
+        let path = self.dir.join("snapshots").join(format!("{id}.json"));
+        std::fs::remove_file(&path).map_err(io("removing", &path))?;
+        self.unregister(store, "snap", id)
+    }
+
+    /// What `spec` names: a snapshot id, a branch, or a tree of the store (a root name,
+    /// a hash or its prefix, a .velo file).
+    pub fn resolve(&self, store: &Store, spec: &str) -> Result<Named> {
+        if !spec.is_empty() && spec.len() <= 19 && spec.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(s) = self.snapshot(spec) {
+                return Ok(Named::Snapshot(s));
+            }
+        }
+        if validate_branch_name(spec).is_ok() && self.branch_dir(spec).join("branch.json").exists()
+        {
+            return Ok(Named::Branch(self.branch(spec)?));
+        }
+        store.resolve(spec).map(Named::Tree).map_err(|e| {
+            WorkspaceError::Refused(format!(
+                "{spec:?}: no snapshot or branch of that name in workspace {}, and not a tree of the store ({e})",
+                self.dir.display()
+            ))
+        })
+    }
+}
+
+/// A directory only its owner may enter: what a command makes in an upper (as root, a
+/// set-uid file) must not be reachable by other users.
+fn private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(io("creating", path))
+}
+
+fn remove_dir(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("removing", path)(e)),
+    }
+}
+
+/// The workspace at `start` or above it (the directory holding `workspace.json`).
+pub fn find_from(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .find(|dir| dir.join("workspace.json").is_file())
+        .map(Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with_tree(dir: &Path) -> (Store, Hash) {
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/a"), b"alpha").unwrap();
+        let store = Store::open_or_create(dir.join("store")).unwrap();
+        let report = velo_ingest::ingest(
+            &store,
+            &src,
+            &velo_ingest::IngestOptions::default(),
+            &velo_ingest::Progress::default(),
+        )
+        .unwrap();
+        (store, report.root)
+    }
+
+    #[test]
+    fn branches_and_snapshots_are_recorded_and_kept_from_gc() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, root) = store_with_tree(tmp.path());
+        let ws = Workspace::init(&tmp.path().join("ws"), &store, root, None).unwrap();
+        assert_eq!(ws.branches().unwrap().len(), 1);
+        let b = ws
+            .create_branch(&store, "task-1", root, Some("main"))
+            .unwrap();
+        assert_eq!(b.base().unwrap(), root);
+        assert!(ws.create_branch(&store, "task-1", root, None).is_err());
+        assert!(ws.create_branch(&store, "../x", root, None).is_err());
+        let s1 = ws
+            .add_snapshot(&store, root, "task-1", Some("first"))
+            .unwrap();
+        let s2 = ws.add_snapshot(&store, root, "task-1", None).unwrap();
+        assert_eq!((s1.id.as_str(), s2.id.as_str()), ("1", "2"));
+        let names: Vec<String> = store
+            .roots()
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| r.name)
+            .collect();
+        let id = &ws.config().id;
+        for want in [
+            format!("ws.{id}.base.main"),
+            format!("ws.{id}.base.task-1"),
+            format!("ws.{id}.snap.1"),
+            format!("ws.{id}.snap.2"),
+        ] {
+            assert!(names.contains(&want), "{want} not in {names:?}");
+        }
+        assert!(matches!(
+            ws.resolve(&store, "1").unwrap(),
+            Named::Snapshot(_)
+        ));
+        assert!(matches!(
+            ws.resolve(&store, "task-1").unwrap(),
+            Named::Branch(_)
+        ));
+        ws.delete_snapshot(&store, "1").unwrap();
+        ws.delete_branch(&store, "task-1").unwrap();
+        assert!(ws.branch("task-1").is_err());
+        assert!(ws.snapshot("1").is_err());
+        let names: Vec<String> = store
+            .roots()
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| r.name)
+            .collect();
+        assert!(!names.contains(&format!("ws.{id}.snap.1")));
+        assert!(!names.contains(&format!("ws.{id}.base.task-1")));
+        // A reopened workspace reads the same records.
+        let again = Workspace::open(ws.dir()).unwrap();
+        assert_eq!(again.snapshots().unwrap(), vec![s2]);
+    }
+
+    #[test]
+    fn a_damaged_record_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, root) = store_with_tree(tmp.path());
+        let ws = Workspace::init(&tmp.path().join("ws"), &store, root, None).unwrap();
+        std::fs::write(ws.dir().join("branches/main/branch.json"), b"{not json").unwrap();
+        let e = ws.branch("main").unwrap_err().to_string();
+        assert!(e.contains("not a velo workspace record"), "{e}");
+        assert!(Workspace::init(ws.dir(), &store, root, None).is_err());
+    }
+}
