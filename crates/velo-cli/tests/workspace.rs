@@ -1,0 +1,570 @@
+//! The agent workspace: `velo workspace`, `velo snapshot`, `velo branch`, and `velo diff`
+//! of snapshots and branches, on the workspace's FUSE server. Needs /dev/fuse and either
+//! root or fusermount3 (and for `branch exec` unprivileged, user namespaces): elsewhere
+//! the tests show as skipped, and fail under CI.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fuse_available, Env, Mounted};
+
+/// A workspace over tree `tree` at `ws`, mounted at `mnt`; unmounted when the guard goes.
+fn workspace<'a>(env: &'a Env, tree: &str) -> (PathBuf, Mounted<'a>) {
+    let ws = env.path("ws");
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    env.ok(&[
+        "workspace",
+        "init",
+        ws.to_str().unwrap(),
+        "--from",
+        tree,
+        "--mount",
+        at.to_str().unwrap(),
+    ]);
+    (ws, Mounted { env, at })
+}
+
+/// `velo ARGS` with `--workspace WS` given to the subcommand.
+fn in_ws(env: &Env, ws: &Path, args: &[&str]) -> String {
+    let mut all: Vec<&str> = args.to_vec();
+    all.insert(1, "--workspace");
+    all.insert(2, ws.to_str().unwrap());
+    env.ok(&all)
+}
+
+fn in_ws_json(env: &Env, ws: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = in_ws(env, ws, &all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn branch_dir(at: &Path, name: &str) -> PathBuf {
+    at.join(".velo/branches").join(name)
+}
+
+/// `sh -c SCRIPT` in branch `name`, its stdout (asserting success).
+fn exec_in(env: &Env, ws: &Path, name: &str, script: &str) -> String {
+    let out = env
+        .cmd()
+        .args([
+            "branch",
+            "--workspace",
+            ws.to_str().unwrap(),
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "branch exec {name} {script}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_snapshot_is_sealed_and_a_branch_made_from_it_later_reads_the_old_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("doc.txt", b"v1\n"), ("d/keep", b"k\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    fs::write(at.join("doc.txt"), b"v2\n").unwrap();
+    let snap = in_ws_json(&env, &ws, &["snapshot", "create", "-m", "two"]);
+    let id = snap["id"].as_str().unwrap().to_string();
+    // Writes after the snapshot: the same file again, a new one, a removal.
+    fs::write(at.join("doc.txt"), b"v3\n").unwrap();
+    fs::write(at.join("later"), b"later\n").unwrap();
+    fs::remove_file(at.join("d/keep")).unwrap();
+    // The branch is made from the snapshot only now, and reads what the snapshot sealed.
+    in_ws(&env, &ws, &["branch", "create", "old", "--from", &id]);
+    let old = branch_dir(&at, "old");
+    assert_eq!(fs::read(old.join("doc.txt")).unwrap(), b"v2\n");
+    assert_eq!(fs::read(old.join("d/keep")).unwrap(), b"k\n");
+    assert!(!old.join("later").exists());
+    // The top goes on with its own state; the snapshot's tree never changed.
+    assert_eq!(fs::read(at.join("doc.txt")).unwrap(), b"v3\n");
+    let tree = snap["tree"].as_str().unwrap();
+    assert_eq!(env.ok(&["cat", tree, "doc.txt"]), "v2\n");
+    let shown = in_ws_json(&env, &ws, &["snapshot", "show", &id]);
+    assert_eq!(shown["message"], "two");
+    assert_eq!(shown["branch"], "main");
+    // The diff from the snapshot to the top lists exactly the later writes.
+    let diff = in_ws_json(&env, &ws, &["diff", &id, "main"]);
+    let mut listed: Vec<(String, String)> = diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_string(),
+                c["change"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        common::owned(&[
+            ("d/keep", "removed"),
+            ("doc.txt", "modified"),
+            ("later", "added"),
+        ])
+    );
+    drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn branch_views_never_leak_between_processes_reading_one_path_at_once() {
+    if !fuse_available() || !common::require(can_unshare(), "user or mount namespaces") {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    for name in ["a", "b"] {
+        in_ws(&env, &ws, &["branch", "create", name]);
+        fs::write(branch_dir(&at, name).join("f"), format!("{name}\n")).unwrap();
+    }
+    // Both views read the same absolute path at once, over and over; the host (no
+    // view) reads the top's bytes at the same path between them.
+    let script = format!(
+        "for i in $(seq 200); do cat {0}/f; stat -c %i {0}/f; done",
+        at.display()
+    );
+    let spawn = |name: &str| {
+        env.cmd()
+            .args(["branch", "--workspace", ws.to_str().unwrap(), "exec", name])
+            .args(["--", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("a"), spawn("b"));
+    for _ in 0..200 {
+        assert_eq!(fs::read(at.join("f")).unwrap(), b"base\n");
+    }
+    let mut inodes = Vec::new();
+    for (name, child) in [("a", a), ("b", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 400);
+        for pair in lines.chunks(2) {
+            assert_eq!(pair[0], name, "a view showed another branch's bytes");
+            assert_eq!(
+                pair[1], lines[1],
+                "the inode of the path changed within a view"
+            );
+        }
+        inodes.push(lines[1].to_string());
+    }
+    let host_ino = fs::metadata(at.join("f")).unwrap().ino().to_string();
+    assert!(
+        inodes[0] != inodes[1] && inodes[0] != host_ino && inodes[1] != host_ino,
+        "each branch has inode numbers of its own: {inodes:?} {host_ino}"
+    );
+    // A child started by the command sees the view too; the environment names it.
+    let nested = exec_in(
+        &env,
+        &ws,
+        "b",
+        &format!("sh -c 'cat {}/f; echo $VELO_BRANCH'", at.display()),
+    );
+    assert_eq!(nested, "b\nb\n");
+    drop(mounted);
+    env.fsck_ok();
+}
+
+/// Whether this process may make a mount namespace (root) or a user namespace.
+fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(if common::is_root() {
+            vec!["-m", "true"]
+        } else {
+            vec!["-rm", "true"]
+        })
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn branches_are_written_at_once_and_each_keeps_only_its_own_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(
+        &env,
+        "t",
+        &[("shared.txt", b"same\n"), ("src/lib.c", b"int x;\n")],
+    );
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    for name in ["one", "two"] {
+        in_ws(&env, &ws, &["branch", "create", name]);
+    }
+    // Two writers, one per branch, at once: many files each, then a rename and a removal.
+    std::thread::scope(|s| {
+        for name in ["one", "two"] {
+            let dir = branch_dir(&at, name);
+            s.spawn(move || {
+                for i in 0..300 {
+                    let mut f = fs::File::create(dir.join(format!("{name}-{i}"))).unwrap();
+                    writeln!(f, "{name} {i}").unwrap();
+                }
+                fs::rename(dir.join(format!("{name}-0")), dir.join("src/moved")).unwrap();
+                fs::remove_file(dir.join("shared.txt")).unwrap();
+            });
+        }
+    });
+    // Across branches is another file system to rename and link.
+    let err = fs::rename(
+        branch_dir(&at, "one").join("one-1"),
+        branch_dir(&at, "two").join("x"),
+    )
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
+    let err = fs::hard_link(branch_dir(&at, "one").join("one-1"), at.join("x")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV), "{err}");
+    // The top did not change; each branch lists exactly its writes.
+    assert_eq!(fs::read(at.join("shared.txt")).unwrap(), b"same\n");
+    for (name, other) in [("one", "two"), ("two", "one")] {
+        let dir = branch_dir(&at, name);
+        assert!(!dir.join(format!("{other}-5")).exists());
+        assert_eq!(
+            fs::read_to_string(dir.join("src/moved")).unwrap(),
+            format!("{name} 0\n")
+        );
+        let stat = in_ws_json(&env, &ws, &["diff", "main", name, "--stat"]);
+        assert_eq!(
+            (
+                stat["added"].as_u64(),
+                stat["removed"].as_u64(),
+                stat["modified"].as_u64()
+            ),
+            (Some(300), Some(1), Some(0)),
+            "{name}: {stat}"
+        );
+    }
+    let list = in_ws_json(&env, &ws, &["branch", "list"]);
+    let changed: Vec<(String, bool)> = list["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().into(),
+                b["changed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changed,
+        vec![
+            ("main".into(), false),
+            ("one".into(), true),
+            ("two".into(), true)
+        ]
+    );
+    drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn gc_keeps_snapshots_and_branch_bases_and_their_deletion_frees_them() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "work"]);
+    fs::write(
+        branch_dir(&at, "work").join("only-in-snapshot"),
+        b"unique bytes 1234\n",
+    )
+    .unwrap();
+    let snap = in_ws_json(&env, &ws, &["snapshot", "create", "--branch", "work"]);
+    let id = snap["id"].as_str().unwrap().to_string();
+    in_ws(&env, &ws, &["branch", "reset", "work", "main"]);
+    assert!(!branch_dir(&at, "work").join("only-in-snapshot").exists());
+    drop(mounted);
+    // The snapshot is the only thing that reaches that blob: gc keeps it.
+    env.forget_all_but_workspace();
+    env.ok(&["gc", "--run"]);
+    let tree = snap["tree"].as_str().unwrap();
+    assert_eq!(
+        env.ok(&["cat", tree, "only-in-snapshot"]),
+        "unique bytes 1234\n"
+    );
+    in_ws(&env, &ws, &["snapshot", "delete", &id]);
+    let gc = env.json(&["gc", "--run"]);
+    assert!(gc["blobs"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(env.run(&["cat", tree, "only-in-snapshot"]).status.code() != Some(0));
+    env.fsck_ok();
+}
+
+trait ForgetAll {
+    fn forget_all_but_workspace(&self);
+}
+
+impl ForgetAll for Env {
+    /// Unregisters every root the test made itself, so only the workspace's keep trees.
+    fn forget_all_but_workspace(&self) {
+        self.ok(&["forget", "t"]);
+    }
+}
+
+#[test]
+fn a_killed_server_loses_no_branch_and_remounting_shows_every_upper() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    let mut f = fs::File::create(branch_dir(&at, "b").join("synced")).unwrap();
+    f.write_all(b"kept\n").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    fs::write(at.join("f"), b"top\n").unwrap();
+    fs::File::open(at.join("f")).unwrap().sync_all().unwrap();
+    let pid = workspace_server_pid(&at).expect("the workspace server runs");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The next mount cleans up the dead one and serves every branch's upper again.
+    let said = env.run(&[
+        "workspace",
+        "mount",
+        ws.to_str().unwrap(),
+        at.to_str().unwrap(),
+    ]);
+    assert!(
+        said.status.success(),
+        "{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&said.stderr).contains("server died"),
+        "{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    assert_eq!(
+        fs::read(branch_dir(&at, "b").join("synced")).unwrap(),
+        b"kept\n"
+    );
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"top\n");
+    drop(mounted);
+    env.fsck_ok();
+}
+
+fn workspace_server_pid(at: &Path) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("__workspace-serve .* {}$", at.display())])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn bad_names_and_the_control_directory_get_clear_errors() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    for bad in ["../up", "a/b", ".hidden", "", &"x".repeat(65)] {
+        let said = env.fails(&["branch", "-w", w, "create", bad]);
+        assert!(said.contains("branch name"), "{bad:?}: {said}");
+    }
+    let said = env.fails(&["branch", "-w", w, "create", "x", "--from", "nothing-such"]);
+    assert!(said.contains("no snapshot or branch"), "{said}");
+    let said = env.fails(&["snapshot", "-w", w, "show", "7"]);
+    assert!(said.contains("no snapshot 7"), "{said}");
+    let said = env.fails(&["branch", "-w", w, "delete", "main"]);
+    assert!(said.contains("not deleted"), "{said}");
+    let said = env.fails(&["branch", "-w", w, "exec", "nope", "--", "true"]);
+    assert!(said.contains("no branch nope"), "{said}");
+    // The control directory is not listed, and cannot be made, removed or renamed.
+    let names: Vec<_> = fs::read_dir(&at)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    assert_eq!(
+        fs::create_dir(at.join(".velo")).unwrap_err().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(
+        fs::rename(at.join(".velo"), at.join("v"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EBUSY)
+    );
+    let err = fs::write(at.join(".velo/branches/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    // A damaged record is named, and nothing else breaks.
+    fs::write(ws.join("snapshots/9.json"), b"{").unwrap();
+    let said = env.fails(&["snapshot", "-w", w, "list"]);
+    assert!(
+        said.contains("9.json") && said.contains("not a velo workspace record"),
+        "{said}"
+    );
+    fs::remove_file(ws.join("snapshots/9.json")).unwrap();
+    // Not a workspace.
+    let said = env.fails(&["branch", "-w", env.path("").to_str().unwrap(), "list"]);
+    assert!(said.contains("not a velo workspace"), "{said}");
+    drop(mounted);
+}
+
+#[test]
+fn the_agent_flow_runs_on_a_git_repository() {
+    if !fuse_available()
+        || !common::require(common::find_tool("git").is_some(), "git")
+        || !common::require(can_unshare(), "user or mount namespaces")
+    {
+        return;
+    }
+    let env = Env::new();
+    // A git repository: the user's checkout.
+    let repo = env.path("repo");
+    fs::create_dir_all(repo.join("src")).unwrap();
+    fs::write(repo.join("src/main.c"), b"int main(void) { return 0; }\n").unwrap();
+    fs::write(repo.join("README"), b"demo\n").unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "safe.directory=*",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "start"]);
+    env.ingest(&repo, &["--name", "repo"]);
+    let (ws, mounted) = workspace(&env, "repo");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    let snap = in_ws_json(&env, &ws, &["snapshot", "create", "-m", "start"]);
+    let id = snap["id"].as_str().unwrap().to_string();
+    for task in ["fix", "docs", "bad"] {
+        env.ok(&["branch", "-w", w, "create", task, "--from", &id]);
+    }
+    // Each task runs in its own branch at the same path, at once.
+    let scripts = [
+        ("fix", "sed -i 's/return 0/return 1/' src/main.c && git -c safe.directory='*' --no-optional-locks status --porcelain"),
+        ("docs", "echo more >> README && git -c safe.directory='*' --no-optional-locks status --porcelain"),
+        ("bad", "rm README && echo junk > junk && git -c safe.directory='*' --no-optional-locks status --porcelain"),
+    ];
+    let children: Vec<_> = scripts
+        .iter()
+        .map(|(task, script)| {
+            env.cmd()
+                .args(["branch", "-w", w, "exec", task, "--", "sh", "-c"])
+                .arg(format!("cd {} && {script}", at.display()))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let statuses: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap()
+        })
+        .collect();
+    // git in each branch sees only that branch's edit.
+    assert_eq!(statuses[0], " M src/main.c\n");
+    assert_eq!(statuses[1], " M README\n");
+    assert_eq!(statuses[2], " D README\n?? junk\n");
+    let diff = in_ws_json(&env, &ws, &["diff", "fix", "docs"]);
+    let paths: Vec<&str> = diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["README", "src/main.c"]);
+    // Keep the winner: its change lands in the user's checkout; the others go.
+    let applied = in_ws_json(
+        &env,
+        &ws,
+        &["branch", "apply", "fix", repo.to_str().unwrap()],
+    );
+    assert_eq!(applied["written"], serde_json::json!(["src/main.c"]));
+    assert_eq!(git(&["status", "--porcelain"]), " M src/main.c\n");
+    assert_eq!(
+        fs::read_to_string(repo.join("src/main.c")).unwrap(),
+        "int main(void) { return 1; }\n"
+    );
+    for task in ["docs", "bad"] {
+        env.ok(&["branch", "-w", w, "delete", task]);
+    }
+    let list = in_ws_json(&env, &ws, &["branch", "list"]);
+    let names: Vec<&str> = list["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["fix", "main"]);
+    // Applying again is refused where the checkout moved on from the base, and says so.
+    fs::write(repo.join("src/main.c"), b"local edit\n").unwrap();
+    let said = env.fails(&["branch", "-w", w, "apply", "fix", repo.to_str().unwrap()]);
+    assert!(
+        said.contains("src/main.c") && said.contains("changed since"),
+        "{said}"
+    );
+    assert_eq!(fs::read(repo.join("src/main.c")).unwrap(), b"local edit\n");
+    drop(mounted);
+    env.fsck_ok();
+}
