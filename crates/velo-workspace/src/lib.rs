@@ -296,8 +296,30 @@ impl Workspace {
         self.branch_dir(name).join("upper")
     }
 
-    fn register(&self, store: &Store, kind: &str, name: &str, tree: Hash) -> Result<()> {
-        let stats = velo_store::treeops::stats(store, tree)?;
+    /// Registers `tree` as root `ws.<id>.<kind>.<name>`. Its counts (files, bytes) are
+    /// copied from a root of the same tree, or worked out from `near`'s (a registered
+    /// tree it was made from) and the diff between them: a branch or snapshot of a large
+    /// tree reads only what changed.
+    fn register(
+        &self,
+        store: &Store,
+        kind: &str,
+        name: &str,
+        tree: Hash,
+        near: Option<Hash>,
+    ) -> Result<()> {
+        let roots = store.roots()?;
+        let known = |hash: Hash| {
+            roots
+                .iter()
+                .find(|r| r.root == hash.to_hex())
+                .map(|r| r.stats)
+        };
+        let stats = match (known(tree), near.and_then(|n| Some((n, known(n)?)))) {
+            (Some(stats), _) => stats,
+            (None, Some((near, stats))) => stats_from(store, near, stats, tree)?,
+            (None, None) => velo_store::treeops::stats(store, tree)?,
+        };
         store.register_root(&RootRecord {
             name: Some(self.root_name(kind, name)),
             root: tree.to_hex(),
@@ -365,7 +387,7 @@ impl Workspace {
         }
         private_dir(&dir)?;
         private_dir(&dir.join("upper"))?;
-        self.register(store, "base", name, base)?;
+        self.register(store, "base", name, base, None)?;
         let record = BranchRecord {
             v: VERSION,
             name: name.to_string(),
@@ -407,7 +429,7 @@ impl Workspace {
             remove_dir(&fresh)?;
         }
         private_dir(&fresh)?;
-        self.register(store, "base", name, base)?;
+        self.register(store, "base", name, base, None)?;
         record.base = base.to_hex();
         record.created_unix = now_unix();
         record.from = Some(from.to_string());
@@ -491,7 +513,8 @@ impl Workspace {
             message: message.map(str::to_string),
             created_unix: now_unix(),
         };
-        let registered = self.register(store, "snap", &record.id, tree);
+        let near = self.branch(branch).ok().and_then(|b| b.base().ok());
+        let registered = self.register(store, "snap", &record.id, tree, near);
         if let Err(e) = registered {
             let _ = std::fs::remove_file(&path);
             return Err(e);
@@ -537,6 +560,52 @@ fn private_dir(path: &Path) -> Result<()> {
         .mode(0o700)
         .create(path)
         .map_err(io("creating", path))
+}
+
+/// The counts of `tree`, from those of `near` and the paths that differ between them.
+fn stats_from(
+    store: &Store,
+    near: Hash,
+    mut stats: velo_store::RootStats,
+    tree: Hash,
+) -> Result<velo_store::RootStats> {
+    use velo_core::EntryKind;
+    use velo_store::treeops::{self, ChangeKind, Found};
+    let entry = |root: Hash, path: &[u8]| match treeops::lookup(store, root, path) {
+        Ok(Found::Entry(e)) => Ok(Some(e)),
+        Ok(Found::Root(_)) | Err(velo_store::StoreError::NoSuchPath { .. }) => Ok(None),
+        Err(e) => Err(WorkspaceError::from(e)),
+    };
+    let mut count = |e: &velo_core::Entry, sign: bool| {
+        let step = |n: u64, by: u64| {
+            if sign {
+                n.saturating_add(by)
+            } else {
+                n.saturating_sub(by)
+            }
+        };
+        match &e.kind {
+            EntryKind::File { size, .. } => {
+                stats.files = step(stats.files, 1);
+                stats.bytes = step(stats.bytes, *size);
+            }
+            EntryKind::Dir { .. } => stats.dirs = step(stats.dirs, 1),
+            EntryKind::Symlink { .. } => stats.symlinks = step(stats.symlinks, 1),
+        }
+    };
+    for change in treeops::diff(store, near, tree)? {
+        if change.change != ChangeKind::Added {
+            if let Some(old) = entry(near, &change.path)? {
+                count(&old, false);
+            }
+        }
+        if change.change != ChangeKind::Removed {
+            if let Some(new) = entry(tree, &change.path)? {
+                count(&new, true);
+            }
+        }
+    }
+    Ok(stats)
 }
 
 fn remove_dir(path: &Path) -> Result<()> {
@@ -629,6 +698,39 @@ mod tests {
         // A reopened workspace reads the same records.
         let again = Workspace::open(ws.dir()).unwrap();
         assert_eq!(again.snapshots().unwrap(), vec![s2]);
+    }
+
+    #[test]
+    fn a_snapshot_counts_its_tree_from_the_diff_as_a_full_walk_would() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, root) = store_with_tree(tmp.path());
+        let ws = Workspace::init(&tmp.path().join("ws"), &store, root, None).unwrap();
+        // Another tree: a file added, one grown, a directory replaced by a symlink.
+        let src = tmp.path().join("src2");
+        std::fs::create_dir_all(src.join("e/f")).unwrap();
+        std::fs::write(src.join("e/f/g"), b"0123456789").unwrap();
+        std::fs::write(src.join("top"), b"x").unwrap();
+        std::os::unix::fs::symlink("e", src.join("d")).unwrap();
+        let changed = velo_ingest::ingest(
+            &store,
+            &src,
+            &velo_ingest::IngestOptions::default(),
+            &velo_ingest::Progress::default(),
+        )
+        .unwrap()
+        .root;
+        store.forget(&format!("@{changed}")).ok();
+        store.forget(&changed.to_hex()).ok();
+        let snap = ws.add_snapshot(&store, changed, TOP_BRANCH, None).unwrap();
+        let recorded = store
+            .root_by_name(&format!("ws.{}.snap.{}", ws.config().id, snap.id))
+            .unwrap()
+            .unwrap()
+            .stats;
+        assert_eq!(
+            recorded,
+            velo_store::treeops::stats(&store, changed).unwrap()
+        );
     }
 
     #[test]
