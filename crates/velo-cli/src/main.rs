@@ -106,8 +106,12 @@ enum Command {
         from: String,
         to: String,
         /// Only the counts of added, removed and modified paths
-        #[arg(long)]
+        #[arg(long, conflicts_with = "patch")]
         stat: bool,
+        /// Each changed file's lines as a unified diff (text files of up to 4 MiB whose
+        /// bytes are in the store)
+        #[arg(long)]
+        patch: bool,
         /// The workspace whose snapshots and branches FROM and TO may name [default:
         /// $VELO_WORKSPACE, else the one the working directory is in]
         #[arg(long, short = 'w', value_name = "DIR")]
@@ -547,8 +551,16 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             from,
             to,
             stat,
+            patch,
             workspace,
-        } => workspace::diff(ctx, &from, &to, stat, workspace.as_deref()),
+        } => {
+            let show = match (stat, patch) {
+                (true, _) => read::DiffShow::Stat,
+                (_, true) => read::DiffShow::Patch,
+                _ => read::DiffShow::Paths,
+            };
+            workspace::diff(ctx, &from, &to, show, workspace.as_deref())
+        }
         Command::Workspace { action } => match action {
             WorkspaceAction::Init { dir, from, mount } => {
                 workspace::init(ctx, &dir, &from, mount.as_deref())

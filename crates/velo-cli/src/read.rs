@@ -249,13 +249,99 @@ fn refuse_unlistable(
     Ok(())
 }
 
-/// `stat`: only how many paths were added, removed and modified.
-pub fn diff(ctx: &Ctx, from: &str, to: &str, stat: bool) -> Result<ExitCode> {
+/// What `velo diff` prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum DiffShow {
+    /// Each path and how it changed.
+    Paths,
+    /// Only how many paths were added, removed and modified.
+    Stat,
+    /// Each path, and for files a unified diff of their lines.
+    Patch,
+}
+
+/// The bytes of file `path` of `root` as lines to compare: `None` for a path that is not
+/// a file there; `Err` with why the lines cannot be shown (binary, large, not stored).
+fn text_of(
+    src: &dyn TreeSource,
+    store: Option<&velo_store::Store>,
+    root: Hash,
+    path: &[u8],
+) -> Result<Option<Result<String, &'static str>>> {
+    const MAX_TEXT: u64 = 4 << 20;
+    let entry = match treeops::lookup(src, root, path) {
+        Ok(Found::Entry(e)) => e,
+        Ok(Found::Root(_)) | Err(StoreError::NoSuchPath { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let velo_core::EntryKind::File { hash, size } = entry.kind else {
+        return Ok(None);
+    };
+    if size > MAX_TEXT {
+        return Ok(Some(Err("larger than 4 MiB")));
+    }
+    let Some(file) = store.and_then(|s| s.open_blob(&hash).ok()) else {
+        return Ok(Some(Err("its bytes are not in the store")));
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_TEXT), &mut bytes)?;
+    if bytes.contains(&0) {
+        return Ok(Some(Err("binary")));
+    }
+    Ok(Some(String::from_utf8(bytes).map_err(|_| "binary")))
+}
+
+/// The unified diff of file `path` between the two trees ("" when neither side is a
+/// file), or a line saying why there is none.
+fn patch_of(
+    src: &dyn TreeSource,
+    store: Option<&velo_store::Store>,
+    (a, b): (Hash, Hash),
+    path: &[u8],
+) -> Result<String> {
+    let shown = fmt::shown(path);
+    let old = text_of(src, store, a, path)?;
+    let new = text_of(src, store, b, path)?;
+    if old.is_none() && new.is_none() {
+        return Ok(String::new());
+    }
+    let why = [&old, &new]
+        .into_iter()
+        .find_map(|t| t.as_ref().and_then(|t| t.as_ref().err()));
+    if let Some(why) = why {
+        return Ok(format!("Files a/{shown} and b/{shown} differ ({why})\n"));
+    }
+    let text = |t: &Option<Result<String, &str>>| match t {
+        Some(Ok(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let (old_text, new_text) = (text(&old), text(&new));
+    let diff = similar::TextDiff::from_lines(&old_text, &new_text);
+    let (from, to) = (
+        if old.is_some() {
+            format!("a/{shown}")
+        } else {
+            "/dev/null".into()
+        },
+        if new.is_some() {
+            format!("b/{shown}")
+        } else {
+            "/dev/null".into()
+        },
+    );
+    Ok(diff
+        .unified_diff()
+        .context_radius(3)
+        .header(&from, &to)
+        .to_string())
+}
+
+pub fn diff(ctx: &Ctx, from: &str, to: &str, show: DiffShow) -> Result<ExitCode> {
     let a = resolve(ctx, from)?;
     let b = resolve(ctx, to)?;
     let both = Both(a.source.as_ref(), b.source.as_ref());
     let changes = treeops::diff(&both, a.root, b.root)?;
-    if stat {
+    if show == DiffShow::Stat {
         let count = |kind| changes.iter().filter(|c| c.change == kind).count();
         let (added, removed, modified) = (
             count(treeops::ChangeKind::Added),
@@ -272,8 +358,11 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str, stat: bool) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The store, when it is there: patches read file bytes from it.
+    let patch_store = (show == DiffShow::Patch).then(|| ctx.store().ok());
+    let store = patch_store.as_ref().and_then(|s| s.as_ref());
     if ctx.json {
-        let list: Vec<_> = changes
+        let list = changes
             .iter()
             .map(|c| {
                 let mut obj = serde_json::Map::new();
@@ -281,9 +370,13 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str, stat: bool) -> Result<ExitCode> {
                 obj.insert("change".into(), json!(c.change.label()));
                 obj.insert("kind".into(), json!(c.kind));
                 obj.insert("what".into(), json!(c.what));
-                serde_json::Value::Object(obj)
+                if show == DiffShow::Patch {
+                    let patch = patch_of(&both, store, (a.root, b.root), &c.path)?;
+                    obj.insert("patch".into(), json!(patch));
+                }
+                Ok(serde_json::Value::Object(obj))
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         fmt::print_json(
             &json!({ "from": a.root.to_hex(), "to": b.root.to_hex(), "changes": list }),
         );
@@ -307,6 +400,12 @@ pub fn diff(ctx: &Ctx, from: &str, to: &str, stat: bool) -> Result<ExitCode> {
                 if c.kind == "dir" { "/" } else { "" }
             ) {
                 fmt::output_failed(&e);
+            }
+            if show == DiffShow::Patch {
+                let patch = patch_of(&both, store, (a.root, b.root), &c.path)?;
+                if let Err(e) = out.write_all(patch.as_bytes()) {
+                    fmt::output_failed(&e);
+                }
             }
         }
         if let Err(e) = out.flush() {

@@ -694,17 +694,18 @@ pub fn branch_exec(ws: &Workspace, name: &str, command: &[OsString]) -> Result<E
         .mount
         .clone()
         .context("the workspace is not mounted: `velo workspace mount DIR MOUNTPOINT` first")?;
-    if server(ws).is_none() {
+    // Asked of the mount itself (one lookup), not of its server: this runs before every
+    // command an agent starts.
+    let source = branch_path(&mount, name);
+    let served = velo_fuse::is_fuse_mount(&mount) && std::fs::metadata(&source).is_ok();
+    if !served {
         bail!(
-            "the workspace's server does not run at {}: `velo workspace mount {} {}`",
-            mount.display(),
+            "branch {name} is not served at {} (is the workspace mounted? `velo workspace mount {} {}`)",
+            source.display(),
             ws.dir().display(),
             mount.display()
         );
     }
-    let source = branch_path(&mount, name);
-    std::fs::metadata(&source)
-        .with_context(|| format!("branch {name} is not served at {}", source.display()))?;
     let (program, args) = command.split_first().context("no command given")?;
     let cwd = std::env::current_dir().ok();
     let source = CString::new(source.as_os_str().as_bytes())?;
@@ -784,7 +785,7 @@ pub fn diff(
     ctx: &Ctx,
     from: &str,
     to: &str,
-    stat: bool,
+    show: crate::read::DiffShow,
     explicit: Option<&Path>,
 ) -> Result<ExitCode> {
     let ws = match (explicit, find(None)) {
@@ -814,5 +815,5 @@ pub fn diff(
             json: ctx.json,
         },
     };
-    crate::read::diff(&store_ctx, &from, &to, stat)
+    crate::read::diff(&store_ctx, &from, &to, show)
 }

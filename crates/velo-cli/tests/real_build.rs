@@ -17,34 +17,6 @@ fn debian_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/velo-tests/bookworm-gcc"))
 }
 
-/// The C sources of the blake3 crate this workspace builds with (a real C project).
-fn blake3_c_sources() -> Option<PathBuf> {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
-        });
-    let registry = home.join("registry/src");
-    for index in fs::read_dir(registry).ok()?.flatten() {
-        let mut found: Vec<PathBuf> = fs::read_dir(index.path())
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy().starts_with("blake3-1."))
-                    .unwrap_or(false)
-                    && p.join("c/blake3.c").is_file()
-            })
-            .collect();
-        found.sort();
-        if let Some(dir) = found.pop() {
-            return Some(dir.join("c"));
-        }
-    }
-    None
-}
-
 #[test]
 fn gcc_builds_a_real_c_project_in_the_sandbox_and_the_committed_program_runs() {
     let probe = Command::new(common::velo_bin())
@@ -61,7 +33,7 @@ fn gcc_builds_a_real_c_project_in_the_sandbox_and_the_committed_program_runs() {
     {
         return;
     }
-    let Some(c_sources) = blake3_c_sources() else {
+    let Some(c_sources) = common::blake3_c_sources() else {
         panic!("the blake3 crate's C sources are not in the cargo registry");
     };
     let env = Env::new();

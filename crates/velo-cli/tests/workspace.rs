@@ -126,6 +126,24 @@ fn a_snapshot_is_sealed_and_a_branch_made_from_it_later_reads_the_old_bytes() {
             ("later", "added"),
         ])
     );
+    // --patch: the lines of each changed file.
+    let patch = in_ws(&env, &ws, &["diff", &id, "main", "--patch"]);
+    for line in [
+        "--- a/doc.txt",
+        "+++ b/doc.txt",
+        "-v2",
+        "+v3",
+        "--- a/d/keep",
+        "+++ /dev/null",
+        "-k",
+        "+++ b/later",
+        "+later",
+    ] {
+        assert!(
+            patch.lines().any(|l| l == line),
+            "{line:?} not in:\n{patch}"
+        );
+    }
     drop(mounted);
     env.fsck_ok();
 }
@@ -565,6 +583,99 @@ fn the_agent_flow_runs_on_a_git_repository() {
         "{said}"
     );
     assert_eq!(fs::read(repo.join("src/main.c")).unwrap(), b"local edit\n");
+    drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn two_branches_of_a_real_c_project_build_at_once_each_with_its_own_edit() {
+    if !fuse_available()
+        || !common::require(common::find_tool("cc").is_some(), "a C compiler (cc)")
+        || !common::require(common::find_tool("make").is_some(), "make")
+        || !common::require(can_unshare(), "user or mount namespaces")
+    {
+        return;
+    }
+    let Some(c_sources) = common::blake3_c_sources() else {
+        panic!("the blake3 crate's C sources are not in the cargo registry");
+    };
+    let env = Env::new();
+    let project = env.path("project");
+    fs::create_dir_all(&project).unwrap();
+    for name in [
+        "example.c",
+        "blake3.c",
+        "blake3.h",
+        "blake3_impl.h",
+        "blake3_dispatch.c",
+        "blake3_portable.c",
+    ] {
+        fs::copy(c_sources.join(name), project.join(name)).unwrap();
+    }
+    fs::write(
+        project.join("Makefile"),
+        "b3example: example.c blake3.c blake3_dispatch.c blake3_portable.c\n\tcc -O1 \
+         -DBLAKE3_NO_SSE2 -DBLAKE3_NO_SSE41 -DBLAKE3_NO_AVX2 -DBLAKE3_NO_AVX512 -o $@ $^\n",
+    )
+    .unwrap();
+    env.ingest(&project, &["--name", "project"]);
+    let (ws, mounted) = workspace(&env, "project");
+    let at = mounted.at.clone();
+    for name in ["a", "b"] {
+        in_ws(&env, &ws, &["branch", "create", name]);
+    }
+    // Each branch edits the program's output its own way and builds it, both at once.
+    let w = ws.to_str().unwrap();
+    let builds: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let script = format!(
+                "cd {} && sed -i 's/printf(\"\\\\n\")/printf(\" {name}\\\\n\")/' example.c && make -s && printf velo | ./b3example",
+                at.display()
+            );
+            env.cmd()
+                .args(["branch", "-w", w, "exec", name, "--", "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let builds: Vec<_> = builds
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    let want = velo_core::Hash::of_blob(b"velo").to_hex();
+    for (name, out) in ["a", "b"].iter().zip(&builds) {
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{want} {name}\n")
+        );
+        // The diff from the base lists exactly the edit and the build's output.
+        let diff = in_ws_json(&env, &ws, &["diff", "main", name]);
+        let listed: Vec<(String, String)> = diff["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["path"].as_str().unwrap().to_string(),
+                    c["change"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            common::owned(&[("b3example", "added"), ("example.c", "modified")])
+        );
+    }
+    // The top never saw either build.
+    assert!(!at.join("b3example").exists());
     drop(mounted);
     env.fsck_ok();
 }

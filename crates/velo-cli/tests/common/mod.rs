@@ -594,3 +594,31 @@ pub fn server_pid(at: &Path) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// The C sources of the blake3 crate this workspace builds with (a real C project).
+pub fn blake3_c_sources() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let registry = home.join("registry/src");
+    for index in fs::read_dir(registry).ok()?.flatten() {
+        let mut found: Vec<PathBuf> = fs::read_dir(index.path())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().starts_with("blake3-1."))
+                    .unwrap_or(false)
+                    && p.join("c/blake3.c").is_file()
+            })
+            .collect();
+        found.sort();
+        if let Some(dir) = found.pop() {
+            return Some(dir.join("c"));
+        }
+    }
+    None
+}
