@@ -43,6 +43,8 @@ if [ -d fuzz ]; then
     echo "== fuzzing the .velo decoder for ${VELO_FUZZ_SECONDS:-60} s"
     # regressions/ holds inputs that once failed; they run first, every time.
     (cd fuzz && mkdir -p corpus/manifest && RUSTC_BOOTSTRAP=1 cargo fuzz run manifest corpus/manifest regressions/manifest -- -max_total_time="${VELO_FUZZ_SECONDS:-60}" -rss_limit_mb=2048 2>&1 | grep -v -E "^ +(at |[0-9]+: )" | tail -n 25)
+    echo "== fuzzing the control messages' decoder for ${VELO_FUZZ_CONTROL_SECONDS:-20} s"
+    (cd fuzz && mkdir -p corpus/control && RUSTC_BOOTSTRAP=1 cargo fuzz run control corpus/control -- -max_total_time="${VELO_FUZZ_CONTROL_SECONDS:-20}" -rss_limit_mb=2048 2>&1 | grep -v -E "^ +(at |[0-9]+: )" | tail -n 8)
 fi
 
 echo "== tests"

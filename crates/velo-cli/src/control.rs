@@ -21,9 +21,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 /// The longest message either side accepts.
-const MAX_LINE: u64 = 64 * 1024;
+const MAX_LINE: u64 = velo_control::MAX_LINE as u64;
 /// The protocol version.
-const VERSION: u64 = 1;
+const VERSION: u64 = velo_control::VERSION;
 
 /// The longest a connection may wait between requests.
 const IDLE: std::time::Duration = std::time::Duration::from_secs(120);
@@ -97,7 +97,8 @@ fn trusted(uid: Option<u32>) -> bool {
     uid.is_some_and(|uid| uid == me || uid == 0)
 }
 
-fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
+/// One line, end of line included, of at most [`MAX_LINE`] bytes.
+fn read_raw_line(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let n = reader.take(MAX_LINE + 1).read_until(b'\n', &mut line)?;
     if n == 0 {
@@ -111,6 +112,13 @@ fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
         };
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
     }
+    Ok(Some(line))
+}
+
+fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
+    let Some(line) = read_raw_line(reader)? else {
+        return Ok(None);
+    };
     serde_json::from_slice(&line)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -146,9 +154,10 @@ pub trait Server: Send + Sync + 'static {
     /// Whether the mount still serves (a client that goes away before it is unmounted
     /// takes its commit-at-unmount back; after, the commit goes on without it).
     fn mounted(&self) -> bool;
-    /// Answers a request this module does not know (`None`: nor does the server): the
-    /// workspace's branch and snapshot requests. `Ok` values are sent with `ok: true`.
-    fn answer(&self, _op: &str, _request: &Value) -> Option<Result<Value>> {
+    /// Answers a request this module does not answer itself (`None`: the server does not
+    /// serve it): the workspace's branch and snapshot requests. `Ok` values are sent with
+    /// `ok: true`.
+    fn answer(&self, _request: &velo_control::Request) -> Option<Result<Value>> {
         None
     }
 }
@@ -215,23 +224,30 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
     // One reader for the connection: requests sent together are answered in order.
     let mut reader = BufReader::new(reading);
     loop {
-        let request = match read_line(&mut reader) {
-            Ok(Some(request)) => request,
+        let line = match read_raw_line(&mut reader) {
+            Ok(Some(line)) => line,
             Ok(None) => return,
             Err(e) => {
                 let _ = write_line(&mut stream, &error_reply(format!("bad request: {e}")));
                 return;
             }
         };
-        if request.get("v").and_then(Value::as_u64) != Some(VERSION) {
-            let _ = write_line(
-                &mut stream,
-                &error_reply("unsupported protocol version (velo and the server differ: remount)"),
-            );
-            return;
-        }
-        let reply = match request.get("op").and_then(Value::as_str) {
-            Some("info") => {
+        let request = match velo_control::decode(&line) {
+            Ok(request) => request,
+            Err(e @ velo_control::DecodeError::Version) => {
+                let _ = write_line(&mut stream, &error_reply(e));
+                return;
+            }
+            Err(e) => {
+                // A bad request gets its error; the connection goes on.
+                if write_line(&mut stream, &error_reply(format!("bad request: {e}"))).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let reply = match &request {
+            velo_control::Request::Info => {
                 let info = server.info();
                 json!({
                     "v": VERSION, "ok": true,
@@ -243,7 +259,7 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                     "changed": server.changed(),
                 })
             }
-            Some("commit") => match server.commit() {
+            velo_control::Request::Commit => match server.commit() {
                 Ok(report) => json!({
                     "v": VERSION, "ok": true, "root": report.root.to_hex(),
                     "setid_dropped": report
@@ -259,18 +275,10 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 }),
                 Err(e) => error_reply(format!("{e:#}")),
             },
-            Some("commit_at_exit") => {
+            velo_control::Request::CommitAtExit { name, out } => {
                 let Ok(waiting) = stream.try_clone() else {
                     return;
                 };
-                let name = request
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                let out = request
-                    .get("out")
-                    .and_then(Value::as_str)
-                    .map(PathBuf::from);
                 {
                     let mut slot = at_exit.0.lock().unwrap_or_else(|e| e.into_inner());
                     if slot.is_some() {
@@ -283,8 +291,8 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                     }
                     *slot = Some(Pending {
                         stream: waiting,
-                        name,
-                        out,
+                        name: name.clone(),
+                        out: out.clone(),
                     });
                 }
                 if write_line(&mut stream, &json!({ "v": VERSION, "ok": true })).is_err() {
@@ -295,13 +303,13 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 // (its unmount failed), the commit is off; once unmounted, the server
                 // commits and registers it whether the client waits or not.
                 let _ = stream.set_read_timeout(None);
-                let _ = read_line(&mut reader);
+                let _ = read_raw_line(&mut reader);
                 if server.mounted() {
                     at_exit.take();
                 }
                 return;
             }
-            Some(op) => match server.answer(op, &request) {
+            other => match server.answer(other) {
                 Some(Ok(mut value)) => {
                     if let Some(map) = value.as_object_mut() {
                         map.insert("v".into(), json!(VERSION));
@@ -310,9 +318,8 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                     value
                 }
                 Some(Err(e)) => error_reply(format!("{e:#}")),
-                None => error_reply("unknown request"),
+                None => error_reply("this server does not serve that request"),
             },
-            None => error_reply("unknown request"),
         };
         if write_line(&mut stream, &reply).is_err() {
             return;
@@ -361,14 +368,13 @@ impl Client {
         Ok(Client { stream, reader })
     }
 
-    /// Sends `op` and returns the reply (an `ok: false` reply is an error).
-    pub fn request(&mut self, op: &str) -> Result<Value> {
-        self.request_with(json!({ "v": VERSION, "op": op }))
-    }
-
-    /// Sends a request with fields of its own.
-    pub fn request_with(&mut self, request: Value) -> Result<Value> {
-        write_line(&mut self.stream, &request).context("talking to the mount's server")?;
+    /// Sends `request` and returns the reply (an `ok: false` reply is an error).
+    pub fn ask(&mut self, request: &velo_control::Request) -> Result<Value> {
+        let mut line = velo_control::encode(request);
+        line.push(b'\n');
+        self.stream
+            .write_all(&line)
+            .context("talking to the mount's server")?;
         self.reply()
     }
 

@@ -668,7 +668,7 @@ pub fn umount(
         Err(e) => return Err(e),
     };
     let info = match &mut client {
-        Some(client) => Some(client.request("info")?),
+        Some(client) => Some(client.ask(&velo_control::Request::Info)?),
         None => None,
     };
     let field = |key: &str| {
@@ -701,9 +701,10 @@ pub fn umount(
             })?),
             None => None,
         };
-        client.request_with(serde_json::json!({
-            "v": 1, "op": "commit_at_exit", "name": name, "out": out,
-        }))?;
+        client.ask(&velo_control::Request::CommitAtExit {
+            name: name.clone(),
+            out: out.map(PathBuf::from),
+        })?;
     }
     unmount(&path, false)?;
     let mut committed = None;
@@ -812,7 +813,7 @@ pub fn commit(
     let path =
         std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
     let mut client = crate::control::Client::connect(&path)?;
-    let info = client.request("info")?;
+    let info = client.ask(&velo_control::Request::Info)?;
     let name = name.map(str::to_string).or_else(|| {
         info.get("name")
             .and_then(|v| v.as_str())
@@ -827,7 +828,7 @@ pub fn commit(
     let output = output.map(std::path::absolute).transpose()?;
     check_commit_target(name.as_deref(), output.as_deref())?;
     sync_mount(&path)?;
-    let report = crate::control::report_of(&client.request("commit")?)?;
+    let report = crate::control::report_of(&client.ask(&velo_control::Request::Commit)?)?;
     let c = crate::run::record_commit(
         &store,
         &report,

@@ -50,7 +50,7 @@ pub fn find(explicit: Option<&Path>) -> Result<Workspace> {
         if velo_fuse::is_fuse_mount(dir) {
             if let Some(ws) = crate::control::Client::connect(dir)
                 .ok()
-                .and_then(|mut c| c.request("info").ok())
+                .and_then(|mut c| c.ask(&velo_control::Request::Info).ok())
                 .and_then(|info| info.get("workspace")?.as_str().map(PathBuf::from))
             {
                 return Ok(Workspace::open(&ws)?);
@@ -79,7 +79,7 @@ fn server(ws: &Workspace) -> Option<crate::control::Client> {
         return None;
     }
     let mut client = crate::control::Client::connect(mount).ok()?;
-    let info = client.request("info").ok()?;
+    let info = client.ask(&velo_control::Request::Info).ok()?;
     let serves =
         info.get("workspace").and_then(Value::as_str) == Some(&*ws.dir().to_string_lossy());
     serves.then_some(client)
@@ -117,7 +117,9 @@ fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
         if let Some(mount) = &ws.config().mount {
             crate::mount::sync_mount(mount)?;
         }
-        let reply = client.request_with(json!({ "v": 1, "op": "snapshot", "branch": name }))?;
+        let reply = client.ask(&velo_control::Request::Snapshot {
+            branch: name.to_string(),
+        })?;
         return crate::control::report_of(&reply).map(|r| r.root);
     }
     // No server: take the upper's lock, so a server started meanwhile waits.
@@ -380,22 +382,13 @@ impl crate::control::Server for WorkspaceServer {
             && velo_fuse::is_fuse_mount(&self.mountpoint)
     }
 
-    fn answer(&self, op: &str, request: &Value) -> Option<Result<Value>> {
-        let branch = || {
-            let name = request
-                .get("branch")
-                .and_then(Value::as_str)
-                .context("the request names no branch")?;
-            velo_workspace::validate_branch_name(name)?;
-            Ok::<_, anyhow::Error>(name.to_string())
-        };
-        Some(match op {
-            "branch_add" => branch().and_then(|b| self.add(&b)),
-            "branch_remove" => branch().and_then(|b| self.remove(&b)),
-            "snapshot" => branch()
-                .and_then(|b| self.snapshot(&b))
-                .map(|r| report_json(&r)),
-            "branches" => Ok(json!({ "branches": self.branches.names() })),
+    fn answer(&self, request: &velo_control::Request) -> Option<Result<Value>> {
+        use velo_control::Request;
+        Some(match request {
+            Request::BranchAdd { branch } => self.add(branch),
+            Request::BranchRemove { branch } => self.remove(branch),
+            Request::Snapshot { branch } => self.snapshot(branch).map(|r| report_json(&r)),
+            Request::Branches => Ok(json!({ "branches": self.branches.names() })),
             _ => return None,
         })
     }
@@ -539,7 +532,9 @@ pub fn branch_create(
     let record = ws.create_branch(&store, name, base, Some(from))?;
     let mut served = false;
     if let Some(mut client) = server(ws) {
-        client.request_with(json!({ "v": 1, "op": "branch_add", "branch": name }))?;
+        client.ask(&velo_control::Request::BranchAdd {
+            branch: name.to_string(),
+        })?;
         served = true;
     }
     let path = ws
@@ -606,7 +601,9 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
     if let Some(mut client) = server(ws) {
-        client.request_with(json!({ "v": 1, "op": "branch_remove", "branch": name }))?;
+        client.ask(&velo_control::Request::BranchRemove {
+            branch: name.to_string(),
+        })?;
     }
     ws.delete_branch(&store, name)?;
     print(ctx, json!({ "deleted": name }), || {
@@ -628,12 +625,16 @@ pub fn branch_reset(ctx: &Ctx, ws: &Workspace, name: &str, to: &str) -> Result<E
         );
     }
     if let Some(client) = &mut client {
-        client.request_with(json!({ "v": 1, "op": "branch_remove", "branch": name }))?;
+        client.ask(&velo_control::Request::BranchRemove {
+            branch: name.to_string(),
+        })?;
     }
     let record = ws.reset_branch(&store, name, tree, to);
     if let Some(client) = &mut client {
         // Served again whether the reset was done or not.
-        client.request_with(json!({ "v": 1, "op": "branch_add", "branch": name }))?;
+        client.ask(&velo_control::Request::BranchAdd {
+            branch: name.to_string(),
+        })?;
     }
     let record = record?;
     print(

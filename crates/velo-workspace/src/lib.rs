@@ -170,16 +170,9 @@ pub struct Workspace {
 }
 
 /// Checks a branch name: what a root name may hold (it is part of one), at most 64
-/// characters.
+/// characters (the control protocol's rule, so a name the CLI takes the server takes).
 pub fn validate_branch_name(name: &str) -> Result<()> {
-    if name.len() > 64 {
-        return Err(WorkspaceError::Refused(format!(
-            "branch name {:?}: at most 64 characters",
-            name.chars().take(70).collect::<String>()
-        )));
-    }
-    velo_store::validate_root_name(name)
-        .map_err(|e| WorkspaceError::Refused(format!("branch name: {e}")))
+    velo_control::validate_branch_name(name).map_err(WorkspaceError::Refused)
 }
 
 fn write_record(path: &Path, value: &impl Serialize) -> Result<()> {
