@@ -20,7 +20,8 @@ fn check(line: &[u8]) {
     assert_eq!(decode(&encode(&request)).as_ref(), Ok(&request));
     if let Request::Snapshot { branch }
     | Request::BranchAdd { branch }
-    | Request::BranchRemove { branch } = &request
+    | Request::BranchDelete { branch }
+    | Request::BranchReset { branch, .. } = &request
     {
         assert!(branch.len() <= MAX_BRANCH_NAME);
         assert!(!branch.is_empty() && !branch.contains('/') && !branch.starts_with('.'));
@@ -35,8 +36,10 @@ fuzz_target!(|data: &[u8]| {
         mid -= 1;
     }
     let (head, tail) = text.split_at(mid);
-    for op in ["snapshot", "branch_add", "branch_remove", "commit_at_exit", head] {
-        let line = serde_json::json!({ "v": 1, "op": op, "branch": tail, "name": head, "out": tail });
+    for op in ["snapshot", "branch_add", "branch_delete", "branch_reset", "commit_at_exit", head] {
+        let line = serde_json::json!({
+            "v": 1, "op": op, "branch": tail, "name": head, "out": tail, "base": head, "from": tail,
+        });
         check(line.to_string().as_bytes());
     }
 });

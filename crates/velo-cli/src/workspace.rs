@@ -299,6 +299,14 @@ impl WorkspaceServer {
 
     fn add(&self, name: &str) -> Result<Value> {
         let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        self.add_locked(name)
+    }
+
+    /// Serves branch `name` as recorded (under the admin lock).
+    fn add_locked(&self, name: &str) -> Result<Value> {
+        if self.branches.control(name).is_some() {
+            return Ok(json!({ "branch": name }));
+        }
         let ws = Workspace::open(&self.dir)?;
         let store = Store::open(&self.store_root)?;
         let (fs, served) = branch_fs(&store, &self.store_root, &ws, name)?;
@@ -307,14 +315,50 @@ impl WorkspaceServer {
         Ok(json!({ "branch": name }))
     }
 
-    fn remove(&self, name: &str) -> Result<Value> {
-        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+    /// Stops serving branch `name` (under the admin lock): its changes in flight end,
+    /// its upper's lock is let go.
+    fn retire_locked(&self, name: &str) -> Result<()> {
         if name == TOP_BRANCH {
-            bail!("branch {TOP_BRANCH} shows at the top of the mount while it is mounted; unmount first");
+            bail!(
+                "branch {TOP_BRANCH} shows at the top of the mount while it is mounted: `velo umount` the workspace first"
+            );
         }
-        let removed = self.branches.remove(name);
+        self.branches.remove(name);
         self.served().remove(name);
-        Ok(json!({ "branch": name, "was_served": removed }))
+        Ok(())
+    }
+
+    /// Deletes branch `name` (under the admin lock, so a lookup meanwhile does not serve
+    /// it again).
+    fn delete(&self, name: &str) -> Result<Value> {
+        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = Workspace::open(&self.dir)?;
+        ws.branch(name)?;
+        self.retire_locked(name)?;
+        let store = Store::open(&self.store_root)?;
+        let _lock = store.lock_shared()?;
+        ws.delete_branch(&store, name)?;
+        Ok(json!({ "deleted": name }))
+    }
+
+    /// Resets branch `name` to tree `base` and serves it again, all under the admin lock
+    /// (a lookup meanwhile waits, and then sees the new state).
+    fn reset(&self, name: &str, base: &str, from: &str) -> Result<Value> {
+        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let ws = Workspace::open(&self.dir)?;
+        ws.branch(name)?;
+        let base: Hash = base
+            .parse()
+            .map_err(|e| anyhow::anyhow!("base {base}: {e}"))?;
+        self.retire_locked(name)?;
+        let store = Store::open(&self.store_root)?;
+        let _lock = store.lock_shared()?;
+        let reset = ws.reset_branch(&store, name, base, from);
+        // Served again whether the reset was made or not.
+        let served = self.add_locked(name);
+        let record = reset?;
+        served?;
+        Ok(json!({ "branch": name, "base": record.base, "from": from }))
     }
 
     fn snapshot(&self, name: &str) -> Result<velo_project::commit::CommitReport> {
@@ -386,7 +430,8 @@ impl crate::control::Server for WorkspaceServer {
         use velo_control::Request;
         Some(match request {
             Request::BranchAdd { branch } => self.add(branch),
-            Request::BranchRemove { branch } => self.remove(branch),
+            Request::BranchDelete { branch } => self.delete(branch),
+            Request::BranchReset { branch, base, from } => self.reset(branch, base, from),
             Request::Snapshot { branch } => self.snapshot(branch).map(|r| report_json(&r)),
             Request::Branches => Ok(json!({ "branches": self.branches.names() })),
             _ => return None,
@@ -422,6 +467,26 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
             server.add(&record.name)?;
         }
     }
+    // A branch recorded since (by a `branch create` or `reset` that died before telling
+    // the server) is served when it is looked up.
+    let weak = Arc::downgrade(&server);
+    server.branches.set_loader(Box::new(move |name| {
+        let Some(server) = weak.upgrade() else {
+            return;
+        };
+        let recorded = velo_workspace::validate_branch_name(name).is_ok()
+            && server
+                .dir
+                .join("branches")
+                .join(name)
+                .join("branch.json")
+                .is_file();
+        if recorded {
+            if let Err(e) = server.add(name) {
+                tracing::warn!("serving branch {name}: {e:#}");
+            }
+        }
+    }));
     crate::mount::unmount_on_signal(mountpoint)?;
     let at_exit = Arc::new(crate::control::AtExit::default());
     let control = crate::control::new_name();
@@ -600,12 +665,19 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
     ws.branch(name)?;
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
-    if let Some(mut client) = server(ws) {
-        client.ask(&velo_control::Request::BranchRemove {
-            branch: name.to_string(),
-        })?;
+    match server(ws) {
+        Some(mut client) => {
+            client.ask(&velo_control::Request::BranchDelete {
+                branch: name.to_string(),
+            })?;
+        }
+        None => {
+            // No server: the upper's lock keeps one starting meanwhile off it.
+            let (_, _upper) =
+                velo_project::session::prepare_upper(store.root(), &ws.upper_of(name))?;
+            ws.delete_branch(&store, name)?;
+        }
     }
-    ws.delete_branch(&store, name)?;
     print(ctx, json!({ "deleted": name }), || {
         note!("velo: branch {name} deleted")
     })
@@ -618,25 +690,21 @@ pub fn branch_reset(ctx: &Ctx, ws: &Workspace, name: &str, to: &str) -> Result<E
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
     let tree = tree_of(ws, &store, to)?;
-    let mut client = server(ws);
-    if client.is_some() && name == TOP_BRANCH {
-        bail!(
-            "branch {TOP_BRANCH} shows at the top of the mount while it is mounted: `velo umount` the workspace, reset, and `velo workspace mount` it again (or reset another branch)"
-        );
-    }
-    if let Some(client) = &mut client {
-        client.ask(&velo_control::Request::BranchRemove {
-            branch: name.to_string(),
-        })?;
-    }
-    let record = ws.reset_branch(&store, name, tree, to);
-    if let Some(client) = &mut client {
-        // Served again whether the reset was done or not.
-        client.ask(&velo_control::Request::BranchAdd {
-            branch: name.to_string(),
-        })?;
-    }
-    let record = record?;
+    let record = match server(ws) {
+        Some(mut client) => {
+            client.ask(&velo_control::Request::BranchReset {
+                branch: name.to_string(),
+                base: tree.to_hex(),
+                from: to.chars().take(200).collect(),
+            })?;
+            ws.branch(name)?
+        }
+        None => {
+            let (_, _upper) =
+                velo_project::session::prepare_upper(store.root(), &ws.upper_of(name))?;
+            ws.reset_branch(&store, name, tree, to)?
+        }
+    };
     print(
         ctx,
         json!({ "branch": name, "base": record.base, "from": to }),

@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -678,4 +678,92 @@ fn two_branches_of_a_real_c_project_build_at_once_each_with_its_own_edit() {
     assert!(!at.join("b3example").exists());
     drop(mounted);
     env.fsck_ok();
+}
+
+#[test]
+fn kill_9_of_the_server_during_snapshots_loses_nothing_and_records_stay_whole() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    let dir = branch_dir(&at, "b");
+    for i in 0..2000 {
+        fs::write(dir.join(format!("file-{i}")), format!("{i}\n")).unwrap();
+    }
+    for delay_ms in [0u64, 15, 40, 120] {
+        let snapshot = env
+            .cmd()
+            .args(["snapshot", "-w", w, "create", "--branch", "b"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let pid = workspace_server_pid(&at).expect("the workspace server runs");
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        let _ = snapshot.wait_with_output().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        env.ok(&["workspace", "mount", w, at.to_str().unwrap()]);
+        // Every file of the branch is there; every snapshot recorded names a whole tree.
+        for i in [0, 999, 1999] {
+            assert_eq!(
+                fs::read_to_string(dir.join(format!("file-{i}"))).unwrap(),
+                format!("{i}\n")
+            );
+        }
+        let list = in_ws_json(&env, &ws, &["snapshot", "list"]);
+        for s in list["snapshots"].as_array().unwrap() {
+            let tree = s["tree"].as_str().unwrap();
+            assert_eq!(env.ok(&["cat", tree, "file-1999"]), "1999\n");
+        }
+    }
+    drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn a_branch_recorded_behind_the_servers_back_is_served_when_looked_up() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "made"]);
+    fs::write(branch_dir(&at, "made").join("g"), b"g\n").unwrap();
+    // What a `branch create` killed before it told the server leaves: the records.
+    let from = ws.join("branches/made/branch.json");
+    let record = fs::read_to_string(&from)
+        .unwrap()
+        .replace("\"made\"", "\"late\"");
+    let late = ws.join("branches/late");
+    fs::create_dir_all(late.join("upper")).unwrap();
+    fs::set_permissions(&late, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(late.join("upper"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(late.join("branch.json"), record).unwrap();
+    assert_eq!(
+        fs::read(branch_dir(&at, "late").join("f")).unwrap(),
+        b"base\n"
+    );
+    assert!(!branch_dir(&at, "late").join("g").exists());
+    fs::write(branch_dir(&at, "late").join("h"), b"h\n").unwrap();
+    assert_eq!(fs::read(late.join("upper/h")).unwrap(), b"h\n");
+    // Reset and delete are the server's own while it runs: a lookup meanwhile waits.
+    in_ws(&env, &ws, &["branch", "reset", "late", "made"]);
+    assert_eq!(fs::read(branch_dir(&at, "late").join("g")).unwrap(), b"g\n");
+    assert!(!branch_dir(&at, "late").join("h").exists());
+    in_ws(&env, &ws, &["branch", "delete", "late"]);
+    let err = fs::metadata(branch_dir(&at, "late")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert!(!late.exists());
+    drop(mounted);
 }

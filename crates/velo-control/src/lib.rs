@@ -45,10 +45,19 @@ pub enum Request {
         /// Which.
         branch: String,
     },
-    /// Stop serving this branch.
-    BranchRemove {
+    /// Stop serving this branch and delete it (its records, its changes).
+    BranchDelete {
         /// Which.
         branch: String,
+    },
+    /// Point this branch at tree `base` with no changes, and serve it so.
+    BranchReset {
+        /// Which.
+        branch: String,
+        /// The tree, 64 hex digits.
+        base: String,
+        /// What the user named as the tree, for the record (at most 256 bytes).
+        from: String,
     },
     /// The names of the branches served.
     Branches,
@@ -144,9 +153,28 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
         "branch_add" => Request::BranchAdd {
             branch: branch(&object)?,
         },
-        "branch_remove" => Request::BranchRemove {
+        "branch_delete" => Request::BranchDelete {
             branch: branch(&object)?,
         },
+        "branch_reset" => {
+            let bad = |field, why: &str| DecodeError::BadField {
+                field,
+                why: why.into(),
+            };
+            let base = text(&object, "base")?.ok_or(bad("base", "missing"))?;
+            if base.len() != 64 || !base.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad("base", "not a tree hash (64 hex digits)"));
+            }
+            let from = text(&object, "from")?.ok_or(bad("from", "missing"))?;
+            if from.len() > 256 || from.contains('\0') {
+                return Err(bad("from", "longer than 256 bytes, or with a NUL byte"));
+            }
+            Request::BranchReset {
+                branch: branch(&object)?,
+                base: base.to_ascii_lowercase(),
+                from: from.to_string(),
+            }
+        }
         "commit_at_exit" => {
             let name = text(&object, "name")?;
             if let Some(name) = name {
@@ -188,9 +216,12 @@ pub fn encode(request: &Request) -> Vec<u8> {
         Request::BranchAdd { branch } => {
             json!({ "v": VERSION, "op": "branch_add", "branch": branch })
         }
-        Request::BranchRemove { branch } => {
-            json!({ "v": VERSION, "op": "branch_remove", "branch": branch })
+        Request::BranchDelete { branch } => {
+            json!({ "v": VERSION, "op": "branch_delete", "branch": branch })
         }
+        Request::BranchReset { branch, base, from } => json!({
+            "v": VERSION, "op": "branch_reset", "branch": branch, "base": base, "from": from,
+        }),
         Request::CommitAtExit { name, out } => json!({
             "v": VERSION, "op": "commit_at_exit", "name": name,
             "out": out.as_ref().map(|o| o.to_string_lossy()),
@@ -214,7 +245,12 @@ mod tests {
                 branch: "task-1".into(),
             },
             Request::BranchAdd { branch: "a".into() },
-            Request::BranchRemove { branch: "b".into() },
+            Request::BranchDelete { branch: "b".into() },
+            Request::BranchReset {
+                branch: "b".into(),
+                base: "ab".repeat(32),
+                from: "3".into(),
+            },
             Request::CommitAtExit {
                 name: Some("app-v2".into()),
                 out: Some("/tmp/x y.velo".into()),
@@ -259,10 +295,10 @@ mod tests {
         }
 
         #[test]
-        fn any_branch_field_is_checked(name in ".{0,80}", op in prop_oneof!["snapshot", "branch_add", "branch_remove"]) {
+        fn any_branch_field_is_checked(name in ".{0,80}", op in prop_oneof!["snapshot", "branch_add", "branch_delete"]) {
             let line = json!({ "v": 1, "op": op, "branch": name }).to_string();
             match decode(line.as_bytes()) {
-                Ok(Request::Snapshot { branch } | Request::BranchAdd { branch } | Request::BranchRemove { branch }) => {
+                Ok(Request::Snapshot { branch } | Request::BranchAdd { branch } | Request::BranchDelete { branch }) => {
                     prop_assert!(validate_branch_name(&branch).is_ok());
                     prop_assert!(!branch.contains('/') && !branch.starts_with('.'));
                 }

@@ -22,7 +22,7 @@ mod ops;
 mod upper;
 mod workspace;
 
-pub use workspace::{Branches, WorkspaceFs, CONTROL_DIR};
+pub use workspace::{BranchLoader, Branches, WorkspaceFs, CONTROL_DIR};
 
 use std::collections::HashMap;
 use std::fs::File;

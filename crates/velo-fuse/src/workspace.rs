@@ -39,9 +39,15 @@ const BRANCHES_DIR: u64 = (SYNTHETIC << SLOT_BITS) | 2;
 /// The name the top answers with the branches.
 pub const CONTROL_DIR: &str = ".velo";
 
+/// Asked to serve branch `name` (with [`Branches::add`]) when it is looked up and not
+/// served, if the workspace has such a branch: a branch made, or reset, by a process that
+/// died before telling the server still shows.
+pub type BranchLoader = dyn Fn(&str) + Send + Sync;
+
 /// The branches a workspace server serves, changed while it serves.
 pub struct Branches {
     table: RwLock<Table>,
+    loader: RwLock<Option<Box<BranchLoader>>>,
     uid: u32,
     gid: u32,
 }
@@ -128,6 +134,28 @@ impl Branches {
         table.by_slot.get(slot).map(|fs| fs.control())
     }
 
+    /// Sets what is asked to serve a branch looked up and not served.
+    pub fn set_loader(&self, loader: Box<BranchLoader>) {
+        *self.loader.write().unwrap_or_else(|e| e.into_inner()) = Some(loader);
+    }
+
+    /// The server of branch `name` (not the top's), loaded if it is not served yet.
+    fn find_or_load(&self, name: &[u8]) -> Option<Arc<TreeFs>> {
+        let name = std::str::from_utf8(name).ok()?;
+        let find = || {
+            let table = self.table();
+            let slot = table.by_name.get(name).filter(|&&slot| slot != 0)?;
+            table.by_slot.get(slot).cloned()
+        };
+        if let Some(fs) = find() {
+            return Some(fs);
+        }
+        if let Some(load) = &*self.loader.read().unwrap_or_else(|e| e.into_inner()) {
+            load(name);
+        }
+        find()
+    }
+
     /// The names of the branches served.
     pub fn names(&self) -> Vec<String> {
         self.table().by_name.keys().cloned().collect()
@@ -196,6 +224,7 @@ impl WorkspaceFs {
                     next_slot: 1,
                     changed: SystemTime::now(),
                 }),
+                loader: RwLock::new(None),
                 uid,
                 gid,
             }),
@@ -301,15 +330,7 @@ impl Filesystem for WorkspaceFs {
                 Generation(0),
             ),
             Ok(Target::Synthetic(BRANCHES_DIR)) => {
-                let fs = {
-                    let table = self.branches.table();
-                    std::str::from_utf8(name.as_bytes())
-                        .ok()
-                        .and_then(|n| table.by_name.get(n))
-                        .filter(|&&slot| slot != 0)
-                        .and_then(|slot| table.by_slot.get(slot).cloned())
-                };
-                match fs {
+                match self.branches.find_or_load(name.as_bytes()) {
                     // No cache time: a branch replaced under this name shows at once.
                     Some(fs) => fs.root_entry(Duration::ZERO, reply),
                     None => reply.error(Errno::ENOENT),
