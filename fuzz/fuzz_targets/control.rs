@@ -21,10 +21,14 @@ fn check(line: &[u8]) {
     if let Request::Snapshot { branch }
     | Request::BranchAdd { branch }
     | Request::BranchDelete { branch }
-    | Request::BranchReset { branch, .. } = &request
+    | Request::BranchReset { branch, .. }
+    | Request::BranchBind { branch, .. } = &request
     {
         assert!(branch.len() <= MAX_BRANCH_NAME);
         assert!(!branch.is_empty() && !branch.contains('/') && !branch.starts_with('.'));
+    }
+    if let Request::BranchBind { pid, .. } | Request::BranchUnbind { pid } = &request {
+        assert!(*pid > 1);
     }
 }
 
@@ -36,9 +40,20 @@ fuzz_target!(|data: &[u8]| {
         mid -= 1;
     }
     let (head, tail) = text.split_at(mid);
-    for op in ["snapshot", "branch_add", "branch_delete", "branch_reset", "commit_at_exit", head] {
+    let number = data.first().map_or(0, |&b| i64::from(b) - 2);
+    for op in [
+        "snapshot",
+        "branch_add",
+        "branch_delete",
+        "branch_reset",
+        "branch_bind",
+        "branch_unbind",
+        "commit_at_exit",
+        head,
+    ] {
         let line = serde_json::json!({
-            "v": 1, "op": op, "branch": tail, "name": head, "out": tail, "base": head, "from": tail,
+            "v": 1, "op": op, "branch": tail, "name": head, "out": tail, "base": head,
+            "from": tail, "pid": number,
         });
         check(line.to_string().as_bytes());
     }

@@ -378,6 +378,13 @@ impl Client {
         self.reply()
     }
 
+    /// Waits up to `limit` for the server to close the connection (it exits).
+    pub fn wait_closed(&mut self, limit: std::time::Duration) {
+        let _ = self.reader.get_ref().set_read_timeout(Some(limit));
+        let mut rest = Vec::new();
+        let _ = self.reader.read_to_end(&mut rest);
+    }
+
     /// The next reply.
     pub fn reply(&mut self) -> Result<Value> {
         let reply = read_line(&mut self.reader)

@@ -336,9 +336,20 @@ enum WorkspaceAction {
         /// MOUNTPOINT/.velo/branches/NAME
         #[arg(long, value_name = "MOUNTPOINT")]
         mount: Option<PathBuf>,
+        /// Let `velo branch bind --pid` show other branches at MOUNTPOINT to running
+        /// processes (the kernel then keeps nothing of the mount's top: a lookup per walk
+        /// through it)
+        #[arg(long, requires = "mount")]
+        bindable: bool,
     },
     /// Serve an existing workspace at MOUNTPOINT (`velo umount MOUNTPOINT` stops it)
-    Mount { dir: PathBuf, mountpoint: PathBuf },
+    Mount {
+        dir: PathBuf,
+        mountpoint: PathBuf,
+        /// As for `workspace init --bindable`
+        #[arg(long)]
+        bindable: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -384,6 +395,19 @@ enum BranchAction {
         /// Overwrite paths that differ from the branch's base
         #[arg(long)]
         force: bool,
+    },
+    /// Show branch NAME at the workspace's mount point to a running process and its
+    /// descendants (the mount must be --bindable; `branch exec` is the faster way for a
+    /// command you start)
+    Bind {
+        name: String,
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Take a process's binding away: it sees main again
+    Unbind {
+        #[arg(long)]
+        pid: u32,
     },
     /// Roll a branch back to a snapshot (its changes since are dropped)
     Reset {
@@ -562,10 +586,17 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             workspace::diff(ctx, &from, &to, show, workspace.as_deref())
         }
         Command::Workspace { action } => match action {
-            WorkspaceAction::Init { dir, from, mount } => {
-                workspace::init(ctx, &dir, &from, mount.as_deref())
-            }
-            WorkspaceAction::Mount { dir, mountpoint } => workspace::mount(ctx, &dir, &mountpoint),
+            WorkspaceAction::Init {
+                dir,
+                from,
+                mount,
+                bindable,
+            } => workspace::init(ctx, &dir, &from, mount.as_deref(), bindable),
+            WorkspaceAction::Mount {
+                dir,
+                mountpoint,
+                bindable,
+            } => workspace::mount(ctx, &dir, &mountpoint, bindable),
         },
         Command::WorkspaceServe { dir, mountpoint } => workspace::serve(&dir, &mountpoint),
         Command::Snapshot { workspace, action } => {
@@ -589,6 +620,10 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                     workspace::branch_exec(&ws, &name, &command)
                 }
                 BranchAction::Reset { name, to } => workspace::branch_reset(ctx, &ws, &name, &to),
+                BranchAction::Bind { name, pid } => {
+                    workspace::branch_bind(ctx, &ws, Some(&name), pid)
+                }
+                BranchAction::Unbind { pid } => workspace::branch_bind(ctx, &ws, None, pid),
                 BranchAction::Apply { name, dir, force } => {
                     workspace::branch_apply(ctx, &ws, &name, &dir, force)
                 }

@@ -734,6 +734,11 @@ pub fn umount(
             "velo: the mount's changes are discarded (it had no --upper; `velo umount --commit OUT.velo` or --name keeps them)"
         );
     }
+    // The server lets go of its uppers as it exits: waited for (a while), so that the
+    // next `velo mount` or `velo workspace mount` of them finds them free.
+    if let Some(client) = &mut client {
+        client.wait_closed(Duration::from_secs(10));
+    }
     print_committed(ctx, &path, committed.as_ref(), name.as_deref(), "unmounted")?;
     Ok(ExitCode::SUCCESS)
 }

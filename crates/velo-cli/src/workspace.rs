@@ -146,7 +146,13 @@ fn print(ctx: &Ctx, value: Value, text: impl FnOnce()) -> Result<ExitCode> {
 }
 
 /// `velo workspace init DIR --from TREE [--mount MOUNTPOINT]`.
-pub fn init(ctx: &Ctx, dir: &Path, from: &str, mount: Option<&Path>) -> Result<ExitCode> {
+pub fn init(
+    ctx: &Ctx,
+    dir: &Path,
+    from: &str,
+    mount: Option<&Path>,
+    bindable: bool,
+) -> Result<ExitCode> {
     let store = ctx.store_or_create()?;
     let _lock = store.lock_shared()?;
     let base = crate::run::layer(&store, from)?;
@@ -157,9 +163,25 @@ pub fn init(ctx: &Ctx, dir: &Path, from: &str, mount: Option<&Path>) -> Result<E
             })?),
             None => None,
         };
-    let ws = Workspace::init(dir, &store, base, mountpoint.as_deref())?;
     if let Some(mp) = &mountpoint {
-        start(ctx, &ws, &store, mp)?;
+        check_mountpoint(dir, store.root(), mp)?;
+    }
+    let mut ws = Workspace::init(dir, &store, base, mountpoint.as_deref())?;
+    let started = (|| {
+        if bindable {
+            ws.set_mount(mountpoint.as_deref(), true)?;
+        }
+        if let Some(mp) = &mountpoint {
+            start(ctx, &ws, &store, mp)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })();
+    if let Err(e) = started {
+        // Nothing half-made stays: the command may simply be run again.
+        if let Err(undo) = ws.remove(&store) {
+            note!("velo: removing the workspace made before the failure: {undo:#}");
+        }
+        return Err(e);
     }
     print(
         ctx,
@@ -184,7 +206,7 @@ pub fn init(ctx: &Ctx, dir: &Path, from: &str, mount: Option<&Path>) -> Result<E
 }
 
 /// `velo workspace mount DIR MOUNTPOINT`: serves an existing workspace.
-pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
+pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path, bindable: bool) -> Result<ExitCode> {
     let mut ws = Workspace::open(dir)?;
     let store = store_of(&ws)?;
     let mp = std::fs::canonicalize(mountpoint).with_context(|| {
@@ -193,8 +215,13 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
             mountpoint.display()
         )
     })?;
-    ws.set_mount(Some(&mp))?;
-    start(ctx, &ws, &store, &mp)?;
+    check_mountpoint(ws.dir(), store.root(), &mp)?;
+    let before = ws.config().clone();
+    ws.set_mount(Some(&mp), bindable)?;
+    if let Err(e) = start(ctx, &ws, &store, &mp) {
+        let _ = ws.set_mount(before.mount.as_deref(), before.bindable);
+        return Err(e);
+    }
     print(
         ctx,
         json!({ "workspace": ws.dir().to_string_lossy(), "mount": mp.to_string_lossy() }),
@@ -208,8 +235,21 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
     )
 }
 
-/// Starts the workspace's server in the background, mounted at `mp`.
-fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
+/// `path` with its existing ancestors resolved (it may not exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    absolute
+        .ancestors()
+        .find_map(|a| {
+            let rest = absolute.strip_prefix(a).ok()?;
+            Some(std::fs::canonicalize(a).ok()?.join(rest))
+        })
+        .unwrap_or(absolute)
+}
+
+/// Refuses mount point `mp` for workspace `dir` of the store at `store_root` before
+/// anything is made or recorded; cleans up a dead mount there.
+fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path) -> Result<()> {
     if crate::mount::is_dead_mount(mp) {
         note!(
             "velo: {} is a mount whose server died; unmounting it first",
@@ -224,9 +264,9 @@ fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
             mp.display()
         );
     }
-    let store_root = std::fs::canonicalize(store.root())?;
-    for (inside, of) in [(mp, &store_root), (mp, &ws.dir().to_path_buf())] {
-        if inside.starts_with(of) || of.starts_with(inside) {
+    let (dir, store_root) = (resolved(dir), resolved(store_root));
+    for of in [&store_root, &dir] {
+        if mp.starts_with(of) || of.starts_with(mp) {
             bail!(
                 "mount point {}: inside {} (or containing it); a server serving into its own files would deadlock. Choose another directory",
                 mp.display(),
@@ -234,10 +274,28 @@ fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Starts the workspace's server in the background, mounted at `mp` (checked already).
+fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
     let (mut command, log) = crate::mount::server_command(store)?;
     command.arg("__workspace-serve").arg(ws.dir()).arg(mp);
     // Quiet on success: the caller says what it made.
     crate::mount::start_server(ctx, command, &log, "workspace", mp, false)?;
+    // Branches that could not be served are said, not hidden.
+    if let Some(mut client) = server(ws) {
+        if let Ok(reply) = client.ask(&velo_control::Request::Branches) {
+            if let Some(failed) = reply.get("failed").and_then(Value::as_object) {
+                for (name, why) in failed {
+                    note!(
+                        "velo: branch {name} is not served: {} (`velo branch delete {name}` or `reset` it)",
+                        why.as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -256,6 +314,8 @@ struct WorkspaceServer {
     serving: std::sync::atomic::AtomicBool,
     branches: Arc<velo_fuse::Branches>,
     served: Mutex<HashMap<String, Served>>,
+    /// Branches that could not be served, and why.
+    failed: Mutex<HashMap<String, String>>,
     /// One branch change at a time.
     admin: Mutex<()>,
 }
@@ -297,6 +357,10 @@ impl WorkspaceServer {
         self.served.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn failed(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn add(&self, name: &str) -> Result<Value> {
         let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         self.add_locked(name)
@@ -312,6 +376,7 @@ impl WorkspaceServer {
         let (fs, served) = branch_fs(&store, &self.store_root, &ws, name)?;
         self.branches.add(name, fs)?;
         self.served().insert(name.to_string(), served);
+        self.failed().remove(name);
         Ok(json!({ "branch": name }))
     }
 
@@ -362,6 +427,8 @@ impl WorkspaceServer {
     }
 
     fn snapshot(&self, name: &str) -> Result<velo_project::commit::CommitReport> {
+        // No reset or delete of the branch meanwhile: its base and upper stay a pair.
+        let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let (base, upper) = {
             let served = self.served();
             let s = served
@@ -433,7 +500,18 @@ impl crate::control::Server for WorkspaceServer {
             Request::BranchDelete { branch } => self.delete(branch),
             Request::BranchReset { branch, base, from } => self.reset(branch, base, from),
             Request::Snapshot { branch } => self.snapshot(branch).map(|r| report_json(&r)),
-            Request::Branches => Ok(json!({ "branches": self.branches.names() })),
+            Request::Branches => Ok(json!({
+                "branches": self.branches.names(),
+                "failed": *self.failed(),
+            })),
+            Request::BranchBind { branch, pid } => self
+                .branches
+                .bind(branch, *pid)
+                .map(|()| json!({ "branch": branch, "pid": pid }))
+                .map_err(anyhow::Error::from),
+            Request::BranchUnbind { pid } => {
+                Ok(json!({ "pid": pid, "was_bound": self.branches.unbind(*pid) }))
+            }
             _ => return None,
         })
     }
@@ -451,6 +529,7 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
         top,
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
+        ws.config().bindable,
     );
     let server = Arc::new(WorkspaceServer {
         dir: ws.dir().to_path_buf(),
@@ -459,12 +538,19 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
         serving: std::sync::atomic::AtomicBool::new(true),
         branches: fs.branches(),
         served: Mutex::new(HashMap::new()),
+        failed: Mutex::new(HashMap::new()),
         admin: Mutex::new(()),
     });
     server.served().insert(TOP_BRANCH.to_string(), top_served);
     for record in ws.branches()? {
         if record.name != TOP_BRANCH {
-            server.add(&record.name)?;
+            // One broken branch (its base tree gone, its upper damaged) keeps the others
+            // from nothing; `velo workspace mount` reports it.
+            if let Err(e) = server.add(&record.name) {
+                server
+                    .failed()
+                    .insert(record.name.clone(), format!("{e:#}"));
+            }
         }
     }
     // A branch recorded since (by a `branch create` or `reset` that died before telling
@@ -525,6 +611,7 @@ pub fn snapshot_create(
     let branch = branch
         .map(str::to_string)
         .or(from_env)
+        .or_else(|| branch_of_cwd(ws))
         .unwrap_or_else(|| TOP_BRANCH.to_string());
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
@@ -536,20 +623,48 @@ pub fn snapshot_create(
     })
 }
 
+/// The branch whose directory the working directory is in: under the mount's
+/// `.velo/branches/NAME`, or the workspace's `branches/NAME`.
+fn branch_of_cwd(ws: &Workspace) -> Option<String> {
+    let cwd = std::env::current_dir().ok()?;
+    let under = |top: PathBuf| {
+        let rest = cwd.strip_prefix(&top).ok()?;
+        let name = rest.components().next()?.as_os_str().to_str()?.to_string();
+        ws.branch(&name).is_ok().then_some(name)
+    };
+    let from_mount = ws
+        .config()
+        .mount
+        .as_ref()
+        .and_then(|m| under(m.join(velo_fuse::CONTROL_DIR).join("branches")));
+    from_mount.or_else(|| under(ws.dir().join("branches")))
+}
+
 /// `velo snapshot list`.
 pub fn snapshot_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
-    let list = ws.snapshots()?;
-    print(ctx, json!({ "snapshots": list }), || {
-        for s in &list {
-            out!(
-                "{}\t{}\t{}\t{}",
-                s.id,
-                &s.tree[..16],
-                s.branch,
-                s.message.as_deref().unwrap_or("")
-            );
-        }
-    })
+    let (list, damaged) = ws.snapshots_and_damage()?;
+    for path in &damaged {
+        note!(
+            "velo: {}: a damaged snapshot record (not listed; `velo snapshot delete ID` removes it)",
+            path.display()
+        );
+    }
+    let damaged: Vec<_> = damaged.iter().map(|p| p.to_string_lossy()).collect();
+    print(
+        ctx,
+        json!({ "snapshots": list, "damaged": damaged }),
+        || {
+            for s in &list {
+                out!(
+                    "{}\t{}\t{}\t{}",
+                    s.id,
+                    &s.tree[..16],
+                    s.branch,
+                    s.message.as_deref().unwrap_or("")
+                );
+            }
+        },
+    )
 }
 
 /// `velo snapshot show ID`.
@@ -597,9 +712,14 @@ pub fn branch_create(
     let record = ws.create_branch(&store, name, base, Some(from))?;
     let mut served = false;
     if let Some(mut client) = server(ws) {
-        client.ask(&velo_control::Request::BranchAdd {
+        let added = client.ask(&velo_control::Request::BranchAdd {
             branch: name.to_string(),
-        })?;
+        });
+        if let Err(e) = added {
+            // Not made, rather than made and not served.
+            let _ = ws.delete_branch(&store, name);
+            return Err(e.context(format!("serving the new branch {name}")));
+        }
         served = true;
     }
     let path = ws
@@ -752,6 +872,33 @@ pub fn branch_apply(
             );
         },
     )
+}
+
+/// `velo branch bind NAME --pid PID` / `velo branch unbind --pid PID` (`name` None).
+pub fn branch_bind(ctx: &Ctx, ws: &Workspace, name: Option<&str>, pid: u32) -> Result<ExitCode> {
+    if let Some(name) = name {
+        ws.branch(name)?;
+    }
+    let mut client = server(ws).with_context(|| {
+        format!(
+            "the workspace's server does not run: `velo workspace mount --bindable {} MOUNTPOINT` first",
+            ws.dir().display()
+        )
+    })?;
+    let reply = match name {
+        Some(name) => client.ask(&velo_control::Request::BranchBind {
+            branch: name.to_string(),
+            pid,
+        })?,
+        None => client.ask(&velo_control::Request::BranchUnbind { pid })?,
+    };
+    print(ctx, reply.clone(), || match name {
+        Some(name) => note!("velo: process {pid} and its descendants see branch {name}"),
+        None if reply.get("was_bound") == Some(&Value::Bool(true)) => {
+            note!("velo: process {pid} sees the top branch again")
+        }
+        None => note!("velo: process {pid} was not bound"),
+    })
 }
 
 /// `velo branch exec NAME -- CMD...`: CMD runs in a mount namespace of its own where the

@@ -456,9 +456,10 @@ fn bad_names_and_the_control_directory_get_clear_errors() {
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     // A damaged record is named, and nothing else breaks.
     fs::write(ws.join("snapshots/9.json"), b"{").unwrap();
-    let said = env.fails(&["snapshot", "-w", w, "list"]);
+    let out = env.run(&["snapshot", "-w", w, "list"]);
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("9.json") && said.contains("not a velo workspace record"),
+        out.status.success() && said.contains("9.json: a damaged snapshot record"),
         "{said}"
     );
     fs::remove_file(ws.join("snapshots/9.json")).unwrap();
@@ -766,4 +767,318 @@ fn a_branch_recorded_behind_the_servers_back_is_served_when_looked_up() {
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
     assert!(!late.exists());
     drop(mounted);
+}
+
+#[test]
+fn a_trees_own_control_name_never_stands_in_for_the_control_directory() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(
+        &env,
+        "t",
+        &[("f", b"base\n"), (".velo/branches/evil/x", b"fake\n")],
+    );
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    // The top lists no .velo, and .velo there is the control directory.
+    let names: Vec<_> = fs::read_dir(&at)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    let listed: Vec<_> = fs::read_dir(at.join(".velo/branches"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listed, vec![std::ffi::OsString::from("b")]);
+    // In a branch's root the name is neither shown nor made.
+    let b = branch_dir(&at, "b");
+    assert!(fs::read_dir(&b)
+        .unwrap()
+        .all(|e| e.unwrap().file_name() != ".velo"));
+    assert_eq!(
+        fs::metadata(b.join(".velo")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        fs::create_dir(b.join(".velo")).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    fs::write(b.join("g"), b"g").unwrap();
+    assert_eq!(
+        fs::rename(b.join("g"), b.join(".velo"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // A branch's root is no entry to move: mv must not copy it and then empty it.
+    let err = fs::rename(&b, at.join("moved")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    let out = Command::new("mv")
+        .arg(&b)
+        .arg(at.join("moved"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(fs::read(b.join("g")).unwrap(), b"g");
+    assert!(!at.join("moved").exists());
+    drop(mounted);
+}
+
+#[test]
+fn damaged_and_half_made_records_hide_nothing_else() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    in_ws(&env, &ws, &["snapshot", "create"]);
+    // A record cut short (a full disk, a kill) is reported, and blocks nothing.
+    fs::write(ws.join("snapshots/2.json"), b"").unwrap();
+    let out = env.run(&["snapshot", "-w", w, "list"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2.json: a damaged snapshot record"));
+    let made = in_ws_json(&env, &ws, &["snapshot", "create"]);
+    assert_eq!(made["id"], "3");
+    in_ws(&env, &ws, &["snapshot", "delete", "2"]);
+    assert!(!ws.join("snapshots/2.json").exists());
+    // A reset killed before its swap leaves a staged directory: no branch, and the next
+    // reset of that branch clears it.
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    fs::create_dir_all(ws.join("branches/.b.reset/upper")).unwrap();
+    let list = in_ws_json(&env, &ws, &["branch", "list"]);
+    assert_eq!(list["branches"].as_array().unwrap().len(), 2, "{list}");
+    fs::write(branch_dir(&at, "b").join("work"), b"w").unwrap();
+    in_ws(&env, &ws, &["branch", "reset", "b", "1"]);
+    assert!(!ws.join("branches/.b.reset").exists());
+    assert!(!branch_dir(&at, "b").join("work").exists());
+    // The store keeps exactly the branch's new base under its name.
+    let roots = env.json(&["roots"]);
+    let names: Vec<&str> = roots["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .filter(|n| n.contains(".reset."))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    // Names that read as snapshot ids are not branch names.
+    let said = env.fails(&["branch", "-w", w, "create", "12"]);
+    assert!(said.contains("snapshot id"), "{said}");
+    // Run from inside a branch's directory, a snapshot is of that branch.
+    let out = env
+        .cmd()
+        .args(["snapshot", "-w", w, "create", "--json"])
+        .current_dir(branch_dir(&at, "b"))
+        .output()
+        .unwrap();
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["branch"], "b", "{made}");
+    drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn apply_never_writes_through_a_symbolic_link_and_init_leaves_nothing_when_it_fails() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("d/a", b"a\n"), ("top", b"t\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    fs::remove_file(branch_dir(&at, "b").join("d/a")).unwrap();
+    fs::write(branch_dir(&at, "b").join("d/n"), b"n\n").unwrap();
+    // The host checkout's d is a link to a directory elsewhere.
+    let outside = env.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("a"), b"a\n").unwrap();
+    let host = env.path("host");
+    fs::create_dir_all(&host).unwrap();
+    fs::write(host.join("top"), b"t\n").unwrap();
+    std::os::unix::fs::symlink(&outside, host.join("d")).unwrap();
+    for extra in [None, Some("--force")] {
+        let mut args = vec!["branch", "-w", w, "apply", "b", host.to_str().unwrap()];
+        args.extend(extra);
+        let said = env.fails(&args);
+        assert!(said.contains("symbolic link"), "{said}");
+        assert_eq!(fs::read(outside.join("a")).unwrap(), b"a\n");
+        assert!(!outside.join("n").exists());
+    }
+    drop(mounted);
+    // A mount point inside the workspace's own directory: refused before anything is made.
+    fs::create_dir_all(env.path("ws2")).unwrap();
+    let inside = env.path("ws2/branches");
+    let said = env.fails(&[
+        "workspace",
+        "init",
+        env.path("ws2").to_str().unwrap(),
+        "--from",
+        "t",
+        "--mount",
+        env.path("ws2").to_str().unwrap(),
+    ]);
+    assert!(said.contains("inside"), "{said}");
+    assert!(!inside.exists() && !env.path("ws2/workspace.json").exists());
+    let roots = env.json(&["roots"]).to_string();
+    let listed = roots.matches(".base.main").count();
+    assert_eq!(listed, 1, "only the first workspace's main: {roots}");
+}
+
+#[test]
+fn a_branch_whose_base_is_gone_is_reported_and_the_others_are_served() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    common::ingest_files(&env, "other", &[("f", b"base\n"), ("only-other", b"o\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    in_ws(&env, &ws, &["branch", "create", "good"]);
+    in_ws(&env, &ws, &["branch", "create", "lost", "--from", "other"]);
+    drop(mounted);
+    // Everything that kept the second tree is forgotten, and gc takes it.
+    let lost = in_ws_json(&env, &ws, &["branch", "list"])["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "lost")
+        .unwrap()["base"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.ok(&["forget", &lost]);
+    env.ok(&["gc", "--run"]);
+    let out = env.run(&["workspace", "mount", w, at.to_str().unwrap()]);
+    let _remount = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("branch lost is not served"), "{said}");
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"base\n");
+    assert_eq!(
+        fs::read(branch_dir(&at, "good").join("f")).unwrap(),
+        b"base\n"
+    );
+}
+
+#[test]
+fn bound_processes_see_their_branch_at_the_top_and_nothing_leaks_between_them() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let ws = env.path("ws");
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    env.ok(&[
+        "workspace",
+        "init",
+        ws.to_str().unwrap(),
+        "--from",
+        "t",
+        "--mount",
+        at.to_str().unwrap(),
+        "--bindable",
+    ]);
+    let mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    let w = ws.to_str().unwrap();
+    for name in ["x", "y"] {
+        env.ok(&["branch", "-w", w, "create", name]);
+        fs::write(branch_dir(&at, name).join("f"), format!("{name}\n")).unwrap();
+        fs::write(branch_dir(&at, name).join(format!("only-{name}")), b"").unwrap();
+    }
+    // Two running shells, bound once they run; each then reads the top's f over and
+    // over, at the same time, and a child of each does too.
+    let go = env.path("go");
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.01; done; for i in $(seq 100); do cat {at}/f; done; ls {at}; sh -c 'cat {at}/f'",
+        go = go.display(),
+        at = at.display()
+    );
+    let spawn = || {
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    env.ok(&["branch", "-w", w, "bind", "x", "--pid", &a.id().to_string()]);
+    env.ok(&["branch", "-w", w, "bind", "y", "--pid", &b.id().to_string()]);
+    fs::write(&go, b"").unwrap();
+    for _ in 0..100 {
+        assert_eq!(fs::read(at.join("f")).unwrap(), b"base\n");
+    }
+    for (name, child) in [("x", a), ("y", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        let last = lines.pop().unwrap();
+        assert_eq!(last, name, "the child of a bound process sees its branch");
+        let listing: Vec<&str> = lines.split_off(100);
+        assert!(lines.iter().all(|l| *l == name), "{name}: {lines:?}");
+        assert_eq!(listing, vec!["f".to_string(), format!("only-{name}")]);
+    }
+    // The host's view of the top is main's throughout.
+    let names: Vec<_> = fs::read_dir(&at)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f")]);
+    // Unbinding: a process bound no more sees main again.
+    let c = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "while [ ! -e {0}.2 ]; do sleep 0.01; done; cat {1}/f",
+                go.display(),
+                at.display()
+            ),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.ok(&["branch", "-w", w, "bind", "x", "--pid", &c.id().to_string()]);
+    env.ok(&["branch", "-w", w, "unbind", "--pid", &c.id().to_string()]);
+    fs::write(format!("{}.2", go.display()), b"").unwrap();
+    assert_eq!(c.wait_with_output().unwrap().stdout, b"base\n");
+    // A mount made without --bindable says how to get one.
+    drop(mounted);
+    env.ok(&["workspace", "mount", w, at.to_str().unwrap()]);
+    let _again = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    let said = env.fails(&[
+        "branch",
+        "-w",
+        w,
+        "bind",
+        "x",
+        "--pid",
+        &std::process::id().to_string(),
+    ]);
+    assert!(said.contains("--bindable"), "{said}");
 }

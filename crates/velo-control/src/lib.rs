@@ -61,6 +61,18 @@ pub enum Request {
     },
     /// The names of the branches served.
     Branches,
+    /// Show branch `branch` at the top to process `pid` and its descendants.
+    BranchBind {
+        /// Which branch.
+        branch: String,
+        /// Which process (above 1).
+        pid: u32,
+    },
+    /// Take process `pid`'s binding away.
+    BranchUnbind {
+        /// Which process.
+        pid: u32,
+    },
 }
 
 /// Why a line is not a request.
@@ -97,6 +109,11 @@ pub fn validate_branch_name(name: &str) -> Result<(), String> {
             name.chars().take(MAX_BRANCH_NAME + 6).collect::<String>()
         ));
     }
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "branch name {name:?}: not only digits (it would read as a snapshot id)"
+        ));
+    }
     velo_store::validate_root_name(name).map_err(|e| format!("branch name: {e}"))
 }
 
@@ -112,6 +129,18 @@ fn text<'a>(
             why: "not a string".into(),
         }),
     }
+}
+
+fn pid(object: &Map<String, Value>) -> Result<u32, DecodeError> {
+    object
+        .get("pid")
+        .and_then(Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| p > 1)
+        .ok_or(DecodeError::BadField {
+            field: "pid",
+            why: "missing, or not a process id above 1".into(),
+        })
 }
 
 fn branch(object: &Map<String, Value>) -> Result<String, DecodeError> {
@@ -153,6 +182,11 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
         "branch_add" => Request::BranchAdd {
             branch: branch(&object)?,
         },
+        "branch_bind" => Request::BranchBind {
+            branch: branch(&object)?,
+            pid: pid(&object)?,
+        },
+        "branch_unbind" => Request::BranchUnbind { pid: pid(&object)? },
         "branch_delete" => Request::BranchDelete {
             branch: branch(&object)?,
         },
@@ -219,6 +253,12 @@ pub fn encode(request: &Request) -> Vec<u8> {
         Request::BranchDelete { branch } => {
             json!({ "v": VERSION, "op": "branch_delete", "branch": branch })
         }
+        Request::BranchBind { branch, pid } => {
+            json!({ "v": VERSION, "op": "branch_bind", "branch": branch, "pid": pid })
+        }
+        Request::BranchUnbind { pid } => {
+            json!({ "v": VERSION, "op": "branch_unbind", "pid": pid })
+        }
         Request::BranchReset { branch, base, from } => json!({
             "v": VERSION, "op": "branch_reset", "branch": branch, "base": base, "from": from,
         }),
@@ -246,6 +286,11 @@ mod tests {
             },
             Request::BranchAdd { branch: "a".into() },
             Request::BranchDelete { branch: "b".into() },
+            Request::BranchBind {
+                branch: "b".into(),
+                pid: 1234,
+            },
+            Request::BranchUnbind { pid: 99 },
             Request::BranchReset {
                 branch: "b".into(),
                 base: "ab".repeat(32),

@@ -125,6 +125,12 @@ pub struct TreeFs {
     /// Upper files kept open by inode at most (besides held ones): a share of the
     /// descriptors the server may open.
     inode_files: usize,
+    /// How long the kernel may keep the root's attributes and entries (see
+    /// [`TreeFs::with_shared_top`]).
+    top_ttl: Duration,
+    /// A name the root neither lists nor finds (a workspace's control directory, which
+    /// a tree's own entry of that name must not stand in for).
+    hidden_top_name: Option<&'static [u8]>,
 }
 
 /// The handle of a running server that the CLI keeps: it seals the upper for a commit.
@@ -201,6 +207,8 @@ impl TreeFs {
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             max_depth: usize::MAX,
             inode_files: ops::INODE_FILES,
+            top_ttl: TTL,
+            hidden_top_name: None,
         })
     }
 
@@ -226,6 +234,14 @@ impl TreeFs {
         self
     }
 
+    /// The kernel keeps nothing of the root's attributes and entries: the mount's top
+    /// shows different branches to different processes (a workspace's `bind --pid`), so
+    /// each walk through it must ask.
+    pub(crate) fn with_shared_top(mut self) -> TreeFs {
+        self.top_ttl = Duration::ZERO;
+        self
+    }
+
     /// The handle the CLI keeps to commit while the server runs.
     pub fn control(&self) -> Control {
         Control {
@@ -235,8 +251,10 @@ impl TreeFs {
         }
     }
 
-    /// This server with its inode numbers in range `slot` (see [`workspace`]).
+    /// This server with its inode numbers in range `slot` (see [`workspace`]), hiding
+    /// the control directory's name at its root.
     fn in_slot(mut self, slot: u64) -> TreeFs {
+        self.hidden_top_name = Some(workspace::CONTROL_DIR.as_bytes());
         let base = slot << inodes::SLOT_BITS;
         self.ns.base = base;
         self.state = Mutex::new(State::new(self.ns.upper.is_some(), base));

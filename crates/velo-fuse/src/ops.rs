@@ -134,10 +134,26 @@ impl TreeFs {
         Ok(gate)
     }
 
+    /// How long the kernel may keep an entry of directory `parent`: the top's entries
+    /// only as long as [`TreeFs::with_shared_top`] says.
+    fn entry_ttl(&self, parent: u64) -> Duration {
+        if parent == self.ns.root() {
+            self.top_ttl
+        } else {
+            TTL
+        }
+    }
+
+    /// How long the kernel may keep the attributes of `ino` (the top's: see
+    /// [`TreeFs::with_shared_top`]).
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        self.entry_ttl(ino)
+    }
+
     /// Answers a lookup of this namespace's root from elsewhere (a workspace's
     /// `.velo/branches/NAME`), kept by the kernel for `ttl`.
     pub(crate) fn root_entry(&self, ttl: Duration, reply: ReplyEntry) {
-        self.reply_entry_for(&mut self.state(), self.ns.root(), None, ttl, reply);
+        self.reply_entry(&mut self.state(), self.ns.root(), None, ttl, reply);
     }
 
     /// The attributes of this namespace's root (the kernel's references to a root are
@@ -294,11 +310,7 @@ impl TreeFs {
     }
 
     /// Replies with `ino`'s entry, counting the kernel's new reference.
-    fn reply_entry(&self, st: &mut State, ino: u64, stat: Option<&Stat>, reply: ReplyEntry) {
-        self.reply_entry_for(st, ino, stat, TTL, reply);
-    }
-
-    fn reply_entry_for(
+    fn reply_entry(
         &self,
         st: &mut State,
         ino: u64,
@@ -423,6 +435,13 @@ impl TreeFs {
                 }
                 (u64::from(node.child_count), Some(node))
             }
+        };
+        let hidden = self.hidden_top_name.filter(|_| ino == self.ns.root());
+        let mut emit = |entry, next, kind, name: &OsStr| {
+            if hidden.is_some_and(|h| name.as_bytes() == h) {
+                return Ok(false);
+            }
+            emit(entry, next, kind, name)
         };
         for position in offset..2 + count {
             let full = match position {
@@ -1481,13 +1500,21 @@ impl Filesystem for TreeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if u64::from(parent) == self.ns.root()
+            && self.hidden_top_name.is_some_and(|h| name.as_bytes() == h)
+        {
+            return reply.error(Errno::ENOENT);
+        }
         let mut st = self.state();
         match self.ns.find(&mut st, parent.into(), name.as_bytes()) {
-            Ok(Some((ino, stat))) => self.reply_entry(&mut st, ino, stat.as_ref(), reply),
+            Ok(Some((ino, stat))) => {
+                let ttl = self.entry_ttl(parent.into());
+                self.reply_entry(&mut st, ino, stat.as_ref(), ttl, reply)
+            }
             // A negative entry (inode 0) the kernel keeps as long as a positive one: every
             // name is made through it, so it never misses a change, and a compiler's
             // search of its include paths asks once per name, not once per file compiled.
-            Ok(None) => reply.entry(&TTL, &NO_ENTRY, Generation(0)),
+            Ok(None) => reply.entry(&self.entry_ttl(parent.into()), &NO_ENTRY, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1521,7 +1548,7 @@ impl Filesystem for TreeFs {
             other => other,
         };
         match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.attr_ttl(ino), &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -1548,7 +1575,7 @@ impl Filesystem for TreeFs {
         // leaves that to the server: FUSE_HANDLE_KILLPRIV_V2).
         let kill = size.is_some() && mode.is_none() && req.uid() != 0;
         match self.set_attr(ino.into(), mode, uid, gid, size, atime, mtime, fh, kill) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&self.attr_ttl(ino.into()), &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -1623,7 +1650,11 @@ impl Filesystem for TreeFs {
             })
         });
         match result {
-            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Ok((ino, s, _)) => reply.entry(
+                &self.entry_ttl(parent.into()),
+                &Self::stat_attr(ino, &s),
+                Generation(0),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1646,7 +1677,11 @@ impl Filesystem for TreeFs {
             })
         });
         match result {
-            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Ok((ino, s, _)) => reply.entry(
+                &self.entry_ttl(parent.into()),
+                &Self::stat_attr(ino, &s),
+                Generation(0),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1681,7 +1716,11 @@ impl Filesystem for TreeFs {
             })
         });
         match result {
-            Ok((ino, s, _)) => reply.entry(&TTL, &Self::stat_attr(ino, &s), Generation(0)),
+            Ok((ino, s, _)) => reply.entry(
+                &self.entry_ttl(parent.into()),
+                &Self::stat_attr(ino, &s),
+                Generation(0),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1740,7 +1779,10 @@ impl Filesystem for TreeFs {
             Ok((st, s))
         });
         match result {
-            Ok((mut st, s)) => self.reply_entry(&mut st, ino, Some(&s), reply),
+            Ok((mut st, s)) => {
+                let ttl = self.entry_ttl(newparent);
+                self.reply_entry(&mut st, ino, Some(&s), ttl, reply)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1908,6 +1950,7 @@ impl Filesystem for TreeFs {
         // its inode now (a listing read in several requests continues from the state of
         // its first; a name renamed or removed since must not come back to the kernel).
         let dir = u64::from(ino);
+        let ttl = self.entry_ttl(dir);
         let mut counted = Vec::new();
         let listed = self.list_from(dir, offset, |entry, next, kind, name| {
             if name == "." || name == ".." {
@@ -1936,7 +1979,7 @@ impl Filesystem for TreeFs {
                 Err(e) if e.code() == Errno::ENOENT.code() => return Ok(false),
                 Err(e) => return Err(e),
             };
-            let full = reply.add(INodeNo(entry), next, name, &TTL, &attr, Generation(0));
+            let full = reply.add(INodeNo(entry), next, name, &ttl, &attr, Generation(0));
             if !full && Self::count_lookup(&mut st, entry) {
                 counted.push(entry);
             }
@@ -2182,7 +2225,7 @@ impl Filesystem for TreeFs {
                 // refused, so a handle would never be given back.
                 self.keep_inode_file(ino, file, false);
                 reply.created(
-                    &TTL,
+                    &self.entry_ttl(parent.into()),
                     &Self::stat_attr(ino, &s),
                     Generation(0),
                     FileHandle(0),
@@ -2203,7 +2246,7 @@ impl Filesystem for TreeFs {
                 if let Some(backing) = self.passthrough_backing(fh, ino, |f| reply.open_backing(f))
                 {
                     return reply.created_passthrough(
-                        &TTL,
+                        &self.entry_ttl(parent.into()),
                         &attr,
                         Generation(0),
                         FileHandle(fh),
@@ -2212,7 +2255,7 @@ impl Filesystem for TreeFs {
                     );
                 }
                 reply.created(
-                    &TTL,
+                    &self.entry_ttl(parent.into()),
                     &attr,
                     Generation(0),
                     FileHandle(fh),

@@ -14,6 +14,14 @@
 //! its slot retired, so requests for its inodes fail with `ESTALE` and its numbers are
 //! never given out again. The names under `.velo/branches` are answered with no cache
 //! time: a branch replaced under the same name shows at once.
+//!
+//! A *bindable* server also shows a branch at the top to chosen processes and their
+//! descendants ([`Branches::bind`]): a request on the top from such a process goes to
+//! its branch's root instead. Below the top every inode number is a branch's own, so
+//! only what the kernel keeps of the top itself could show one view's object in another:
+//! a bindable server lets the kernel keep none of it (the top's attributes and entries
+//! have no cache time, and its listing is read anew each time), at the price of a
+//! lookup per walk through the top.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -48,6 +56,14 @@ pub type BranchLoader = dyn Fn(&str) + Send + Sync;
 pub struct Branches {
     table: RwLock<Table>,
     loader: RwLock<Option<Box<BranchLoader>>>,
+    /// The top shows other branches to bound processes (see the module's doc).
+    bindable: bool,
+    /// Bound processes: pid → (its start time, the branch it sees).
+    bindings: RwLock<HashMap<u32, (u64, String)>>,
+    /// Which branch each requesting thread sees, worked out from its ancestors: (when,
+    /// the branch). Emptied when a binding changes; an entry is trusted for a second
+    /// (a pid reused later is looked at again).
+    views: std::sync::Mutex<HashMap<u32, (std::time::Instant, Option<String>)>>,
     uid: u32,
     gid: u32,
 }
@@ -97,6 +113,9 @@ impl Branches {
         table.next_slot += 1;
         let mut fs = fs.in_slot(slot);
         fs.inode_files = fs.inode_files.min(table.inode_files);
+        if self.bindable {
+            fs = fs.with_shared_top();
+        }
         let fs = Arc::new(fs);
         let control = fs.control();
         table.by_slot.insert(slot, fs);
@@ -132,6 +151,110 @@ impl Branches {
         let table = self.table();
         let slot = table.by_name.get(name)?;
         table.by_slot.get(slot).map(|fs| fs.control())
+    }
+
+    /// Shows branch `name` at the top to process `pid` and its descendants (those it
+    /// starts later too, and those started before; not those reparented away from it).
+    pub fn bind(&self, name: &str, pid: u32) -> Result<(), std::io::Error> {
+        if !self.bindable {
+            return Err(std::io::Error::other(
+                "this workspace was mounted without --bindable: processes are bound to branches only on a bindable mount (`velo workspace mount --bindable`); `velo branch exec` needs no binding",
+            ));
+        }
+        if self.find_or_load(name.as_bytes()).is_none()
+            && self.table().by_name.get(name) != Some(&0)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no branch {name} is served"),
+            ));
+        }
+        let (_, start) = proc_parent_and_start(pid).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no process {pid}"))
+        })?;
+        self.bindings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, (start, name.to_string()));
+        self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
+    }
+
+    /// Takes process `pid`'s binding away; whether it had one.
+    pub fn unbind(&self, pid: u32) -> bool {
+        let had = self
+            .bindings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid)
+            .is_some();
+        self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        had
+    }
+
+    /// The branch the requesting thread `tid` sees at the top, if it is bound.
+    fn view_of(&self, tid: u32) -> Option<String> {
+        if self
+            .bindings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        if let Some((when, view)) = self
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&tid)
+        {
+            if now.duration_since(*when) < Duration::from_secs(1) {
+                return view.clone();
+            }
+        }
+        let view = self.resolve_view(tid);
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.len() > 4096 {
+            views.clear();
+        }
+        views.insert(tid, (now, view.clone()));
+        view
+    }
+
+    /// Walks from thread `tid`'s process up its ancestors to the first bound one.
+    fn resolve_view(&self, tid: u32) -> Option<String> {
+        let bindings = self.bindings.read().unwrap_or_else(|e| e.into_inner());
+        let mut pid = proc_tgid(tid)?;
+        for _ in 0..256 {
+            let (parent, start) = proc_parent_and_start(pid)?;
+            if let Some((bound_start, name)) = bindings.get(&pid) {
+                if *bound_start == start {
+                    return Some(name.clone());
+                }
+            }
+            if parent <= 1 {
+                return None;
+            }
+            pid = parent;
+        }
+        None
+    }
+
+    /// The root inode of the branch the requesting thread sees at the top, for a request
+    /// on the top (`ino` 1); else `ino`.
+    fn view(&self, req: &Request, ino: INodeNo) -> INodeNo {
+        if !self.bindable || u64::from(ino) != 1 {
+            return ino;
+        }
+        let Some(name) = self.view_of(req.pid()) else {
+            return ino;
+        };
+        match self.table().by_name.get(&name) {
+            Some(&slot) => INodeNo((slot << SLOT_BITS) | 1),
+            // Its branch is gone: it sees what it would see unbound.
+            None => ino,
+        }
     }
 
     /// Sets what is asked to serve a branch looked up and not served.
@@ -199,6 +322,27 @@ impl Branches {
     }
 }
 
+/// The process (thread group) of thread `tid`.
+fn proc_tgid(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Process `pid`'s parent and start time (clock ticks since boot: with the pid, it
+/// names one process, never a later one given the same pid).
+fn proc_parent_and_start(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let parent = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((parent, start))
+}
+
 /// The server of a workspace: its branches, routed by inode.
 pub struct WorkspaceFs {
     branches: Arc<Branches>,
@@ -209,8 +353,11 @@ pub struct WorkspaceFs {
 impl WorkspaceFs {
     /// A server showing `top` (a server made with [`TreeFs::new`]) as branch `name` at the
     /// top of the mount. Synthetic directories show `uid`/`gid` as their owner.
-    pub fn new(name: &str, top: TreeFs, uid: u32, gid: u32) -> WorkspaceFs {
-        let top = Arc::new(top.in_slot(0));
+    /// `bindable`: the top may show other branches to bound processes (see the module's
+    /// doc).
+    pub fn new(name: &str, top: TreeFs, uid: u32, gid: u32, bindable: bool) -> WorkspaceFs {
+        let top = top.in_slot(0);
+        let top = Arc::new(if bindable { top.with_shared_top() } else { top });
         let mut by_slot = HashMap::new();
         by_slot.insert(0, top.clone());
         let mut by_name = BTreeMap::new();
@@ -225,6 +372,9 @@ impl WorkspaceFs {
                     changed: SystemTime::now(),
                 }),
                 loader: RwLock::new(None),
+                bindable,
+                bindings: RwLock::new(HashMap::new()),
+                views: std::sync::Mutex::new(HashMap::new()),
                 uid,
                 gid,
             }),
@@ -252,6 +402,20 @@ impl WorkspaceFs {
         u64::from(parent) == 1 && name.as_bytes() == CONTROL_DIR.as_bytes()
     }
 
+    /// Whether `name` in `parent` is the control directory's name at a branch's root
+    /// (the top's, or another's: a branch may show at the top in some process's view).
+    fn is_reserved_name(parent: INodeNo, name: &OsStr) -> bool {
+        let ino = u64::from(parent);
+        ino & ((1 << SLOT_BITS) - 1) == 1
+            && ino >> SLOT_BITS != SYNTHETIC
+            && name.as_bytes() == CONTROL_DIR.as_bytes()
+    }
+
+    /// Whether `ino` is one of the two synthetic directories.
+    fn is_synthetic(ino: INodeNo) -> bool {
+        u64::from(ino) >> SLOT_BITS == SYNTHETIC
+    }
+
     /// The branch of `ino`, or the error to reply (`synthetic`: for the two synthetic
     /// directories).
     fn branch(&self, ino: INodeNo, synthetic: Errno) -> Result<Arc<TreeFs>, Errno> {
@@ -267,6 +431,11 @@ impl WorkspaceFs {
             return Err(Errno::EXDEV);
         }
         self.branch(a, Errno::EPERM)
+    }
+
+    /// `ino` as the requesting process sees it (the top: its bound branch's root).
+    fn view(&self, req: &Request, ino: INodeNo) -> INodeNo {
+        self.branches.view(req, ino)
     }
 
     fn synthetic_listing(&self, ino: u64) -> Vec<(u64, FileType, Vec<u8>)> {
@@ -294,19 +463,25 @@ impl WorkspaceFs {
 /// Routes `$call` on the branch of `$ino`, or replies `$synthetic` (or the routing
 /// error) on `$reply`.
 macro_rules! route {
-    ($self:ident, $ino:expr, $synthetic:expr, $reply:ident, |$fs:ident| $call:expr) => {
+    ($self:ident, $req:ident, $ino:ident, $synthetic:expr, $reply:ident, |$fs:ident| $call:expr) => {{
+        let $ino = $self.view($req, $ino);
         match $self.branch($ino, $synthetic) {
             Ok($fs) => $call,
             Err(e) => $reply.error(e),
         }
-    };
+    }};
 }
 
-/// Refuses a name-making request for `.velo` at the top.
+/// Refuses a name-making request for `.velo` at a branch's root: at the top it exists
+/// (the control directory), elsewhere it is reserved.
 macro_rules! refuse_control_name {
     ($parent:expr, $name:expr, $reply:ident) => {
         if WorkspaceFs::is_control_name($parent, $name) {
             $reply.error(Errno::EEXIST);
+            return;
+        }
+        if WorkspaceFs::is_reserved_name($parent, $name) {
+            $reply.error(Errno::EPERM);
             return;
         }
     };
@@ -322,6 +497,7 @@ impl Filesystem for WorkspaceFs {
         if Self::is_control_name(parent, name) {
             return reply.entry(&TTL, &self.branches.synthetic_attr(VELO_DIR), Generation(0));
         }
+        let parent = self.view(req, parent);
         match self.branches.target(parent.into()) {
             Ok(Target::Branch(fs)) => fs.lookup(req, parent, name, reply),
             Ok(Target::Synthetic(VELO_DIR)) if name.as_bytes() == b"branches" => reply.entry(
@@ -348,6 +524,7 @@ impl Filesystem for WorkspaceFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.getattr(req, ino, fh, reply),
             Ok(Target::Synthetic(ino)) => {
@@ -375,14 +552,14 @@ impl Filesystem for WorkspaceFs {
         flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        route!(self, ino, Errno::EPERM, reply, |fs| fs.setattr(
+        route!(self, req, ino, Errno::EPERM, reply, |fs| fs.setattr(
             req, ino, mode, uid, gid, size, atime, mtime, ctime, fh, crtime, chgtime, bkuptime,
             flags, reply
         ))
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+        route!(self, req, ino, Errno::EINVAL, reply, |fs| fs
             .readlink(req, ino, reply))
     }
 
@@ -397,7 +574,7 @@ impl Filesystem for WorkspaceFs {
         reply: ReplyEntry,
     ) {
         refuse_control_name!(parent, name, reply);
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .mknod(req, parent, name, mode, umask, rdev, reply))
     }
 
@@ -411,7 +588,7 @@ impl Filesystem for WorkspaceFs {
         reply: ReplyEntry,
     ) {
         refuse_control_name!(parent, name, reply);
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .mkdir(req, parent, name, mode, umask, reply))
     }
 
@@ -419,7 +596,7 @@ impl Filesystem for WorkspaceFs {
         if Self::is_control_name(parent, name) {
             return reply.error(Errno::EBUSY);
         }
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .unlink(req, parent, name, reply))
     }
 
@@ -427,7 +604,7 @@ impl Filesystem for WorkspaceFs {
         if Self::is_control_name(parent, name) {
             return reply.error(Errno::EBUSY);
         }
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .rmdir(req, parent, name, reply))
     }
 
@@ -440,7 +617,7 @@ impl Filesystem for WorkspaceFs {
         reply: ReplyEntry,
     ) {
         refuse_control_name!(parent, link_name, reply);
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .symlink(req, parent, link_name, target, reply))
     }
 
@@ -457,6 +634,15 @@ impl Filesystem for WorkspaceFs {
         if Self::is_control_name(parent, name) || Self::is_control_name(newparent, newname) {
             return reply.error(Errno::EBUSY);
         }
+        // A branch's root is no entry to move (and not EXDEV: `mv` would copy the branch
+        // and then empty it).
+        if Self::is_synthetic(parent) || Self::is_synthetic(newparent) {
+            return reply.error(Errno::EPERM);
+        }
+        if Self::is_reserved_name(newparent, newname) {
+            return reply.error(Errno::EPERM);
+        }
+        let (parent, newparent) = (self.view(req, parent), self.view(req, newparent));
         match self.same_branch(parent, newparent) {
             Ok(fs) => fs.rename(req, parent, name, newparent, newname, flags, reply),
             Err(e) => reply.error(e),
@@ -472,6 +658,10 @@ impl Filesystem for WorkspaceFs {
         reply: ReplyEntry,
     ) {
         refuse_control_name!(newparent, newname, reply);
+        if Self::is_synthetic(newparent) {
+            return reply.error(Errno::EPERM);
+        }
+        let newparent = self.view(req, newparent);
         match self.same_branch(ino, newparent) {
             Ok(fs) => fs.link(req, ino, newparent, newname, reply),
             Err(e) => reply.error(e),
@@ -479,7 +669,7 @@ impl Filesystem for WorkspaceFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+        route!(self, req, ino, Errno::EISDIR, reply, |fs| fs
             .open(req, ino, flags, reply))
     }
 
@@ -494,7 +684,7 @@ impl Filesystem for WorkspaceFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+        route!(self, req, ino, Errno::EISDIR, reply, |fs| fs
             .read(req, ino, fh, offset, size, flags, lock_owner, reply))
     }
 
@@ -510,7 +700,7 @@ impl Filesystem for WorkspaceFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        route!(self, ino, Errno::EISDIR, reply, |fs| fs.write(
+        route!(self, req, ino, Errno::EISDIR, reply, |fs| fs.write(
             req,
             ino,
             fh,
@@ -531,7 +721,7 @@ impl Filesystem for WorkspaceFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        route!(self, ino, Errno::ENOSYS, reply, |fs| fs
+        route!(self, req, ino, Errno::ENOSYS, reply, |fs| fs
             .flush(req, ino, fh, lock_owner, reply))
     }
 
@@ -559,14 +749,24 @@ impl Filesystem for WorkspaceFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+        route!(self, req, ino, Errno::EINVAL, reply, |fs| fs
             .fsync(req, ino, fh, datasync, reply))
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // As every branch answers (see `TreeFs::opendir`): no open round trip for
-        // directories.
-        reply.error(Errno::ENOSYS);
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if !self.branches.bindable {
+            // As every branch answers (see `TreeFs::opendir`): no open round trip for
+            // directories, and the kernel keeps every listing.
+            return reply.error(Errno::ENOSYS);
+        }
+        // Bindable: the top's listing differs by process, so the kernel keeps none of it;
+        // every other directory's it keeps, as without binding.
+        let flags = if u64::from(ino) == 1 {
+            fuser::FopenFlags::empty()
+        } else {
+            fuser::FopenFlags::FOPEN_CACHE_DIR | fuser::FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(0), flags);
     }
 
     fn readdir(
@@ -577,6 +777,7 @@ impl Filesystem for WorkspaceFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.readdir(req, ino, fh, offset, reply),
             Ok(Target::Synthetic(dir)) => {
@@ -605,6 +806,7 @@ impl Filesystem for WorkspaceFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.readdirplus(req, ino, fh, offset, reply),
             Ok(Target::Synthetic(dir)) => {
@@ -646,6 +848,7 @@ impl Filesystem for WorkspaceFs {
         flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.releasedir(req, ino, fh, flags, reply),
             _ => reply.ok(),
@@ -660,6 +863,7 @@ impl Filesystem for WorkspaceFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.fsyncdir(req, ino, fh, datasync, reply),
             Ok(Target::Synthetic(_)) => reply.ok(),
@@ -684,16 +888,17 @@ impl Filesystem for WorkspaceFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
-        route!(self, ino, Errno::EPERM, reply, |fs| fs
+        route!(self, req, ino, Errno::EPERM, reply, |fs| fs
             .setxattr(req, ino, name, value, flags, position, reply))
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        route!(self, ino, Errno::ENODATA, reply, |fs| fs
+        route!(self, req, ino, Errno::ENODATA, reply, |fs| fs
             .getxattr(req, ino, name, size, reply))
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.listxattr(req, ino, size, reply),
             Ok(Target::Synthetic(_)) if size == 0 => reply.size(0),
@@ -703,11 +908,12 @@ impl Filesystem for WorkspaceFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        route!(self, ino, Errno::EPERM, reply, |fs| fs
+        route!(self, req, ino, Errno::EPERM, reply, |fs| fs
             .removexattr(req, ino, name, reply))
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let ino = self.view(req, ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.access(req, ino, mask, reply),
             Ok(Target::Synthetic(_)) => reply.ok(),
@@ -726,7 +932,7 @@ impl Filesystem for WorkspaceFs {
         reply: ReplyCreate,
     ) {
         refuse_control_name!(parent, name, reply);
-        route!(self, parent, Errno::EPERM, reply, |fs| fs
+        route!(self, req, parent, Errno::EPERM, reply, |fs| fs
             .create(req, parent, name, mode, umask, flags, reply))
     }
 
@@ -740,7 +946,7 @@ impl Filesystem for WorkspaceFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        route!(self, ino, Errno::EISDIR, reply, |fs| fs
+        route!(self, req, ino, Errno::EISDIR, reply, |fs| fs
             .fallocate(req, ino, fh, offset, length, mode, reply))
     }
 
@@ -753,7 +959,7 @@ impl Filesystem for WorkspaceFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        route!(self, ino, Errno::EINVAL, reply, |fs| fs
+        route!(self, req, ino, Errno::EINVAL, reply, |fs| fs
             .lseek(req, ino, fh, offset, whence, reply))
     }
 

@@ -69,13 +69,38 @@ fn host_matches(path: &Path, entry: Option<&Entry>) -> Result<bool> {
     })
 }
 
-/// A name beside `path` for what replaces it.
+/// A short name beside `path` for what replaces it (short: `path`'s own name may be as
+/// long as a name can be).
 fn staging_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.velo-apply-{}", std::process::id()))
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".velo-apply.{}.{n}", std::process::id()))
+}
+
+/// The first directory above `rel` (below `dir`) that is a symbolic link on the host:
+/// writing there would write somewhere else. `checked` holds the directories found sound.
+fn bad_parent(
+    dir: &Path,
+    rel: &[u8],
+    checked: &mut std::collections::HashSet<PathBuf>,
+) -> Option<PathBuf> {
+    let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let mut at = dir.to_path_buf();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(std::ffi::OsStr::from_bytes(part));
+        if checked.contains(&at) {
+            continue;
+        }
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => return Some(at),
+            Ok(meta) if meta.is_dir() => {
+                checked.insert(at.clone());
+            }
+            // Missing (the apply makes it) or a file (a conflict of its own path).
+            _ => return None,
+        }
+    }
+    None
 }
 
 fn remove_any(path: &Path) -> Result<()> {
@@ -155,6 +180,19 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
     }
     let changes = treeops::diff(store, base, new)?;
     let host = |p: &[u8]| dir.join(std::ffi::OsStr::from_bytes(p));
+    // Never through a symbolic link, even with --force: the file behind it is not the
+    // checkout's.
+    let mut checked = std::collections::HashSet::new();
+    for change in &changes {
+        if let Some(link) = bad_parent(dir, &change.path, &mut checked) {
+            return Err(WorkspaceError::Refused(format!(
+                "{}: beyond the symbolic link {} (nothing written); an apply writes only inside {}",
+                String::from_utf8_lossy(&change.path),
+                link.display(),
+                dir.display()
+            )));
+        }
+    }
     if !force {
         let mut conflicts = Vec::new();
         for change in &changes {

@@ -42,7 +42,7 @@ pub const TOP_BRANCH: &str = "main";
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
     /// A file of the workspace could not be read or written.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -98,6 +98,9 @@ pub struct Config {
     pub store: PathBuf,
     /// Where it is mounted when it is.
     pub mount: Option<PathBuf>,
+    /// Mounted so that processes can be bound to branches (`branch bind --pid`).
+    #[serde(default)]
+    pub bindable: bool,
 }
 
 /// `branches/NAME/branch.json`.
@@ -203,6 +206,7 @@ impl Workspace {
     /// Makes workspace `dir` (which must not exist, or be empty) over tree `base` of
     /// `store`, with branch [`TOP_BRANCH`].
     pub fn init(dir: &Path, store: &Store, base: Hash, mount: Option<&Path>) -> Result<Workspace> {
+        check_path(dir)?;
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -228,6 +232,7 @@ impl Workspace {
             id: Hash::of_blob(&seed).to_hex()[..12].to_string(),
             store: store_root,
             mount: mount.map(Path::to_path_buf),
+            bindable: false,
         };
         for sub in ["branches", "snapshots"] {
             let path = dir.join(sub);
@@ -270,9 +275,11 @@ impl Workspace {
         &self.config
     }
 
-    /// Records where the workspace is mounted (`None`: not mounted).
-    pub fn set_mount(&mut self, mount: Option<&Path>) -> Result<()> {
+    /// Records where the workspace is mounted (`None`: not mounted), and whether
+    /// processes can be bound to its branches there.
+    pub fn set_mount(&mut self, mount: Option<&Path>, bindable: bool) -> Result<()> {
         self.config.mount = mount.map(Path::to_path_buf);
+        self.config.bindable = bindable;
         write_record(&self.dir.join("workspace.json"), &self.config)
     }
 
@@ -329,12 +336,28 @@ impl Workspace {
         Ok(())
     }
 
+    /// Removes the workspace: every root it registered, then its directory (its
+    /// branches' changes with it).
+    pub fn remove(self, store: &Store) -> Result<()> {
+        let prefix = format!("ws.{}.", self.config.id);
+        for root in store.roots()? {
+            if let Some(name) = root.name.filter(|n| n.starts_with(&prefix)) {
+                store.forget(&name)?;
+            }
+        }
+        remove_dir(&self.dir)
+    }
+
     /// Every branch, by name.
     pub fn branches(&self) -> Result<Vec<BranchRecord>> {
         let dir = self.dir.join("branches");
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
             let entry = entry.map_err(io("listing", &dir))?;
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                // A reset in progress, or one that was killed: not a branch.
+                continue;
+            }
             let record = entry.path().join("branch.json");
             if record.exists() {
                 out.push(read_record::<BranchRecord>(&record)?);
@@ -406,6 +429,11 @@ impl Workspace {
 
     /// Points branch `name` at tree `base` and empties its upper (its changes are gone:
     /// snapshot first to keep them).
+    ///
+    /// The new branch (record and empty upper) is made beside the old one and the two
+    /// directories are swapped in one `renameat2(RENAME_EXCHANGE)`, so a reset that fails
+    /// or is killed leaves the old branch or the new, never a mix; both bases stay
+    /// registered until the swap is done.
     pub fn reset_branch(
         &self,
         store: &Store,
@@ -414,45 +442,73 @@ impl Workspace {
         from: &str,
     ) -> Result<BranchRecord> {
         let mut record = self.branch(name)?;
-        let upper = self.upper_of(name);
-        // The new upper is made beside the old one and swapped in, so a reset killed
-        // half-way leaves the old state or the new, never a mix.
-        let fresh = self.branch_dir(name).join("upper.new");
-        if fresh.exists() {
-            remove_dir(&fresh)?;
+        let branches = self.dir.join("branches");
+        // Branch names never start with '.': this is nobody's branch, and not listed.
+        let staged = branches.join(format!(".{name}.reset"));
+        if staged.exists() {
+            remove_dir(&staged)?;
         }
-        private_dir(&fresh)?;
-        self.register(store, "base", name, base, None)?;
+        self.register(store, "reset", name, base, None)?;
         record.base = base.to_hex();
         record.created_unix = now_unix();
-        record.from = Some(from.to_string());
-        let old = self.branch_dir(name).join("upper.old");
-        if old.exists() {
-            remove_dir(&old)?;
+        record.from = Some(from.chars().take(256).collect());
+        let made = (|| {
+            private_dir(&staged)?;
+            private_dir(&staged.join("upper"))?;
+            write_record(&staged.join("branch.json"), &record)?;
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                self.branch_dir(name),
+                rustix::fs::CWD,
+                &staged,
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .map_err(|e| io("swapping in the reset branch", &staged)(e.into()))
+        })();
+        if let Err(e) = made {
+            let _ = remove_dir(&staged);
+            let _ = self.unregister(store, "reset", name);
+            return Err(e);
         }
-        std::fs::rename(&upper, &old).map_err(io("moving aside", &upper))?;
-        std::fs::rename(&fresh, &upper).map_err(io("moving into place", &fresh))?;
-        write_record(&self.branch_dir(name).join("branch.json"), &record)?;
-        remove_dir(&old)?;
+        sync_dir(&branches);
+        // Swapped: the old branch is the staged directory now.
+        self.register(store, "base", name, base, None)?;
+        self.unregister(store, "reset", name)?;
+        remove_dir(&staged)?;
         Ok(record)
     }
 
-    /// Every snapshot, oldest first.
-    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+    /// Every snapshot, oldest first, and the files of damaged snapshot records (a
+    /// damaged record hides nothing else).
+    pub fn snapshots_and_damage(&self) -> Result<(Vec<SnapshotRecord>, Vec<PathBuf>)> {
         let dir = self.dir.join("snapshots");
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
             let path = entry.map_err(io("listing", &dir))?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                out.push(read_record::<SnapshotRecord>(&path)?);
+            if snapshot_id_of(&path).is_some() {
+                match read_record::<SnapshotRecord>(&path) {
+                    Ok(record) => out.push(record),
+                    Err(_) => damaged.push(path),
+                }
             }
         }
         out.sort_by_key(|s| s.id.parse::<u64>().unwrap_or(u64::MAX));
-        Ok(out)
+        damaged.sort();
+        Ok((out, damaged))
+    }
+
+    /// Every snapshot, oldest first (damaged records left out).
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        Ok(self.snapshots_and_damage()?.0)
     }
 
     /// Snapshot `id`.
     pub fn snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        read_record(&self.snapshot_path(id)?)
+    }
+
+    fn snapshot_path(&self, id: &str) -> Result<PathBuf> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || id.len() > 19 {
             return Err(WorkspaceError::Refused(format!(
                 "{id:?}: a snapshot id is a number (`velo snapshot list` lists them)"
@@ -465,10 +521,13 @@ impl Workspace {
                 self.dir.display()
             )));
         }
-        read_record(&path)
+        Ok(path)
     }
 
     /// Records tree `tree` (sealed from `branch`) as a new snapshot and keeps it from gc.
+    /// Ids are given out under a lock on the snapshots' directory; the root is registered
+    /// before the record is written, and unregistered if that fails, so a record always
+    /// names a kept tree and a failure leaves no record.
     pub fn add_snapshot(
         &self,
         store: &Store,
@@ -477,49 +536,38 @@ impl Workspace {
         message: Option<&str>,
     ) -> Result<SnapshotRecord> {
         let dir = self.dir.join("snapshots");
-        let next = self
-            .snapshots()?
-            .iter()
-            .filter_map(|s| s.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
-        // The id is claimed with an exclusive create: two snapshots at once get two ids.
-        let mut id = next;
-        let path = loop {
-            let path = dir.join(format!("{id}.json"));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => break path,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => id += 1,
-                Err(e) => return Err(io("creating", &path)(e)),
+        let lock = std::fs::File::open(&dir).map_err(io("opening", &dir))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io("locking", &dir)(e.into()))?;
+        let mut next = 1;
+        for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let path = entry.map_err(io("listing", &dir))?.path();
+            if let Some(id) = snapshot_id_of(&path) {
+                next = next.max(id.saturating_add(1));
             }
-        };
+        }
         let record = SnapshotRecord {
             v: VERSION,
-            id: id.to_string(),
+            id: next.to_string(),
             tree: tree.to_hex(),
             branch: branch.to_string(),
-            message: message.map(str::to_string),
+            message: message.map(|m| m.chars().take(4096).collect()),
             created_unix: now_unix(),
         };
         let near = self.branch(branch).ok().and_then(|b| b.base().ok());
-        let registered = self.register(store, "snap", &record.id, tree, near);
-        if let Err(e) = registered {
-            let _ = std::fs::remove_file(&path);
+        self.register(store, "snap", &record.id, tree, near)?;
+        let path = dir.join(format!("{}.json", record.id));
+        if let Err(e) = write_record(&path, &record) {
+            let _ = self.unregister(store, "snap", &record.id);
             return Err(e);
         }
-        write_record(&path, &record)?;
         Ok(record)
     }
 
     /// Deletes snapshot `id`; its tree becomes collectable unless something else keeps it.
+    /// A damaged record is deleted too.
     pub fn delete_snapshot(&self, store: &Store, id: &str) -> Result<()> {
-        self.snapshot(id)?;
-        let path = self.dir.join("snapshots").join(format!("{id}.json"));
+        let path = self.snapshot_path(id)?;
         std::fs::remove_file(&path).map_err(io("removing", &path))?;
         self.unregister(store, "snap", id)
     }
@@ -553,6 +601,36 @@ fn private_dir(path: &Path) -> Result<()> {
         .mode(0o700)
         .create(path)
         .map_err(io("creating", path))
+}
+
+/// Refuses a workspace path its branches' uppers could not be used under: a branch's
+/// upper is also an overlayfs upper (`velo run --upper`), and overlayfs takes only UTF-8
+/// paths without ':' ',' or '\\'.
+fn check_path(dir: &Path) -> Result<()> {
+    let absolute = std::path::absolute(dir).map_err(io("resolving", dir))?;
+    match absolute.to_str() {
+        Some(text) if !text.contains([':', ',', '\\']) => Ok(()),
+        _ => Err(WorkspaceError::Refused(format!(
+            "{}: a workspace's path is UTF-8 without ':' ',' or '\\' (its branches' uppers are overlayfs uppers too); choose another directory",
+            dir.display()
+        ))),
+    }
+}
+
+/// The id of snapshot record `path` (`N.json`).
+fn snapshot_id_of(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    if name.is_empty() || name.len() > 19 || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok()
+}
+
+/// Flushes directory `dir`'s entries (a rename in it) to disk, as far as it can.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// The counts of `tree`, from those of `near` and the paths that differ between them.
