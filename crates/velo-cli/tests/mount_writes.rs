@@ -1184,14 +1184,6 @@ print("ok")
 }
 
 /// Restores /dev/fuse's mode when dropped.
-struct DeviceMode(u32);
-
-impl Drop for DeviceMode {
-    fn drop(&mut self) {
-        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.0));
-    }
-}
-
 /// An unprivileged server (as uid 65534, through fusermount3): the kernel opens files
 /// without asking it, so a file whose mode was taken away after a program opened it must
 /// still be read and written through that program's descriptor, also once unlinked.
@@ -1207,10 +1199,7 @@ fn an_unprivileged_server_serves_descriptors_whose_file_mode_was_taken_away() {
     {
         return;
     }
-    let mode = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
-    let _restore = DeviceMode(mode);
-    // What Debian's udev sets; an unprivileged mount cannot work without it.
-    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    let _device = common::DevFuseOpenToAll::new();
     let env = Env::new();
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let work = env.path("work");

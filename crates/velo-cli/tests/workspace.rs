@@ -1082,3 +1082,54 @@ fn bound_processes_see_their_branch_at_the_top_and_nothing_leaks_between_them() 
     ]);
     assert!(said.contains("--bindable"), "{said}");
 }
+
+#[test]
+fn an_unprivileged_user_runs_a_branch_in_a_user_namespace_of_its_own() {
+    if !fuse_available()
+        || !common::require(common::is_root(), "root (to become uid 65534 with setpriv)")
+        || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+        || !common::require(
+            common::find_tool("fusermount3").is_some(),
+            "fusermount3 (apt install fuse3)",
+        )
+        || !common::require(can_unshare(), "user namespaces")
+    {
+        return;
+    }
+    let _device = common::DevFuseOpenToAll::new();
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("work");
+    fs::create_dir_all(work.join("src")).unwrap();
+    fs::write(work.join("src/f"), b"base\n").unwrap();
+    let run = format!(
+        "set -e; w=\"$1\"; cd \"$w\"; v() {{ \"{}\" --store \"$w/store\" \"$@\"; }}; \
+         mkdir m; v ingest src --name t >/dev/null 2>&1; v workspace init ws --from t --mount m 2>/dev/null; \
+         v branch -w ws create b 2>/dev/null; echo b > m/.velo/branches/b/f; \
+         v branch -w ws exec b -- sh -c 'cat \"$0\"/m/f; id -u; echo made > \"$0\"/m/new' \"$w\" > out 2>&1 || status=$?; \
+         cat m/.velo/branches/b/new >> out 2>&1 || true; test -e m/new && echo leaked >> out; \
+         v umount m; cat out; exit ${{status:-0}}",
+        common::velo_bin().display()
+    );
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = common::as_nobody()
+        .args(["/bin/sh", "-c", &run, "sh"])
+        .arg(&work)
+        .env_remove("VR_THE_SOURCE")
+        .env_remove("VELO_WORKSPACE")
+        .env("HOME", &work)
+        .output()
+        .unwrap();
+    // The branch's bytes, the caller's own uid (mapped to itself), the write in the branch.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "b\n65534\nmade\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

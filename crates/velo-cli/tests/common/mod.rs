@@ -622,3 +622,27 @@ pub fn blake3_c_sources() -> Option<PathBuf> {
     }
     None
 }
+
+/// `/dev/fuse` at mode 0666 (what Debian's udev sets; an unprivileged mount cannot work
+/// without it) while this lives, then its mode again. Tests that need it run one at a
+/// time, across test binaries too (nextest runs those at once): each holds a lock.
+pub struct DevFuseOpenToAll {
+    mode: u32,
+    _lock: fs::File,
+}
+
+impl DevFuseOpenToAll {
+    pub fn new() -> DevFuseOpenToAll {
+        let lock = fs::File::create("/tmp/velo-tests-dev-fuse.lock").unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let mode = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+        DevFuseOpenToAll { mode, _lock: lock }
+    }
+}
+
+impl Drop for DevFuseOpenToAll {
+    fn drop(&mut self) {
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.mode));
+    }
+}
