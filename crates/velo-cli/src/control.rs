@@ -99,14 +99,24 @@ fn trusted(uid: Option<u32>) -> bool {
 
 /// One line, end of line included, of at most [`MAX_LINE`] bytes.
 fn read_raw_line(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
+    read_line_of_at_most(reader, MAX_LINE)
+}
+
+/// The longest reply a client reads: replies list paths (a commit's set-id files, say),
+/// so they may be far longer than a request; they come from a server of the caller's own
+/// user.
+const MAX_REPLY: u64 = 1 << 30;
+
+/// One line, end of line included, of at most `limit` bytes.
+fn read_line_of_at_most(reader: &mut impl BufRead, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
-    let n = reader.take(MAX_LINE + 1).read_until(b'\n', &mut line)?;
+    let n = reader.take(limit + 1).read_until(b'\n', &mut line)?;
     if n == 0 {
         return Ok(None);
     }
     if line.last() != Some(&b'\n') {
-        let why = if n as u64 > MAX_LINE {
-            "a message longer than 64 KiB"
+        let why = if n as u64 > limit {
+            "a message longer than the protocol allows"
         } else {
             "a message without its end of line"
         };
@@ -115,8 +125,9 @@ fn read_raw_line(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> 
     Ok(Some(line))
 }
 
+/// A reply: one JSON line of any length up to [`MAX_REPLY`].
 fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
-    let Some(line) = read_raw_line(reader)? else {
+    let Some(line) = read_line_of_at_most(reader, MAX_REPLY)? else {
         return Ok(None);
     };
     serde_json::from_slice(&line)

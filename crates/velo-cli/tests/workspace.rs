@@ -1133,3 +1133,29 @@ fn an_unprivileged_user_runs_a_branch_in_a_user_namespace_of_its_own() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn replies_longer_than_a_request_may_be_reach_the_client_whole() {
+    if !fuse_available() || !common::require(common::find_tool("mkfifo").is_some(), "mkfifo") {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (_ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    // 2,000 fifos with long names: a commit lists each as not committed, a reply of
+    // about 150 KB (a request may be 64 KiB at most).
+    let names: Vec<String> = (0..2000)
+        .map(|i| format!("a-fifo-with-a-rather-long-name-to-fill-the-reply-{i:05}"))
+        .collect();
+    let made = Command::new("mkfifo")
+        .args(&names)
+        .current_dir(&at)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = env.json(&["commit", at.to_str().unwrap()]);
+    let listed = out["not_committed"].as_array().unwrap();
+    assert_eq!(listed.len(), 2000, "{}", out.to_string().len());
+    drop(mounted);
+}
