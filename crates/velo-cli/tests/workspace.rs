@@ -339,6 +339,16 @@ fn gc_keeps_snapshots_and_branch_bases_and_their_deletion_frees_them() {
     let gc = env.json(&["gc", "--run"]);
     assert!(gc["blobs"].as_u64().unwrap() >= 1, "{gc}");
     assert!(env.run(&["cat", tree, "only-in-snapshot"]).status.code() != Some(0));
+    // A branch is all that keeps its base: deleting it lets gc take what only it had.
+    common::ingest_files(&env, "other", &[("only-other", b"other bytes 5678\n")]);
+    let made = in_ws_json(&env, &ws, &["branch", "create", "o", "--from", "other"]);
+    let base = made["base"].as_str().unwrap().to_string();
+    env.ok(&["forget", "other"]);
+    env.ok(&["gc", "--run"]);
+    assert_eq!(env.ok(&["cat", &base, "only-other"]), "other bytes 5678\n");
+    in_ws(&env, &ws, &["branch", "delete", "o"]);
+    env.ok(&["gc", "--run"]);
+    assert!(env.run(&["cat", &base, "only-other"]).status.code() != Some(0));
     env.fsck_ok();
 }
 
@@ -727,6 +737,65 @@ fn kill_9_of_the_server_during_snapshots_loses_nothing_and_records_stay_whole() 
         }
     }
     drop(mounted);
+    env.fsck_ok();
+}
+
+#[test]
+fn kill_9_of_the_server_during_resets_leaves_each_branch_old_or_new() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    let w = ws.to_str().unwrap();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    fs::write(branch_dir(&at, "b").join("f"), b"one\n").unwrap();
+    let one = in_ws_json(&env, &ws, &["snapshot", "create", "--branch", "b"]);
+    for (round, delay_ms) in [0u64, 3, 8, 20, 60].into_iter().enumerate() {
+        // Changes of its own, then a reset to snapshot "one", and the server killed.
+        for i in 0..300 {
+            fs::write(branch_dir(&at, "b").join(format!("r{round}-{i}")), b"x").unwrap();
+        }
+        let reset = env
+            .cmd()
+            .args(["branch", "-w", w, "reset", "b", one["id"].as_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let pid = workspace_server_pid(&at).expect("the workspace server runs");
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        let _ = reset.wait_with_output();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        env.ok(&["workspace", "mount", w, at.to_str().unwrap()]);
+        // Old (with this round's files) or new (none of them): never a mix.
+        let b = branch_dir(&at, "b");
+        assert_eq!(fs::read(b.join("f")).unwrap(), b"one\n");
+        let kept = (0..300)
+            .filter(|i| b.join(format!("r{round}-{i}")).exists())
+            .count();
+        assert!(
+            kept == 0 || kept == 300,
+            "round {round}: {kept} of 300 files"
+        );
+        let list = in_ws_json(&env, &ws, &["branch", "list"]);
+        assert_eq!(list["branches"].as_array().unwrap().len(), 2, "{list}");
+    }
+    drop(mounted);
+    // Every base a record names is still there after gc.
+    env.ok(&["gc", "--run"]);
+    env.ok(&["workspace", "mount", w, at.to_str().unwrap()]);
+    let _again = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    assert_eq!(fs::read(branch_dir(&at, "b").join("f")).unwrap(), b"one\n");
     env.fsck_ok();
 }
 
