@@ -99,7 +99,7 @@ fn trusted(uid: Option<u32>) -> bool {
 
 /// One line, end of line included, of at most [`MAX_LINE`] bytes.
 fn read_raw_line(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
-    read_line_of_at_most(reader, MAX_LINE)
+    read_line_of_at_most(reader, MAX_LINE, "a message longer than 64 KiB")
 }
 
 /// The longest reply a client reads: replies list paths (a commit's set-id files, say),
@@ -107,8 +107,12 @@ fn read_raw_line(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> 
 /// user.
 const MAX_REPLY: u64 = 1 << 30;
 
-/// One line, end of line included, of at most `limit` bytes.
-fn read_line_of_at_most(reader: &mut impl BufRead, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+/// One line, end of line included, of at most `limit` bytes (`too_long` says so).
+fn read_line_of_at_most(
+    reader: &mut impl BufRead,
+    limit: u64,
+    too_long: &'static str,
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let n = reader.take(limit + 1).read_until(b'\n', &mut line)?;
     if n == 0 {
@@ -116,7 +120,7 @@ fn read_line_of_at_most(reader: &mut impl BufRead, limit: u64) -> std::io::Resul
     }
     if line.last() != Some(&b'\n') {
         let why = if n as u64 > limit {
-            "a message longer than the protocol allows"
+            too_long
         } else {
             "a message without its end of line"
         };
@@ -127,7 +131,7 @@ fn read_line_of_at_most(reader: &mut impl BufRead, limit: u64) -> std::io::Resul
 
 /// A reply: one JSON line of any length up to [`MAX_REPLY`].
 fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<Value>> {
-    let Some(line) = read_line_of_at_most(reader, MAX_REPLY)? else {
+    let Some(line) = read_line_of_at_most(reader, MAX_REPLY, "a reply longer than 1 GiB")? else {
         return Ok(None);
     };
     serde_json::from_slice(&line)
@@ -286,6 +290,11 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
                 }),
                 Err(e) => error_reply(format!("{e:#}")),
             },
+            velo_control::Request::CommitAtExit { .. } if server.info().workspace.is_some() => {
+                error_reply(
+                    "a workspace keeps each branch's changes in its own upper: `velo snapshot create` seals one; unmount without --commit",
+                )
+            }
             velo_control::Request::CommitAtExit { name, out } => {
                 let Ok(waiting) = stream.try_clone() else {
                     return;

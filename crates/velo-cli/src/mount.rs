@@ -683,6 +683,15 @@ pub fn umount(
     // Everything that could fail the commit's registration is checked before the mount
     // goes: a bad name or output path must not cost the changes.
     if wants_commit {
+        if info
+            .as_ref()
+            .is_some_and(|i| i.get("workspace").is_some_and(|w| !w.is_null()))
+        {
+            bail!(
+                "{} is a workspace: each branch keeps its changes in its own upper; `velo snapshot create` seals one (velo umount without --commit/--name unmounts it)",
+                path.display()
+            );
+        }
         check_commit_target(name.as_deref(), commit_to.as_deref())?;
         if info
             .as_ref()

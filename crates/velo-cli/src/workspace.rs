@@ -373,6 +373,7 @@ impl WorkspaceServer {
         }
         let ws = Workspace::open(&self.dir)?;
         let store = Store::open(&self.store_root)?;
+        ws.keep_base(&store, &ws.branch(name)?)?;
         let (fs, served) = branch_fs(&store, &self.store_root, &ws, name)?;
         self.branches.add(name, fs)?;
         self.served().insert(name.to_string(), served);
@@ -885,6 +886,15 @@ pub fn branch_bind(ctx: &Ctx, ws: &Workspace, name: Option<&str>, pid: u32) -> R
             ws.dir().display()
         )
     })?;
+    if let (Some(mount), Some(_)) = (&ws.config().mount, name) {
+        if let Some(below) = mount_below(mount)? {
+            bail!(
+                "{} is mounted on below {}: a process bound to another branch would detach it (the kernel drops the entries of the mount's top such a process walks through). Unmount it, or run the command with `velo branch exec`",
+                below.display(),
+                mount.display()
+            );
+        }
+    }
     let reply = match name {
         Some(name) => client.ask(&velo_control::Request::BranchBind {
             branch: name.to_string(),
@@ -899,6 +909,49 @@ pub fn branch_bind(ctx: &Ctx, ws: &Workspace, name: Option<&str>, pid: u32) -> R
         }
         None => note!("velo: process {pid} was not bound"),
     })
+}
+
+/// A mount point below `mount` (not `mount` itself), as this process sees them.
+fn mount_below(mount: &Path) -> Result<Option<PathBuf>> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    for line in info.lines() {
+        // Field 5 is the mount point, with spaces and the like as octal escapes.
+        let Some(point) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape_mountinfo(point));
+        if point != mount && point.starts_with(mount) {
+            return Ok(Some(point));
+        }
+    }
+    Ok(None)
+}
+
+/// A mountinfo field with its `\NNN` octal escapes undone.
+fn unescape_mountinfo(field: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0')))
+            .and_then(|n| u8::try_from(n).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 /// `velo branch exec NAME -- CMD...`: CMD runs in a mount namespace of its own where the

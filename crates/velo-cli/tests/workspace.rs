@@ -1133,6 +1133,31 @@ fn bound_processes_see_their_branch_at_the_top_and_nothing_leaks_between_them() 
     env.ok(&["branch", "-w", w, "unbind", "--pid", &c.id().to_string()]);
     fs::write(format!("{}.2", go.display()), b"").unwrap();
     assert_eq!(c.wait_with_output().unwrap().stdout, b"base\n");
+    // A mount below the top would be detached by a bound process's walk: refused.
+    if common::is_root() {
+        fs::create_dir_all(at.join("sub")).unwrap();
+        let sub = at.join("sub");
+        let made = Command::new("mount")
+            .args(["-t", "tmpfs", "velo-test", sub.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let said = env.fails(&[
+            "branch",
+            "-w",
+            w,
+            "bind",
+            "x",
+            "--pid",
+            &std::process::id().to_string(),
+        ]);
+        let _ = Command::new("umount").arg(&sub).status();
+        assert!(said.contains("would detach it"), "{said}");
+    }
+    // A workspace commits no branch at unmount: said before anything is unmounted.
+    let said = env.fails(&["umount", at.to_str().unwrap(), "--name", "all"]);
+    assert!(said.contains("velo snapshot create"), "{said}");
+    assert!(velo_fuse_mounted(&at));
     // A mount made without --bindable says how to get one.
     drop(mounted);
     env.ok(&["workspace", "mount", w, at.to_str().unwrap()]);
@@ -1227,4 +1252,11 @@ fn replies_longer_than_a_request_may_be_reach_the_client_whole() {
     let listed = out["not_committed"].as_array().unwrap();
     assert_eq!(listed.len(), 2000, "{}", out.to_string().len());
     drop(mounted);
+}
+
+fn velo_fuse_mounted(at: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
 }

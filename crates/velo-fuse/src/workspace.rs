@@ -60,10 +60,10 @@ pub struct Branches {
     bindable: bool,
     /// Bound processes: pid → (its start time, the branch it sees).
     bindings: RwLock<HashMap<u32, (u64, String)>>,
-    /// Which branch each requesting thread sees, worked out from its ancestors: (when,
-    /// the branch). Emptied when a binding changes; an entry is trusted for a second
-    /// (a pid reused later is looked at again).
-    views: std::sync::Mutex<HashMap<u32, (std::time::Instant, Option<String>)>>,
+    /// Which branch each requesting thread sees, worked out from its ancestors: (the
+    /// thread's start time, the branch). Emptied when a binding changes; an entry counts
+    /// only for the thread that started then (not for a later one given its pid).
+    views: std::sync::Mutex<HashMap<u32, (u64, Option<String>)>>,
     uid: u32,
     gid: u32,
 }
@@ -202,14 +202,14 @@ impl Branches {
         {
             return None;
         }
-        let now = std::time::Instant::now();
-        if let Some((when, view)) = self
+        let (_, started) = proc_parent_and_start(tid)?;
+        if let Some((start, view)) = self
             .views
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&tid)
         {
-            if now.duration_since(*when) < Duration::from_secs(1) {
+            if *start == started {
                 return view.clone();
             }
         }
@@ -218,7 +218,7 @@ impl Branches {
         if views.len() > 4096 {
             views.clear();
         }
-        views.insert(tid, (now, view.clone()));
+        views.insert(tid, (started, view.clone()));
         view
     }
 

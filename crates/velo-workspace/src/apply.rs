@@ -31,24 +31,51 @@ fn entry_at(store: &Store, root: Hash, path: &[u8]) -> Result<Option<Entry>> {
     match treeops::lookup(store, root, path) {
         Ok(Found::Entry(e)) => Ok(Some(e)),
         Ok(Found::Root(_)) => Ok(None),
-        Err(velo_store::StoreError::NoSuchPath { .. }) => Ok(None),
+        // A parent that is no directory there (a file that became one): no entry either.
+        Err(
+            velo_store::StoreError::NoSuchPath { .. }
+            | velo_store::StoreError::NotADirectory { .. },
+        ) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Whether the host object at `path` is what `entry` records (content, target, kind; a
-/// missing entry: nothing there).
-fn host_matches(path: &Path, entry: Option<&Entry>) -> Result<bool> {
+/// missing entry: nothing there). With `whole`, a directory also holds no name its tree
+/// does not: an apply that removes or replaces it must not take the host's own files
+/// (untracked ones, build outputs) with it.
+fn host_matches(store: &Store, path: &Path, entry: Option<&Entry>, whole: bool) -> Result<bool> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entry.is_none()),
+        // Nothing there (its parent may be a file the apply replaces by a directory).
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.kind() == std::io::ErrorKind::NotADirectory =>
+        {
+            return Ok(entry.is_none())
+        }
         Err(e) => return Err(io("reading", path)(e)),
     };
     let Some(entry) = entry else {
         return Ok(false);
     };
     Ok(match &entry.kind {
-        EntryKind::Dir { .. } => meta.is_dir(),
+        EntryKind::Dir { hash } => {
+            if !meta.is_dir() {
+                return Ok(false);
+            }
+            if !whole {
+                return Ok(true);
+            }
+            let tree = store.get_tree(hash)?;
+            for host in std::fs::read_dir(path).map_err(io("listing", path))? {
+                let host = host.map_err(io("listing", path))?;
+                if tree.get(host.file_name().as_bytes()).is_none() {
+                    return Ok(false);
+                }
+            }
+            true
+        }
         EntryKind::Symlink { target } => {
             meta.file_type().is_symlink()
                 && std::fs::read_link(path)
@@ -198,11 +225,14 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
         for change in &changes {
             let path = host(&change.path);
             let was = entry_at(store, base, &change.path)?;
-            if host_matches(&path, was.as_ref())? {
+            let now = entry_at(store, new, &change.path)?;
+            // A directory that goes away (removed, or replaced by a file) must hold only
+            // what the base had there.
+            let goes = !matches!(now.as_ref().map(|e| &e.kind), Some(EntryKind::Dir { .. }));
+            if host_matches(store, &path, was.as_ref(), goes)? {
                 continue;
             }
-            let now = entry_at(store, new, &change.path)?;
-            if host_matches(&path, now.as_ref())? {
+            if host_matches(store, &path, now.as_ref(), false)? {
                 continue;
             }
             conflicts.push(String::from_utf8_lossy(&change.path).into_owned());

@@ -424,7 +424,21 @@ impl Workspace {
         let record = dir.join("branch.json");
         std::fs::remove_file(&record).map_err(io("removing", &record))?;
         remove_dir(&dir)?;
+        self.unregister(store, "reset", name)?;
         self.unregister(store, "base", name)
+    }
+
+    /// Makes sure branch `record`'s base is registered under the branch's root name (what
+    /// a reset killed between its swap and its registration leaves undone).
+    pub fn keep_base(&self, store: &Store, record: &BranchRecord) -> Result<()> {
+        let name = self.root_name("base", &record.name);
+        if store
+            .root_by_name(&name)?
+            .is_some_and(|r| r.root == record.base)
+        {
+            return Ok(());
+        }
+        self.register(store, "base", &record.name, record.base()?, None)
     }
 
     /// Points branch `name` at tree `base` and empties its upper (its changes are gone:
@@ -442,6 +456,9 @@ impl Workspace {
         from: &str,
     ) -> Result<BranchRecord> {
         let mut record = self.branch(name)?;
+        // A reset killed after its swap left the base registered under its reset name
+        // only: registered under the branch's again, before that name is used anew.
+        self.keep_base(store, &record)?;
         let branches = self.dir.join("branches");
         // Branch names never start with '.': this is nobody's branch, and not listed.
         let staged = branches.join(format!(".{name}.reset"));
@@ -801,6 +818,86 @@ mod tests {
         assert_eq!(
             recorded,
             velo_store::treeops::stats(&store, changed).unwrap()
+        );
+    }
+
+    fn ingest_dir(store: &Store, dir: &Path, files: &[(&str, &[u8])]) -> Hash {
+        for (path, bytes) in files {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        velo_ingest::ingest(
+            store,
+            dir,
+            &velo_ingest::IngestOptions::default(),
+            &velo_ingest::Progress::default(),
+        )
+        .unwrap()
+        .root
+    }
+
+    #[test]
+    fn a_branch_base_registered_nowhere_else_is_kept_by_the_branch_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, root) = store_with_tree(tmp.path());
+        let ws = Workspace::init(&tmp.path().join("ws"), &store, root, None).unwrap();
+        let b = ws.create_branch(&store, "b", root, None).unwrap();
+        // What a reset killed between its swap and its registration leaves: the record's
+        // base under no root of the branch's name.
+        let name = format!("ws.{}.base.b", ws.config().id);
+        store.forget(&name).unwrap();
+        ws.keep_base(&store, &b).unwrap();
+        assert_eq!(store.root_by_name(&name).unwrap().unwrap().root, b.base);
+        let other = ingest_dir(&store, &tmp.path().join("other"), &[("o", b"o")]);
+        store.forget(&name).unwrap();
+        let reset = ws.reset_branch(&store, "b", other, "other").unwrap();
+        assert_eq!(reset.base, other.to_hex());
+        assert_eq!(
+            store.root_by_name(&name).unwrap().unwrap().root,
+            other.to_hex()
+        );
+        let reset_name = format!("ws.{}.reset.b", ws.config().id);
+        assert!(store.root_by_name(&reset_name).unwrap().is_none());
+        ws.delete_branch(&store, "b").unwrap();
+        assert!(store.root_by_name(&name).unwrap().is_none());
+    }
+
+    #[test]
+    fn apply_keeps_the_hosts_own_files_and_turns_files_into_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(tmp.path().join("store")).unwrap();
+        let base = ingest_dir(
+            &store,
+            &tmp.path().join("a"),
+            &[("gone/x", b"x"), ("becomes-dir", b"f"), ("kept", b"k")],
+        );
+        let new = ingest_dir(
+            &store,
+            &tmp.path().join("b"),
+            &[("becomes-dir/inside", b"i"), ("kept", b"k")],
+        );
+        let host = tmp.path().join("host");
+        for (path, bytes) in [("gone/x", &b"x"[..]), ("becomes-dir", b"f"), ("kept", b"k")] {
+            let path = host.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        // A file of the host's own in a directory the branch removes: a conflict.
+        std::fs::write(host.join("gone/untracked"), b"mine").unwrap();
+        let e = apply(&store, base, new, &host, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gone") && e.contains("nothing written"), "{e}");
+        assert_eq!(std::fs::read(host.join("gone/untracked")).unwrap(), b"mine");
+        assert!(host.join("becomes-dir").is_file());
+        // Without it, the apply goes through: a file became a directory.
+        std::fs::remove_file(host.join("gone/untracked")).unwrap();
+        apply(&store, base, new, &host, false).unwrap();
+        assert!(!host.join("gone").exists());
+        assert_eq!(
+            std::fs::read(host.join("becomes-dir/inside")).unwrap(),
+            b"i"
         );
     }
 
