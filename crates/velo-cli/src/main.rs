@@ -330,8 +330,18 @@ enum WorkspaceAction {
         /// A new or empty directory: the workspace's records and every branch's changes
         dir: PathBuf,
         /// The tree: a root name, a tree hash (or unique prefix), or a .velo file
-        #[arg(long, value_name = "TREE")]
-        from: String,
+        #[arg(
+            long,
+            value_name = "TREE",
+            required_unless_present = "lower",
+            conflicts_with = "lower"
+        )]
+        from: Option<String>,
+        /// A host directory as the base, not ingested: branch main shows it as it is now
+        /// (indexed, no file read); it is never written; a file changed on the host later
+        /// is refused (EIO), and a snapshot ingests it then
+        #[arg(long, value_name = "HOSTDIR")]
+        lower: Option<PathBuf>,
         /// Serve it here: branch main at MOUNTPOINT, every branch at
         /// MOUNTPOINT/.velo/branches/NAME
         #[arg(long, value_name = "MOUNTPOINT")]
@@ -589,9 +599,28 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             WorkspaceAction::Init {
                 dir,
                 from,
+                lower,
                 mount,
                 bindable,
-            } => workspace::init(ctx, &dir, &from, mount.as_deref(), bindable),
+            } => match (&from, &lower) {
+                (Some(from), _) => workspace::init(
+                    ctx,
+                    &dir,
+                    workspace::Over::Tree(from),
+                    mount.as_deref(),
+                    bindable,
+                ),
+                (None, Some(lower)) => workspace::init(
+                    ctx,
+                    &dir,
+                    workspace::Over::Lower(lower),
+                    mount.as_deref(),
+                    bindable,
+                ),
+                (None, None) => Err(anyhow::anyhow!(
+                    "velo workspace init needs --from TREE or --lower HOSTDIR"
+                )),
+            },
             WorkspaceAction::Mount {
                 dir,
                 mountpoint,

@@ -111,7 +111,7 @@ fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
     let record = ws.branch(name)?;
     let upper = ws.upper_of(name);
     if is_empty_dir(&upper) {
-        return Ok(record.base()?);
+        return Ok(ws.base_tree(store, &record)?);
     }
     if let Some(mut client) = server(ws) {
         if let Some(mount) = &ws.config().mount {
@@ -124,7 +124,7 @@ fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
     }
     // No server: take the upper's lock, so a server started meanwhile waits.
     let (path, _lock) = velo_project::session::prepare_upper(store.root(), &upper)?;
-    commit_branch(store, record.base()?, &path)
+    commit_branch(store, ws.base_tree(store, &record)?, &path)
 }
 
 /// The tree a name shows: a snapshot's, a branch's current one, or a tree of the store.
@@ -146,16 +146,21 @@ fn print(ctx: &Ctx, value: Value, text: impl FnOnce()) -> Result<ExitCode> {
 }
 
 /// `velo workspace init DIR --from TREE [--mount MOUNTPOINT]`.
+/// What a workspace is made over: a tree, or a host directory (`--lower`).
+pub enum Over<'a> {
+    Tree(&'a str),
+    Lower(&'a Path),
+}
+
 pub fn init(
     ctx: &Ctx,
     dir: &Path,
-    from: &str,
+    over: Over<'_>,
     mount: Option<&Path>,
     bindable: bool,
 ) -> Result<ExitCode> {
     let store = ctx.store_or_create()?;
     let _lock = store.lock_shared()?;
-    let base = crate::run::layer(&store, from)?;
     let mountpoint =
         match mount {
             Some(m) => Some(std::fs::canonicalize(m).with_context(|| {
@@ -166,7 +171,23 @@ pub fn init(
     if let Some(mp) = &mountpoint {
         check_mountpoint(dir, store.root(), mp)?;
     }
-    let mut ws = Workspace::init(dir, &store, base, mountpoint.as_deref())?;
+    let (mut ws, base) = match over {
+        Over::Tree(from) => {
+            let base = crate::run::layer(&store, from)?;
+            let ws = Workspace::init(dir, &store, base, mountpoint.as_deref())?;
+            (ws, base.to_hex())
+        }
+        Over::Lower(lower) => {
+            let (ws, left_out) = Workspace::init_lower(dir, &store, lower, mountpoint.as_deref())?;
+            if left_out > 0 {
+                note!(
+                    "velo: --lower {}: {left_out} sockets, fifos or devices left out (a tree holds none)",
+                    lower.display()
+                );
+            }
+            (ws, "lower".to_string())
+        }
+    };
     let started = (|| {
         if bindable {
             ws.set_mount(mountpoint.as_deref(), true)?;
@@ -187,7 +208,8 @@ pub fn init(
         ctx,
         json!({
             "workspace": ws.dir().to_string_lossy(),
-            "base": base.to_hex(),
+            "base": base,
+            "lower": ws.config().lower.as_ref().map(|l| l.to_string_lossy()),
             "branch": TOP_BRANCH,
             "mount": mountpoint.as_ref().map(|m| m.to_string_lossy()),
         }),
@@ -195,7 +217,10 @@ pub fn init(
             note!(
                 "velo: workspace {} over {} (branch {TOP_BRANCH}){}",
                 ws.dir().display(),
-                &base.to_hex()[..16],
+                match &ws.config().lower {
+                    Some(lower) => format!("host directory {}", lower.display()),
+                    None => base[..16].to_string(),
+                },
                 match &mountpoint {
                     Some(m) => format!(", mounted at {}", m.display()),
                     None => String::new(),
@@ -301,7 +326,8 @@ fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
 
 /// One served branch: what it was made from, and the lock on its upper.
 struct Served {
-    base: Hash,
+    /// `None`: the workspace's host lower.
+    base: Option<Hash>,
     upper: PathBuf,
     _lock: OwnedFd,
 }
@@ -328,10 +354,17 @@ fn branch_fs(
     name: &str,
 ) -> Result<(velo_fuse::TreeFs, Served)> {
     let record = ws.branch(name)?;
-    let base = record.base()?;
-    let view = velo_project::view::ensure_view(store, base)?;
-    let index = velo_view::View::new(crate::shim::map(&view.index)?)
-        .with_context(|| format!("{}: not a view index", view.index.display()))?;
+    let (base, index_path) = if record.lower {
+        (None, ws.dir().join("lower.idx"))
+    } else {
+        let base = record.base()?;
+        (
+            Some(base),
+            velo_project::view::ensure_view(store, base)?.index,
+        )
+    };
+    let index = velo_view::View::new(crate::shim::map(&index_path)?)
+        .with_context(|| format!("{}: not a view index", index_path.display()))?;
     let (upper, lock) = velo_project::session::prepare_upper(store_root, &ws.upper_of(name))?;
     let fs = velo_fuse::TreeFs::new(
         index,
@@ -342,6 +375,20 @@ fn branch_fs(
     )?
     .with_max_depth(velo_core::MAX_DEPTH)
     .with_tree_xattrs(crate::mount::tree_xattrs(store_root)?);
+    let fs = match (&ws.config().lower, record.lower) {
+        (Some(lower), true) => {
+            let dir = rustix::fs::open(
+                lower,
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .with_context(|| format!("opening the host lower {}", lower.display()))?;
+            fs.with_host_lower(dir)
+        }
+        _ => fs,
+    };
     Ok((
         fs,
         Served {
@@ -443,6 +490,14 @@ impl WorkspaceServer {
             .with_context(|| format!("branch {name} is not served"))?;
         let store = Store::open(&self.store_root)?;
         let _lock = store.lock_shared()?;
+        let base = match base {
+            Some(base) => base,
+            // The host lower, ingested now and checked against its index.
+            None => {
+                let ws = Workspace::open(&self.dir)?;
+                ws.base_tree(&store, &ws.branch(name)?)?
+            }
+        };
         let _quiet = control.quiesce();
         let report = velo_project::commit::commit_upper(
             &store,
@@ -469,7 +524,10 @@ fn report_json(report: &velo_project::commit::CommitReport) -> Value {
 
 impl crate::control::Server for WorkspaceServer {
     fn info(&self) -> crate::control::ServerInfo {
-        let top = self.served().get(TOP_BRANCH).map(|s| s.base.to_hex());
+        let top = self
+            .served()
+            .get(TOP_BRANCH)
+            .map(|s| s.base.map_or_else(|| "lower".to_string(), |b| b.to_hex()));
         crate::control::ServerInfo {
             store: self.store_root.clone(),
             root: top.unwrap_or_default(),
@@ -771,7 +829,7 @@ pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
             out!(
                 "{}\t{}\t{}",
                 b.name,
-                &b.base[..16],
+                b.base.get(..16).unwrap_or(&b.base),
                 if changed { "changed" } else { "clean" }
             );
         }
@@ -846,7 +904,7 @@ pub fn branch_apply(
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
     let now = branch_tree(ws, &store, name)?;
-    let report = velo_workspace::apply(&store, record.base()?, now, dir, force)?;
+    let report = velo_workspace::apply(&store, ws.base_tree(&store, &record)?, now, dir, force)?;
     let shown = |list: &[PathBuf]| {
         list.iter()
             .map(|p| p.to_string_lossy().into_owned())

@@ -1260,3 +1260,123 @@ fn velo_fuse_mounted(at: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
 }
+
+#[test]
+fn a_host_directory_as_the_lower_is_shown_as_it_was_never_written_and_never_mixed() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let host = env.path("host");
+    fs::create_dir_all(host.join("sub")).unwrap();
+    fs::write(host.join("a"), b"a\n").unwrap();
+    fs::write(host.join("sub/b"), b"b\n").unwrap();
+    fs::write(host.join("sub/c"), b"c\n").unwrap();
+    std::os::unix::fs::symlink("a", host.join("link")).unwrap();
+    common::touch_ns(&host.join("a"), 1_600_000_000, 123);
+    // Made before the workspace, never read through the mount before it changes.
+    fs::create_dir_all(host.join("unread")).unwrap();
+    fs::write(host.join("unread/u"), b"u\n").unwrap();
+    let before = common::scan(&host);
+    let ws = env.path("ws");
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let made = env.json(&[
+        "workspace",
+        "init",
+        ws.to_str().unwrap(),
+        "--lower",
+        host.to_str().unwrap(),
+        "--mount",
+        at.to_str().unwrap(),
+    ]);
+    assert_eq!(made["base"], "lower", "{made}");
+    let mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    // Reads fall through, with the host's exact metadata (listed, not read: unread/);
+    // nothing was ingested.
+    let shown: std::collections::BTreeSet<_> = common::listed_names(&at);
+    assert_eq!(shown, common::listed_names(&host));
+    for name in ["a", "sub/b", "sub/c", "link"] {
+        assert_eq!(
+            fs::symlink_metadata(at.join(name)).unwrap().mtime(),
+            fs::symlink_metadata(host.join(name)).unwrap().mtime()
+        );
+    }
+    assert_eq!(fs::read(at.join("sub/c")).unwrap(), b"c\n");
+    assert_eq!(fs::read_link(at.join("link")).unwrap(), Path::new("a"));
+    assert_eq!(env.json(&["status"])["blobs"].as_u64(), Some(0));
+    // Writes copy up, deletions are whiteouts, listings merge; the host is never written.
+    fs::write(at.join("a"), b"changed\n").unwrap();
+    fs::remove_file(at.join("sub/b")).unwrap();
+    fs::write(at.join("sub/new"), b"new\n").unwrap();
+    let names: Vec<_> = fs::read_dir(at.join("sub"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(names, vec!["c", "new"]);
+    assert_eq!(common::scan(&host), before);
+    // A snapshot ingests the host directory then, checked against what was shown.
+    let snap = in_ws_json(&env, &ws, &["snapshot", "create"]);
+    let tree = snap["tree"].as_str().unwrap();
+    assert_eq!(env.ok(&["cat", tree, "a"]), "changed\n");
+    assert_eq!(env.ok(&["cat", tree, "sub/c"]), "c\n");
+    assert!(env
+        .fails(&["cat", tree, "sub/b"])
+        .contains("does not exist"));
+    in_ws(
+        &env,
+        &ws,
+        &[
+            "branch",
+            "create",
+            "t",
+            "--from",
+            snap["id"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        fs::read(branch_dir(&at, "t").join("sub/new")).unwrap(),
+        b"new\n"
+    );
+    // The host changes under the running workspace: names made later never show, a
+    // changed file is refused instead of shown as a mix, and nothing seals it.
+    fs::write(host.join("later"), b"l\n").unwrap();
+    fs::write(host.join("sub/c"), b"C, longer now\n").unwrap();
+    fs::write(host.join("unread/u"), b"U, longer now\n").unwrap();
+    assert!(!at.join("later").exists());
+    let err = fs::read(at.join("unread/u")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // What the kernel read before the change it may still show: the old bytes, whole.
+    let c = fs::read(at.join("sub/c"));
+    assert!(
+        c.as_deref().ok() == Some(&b"c\n"[..]) || c.is_err(),
+        "{c:?}"
+    );
+    let said = env.fails(&["snapshot", "-w", ws.to_str().unwrap(), "create"]);
+    assert!(
+        said.contains("changed since the workspace was made"),
+        "{said}"
+    );
+    // The branch made from the snapshot is a tree of its own: the host is nothing to it.
+    assert_eq!(
+        fs::read(branch_dir(&at, "t").join("sub/c")).unwrap(),
+        b"c\n"
+    );
+    // Bad lowers are refused before anything is made.
+    let said = env.fails(&[
+        "workspace",
+        "init",
+        env.path("ws2").to_str().unwrap(),
+        "--lower",
+        env.path("nowhere").to_str().unwrap(),
+    ]);
+    assert!(said.contains("nowhere"), "{said}");
+    assert!(!env.path("ws2").exists());
+    drop(mounted);
+    env.fsck_ok();
+}

@@ -137,6 +137,9 @@ pub(crate) struct Namespace {
     pub dir_fds: std::sync::Mutex<HashMap<u64, Arc<OwnedFd>>>,
     /// Where this namespace's inode numbers start: tree node `i` is `base + i + 1`.
     pub base: u64,
+    /// The view is a lower index of this host directory (a workspace's `--lower`): file
+    /// bytes come from it, each file checked to be the one indexed.
+    pub host_lower: Option<OwnedFd>,
 }
 
 /// Upper directories kept open at most.
@@ -183,13 +186,19 @@ impl Namespace {
 
     /// A tree file's blob, from the cache or opened now.
     pub(crate) fn cached_blob(&self, node: &Node) -> Result<std::sync::Arc<File>, Errno> {
-        if let Some(file) = self
+        let cached = self
             .blob_files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&node.index)
-        {
-            return Ok(file.clone());
+            .cloned();
+        if let Some(file) = cached {
+            // A host lower's file is checked again each time: one changed in place since
+            // must not be read on.
+            if self.host_lower.is_some() {
+                self.check_host_file(&file, node, b"")?;
+            }
+            return Ok(file);
         }
         let file = std::sync::Arc::new(self.blob_file(node)?);
         let mut cache = self.blob_files.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,8 +210,65 @@ impl Namespace {
         Ok(file)
     }
 
+    /// A file of the host lower, opened now if it is still the one indexed: never
+    /// through a symlink, never beside the directory, never a file changed since.
+    fn host_file(&self, lower: &OwnedFd, node: &Node) -> Result<File, Errno> {
+        let mut buf = [0u8; PATH_MAX];
+        let n = self
+            .view
+            .path_of(b"", node.index, &mut buf)
+            .ok_or(Errno::ENAMETOOLONG)?;
+        let rel = buf[..n].strip_prefix(b"/").unwrap_or(&buf[..n]);
+        let fd = rustix::fs::openat2(
+            lower,
+            rel,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH
+                | rustix::fs::ResolveFlags::NO_SYMLINKS
+                | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+        );
+        let changed = |why: &str| {
+            tracing::warn!(
+                path = %String::from_utf8_lossy(rel),
+                "a file of the workspace's host lower {why}: refused (EIO)"
+            );
+            Errno::EIO
+        };
+        let file = File::from(fd.map_err(|_| changed("is gone"))?);
+        self.check_host_file(&file, node, rel)?;
+        Ok(file)
+    }
+
+    /// Whether `file` of the host lower is still the one node `node` indexed (`EIO`,
+    /// logged, if not).
+    fn check_host_file(&self, file: &File, node: &Node, rel: &[u8]) -> Result<(), Errno> {
+        let same = rustix::fs::fstat(file).is_ok_and(|st| {
+            let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+            let now = velo_view::host_fingerprint(
+                st.st_dev,
+                st.st_ino,
+                ns(st.st_ctime, st.st_ctime_nsec as i64),
+                st.st_size as u64,
+            );
+            now == node.hash && ns(st.st_mtime, st.st_mtime_nsec as i64) == node.mtime_ns
+        });
+        if !same {
+            tracing::warn!(
+                node = node.index,
+                path = %String::from_utf8_lossy(rel),
+                "a file of the workspace's host lower changed since the workspace was made: refused (EIO)"
+            );
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
     /// A tree file's blob, opened now.
     pub(crate) fn blob_file(&self, node: &Node) -> Result<File, Errno> {
+        if let Some(lower) = &self.host_lower {
+            return self.host_file(lower, node);
+        }
         File::open(self.blob_path(node)).map_err(|e| match e.raw_os_error() {
             Some(code)
                 if code == rustix::io::Errno::MFILE.raw_os_error()

@@ -190,6 +190,7 @@ impl TreeFs {
                 tree_xattrs: None,
                 dir_fds: Mutex::new(HashMap::new()),
                 base: 0,
+                host_lower: None,
             },
             uid,
             gid,
@@ -224,6 +225,13 @@ impl TreeFs {
     /// truncating it) fails with ETXTBSY until it is closed.
     pub fn with_passthrough(mut self, wanted: bool) -> TreeFs {
         self.want_passthrough = wanted;
+        self
+    }
+
+    /// Reads file bytes from host directory `dir` (open, `O_PATH` or not) instead of the
+    /// store: the view is a lower index of it (a workspace's `--lower`).
+    pub fn with_host_lower(mut self, dir: std::os::fd::OwnedFd) -> TreeFs {
+        self.ns.host_lower = Some(dir);
         self
     }
 

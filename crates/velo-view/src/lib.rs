@@ -379,6 +379,18 @@ fn join_outside(out: &mut [u8; PATH_MAX], base: &[u8], rest: &[u8]) -> Resolved 
     }
 }
 
+/// What a *lower index* (an index of a host directory, not of a tree: a workspace's
+/// `--lower`) holds in a file's hash field: the host file's identity when the index was
+/// made. A file whose identity is not this any more has changed since.
+pub fn host_fingerprint(dev: u64, ino: u64, ctime_ns: i64, size: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..8].copy_from_slice(&dev.to_le_bytes());
+    out[8..16].copy_from_slice(&ino.to_le_bytes());
+    out[16..24].copy_from_slice(&ctime_ns.to_le_bytes());
+    out[24..32].copy_from_slice(&size.to_le_bytes());
+    out
+}
+
 /// One entry to write, in the tree's shape (see [`IndexWriter`]).
 #[derive(Clone, Debug)]
 pub struct NodeSpec {

@@ -24,8 +24,10 @@
 #![deny(missing_docs)]
 
 mod apply;
+mod lower;
 
 pub use apply::{apply, ApplyReport};
+pub use lower::{fingerprint, index_host_dir, ingest_checked};
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +103,9 @@ pub struct Config {
     /// Mounted so that processes can be bound to branches (`branch bind --pid`).
     #[serde(default)]
     pub bindable: bool,
+    /// The host directory branch `main` shows (`init --lower`), indexed in `lower.idx`.
+    #[serde(default)]
+    pub lower: Option<PathBuf>,
 }
 
 /// `branches/NAME/branch.json`.
@@ -116,11 +121,20 @@ pub struct BranchRecord {
     pub created_unix: u64,
     /// What it was made from, as the user named it.
     pub from: Option<String>,
+    /// Its base is the workspace's host lower, not a tree (`base` is then `"lower"`).
+    #[serde(default)]
+    pub lower: bool,
 }
 
 impl BranchRecord {
-    /// The base tree.
+    /// The base tree (for a branch over the host lower: an error saying so).
     pub fn base(&self) -> Result<Hash> {
+        if self.lower {
+            return Err(WorkspaceError::Refused(format!(
+                "branch {} shows the workspace's host directory, not a tree",
+                self.name
+            )));
+        }
         self.base.parse().map_err(|e| WorkspaceError::BadRecord {
             path: PathBuf::from(format!("branch {}", self.name)),
             why: format!("bad base: {e}"),
@@ -206,6 +220,15 @@ impl Workspace {
     /// Makes workspace `dir` (which must not exist, or be empty) over tree `base` of
     /// `store`, with branch [`TOP_BRANCH`].
     pub fn init(dir: &Path, store: &Store, base: Hash, mount: Option<&Path>) -> Result<Workspace> {
+        let ws = Workspace::init_records(dir, store, mount)?;
+        ws.create_branch(store, TOP_BRANCH, base, None)?;
+        // Written last: a directory without it is no workspace, and init may run again.
+        write_record(&ws.dir.join("workspace.json"), &ws.config)?;
+        Ok(ws)
+    }
+
+    /// The directory and the records of a new workspace, but its config and its branch.
+    fn init_records(dir: &Path, store: &Store, mount: Option<&Path>) -> Result<Workspace> {
         check_path(dir)?;
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
@@ -233,16 +256,94 @@ impl Workspace {
             store: store_root,
             mount: mount.map(Path::to_path_buf),
             bindable: false,
+            lower: None,
         };
         for sub in ["branches", "snapshots"] {
             let path = dir.join(sub);
             std::fs::create_dir(&path).map_err(io("creating", &path))?;
         }
-        let ws = Workspace { dir, config };
-        ws.create_branch(store, TOP_BRANCH, base, None)?;
-        // Written last: a directory without it is no workspace, and init may run again.
-        write_record(&ws.dir.join("workspace.json"), &ws.config)?;
-        Ok(ws)
+        Ok(Workspace { dir, config })
+    }
+
+    /// Makes workspace `dir` over host directory `lower`, not ingested: its branch
+    /// [`TOP_BRANCH`] shows the directory as it is now (indexed, no file read), and the
+    /// directory is never written. Returns the workspace and how many entries the index
+    /// left out (sockets, fifos, devices).
+    pub fn init_lower(
+        dir: &Path,
+        store: &Store,
+        lower: &Path,
+        mount: Option<&Path>,
+    ) -> Result<(Workspace, u64)> {
+        let lower = std::fs::canonicalize(lower).map_err(io("resolving --lower", lower))?;
+        let (index, left_out) = index_host_dir(&lower)?;
+        let mut ws = Workspace::init_records(dir, store, mount)?;
+        let inside = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        if inside(&lower, &ws.dir) || inside(&lower, &ws.config.store) {
+            let _ = remove_dir(&ws.dir);
+            return Err(WorkspaceError::Refused(format!(
+                "--lower {}: holds the workspace or its store (or is inside them); choose another directory",
+                lower.display()
+            )));
+        }
+        let made = (|| {
+            velo_store::replace_file(
+                &ws.dir.join("lower.idx"),
+                &ws.dir,
+                &index,
+                Durability::Durable,
+            )
+            .map_err(io("writing", &ws.dir.join("lower.idx")))?;
+            let branch = ws.branch_dir(TOP_BRANCH);
+            private_dir(&branch)?;
+            private_dir(&branch.join("upper"))?;
+            write_record(
+                &branch.join("branch.json"),
+                &BranchRecord {
+                    v: VERSION,
+                    name: TOP_BRANCH.to_string(),
+                    base: "lower".to_string(),
+                    created_unix: now_unix(),
+                    from: Some(lower.to_string_lossy().into_owned()),
+                    lower: true,
+                },
+            )?;
+            ws.config.lower = Some(lower.clone());
+            write_record(&ws.dir.join("workspace.json"), &ws.config)
+        })();
+        if let Err(e) = made {
+            let _ = remove_dir(&ws.dir);
+            return Err(e);
+        }
+        Ok((ws, left_out))
+    }
+
+    /// The lower index of a workspace made with [`Workspace::init_lower`].
+    pub fn lower_index(&self) -> Result<Vec<u8>> {
+        let path = self.dir.join("lower.idx");
+        std::fs::read(&path).map_err(io("reading", &path))
+    }
+
+    /// The tree branch `record` applies its changes to: its base, or for a branch over
+    /// the host lower, the lower ingested now and checked against its index.
+    pub fn base_tree(&self, store: &Store, record: &BranchRecord) -> Result<Hash> {
+        if !record.lower {
+            return record.base();
+        }
+        let lower = self
+            .config
+            .lower
+            .as_ref()
+            .ok_or_else(|| WorkspaceError::BadRecord {
+                path: self.dir.join("workspace.json"),
+                why: format!(
+                    "branch {} shows a host lower the workspace does not name",
+                    record.name
+                ),
+            })?;
+        let tree = ingest_checked(store, lower, &self.lower_index()?)?;
+        self.register(store, "base", &record.name, tree, None)?;
+        Ok(tree)
     }
 
     /// Opens workspace `dir`.
@@ -410,6 +511,7 @@ impl Workspace {
             base: base.to_hex(),
             created_unix: now_unix(),
             from: from.map(str::to_string),
+            lower: false,
         };
         write_record(&record_path, &record)?;
         Ok(record)
@@ -431,6 +533,9 @@ impl Workspace {
     /// Makes sure branch `record`'s base is registered under the branch's root name (what
     /// a reset killed between its swap and its registration leaves undone).
     pub fn keep_base(&self, store: &Store, record: &BranchRecord) -> Result<()> {
+        if record.lower {
+            return Ok(());
+        }
         let name = self.root_name("base", &record.name);
         if store
             .root_by_name(&name)?
@@ -469,6 +574,7 @@ impl Workspace {
         record.base = base.to_hex();
         record.created_unix = now_unix();
         record.from = Some(from.chars().take(256).collect());
+        record.lower = false;
         let made = (|| {
             private_dir(&staged)?;
             private_dir(&staged.join("upper"))?;

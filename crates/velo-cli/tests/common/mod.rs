@@ -646,3 +646,19 @@ impl Drop for DevFuseOpenToAll {
         let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.mode));
     }
 }
+
+/// Every path below `root` (relative, directories walked, symlinks not followed).
+pub fn listed_names(root: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.symlink_metadata().unwrap().is_dir() {
+                stack.push(path.clone());
+            }
+            out.insert(path.strip_prefix(root).unwrap().to_path_buf());
+        }
+    }
+    out
+}
