@@ -169,7 +169,11 @@ pub fn init(
             None => None,
         };
     if let Some(mp) = &mountpoint {
-        check_mountpoint(dir, store.root(), mp)?;
+        let lower = match &over {
+            Over::Lower(lower) => Some(*lower),
+            Over::Tree(_) => None,
+        };
+        check_mountpoint(dir, store.root(), mp, lower)?;
     }
     let (mut ws, base) = match over {
         Over::Tree(from) => {
@@ -240,7 +244,7 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path, bindable: bool) -> Result
             mountpoint.display()
         )
     })?;
-    check_mountpoint(ws.dir(), store.root(), &mp)?;
+    check_mountpoint(ws.dir(), store.root(), &mp, ws.config().lower.as_deref())?;
     let before = ws.config().clone();
     ws.set_mount(Some(&mp), bindable)?;
     if let Err(e) = start(ctx, &ws, &store, &mp) {
@@ -274,7 +278,7 @@ fn resolved(path: &Path) -> PathBuf {
 
 /// Refuses mount point `mp` for workspace `dir` of the store at `store_root` before
 /// anything is made or recorded; cleans up a dead mount there.
-fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path) -> Result<()> {
+fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path, lower: Option<&Path>) -> Result<()> {
     if crate::mount::is_dead_mount(mp) {
         note!(
             "velo: {} is a mount whose server died; unmounting it first",
@@ -290,7 +294,11 @@ fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path) -> Result<()> {
         );
     }
     let (dir, store_root) = (resolved(dir), resolved(store_root));
-    for of in [&store_root, &dir] {
+    let lower = lower.map(resolved);
+    for of in [Some(&store_root), Some(&dir), lower.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         if mp.starts_with(of) || of.starts_with(mp) {
             bail!(
                 "mount point {}: inside {} (or containing it); a server serving into its own files would deadlock. Choose another directory",

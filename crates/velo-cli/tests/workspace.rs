@@ -1377,6 +1377,83 @@ fn a_host_directory_as_the_lower_is_shown_as_it_was_never_written_and_never_mixe
     ]);
     assert!(said.contains("nowhere"), "{said}");
     assert!(!env.path("ws2").exists());
+    fs::create_dir_all(host.join("mnt")).unwrap();
+    let said = env.fails(&[
+        "workspace",
+        "init",
+        env.path("ws2").to_str().unwrap(),
+        "--lower",
+        host.to_str().unwrap(),
+        "--mount",
+        host.join("mnt").to_str().unwrap(),
+    ]);
+    assert!(said.contains("mount point"), "{said}");
+    assert!(!env.path("ws2").exists());
     drop(mounted);
     env.fsck_ok();
+}
+
+#[test]
+fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let host = env.path("host");
+    fs::create_dir_all(host.join("logs")).unwrap();
+    fs::write(host.join("f"), b"original\n").unwrap();
+    fs::write(host.join("logs/app.log"), b"log1\n").unwrap();
+    fs::write(host.join("kept"), b"kept\n").unwrap();
+    let ws = env.path("ws");
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    env.ok(&[
+        "workspace",
+        "init",
+        ws.to_str().unwrap(),
+        "--lower",
+        host.to_str().unwrap(),
+        "--mount",
+        at.to_str().unwrap(),
+    ]);
+    let _mounted = Mounted {
+        env: &env,
+        at: at.clone(),
+    };
+    // What the branch removed or replaced may change on the host: it is not shown.
+    fs::remove_dir_all(at.join("logs")).unwrap();
+    fs::write(at.join("kept"), b"mine\n").unwrap();
+    fs::write(host.join("logs/app.log"), b"log1\nlog2\n").unwrap();
+    fs::write(host.join("kept"), b"theirs\n").unwrap();
+    let snap = in_ws_json(&env, &ws, &["snapshot", "create"]);
+    let tree = snap["tree"].as_str().unwrap();
+    assert_eq!(env.ok(&["cat", tree, "kept"]), "mine\n");
+    assert_eq!(env.ok(&["cat", tree, "f"]), "original\n");
+    assert!(env
+        .fails(&["cat", tree, "logs/app.log"])
+        .contains("does not exist"));
+    // A file rewritten with its size and mtime kept (`cp -p`, `rsync -a`) is found by
+    // its identity, and nothing seals it.
+    let mtime = fs::metadata(host.join("f")).unwrap().modified().unwrap();
+    fs::write(host.join("f"), b"MODIFIED\n").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(host.join("f"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let said = env.fails(&["snapshot", "-w", ws.to_str().unwrap(), "create"]);
+    assert!(
+        said.contains("/f changed since the workspace was made"),
+        "{said}"
+    );
+    let err = fs::read(at.join("f")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Nor can a copy-up take the changed bytes.
+    let err = fs::OpenOptions::new()
+        .append(true)
+        .open(at.join("f"))
+        .and_then(|mut f| f.write_all(b"x"));
+    assert!(err.is_err());
+    assert!(!ws.join("branches/main/upper/f").exists());
 }

@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 
 use fuser::{Errno, FileType};
-use rustix::fs::{OFlags, Stat};
+use rustix::fs::{AtFlags, OFlags, Stat};
 use velo_view::{Kind, Node, View, PATH_MAX};
 
 use crate::upper::{self, errno, Upper};
@@ -238,6 +238,15 @@ impl Namespace {
         let file = File::from(fd.map_err(|_| changed("is gone"))?);
         self.check_host_file(&file, node, rel)?;
         Ok(file)
+    }
+
+    /// After bytes of `file` (node `node`'s) were read: whether it is still the one the
+    /// host lower indexed, so the bytes are; nothing to check for a blob of the store.
+    pub(crate) fn recheck_host_file(&self, file: &File, node: &Node) -> Result<(), Errno> {
+        if self.host_lower.is_none() {
+            return Ok(());
+        }
+        self.check_host_file(file, node, b"")
     }
 
     /// Whether `file` of the host lower is still the one node `node` indexed (`EIO`,
@@ -649,6 +658,7 @@ impl Namespace {
         let blob = self.blob_file(&node)?;
         let top = self.dir_of(st, self.root())?;
         let file = upper::anonymous_copy(&top, Some(&blob), node.mode, node.mtime_ns)?;
+        self.recheck_host_file(&blob, &node)?;
         let i = st.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         i.upper = true;
         Ok(file)
@@ -712,7 +722,17 @@ impl Namespace {
                         CopyUp::Empty if ino == pending[0] => None,
                         CopyUp::Whole | CopyUp::Empty => Some(self.blob_file(&node)?),
                     };
-                    upper::copy_file(&dir, &name, blob.as_ref(), node.mode, node.mtime_ns).map(Some)
+                    let file =
+                        upper::copy_file(&dir, &name, blob.as_ref(), node.mode, node.mtime_ns)?;
+                    // A host file changed while it was copied: the copy may mix old and
+                    // new bytes, so it is not kept.
+                    if let Some(blob) = &blob {
+                        if let Err(e) = self.recheck_host_file(blob, &node) {
+                            let _ = rustix::fs::unlinkat(&dir, name.as_slice(), AtFlags::empty());
+                            return Err(e);
+                        }
+                    }
+                    Ok(Some(file))
                 }
             })?;
             // The copy keeps what the tree records of the entry.

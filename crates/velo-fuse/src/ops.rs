@@ -150,6 +150,16 @@ impl TreeFs {
         self.entry_ttl(ino)
     }
 
+    /// See `read`: `file` was read as inode `ino`'s; if that is still the host lower's
+    /// file, it must still be the indexed one.
+    fn recheck_lower_read(&self, ino: u64, file: &File) -> Result<(), Errno> {
+        let info = self.ns.info(&self.state(), ino)?;
+        match info.lower {
+            Some(index) if !info.upper => self.ns.recheck_host_file(file, &self.ns.node(index)?),
+            _ => Ok(()),
+        }
+    }
+
     /// Answers a lookup of this namespace's root from elsewhere (a workspace's
     /// `.velo/branches/NAME`), kept by the kernel for `ttl`.
     pub(crate) fn root_entry(&self, ttl: Duration, reply: ReplyEntry) {
@@ -1831,6 +1841,13 @@ impl Filesystem for TreeFs {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return reply.error(io_errno(e)),
+            }
+        }
+        // A file of a host lower may have changed while it was read: its bytes go out
+        // only if it is still the indexed one (so no read mixes old and new).
+        if self.ns.host_lower.is_some() {
+            if let Err(e) = self.recheck_lower_read(ino.into(), &file) {
+                return reply.error(e);
             }
         }
         reply.data(&buf[..done]);

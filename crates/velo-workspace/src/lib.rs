@@ -276,16 +276,38 @@ impl Workspace {
         mount: Option<&Path>,
     ) -> Result<(Workspace, u64)> {
         let lower = std::fs::canonicalize(lower).map_err(io("resolving --lower", lower))?;
+        // Refused before anything is walked or made: a lower holding the workspace, its
+        // store or its mount point would show (and snapshot) velo's own files.
+        let inside = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        let resolve = |p: &Path| {
+            let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            absolute
+                .ancestors()
+                .find_map(|a| {
+                    Some(
+                        std::fs::canonicalize(a)
+                            .ok()?
+                            .join(absolute.strip_prefix(a).ok()?),
+                    )
+                })
+                .unwrap_or(absolute)
+        };
+        let store_root = resolve(store.root());
+        for (what, path) in [
+            ("the workspace", Some(resolve(dir))),
+            ("its store", Some(store_root)),
+            ("its mount point", mount.map(resolve)),
+        ] {
+            if let Some(path) = path.filter(|p| inside(&lower, p)) {
+                return Err(WorkspaceError::Refused(format!(
+                    "--lower {}: holds {what} {} (or is inside it); choose another directory",
+                    lower.display(),
+                    path.display()
+                )));
+            }
+        }
         let (index, left_out) = index_host_dir(&lower)?;
         let mut ws = Workspace::init_records(dir, store, mount)?;
-        let inside = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-        if inside(&lower, &ws.dir) || inside(&lower, &ws.config.store) {
-            let _ = remove_dir(&ws.dir);
-            return Err(WorkspaceError::Refused(format!(
-                "--lower {}: holds the workspace or its store (or is inside them); choose another directory",
-                lower.display()
-            )));
-        }
         let made = (|| {
             velo_store::replace_file(
                 &ws.dir.join("lower.idx"),
@@ -341,7 +363,8 @@ impl Workspace {
                     record.name
                 ),
             })?;
-        let tree = ingest_checked(store, lower, &self.lower_index()?)?;
+        let upper = self.upper_of(&record.name);
+        let tree = ingest_checked(store, lower, &self.lower_index()?, Some(&upper))?;
         self.register(store, "base", &record.name, tree, None)?;
         Ok(tree)
     }

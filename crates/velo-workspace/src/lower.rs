@@ -100,13 +100,112 @@ pub fn index_host_dir(dir: &Path) -> Result<(Vec<u8>, u64)> {
     Ok((velo_store::views::seal_view(body), left_out))
 }
 
+/// What the branch's upper does to the lower at a path: nothing (the lower shows
+/// there), replaces it (an entry of its own, a whiteout, an opaque directory: the lower's
+/// entry and all below it are not shown), or merges with it (a directory of its own that
+/// is not opaque: the lower's entries below show where the upper has none).
+enum Upper {
+    Shows,
+    Hides,
+    Merges,
+}
+
+fn upper_at(upper: Option<&Path>, rel: &str) -> Upper {
+    let Some(upper) = upper else {
+        return Upper::Shows;
+    };
+    let path = upper.join(rel.trim_start_matches('/'));
+    match std::fs::symlink_metadata(&path) {
+        Err(_) => Upper::Shows,
+        Ok(meta) if meta.is_dir() => {
+            let opaque = ["user.overlay.opaque", "trusted.overlay.opaque"]
+                .iter()
+                .any(|name| {
+                    let mut value = [0u8; 1];
+                    rustix::fs::lgetxattr(&path, *name, &mut value)
+                        .is_ok_and(|n| n == 1 && value[0] == b'y')
+                });
+            if opaque {
+                Upper::Hides
+            } else {
+                Upper::Merges
+            }
+        }
+        Ok(_) => Upper::Hides,
+    }
+}
+
+/// Whether host file `rel` (below `dir`) is still the one node `node` indexed: its
+/// identity and mtime, without following a symlink on the way.
+fn host_file_unchanged(dir: &Path, rel: &str, node: &velo_view::Node) -> bool {
+    let path = dir.join(rel.trim_start_matches('/'));
+    // Each component checked: no symlink followed (the index had directories there).
+    let mut at = dir.to_path_buf();
+    let parts: Vec<&str> = rel.trim_start_matches('/').split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+            return false;
+        }
+    }
+    std::fs::symlink_metadata(&path).is_ok_and(|meta| {
+        meta.is_file() && fingerprint(&meta) == node.hash && mtime_ns(&meta) == node.mtime_ns
+    })
+}
+
 /// Ingests host directory `dir` and checks the tree against its lower index `index`
-/// (names, kinds, modes, sizes, mtimes, targets): the tree the branch's upper applies to.
-pub fn ingest_checked(store: &Store, dir: &Path, index: &[u8]) -> Result<Hash> {
+/// where the branch still shows the lower (its upper `upper` neither replaced nor hid the
+/// path): names, kinds, modes, sizes, mtimes and targets in the tree, and each file's
+/// identity on the host before and after the ingest read it (a file rewritten with its
+/// size and mtime kept is found by its change time). The tree the branch's upper applies
+/// to.
+pub fn ingest_checked(
+    store: &Store,
+    dir: &Path,
+    index: &[u8],
+    upper: Option<&Path>,
+) -> Result<Hash> {
     let view = velo_view::View::new(index).ok_or_else(|| WorkspaceError::BadRecord {
         path: dir.to_path_buf(),
         why: "its lower index is damaged".into(),
     })?;
+    let changed = |path: &str| {
+        WorkspaceError::Refused(format!(
+            "--lower {}: {} changed since the workspace was made; the branch shows the directory as it was then, and cannot be sealed from what it is now (put it back, or `velo branch reset main SNAPSHOT` while unmounted)",
+            dir.display(),
+            if path.is_empty() { "/" } else { path }
+        ))
+    };
+    // The files the branch shows from the host, as the index has them.
+    let mut shown = Vec::new();
+    let mut stack = vec![(0u32, String::new())];
+    while let Some((index, prefix)) = stack.pop() {
+        let node = view.node(index).map_err(|_| changed(&prefix))?;
+        for i in 0..node.child_count {
+            let child = view
+                .node(node.first_child + i)
+                .map_err(|_| changed(&prefix))?;
+            let name = view.name(&child).map_err(|_| changed(&prefix))?;
+            let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+            match upper_at(upper, &path) {
+                Upper::Hides => continue,
+                Upper::Merges | Upper::Shows if child.kind == Kind::Dir => {
+                    stack.push((child.index, path))
+                }
+                _ if child.kind == Kind::File => shown.push((child, path)),
+                _ => {}
+            }
+        }
+    }
+    let check_files = || {
+        shown
+            .iter()
+            .find(|(node, path)| !host_file_unchanged(dir, path, node))
+            .map(|(_, path)| changed(path))
+    };
+    if let Some(e) = check_files() {
+        return Err(e);
+    }
     let report = velo_ingest::ingest(
         store,
         dir,
@@ -114,27 +213,46 @@ pub fn ingest_checked(store: &Store, dir: &Path, index: &[u8]) -> Result<Hash> {
         &velo_ingest::Progress::default(),
     )
     .map_err(|e| WorkspaceError::Refused(format!("ingesting --lower {}: {e}", dir.display())))?;
-    let changed = |path: &str| {
-        WorkspaceError::Refused(format!(
-            "--lower {}: {path} changed since the workspace was made; the branch shows the directory as it was then, and cannot be sealed from what it is now (put it back, or make a new workspace)",
-            dir.display()
-        ))
-    };
+    if let Some(e) = check_files() {
+        return Err(e);
+    }
+    // The tree against the index, where the branch shows the lower.
     let mut stack = vec![(0u32, report.root, String::new())];
     while let Some((index, tree, prefix)) = stack.pop() {
         let node = view.node(index).map_err(|_| changed(&prefix))?;
         let tree = store.get_tree(&tree)?;
-        if tree.entries().len() != node.child_count as usize {
-            return Err(changed(if prefix.is_empty() { "/" } else { &prefix }));
-        }
-        for (i, entry) in tree.entries().iter().enumerate() {
+        let mut listed = Vec::with_capacity(node.child_count as usize);
+        for i in 0..node.child_count {
             let child = view
-                .node(node.first_child + i as u32)
+                .node(node.first_child + i)
                 .map_err(|_| changed(&prefix))?;
-            let name = view.name(&child).map_err(|_| changed(&prefix))?;
+            listed.push((view.name(&child).map_err(|_| changed(&prefix))?, child));
+        }
+        // Names only the host has now (made after init) show nowhere: each must be
+        // hidden by the upper, or the tree holds something the branch never showed.
+        for entry in tree.entries() {
+            if !listed
+                .iter()
+                .any(|(name, _)| *name == entry.name.as_bytes())
+            {
+                let path = format!(
+                    "{prefix}/{}",
+                    String::from_utf8_lossy(entry.name.as_bytes())
+                );
+                if !matches!(upper_at(upper, &path), Upper::Hides) {
+                    return Err(changed(&path));
+                }
+            }
+        }
+        for (name, child) in listed {
             let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
-            let same = name == entry.name.as_bytes()
-                && child.mode & 0o7777 == entry.mode.bits() & 0o7777
+            if matches!(upper_at(upper, &path), Upper::Hides) {
+                continue;
+            }
+            let Some(entry) = tree.get(name) else {
+                return Err(changed(&path));
+            };
+            let same = child.mode & 0o7777 == entry.mode.bits() & 0o7777
                 && match &entry.kind {
                     EntryKind::File { size, .. } => {
                         child.kind == Kind::File
