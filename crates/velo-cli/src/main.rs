@@ -504,6 +504,12 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("__sandbox")) {
         return run::sandbox_stage(velo_project::sandbox::stage1).unwrap_or(ExitCode::FAILURE);
     }
+    // `velo branch exec` is on the start-up path of every command an agent runs in a
+    // branch: its plain form skips the argument parser (building it costs about as much
+    // as the rest of the command) and the log filter.
+    if let Some(code) = branch_exec_fast() {
+        return code;
+    }
     init_logging();
     let nofile = raise_fd_limit();
     let cli = match Cli::try_parse() {
@@ -539,6 +545,42 @@ fn main() -> ExitCode {
         json: cli.json,
     };
     dispatch(&ctx, cli.command, nofile)
+}
+
+/// `velo branch [-w DIR | --workspace DIR] exec NAME -- CMD [ARGS...]`, exactly that form,
+/// run without the argument parser; `None` for anything else (the parser then reports
+/// and handles it as usual).
+fn branch_exec_fast() -> Option<ExitCode> {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let (workspace, rest) = match args.as_slice() {
+        [branch, rest @ ..] if branch == "branch" => match rest {
+            [flag, dir, rest @ ..] if flag == "-w" || flag == "--workspace" => {
+                (Some(PathBuf::from(dir)), rest)
+            }
+            _ => (None, rest),
+        },
+        _ => return None,
+    };
+    let [exec, name, dashes, command @ ..] = rest else {
+        return None;
+    };
+    if exec != "exec" || dashes != "--" || command.is_empty() {
+        return None;
+    }
+    let name = name.to_str()?;
+    if name.starts_with('-') {
+        return None;
+    }
+    let ctx = Ctx {
+        store_path: default_store(),
+        json: false,
+    };
+    let result = workspace::find(workspace.as_deref())
+        .and_then(|ws| workspace::branch_exec(&ws, name, command));
+    Some(match result {
+        Ok(code) => code,
+        Err(e) => report_error(&ctx, &e, 1),
+    })
 }
 
 /// Runs one parsed command; returns its exit status (errors are reported here).
