@@ -1404,6 +1404,15 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
     fs::write(host.join("f"), b"original\n").unwrap();
     fs::write(host.join("logs/app.log"), b"log1\n").unwrap();
     fs::write(host.join("kept"), b"kept\n").unwrap();
+    for name in ["f", "kept"] {
+        rustix::fs::setxattr(
+            host.join(name),
+            "user.origin",
+            b"host",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    }
     let ws = env.path("ws");
     let at = env.path("mnt");
     fs::create_dir_all(&at).unwrap();
@@ -1420,6 +1429,14 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
         env: &env,
         at: at.clone(),
     };
+    // main shows the host's kept extended attributes, and its snapshots keep them, on
+    // files it changed and on files it did not.
+    let shown = |path: &Path| {
+        let mut value = [0u8; 64];
+        rustix::fs::getxattr(path, "user.origin", &mut value).map(|n| value[..n].to_vec())
+    };
+    assert_eq!(shown(&at.join("f")).unwrap(), b"host");
+    assert_eq!(shown(&at.join("kept")).unwrap(), b"host");
     // What the branch removed or replaced may change on the host: it is not shown.
     fs::remove_dir_all(at.join("logs")).unwrap();
     fs::write(at.join("kept"), b"mine\n").unwrap();
@@ -1429,6 +1446,21 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
     let tree = snap["tree"].as_str().unwrap();
     assert_eq!(env.ok(&["cat", tree, "kept"]), "mine\n");
     assert_eq!(env.ok(&["cat", tree, "f"]), "original\n");
+    in_ws(
+        &env,
+        &ws,
+        &[
+            "branch",
+            "create",
+            "sealed",
+            "--from",
+            snap["id"].as_str().unwrap(),
+        ],
+    );
+    for name in ["f", "kept"] {
+        let path = branch_dir(&at, "sealed").join(name);
+        assert_eq!(shown(&path).unwrap(), b"host", "{name}");
+    }
     assert!(env
         .fails(&["cat", tree, "logs/app.log"])
         .contains("does not exist"));

@@ -169,6 +169,9 @@ impl Namespace {
         if node.flags & velo_view::FLAG_XATTRS == 0 || node.index == 0 {
             return Vec::new();
         }
+        if let Some(lower) = &self.host_lower {
+            return self.host_xattrs(lower, node).unwrap_or_default();
+        }
         let (Some(source), Ok(parent), Ok(name)) = (
             &self.tree_xattrs,
             self.node(node.parent),
@@ -247,6 +250,47 @@ impl Namespace {
             return Ok(());
         }
         self.check_host_file(file, node, b"")
+    }
+
+    /// The kept extended attributes of the host lower's file or directory `node`, read
+    /// from the host (none if it is not the indexed one any more).
+    fn host_xattrs(&self, lower: &OwnedFd, node: &Node) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        let file = match node.kind {
+            Kind::File => self.host_file(lower, node).ok()?,
+            Kind::Dir => {
+                let mut buf = [0u8; PATH_MAX];
+                let n = self.view.path_of(b"", node.index, &mut buf)?;
+                let rel = buf[..n].strip_prefix(b"/").unwrap_or(&buf[..n]);
+                File::from(
+                    rustix::fs::openat2(
+                        lower,
+                        rel,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                        rustix::fs::ResolveFlags::BENEATH
+                            | rustix::fs::ResolveFlags::NO_SYMLINKS
+                            | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+                    )
+                    .ok()?,
+                )
+            }
+            Kind::Symlink => return None,
+        };
+        let mut names = vec![0u8; 64 * 1024];
+        let n = rustix::fs::flistxattr(&file, &mut names).ok()?;
+        let mut out = Vec::new();
+        for name in names[..n]
+            .split(|&b| b == 0)
+            .filter(|n| velo_core::is_kept_xattr(n))
+        {
+            let mut value = vec![0u8; 64 * 1024];
+            if let Ok(len) = rustix::fs::fgetxattr(&file, name, &mut value) {
+                value.truncate(len);
+                out.push((name.to_vec(), value));
+            }
+        }
+        out.sort();
+        Some(out)
     }
 
     /// Whether `file` of the host lower is still the one node `node` indexed (`EIO`,

@@ -5,7 +5,8 @@
 //! store object is parsed per request), file bytes from the store's blob files, and
 //! writes every change copy-on-write into an upper directory in the one upper format
 //! (kernel overlayfs: whiteouts, opaque directories) that the shim also writes and
-//! velo-project's commit routine reads. It depends on velo-view, fuser and rustix only;
+//! velo-project's commit routine reads. It depends on velo-view, velo-core (which extended
+//! attributes a tree keeps), fuser and rustix only;
 //! velo-cli builds the view, prepares the upper, holds the store's lock, starts the
 //! server and commits.
 //!

@@ -28,6 +28,18 @@ pub fn fingerprint(meta: &std::fs::Metadata) -> [u8; 32] {
     velo_view::host_fingerprint(meta.dev(), meta.ino(), ctime_ns, meta.size())
 }
 
+/// Whether host path `path` has an extended attribute a tree keeps (so the index marks
+/// it, and the server reads them from the host when asked).
+fn has_kept_xattrs(path: &Path) -> bool {
+    let mut names = vec![0u8; 64 * 1024];
+    match rustix::fs::llistxattr(path, &mut names) {
+        Ok(n) => names[..n].split(|&b| b == 0).any(velo_core::is_kept_xattr),
+        // More names than fit: some may be kept ones; the server looks.
+        Err(rustix::io::Errno::RANGE) => true,
+        Err(_) => false,
+    }
+}
+
 fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
@@ -73,6 +85,9 @@ pub fn index_host_dir(dir: &Path) -> Result<(Vec<u8>, u64)> {
                 target: Vec::new(),
                 flags: 0,
             };
+            if (kind.is_dir() || kind.is_file()) && has_kept_xattrs(&child) {
+                spec.flags = velo_view::FLAG_XATTRS;
+            }
             if kind.is_dir() {
                 spec.kind = Kind::Dir;
                 spec.size = 0;
