@@ -1261,6 +1261,24 @@ fn velo_fuse_mounted(at: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap()))
 }
 
+/// A workspace over host directory `host` (`--lower`) at `ws`, mounted at `mnt`; what
+/// `init --json` said.
+fn lower_workspace<'a>(env: &'a Env, host: &Path) -> (PathBuf, Mounted<'a>, serde_json::Value) {
+    let ws = env.path("ws");
+    let at = env.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let made = env.json(&[
+        "workspace",
+        "init",
+        ws.to_str().unwrap(),
+        "--lower",
+        host.to_str().unwrap(),
+        "--mount",
+        at.to_str().unwrap(),
+    ]);
+    (ws, Mounted { env, at }, made)
+}
+
 #[test]
 fn a_host_directory_as_the_lower_is_shown_as_it_was_never_written_and_never_mixed() {
     if !fuse_available() {
@@ -1278,23 +1296,9 @@ fn a_host_directory_as_the_lower_is_shown_as_it_was_never_written_and_never_mixe
     fs::create_dir_all(host.join("unread")).unwrap();
     fs::write(host.join("unread/u"), b"u\n").unwrap();
     let before = common::scan(&host);
-    let ws = env.path("ws");
-    let at = env.path("mnt");
-    fs::create_dir_all(&at).unwrap();
-    let made = env.json(&[
-        "workspace",
-        "init",
-        ws.to_str().unwrap(),
-        "--lower",
-        host.to_str().unwrap(),
-        "--mount",
-        at.to_str().unwrap(),
-    ]);
+    let (ws, mounted, made) = lower_workspace(&env, &host);
+    let at = mounted.at.clone();
     assert_eq!(made["base"], "lower", "{made}");
-    let mounted = Mounted {
-        env: &env,
-        at: at.clone(),
-    };
     // Reads fall through, with the host's exact metadata (listed, not read: unread/);
     // nothing was ingested.
     let shown: std::collections::BTreeSet<_> = common::listed_names(&at);
@@ -1413,22 +1417,8 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
         )
         .unwrap();
     }
-    let ws = env.path("ws");
-    let at = env.path("mnt");
-    fs::create_dir_all(&at).unwrap();
-    env.ok(&[
-        "workspace",
-        "init",
-        ws.to_str().unwrap(),
-        "--lower",
-        host.to_str().unwrap(),
-        "--mount",
-        at.to_str().unwrap(),
-    ]);
-    let _mounted = Mounted {
-        env: &env,
-        at: at.clone(),
-    };
+    let (ws, mounted, _) = lower_workspace(&env, &host);
+    let at = mounted.at.clone();
     // main shows the host's kept extended attributes, and its snapshots keep them, on
     // files it changed and on files it did not.
     let shown = |path: &Path| {
