@@ -554,9 +554,13 @@ fn branch_exec_fast() -> Option<ExitCode> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (workspace, rest) = match args.as_slice() {
         [branch, rest @ ..] if branch == "branch" => match rest {
-            [flag, dir, rest @ ..] if flag == "-w" || flag == "--workspace" => {
+            [flag, dir, rest @ ..]
+                if (flag == "-w" || flag == "--workspace")
+                    && !dir.as_encoded_bytes().starts_with(b"-") =>
+            {
                 (Some(PathBuf::from(dir)), rest)
             }
+            [flag, ..] if flag.as_encoded_bytes().starts_with(b"-") => return None,
             _ => (None, rest),
         },
         _ => return None,
@@ -576,10 +580,11 @@ fn branch_exec_fast() -> Option<ExitCode> {
         json: false,
     };
     let result = workspace::find(workspace.as_deref())
-        .and_then(|ws| workspace::branch_exec(&ws, name, command));
+        .and_then(|ws| workspace::branch_exec(&ws, name, command, None));
+    // A failure of velo itself exits 125, never a status the command could return.
     Some(match result {
         Ok(code) => code,
-        Err(e) => report_error(&ctx, &e, 1),
+        Err(e) => report_error(&ctx, &e, 125),
     })
 }
 
@@ -681,14 +686,15 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             })
         }
         Command::Branch { workspace, action } => {
-            workspace::find(workspace.as_deref()).and_then(|ws| match action {
+            let exec = matches!(action, BranchAction::Exec { .. });
+            let result = workspace::find(workspace.as_deref()).and_then(|ws| match action {
                 BranchAction::Create { name, from } => {
                     workspace::branch_create(ctx, &ws, &name, from.as_deref())
                 }
                 BranchAction::List => workspace::branch_list(ctx, &ws),
                 BranchAction::Delete { name } => workspace::branch_delete(ctx, &ws, &name),
                 BranchAction::Exec { name, command } => {
-                    workspace::branch_exec(&ws, &name, &command)
+                    workspace::branch_exec(&ws, &name, &command, nofile)
                 }
                 BranchAction::Reset { name, to } => workspace::branch_reset(ctx, &ws, &name, &to),
                 BranchAction::Bind { name, pid } => {
@@ -698,7 +704,16 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 BranchAction::Apply { name, dir, force } => {
                     workspace::branch_apply(ctx, &ws, &name, &dir, force)
                 }
-            })
+            });
+            // `branch exec` only returns on a failure of velo's: 125, as for `velo run`,
+            // never a status the command could return.
+            if exec {
+                return match result {
+                    Ok(code) => code,
+                    Err(e) => report_error(ctx, &e, 125),
+                };
+            }
+            result
         }
         Command::Checkout {
             tree, remove: true, ..

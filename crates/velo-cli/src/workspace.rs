@@ -1022,7 +1022,14 @@ fn unescape_mountinfo(field: &str) -> std::ffi::OsString {
 
 /// `velo branch exec NAME -- CMD...`: CMD runs in a mount namespace of its own where the
 /// workspace's mount point shows branch NAME (and so do its children's).
-pub fn branch_exec(ws: &Workspace, name: &str, command: &[OsString]) -> Result<ExitCode> {
+/// `nofile`: the open-file limit velo started with (it raised its own), given back to
+/// the command.
+pub fn branch_exec(
+    ws: &Workspace,
+    name: &str,
+    command: &[OsString],
+    nofile: Option<u64>,
+) -> Result<ExitCode> {
     ws.branch(name)?;
     let mount = ws
         .config()
@@ -1061,11 +1068,26 @@ pub fn branch_exec(ws: &Workspace, name: &str, command: &[OsString]) -> Result<E
     // write, mount, chdir) on buffers made before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            enter_view(root, &maps, &source, &target, cwd.as_deref()).map_err(std::io::Error::from)
+            enter_view(root, &maps, &source, &target, cwd.as_deref())
+                .map_err(std::io::Error::from)?;
+            if let Some(soft) = nofile {
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+                rustix::process::setrlimit(
+                    rustix::process::Resource::Nofile,
+                    rustix::process::Rlimit {
+                        current: Some(soft),
+                        maximum: limit.maximum,
+                    },
+                )?;
+            }
+            Ok(())
         });
     }
     let e = cmd.exec();
-    bail!("running {}: {e}", Path::new(program).display())
+    bail!(
+        "running {} in branch {name}: {e} (or, before it, entering the branch's view: unshare and mount)",
+        Path::new(program).display()
+    )
 }
 
 /// In the child of `branch exec`: a mount namespace (and, unprivileged, a user namespace

@@ -444,8 +444,11 @@ fn bad_names_and_the_control_directory_get_clear_errors() {
     assert!(said.contains("no snapshot 7"), "{said}");
     let said = env.fails(&["branch", "-w", w, "delete", "main"]);
     assert!(said.contains("not deleted"), "{said}");
-    let said = env.fails(&["branch", "-w", w, "exec", "nope", "--", "true"]);
+    let out = env.run(&["branch", "-w", w, "exec", "nope", "--", "true"]);
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("no branch nope"), "{said}");
+    // velo's own failure is 125, never a status the command could return.
+    assert_eq!(out.status.code(), Some(125));
     // The control directory is not listed, and cannot be made, removed or renamed.
     let names: Vec<_> = fs::read_dir(&at)
         .unwrap()
@@ -1408,7 +1411,8 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
     fs::write(host.join("f"), b"original\n").unwrap();
     fs::write(host.join("logs/app.log"), b"log1\n").unwrap();
     fs::write(host.join("kept"), b"kept\n").unwrap();
-    for name in ["f", "kept"] {
+    fs::create_dir_all(host.join("conf")).unwrap();
+    for name in ["f", "kept", "conf"] {
         rustix::fs::setxattr(
             host.join(name),
             "user.origin",
@@ -1471,6 +1475,16 @@ fn a_snapshot_over_a_host_lower_seals_only_what_was_shown() {
     );
     let err = fs::read(at.join("f")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // A directory whose extended attributes changed on the host is not shown changed.
+    assert_eq!(shown(&at.join("conf")).unwrap(), b"host");
+    rustix::fs::setxattr(
+        host.join("conf"),
+        "user.origin",
+        b"changed",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(shown(&at.join("conf")).unwrap_err(), rustix::io::Errno::IO);
     // Nor can a copy-up take the changed bytes.
     let err = fs::OpenOptions::new()
         .append(true)

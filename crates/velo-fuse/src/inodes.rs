@@ -142,6 +142,9 @@ pub(crate) struct Namespace {
     pub host_lower: Option<OwnedFd>,
 }
 
+/// Extended attributes as (name, value) pairs, ascending by name.
+pub(crate) type XattrPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Upper directories kept open at most.
 const OPEN_DIRS: usize = 4096;
 
@@ -165,26 +168,27 @@ impl Namespace {
     }
 
     /// The extended attributes the tree records for `node` (name, value), ascending.
-    pub(crate) fn lower_xattrs(&self, node: &Node) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// (`EIO`: a host lower's entry that is not the indexed one any more.)
+    pub(crate) fn lower_xattrs(&self, node: &Node) -> Result<XattrPairs, Errno> {
         if node.flags & velo_view::FLAG_XATTRS == 0 || node.index == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         if let Some(lower) = &self.host_lower {
-            return self.host_xattrs(lower, node).unwrap_or_default();
+            return self.host_xattrs(lower, node);
         }
         let (Some(source), Ok(parent), Ok(name)) = (
             &self.tree_xattrs,
             self.node(node.parent),
             self.view.name(node),
         ) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let dir_tree = if parent.index == 0 {
             self.view.root_hash()
         } else {
             parent.hash
         };
-        source(&dir_tree, name)
+        Ok(source(&dir_tree, name))
     }
 
     /// A tree file's blob, from the cache or opened now.
@@ -254,14 +258,17 @@ impl Namespace {
 
     /// The kept extended attributes of the host lower's file or directory `node`, read
     /// from the host (none if it is not the indexed one any more).
-    fn host_xattrs(&self, lower: &OwnedFd, node: &Node) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn host_xattrs(&self, lower: &OwnedFd, node: &Node) -> Result<XattrPairs, Errno> {
         let file = match node.kind {
-            Kind::File => self.host_file(lower, node).ok()?,
+            Kind::File => self.host_file(lower, node)?,
             Kind::Dir => {
                 let mut buf = [0u8; PATH_MAX];
-                let n = self.view.path_of(b"", node.index, &mut buf)?;
+                let n = self
+                    .view
+                    .path_of(b"", node.index, &mut buf)
+                    .ok_or(Errno::ENAMETOOLONG)?;
                 let rel = buf[..n].strip_prefix(b"/").unwrap_or(&buf[..n]);
-                File::from(
+                let dir = File::from(
                     rustix::fs::openat2(
                         lower,
                         rel,
@@ -271,26 +278,28 @@ impl Namespace {
                             | rustix::fs::ResolveFlags::NO_SYMLINKS
                             | rustix::fs::ResolveFlags::NO_MAGICLINKS,
                     )
-                    .ok()?,
-                )
+                    .map_err(|_| Errno::EIO)?,
+                );
+                // A directory whose xattrs (or entries) changed since is not the indexed one.
+                self.check_host_file(&dir, node, rel)?;
+                dir
             }
-            Kind::Symlink => return None,
+            Kind::Symlink => return Ok(Vec::new()),
         };
         let mut names = vec![0u8; 64 * 1024];
-        let n = rustix::fs::flistxattr(&file, &mut names).ok()?;
+        let n = rustix::fs::flistxattr(&file, &mut names).map_err(errno)?;
         let mut out = Vec::new();
         for name in names[..n]
             .split(|&b| b == 0)
             .filter(|n| velo_core::is_kept_xattr(n))
         {
             let mut value = vec![0u8; 64 * 1024];
-            if let Ok(len) = rustix::fs::fgetxattr(&file, name, &mut value) {
-                value.truncate(len);
-                out.push((name.to_vec(), value));
-            }
+            let len = rustix::fs::fgetxattr(&file, name, &mut value).map_err(errno)?;
+            value.truncate(len);
+            out.push((name.to_vec(), value));
         }
         out.sort();
-        Some(out)
+        Ok(out)
     }
 
     /// Whether `file` of the host lower is still the one node `node` indexed (`EIO`,
@@ -779,9 +788,9 @@ impl Namespace {
                     Ok(Some(file))
                 }
             })?;
-            // The copy keeps what the tree records of the entry.
-            let attrs = self.lower_xattrs(&node);
-            if !attrs.is_empty() {
+            // The copy keeps what the tree records of the entry; if it cannot (a file
+            // system with too little room for them), the copy is undone, not left half made.
+            let kept = self.lower_xattrs(&node).and_then(|attrs| {
                 let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
                 path.extend_from_slice(&name);
                 let path = std::ffi::OsString::from_vec(path);
@@ -794,6 +803,16 @@ impl Namespace {
                     )
                     .map_err(errno)?;
                 }
+                Ok(())
+            });
+            if let Err(e) = kept {
+                let how = if node.kind == Kind::Dir {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                let _ = rustix::fs::unlinkat(&dir, name.as_slice(), how);
+                return Err(e);
             }
             let s =
                 rustix::fs::statat(&dir, name.as_slice(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)

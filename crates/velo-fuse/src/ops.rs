@@ -2127,7 +2127,7 @@ impl Filesystem for TreeFs {
                 let node = self.ns.node(info.lower.ok_or(Errno::ENODATA)?)?;
                 return self
                     .ns
-                    .lower_xattrs(&node)
+                    .lower_xattrs(&node)?
                     .into_iter()
                     .find(|(n, _)| n.as_slice() == name.as_bytes())
                     .map(|(_, v)| v)
@@ -2153,7 +2153,7 @@ impl Filesystem for TreeFs {
             if !info.upper {
                 let node = self.ns.node(info.lower.ok_or(Errno::ENODATA)?)?;
                 let mut out = Vec::new();
-                for (name, _) in self.ns.lower_xattrs(&node) {
+                for (name, _) in self.ns.lower_xattrs(&node)? {
                     out.extend_from_slice(&name);
                     out.push(0);
                 }

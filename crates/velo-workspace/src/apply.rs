@@ -178,6 +178,12 @@ fn write_entry(store: &Store, path: &Path, entry: &Entry) -> Result<()> {
                     + std::time::Duration::from_nanos(entry.mtime_ns.max(0) as u64);
                 to.set_modified(mtime)
                     .map_err(io("setting the mtime of", &staged))?;
+                // The entry's extended attributes too: the file replaces one that may
+                // have had them, and the branch's are what is applied.
+                for (name, value) in entry.xattrs.iter() {
+                    rustix::fs::fsetxattr(&to, name, value, rustix::fs::XattrFlags::empty())
+                        .map_err(|e| io("setting extended attributes of", &staged)(e.into()))?;
+                }
                 to.sync_all().map_err(io("writing", &staged))?;
                 Ok::<_, WorkspaceError>(())
             })();

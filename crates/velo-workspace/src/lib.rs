@@ -1001,11 +1001,17 @@ mod tests {
             &tmp.path().join("a"),
             &[("gone/x", b"x"), ("becomes-dir", b"f"), ("kept", b"k")],
         );
-        let new = ingest_dir(
-            &store,
-            &tmp.path().join("b"),
-            &[("becomes-dir/inside", b"i"), ("kept", b"k")],
-        );
+        let b = tmp.path().join("b");
+        std::fs::create_dir_all(b.join("becomes-dir")).unwrap();
+        std::fs::write(b.join("becomes-dir/inside"), b"i").unwrap();
+        rustix::fs::setxattr(
+            b.join("becomes-dir/inside"),
+            "user.kept",
+            b"yes",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let new = ingest_dir(&store, &b, &[("kept", b"k")]);
         let host = tmp.path().join("host");
         for (path, bytes) in [("gone/x", &b"x"[..]), ("becomes-dir", b"f"), ("kept", b"k")] {
             let path = host.join(path);
@@ -1028,6 +1034,11 @@ mod tests {
             std::fs::read(host.join("becomes-dir/inside")).unwrap(),
             b"i"
         );
+        // With the branch's extended attributes.
+        let mut value = [0u8; 8];
+        let n =
+            rustix::fs::getxattr(host.join("becomes-dir/inside"), "user.kept", &mut value).unwrap();
+        assert_eq!(&value[..n], b"yes");
     }
 
     #[test]

@@ -164,7 +164,11 @@ fn host_file_unchanged(dir: &Path, rel: &str, node: &velo_view::Node) -> bool {
         }
     }
     std::fs::symlink_metadata(&path).is_ok_and(|meta| {
-        meta.is_file() && fingerprint(&meta) == node.hash && mtime_ns(&meta) == node.mtime_ns
+        let kind = match node.kind {
+            Kind::Dir => meta.is_dir(),
+            _ => meta.is_file(),
+        };
+        kind && fingerprint(&meta) == node.hash && mtime_ns(&meta) == node.mtime_ns
     })
 }
 
@@ -205,6 +209,11 @@ pub fn ingest_checked(
             match upper_at(upper, &path) {
                 Upper::Hides => continue,
                 Upper::Merges | Upper::Shows if child.kind == Kind::Dir => {
+                    // A directory whose xattrs main shows must still have them: its
+                    // identity is checked like a file's.
+                    if child.flags & velo_view::FLAG_XATTRS != 0 {
+                        shown.push((child, path.clone()));
+                    }
                     stack.push((child.index, path))
                 }
                 _ if child.kind == Kind::File => shown.push((child, path)),
