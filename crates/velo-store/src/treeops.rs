@@ -269,7 +269,8 @@ pub struct Change {
     pub change: ChangeKind,
     /// The entry kind (the new one when it changed).
     pub kind: &'static str,
-    /// For modifications: which of `kind`, `content`, `target`, `mode`, `mtime` changed.
+    /// For modifications: which of `kind`, `content`, `target`, `mode`, `mtime`, `xattrs`
+    /// changed.
     pub what: Vec<&'static str>,
 }
 
@@ -345,13 +346,18 @@ fn change_count(
                 j += 1;
                 match (&x.kind, &y.kind) {
                     (EntryKind::Dir { hash: hx }, EntryKind::Dir { hash: hy }) => {
-                        u64::from(x.mode != y.mode)
+                        u64::from(x.mode != y.mode || x.xattrs != y.xattrs)
                             .saturating_add(change_count(src, *hx, *hy, pairs, wholes)?)
                     }
                     (EntryKind::Dir { .. }, _) | (_, EntryKind::Dir { .. }) => {
                         whole(x, wholes)?.saturating_add(whole(y, wholes)?)
                     }
-                    (kx, ky) => u64::from(kx != ky || x.mode != y.mode || x.mtime_ns != y.mtime_ns),
+                    (kx, ky) => u64::from(
+                        kx != ky
+                            || x.mode != y.mode
+                            || x.mtime_ns != y.mtime_ns
+                            || x.xattrs != y.xattrs,
+                    ),
                 }
             }
         };
@@ -403,12 +409,19 @@ pub fn diff(src: &dyn TreeSource, a: Hash, b: Hash) -> Result<Vec<Change>> {
                     let path = join(&base, x.name.as_bytes());
                     match (&x.kind, &y.kind) {
                         (EntryKind::Dir { hash: hx }, EntryKind::Dir { hash: hy }) => {
+                            let mut what = Vec::new();
                             if x.mode != y.mode {
+                                what.push("mode");
+                            }
+                            if x.xattrs != y.xattrs {
+                                what.push("xattrs");
+                            }
+                            if !what.is_empty() {
                                 out.push(Change {
                                     path: path.clone(),
                                     change: ChangeKind::Modified,
                                     kind: "dir",
-                                    what: vec!["mode"],
+                                    what,
                                 });
                             }
                             subdirs.push((*hx, *hy, path));
@@ -443,6 +456,9 @@ pub fn diff(src: &dyn TreeSource, a: Hash, b: Hash) -> Result<Vec<Change>> {
                             }
                             if x.mtime_ns != y.mtime_ns {
                                 what.push("mtime");
+                            }
+                            if x.xattrs != y.xattrs {
+                                what.push("xattrs");
                             }
                             if !what.is_empty() {
                                 out.push(Change {
@@ -505,4 +521,66 @@ fn whole(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use velo_core::{Mode, Name, Xattrs};
+
+    fn entry(name: &str, kind: EntryKind, xattrs: &[(&str, &str)]) -> Entry {
+        Entry {
+            name: Name::try_from(name).unwrap(),
+            mode: Mode::new(if matches!(kind, EntryKind::Dir { .. }) {
+                0o755
+            } else {
+                0o644
+            })
+            .unwrap(),
+            mtime_ns: 1,
+            kind,
+            xattrs: Xattrs::new(
+                xattrs
+                    .iter()
+                    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                    .collect(),
+            )
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_change_of_extended_attributes_alone_is_a_change() {
+        let file = EntryKind::File {
+            hash: Hash::of_blob(b"x"),
+            size: 1,
+        };
+        let mut trees = HashMap::new();
+        let inner = Tree::new(vec![]).unwrap();
+        let inner_hash = Hash::of_tree_encoding(&inner.encode());
+        trees.insert(inner_hash, inner);
+        let dir = EntryKind::Dir { hash: inner_hash };
+        let mut root = |attrs: &[(&str, &str)]| {
+            let tree = Tree::new(vec![
+                entry("d", dir.clone(), attrs),
+                entry("f", file.clone(), attrs),
+            ])
+            .unwrap();
+            let hash = Hash::of_tree_encoding(&tree.encode());
+            trees.insert(hash, tree);
+            hash
+        };
+        let (a, b) = (root(&[]), root(&[("user.k", "v")]));
+        let src = MemoryTrees(trees);
+        let changes = diff(&src, a, b).unwrap();
+        let what: Vec<(Vec<u8>, Vec<&str>)> =
+            changes.into_iter().map(|c| (c.path, c.what)).collect();
+        assert_eq!(
+            what,
+            vec![
+                (b"d".to_vec(), vec!["xattrs"]),
+                (b"f".to_vec(), vec!["xattrs"])
+            ]
+        );
+    }
 }

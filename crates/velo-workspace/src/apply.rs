@@ -152,6 +152,10 @@ fn write_entry(store: &Store, path: &Path, entry: &Entry) -> Result<()> {
                 }
                 Err(_) => std::fs::create_dir(path).map_err(io("creating", path))?,
             }
+            for (name, value) in entry.xattrs.iter() {
+                rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+                    .map_err(|e| io("setting extended attributes of", path)(e.into()))?;
+            }
             // Its mode is set after its children are written (see `apply`).
         }
         EntryKind::Symlink { target } => {
