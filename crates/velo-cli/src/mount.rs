@@ -314,14 +314,8 @@ fn prepare_kept_upper(
     root: velo_core::Hash,
 ) -> Result<(PathBuf, std::os::fd::OwnedFd)> {
     // Checked before anything is made: a refused upper leaves no directory behind.
-    if let Ok(absolute) = std::path::absolute(dir) {
-        let resolved = absolute
-            .ancestors()
-            .find_map(|a| {
-                let rest = absolute.strip_prefix(a).ok()?;
-                Some(std::fs::canonicalize(a).ok()?.join(rest))
-            })
-            .unwrap_or(absolute);
+    {
+        let resolved = velo_store::resolve_existing(dir);
         if resolved.starts_with(mountpoint) || mountpoint.starts_with(&resolved) {
             bail!(
                 "--upper {}: inside the mount point {} (or containing it); the server would wait on itself. Choose another directory",

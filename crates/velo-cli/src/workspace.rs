@@ -264,18 +264,6 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path, bindable: bool) -> Result
     )
 }
 
-/// `path` with its existing ancestors resolved (it may not exist yet).
-fn resolved(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    absolute
-        .ancestors()
-        .find_map(|a| {
-            let rest = absolute.strip_prefix(a).ok()?;
-            Some(std::fs::canonicalize(a).ok()?.join(rest))
-        })
-        .unwrap_or(absolute)
-}
-
 /// Refuses mount point `mp` for workspace `dir` of the store at `store_root` before
 /// anything is made or recorded; cleans up a dead mount there.
 fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path, lower: Option<&Path>) -> Result<()> {
@@ -293,8 +281,11 @@ fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path, lower: Option<&Pat
             mp.display()
         );
     }
-    let (dir, store_root) = (resolved(dir), resolved(store_root));
-    let lower = lower.map(resolved);
+    let (dir, store_root) = (
+        velo_store::resolve_existing(dir),
+        velo_store::resolve_existing(store_root),
+    );
+    let lower = lower.map(velo_store::resolve_existing);
     for of in [Some(&store_root), Some(&dir), lower.as_ref()]
         .into_iter()
         .flatten()

@@ -719,33 +719,6 @@ fn git_in_a_repository_that_came_with_the_tree_is_clean_on_the_mount_and_commits
 // ---------------------------------------------------------------------------------------
 // 3. make of a real C project on the mount.
 
-/// The C sources of the blake3 crate this workspace builds with (a real C project), as
-/// real_build.rs finds them.
-fn blake3_c_sources() -> Option<PathBuf> {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
-        });
-    for index in fs::read_dir(home.join("registry/src")).ok()?.flatten() {
-        let mut found: Vec<PathBuf> = fs::read_dir(index.path())
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("blake3-1."))
-                    && p.join("c/blake3.c").is_file()
-            })
-            .collect();
-        found.sort();
-        if let Some(dir) = found.pop() {
-            return Some(dir.join("c"));
-        }
-    }
-    None
-}
-
 /// The portable build (no assembly, no SIMD: the same on every architecture) as a
 /// static library and the example program that hashes stdin.
 const MAKEFILE: &str = "CFLAGS = -O1 -DBLAKE3_NO_SSE2 -DBLAKE3_NO_SSE41 -DBLAKE3_NO_AVX2 \
@@ -773,7 +746,7 @@ fn make_builds_a_real_c_project_on_the_mount_and_mtimes_decide_what_is_rebuilt()
     }
     let cc = common::find_tool("gcc").or_else(|| common::find_tool("cc"));
     let make = common::find_tool("make");
-    let sources = blake3_c_sources();
+    let sources = common::blake3_c_sources();
     if !common::require(
         cc.is_some() && make.is_some() && sources.is_some(),
         "gcc, make (scripts/test.sh installs them) and the blake3 crate's C sources in the cargo registry",

@@ -412,16 +412,7 @@ fn a_killed_server_loses_no_branch_and_remounting_shows_every_upper() {
 }
 
 fn workspace_server_pid(at: &Path) -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("__workspace-serve .* {}$", at.display())])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+    common::first_pid(&format!("__workspace-serve .* {}$", at.display()))
 }
 
 #[test]

@@ -428,6 +428,19 @@ pub fn replace_file(
     Ok(())
 }
 
+/// `path` made absolute with its longest existing ancestor resolved (symlinks, `..`): where
+/// it is, or would be once made.
+pub fn resolve_existing(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    absolute
+        .ancestors()
+        .find_map(|a| {
+            let rest = absolute.strip_prefix(a).ok()?;
+            Some(fs::canonicalize(a).ok()?.join(rest))
+        })
+        .unwrap_or(absolute)
+}
+
 /// Whether a file at `path` (existing or about to be written) would be inside `dir`: both
 /// resolved, `path` by its nearest existing parent directory.
 pub fn path_is_inside(path: &Path, dir: &Path) -> bool {

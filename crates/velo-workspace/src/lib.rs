@@ -279,24 +279,11 @@ impl Workspace {
         // Refused before anything is walked or made: a lower holding the workspace, its
         // store or its mount point would show (and snapshot) velo's own files.
         let inside = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-        let resolve = |p: &Path| {
-            let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-            absolute
-                .ancestors()
-                .find_map(|a| {
-                    Some(
-                        std::fs::canonicalize(a)
-                            .ok()?
-                            .join(absolute.strip_prefix(a).ok()?),
-                    )
-                })
-                .unwrap_or(absolute)
-        };
-        let store_root = resolve(store.root());
+        let store_root = velo_store::resolve_existing(store.root());
         for (what, path) in [
-            ("the workspace", Some(resolve(dir))),
+            ("the workspace", Some(velo_store::resolve_existing(dir))),
             ("its store", Some(store_root)),
-            ("its mount point", mount.map(resolve)),
+            ("its mount point", mount.map(velo_store::resolve_existing)),
         ] {
             if let Some(path) = path.filter(|p| inside(&lower, p)) {
                 return Err(WorkspaceError::Refused(format!(

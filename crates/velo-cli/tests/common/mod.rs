@@ -580,13 +580,12 @@ pub fn mount_with<'a>(env: &'a Env, tree: &str, at: &Path, extra: &[&str]) -> Mo
 
 /// The pid of the server of the velo mount at `at`.
 pub fn server_pid(at: &Path) -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("mount [0-9a-f]+ {} --foreground", at.display()),
-        ])
-        .output()
-        .ok()?;
+    first_pid(&format!("mount [0-9a-f]+ {} --foreground", at.display()))
+}
+
+/// The pid of the first process whose command line matches `pattern` (`pgrep -f`).
+pub fn first_pid(pattern: &str) -> Option<u32> {
+    let out = Command::new("pgrep").args(["-f", pattern]).output().ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()?
