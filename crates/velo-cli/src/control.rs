@@ -220,6 +220,15 @@ pub fn listen(name: &str, server: Arc<dyn Server>, at_exit: Arc<AtExit>) -> Resu
     Ok(())
 }
 
+/// Ends a connection whose request was refused unread: closing with bytes still
+/// unread would reset it (ECONNRESET) before the client read the error, so the rest is
+/// read first, within bounds (a client that keeps sending is cut off after them).
+fn hang_up(stream: &UnixStream, reader: &mut impl Read) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let _ = std::io::copy(&mut reader.take(16 << 20), &mut std::io::sink());
+}
+
 fn error_reply(message: impl std::fmt::Display) -> Value {
     json!({ "v": VERSION, "ok": false, "error": message.to_string() })
 }
@@ -244,6 +253,7 @@ fn serve_client(mut stream: UnixStream, server: &dyn Server, at_exit: &AtExit) {
             Ok(None) => return,
             Err(e) => {
                 let _ = write_line(&mut stream, &error_reply(format!("bad request: {e}")));
+                hang_up(&stream, &mut reader);
                 return;
             }
         };

@@ -1,7 +1,7 @@
 //! `velo mount TREE MOUNTPOINT` and `velo umount MOUNTPOINT`: the FUSE server of crate
 //! velo-fuse, started in the background (or in the foreground with `--foreground`).
-//! The server holds the store's shared lock for as long as it serves, so gc never takes
-//! what it reads.
+//! The server pins the tree it serves (velo-store's pins), so gc keeps what it reads
+//! without waiting for it to unmount.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -204,6 +204,7 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     let at_exit = Arc::new(crate::control::AtExit::default());
     let control = crate::control::new_name();
     crate::control::listen(&control, server.clone(), at_exit.clone())?;
+    let kept = keep_served(&store, &[root], lock);
     velo_fuse::serve(
         fs,
         &mountpoint,
@@ -258,7 +259,7 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         session.remove();
     }
     drop(kept_upper);
-    drop(lock);
+    drop(kept);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -367,6 +368,35 @@ fn prepare_kept_upper(
     Ok((path, lock))
 }
 
+/// What keeps a server's trees from gc while it serves: a pin (gc runs meanwhile and
+/// keeps the trees), or where no pin can be made, the shared lock (gc waits).
+pub(crate) struct Kept {
+    _pin: Option<velo_store::Pin>,
+    _lock: Option<velo_store::StoreLock>,
+}
+
+/// Pins `trees` and lets `lock` go; keeps the lock instead if no pin can be made (a
+/// store this user may only read). Call it holding `lock`, with the trees checked.
+pub(crate) fn keep_served(
+    store: &velo_store::Store,
+    trees: &[velo_core::Hash],
+    lock: velo_store::StoreLock,
+) -> Kept {
+    match store.pin(trees) {
+        Ok(pin) => Kept {
+            _pin: Some(pin),
+            _lock: None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no pin: holding the store lock while serving (gc waits)");
+            Kept {
+                _pin: None,
+                _lock: Some(lock),
+            }
+        }
+    }
+}
+
 /// Commits the upper of a server that was just unmounted, writes and registers it as the
 /// `velo umount` that asked said; the reply it gets.
 fn commit_at_exit(
@@ -375,6 +405,8 @@ fn commit_at_exit(
     pending: &crate::control::Pending,
     mountpoint: &Path,
 ) -> Result<serde_json::Value> {
+    // From the commit's first object until its root is registered.
+    let _lock = store.lock_shared()?;
     let report = crate::control::Server::commit(server)?;
     let c = crate::run::record_commit(
         store,

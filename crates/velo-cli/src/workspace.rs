@@ -323,12 +323,14 @@ fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One served branch: what it was made from, and the lock on its upper.
+/// One served branch: what it was made from, the lock on its upper, and what keeps its
+/// base from gc.
 struct Served {
     /// `None`: the workspace's host lower.
     base: Option<Hash>,
     upper: PathBuf,
     _lock: OwnedFd,
+    _kept: Option<crate::mount::Kept>,
 }
 
 /// The workspace server's side of the control socket.
@@ -352,6 +354,8 @@ fn branch_fs(
     ws: &Workspace,
     name: &str,
 ) -> Result<(velo_fuse::TreeFs, Served)> {
+    // Until the base is pinned: gc keeps its tree and view meanwhile, and waits.
+    let lock = store.lock_shared()?;
     let record = ws.branch(name)?;
     let (base, index_path) = if record.lower {
         (None, ws.dir().join("lower.idx"))
@@ -364,7 +368,7 @@ fn branch_fs(
     };
     let index = velo_view::View::new(crate::shim::map(&index_path)?)
         .with_context(|| format!("{}: not a view index", index_path.display()))?;
-    let (upper, lock) = velo_project::session::prepare_upper(store_root, &ws.upper_of(name))?;
+    let (upper, upper_lock) = velo_project::session::prepare_upper(store_root, &ws.upper_of(name))?;
     let fs = velo_fuse::TreeFs::new(
         index,
         store.root(),
@@ -388,12 +392,14 @@ fn branch_fs(
         }
         _ => fs,
     };
+    let kept = base.map(|base| crate::mount::keep_served(store, &[base], lock));
     Ok((
         fs,
         Served {
             base,
             upper,
-            _lock: lock,
+            _lock: upper_lock,
+            _kept: kept,
         },
     ))
 }
@@ -580,7 +586,6 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
     let ws = Workspace::open(dir)?;
     let store = store_of(&ws)?;
     let store_root = std::fs::canonicalize(store.root())?;
-    let lock = store.lock_shared()?;
     let (top, top_served) = branch_fs(&store, &store_root, &ws, TOP_BRANCH)?;
     let fs = velo_fuse::WorkspaceFs::new(
         TOP_BRANCH,
@@ -654,7 +659,6 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
             )),
         );
     }
-    drop(lock);
     Ok(ExitCode::SUCCESS)
 }
 

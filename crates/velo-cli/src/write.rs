@@ -289,7 +289,7 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
     let store = ctx.store()?;
     if run && store.in_use() {
         note!(
-            "velo: waiting for the other velo processes on this store to finish (runs, ingests, and `velo mount` servers: `velo umount` them)"
+            "velo: waiting for the other velo processes on this store to finish (runs, ingests, commits; mounts and workspaces keep what they serve without holding gc up)"
         );
     }
     let r = store.gc(run)?;
@@ -297,7 +297,7 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
         fmt::print_json(&serde_json::to_value(&r)?);
     } else if run {
         note!(
-            "freed {} trees, {} blobs, {}, {} unused variants, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots",
+            "freed {} trees, {} blobs, {}, {} unused variants, {}; removed {} farms, {} stale sessions, {} temp files; kept {} roots and what {} mounts or workspaces serve",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
@@ -306,11 +306,12 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
             r.farms,
             r.sessions,
             r.temp_files,
-            r.roots
+            r.roots,
+            r.serving
         );
     } else {
         note!(
-            "would free {} trees, {} blobs, {}, {} unused variants, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots); run `velo gc --run` to delete",
+            "would free {} trees, {} blobs, {}, {} unused variants, {}, {} farms, {} ended sessions and {} temp files (kept: {} roots, and what {} mounts or workspaces serve); run `velo gc --run` to delete",
             r.trees,
             r.blobs,
             fmt::bytes(r.bytes),
@@ -319,7 +320,8 @@ pub fn gc(ctx: &Ctx, run: bool) -> Result<ExitCode> {
             r.farms,
             r.sessions,
             r.temp_files,
-            r.roots
+            r.roots,
+            r.serving
         );
     }
     if !ctx.json {

@@ -45,22 +45,19 @@ fn a_read_only_mount_shows_every_entry_exactly_and_refuses_changes() {
         Some((want.len() + 1).to_string().as_str()),
         "{text}"
     );
-    // gc waits for the mount's server (it reads the store), and says so.
-    let gc = env
-        .cmd()
-        .args(["gc", "--run"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // gc runs beside the mount (no waiting for it) and keeps the tree it serves, even
+    // with no root left that reaches it.
+    env.ok(&["forget", "t"]);
+    let gc = common::gc_within_a_minute(&env);
+    assert_eq!(gc["serving"], 1, "{gc}");
+    assert_eq!(gc["trees"], 0, "{gc}");
+    assert_eq!(common::scan(&at), want);
     drop(mounted);
-    let gc = gc.wait_with_output().unwrap();
-    assert!(gc.status.success());
-    let said = String::from_utf8_lossy(&gc.stderr);
-    assert!(
-        said.contains("waiting for the other velo processes"),
-        "{said}"
-    );
+    // Unmounted: its pin is gone, and with it what kept the tree.
+    let gc = common::gc_within_a_minute(&env);
+    assert_eq!(gc["serving"], 0, "{gc}");
+    assert!(gc["trees"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(gc["blobs"].as_u64().unwrap() >= 1, "{gc}");
     assert!(
         fs::read_dir(&at).unwrap().next().is_none(),
         "the mount point is empty again after velo umount"
@@ -97,6 +94,13 @@ fn a_mount_whose_server_died_is_cleaned_up_and_bad_mount_points_are_refused() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(dead, "the mount did not die with its server");
+    // Its pin stays behind, unlocked: gc removes it and keeps nothing for it.
+    let gc = common::gc_within_a_minute(&env);
+    assert_eq!(
+        (gc["serving"].clone(), gc["dead_pins"].clone()),
+        (0.into(), 1.into()),
+        "{gc}"
+    );
     // The next mount cleans it up, saying so.
     let out = env.run(&["mount", "t", at.to_str().unwrap()]);
     assert!(

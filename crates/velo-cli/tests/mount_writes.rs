@@ -1032,6 +1032,12 @@ assert json.loads(r.readline())["ok"] and json.loads(r.readline())["ok"]
 s.sendall(b'{"v":1,"op":"info"}' + b" " * 70000 + b"\n")
 reply = json.loads(r.readline())
 assert not reply["ok"] and "64 KiB" in reply["error"], reply
+# Far longer, on a new connection: still an error reply, never a reset connection.
+s = socket.socket(socket.AF_UNIX)
+s.connect(b"\0velo-mount-" + source[5:].encode())
+s.sendall(b'{"v":1,"op":"info","x":"' + b"y" * (4 << 20) + b'"}\n')
+reply = json.loads(s.makefile("rb").readline())
+assert not reply["ok"] and "64 KiB" in reply["error"], reply
 print("ok")
 "#;
     let out = Command::new("python3")

@@ -326,9 +326,28 @@ fn gc_keeps_snapshots_and_branch_bases_and_their_deletion_frees_them() {
     let id = snap["id"].as_str().unwrap().to_string();
     in_ws(&env, &ws, &["branch", "reset", "work", "main"]);
     assert!(!branch_dir(&at, "work").join("only-in-snapshot").exists());
+    // gc runs while the workspace is mounted (each served base is pinned: main and work
+    // here) and takes nothing any branch shows.
+    fs::write(at.join("new-on-main"), b"upper of main\n").unwrap();
+    env.forget_all_but_workspace();
+    let gc = common::gc_within_a_minute(&env);
+    assert_eq!(gc["serving"], 2, "{gc}");
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"base\n");
+    assert_eq!(
+        fs::read(branch_dir(&at, "work").join("f")).unwrap(),
+        b"base\n"
+    );
+    assert_eq!(
+        fs::read(at.join("new-on-main")).unwrap(),
+        b"upper of main\n"
+    );
+    let snap_after = in_ws_json(&env, &ws, &["snapshot", "create"]);
+    assert_eq!(
+        env.ok(&["cat", snap_after["tree"].as_str().unwrap(), "f"]),
+        "base\n"
+    );
     drop(mounted);
     // The snapshot is the only thing that reaches that blob: gc keeps it.
-    env.forget_all_but_workspace();
     env.ok(&["gc", "--run"]);
     let tree = snap["tree"].as_str().unwrap();
     assert_eq!(

@@ -117,6 +117,38 @@ pub fn validate_branch_name(name: &str) -> Result<(), String> {
     velo_store::validate_root_name(name).map_err(|e| format!("branch name: {e}"))
 }
 
+/// A JSON object whose keys are each given once: a message that names a field twice
+/// could be read one way by this check and another way by a later reader.
+struct Strict(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Strict, A::Error> {
+                let mut object = Map::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    if object.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "field {key:?} given twice"
+                        )));
+                    }
+                    object.insert(key, value);
+                }
+                Ok(Strict(object))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 fn text<'a>(
     object: &'a Map<String, Value>,
     field: &'static str,
@@ -160,11 +192,8 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
     if line.len() > MAX_LINE {
         return Err(DecodeError::TooLong);
     }
-    let value: Value =
+    let Strict(object) =
         serde_json::from_slice(line).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let Value::Object(object) = value else {
-        return Err(DecodeError::NotJson("not an object".into()));
-    };
     if object.get("v").and_then(Value::as_u64) != Some(VERSION) {
         return Err(DecodeError::Version);
     }
@@ -311,9 +340,14 @@ mod tests {
 
     #[test]
     fn bad_messages_say_what_is_wrong() {
-        let cases: [(&[u8], &str); 8] = [
+        let cases: [(&[u8], &str); 10] = [
             (b"{", "not a JSON object"),
             (b"[1]", "not a JSON object"),
+            (b"7", "not a JSON object"),
+            (
+                br#"{"v":1,"op":"branch_delete","branch":"a","branch":"b"}"#,
+                "given twice",
+            ),
             (br#"{"op":"info"}"#, "version"),
             (br#"{"v":2,"op":"info"}"#, "version"),
             (br#"{"v":1,"op":"format-disk"}"#, "unknown request"),

@@ -23,6 +23,10 @@ pub struct GcReport {
     pub ran: bool,
     /// Registered roots that were kept.
     pub roots: usize,
+    /// Processes (mounts, workspaces) whose served trees were kept too.
+    pub serving: usize,
+    /// Pins of processes that had ended, removed.
+    pub dead_pins: usize,
     /// Trees no root reaches.
     pub trees: u64,
     /// Blobs (distinct contents) no root reaches.
@@ -48,16 +52,23 @@ pub struct GcReport {
 impl Store {
     /// Every tree and blob the registered roots reach. Fails if a reachable tree is missing
     /// or damaged: then the store cannot know what that tree would have kept.
-    pub fn mark(&self) -> Result<(HashSet<Hash>, HashSet<Hash>)> {
+    /// `pinned`: trees that live processes serve (see `pins`), kept like roots.
+    pub fn mark(&self, pinned: &[Hash]) -> Result<(HashSet<Hash>, HashSet<Hash>)> {
         let mut trees = HashSet::new();
         let mut blobs = HashSet::new();
+        let mut starts = Vec::new();
         for record in self.roots()? {
-            let root = record.hash()?;
+            starts.push((
+                record.hash()?,
+                format!("root {}", record.name.as_deref().unwrap_or(&record.root)),
+            ));
+        }
+        starts.extend(pinned.iter().map(|t| (*t, format!("the served tree {t}"))));
+        for (root, label) in starts {
             crate::treeops::walk_reachable(root, &mut trees, &mut |hash, _| {
                 let tree = self.get_tree(hash).map_err(|e| {
                     StoreError::Invalid(format!(
-                        "gc stopped without deleting anything: root {} reaches a tree it cannot read ({e})",
-                        record.name.as_deref().unwrap_or(&record.root)
+                        "gc stopped without deleting anything: {label} reaches a tree it cannot read ({e})"
                     ))
                 })?;
                 for entry in tree.entries() {
@@ -79,7 +90,9 @@ impl Store {
             self.lock_shared()?
         };
         let roots = self.roots()?.len();
-        let (live_trees, live_blobs) = self.mark()?;
+        // A mount or workspace serves without the store lock; its pins keep its trees.
+        let pins = self.scan_pins()?;
+        let (live_trees, live_blobs) = self.mark(&pins.trees)?;
         let (trees, _) = self.list_objects(ObjectKind::Tree)?;
         let dead_trees: Vec<Hash> = trees
             .into_iter()
@@ -170,10 +183,15 @@ impl Store {
             report.bytes += fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
         }
         report.farms = dead_farms.len() as u64;
+        report.serving = pins.live;
+        report.dead_pins = pins.dead.len();
         report.sessions = sessions.len() as u64;
         report.kept_sessions = kept.iter().map(|p| p.display().to_string()).collect();
         if !run {
             return Ok(report);
+        }
+        for path in &pins.dead {
+            remove(path)?;
         }
         let deletes =
             !dead_trees.is_empty() || !dead_blobs.is_empty() || !unused_variants.is_empty();

@@ -26,6 +26,7 @@ mod gc;
 mod import_cache;
 mod objects;
 mod perms;
+mod pins;
 mod refs;
 mod repair;
 mod sessions;
@@ -48,6 +49,7 @@ pub use error::{is_no_space, Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, Problem};
 pub use gc::GcReport;
 pub use objects::{BlobForm, FarmModes, Staged};
+pub use pins::Pin;
 pub use refs::{validate_root_name, DamagedRecord, RootRecord, RootStats};
 pub use repair::{MissingObject, ModeFixed, NeededBy, Quarantined, RepairReport};
 pub use sessions::Session;
@@ -457,6 +459,14 @@ pub fn path_is_inside(path: &Path, dir: &Path) -> bool {
         (Ok(parent), Ok(dir)) => parent.starts_with(dir),
         _ => false,
     }
+}
+
+/// Nanoseconds since the epoch: part of the names of sessions and pins.
+pub(crate) fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Removes a file, or a directory tree that may hold read-only directories (farms, checkouts,

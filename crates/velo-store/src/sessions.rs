@@ -55,10 +55,7 @@ impl Store {
     pub fn new_session(&self) -> Result<Session> {
         let sessions = self.root.join("sessions");
         fs::create_dir_all(&sessions).map_err(StoreError::io("creating", &sessions))?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let stamp = crate::now_nanos();
         let dir = sessions.join(format!("{}-{stamp}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)

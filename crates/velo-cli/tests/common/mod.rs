@@ -661,3 +661,29 @@ pub fn listed_names(root: &Path) -> std::collections::BTreeSet<PathBuf> {
     }
     out
 }
+
+/// `velo gc --run --json`, failing the test (instead of hanging it) if gc waits.
+pub fn gc_within_a_minute(env: &Env) -> serde_json::Value {
+    let mut child = env
+        .cmd()
+        .args(["gc", "--run", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gc --run still waiting after a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
