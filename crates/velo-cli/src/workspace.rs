@@ -11,9 +11,8 @@
 //! directly.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -1044,91 +1043,81 @@ pub fn branch_exec(
         );
     }
     let (program, args) = command.split_first().context("no command given")?;
-    let cwd = std::env::current_dir().ok();
-    let source = CString::new(source.as_os_str().as_bytes())?;
-    let target = CString::new(mount.as_os_str().as_bytes())?;
-    let cwd = cwd
-        .map(|c| CString::new(c.as_os_str().as_bytes()))
-        .transpose()?;
-    let root = rustix::process::geteuid().is_root();
-    let maps = (
-        format!("{0} {0} 1\n", rustix::process::getuid().as_raw()),
-        format!("{0} {0} 1\n", rustix::process::getgid().as_raw()),
-    );
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
-        .env(BRANCH_ENV, name)
-        .env(WORKSPACE_ENV, ws.dir());
-    // SAFETY: between fork and exec the closure makes only system calls (unshare, open,
-    // write, mount, chdir) on buffers made before the fork; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            enter_view(root, &maps, &source, &target, cwd.as_deref())
-                .map_err(std::io::Error::from)?;
-            if let Some(soft) = nofile {
-                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-                rustix::process::setrlimit(
-                    rustix::process::Resource::Nofile,
-                    rustix::process::Rlimit {
-                        current: Some(soft),
-                        maximum: limit.maximum,
-                    },
-                )?;
-            }
-            Ok(())
-        });
+    // This process becomes the command (exec, no fork), so the view is entered here, with
+    // each step's failure said as such.
+    enter_view(&source, &mount).with_context(|| {
+        format!(
+            "entering branch {name}'s view (a private mount namespace where {} shows {})",
+            mount.display(),
+            source.display()
+        )
+    })?;
+    if let Some(soft) = nofile {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(soft),
+                maximum: limit.maximum,
+            },
+        )
+        .context("giving the command back the open-file limit velo started with")?;
     }
-    let e = cmd.exec();
+    let e = std::process::Command::new(program)
+        .args(args)
+        .env(BRANCH_ENV, name)
+        .env(WORKSPACE_ENV, ws.dir())
+        .exec();
     bail!(
-        "running {} in branch {name}: {e} (or, before it, entering the branch's view: unshare and mount)",
+        "running {} in branch {name}: {e}",
         Path::new(program).display()
     )
 }
 
-/// In the child of `branch exec`: a mount namespace (and, unprivileged, a user namespace
-/// mapping only the caller's ids) where `target` shows `source`.
-fn enter_view(
-    root: bool,
-    maps: &(String, String),
-    source: &std::ffi::CStr,
-    target: &std::ffi::CStr,
-    cwd: Option<&std::ffi::CStr>,
-) -> rustix::io::Result<()> {
+/// Makes this process's mount namespace one of its own where `target` shows `source`.
+/// Root gets only the mount namespace; anyone else (and root without CAP_SYS_ADMIN, as
+/// in a container) also a user namespace that maps only their own ids.
+fn enter_view(source: &Path, target: &Path) -> Result<()> {
     use rustix::thread::UnshareFlags;
-    let flags = if root {
-        UnshareFlags::NEWNS
-    } else {
-        UnshareFlags::NEWNS | UnshareFlags::NEWUSER
+    let cwd = std::env::current_dir().ok();
+    let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+    let with_user_namespace = || -> Result<()> {
+        // SAFETY: this process is single-threaded here (branch exec starts no thread),
+        // which unshare(CLONE_NEWUSER) requires; nothing caches the credentials it changes.
+        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS | UnshareFlags::NEWUSER) }
+            .context("unshare(CLONE_NEWNS | CLONE_NEWUSER): are user namespaces allowed here? (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces)")?;
+        for (file, text) in [
+            ("/proc/self/setgroups", "deny".to_string()),
+            ("/proc/self/uid_map", format!("{0} {0} 1\n", uid.as_raw())),
+            ("/proc/self/gid_map", format!("{0} {0} 1\n", gid.as_raw())),
+        ] {
+            std::fs::write(file, text).with_context(|| format!("writing {file}"))?;
+        }
+        Ok(())
     };
-    // SAFETY: the forked child, single-threaded, about to exec: no other thread shares
-    // (or caches anything of) the namespaces or credentials this changes.
-    unsafe { rustix::thread::unshare_unsafe(flags)? };
-    if !root {
-        write_proc(c"/proc/self/setgroups", b"deny")?;
-        write_proc(c"/proc/self/uid_map", maps.0.as_bytes())?;
-        write_proc(c"/proc/self/gid_map", maps.1.as_bytes())?;
+    if rustix::process::geteuid().is_root() {
+        // SAFETY: as above; a mount namespace alone changes no credentials.
+        match unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) } {
+            Ok(()) => {}
+            Err(rustix::io::Errno::PERM) => with_user_namespace()?,
+            Err(e) => return Err(e).context("unshare(CLONE_NEWNS)"),
+        }
+    } else {
+        with_user_namespace()?;
     }
     // Mounts made outside still show here; this one stays here.
     rustix::mount::mount_change(
-        c"/",
+        "/",
         rustix::mount::MountPropagationFlags::DOWNSTREAM
             | rustix::mount::MountPropagationFlags::REC,
-    )?;
-    rustix::mount::mount_bind(source, target)?;
+    )
+    .context("making / a downstream (slave) mount")?;
+    rustix::mount::mount_bind(source, target)
+        .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
     if let Some(cwd) = cwd {
         // The working directory was the top branch's, if it was in the mount.
-        let _ = rustix::process::chdir(cwd);
+        let _ = std::env::set_current_dir(cwd);
     }
-    Ok(())
-}
-
-fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> rustix::io::Result<()> {
-    let fd = rustix::fs::open(
-        path,
-        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
-    rustix::io::write(&fd, bytes)?;
     Ok(())
 }
 

@@ -459,6 +459,31 @@ fn bad_names_and_the_control_directory_get_clear_errors() {
     assert!(said.contains("no branch nope"), "{said}");
     // velo's own failure is 125, never a status the command could return.
     assert_eq!(out.status.code(), Some(125));
+    let out = env.run(&["branch", "-w", w, "exec", "main", "--", "no-such-command-x"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("running no-such-command-x in branch main") && !said.contains("entering"),
+        "{said}"
+    );
+    assert_eq!(out.status.code(), Some(125));
+    if common::is_root() && common::find_tool("setpriv").is_some() {
+        // Root without CAP_SYS_ADMIN (as in a container) gets the view through a user
+        // namespace, as any user does.
+        let out = Command::new("setpriv")
+            .args(["--bounding-set=-sys_admin", "--"])
+            .arg(common::velo_bin())
+            .args(["--store", env.store.to_str().unwrap()])
+            .args(["branch", "-w", w, "exec", "main", "--", "cat"])
+            .arg(at.join("f"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "base\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // The control directory is not listed, and cannot be made, removed or renamed.
     let names: Vec<_> = fs::read_dir(&at)
         .unwrap()
