@@ -1277,6 +1277,111 @@ print("ok")
     );
 }
 
+/// A copy-up that cannot keep what the tree records of an entry (here a file capability,
+/// which only CAP_SETFCAP may set) is undone: the change fails with that error, again on
+/// every try (a half-made copy once made every later change EEXIST), and nothing of it
+/// is left in the upper or in the commit.
+#[test]
+fn a_copy_up_that_cannot_keep_the_entrys_attributes_is_undone() {
+    if !fuse_available()
+        || !common::require(common::is_root(), "root (to become uid 65534 with setpriv)")
+        || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+        || !common::require(
+            common::find_tool("fusermount3").is_some(),
+            "fusermount3 (apt install fuse3)",
+        )
+    {
+        return;
+    }
+    let _device = common::DevFuseOpenToAll::new();
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("work");
+    fs::create_dir_all(work.join("src/d")).unwrap();
+    fs::write(work.join("src/capable"), b"cap\n").unwrap();
+    fs::write(work.join("src/plain"), b"plain\n").unwrap();
+    // A version-2 file capability: cap_net_raw permitted and effective (as ping has).
+    let mut cap = Vec::new();
+    for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        work.join("src/capable"),
+        "security.capability",
+        &cap,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let store = work.join("store");
+    let out = Command::new(common::velo_bin())
+        .arg("--store")
+        .arg(&store)
+        .args(["ingest", "--name", "t"])
+        .arg(work.join("src"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = r#"
+import errno, os
+for attempt in range(3):
+    try:
+        with open("capable", "ab") as f:
+            f.write(b"more")
+        raise SystemExit("a write kept a capability it could not set")
+    except PermissionError as e:
+        assert e.errno == errno.EPERM, e
+assert open("capable", "rb").read() == b"cap\n"
+with open("plain", "ab") as f:
+    f.write(b"more\n")
+os.mkdir("d/new")
+print("ok")
+"#;
+    fs::write(work.join("t.py"), script).unwrap();
+    let velo = common::velo_bin();
+    let run = format!(
+        "set -e; w=\"$1\"; cd \"$w\"; v() {{ \"{}\" --store \"$w/store\" \"$@\"; }}; \
+         mkdir m; v mount t m --upper up >/dev/null; \
+         (cd m && python3 ../t.py) > out 2>&1 || status=$?; v commit m --name c >/dev/null; \
+         v umount m; cat out; ls -A up; exit ${{status:-0}}",
+        velo.display()
+    );
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = common::as_nobody()
+        .args(["/bin/sh", "-c", &run, "sh"])
+        .arg(&work)
+        .env_remove("VR_THE_SOURCE")
+        .env("HOME", &work)
+        .output()
+        .unwrap();
+    // The upper holds the changed file and directory only.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\nd\nplain\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cat = |path: &str| {
+        Command::new(common::velo_bin())
+            .arg("--store")
+            .arg(&store)
+            .args(["cat", "c", path])
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert_eq!(cat("capable"), b"cap\n");
+    assert_eq!(cat("plain"), b"plain\nmore\n");
+}
+
 /// A server out of descriptors cannot keep an unlinked open file: the unlink fails, and
 /// no program loses the bytes of a file it has open.
 #[test]
