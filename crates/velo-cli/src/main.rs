@@ -262,7 +262,14 @@ enum Command {
     /// List registered roots
     Roots,
     /// Unregister a root name, or every registration of a root hash
-    Forget { name_or_root: String },
+    Forget {
+        name_or_root: String,
+        /// Also a workspace's roots (`ws.ID.base.BRANCH`, `ws.ID.snap.N`), which
+        /// `velo branch delete` and `velo snapshot delete` let go: for a workspace that
+        /// is gone
+        #[arg(long)]
+        force: bool,
+    },
     /// Summarise the store
     Status,
     /// Report (or with --run, delete) what no registered root reaches
@@ -748,7 +755,10 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             partial,
         } => write::import(ctx, &file, name, partial),
         Command::Roots => write::roots(ctx),
-        Command::Forget { name_or_root } => write::forget(ctx, &name_or_root),
+        Command::Forget {
+            name_or_root,
+            force,
+        } => write::forget(ctx, &name_or_root, force),
         Command::Status => write::status(ctx),
         Command::Mount {
             tree,

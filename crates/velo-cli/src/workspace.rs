@@ -816,6 +816,7 @@ fn branch_path(mount: &Path, name: &str) -> PathBuf {
 /// `velo branch list`.
 pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
     let list = ws.branches()?;
+    let unfinished = ws.unfinished_branches(&store_of(ws)?)?;
     let rows: Vec<Value> = list
         .iter()
         .map(|b| {
@@ -825,17 +826,26 @@ pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
             })
         })
         .collect();
-    print(ctx, json!({ "branches": rows }), || {
-        for b in &list {
-            let changed = !is_empty_dir(&ws.upper_of(&b.name));
-            out!(
-                "{}\t{}\t{}",
-                b.name,
-                b.base.get(..16).unwrap_or(&b.base),
-                if changed { "changed" } else { "clean" }
+    print(
+        ctx,
+        json!({ "branches": rows, "unfinished": unfinished }),
+        || {
+            for name in &unfinished {
+                note!(
+                "velo: a create or delete of branch {name} was interrupted: `velo branch delete {name}` removes what it left, `velo branch create {name}` makes it"
             );
-        }
-    })
+            }
+            for b in &list {
+                let changed = !is_empty_dir(&ws.upper_of(&b.name));
+                out!(
+                    "{}\t{}\t{}",
+                    b.name,
+                    b.base.get(..16).unwrap_or(&b.base),
+                    if changed { "changed" } else { "clean" }
+                );
+            }
+        },
+    )
 }
 
 /// `velo branch delete NAME`.
@@ -843,9 +853,17 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
     if name == TOP_BRANCH {
         bail!("branch {TOP_BRANCH} is the workspace's own; it is not deleted");
     }
-    ws.branch(name)?;
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
+    if let Err(e) = ws.branch(name) {
+        // Not a branch, but maybe what a killed delete of one left.
+        if ws.finish_delete(&store, name)? {
+            return print(ctx, json!({ "deleted": name }), || {
+                note!("velo: removed what an interrupted create or delete of branch {name} left")
+            });
+        }
+        return Err(e.into());
+    }
     match server(ws) {
         Some(mut client) => {
             client.ask(&velo_control::Request::BranchDelete {

@@ -234,19 +234,35 @@ pub fn roots(ctx: &Ctx) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn forget(ctx: &Ctx, name_or_root: &str) -> Result<ExitCode> {
+pub fn forget(ctx: &Ctx, name_or_root: &str, force: bool) -> Result<ExitCode> {
     let store = ctx.store()?;
     let damaged_before = store.roots_and_damage()?.1;
-    let removed = store.forget(name_or_root)?;
+    let of_workspace = |r: &velo_store::RootRecord| {
+        !force
+            && r.name
+                .as_deref()
+                .is_some_and(velo_workspace::Workspace::is_workspace_root)
+    };
+    let (removed, spared) = store.forget_sparing(name_or_root, &of_workspace)?;
     if let Some(bad) = damaged_before.iter().find(|d| d.file == name_or_root) {
         note!("forgot the damaged root record {}", bad.path);
         return Ok(ExitCode::SUCCESS);
+    }
+    let spared_names: Vec<&str> = spared.iter().filter_map(|r| r.name.as_deref()).collect();
+    if !spared.is_empty() && !ctx.json {
+        note!(
+            "velo: kept {}: a workspace's branch base or snapshot (`velo branch delete` or `velo snapshot delete` in that workspace lets it go; `velo forget --force` if the workspace is gone)",
+            spared_names.join(", ")
+        );
+    }
+    if removed.is_empty() && !spared.is_empty() {
+        bail!("nothing forgotten: {name_or_root:?} is kept by a workspace (see above)");
     }
     if removed.is_empty() {
         bail!("no registered root is named {name_or_root:?} or has that hash; see velo roots");
     }
     if ctx.json {
-        fmt::print_json(&json!({ "forgot": removed }));
+        fmt::print_json(&json!({ "forgot": removed, "kept_for_workspaces": spared_names }));
     } else {
         for r in removed {
             note!(

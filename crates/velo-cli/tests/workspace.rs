@@ -778,6 +778,48 @@ fn kill_9_of_the_server_during_snapshots_loses_nothing_and_records_stay_whole() 
     env.fsck_ok();
 }
 
+/// A branch delete killed between its steps (record gone, directory and root left) is
+/// listed as unfinished, and `branch delete` finishes it: nothing keeps the base then.
+#[test]
+fn what_a_killed_delete_leaves_is_listed_and_removed_by_the_next_delete() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    common::ingest_files(&env, "other", &[("only-other", b"only in other\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    in_ws(&env, &ws, &["branch", "create", "b", "--from", "other"]);
+    env.ok(&["forget", "other"]);
+    // Killed right after its first step: the record is gone.
+    fs::remove_file(ws.join("branches/b/branch.json")).unwrap();
+    let list = in_ws_json(&env, &ws, &["branch", "list"]);
+    assert_eq!(list["unfinished"], serde_json::json!(["b"]), "{list}");
+    assert_eq!(list["branches"].as_array().unwrap().len(), 1, "{list}");
+    let said = env.run(&["branch", "-w", w, "list"]);
+    assert!(
+        String::from_utf8_lossy(&said.stderr).contains("`velo branch delete b`"),
+        "{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    // Its root still keeps the tree; the delete lets it go.
+    let gc = env.json(&["gc", "--run"]);
+    assert_eq!(gc["blobs"], 0, "{gc}");
+    let said = env.run(&["branch", "-w", w, "delete", "b"]);
+    assert!(
+        said.status.success(),
+        "{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    assert!(!ws.join("branches/b").exists());
+    let list = in_ws_json(&env, &ws, &["branch", "list"]);
+    assert_eq!(list["unfinished"], serde_json::json!([]), "{list}");
+    let gc = env.json(&["gc", "--run"]);
+    assert_eq!(gc["blobs"], 1, "{gc}");
+    let said = env.fails(&["branch", "-w", w, "delete", "b"]);
+    assert!(said.contains("no branch b"), "{said}");
+    env.fsck_ok();
+}
+
 #[test]
 fn kill_9_of_the_server_during_resets_leaves_each_branch_old_or_new() {
     if !fuse_available() {
@@ -1064,7 +1106,18 @@ fn a_branch_whose_base_is_gone_is_reported_and_the_others_are_served() {
         .as_str()
         .unwrap()
         .to_string();
-    env.ok(&["forget", &lost]);
+    // A workspace's roots are not forgotten by accident: only "other" goes without
+    // --force, and the branch's root keeps the tree.
+    let out = env.run(&["forget", &lost]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("kept ws.") && said.contains(".base.lost"),
+        "{said}"
+    );
+    let said = env.fails(&["forget", &lost]);
+    assert!(said.contains("kept by a workspace"), "{said}");
+    env.ok(&["forget", "--force", &lost]);
     env.ok(&["gc", "--run"]);
     let out = env.run(&["workspace", "mount", w, at.to_str().unwrap()]);
     let _remount = Mounted {

@@ -217,13 +217,23 @@ impl Store {
     /// Unregisters a name, or every registration of a root hash (or unique prefix).
     /// Returns what was removed; an empty list means nothing matched.
     pub fn forget(&self, name_or_root: &str) -> Result<Vec<RootRecord>> {
+        Ok(self.forget_sparing(name_or_root, &|_| false)?.0)
+    }
+
+    /// [`Store::forget`], but the matching records `spare` picks stay registered:
+    /// (forgotten, spared).
+    pub fn forget_sparing(
+        &self,
+        name_or_root: &str,
+        spare: &dyn Fn(&RootRecord) -> bool,
+    ) -> Result<(Vec<RootRecord>, Vec<RootRecord>)> {
         let (records, damaged) = self.roots_and_damage()?;
         // A damaged record is forgotten by its file name (what `velo roots` shows).
         if let Some(bad) = damaged.iter().find(|d| d.file == name_or_root) {
             let path = self.roots_dir().join(&bad.file);
             fs::remove_file(&path).map_err(StoreError::io("removing", &path))?;
             sync_dir(&self.roots_dir());
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let by_name: Vec<RootRecord> = records
             .iter()
@@ -247,6 +257,7 @@ impl Store {
         } else {
             Vec::new()
         };
+        let (spared, chosen): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|r| spare(r));
         for record in &chosen {
             let path = self.roots_dir().join(record.file_name());
             fs::remove_file(&path).map_err(StoreError::io("removing", &path))?;
@@ -254,7 +265,7 @@ impl Store {
         if !chosen.is_empty() {
             sync_dir(&self.roots_dir());
         }
-        Ok(chosen)
+        Ok((chosen, spared))
     }
 
     /// Resolves a TREE argument that is a root name, a full hash or a unique hash prefix

@@ -394,6 +394,18 @@ impl Workspace {
         write_record(&self.dir.join("workspace.json"), &self.config)
     }
 
+    /// Whether root `name` is one a workspace keeps (a branch base, a snapshot): only
+    /// the workspace's own commands should let it go.
+    pub fn is_workspace_root(name: &str) -> bool {
+        let mut parts = name.splitn(4, '.');
+        parts.next() == Some("ws")
+            && parts.next().is_some_and(|id| !id.is_empty())
+            && parts
+                .next()
+                .is_some_and(|kind| matches!(kind, "base" | "snap" | "reset"))
+            && parts.next().is_some_and(|rest| !rest.is_empty())
+    }
+
     fn root_name(&self, kind: &str, name: &str) -> String {
         format!("ws.{}.{kind}.{name}", self.config.id)
     }
@@ -476,6 +488,47 @@ impl Workspace {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// Names of branches a create or delete killed half-way left behind: a directory
+    /// without its record, or a root of the branch's with no record. Not branches;
+    /// [`Workspace::finish_delete`] removes what is left (and a create makes the branch).
+    pub fn unfinished_branches(&self, store: &Store) -> Result<Vec<String>> {
+        let mut names = std::collections::BTreeSet::new();
+        let dir = self.dir.join("branches");
+        for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let entry = entry.map_err(io("listing", &dir))?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.insert(name.to_string());
+            }
+        }
+        for kind in ["base", "reset"] {
+            let prefix = self.root_name(kind, "");
+            for root in store.roots()? {
+                if let Some(name) = root.name.as_deref().and_then(|n| n.strip_prefix(&prefix)) {
+                    names.insert(name.to_string());
+                }
+            }
+        }
+        Ok(names
+            .into_iter()
+            .filter(|name| {
+                validate_branch_name(name).is_ok()
+                    && !self.branch_dir(name).join("branch.json").exists()
+            })
+            .collect())
+    }
+
+    /// Removes what an interrupted create or delete of branch `name` left (its
+    /// directory, its roots); false if nothing is left.
+    pub fn finish_delete(&self, store: &Store, name: &str) -> Result<bool> {
+        if !self.unfinished_branches(store)?.iter().any(|n| n == name) {
+            return Ok(false);
+        }
+        remove_dir(&self.branch_dir(name))?;
+        self.unregister(store, "reset", name)?;
+        self.unregister(store, "base", name)?;
+        Ok(true)
     }
 
     /// Branch `name`.
