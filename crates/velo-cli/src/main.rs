@@ -26,6 +26,7 @@ mod doctor;
 mod fmt;
 mod mount;
 mod read;
+mod remote;
 mod run;
 mod shim;
 mod workspace;
@@ -261,6 +262,34 @@ enum Command {
     },
     /// List registered roots
     Roots,
+    /// Remotes: S3-compatible object storage that trees are pushed to and pulled from
+    Remote {
+        #[command(subcommand)]
+        action: RemoteAction,
+    },
+    /// Upload the trees' objects that the remote lacks, then publish their roots (a tree
+    /// given by root name is published under that name)
+    Push {
+        /// A remote (`velo remote add`)
+        remote: String,
+        /// Root names, tree hashes or .velo files
+        #[arg(required = true)]
+        trees: Vec<String>,
+        /// Publish the (one) tree under this name
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Fetch a published root (or a tree by hash) and every object the store lacks of it,
+    /// verifying each against its hash, and register it
+    Pull {
+        /// A remote (`velo remote add`)
+        remote: String,
+        /// A root name published there, or a tree hash (64 hex digits)
+        what: String,
+        /// Register it under this name [default: the name on the remote]
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Unregister a root name, or every registration of a root hash
     Forget {
         name_or_root: String,
@@ -367,6 +396,29 @@ enum WorkspaceAction {
         #[arg(long)]
         bindable: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RemoteAction {
+    /// Record a remote: s3://BUCKET/PREFIX. Credentials come from the AWS environment
+    /// variables or ~/.aws/credentials, never from a flag
+    Add {
+        name: String,
+        #[arg(value_name = "s3://BUCKET/PREFIX")]
+        url: String,
+        /// Another endpoint than AWS's (MinIO, Garage, Ceph RGW…); http:// is allowed
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// The region [default: $AWS_REGION, the AWS config file, else us-east-1]
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// List the remotes
+    List,
+    /// Forget a remote (nothing on it is touched)
+    Remove { name: String },
+    /// List the roots published on a remote
+    Ls { remote: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -755,6 +807,23 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             partial,
         } => write::import(ctx, &file, name, partial),
         Command::Roots => write::roots(ctx),
+        Command::Remote { action } => match action {
+            RemoteAction::Add {
+                name,
+                url,
+                endpoint,
+                region,
+            } => remote::add(ctx, &name, &url, endpoint, region),
+            RemoteAction::List => remote::list(ctx),
+            RemoteAction::Remove { name } => remote::remove(ctx, &name),
+            RemoteAction::Ls { remote } => remote::ls(ctx, &remote),
+        },
+        Command::Push {
+            remote,
+            trees,
+            name,
+        } => remote::push(ctx, &remote, &trees, name.as_deref()),
+        Command::Pull { remote, what, name } => remote::pull(ctx, &remote, &what, name.as_deref()),
         Command::Forget {
             name_or_root,
             force,

@@ -54,7 +54,7 @@ pub use refs::{validate_root_name, DamagedRecord, RootRecord, RootStats};
 pub use repair::{MissingObject, ModeFixed, NeededBy, Quarantined, RepairReport};
 pub use sessions::Session;
 pub use status::StatusReport;
-pub use transfer::{ExportReport, ImportOptions, ImportReport, RememberedImport};
+pub use transfer::{first_forms, ExportReport, ImportOptions, ImportReport, RememberedImport};
 
 /// The store format this build reads and writes.
 pub const STORE_FORMAT_VERSION: u32 = 1;

@@ -567,7 +567,7 @@ pub(crate) fn unpredictable() -> u64 {
 
 /// For each blob in `wanted`, the form of the first file entry (depth first from `root`)
 /// that names it: a new blob takes it, so a checkout of this tree needs few variants.
-fn first_forms<V>(
+pub fn first_forms<V>(
     trees: &HashMap<Hash, velo_core::Tree>,
     root: Hash,
     wanted: &HashMap<Hash, V>,

@@ -1,0 +1,156 @@
+//! What the remote holds: every pack index (read once, then cached in the store by id,
+//! which is the index's own hash) and the list of loose objects.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use futures::{StreamExt, TryStreamExt};
+use velo_core::Hash;
+
+use crate::pack::{Kind, PackIndex};
+use crate::{Remote, RemoteError, Result, PARALLEL};
+
+/// Where an object is on the remote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// In pack number `pack` of [`RemoteIndex::packs`].
+    Packed {
+        /// Which pack.
+        pack: usize,
+        /// Blob or tree.
+        kind: Kind,
+        /// Where in it.
+        offset: u64,
+        /// How long.
+        len: u64,
+    },
+    /// Alone, at `objects/<hash>` (blobs only).
+    Loose,
+}
+
+/// The remote's objects.
+#[derive(Default)]
+pub struct RemoteIndex {
+    /// Pack ids.
+    pub packs: Vec<String>,
+    /// Every object, by hash.
+    pub objects: HashMap<Hash, Location>,
+}
+
+impl RemoteIndex {
+    /// Whether the remote has `hash` as an object of `kind`.
+    pub fn has(&self, hash: &Hash, kind: Kind) -> bool {
+        match self.objects.get(hash) {
+            Some(Location::Packed { kind: k, .. }) => *k == kind,
+            Some(Location::Loose) => kind == Kind::Blob,
+            None => false,
+        }
+    }
+}
+
+impl Remote {
+    fn cache_dir(&self, store: &velo_store::Store) -> PathBuf {
+        store
+            .cache_dir()
+            .join(format!("remote-{}", self.config.cache_key()))
+    }
+
+    /// Lists the remote and reads the pack indexes this store has not cached yet.
+    pub fn index(&self, store: &velo_store::Store) -> Result<RemoteIndex> {
+        let cache = self.cache_dir(store);
+        let packs_prefix = self.key("packs/");
+        let objects_prefix = self.key("objects/");
+        let (pack_keys, loose) = self
+            .runtime
+            .block_on(async {
+                let packs = self
+                    .client
+                    .list(Some(&packs_prefix))
+                    .try_collect::<Vec<_>>();
+                let loose = self
+                    .client
+                    .list(Some(&objects_prefix))
+                    .try_collect::<Vec<_>>();
+                futures::try_join!(packs, loose)
+            })
+            .map_err(|e| RemoteError::Request {
+                what: "listing",
+                key: packs_prefix.to_string(),
+                source: e,
+            })?;
+        let ids: Vec<String> = pack_keys
+            .iter()
+            .filter_map(|m| {
+                m.location
+                    .filename()?
+                    .strip_suffix(".idx")
+                    .map(str::to_string)
+            })
+            .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        let _ = std::fs::create_dir_all(&cache);
+        let loaded: Vec<(String, Vec<u8>)> = self.runtime.block_on(
+            futures::stream::iter(ids.into_iter().map(|id| {
+                let cached = cache.join(format!("{id}.idx"));
+                async move {
+                    if let Ok(bytes) = std::fs::read(&cached) {
+                        if PackIndex::id_of(&bytes) == id {
+                            return Ok((id, bytes));
+                        }
+                    }
+                    let key = self.key(&format!("packs/{id}.idx"));
+                    let bytes = async { self.client.get(&key).await?.bytes().await }
+                        .await
+                        .map_err(|e| RemoteError::Request {
+                            what: "reading pack index",
+                            key: key.to_string(),
+                            source: e,
+                        })?;
+                    if PackIndex::id_of(&bytes) != id {
+                        return Err(RemoteError::Corrupt {
+                            key: key.to_string(),
+                            why: "its bytes do not hash to its name".into(),
+                        });
+                    }
+                    // A cache: losing it costs a download.
+                    let _ = velo_store::replace_file(
+                        &cached,
+                        &store.root().join("tmp"),
+                        &bytes,
+                        velo_store::Durability::Cache,
+                    );
+                    Ok((id, bytes.to_vec()))
+                }
+            }))
+            .buffer_unordered(PARALLEL)
+            .try_collect(),
+        )?;
+        let mut index = RemoteIndex::default();
+        for (id, bytes) in loaded {
+            let decoded = PackIndex::decode(&bytes).map_err(|e| RemoteError::Corrupt {
+                key: self.key(&format!("packs/{id}.idx")).to_string(),
+                why: e.to_string(),
+            })?;
+            let pack = index.packs.len();
+            index.packs.push(id);
+            for e in decoded.entries {
+                index.objects.entry(e.hash).or_insert(Location::Packed {
+                    pack,
+                    kind: e.kind,
+                    offset: e.offset,
+                    len: e.len,
+                });
+            }
+        }
+        for meta in loose {
+            if let Some(hash) = meta
+                .location
+                .filename()
+                .and_then(|n| n.parse::<Hash>().ok())
+            {
+                index.objects.entry(hash).or_insert(Location::Loose);
+            }
+        }
+        Ok(index)
+    }
+}
