@@ -670,6 +670,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 no_cache,
                 no_sync,
                 skip_unreadable,
+                no_register: false,
             };
             write::ingest(ctx, &dir, &options, output.as_deref())
         }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use velo_core::Hash;
+use velo_project::commit::CommitReport;
 use velo_store::Store;
 use velo_workspace::{Named, Workspace, TOP_BRANCH};
 
@@ -89,7 +90,7 @@ fn is_empty_dir(path: &Path) -> bool {
 }
 
 /// The shared commit routine on a branch's upper: the tree it shows.
-fn commit_branch(store: &Store, base: Hash, upper: &Path) -> Result<Hash> {
+fn commit_branch(store: &Store, base: Hash, upper: &Path) -> Result<CommitReport> {
     let report = velo_project::commit::commit_upper(
         store,
         base,
@@ -101,16 +102,25 @@ fn commit_branch(store: &Store, base: Hash, upper: &Path) -> Result<Hash> {
     )
     .with_context(|| format!("committing {}", upper.display()))?;
     store.sync()?;
-    Ok(report.root)
+    Ok(report)
 }
 
 /// The tree branch `name` shows now: its base when its upper is empty (nothing read),
 /// else its base and upper committed (by its server when it runs).
 fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
+    Ok(branch_commit(ws, store, name)?.root)
+}
+
+/// [`branch_tree`], with what the commit could not keep.
+fn branch_commit(ws: &Workspace, store: &Store, name: &str) -> Result<CommitReport> {
     let record = ws.branch(name)?;
     let upper = ws.upper_of(name);
     if is_empty_dir(&upper) {
-        return Ok(ws.base_tree(store, &record)?);
+        return Ok(CommitReport {
+            root: ws.base_tree(store, &record)?,
+            setid_dropped: Vec::new(),
+            not_committed: Vec::new(),
+        });
     }
     if let Some(mut client) = server(ws) {
         if let Some(mount) = &ws.config().mount {
@@ -119,7 +129,7 @@ fn branch_tree(ws: &Workspace, store: &Store, name: &str) -> Result<Hash> {
         let reply = client.ask(&velo_control::Request::Snapshot {
             branch: name.to_string(),
         })?;
-        return crate::control::report_of(&reply).map(|r| r.root);
+        return crate::control::report_of(&reply);
     }
     // No server: take the upper's lock, so a server started meanwhile waits.
     let (path, _lock) = velo_project::session::prepare_upper(store.root(), &upper)?;
@@ -160,6 +170,15 @@ pub fn init(
 ) -> Result<ExitCode> {
     let store = ctx.store_or_create()?;
     let _lock = store.lock_shared()?;
+    let in_store = velo_store::resolve_existing(dir);
+    let store_root = velo_store::resolve_existing(store.root());
+    if in_store.starts_with(&store_root) || store_root.starts_with(&in_store) {
+        bail!(
+            "workspace {}: inside the store {} (or containing it); a branch's changes may not live among the store's objects. Choose another directory",
+            dir.display(),
+            store_root.display()
+        );
+    }
     let mountpoint =
         match mount {
             Some(m) => Some(std::fs::canonicalize(m).with_context(|| {
@@ -243,6 +262,14 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path, bindable: bool) -> Result
             mountpoint.display()
         )
     })?;
+    if let (Some(at), Some(_)) = (&ws.config().mount, server(&ws)) {
+        bail!(
+            "workspace {} is mounted already, at {} (`velo umount {}` first)",
+            ws.dir().display(),
+            at.display(),
+            at.display()
+        );
+    }
     check_mountpoint(ws.dir(), store.root(), &mp, ws.config().lower.as_deref())?;
     let before = ws.config().clone();
     ws.set_mount(Some(&mp), bindable)?;
@@ -279,6 +306,9 @@ fn check_mountpoint(dir: &Path, store_root: &Path, mp: &Path, lower: Option<&Pat
             mp.display(),
             mp.display()
         );
+    }
+    if !std::fs::metadata(mp).is_ok_and(|m| m.is_dir()) {
+        bail!("mount point {}: not a directory", mp.display());
     }
     let (dir, store_root) = (
         velo_store::resolve_existing(dir),
@@ -658,6 +688,9 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
             )),
         );
     }
+    // The control thread keeps the server alive to the end; its branches' pins and
+    // upper locks go now.
+    server.served().clear();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -676,9 +709,18 @@ pub fn snapshot_create(
         .unwrap_or_else(|| TOP_BRANCH.to_string());
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
-    let tree = branch_tree(ws, &store, &branch)?;
-    let record = ws.add_snapshot(&store, tree, &branch, message)?;
-    print(ctx, serde_json::to_value(&record)?, || {
+    let committed = branch_commit(ws, &store, &branch)?;
+    let record = ws.add_snapshot(&store, committed.root, &branch, message)?;
+    let mut value = serde_json::to_value(&record)?;
+    value["setid_dropped"] = json!(committed.setid_dropped);
+    value["not_committed"] = json!(committed.not_committed);
+    print(ctx, value, || {
+        for p in &committed.setid_dropped {
+            note!("velo: {}: setuid/setgid bits and file capabilities not kept (a file written in a branch cannot grant privileges)", p.display());
+        }
+        for p in &committed.not_committed {
+            note!("velo: {}: not kept (a socket, fifo or device: a tree holds files, directories and symlinks)", p.display());
+        }
         note!("velo: snapshot {} of branch {branch}", record.id);
         out!("{} {}", record.id, record.tree);
     })
@@ -921,6 +963,18 @@ pub fn branch_apply(
     force: bool,
 ) -> Result<ExitCode> {
     let record = ws.branch(name)?;
+    if let Some(lower) = &ws.config().lower {
+        let (target, lower) = (
+            velo_store::resolve_existing(dir),
+            velo_store::resolve_existing(lower),
+        );
+        if target.starts_with(&lower) || lower.starts_with(&target) {
+            bail!(
+                "{}: this is the workspace's own --lower directory (or holds it); main shows it as it was when the workspace was made, and would see a changed host directory (EIO) afterwards. Apply to another checkout, or make a new workspace over it after applying",
+                dir.display()
+            );
+        }
+    }
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
     let now = branch_tree(ws, &store, name)?;
@@ -1086,10 +1140,21 @@ pub fn branch_exec(
         .env(BRANCH_ENV, name)
         .env(WORKSPACE_ENV, ws.dir())
         .exec();
-    bail!(
-        "running {} in branch {name}: {e}",
+    // As a shell (and `velo run`) says it: 127 not found, 126 found but not runnable.
+    use rustix::io::Errno;
+    let code = match Errno::from_io_error(&e) {
+        Some(Errno::NOENT | Errno::NOTDIR) => 127,
+        Some(Errno::ACCESS | Errno::NOEXEC | Errno::ISDIR | Errno::PERM) => 126,
+        _ => bail!(
+            "running {} in branch {name}: {e}",
+            Path::new(program).display()
+        ),
+    };
+    note!(
+        "velo: running {} in branch {name}: {e}",
         Path::new(program).display()
-    )
+    );
+    Ok(ExitCode::from(code))
 }
 
 /// Makes this process's mount namespace one of its own where `target` shows `source`.
@@ -1151,10 +1216,12 @@ pub fn diff(
         (Some(dir), _) => Some(Workspace::open(dir)?),
         (None, found) => found.ok(),
     };
+    // Held until the diff is made: a host lower's tree is made for it and kept by no root.
+    let mut _lock = None;
     let (from, to) = match &ws {
         Some(ws) => {
             let store = store_of(ws)?;
-            let _lock = store.lock_shared()?;
+            _lock = Some(store.lock_shared()?);
             let tree = |spec: &str| match ws.resolve(&store, spec) {
                 // A tree of the store, or a .velo file: read as without a workspace.
                 Ok(Named::Tree(_)) | Err(_) => Ok(spec.to_string()),

@@ -62,6 +62,9 @@ pub struct IngestOptions {
     /// Leave out files and directories this user may not read (listed in the report's
     /// skipped entries) instead of failing the whole ingest.
     pub skip_unreadable: bool,
+    /// Register no root: the caller holds the store's shared lock until it has made and
+    /// registered what it needs the tree for (a workspace sealing its host lower).
+    pub no_register: bool,
 }
 
 /// Counters a progress display can poll while an ingest runs.
@@ -188,17 +191,19 @@ pub fn ingest(
         publish_seconds = started.elapsed().as_secs_f64() - walk_seconds - sync_seconds,
         "ingest phases"
     );
-    store.register_root(&RootRecord {
-        name: options.name.clone(),
-        root: walked.root.to_hex(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        stats: walked.stats,
-        partial: false,
-        source: Some(source.display().to_string()),
-    })?;
+    if !options.no_register {
+        store.register_root(&RootRecord {
+            name: options.name.clone(),
+            root: walked.root.to_hex(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            stats: walked.stats,
+            partial: false,
+            source: Some(source.display().to_string()),
+        })?;
+    }
     walked.save_cache(store);
     Ok(IngestReport {
         root: walked.root,

@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +38,7 @@ impl Drop for Pin {
 /// Live pins: the trees they keep, and the files of dead ones.
 pub(crate) struct PinScan {
     pub(crate) trees: Vec<Hash>,
+    /// Processes holding live pins.
     pub(crate) live: usize,
     pub(crate) dead: Vec<PathBuf>,
 }
@@ -63,9 +64,13 @@ impl Store {
         // reports (under the shared lock) never reads half a pin.
         let making = dir.join(format!(".{name}"));
         let path = dir.join(name);
+        // Its own mode, whatever the umask (a server runs with 0 to make files with the
+        // modes its callers ask for): a pin others could write would let them stop gc or
+        // unpin what a server reads.
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o644)
             .open(&making)
             .map_err(StoreError::io("creating pin", &making))?;
         let made = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive)
@@ -91,6 +96,7 @@ impl Store {
             live: 0,
             dead: Vec::new(),
         };
+        let mut holders = std::collections::HashSet::new();
         let dir = self.root.join(PINS);
         let listing = match fs::read_dir(&dir) {
             Ok(listing) => listing,
@@ -127,8 +133,10 @@ impl Store {
                 })?;
                 scan.trees.push(hash);
             }
-            scan.live += 1;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            holders.insert(name.and_then(|n| n.split('-').next().map(str::to_string)));
         }
+        scan.live = holders.len();
         Ok(scan)
     }
 }

@@ -163,10 +163,18 @@ fn write_entry(store: &Store, path: &Path, entry: &Entry) -> Result<()> {
             let _ = std::fs::remove_file(&staged);
             std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &staged)
                 .map_err(io("creating", &staged))?;
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-                remove_any(path)?;
+            let placed = rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &staged,
+                &velo_store::BlobForm::for_entry(0, entry.mtime_ns).timestamps(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io("setting the mtime of", &staged)(e.into()))
+            .and_then(|()| place(&staged, path));
+            if let Err(e) = placed {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
             }
-            std::fs::rename(&staged, path).map_err(io("replacing", path))?;
         }
         EntryKind::File { hash, .. } => {
             let staged = staging_name(path);
@@ -191,17 +199,21 @@ fn write_entry(store: &Store, path: &Path, entry: &Entry) -> Result<()> {
                 to.sync_all().map_err(io("writing", &staged))?;
                 Ok::<_, WorkspaceError>(())
             })();
-            if let Err(e) = written {
+            if let Err(e) = written.and_then(|()| place(&staged, path)) {
                 let _ = std::fs::remove_file(&staged);
                 return Err(e);
             }
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-                remove_any(path)?;
-            }
-            std::fs::rename(&staged, path).map_err(io("replacing", path))?;
         }
     }
     Ok(())
+}
+
+/// Renames a staged file or symlink over `path` (a directory there is removed first).
+fn place(staged: &Path, path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        remove_any(path)?;
+    }
+    std::fs::rename(staged, path).map_err(io("replacing", path))
 }
 
 /// Writes the changes from tree `base` to tree `new` into `dir`, which must show `base`
@@ -259,6 +271,29 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
         }
     }
     let mut report = ApplyReport::default();
+    let total = changes.len();
+    let written = write_changes(store, new, dir, &changes, &mut report);
+    if let Err(e) = written {
+        let done = report.removed.len() + report.written.len();
+        if done == 0 {
+            return Err(e);
+        }
+        return Err(WorkspaceError::Refused(format!(
+            "{e}; {done} of {total} changes were written before this, the rest were not: fix the cause and apply again with --force (the paths already written now differ from the base)"
+        )));
+    }
+    Ok(report)
+}
+
+/// The writing half of [`apply`]: what it wrote is in `report`, also when it fails.
+fn write_changes(
+    store: &Store,
+    new: Hash,
+    dir: &Path,
+    changes: &[treeops::Change],
+    report: &mut ApplyReport,
+) -> Result<()> {
+    let host = |p: &[u8]| dir.join(std::ffi::OsStr::from_bytes(p));
     // Removals deepest first, then what is made or replaced, parents first.
     for change in changes
         .iter()
@@ -291,5 +326,5 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
             .map_err(io("setting the mode of", path))?;
     }
-    Ok(report)
+    Ok(())
 }

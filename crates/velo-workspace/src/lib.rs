@@ -406,6 +406,11 @@ impl Workspace {
             && parts.next().is_some_and(|rest| !rest.is_empty())
     }
 
+    /// The lock that makes branch creates, deletes and resets one at a time.
+    fn lock_branches(&self) -> Result<std::fs::File> {
+        lock_dir(&self.dir.join("branches"))
+    }
+
     fn root_name(&self, kind: &str, name: &str) -> String {
         format!("ws.{}.{kind}.{name}", self.config.id)
     }
@@ -522,6 +527,7 @@ impl Workspace {
     /// Removes what an interrupted create or delete of branch `name` left (its
     /// directory, its roots); false if nothing is left.
     pub fn finish_delete(&self, store: &Store, name: &str) -> Result<bool> {
+        let _lock = self.lock_branches()?;
         if !self.unfinished_branches(store)?.iter().any(|n| n == name) {
             return Ok(false);
         }
@@ -554,6 +560,9 @@ impl Workspace {
         from: Option<&str>,
     ) -> Result<BranchRecord> {
         validate_branch_name(name)?;
+        // One create, delete or reset at a time: two creates of one name must not both
+        // pass the check below.
+        let _lock = self.lock_branches()?;
         let dir = self.branch_dir(name);
         let record_path = dir.join("branch.json");
         if record_path.exists() {
@@ -583,6 +592,7 @@ impl Workspace {
     /// Deletes branch `name`: its changes and its record; its base becomes collectable
     /// unless something else keeps it.
     pub fn delete_branch(&self, store: &Store, name: &str) -> Result<()> {
+        let _lock = self.lock_branches()?;
         self.branch(name)?;
         let dir = self.branch_dir(name);
         // The record goes first: a delete killed half-way leaves no listed branch.
@@ -623,6 +633,7 @@ impl Workspace {
         base: Hash,
         from: &str,
     ) -> Result<BranchRecord> {
+        let _lock = self.lock_branches()?;
         let mut record = self.branch(name)?;
         // A reset killed after its swap left the base registered under its reset name
         // only: registered under the branch's again, before that name is used anew.
@@ -722,10 +733,15 @@ impl Workspace {
         message: Option<&str>,
     ) -> Result<SnapshotRecord> {
         let dir = self.dir.join("snapshots");
-        let lock = std::fs::File::open(&dir).map_err(io("opening", &dir))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io("locking", &dir)(e.into()))?;
-        let mut next = 1;
+        let _lock = lock_dir(&dir)?;
+        // Never an id given out before, even if its snapshot was deleted: a script that
+        // kept an id must not find other content under it. `.next` remembers the highest.
+        let high_water = dir.join(".next");
+        let mut next = std::fs::read_to_string(&high_water)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(1)
+            .max(1);
         for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
             let path = entry.map_err(io("listing", &dir))?.path();
             if let Some(id) = snapshot_id_of(&path) {
@@ -747,6 +763,13 @@ impl Workspace {
             let _ = self.unregister(store, "snap", &record.id);
             return Err(e);
         }
+        // After the record: if this fails, the listing still gives the next id.
+        let _ = velo_store::replace_file(
+            &high_water,
+            &dir,
+            format!("{}\n", next.saturating_add(1)).as_bytes(),
+            velo_store::Durability::Durable,
+        );
         Ok(record)
     }
 
@@ -863,6 +886,14 @@ fn stats_from(
         }
     }
     Ok(stats)
+}
+
+/// An exclusive `flock` on directory `dir`, held while the file lives.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let lock = std::fs::File::open(dir).map_err(io("opening", dir))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io("locking", dir)(e.into()))?;
+    Ok(lock)
 }
 
 fn remove_dir(path: &Path) -> Result<()> {

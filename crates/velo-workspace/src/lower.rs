@@ -11,7 +11,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use velo_core::{EntryKind, Hash};
 use velo_store::Store;
@@ -125,11 +125,11 @@ enum Upper {
     Merges,
 }
 
-fn upper_at(upper: Option<&Path>, rel: &str) -> Upper {
+fn upper_at(upper: Option<&Path>, rel: &Path) -> Upper {
     let Some(upper) = upper else {
         return Upper::Shows;
     };
-    let path = upper.join(rel.trim_start_matches('/'));
+    let path = upper.join(rel);
     match std::fs::symlink_metadata(&path) {
         Err(_) => Upper::Shows,
         Ok(meta) if meta.is_dir() => {
@@ -152,15 +152,16 @@ fn upper_at(upper: Option<&Path>, rel: &str) -> Upper {
 
 /// Whether host file `rel` (below `dir`) is still the one node `node` indexed: its
 /// identity and mtime, without following a symlink on the way.
-fn host_file_unchanged(dir: &Path, rel: &str, node: &velo_view::Node) -> bool {
-    let path = dir.join(rel.trim_start_matches('/'));
+fn host_file_unchanged(dir: &Path, rel: &Path, node: &velo_view::Node) -> bool {
+    let path = dir.join(rel);
     // Each component checked: no symlink followed (the index had directories there).
     let mut at = dir.to_path_buf();
-    let parts: Vec<&str> = rel.trim_start_matches('/').split('/').collect();
-    for part in &parts[..parts.len().saturating_sub(1)] {
-        at.push(part);
-        if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
-            return false;
+    if let Some(parent) = rel.parent() {
+        for part in parent.components() {
+            at.push(part);
+            if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+                return false;
+            }
         }
     }
     std::fs::symlink_metadata(&path).is_ok_and(|meta| {
@@ -188,16 +189,18 @@ pub fn ingest_checked(
         path: dir.to_path_buf(),
         why: "its lower index is damaged".into(),
     })?;
-    let changed = |path: &str| {
+    // Paths are kept as bytes (a host name need not be UTF-8); shown escaped.
+    let changed = |path: &Path| {
         WorkspaceError::Refused(format!(
-            "--lower {}: {} changed since the workspace was made; the branch shows the directory as it was then, and cannot be sealed from what it is now (put it back, or `velo branch reset main SNAPSHOT` while unmounted)",
+            "--lower {}: /{} changed since the workspace was made; the branch shows the directory as it was then, and cannot be sealed from what it is now (put it back, or `velo branch reset main SNAPSHOT` while unmounted)",
             dir.display(),
-            if path.is_empty() { "/" } else { path }
+            path.as_os_str().as_bytes().escape_ascii()
         ))
     };
+    let join = |prefix: &Path, name: &[u8]| prefix.join(std::ffi::OsStr::from_bytes(name));
     // The files the branch shows from the host, as the index has them.
     let mut shown = Vec::new();
-    let mut stack = vec![(0u32, String::new())];
+    let mut stack = vec![(0u32, PathBuf::new())];
     while let Some((index, prefix)) = stack.pop() {
         let node = view.node(index).map_err(|_| changed(&prefix))?;
         for i in 0..node.child_count {
@@ -205,7 +208,7 @@ pub fn ingest_checked(
                 .node(node.first_child + i)
                 .map_err(|_| changed(&prefix))?;
             let name = view.name(&child).map_err(|_| changed(&prefix))?;
-            let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+            let path = join(&prefix, name);
             match upper_at(upper, &path) {
                 Upper::Hides => continue,
                 Upper::Merges | Upper::Shows if child.kind == Kind::Dir => {
@@ -230,10 +233,15 @@ pub fn ingest_checked(
     if let Some(e) = check_files() {
         return Err(e);
     }
+    // No root of its own: the caller holds the store lock until the tree made over it
+    // is registered (a root per seal would keep every version of the host forever).
     let report = velo_ingest::ingest(
         store,
         dir,
-        &velo_ingest::IngestOptions::default(),
+        &velo_ingest::IngestOptions {
+            no_register: true,
+            ..velo_ingest::IngestOptions::default()
+        },
         &velo_ingest::Progress::default(),
     )
     .map_err(|e| WorkspaceError::Refused(format!("ingesting --lower {}: {e}", dir.display())))?;
@@ -241,7 +249,7 @@ pub fn ingest_checked(
         return Err(e);
     }
     // The tree against the index, where the branch shows the lower.
-    let mut stack = vec![(0u32, report.root, String::new())];
+    let mut stack = vec![(0u32, report.root, PathBuf::new())];
     while let Some((index, tree, prefix)) = stack.pop() {
         let node = view.node(index).map_err(|_| changed(&prefix))?;
         let tree = store.get_tree(&tree)?;
@@ -259,17 +267,14 @@ pub fn ingest_checked(
                 .iter()
                 .any(|(name, _)| *name == entry.name.as_bytes())
             {
-                let path = format!(
-                    "{prefix}/{}",
-                    String::from_utf8_lossy(entry.name.as_bytes())
-                );
+                let path = join(&prefix, entry.name.as_bytes());
                 if !matches!(upper_at(upper, &path), Upper::Hides) {
                     return Err(changed(&path));
                 }
             }
         }
         for (name, child) in listed {
-            let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+            let path = join(&prefix, name);
             if matches!(upper_at(upper, &path), Upper::Hides) {
                 continue;
             }
