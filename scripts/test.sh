@@ -34,6 +34,15 @@ if [ ! -f "$np_dir/.python" ] && mkdir -p "$np_dir" 2>/dev/null; then
     fi
 fi
 
+# moto's S3 server, for the remote tests (crates/velo-cli/tests/remote.rs): pip into a
+# directory, as above.
+moto_dir=${VELO_MOTO_DIR:-/var/cache/velo-tests/moto/pkgs}
+if [ ! -d "$moto_dir/moto" ] && mkdir -p "$moto_dir" 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+        --target "$moto_dir" 'moto[server]' || echo "warning: pip could not install moto for the remote tests" >&2
+fi
+export VELO_MOTO_DIR=$moto_dir
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

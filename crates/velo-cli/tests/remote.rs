@@ -1,0 +1,417 @@
+//! `velo remote`, `velo push`, `velo pull` against a real S3 API server started on
+//! loopback: moto's server (`pip install moto[server]`; scripts/test.sh installs it into
+//! /var/cache/velo-tests/moto, or $VELO_MOTO_DIR). Elsewhere the tests show as skipped,
+//! and fail under CI.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+/// Where moto's packages are (`pip install --target`).
+fn moto_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("VELO_MOTO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/velo-tests/moto/pkgs"));
+    dir.join("moto").is_dir().then_some(dir)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Python program with moto's packages on its path.
+fn python(script: &str) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(script)
+        .env("PYTHONPATH", moto_dir().expect("checked"));
+    cmd
+}
+
+/// An S3 server on loopback, stopped when dropped.
+struct S3 {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3 {
+    /// Starts moto's server, or says why it cannot (skipped, or failed under CI).
+    fn start() -> Option<S3> {
+        if !common::require(
+            moto_dir().is_some(),
+            "moto's S3 server (scripts/test.sh installs it: pip install --target /var/cache/velo-tests/moto/pkgs 'moto[server]')",
+        ) {
+            return None;
+        }
+        // Credentials for every velo this test starts (moto takes any).
+        std::env::set_var("AWS_ACCESS_KEY_ID", "velo-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "velo-test-secret");
+        std::env::remove_var("AWS_PROFILE");
+        let port = free_port();
+        let child = python("import sys; from moto.server import main; sys.exit(main())")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let s3 = S3 {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(s3)
+    }
+
+    /// Runs boto3 code with `s3` a client of this server.
+    fn boto(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='x', aws_secret_access_key='x')\n{code}",
+            self.endpoint
+        );
+        let out = python(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn bucket(&self, name: &str) {
+        self.boto(&format!("s3.create_bucket(Bucket='{name}')"));
+    }
+
+    /// Every key under `prefix`.
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let out = self.boto(&format!(
+            "p = s3.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket='{bucket}', Prefix='{prefix}'):\n    for o in page.get('Contents', []): print(o['Key'])"
+        ));
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+/// `velo remote add NAME s3://BUCKET/PREFIX --endpoint` of this server.
+fn add_remote(env: &Env, name: &str, url: &str, endpoint: &str) {
+    env.ok(&["remote", "add", name, url, "--endpoint", endpoint]);
+}
+
+/// Number of blobs and trees in the store.
+fn objects(store: &Path) -> usize {
+    ["blobs", "trees"]
+        .iter()
+        .flat_map(|d| fs::read_dir(store.join(d)).into_iter().flatten().flatten())
+        .flat_map(|shard| fs::read_dir(shard.path()).into_iter().flatten().flatten())
+        .count()
+}
+
+#[test]
+fn a_pushed_tree_pulls_into_an_empty_store_exactly_and_a_repush_uploads_nothing() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("team");
+    let env = Env::new();
+    let src = env.path("src");
+    common::awkward_tree(&src);
+    // Small files packed, a large one alone.
+    fs::write(src.join("large.bin"), vec![7u8; 9 << 20]).unwrap();
+    env.ingest(&src, &["--name", "app"]);
+    add_remote(&env, "origin", "s3://team/velo", &s3.endpoint);
+    let pushed = env.json(&["push", "origin", "app", "--json"]);
+    assert!(pushed["uploaded"].as_u64().unwrap() > 3, "{pushed}");
+    assert!(pushed["loose"].as_u64().unwrap() >= 1, "{pushed}");
+    let keys = s3.keys("team", "velo/");
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("velo/packs/") && k.ends_with(".idx")));
+    assert!(keys.iter().any(|k| k.starts_with("velo/objects/")));
+    assert!(keys.contains(&"velo/roots/app".to_string()), "{keys:?}");
+    // Nothing new: nothing uploaded.
+    let again = env.json(&["push", "origin", "app", "--json"]);
+    assert_eq!(again["uploaded"], 0, "{again}");
+    assert_eq!(s3.keys("team", "velo/").len(), keys.len());
+    let listed = env.ok(&["remote", "ls", "origin"]);
+    assert!(listed.starts_with("app\t"), "{listed}");
+    // Another machine: an empty store pulls it, every entry exact.
+    let other = Env::new();
+    add_remote(&other, "origin", "s3://team/velo", &s3.endpoint);
+    let pulled = other.json(&["pull", "origin", "app", "--json"]);
+    assert_eq!(pulled["root"], pushed["roots"][0][1], "{pulled}");
+    assert_eq!(common::listed(&other, "app"), common::listed(&env, "app"));
+    let copy = other.path("copy");
+    other.ok(&["checkout", "app", copy.to_str().unwrap(), "--mode", "copy"]);
+    assert_eq!(common::scan(&copy), common::scan(&src));
+    other.fsck_ok();
+    // By hash, under another name; a pull of what is there fetches nothing.
+    let hash = pulled["root"].as_str().unwrap();
+    let again = other.json(&["pull", "origin", hash, "--name", "by-hash", "--json"]);
+    assert_eq!(
+        (again["trees"].as_u64(), again["blobs"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(other.ok(&["roots"]).contains("by-hash"));
+}
+
+#[test]
+fn a_corrupt_truncated_or_hostile_remote_is_refused_and_the_store_is_unchanged() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("bad");
+    let env = Env::new();
+    common::ingest_files(
+        &env,
+        "app",
+        &[("a", b"first file\n"), ("b", b"second file\n")],
+    );
+    add_remote(&env, "r", "s3://bad", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    let pack = s3
+        .keys("bad", "packs/")
+        .into_iter()
+        .find(|k| k.ends_with(".pack"))
+        .unwrap();
+    let other = Env::new();
+    add_remote(&other, "r", "s3://bad", &s3.endpoint);
+    other.ok(&["status"]);
+    let before = objects(&other.store);
+    let pull_fails = |want: &str| {
+        let said = other.fails(&["pull", "r", "app"]);
+        assert!(said.contains(want), "{said}");
+        assert_eq!(objects(&other.store), before, "the store changed");
+        assert!(!other.ok(&["roots"]).contains("app"));
+    };
+    // One byte changed: the object's hash says so, and names the pack.
+    s3.boto(&format!(
+        "b = bytearray(s3.get_object(Bucket='bad', Key='{pack}')['Body'].read()); b[-1] ^= 1\ns3.put_object(Bucket='bad', Key='{pack}', Body=bytes(b))"
+    ));
+    pull_fails(&pack);
+    // Truncated.
+    s3.boto(&format!(
+        "b = s3.get_object(Bucket='bad', Key='{pack}')['Body'].read()\ns3.put_object(Bucket='bad', Key='{pack}', Body=b[:len(b)//2])"
+    ));
+    pull_fails("truncated");
+    // An index that is not the one its name says (a hostile remote), read by a store
+    // that has not cached the good one.
+    let idx = pack.replace(".pack", ".idx");
+    s3.boto(&format!(
+        "s3.put_object(Bucket='bad', Key='{idx}', Body=b'VELOPIDX' + b'\\xff' * 100)"
+    ));
+    let third = Env::new();
+    add_remote(&third, "r", "s3://bad", &s3.endpoint);
+    let said = third.fails(&["pull", "r", "app"]);
+    assert!(said.contains("do not hash to its name"), "{said}");
+    assert!(!third.ok(&["roots"]).contains("app"));
+    // A root naming a tree the remote does not have.
+    s3.boto(&format!(
+        "s3.put_object(Bucket='bad', Key='roots/ghost', Body=b'{{\"v\":1,\"root\":\"{}\",\"pushed_unix\":0}}')",
+        "ab".repeat(32)
+    ));
+    let said = other.fails(&["pull", "r", "ghost"]);
+    assert!(said.contains("has no tree"), "{said}");
+    // Garbage as a root record.
+    s3.boto("s3.put_object(Bucket='bad', Key='roots/junk', Body=b'\\x00' * 5000)");
+    let said = other.fails(&["pull", "r", "junk"]);
+    assert!(said.contains("not a root record"), "{said}");
+    assert_eq!(objects(&other.store), before);
+    other.fsck_ok();
+}
+
+/// A push cut off half-way leaves no root, and the next one uploads only what is missing;
+/// a remote that is down is an error within seconds, not a hang.
+#[test]
+fn a_half_done_push_publishes_nothing_and_the_next_resumes() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("resume");
+    let env = Env::new();
+    let files: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| (format!("f{i}"), format!("content {i}\n").into_bytes()))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    common::ingest_files(&env, "app", &refs);
+    add_remote(&env, "r", "s3://resume", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    // As if killed after its packs were written: no root, one index missing.
+    let idx = s3
+        .keys("resume", "packs/")
+        .into_iter()
+        .find(|k| k.ends_with(".idx"))
+        .unwrap();
+    s3.boto(&format!(
+        "s3.delete_object(Bucket='resume', Key='roots/app')\ns3.delete_object(Bucket='resume', Key='{idx}')"
+    ));
+    assert!(!env.ok(&["remote", "ls", "r"]).contains("app"));
+    let again = env.json(&["push", "r", "app", "--json"]);
+    assert!(again["uploaded"].as_u64().unwrap() > 0, "{again}");
+    assert!(env.ok(&["remote", "ls", "r"]).contains("app"));
+    // Down: refused connections are retried briefly, then an error naming the remote.
+    let down = Env::new();
+    down.ok(&[
+        "remote",
+        "add",
+        "gone",
+        "s3://resume",
+        "--endpoint",
+        &format!("http://127.0.0.1:{}", free_port()),
+    ]);
+    let started = Instant::now();
+    let said = down.fails(&["pull", "gone", "app"]);
+    assert!(started.elapsed() < Duration::from_secs(60), "{said}");
+    assert!(said.contains("roots/app"), "{said}");
+}
+
+/// A proxy on loopback that answers every third request with 503 and drops every
+/// seventh connection's request unanswered: push and pull still complete.
+#[test]
+fn transient_errors_are_retried_and_the_transfer_completes() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("flaky");
+    let port = free_port();
+    let proxy_script = format!(
+        r#"
+import http.client, http.server, socketserver, threading, sys
+count = [0]
+lock = threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def handle_one(self):
+        with lock:
+            count[0] += 1
+            n = count[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if n % 7 == 0:
+            self.close_connection = True
+            self.connection.close()
+            return
+        if n % 3 == 0:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        c = http.client.HTTPConnection("127.0.0.1", {upstream})
+        c.request(self.command, self.path, body=body, headers=dict(self.headers))
+        r = c.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+print("ready", flush=True)
+S(("127.0.0.1", {port}), H).serve_forever()
+"#,
+        upstream = s3.endpoint.rsplit(':').next().unwrap(),
+    );
+    let mut proxy = Command::new("python3")
+        .arg("-c")
+        .arg(&proxy_script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let flaky = format!("http://127.0.0.1:{port}");
+    let env = Env::new();
+    let src = env.path("src");
+    common::awkward_tree(&src);
+    env.ingest(&src, &["--name", "app"]);
+    add_remote(&env, "r", "s3://flaky/p", &flaky);
+    let pushed = env.run(&["push", "r", "app"]);
+    let other = Env::new();
+    add_remote(&other, "r", "s3://flaky/p", &flaky);
+    let pulled = other.run(&["pull", "r", "app"]);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    for out in [&pushed, &pulled] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(common::listed(&other, "app"), common::listed(&env, "app"));
+    other.fsck_ok();
+}
+
+#[test]
+fn remotes_are_checked_and_credentials_come_from_the_aws_files() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("creds");
+    let env = Env::new();
+    for (url, why) in [
+        ("http://x/y", "s3://"),
+        ("s3://UPPER/p", "bucket name"),
+        ("s3://ok-bucket/a/../b", "'..'"),
+    ] {
+        let said = env.fails(&["remote", "add", "r", url]);
+        assert!(said.contains(why), "{url}: {said}");
+    }
+    add_remote(&env, "r", "s3://creds", &s3.endpoint);
+    let said = env.fails(&["remote", "add", "r", "s3://creds"]);
+    assert!(said.contains("exists already"), "{said}");
+    assert!(env.ok(&["remote", "list"]).contains("s3://creds"));
+    common::ingest_files(&env, "app", &[("a", b"a\n")]);
+    // No credentials anywhere: said, with where to put them.
+    let home = env.path("home");
+    fs::create_dir_all(home.join(".aws")).unwrap();
+    let without = |cmd: &mut Command| {
+        cmd.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("HOME", &home);
+    };
+    let mut cmd = env.cmd();
+    without(&mut cmd);
+    let out = cmd.args(["push", "r", "app"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no AWS credentials"));
+    // From ~/.aws/credentials, profile AWS_PROFILE; the secret never shows.
+    fs::write(
+        home.join(".aws/credentials"),
+        "[default]\naws_access_key_id = nope\n[ci]\naws_access_key_id = from-file\naws_secret_access_key = s3cr3t-value\n",
+    )
+    .unwrap();
+    let mut cmd = env.cmd();
+    without(&mut cmd);
+    let out = cmd
+        .env("AWS_PROFILE", "ci")
+        .env("VRIFT_DEBUG", "trace")
+        .args(["push", "r", "app"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("s3cr3t-value"), "the secret was logged");
+    env.ok(&["remote", "remove", "r"]);
+    assert!(!env.ok(&["remote", "list"]).contains("creds"));
+}
