@@ -188,6 +188,10 @@ enum Command {
         /// Set an environment variable inside (K=V, repeatable)
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
+        /// Fetch what the store lacks of the layers from this remote first (verified);
+        /// a layer may be a root published there
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
         /// The command and its arguments
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -220,6 +224,11 @@ enum Command {
         /// Let other users in (needs root, or user_allow_other in /etc/fuse.conf)
         #[arg(long)]
         allow_other: bool,
+        /// Fetch what the store lacks from this remote: the trees (and executables) at
+        /// once, every other file's bytes on its first read (TREE may be a root published
+        /// there)
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
     },
     /// Unmount a `velo mount` (also one whose server died), committing its changes first
     /// with --commit/--name (or the mount's --name)
@@ -839,6 +848,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             passthrough,
             foreground,
             allow_other,
+            remote,
         } => mount::mount(
             ctx,
             &mount::MountArgs {
@@ -850,6 +860,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 passthrough,
                 foreground,
                 allow_other,
+                remote,
             },
         ),
         Command::Umount {
@@ -884,6 +895,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
             binds,
             workdir,
             env,
+            remote,
             command,
         } => {
             let args = run::RunArgs {
@@ -906,6 +918,7 @@ fn dispatch(ctx: &Ctx, command: Command, nofile: Option<u64>) -> ExitCode {
                 command,
                 commit_always,
                 nofile,
+                remote,
             };
             // A failure of velo itself exits 125, never a status the command could return.
             return match run::run(ctx, args) {

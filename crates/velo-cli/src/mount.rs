@@ -23,6 +23,7 @@ pub struct MountArgs {
     pub passthrough: bool,
     pub foreground: bool,
     pub allow_other: bool,
+    pub remote: Option<String>,
 }
 
 /// The xattr on a kept upper's top naming the tree its changes apply to.
@@ -141,7 +142,20 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
         );
     }
     let lock = store.lock_shared()?;
-    let root = crate::run::layer(&store, &args.tree)?;
+    let remote = match &args.remote {
+        Some(name) => Some(crate::remote::connect(&store, name)?),
+        None => None,
+    };
+    let root = match &remote {
+        // Trees (and executables, which a view links) now; other files on first read.
+        Some(remote) => crate::remote::fetch_for_use(
+            &store,
+            remote,
+            &args.tree,
+            velo_remote::Blobs::Executables,
+        )?,
+        None => crate::run::layer(&store, &args.tree)?,
+    };
     let view = velo_project::view::ensure_view(&store, root)?;
     let kept_upper = match &args.upper {
         Some(dir) => Some(prepare_kept_upper(&store_root, dir, &mountpoint, root)?),
@@ -189,6 +203,10 @@ pub fn mount(ctx: &Ctx, args: &MountArgs) -> Result<ExitCode> {
     )?
     .with_passthrough(args.passthrough)
     .with_max_depth(velo_core::MAX_DEPTH);
+    let fs = match remote {
+        Some(remote) => fs.with_fetcher(Arc::new(crate::remote::LazyBlobs::new(remote, &store)?)),
+        None => fs,
+    };
     let fs = fs.with_tree_xattrs(tree_xattrs(&store_root)?);
     let server = Arc::new(MountServer {
         mountpoint: mountpoint.clone(),
@@ -568,6 +586,9 @@ fn start_in_background(
     }
     if args.passthrough {
         command.arg("--passthrough");
+    }
+    if let Some(remote) = &args.remote {
+        command.arg("--remote").arg(remote);
     }
     start_server(ctx, command, &log, root, mountpoint, true)
 }

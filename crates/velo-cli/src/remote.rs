@@ -63,7 +63,7 @@ pub fn remove(ctx: &Ctx, name: &str) -> Result<ExitCode> {
     })
 }
 
-fn connect(store: &velo_store::Store, name: &str) -> Result<Remote> {
+pub(crate) fn connect(store: &velo_store::Store, name: &str) -> Result<Remote> {
     let config = velo_remote::load_remote(store, name)?;
     Ok(Remote::connect(config)?)
 }
@@ -148,21 +148,9 @@ pub fn pull(ctx: &Ctx, remote: &str, what: &str, name: Option<&str>) -> Result<E
         },
     };
     let _lock = store.lock_shared()?;
-    let report = remote.pull(&store, root, false)?;
+    let report = remote.pull(&store, root, velo_remote::Blobs::All)?;
     let local = name.or(remote_name);
-    let stats = velo_store::treeops::stats(&store, root)?;
-    store
-        .register_root(&velo_store::RootRecord {
-            name: local.map(str::to_string),
-            root: root.to_hex(),
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            stats,
-            partial: false,
-            source: Some(format!("{}/roots/{what}", remote.config.url())),
-        })
+    register(&store, &remote, local, root, what, false)
         .with_context(|| format!("registering the pulled tree {root}"))?;
     print(
         ctx,
@@ -177,4 +165,136 @@ pub fn pull(ctx: &Ctx, remote: &str, what: &str, name: Option<&str>) -> Result<E
             out!("{}", report.root);
         },
     )
+}
+
+/// The tree `spec` names, with what `blobs` says fetched from `remote` first: a tree of
+/// the store, else a root published on the remote (registered here under its name, as
+/// partial while blobs are still to come). The caller holds the store's shared lock.
+pub(crate) fn fetch_for_use(
+    store: &velo_store::Store,
+    remote: &Remote,
+    spec: &str,
+    blobs: velo_remote::Blobs,
+) -> Result<Hash> {
+    let (root, name) = match crate::run::layer(store, spec) {
+        // Registered already (or a .velo file, imported): only what it lacks is fetched.
+        Ok(root) => {
+            remote.pull(store, root, blobs)?;
+            return Ok(root);
+        }
+        Err(local) => match spec.parse::<Hash>() {
+            Ok(hash) if spec.len() == 64 => (hash, None),
+            _ => match remote.root(spec)? {
+                Some(hash) => (hash, Some(spec)),
+                None => {
+                    return Err(local.context(format!(
+                        "not in the store, nor a root published on {}",
+                        remote.config.url()
+                    )))
+                }
+            },
+        },
+    };
+    remote.pull(store, root, blobs)?;
+    // A tree given by hash is kept by the caller (a mount's pin, a run's lock); one
+    // published under a name is registered under it.
+    if let Some(name) = name {
+        register(
+            store,
+            remote,
+            Some(name),
+            root,
+            spec,
+            blobs != velo_remote::Blobs::All,
+        )?;
+    }
+    Ok(root)
+}
+
+/// Registers tree `root` fetched from `remote` (as `what` there) under `name`.
+fn register(
+    store: &velo_store::Store,
+    remote: &Remote,
+    name: Option<&str>,
+    root: Hash,
+    what: &str,
+    partial: bool,
+) -> Result<()> {
+    store.register_root(&velo_store::RootRecord {
+        name: name.map(str::to_string),
+        root: root.to_hex(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        stats: velo_store::treeops::stats(store, root)?,
+        partial,
+        source: Some(format!("{}/roots/{what}", remote.config.url())),
+    })?;
+    Ok(())
+}
+
+/// The blob fetcher of a mount with `--remote`: one request per blob however many readers
+/// ask at once, each blob verified before it enters the store.
+pub(crate) struct LazyBlobs {
+    remote: Remote,
+    index: velo_remote::RemoteIndex,
+    store: velo_store::Store,
+    in_flight:
+        std::sync::Mutex<std::collections::HashMap<Hash, std::sync::Arc<std::sync::Mutex<()>>>>,
+}
+
+/// How long a reader waits for a blob before it gets EIO.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl LazyBlobs {
+    pub(crate) fn new(remote: Remote, store: &velo_store::Store) -> Result<LazyBlobs> {
+        let index = remote.index(store)?;
+        Ok(LazyBlobs {
+            remote,
+            index,
+            store: velo_store::Store::open(store.root())?,
+            in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+}
+
+impl velo_fuse::BlobFetcher for LazyBlobs {
+    fn fetch(&self, hash: &[u8; 32], size: u64) -> std::io::Result<()> {
+        let hash = Hash(*hash);
+        let one = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(hash)
+            .or_default()
+            .clone();
+        let _only = one.lock().unwrap_or_else(|e| e.into_inner());
+        let result = (|| -> Result<()> {
+            if self.store.has_blob(&hash) {
+                return Ok(());
+            }
+            let bytes = self
+                .remote
+                .fetch_blob(&self.index, hash, size, FETCH_TIMEOUT)?;
+            // A writer of the store: gc's sweep waits for it, and it for the sweep.
+            let _lock = self.store.lock_shared()?;
+            let (stored, _) = self.store.insert_blob(&bytes)?;
+            if stored != hash {
+                bail!("blob {hash}: the remote's bytes hash to {stored}");
+            }
+            Ok(())
+        })();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&hash);
+        result.map_err(|e| {
+            tracing::warn!(
+                "fetching blob {hash} from {}: {e:#}",
+                self.remote.config.url()
+            );
+            std::io::Error::other(format!("{e:#}"))
+        })
+    }
 }

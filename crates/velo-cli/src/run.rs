@@ -38,6 +38,8 @@ pub struct RunArgs {
     pub commit_always: bool,
     /// The soft limit of open files velo started with, restored for the command.
     pub nofile: Option<u64>,
+    /// Fetch what the store lacks of the layers from this remote first.
+    pub remote: Option<String>,
 }
 
 /// Runs a sandbox stage; a setup failure exits 125 with the reason on stderr.
@@ -378,12 +380,21 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     commit_outside_store(commit_to.as_deref(), &store)?;
     // Held for the whole run: gc must not remove a farm under a running sandbox.
     let _lock = store.lock_shared()?;
+    // With --remote, what the store lacks of each layer is fetched (verified) first.
+    let remote = match &args.remote {
+        Some(name) => Some(crate::remote::connect(&store, name)?),
+        None => None,
+    };
+    let resolve = |spec: &str| match &remote {
+        Some(remote) => crate::remote::fetch_for_use(&store, remote, spec, velo_remote::Blobs::All),
+        None => layer(&store, spec),
+    };
     let bases = args
         .bases
         .iter()
-        .map(|b| layer(&store, b))
+        .map(|b| resolve(b))
         .collect::<Result<Vec<_>>>()?;
-    let manifest = layer(&store, &args.manifest)?;
+    let manifest = resolve(&args.manifest)?;
     let wants_commit = args.commit.is_some() || args.name.is_some();
     let options = RunOptions {
         bases,

@@ -279,7 +279,15 @@ pub fn run_shimmed(ctx: &Ctx, args: &RunArgs) -> Result<ExitCode> {
     // Held until the run is committed: gc must not take the view, the farm or the
     // blobs the command reads.
     let _lock = store.lock_shared()?;
-    let root = crate::run::layer(&store, &args.manifest)?;
+    let root = match &args.remote {
+        Some(name) => crate::remote::fetch_for_use(
+            &store,
+            &crate::remote::connect(&store, name)?,
+            &args.manifest,
+            velo_remote::Blobs::All,
+        )?,
+        None => crate::run::layer(&store, &args.manifest)?,
+    };
     let view = velo_project::view::ensure_view(&store, root)?;
     if let Some(seconds) = view.built_seconds {
         note!(

@@ -112,6 +112,22 @@ impl S3 {
     }
 }
 
+/// Ingests `n` files `f0`… (each its line repeated `repeat` times) as root "app".
+fn numbered_files(env: &Env, n: usize, repeat: usize) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let line = format!("bytes of file {i}\n");
+            (format!("f{i}"), line.repeat(repeat).into_bytes())
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    common::ingest_files(env, "app", &refs);
+    files
+}
+
 /// `velo remote add NAME s3://BUCKET/PREFIX --endpoint` of this server.
 fn add_remote(env: &Env, name: &str, url: &str, endpoint: &str) {
     env.ok(&["remote", "add", name, url, "--endpoint", endpoint]);
@@ -242,14 +258,7 @@ fn a_half_done_push_publishes_nothing_and_the_next_resumes() {
     let Some(s3) = S3::start() else { return };
     s3.bucket("resume");
     let env = Env::new();
-    let files: Vec<(String, Vec<u8>)> = (0..50)
-        .map(|i| (format!("f{i}"), format!("content {i}\n").into_bytes()))
-        .collect();
-    let refs: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|(n, c)| (n.as_str(), c.as_slice()))
-        .collect();
-    common::ingest_files(&env, "app", &refs);
+    numbered_files(&env, 50, 1);
     add_remote(&env, "r", "s3://resume", &s3.endpoint);
     env.ok(&["push", "r", "app"]);
     // As if killed after its packs were written: no root, one index missing.
@@ -414,4 +423,93 @@ fn remotes_are_checked_and_credentials_come_from_the_aws_files() {
     assert!(!said.contains("s3cr3t-value"), "the secret was logged");
     env.ok(&["remote", "remove", "r"]);
     assert!(!env.ok(&["remote", "list"]).contains("creds"));
+}
+
+/// `velo mount TREE MP --remote R` of a root only the remote has: the trees come at once,
+/// each file's bytes on its first read (many readers at once get the same bytes), and a
+/// remote gone down gives the reader EIO, not a hang. `velo run --remote` fetches all.
+#[test]
+fn a_mount_with_a_remote_fetches_each_file_on_first_read() {
+    let Some(s3) = S3::start() else { return };
+    if !common::fuse_available() {
+        return;
+    }
+    s3.bucket("lazy");
+    let env = Env::new();
+    let files = numbered_files(&env, 20, 100);
+    add_remote(&env, "r", "s3://lazy", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    let other = Env::new();
+    add_remote(&other, "r", "s3://lazy", &s3.endpoint);
+    let at = other.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let mounted = common::mount_with(&other, "app", &at, &["--remote", "r"]);
+    // Listed and stat'ed from the trees alone: no blob fetched yet.
+    assert_eq!(fs::read_dir(&at).unwrap().count(), 20);
+    assert_eq!(
+        fs::metadata(at.join("f3")).unwrap().len(),
+        files[3].1.len() as u64
+    );
+    let blobs = |store: &Path| {
+        fs::read_dir(store.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|s| fs::read_dir(s.path()).into_iter().flatten().flatten())
+            .count()
+    };
+    assert_eq!(blobs(&other.store), 0);
+    // Eight readers of one file at once, and one of another.
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let path = at.join("f7");
+            std::thread::spawn(move || fs::read(path).unwrap())
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), files[7].1);
+    }
+    assert_eq!(fs::read(at.join("f1")).unwrap(), files[1].1);
+    assert_eq!(blobs(&other.store), 2);
+    assert!(other.ok(&["roots"]).contains("(partial)"));
+    // The remote goes down: a file not fetched yet fails, within the fetch's timeout.
+    drop(s3);
+    let started = Instant::now();
+    let err = fs::read(at.join("f2")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(45));
+    assert_eq!(
+        fs::read(at.join("f7")).unwrap(),
+        files[7].1,
+        "fetched ones stay"
+    );
+    drop(mounted);
+    other.fsck_ok();
+}
+
+#[test]
+fn a_run_with_a_remote_fetches_what_the_store_lacks_first() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("runs");
+    let env = Env::new();
+    common::ingest_files(&env, "app", &[("a", b"run me\n"), ("b", b"and me\n")]);
+    add_remote(&env, "r", "s3://runs", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    let other = Env::new();
+    add_remote(&other, "r", "s3://runs", &s3.endpoint);
+    // Whatever the command does (here: nothing to run), the layers were fetched first.
+    let _ = other.run(&[
+        "run",
+        "--isolate",
+        "--manifest",
+        "app",
+        "--remote",
+        "r",
+        "--",
+        "/no-such",
+    ]);
+    drop(s3);
+    assert_eq!(other.ok(&["cat", "app", "a"]), "run me\n");
+    assert!(!other.ok(&["roots"]).contains("(partial)"));
+    other.fsck_ok();
 }

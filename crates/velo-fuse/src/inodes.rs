@@ -140,6 +140,8 @@ pub(crate) struct Namespace {
     /// The view is a lower index of this host directory (a workspace's `--lower`): file
     /// bytes come from it, each file checked to be the one indexed.
     pub host_lower: Option<OwnedFd>,
+    /// Where blobs the store lacks come from (a remote), if anywhere.
+    pub fetcher: Option<Arc<dyn crate::BlobFetcher>>,
 }
 
 /// Extended attributes as (name, value) pairs, ascending by name.
@@ -331,7 +333,18 @@ impl Namespace {
         if let Some(lower) = &self.host_lower {
             return self.host_file(lower, node);
         }
-        File::open(self.blob_path(node)).map_err(|e| match e.raw_os_error() {
+        let path = self.blob_path(node);
+        let opened = match (File::open(&path), &self.fetcher) {
+            (Err(e), Some(fetcher)) if e.kind() == std::io::ErrorKind::NotFound => {
+                fetcher.fetch(&node.hash, node.size).map_err(|e| {
+                    tracing::warn!(error = %e, "fetching a blob of the served tree from its remote");
+                    Errno::EIO
+                })?;
+                File::open(&path)
+            }
+            (opened, _) => opened,
+        };
+        opened.map_err(|e| match e.raw_os_error() {
             Some(code)
                 if code == rustix::io::Errno::MFILE.raw_os_error()
                     || code == rustix::io::Errno::NFILE.raw_os_error() =>

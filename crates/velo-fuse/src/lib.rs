@@ -102,6 +102,14 @@ struct InodeFile {
     held: bool,
 }
 
+/// Fetches blobs the store lacks (a mount with `--remote`): the server asks on a tree
+/// file's first read.
+pub trait BlobFetcher: Send + Sync {
+    /// Makes blob `hash` (`size` bytes, verified) present in the store, once however many
+    /// readers ask at the same time; an error is the reader's `EIO`.
+    fn fetch(&self, hash: &[u8; 32], size: u64) -> std::io::Result<()>;
+}
+
 /// The server of one tree.
 pub struct TreeFs {
     ns: Namespace,
@@ -192,6 +200,7 @@ impl TreeFs {
                 dir_fds: Mutex::new(HashMap::new()),
                 base: 0,
                 host_lower: None,
+                fetcher: None,
             },
             uid,
             gid,
@@ -233,6 +242,12 @@ impl TreeFs {
     /// store: the view is a lower index of it (a workspace's `--lower`).
     pub fn with_host_lower(mut self, dir: std::os::fd::OwnedFd) -> TreeFs {
         self.ns.host_lower = Some(dir);
+        self
+    }
+
+    /// Fetches the blobs the store lacks through `fetcher`, when they are first read.
+    pub fn with_fetcher(mut self, fetcher: Arc<dyn BlobFetcher>) -> TreeFs {
+        self.ns.fetcher = Some(fetcher);
         self
     }
 

@@ -33,7 +33,7 @@ use object_store::ObjectStore;
 
 pub use config::{add_remote, list_remotes, load_remote, remove_remote, RemoteConfig};
 pub use index::{Location, RemoteIndex};
-pub use pull::PullReport;
+pub use pull::{Blobs, PullReport};
 pub use push::PushReport;
 
 /// What went wrong with a remote.

@@ -32,6 +32,16 @@ pub struct PullReport {
     pub bytes: u64,
 }
 
+/// What a pull fetches besides the trees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blobs {
+    /// Every blob the store lacks.
+    All,
+    /// Only executable files' (a view of the tree links them); the others are fetched
+    /// when first read (a mount with `--remote`).
+    Executables,
+}
+
 /// An object to fetch, and what its tree says of it.
 #[derive(Clone, Copy)]
 struct Fetch {
@@ -42,10 +52,10 @@ struct Fetch {
 }
 
 impl Remote {
-    /// Fetches what the store lacks of tree `root` (every tree, and the blobs too unless
-    /// `trees_only`), verified, and publishes it. The caller holds the store's shared
+    /// Fetches what the store lacks of tree `root` (every tree, and the blobs `blobs`
+    /// says), verified, and publishes it. The caller holds the store's shared
     /// lock and registers the root.
-    pub fn pull(&self, store: &Store, root: Hash, trees_only: bool) -> Result<PullReport> {
+    pub fn pull(&self, store: &Store, root: Hash, blobs: Blobs) -> Result<PullReport> {
         let index = self.index(store)?;
         let batch = store.begin_batch()?;
         let mut report = PullReport {
@@ -56,7 +66,7 @@ impl Remote {
         let mut fetched: HashMap<Hash, Tree> = HashMap::new();
         let mut seen = HashSet::new();
         let mut level = vec![root];
-        let mut files: Vec<(Hash, u64)> = Vec::new();
+        let mut files: Vec<(Hash, u64, bool)> = Vec::new();
         while !level.is_empty() {
             let mut next = Vec::new();
             let mut wanted = Vec::new();
@@ -87,12 +97,13 @@ impl Remote {
             }
             level = next;
         }
-        if !trees_only {
+        {
             let mut unique = HashSet::new();
             let missing: Vec<Fetch> = files
                 .into_iter()
-                .filter(|(hash, _)| unique.insert(*hash) && !store.has_blob(hash))
-                .map(|(hash, size)| Fetch {
+                .filter(|(_, _, exec)| blobs == Blobs::All || *exec)
+                .filter(|(hash, _, _)| unique.insert(*hash) && !store.has_blob(hash))
+                .map(|(hash, size, _)| Fetch {
                     hash,
                     kind: Kind::Blob,
                     size: Some(size),
@@ -319,13 +330,49 @@ impl Remote {
     }
 }
 
-/// A tree's subdirectories (to walk) and files (to fetch).
-fn collect(tree: &Tree, dirs: &mut Vec<Hash>, files: &mut Vec<(Hash, u64)>) {
+/// A tree's subdirectories (to walk) and files (to fetch: hash, size, executable).
+fn collect(tree: &Tree, dirs: &mut Vec<Hash>, files: &mut Vec<(Hash, u64, bool)>) {
     for entry in tree.entries() {
         match entry.kind {
             EntryKind::Dir { hash } => dirs.push(hash),
-            EntryKind::File { hash, size } => files.push((hash, size)),
+            EntryKind::File { hash, size } => files.push((hash, size, entry.mode.is_executable())),
             _ => {}
         }
+    }
+}
+
+impl Remote {
+    /// One blob's bytes, verified, within `timeout` (a reader waits no longer).
+    pub fn fetch_blob(
+        &self,
+        index: &RemoteIndex,
+        hash: Hash,
+        size: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>> {
+        let wanted = [Fetch {
+            hash,
+            kind: Kind::Blob,
+            size: Some(size),
+        }];
+        let mut groups = self.group(index, &wanted)?;
+        let (pack, items) = groups.pop().expect("one object, one group");
+        let got = self
+            .runtime
+            .block_on(async {
+                tokio::time::timeout(timeout, self.fetch_group(index, pack, items)).await
+            })
+            .map_err(|_| {
+                RemoteError::Missing(format!(
+                    "blob {hash}: no answer from {} within {} s",
+                    self.config.url(),
+                    timeout.as_secs()
+                ))
+            })??;
+        Ok(got
+            .into_iter()
+            .next()
+            .map(|(_, bytes)| bytes)
+            .unwrap_or_default())
     }
 }
