@@ -924,6 +924,14 @@ impl TreeFs {
     }
 
     fn check_depth_in(&self, st: &State, parent: u64, levels: usize) -> Result<(), Errno> {
+        if levels > self.room_below(st, parent)? {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(())
+    }
+
+    /// How many levels of directories may go under directory `parent`.
+    fn room_below(&self, st: &State, parent: u64) -> Result<usize, Errno> {
         let rel = self.ns.rel(st, parent)?;
         let depth = if rel.is_empty() {
             0
@@ -931,10 +939,7 @@ impl TreeFs {
             1 + rel.iter().filter(|&&b| b == b'/').count()
         };
         // The top is a level of its own.
-        if depth + levels + 1 > self.max_depth {
-            return Err(Errno::ENAMETOOLONG);
-        }
-        Ok(())
+        Ok(self.max_depth.saturating_sub(depth + 1))
     }
 
     /// Whether directory `ino` shows no entry.
@@ -1049,7 +1054,8 @@ impl TreeFs {
         }
         self.copy_up_moving(&mut st, src)?;
         if si.kind == FileType::Directory && newparent != parent {
-            let height = upper_height(&*self.ns.dir_of(&st, src)?, self.max_depth);
+            let room = self.room_below(&st, newparent)?;
+            let height = upper_height(&*self.ns.dir_of(&st, src)?, room)?;
             self.check_depth_in(&st, newparent, height)?;
         }
         if let (Some(d), true) = (dst, exchange) {
@@ -1400,42 +1406,90 @@ impl TreeFs {
     }
 }
 
-/// How many levels of directories the upper directory `dir` holds (itself included),
-/// counted up to `limit`.
-fn upper_height(dir: &OwnedFd, limit: usize) -> usize {
-    let Ok(top) = rustix::fs::openat(
-        dir,
-        ".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) else {
-        return 1;
+/// How many levels of directories the upper directory `dir` holds (itself included), or
+/// some number above `limit` once it is known to hold more: a rename needs no more.
+///
+/// A program on the mount chooses the shape of what it renames (tens of thousands of
+/// subdirectories, chains a thousand deep), and the server's descriptors are shared with
+/// every other user of it, so the walk holds at most three whatever the shape: it keeps
+/// the directory it is in and the one it looks into, goes down by closing where it was and
+/// comes back up through `..`. Whatever it cannot read fails the walk: a directory it
+/// skipped could hide the level too many.
+fn upper_height(dir: &OwnedFd, limit: usize) -> Result<usize, Errno> {
+    let open = |at: &OwnedFd, name: &[u8]| {
+        rustix::fs::openat(
+            at,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)
     };
+    if limit == 0 {
+        return Ok(1);
+    }
+    let mut here = open(dir, b".")?;
+    // The way down: each level's identity (to know `..` led back to it) and the
+    // subdirectories it has left to walk.
+    let mut path = vec![(dir_id(&here)?, subdirs(&here)?)];
     let mut deepest = 1;
-    let mut stack = vec![(top, 1usize)];
-    while let Some((fd, level)) = stack.pop() {
-        deepest = deepest.max(level);
-        if level > limit {
-            break;
-        }
-        let Ok(entries) = upper::entries(&fd) else {
+    while let Some((_, left)) = path.last_mut() {
+        let Some(name) = left.pop() else {
+            path.pop();
+            let Some((id, _)) = path.last() else {
+                break;
+            };
+            let up = open(&here, b"..")?;
+            // Only a change made beside the server (the upper is the server's while it
+            // holds the state) could lead elsewhere; a count from there would mean nothing.
+            if dir_id(&up)? != *id {
+                return Err(Errno::ESTALE);
+            }
+            here = up;
             continue;
         };
-        for (name, _, whiteout) in entries {
-            if whiteout {
-                continue;
-            }
-            if let Ok(sub) = rustix::fs::openat(
-                &fd,
-                name.as_slice(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                stack.push((sub, level + 1));
-            }
+        let level = path.len() + 1;
+        deepest = deepest.max(level);
+        if deepest > limit {
+            return Ok(deepest);
+        }
+        let sub = open(&here, &name)?;
+        let below = subdirs(&sub)?;
+        // A directory with nothing below is counted without going into it (and back).
+        if !below.is_empty() {
+            path.push((dir_id(&sub)?, below));
+            here = sub;
         }
     }
-    deepest
+    Ok(deepest)
+}
+
+fn dir_id(dir: &OwnedFd) -> Result<(u64, u64), Errno> {
+    let st = rustix::fs::fstat(dir).map_err(errno)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The names of upper directory `dir`'s subdirectories (whiteouts are devices).
+fn subdirs(dir: &OwnedFd) -> Result<Vec<Vec<u8>>, Errno> {
+    let mut out = Vec::new();
+    for item in rustix::fs::Dir::read_from(dir).map_err(errno)? {
+        let item = item.map_err(errno)?;
+        let name = item.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = match item.file_type() {
+            rustix::fs::FileType::Directory => true,
+            rustix::fs::FileType::Unknown => upper::stat_at(dir, name)?.is_some_and(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+            }),
+            _ => false,
+        };
+        if is_dir {
+            out.push(name.to_vec());
+        }
+    }
+    Ok(out)
 }
 
 /// What writing or truncating a file takes away (the kernel leaves it to the server:
