@@ -1,6 +1,7 @@
 //! `velo mount` against hostile programs on the mount: a rename cannot exhaust the
 //! server's descriptors (which other users of the server share) nor, by making a walk
-//! fail, nest directories deeper than a tree holds. Needs /dev/fuse and root or
+//! fail, nest directories deeper than a tree holds; velo's own `user.velo.*` attributes
+//! can be neither seen nor changed through the mount. Needs /dev/fuse and root or
 //! fusermount3 (and prlimit): elsewhere the tests show as skipped, and fail under CI.
 
 mod common;
@@ -9,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fuse_available, Env, Mounted};
+use common::{fuse_available, mount_with, Env, Mounted};
 
 /// Runs `python3 -c SCRIPT ARGS` in `dir` and asserts it printed `ok` (its output in the
 /// message otherwise).
@@ -191,4 +192,75 @@ print("ok")
     assert!(report.is_object(), "{report}");
     assert_eq!(env.ok(&["ls", "c"]), "big\nkept\nx\n");
     assert_eq!(env.ok(&["ls", "c", "big"]).lines().count(), 3000);
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = rustix::fs::lgetxattr(path, name, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// `user.velo.*` is velo's bookkeeping (the upper root's `user.velo.base` names the tree
+/// the upper applies to): through the mount no program sets, removes, reads or lists one,
+/// on the top, a tree directory or file, or what it made; the upper's record stays, and
+/// the upper mounts again over its tree.
+#[test]
+fn programs_on_the_mount_cannot_see_or_change_velos_own_attributes() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    let src = common::ingest_files(&env, "t", &[("dir/kept", b"kept\n")]);
+    fs::write(src.join("other"), b"other\n").unwrap();
+    env.ingest(&src, &["--name", "t2"]);
+    let at = env.path("mnt");
+    let upper = env.path("upper");
+    let mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    let base = xattr(&upper, "user.velo.base").expect("the upper records its tree");
+    let script = r#"
+import errno, os
+os.mkdir("newdir")
+with open("newfile", "w") as f:
+    f.write("new\n")
+os.setxattr("dir/kept", b"user.note", b"n")
+for path in (".", "dir", "dir/kept", "newdir", "newfile"):
+    for name in (b"user.velo.base", b"user.velo.other"):
+        for what, call, want in (
+            ("set", lambda: os.setxattr(path, name, b"0" * 64), errno.EPERM),
+            ("create", lambda: os.setxattr(path, name, b"0", os.XATTR_CREATE), errno.EPERM),
+            ("remove", lambda: os.removexattr(path, name), errno.EPERM),
+            ("get", lambda: os.getxattr(path, name), errno.ENODATA),
+        ):
+            try:
+                call()
+                raise SystemExit("%s %r on %r succeeded" % (what, name, path))
+            except OSError as e:
+                assert e.errno == want, (what, name, path, e)
+    listed = os.listxattr(path)
+    assert not [n for n in listed if n.startswith("user.velo.")], (path, listed)
+assert os.listxattr("dir/kept") == ["user.note"], os.listxattr("dir/kept")
+print("ok")
+"#;
+    python_ok(&at, script, &[]);
+    assert_eq!(xattr(&upper, "user.velo.base"), Some(base.clone()));
+    for made in ["newdir", "newfile", "dir", "dir/kept"] {
+        assert_eq!(xattr(&upper.join(made), "user.velo.other"), None, "{made}");
+        assert_eq!(xattr(&upper.join(made), "user.velo.base"), None, "{made}");
+    }
+    drop(mounted);
+    assert_eq!(xattr(&upper, "user.velo.base"), Some(base));
+    // The upper still applies to its tree, and only to it.
+    let refused = env.fails(&[
+        "mount",
+        "t2",
+        at.to_str().unwrap(),
+        "--upper",
+        upper.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("holds changes to tree"), "{refused}");
+    let _mounted = mount_with(&env, "t", &at, &["--upper", upper.to_str().unwrap()]);
+    assert_eq!(fs::read(at.join("newfile")).unwrap(), b"new\n");
+    assert_eq!(fs::read(at.join("dir/kept")).unwrap(), b"kept\n");
+    assert!(at.join("newdir").is_dir());
 }

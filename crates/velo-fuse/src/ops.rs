@@ -109,6 +109,18 @@ fn is_overlay_xattr(name: &[u8]) -> bool {
         .any(|p| name.starts_with(p.as_bytes()))
 }
 
+/// velo's own bookkeeping (`velo mount --upper` records the upper's tree in the upper
+/// root's `user.velo.base`): a program that could set or remove one would decide which
+/// tree the next mount applies the upper to.
+fn is_velo_xattr(name: &[u8]) -> bool {
+    name.starts_with(upper::VELO_XATTR_PREFIX.as_bytes())
+}
+
+/// Attributes a program on the mount never sees: the upper format's and velo's own.
+fn is_hidden_xattr(name: &[u8]) -> bool {
+    is_overlay_xattr(name) || is_velo_xattr(name)
+}
+
 fn proc_fd(fd: &impl AsRawFd) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
@@ -2148,7 +2160,7 @@ impl Filesystem for TreeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        if is_overlay_xattr(name.as_bytes()) {
+        if is_hidden_xattr(name.as_bytes()) {
             return reply.error(Errno::EPERM);
         }
         let ino = u64::from(ino);
@@ -2171,7 +2183,7 @@ impl Filesystem for TreeFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if is_overlay_xattr(name.as_bytes()) {
+        if is_hidden_xattr(name.as_bytes()) {
             return reply.error(Errno::ENODATA);
         }
         let st = self.state();
@@ -2219,7 +2231,7 @@ impl Filesystem for TreeFs {
             let n = rustix::fs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
             let mut out = Vec::new();
             for name in buf[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-                if !is_overlay_xattr(name) {
+                if !is_hidden_xattr(name) {
                     out.extend_from_slice(name);
                     out.push(0);
                 }
@@ -2233,6 +2245,11 @@ impl Filesystem for TreeFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        // EPERM as for setxattr, not ENODATA: the upper root's user.velo.base is there
+        // (only hidden), and taking it away is what is refused.
+        if is_velo_xattr(name.as_bytes()) {
+            return reply.error(Errno::EPERM);
+        }
         if is_overlay_xattr(name.as_bytes()) {
             return reply.error(Errno::ENODATA);
         }

@@ -15,6 +15,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, 
 
 /// The xattrs of the overlay format: programs on the mount may neither set nor see them.
 pub(crate) const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["user.overlay.", "trusted.overlay."];
+/// velo's bookkeeping xattrs (a tree never records them): programs on the mount may
+/// neither set, remove nor see them.
+pub(crate) const VELO_XATTR_PREFIX: &str = "user.velo.";
 const OPAQUE: &str = "user.overlay.opaque";
 
 /// The upper directory, open.
