@@ -1070,6 +1070,29 @@ fn apply_never_writes_through_a_symbolic_link_and_init_leaves_nothing_when_it_fa
         assert_eq!(fs::read(outside.join("a")).unwrap(), b"a\n");
         assert!(!outside.join("n").exists());
     }
+    // A link the branch itself made a directory is replaced, not followed.
+    let linked = env.path("linked");
+    fs::create_dir_all(&linked).unwrap();
+    fs::write(linked.join("top"), b"t\n").unwrap();
+    std::os::unix::fs::symlink("top", linked.join("l")).unwrap();
+    env.ingest(&linked, &["--name", "t2"]);
+    in_ws(&env, &ws, &["branch", "create", "c", "--from", "t2"]);
+    let c = branch_dir(&at, "c");
+    fs::remove_file(c.join("l")).unwrap();
+    fs::create_dir(c.join("l")).unwrap();
+    fs::write(c.join("l/f"), b"f\n").unwrap();
+    let checkout = env.path("checkout-c");
+    fs::create_dir_all(&checkout).unwrap();
+    fs::write(checkout.join("top"), b"t\n").unwrap();
+    std::os::unix::fs::symlink("top", checkout.join("l")).unwrap();
+    in_ws(
+        &env,
+        &ws,
+        &["branch", "apply", "c", checkout.to_str().unwrap()],
+    );
+    assert_eq!(fs::read(checkout.join("l/f")).unwrap(), b"f\n");
+    assert!(fs::symlink_metadata(checkout.join("l")).unwrap().is_dir());
+    assert_eq!(fs::read(checkout.join("top")).unwrap(), b"t\n");
     drop(mounted);
     // A mount point inside the workspace's own directory: refused before anything is made.
     fs::create_dir_all(env.path("ws2")).unwrap();

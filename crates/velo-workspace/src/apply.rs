@@ -105,16 +105,21 @@ fn staging_name(path: &Path) -> PathBuf {
 }
 
 /// The first directory above `rel` (below `dir`) that is a symbolic link on the host:
-/// writing there would write somewhere else. `checked` holds the directories found sound.
+/// writing there would write somewhere else. `checked` holds the directories found sound;
+/// below a path in `replaced` (a link the apply makes a directory first) all is new.
 fn bad_parent(
     dir: &Path,
     rel: &[u8],
+    replaced: &std::collections::HashSet<PathBuf>,
     checked: &mut std::collections::HashSet<PathBuf>,
 ) -> Option<PathBuf> {
     let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
     let mut at = dir.to_path_buf();
     for part in &parts[..parts.len().saturating_sub(1)] {
         at.push(std::ffi::OsStr::from_bytes(part));
+        if replaced.contains(&at) {
+            return None;
+        }
         if checked.contains(&at) {
             continue;
         }
@@ -232,8 +237,25 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
     // Never through a symbolic link, even with --force: the file behind it is not the
     // checkout's.
     let mut checked = std::collections::HashSet::new();
+    // A symlink that the apply itself replaces by a directory (the base had the link) is
+    // removed, not followed, before anything is written below it.
+    let mut replaced = std::collections::HashSet::new();
     for change in &changes {
-        if let Some(link) = bad_parent(dir, &change.path, &mut checked) {
+        if change.change != ChangeKind::Removed
+            && matches!(
+                entry_at(store, new, &change.path)?.map(|e| e.kind),
+                Some(EntryKind::Dir { .. })
+            )
+            && matches!(
+                entry_at(store, base, &change.path)?.map(|e| e.kind),
+                Some(EntryKind::Symlink { .. })
+            )
+        {
+            replaced.insert(host(&change.path));
+        }
+    }
+    for change in &changes {
+        if let Some(link) = bad_parent(dir, &change.path, &replaced, &mut checked) {
             return Err(WorkspaceError::Refused(format!(
                 "{}: beyond the symbolic link {} (nothing written); an apply writes only inside {}",
                 String::from_utf8_lossy(&change.path),
