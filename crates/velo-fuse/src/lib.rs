@@ -137,6 +137,9 @@ pub struct TreeFs {
     /// How long the kernel may keep the root's attributes and entries (see
     /// [`TreeFs::with_shared_top`]).
     top_ttl: Duration,
+    /// How long the kernel may keep every other attribute and entry (see
+    /// [`TreeFs::with_shared_tree`]).
+    ttl: Duration,
     /// A name the root neither lists nor finds (a workspace's control directory, which
     /// a tree's own entry of that name must not stand in for).
     hidden_top_name: Option<&'static [u8]>,
@@ -219,6 +222,7 @@ impl TreeFs {
             max_depth: usize::MAX,
             inode_files: ops::INODE_FILES,
             top_ttl: TTL,
+            ttl: TTL,
             hidden_top_name: None,
         })
     }
@@ -263,6 +267,16 @@ impl TreeFs {
     /// each walk through it must ask.
     pub(crate) fn with_shared_top(mut self) -> TreeFs {
         self.top_ttl = Duration::ZERO;
+        self
+    }
+
+    /// The kernel keeps none of this tree's attributes and entries: a bindable
+    /// workspace's branch, whose directories the kernel may know under two numbers (see
+    /// [`workspace`]), each with names and attributes of its own that a change through the
+    /// other does not update.
+    pub(crate) fn with_shared_tree(mut self) -> TreeFs {
+        self.top_ttl = Duration::ZERO;
+        self.ttl = Duration::ZERO;
         self
     }
 

@@ -21,7 +21,8 @@ use velo_view::Kind;
 
 use crate::inodes::{kind_of, kind_of_mode, CopyUp, State};
 use crate::upper::{self, errno, io_errno};
-use crate::{Open, TreeFs, TTL};
+use crate::workspace::shown;
+use crate::{Open, TreeFs};
 
 /// The attributes of a negative entry: only its inode number, 0, counts.
 const NO_ENTRY: FileAttr = FileAttr {
@@ -152,7 +153,7 @@ impl TreeFs {
         if parent == self.ns.root() {
             self.top_ttl
         } else {
-            TTL
+            self.ttl
         }
     }
 
@@ -192,7 +193,7 @@ impl TreeFs {
             Kind::Symlink => (FileType::Symlink, 1),
         };
         FileAttr {
-            ino: INodeNo(ino),
+            ino: INodeNo(shown(ino, kind)),
             size: node.size,
             blocks: node.size.div_ceil(512),
             atime: mtime,
@@ -224,7 +225,7 @@ impl TreeFs {
     fn stat_attr(ino: u64, s: &Stat) -> FileAttr {
         let mtime = time(s.st_mtime, s.st_mtime_nsec as i64);
         FileAttr {
-            ino: INodeNo(ino),
+            ino: INodeNo(shown(ino, kind_of_mode(s.st_mode))),
             size: s.st_size as u64,
             blocks: s.st_blocks as u64,
             atime: time(s.st_atime, s.st_atime_nsec as i64),
@@ -2010,7 +2011,7 @@ impl Filesystem for TreeFs {
         mut reply: ReplyDirectory,
     ) {
         let listed = self.list_from(ino.into(), offset, |entry, next, kind, name| {
-            Ok(reply.add(INodeNo(entry), next, kind, name))
+            Ok(reply.add(INodeNo(shown(entry, kind)), next, kind, name))
         });
         match listed {
             Ok(()) => reply.ok(),
@@ -2038,7 +2039,7 @@ impl Filesystem for TreeFs {
         let listed = self.list_from(dir, offset, |entry, next, kind, name| {
             if name == "." || name == ".." {
                 let attr = FileAttr {
-                    ino: INodeNo(entry),
+                    ino: INodeNo(shown(entry, kind)),
                     kind,
                     ..NO_ENTRY
                 };

@@ -17,12 +17,36 @@
 //!
 //! A *bindable* server also shows a branch at the top to chosen processes and their
 //! descendants ([`Branches::bind`]): a request on the top from such a process goes to
-//! its branch's root instead. Below the top every inode number is a branch's own, so
-//! only what the kernel keeps of the top itself could show one view's object in another:
-//! a bindable server lets the kernel keep none of it (the top's attributes and entries
-//! have no cache time, and its listing is read anew each time), at the price of a
-//! lookup per walk through the top.
+//! its branch's root instead. What the kernel keeps of the top itself could then show one
+//! view's object in another, so a bindable server lets the kernel keep none of it (the
+//! top's attributes and entries have no cache time, and its listing is read anew each
+//! time), at the price of a lookup per walk through the top.
+//!
+//! Below the top, a bound process must not be given the directory inode numbers the
+//! branch has under `.velo/branches/NAME`: the kernel gives a directory inode one dentry
+//! only, so a bound walk of `MP/src` would *move* the dentry of `.velo/branches/NAME/src`
+//! under the mount's top, where every other process (one whose working directory it is,
+//! a `branch exec` view bind-mounted from `.velo/branches/NAME`) would then find the
+//! top's branch, usually `main`, as its `..`. So a branch shown at the top of a bound
+//! process gives its directories numbers in an *alias* range ([`ALIAS`] set in the slot):
+//! every request on an alias number goes to the branch's own inode, and the directories
+//! in its reply are numbered in the alias range again ([`shown`]). Files, symbolic links
+//! and the like keep their one number in both views: the kernel lets a non-directory have
+//! several names (as hard links), and one kernel inode keeps one page cache and one set
+//! of attributes, so a write through either view is seen through the other, and no open
+//! needs direct I/O. Each directory then has two kernel inodes, each with its own names,
+//! attributes and listing, and a change through one is not seen in the other's: so on a
+//! bindable mount the kernel keeps no entry or attribute of any branch but the one in
+//! slot 0 (which has no alias: it shows at the top and nowhere else) and no listing of
+//! them, a lookup per path component in those branches. A non-bindable mount has no
+//! aliases and keeps everything for long.
+//!
+//! A binding names a branch's slot, not its name: when the branch is deleted or reset,
+//! the bound processes' requests at the top fail with `ESTALE` like any other request
+//! for the retired slot's inodes (never served by `main`, nor by a later branch of the
+//! same name).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -46,6 +70,39 @@ const VELO_DIR: u64 = (SYNTHETIC << SLOT_BITS) | 1;
 const BRANCHES_DIR: u64 = (SYNTHETIC << SLOT_BITS) | 2;
 /// The name the top answers with the branches.
 pub const CONTROL_DIR: &str = ".velo";
+/// Set in a slot: the alias range of the branch in the slot without it, the numbers its
+/// directories have below the top of a process bound to it (see the module's doc). Real
+/// slots stay below `ALIAS - 1`, so no alias is [`SYNTHETIC`].
+const ALIAS: u64 = 1 << (63 - SLOT_BITS);
+
+thread_local! {
+    /// The slot whose directories the request this thread serves numbers in the alias
+    /// range (set by [`WorkspaceFs::view`], which every request that replies with
+    /// attributes goes through first).
+    static SHOWN: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// The number the kernel is given for inode `ino` of kind `kind` in the reply being made:
+/// a directory of the branch served through its alias is numbered in the alias range.
+pub(crate) fn shown(ino: u64, kind: FileType) -> u64 {
+    match SHOWN.get() {
+        Some(slot) if kind == FileType::Directory && ino >> SLOT_BITS == slot => {
+            ino | (ALIAS << SLOT_BITS)
+        }
+        _ => ino,
+    }
+}
+
+/// The branch's own number of `ino`, which may be in an alias range.
+fn real(ino: INodeNo) -> INodeNo {
+    let n = u64::from(ino);
+    let slot = n >> SLOT_BITS;
+    if slot != SYNTHETIC && slot & ALIAS != 0 {
+        INodeNo(n & !(ALIAS << SLOT_BITS))
+    } else {
+        ino
+    }
+}
 
 /// Asked to serve branch `name` (with [`Branches::add`]) when it is looked up and not
 /// served, if the workspace has such a branch: a branch made, or reset, by a process that
@@ -58,12 +115,14 @@ pub struct Branches {
     loader: RwLock<Option<Box<BranchLoader>>>,
     /// The top shows other branches to bound processes (see the module's doc).
     bindable: bool,
-    /// Bound processes: pid → (its start time, the branch it sees).
-    bindings: RwLock<HashMap<u32, (u64, String)>>,
-    /// Which branch each requesting thread sees, worked out from its ancestors: (the
-    /// thread's start time, the branch). Emptied when a binding changes; an entry counts
-    /// only for the thread that started then (not for a later one given its pid).
-    views: std::sync::Mutex<HashMap<u32, (u64, Option<String>)>>,
+    /// Bound processes: pid → (its start time, the slot of the branch it sees). A slot,
+    /// not a name: a binding ends with its branch (a later one of that name has another
+    /// slot), and the retired slot answers `ESTALE`.
+    bindings: RwLock<HashMap<u32, (u64, u64)>>,
+    /// Which branch's slot each requesting thread sees, worked out from its ancestors:
+    /// (the thread's start time, the slot). Emptied when a binding changes; an entry
+    /// counts only for the thread that started then (not for a later one given its pid).
+    views: std::sync::Mutex<HashMap<u32, (u64, Option<u64>)>>,
     uid: u32,
     gid: u32,
 }
@@ -104,7 +163,7 @@ impl Branches {
                 format!("branch {name} is already served"),
             ));
         }
-        if table.next_slot >= SYNTHETIC {
+        if table.next_slot >= ALIAS - 1 {
             return Err(std::io::Error::other(
                 "this server has given out every branch slot; remount the workspace",
             ));
@@ -114,7 +173,8 @@ impl Branches {
         let mut fs = fs.in_slot(slot);
         fs.inode_files = fs.inode_files.min(table.inode_files);
         if self.bindable {
-            fs = fs.with_shared_top();
+            // Its directories may have two kernel inodes (see the module's doc).
+            fs = fs.with_shared_tree();
         }
         let fs = Arc::new(fs);
         let control = fs.control();
@@ -161,21 +221,24 @@ impl Branches {
                 "this workspace was mounted without --bindable: processes are bound to branches only on a bindable mount (`velo workspace mount --bindable`); `velo branch exec` needs no binding",
             ));
         }
-        if self.find_or_load(name.as_bytes()).is_none()
-            && self.table().by_name.get(name) != Some(&0)
-        {
-            return Err(std::io::Error::new(
+        if self.table().by_name.get(name) != Some(&0) {
+            self.find_or_load(name.as_bytes());
+        }
+        let slot = self.table().by_name.get(name).copied().ok_or_else(|| {
+            std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no branch {name} is served"),
-            ));
-        }
+            )
+        })?;
         let (_, start) = proc_parent_and_start(pid).ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, format!("no process {pid}"))
         })?;
-        self.bindings
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(pid, (start, name.to_string()));
+        let mut bindings = self.bindings.write().unwrap_or_else(|e| e.into_inner());
+        // Bindings of processes gone (or of retired branches, once their process is gone)
+        // would otherwise pile up for the server's life.
+        bindings.retain(|&p, (s, _)| proc_parent_and_start(p).is_some_and(|(_, now)| now == *s));
+        bindings.insert(pid, (start, slot));
+        drop(bindings);
         self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
@@ -192,8 +255,9 @@ impl Branches {
         had
     }
 
-    /// The branch the requesting thread `tid` sees at the top, if it is bound.
-    fn view_of(&self, tid: u32) -> Option<String> {
+    /// The slot of the branch the requesting thread `tid` sees at the top, if it is
+    /// bound.
+    fn view_of(&self, tid: u32) -> Option<u64> {
         if self
             .bindings
             .read()
@@ -210,7 +274,7 @@ impl Branches {
             .get(&tid)
         {
             if *start == started {
-                return view.clone();
+                return *view;
             }
         }
         let view = self.resolve_view(tid);
@@ -218,19 +282,19 @@ impl Branches {
         if views.len() > 4096 {
             views.clear();
         }
-        views.insert(tid, (started, view.clone()));
+        views.insert(tid, (started, view));
         view
     }
 
     /// Walks from thread `tid`'s process up its ancestors to the first bound one.
-    fn resolve_view(&self, tid: u32) -> Option<String> {
+    fn resolve_view(&self, tid: u32) -> Option<u64> {
         let bindings = self.bindings.read().unwrap_or_else(|e| e.into_inner());
         let mut pid = proc_tgid(tid)?;
         for _ in 0..256 {
             let (parent, start) = proc_parent_and_start(pid)?;
-            if let Some((bound_start, name)) = bindings.get(&pid) {
-                if *bound_start == start {
-                    return Some(name.clone());
+            if let Some(&(bound_start, slot)) = bindings.get(&pid) {
+                if bound_start == start {
+                    return Some(slot);
                 }
             }
             if parent <= 1 {
@@ -241,19 +305,22 @@ impl Branches {
         None
     }
 
-    /// The root inode of the branch the requesting thread sees at the top, for a request
-    /// on the top (`ino` 1); else `ino`.
-    fn view(&self, req: &Request, ino: INodeNo) -> INodeNo {
-        if !self.bindable || u64::from(ino) != 1 {
-            return ino;
+    /// The branch's own inode a request on `ino` is for, and the slot whose directories
+    /// its reply numbers in the alias range: for a request on the top (`ino` 1), the root
+    /// of the branch the requesting thread sees there (a retired branch's: `ESTALE`, never
+    /// what it would see unbound); for an alias number, the branch's own.
+    fn view(&self, req: &Request, ino: INodeNo) -> (INodeNo, Option<u64>) {
+        if !self.bindable {
+            return (ino, None);
         }
-        let Some(name) = self.view_of(req.pid()) else {
-            return ino;
-        };
-        match self.table().by_name.get(&name) {
-            Some(&slot) => INodeNo((slot << SLOT_BITS) | 1),
-            // Its branch is gone: it sees what it would see unbound.
-            None => ino,
+        let n = u64::from(ino);
+        if n != 1 {
+            let own = real(ino);
+            return (own, (own != ino).then_some(u64::from(own) >> SLOT_BITS));
+        }
+        match self.view_of(req.pid()) {
+            None | Some(0) => (ino, None),
+            Some(slot) => (INodeNo((slot << SLOT_BITS) | 1), Some(slot)),
         }
     }
 
@@ -433,9 +500,13 @@ impl WorkspaceFs {
         self.branch(a, Errno::EPERM)
     }
 
-    /// `ino` as the requesting process sees it (the top: its bound branch's root).
+    /// `ino` as the requesting process sees it (the top: its bound branch's root; an
+    /// alias: the branch's own inode), and the reply this thread makes next numbered as
+    /// that view shows it (see [`shown`]).
     fn view(&self, req: &Request, ino: INodeNo) -> INodeNo {
-        self.branches.view(req, ino)
+        let (ino, alias) = self.branches.view(req, ino);
+        SHOWN.set(alias);
+        ino
     }
 
     fn synthetic_listing(&self, ino: u64) -> Vec<(u64, FileType, Vec<u8>)> {
@@ -518,6 +589,8 @@ impl Filesystem for WorkspaceFs {
     }
 
     fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        // The kernel's references through an alias are counted on the branch's own inode.
+        let ino = real(ino);
         if let Ok(Target::Branch(fs)) = self.branches.target(ino.into()) {
             fs.forget(req, ino, nlookup);
         }
@@ -662,6 +735,7 @@ impl Filesystem for WorkspaceFs {
             return reply.error(Errno::EPERM);
         }
         let newparent = self.view(req, newparent);
+        let ino = real(ino);
         match self.same_branch(ino, newparent) {
             Ok(fs) => fs.link(req, ino, newparent, newname, reply),
             Err(e) => reply.error(e),
@@ -735,6 +809,7 @@ impl Filesystem for WorkspaceFs {
         flush: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = real(ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.release(req, ino, fh, flags, lock_owner, flush, reply),
             _ => reply.ok(),
@@ -759,12 +834,15 @@ impl Filesystem for WorkspaceFs {
             // directories, and the kernel keeps every listing.
             return reply.error(Errno::ENOSYS);
         }
-        // Bindable: the top's listing differs by process, so the kernel keeps none of it;
-        // every other directory's it keeps, as without binding.
-        let flags = if u64::from(ino) == 1 {
-            fuser::FopenFlags::empty()
-        } else {
+        // Bindable: the top's listing differs by process, and any other branch's
+        // directory has a second kernel inode in its alias range whose changes this one
+        // would not see (see the module's doc), so the kernel keeps none of those
+        // listings; the rest of the top's branch's it keeps, as without binding.
+        let ino = u64::from(ino);
+        let flags = if ino != 1 && ino >> SLOT_BITS == 0 {
             fuser::FopenFlags::FOPEN_CACHE_DIR | fuser::FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            fuser::FopenFlags::empty()
         };
         reply.opened(FileHandle(0), flags);
     }
@@ -872,6 +950,7 @@ impl Filesystem for WorkspaceFs {
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let ino = real(ino);
         match self.branches.target(ino.into()) {
             Ok(Target::Branch(fs)) => fs.statfs(req, ino, reply),
             _ => self.top.statfs(req, INodeNo(1), reply),
@@ -976,6 +1055,7 @@ impl Filesystem for WorkspaceFs {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let (ino_in, ino_out) = (real(ino_in), real(ino_out));
         match self.same_branch(ino_in, ino_out) {
             Ok(fs) => fs.copy_file_range(
                 req, ino_in, fh_in, offset_in, ino_out, fh_out, offset_out, len, flags, reply,
