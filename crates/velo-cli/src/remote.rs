@@ -12,7 +12,8 @@ use crate::Ctx;
 
 fn print(ctx: &Ctx, value: serde_json::Value, text: impl FnOnce()) -> Result<ExitCode> {
     if ctx.json {
-        crate::fmt::try_print_json(&value)?;
+        // The work is done: a reader gone away (`| head`) ends velo quietly, status 0.
+        crate::fmt::print_json(&value);
     } else {
         text();
     }

@@ -513,3 +513,41 @@ fn a_run_with_a_remote_fetches_what_the_store_lacks_first() {
     assert!(!other.ok(&["roots"]).contains("(partial)"));
     other.fsck_ok();
 }
+
+/// Remotes whose prefixes nest (one at `p`, one at `p/objects`, one at `p/packs`) never
+/// take each other's objects for their own: a push to `p` once skipped blobs only the
+/// nested remote had, and published a root naming objects that were not there.
+#[test]
+fn remotes_whose_prefixes_nest_keep_to_their_own_objects() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("nest");
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("large"), vec![3u8; 9 << 20]).unwrap();
+    fs::write(src.join("small"), b"small\n").unwrap();
+    env.ingest(&src, &["--name", "app"]);
+    add_remote(&env, "outer", "s3://nest/p", &s3.endpoint);
+    add_remote(&env, "objects", "s3://nest/p/objects", &s3.endpoint);
+    add_remote(&env, "packs", "s3://nest/p/packs", &s3.endpoint);
+    env.ok(&["push", "objects", "app"]);
+    env.ok(&["push", "packs", "app"]);
+    let pushed = env.json(&["push", "outer", "app", "--json"]);
+    assert_eq!(pushed["uploaded"], pushed["objects"], "{pushed}");
+    assert_eq!(env.ok(&["remote", "ls", "outer"]).lines().count(), 1);
+    let other = Env::new();
+    add_remote(&other, "outer", "s3://nest/p", &s3.endpoint);
+    other.ok(&["pull", "outer", "app"]);
+    assert_eq!(other.ok(&["cat", "app", "small"]), "small\n");
+    other.fsck_ok();
+    // A prefix S3 tools would see percent-encoded is refused.
+    let said = env.fails(&[
+        "remote",
+        "add",
+        "odd",
+        "s3://nest/a~b",
+        "--endpoint",
+        &s3.endpoint,
+    ]);
+    assert!(said.contains("letters, digits"), "{said}");
+}

@@ -46,13 +46,18 @@ impl RemoteConfig {
                 "{url}: {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-', '.')"
             )));
         }
-        let prefix = prefix.trim_matches('/');
-        if prefix.split('/').any(|part| part == "." || part == "..")
-            || prefix.contains("//")
-            || prefix.contains(|c: char| c.is_control())
+        let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+        // S3's "safe" characters only: anything else would be percent-encoded in the
+        // keys, which then differ from the prefix policies and other tools name.
+        let safe = |c: char| c.is_ascii_alphanumeric() || "!-_.*'()/".contains(c);
+        if !prefix.is_empty()
+            && (prefix
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+                || !prefix.chars().all(safe))
         {
             return Err(RemoteError::Config(format!(
-                "{url}: the prefix may not hold '.', '..', empty parts or control characters"
+                "{url}: the prefix may hold letters, digits and ! - _ . * ' ( ) between single '/', and no '.' or '..' part"
             )));
         }
         if let Some(endpoint) = &endpoint {
@@ -198,7 +203,10 @@ mod tests {
             ("s3://B/p", "bucket name"),
             ("s3://ab/p", "bucket name"),
             ("s3://bkt/a/../b", "'..'"),
-            ("s3://bkt/a//b", "empty parts"),
+            ("s3://bkt/a//b", "single '/'"),
+            ("s3://bkt//b", "single '/'"),
+            ("s3://bkt/a~b", "letters, digits"),
+            ("s3://bkt/caf\u{e9}", "letters, digits"),
         ] {
             let e = RemoteConfig::new("r", url, None, None)
                 .unwrap_err()

@@ -78,8 +78,18 @@ impl Remote {
                 key: packs_prefix.to_string(),
                 source: e,
             })?;
+        // Only keys right below packs/ and objects/: a listing is recursive, and another
+        // remote's prefix may lie below this one's (`PREFIX/objects/...`); its objects are
+        // not this remote's.
+        let directly_in = |meta: &object_store::ObjectMeta, dir: &object_store::path::Path| {
+            let key: &str = meta.location.as_ref();
+            key.strip_prefix(dir.as_ref())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|name| !name.contains('/'))
+        };
         let ids: Vec<String> = pack_keys
             .iter()
+            .filter(|m| directly_in(m, &packs_prefix))
             .filter_map(|m| {
                 m.location
                     .filename()?
@@ -142,7 +152,7 @@ impl Remote {
                 });
             }
         }
-        for meta in loose {
+        for meta in loose.iter().filter(|m| directly_in(m, &objects_prefix)) {
             if let Some(hash) = meta
                 .location
                 .filename()

@@ -215,6 +215,15 @@ impl Remote {
             })?;
         let mut out = Vec::new();
         for meta in metas {
+            // Right below roots/ only (another remote's prefix may lie below this one's).
+            let below = meta
+                .location
+                .as_ref()
+                .strip_prefix(prefix.as_ref())
+                .and_then(|rest| rest.strip_prefix('/'));
+            if !below.is_some_and(|name| !name.contains('/')) {
+                continue;
+            }
             let Some(name) = meta.location.filename().map(str::to_string) else {
                 continue;
             };
