@@ -221,7 +221,7 @@ impl Remote {
                 .as_ref()
                 .strip_prefix(prefix.as_ref())
                 .and_then(|rest| rest.strip_prefix('/'));
-            if !below.is_some_and(|name| !name.contains('/')) {
+            if below.is_none_or(|name| name.contains('/')) {
                 continue;
             }
             let Some(name) = meta.location.filename().map(str::to_string) else {
