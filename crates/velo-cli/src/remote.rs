@@ -241,8 +241,11 @@ pub(crate) struct LazyBlobs {
     remote: Remote,
     index: velo_remote::RemoteIndex,
     store: velo_store::Store,
-    in_flight:
-        std::sync::Mutex<std::collections::HashMap<Hash, std::sync::Arc<std::sync::Mutex<()>>>>,
+    /// Per blob being fetched: the first reader's failure, which the readers that waited
+    /// for it share (each once started a fetch of its own, one after another).
+    in_flight: std::sync::Mutex<
+        std::collections::HashMap<Hash, std::sync::Arc<std::sync::Mutex<Option<String>>>>,
+    >,
 }
 
 /// How long a reader waits for a blob before it gets EIO.
@@ -270,7 +273,10 @@ impl velo_fuse::BlobFetcher for LazyBlobs {
             .entry(hash)
             .or_default()
             .clone();
-        let _only = one.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = one.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = failed.as_ref() {
+            return Err(std::io::Error::other(why.clone()));
+        }
         let result = (|| -> Result<()> {
             if self.store.has_blob(&hash) {
                 return Ok(());
@@ -295,6 +301,7 @@ impl velo_fuse::BlobFetcher for LazyBlobs {
                 "fetching blob {hash} from {}: {e:#}",
                 self.remote.config.url()
             );
+            *failed = Some(format!("{e:#}"));
             std::io::Error::other(format!("{e:#}"))
         })
     }

@@ -60,24 +60,12 @@ impl Remote {
         let cache = self.cache_dir(store);
         let packs_prefix = self.key("packs/");
         let objects_prefix = self.key("objects/");
-        let (pack_keys, loose) = self
-            .runtime
-            .block_on(async {
-                let packs = self
-                    .client
-                    .list(Some(&packs_prefix))
-                    .try_collect::<Vec<_>>();
-                let loose = self
-                    .client
-                    .list(Some(&objects_prefix))
-                    .try_collect::<Vec<_>>();
-                futures::try_join!(packs, loose)
-            })
-            .map_err(|e| RemoteError::Request {
-                what: "listing",
-                key: packs_prefix.to_string(),
-                source: e,
-            })?;
+        let (pack_keys, loose) = self.runtime.block_on(async {
+            futures::try_join!(
+                self.list_keys(&packs_prefix),
+                self.list_keys(&objects_prefix)
+            )
+        })?;
         // Only keys right below packs/ and objects/: a listing is recursive, and another
         // remote's prefix may lie below this one's (`PREFIX/objects/...`); its objects are
         // not this remote's.
@@ -109,12 +97,13 @@ impl Remote {
                         }
                     }
                     let key = self.key(&format!("packs/{id}.idx"));
-                    let bytes = async { self.client.get(&key).await?.bytes().await }
-                        .await
-                        .map_err(|e| RemoteError::Request {
-                            what: "reading pack index",
-                            key: key.to_string(),
-                            source: e,
+                    let bytes = self
+                        .read_capped(&key, None, crate::pack::MAX_INDEX_BYTES)
+                        .await?
+                        .ok_or_else(|| {
+                            RemoteError::Missing(format!(
+                                "{key}: listed, then gone (a gc of the remote by another tool?)"
+                            ))
                         })?;
                     if PackIndex::id_of(&bytes) != id {
                         return Err(RemoteError::Corrupt {
@@ -129,7 +118,7 @@ impl Remote {
                         &bytes,
                         velo_store::Durability::Cache,
                     );
-                    Ok((id, bytes.to_vec()))
+                    Ok((id, bytes))
                 }
             }))
             .buffer_unordered(PARALLEL)

@@ -88,6 +88,12 @@ pub type Result<T> = std::result::Result<T, RemoteError>;
 
 /// Requests in flight at once.
 const PARALLEL: usize = 8;
+/// The longest a root record may be.
+const MAX_ROOT_RECORD: u64 = 64 << 10;
+/// The most keys one listing may return, and how long it may take: a remote that pages
+/// for ever must not hold velo for ever.
+const MAX_LISTED: usize = 4 << 20;
+const LIST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A connected remote.
 pub struct Remote {
@@ -164,27 +170,95 @@ impl Remote {
         ObjectPath::from(self.config.key(rest))
     }
 
+    /// Reads `key` (or `range` of it), refusing more than `cap` bytes as they come: sizes
+    /// come from the remote, which may lie (object_store's own collecting reserves what a
+    /// Content-Length says, and 10^18 aborted velo). `Ok(None)`: no such key.
+    async fn read_capped(
+        &self,
+        key: &ObjectPath,
+        range: Option<std::ops::Range<u64>>,
+        cap: u64,
+    ) -> Result<Option<Vec<u8>>> {
+        use futures::StreamExt;
+        let request = |e| RemoteError::Request {
+            what: "reading",
+            key: key.to_string(),
+            source: e,
+        };
+        let options = object_store::GetOptions {
+            range: range.map(object_store::GetRange::Bounded),
+            ..object_store::GetOptions::default()
+        };
+        let got = match self.client.get_opts(key, options).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(request(e)),
+        };
+        let mut stream = got.into_stream();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(request)?;
+            if out.len() as u64 + chunk.len() as u64 > cap {
+                return Err(RemoteError::Corrupt {
+                    key: key.to_string(),
+                    why: format!("longer than the {cap} bytes it may be"),
+                });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Some(out))
+    }
+
+    /// Every key under `prefix`, within bounds: keys that are no valid path (another
+    /// tool's) are skipped, a listing that never ends is an error.
+    async fn list_keys(&self, prefix: &ObjectPath) -> Result<Vec<object_store::ObjectMeta>> {
+        use futures::StreamExt;
+        let mut stream = self.client.list(Some(prefix));
+        let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.next()).await;
+            let bounded = |why: String| RemoteError::Corrupt {
+                key: prefix.to_string(),
+                why,
+            };
+            match next {
+                Err(_) => {
+                    return Err(bounded(format!(
+                        "its listing did not end within {} s",
+                        LIST_TIMEOUT.as_secs()
+                    )))
+                }
+                Ok(None) => return Ok(out),
+                Ok(Some(Err(object_store::Error::InvalidPath { source }))) => {
+                    tracing::warn!("listing {prefix}: skipped a key that is no path ({source})");
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(RemoteError::Request {
+                        what: "listing",
+                        key: prefix.to_string(),
+                        source: e,
+                    })
+                }
+                Ok(Some(Ok(meta))) => {
+                    out.push(meta);
+                    if out.len() > MAX_LISTED {
+                        return Err(bounded(format!("more than {MAX_LISTED} keys")));
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads a published root: its tree. `Ok(None)` if there is no such root.
     pub fn root(&self, name: &str) -> Result<Option<velo_core::Hash>> {
         velo_store::validate_root_name(name)?;
         let key = self.key(&format!("roots/{name}"));
-        let got = self.runtime.block_on(async {
-            match self.client.get(&key).await {
-                Ok(got) => got.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        let bytes = match got {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                return Err(RemoteError::Request {
-                    what: "reading root",
-                    key: key.to_string(),
-                    source: e,
-                })
-            }
+        let Some(bytes) = self
+            .runtime
+            .block_on(self.read_capped(&key, None, MAX_ROOT_RECORD))?
+        else {
+            return Ok(None);
         };
         let record: PublishedRoot =
             serde_json::from_slice(&bytes).map_err(|e| RemoteError::Corrupt {
@@ -203,16 +277,8 @@ impl Remote {
 
     /// The roots published on the remote: (name, tree), by name.
     pub fn roots(&self) -> Result<Vec<(String, String)>> {
-        use futures::TryStreamExt;
         let prefix = self.key("roots/");
-        let metas: Vec<_> = self
-            .runtime
-            .block_on(self.client.list(Some(&prefix)).try_collect::<Vec<_>>())
-            .map_err(|e| RemoteError::Request {
-                what: "listing",
-                key: prefix.to_string(),
-                source: e,
-            })?;
+        let metas = self.runtime.block_on(self.list_keys(&prefix))?;
         let mut out = Vec::new();
         for meta in metas {
             // Right below roots/ only (another remote's prefix may lie below this one's).

@@ -24,6 +24,8 @@ const MAGIC: &[u8; 8] = b"VELOPIDX";
 const VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 4 + 8;
 const ENTRY: usize = 1 + 32 + 8 + 8;
+/// The longest an index can be.
+pub const MAX_INDEX_BYTES: u64 = (HEADER + ENTRY * MAX_ENTRIES as usize) as u64;
 
 /// What an object is: its hash is computed differently for each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

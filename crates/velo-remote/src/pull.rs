@@ -18,6 +18,8 @@ use crate::{Remote, RemoteError, Result, PARALLEL};
 
 /// The largest tree object a pull accepts (a directory of about a million entries).
 const MAX_TREE: u64 = 256 << 20;
+/// Objects of a pack at most this far apart are read with one request.
+const COALESCE_GAP: u64 = 1 << 20;
 
 /// What a pull did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -67,7 +69,17 @@ impl Remote {
         let mut seen = HashSet::new();
         let mut level = vec![root];
         let mut files: Vec<(Hash, u64, bool)> = Vec::new();
+        let mut depth = 0;
         while !level.is_empty() {
+            depth += 1;
+            // As an import refuses it: a tree deeper than a tree may be (and a remote that
+            // makes a pull one request round per level for as long as it likes).
+            if depth > velo_core::MAX_DEPTH {
+                return Err(RemoteError::Corrupt {
+                    key: format!("{}: tree {root}", self.config.url()),
+                    why: format!("deeper than {} levels", velo_core::MAX_DEPTH),
+                });
+            }
             let mut next = Vec::new();
             let mut wanted = Vec::new();
             for hash in level {
@@ -255,49 +267,45 @@ impl Remote {
             Some(p) => self.key(&format!("packs/{}.pack", index.packs[p])),
             None => self.key(&format!("objects/{}", items[0].0.hash.to_hex())),
         };
-        let request = |e| RemoteError::Request {
-            what: "reading",
-            key: key.to_string(),
-            source: e,
-        };
-        let bodies: Vec<bytes::Bytes> = match pack {
+        let gone = || RemoteError::Missing(format!("{key}: listed, then gone"));
+        let bodies: Vec<Vec<u8>> = match pack {
             Some(_) => {
-                let ranges: Vec<std::ops::Range<u64>> = items
-                    .iter()
-                    .filter(|(_, _, len)| *len > 0)
-                    .map(|(_, offset, len)| *offset..offset + len)
-                    .collect();
-                let mut got = if ranges.is_empty() {
-                    Vec::new()
-                } else {
-                    self.client
-                        .get_ranges(&key, &ranges)
-                        .await
-                        .map_err(request)?
-                }
-                .into_iter();
-                items
-                    .iter()
-                    .map(|(_, _, len)| {
-                        if *len == 0 {
-                            bytes::Bytes::new()
-                        } else {
-                            got.next().unwrap_or_default()
+                // Ranges close together are read as one (fewer requests); each read is
+                // capped at what was asked, and sliced only after its length is checked.
+                let mut order: Vec<usize> = (0..items.len()).collect();
+                order.sort_by_key(|&i| items[i].1);
+                let mut bodies = vec![Vec::new(); items.len()];
+                let mut at = 0;
+                while at < order.len() {
+                    let start = items[order[at]].1;
+                    let mut end = start + items[order[at]].2;
+                    let mut last = at + 1;
+                    while last < order.len() && items[order[last]].1 <= end + COALESCE_GAP {
+                        end = end.max(items[order[last]].1 + items[order[last]].2);
+                        last += 1;
+                    }
+                    if end > start {
+                        let got = self
+                            .read_capped(&key, Some(start..end), end - start)
+                            .await?
+                            .ok_or_else(gone)?;
+                        for &i in &order[at..last] {
+                            let (_, offset, len) = items[i];
+                            let from = (offset - start) as usize;
+                            if let Some(slice) = got.get(from..from + len as usize) {
+                                bodies[i] = slice.to_vec();
+                            } else if let Some(tail) = got.get(from..) {
+                                bodies[i] = tail.to_vec();
+                            }
                         }
-                    })
-                    .collect()
+                    }
+                    at = last;
+                }
+                bodies
             }
             None => {
-                let got = self.client.get(&key).await.map_err(request)?;
-                if let Some(size) = items[0].0.size {
-                    if got.meta.size != size {
-                        return Err(RemoteError::Corrupt {
-                            key: key.to_string(),
-                            why: format!("{} bytes where its tree says {size}", got.meta.size),
-                        });
-                    }
-                }
-                vec![got.bytes().await.map_err(request)?]
+                let size = items[0].0.size.unwrap_or(0);
+                vec![self.read_capped(&key, None, size).await?.ok_or_else(gone)?]
             }
         };
         let mut out = Vec::with_capacity(items.len());
@@ -324,7 +332,7 @@ impl Remote {
                     ),
                 });
             }
-            out.push((f.hash, body.to_vec()));
+            out.push((f.hash, body));
         }
         Ok(out)
     }
