@@ -538,7 +538,20 @@ fn init_logging() {
         Ok(v) if !v.is_empty() && v != "0" => "debug".to_string(),
         _ => "warn".to_string(),
     };
-    let filter = tracing_subscriber::EnvFilter::new(format!("warn,velo={level},velo_cli={level},velo_store={level},velo_ingest={level},velo_core={level}"));
+    let crates = [
+        "velo",
+        "velo_cli",
+        "velo_store",
+        "velo_ingest",
+        "velo_core",
+        "velo_project",
+        "velo_view",
+        "velo_fuse",
+        "velo_workspace",
+        "velo_remote",
+    ];
+    let directives: Vec<String> = crates.iter().map(|c| format!("{c}={level}")).collect();
+    let filter = tracing_subscriber::EnvFilter::new(format!("warn,{}", directives.join(",")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
