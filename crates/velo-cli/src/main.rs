@@ -982,10 +982,14 @@ fn man_page(command: Option<&str>) -> anyhow::Result<ExitCode> {
 /// Reports a failed command on stderr and, under `--json` (which promises one JSON
 /// document on stdout), as `{"error": {"message", "exit_code"}}` on stdout too.
 fn report_error(ctx: &Ctx, error: &anyhow::Error, code: u8) -> ExitCode {
-    note!("velo: error: {error:#}");
+    let mut message = format!("{error:#}");
+    if let Some(hint) = remote::missing_blob_hint(ctx, error) {
+        message = format!("{message}\n  ({hint})");
+    }
+    note!("velo: error: {message}");
     if ctx.json {
         let _ = fmt::try_print_json(&serde_json::json!({
-            "error": { "message": format!("{error:#}"), "exit_code": code }
+            "error": { "message": message, "exit_code": code }
         }));
     }
     ExitCode::from(code)

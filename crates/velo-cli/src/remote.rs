@@ -281,15 +281,13 @@ impl velo_fuse::BlobFetcher for LazyBlobs {
             if self.store.has_blob(&hash) {
                 return Ok(());
             }
-            let bytes = self
-                .remote
-                .fetch_blob(&self.index, hash, size, FETCH_TIMEOUT)?;
+            // Verified as it streams into a staged file (never held whole in memory).
+            let staged =
+                self.remote
+                    .fetch_blob(&self.store, &self.index, hash, size, FETCH_TIMEOUT)?;
             // A writer of the store: gc's sweep waits for it, and it for the sweep.
             let _lock = self.store.lock_shared()?;
-            let (stored, _) = self.store.insert_blob(&bytes)?;
-            if stored != hash {
-                bail!("blob {hash}: the remote's bytes hash to {stored}");
-            }
+            self.store.commit_blob(staged, &hash)?;
             Ok(())
         })();
         self.in_flight
@@ -305,4 +303,44 @@ impl velo_fuse::BlobFetcher for LazyBlobs {
             std::io::Error::other(format!("{e:#}"))
         })
     }
+}
+
+/// For an error that a blob is missing from the store: the roots that were fetched from
+/// a remote only in part (`velo mount --remote` fetches blobs as they are read), which
+/// is the likely cause, and the pull that fetches the rest. `None` when no partial root
+/// came from a remote.
+pub(crate) fn missing_blob_hint(ctx: &Ctx, error: &anyhow::Error) -> Option<String> {
+    // By its words: layers between (`#[error(transparent)]`) hide the store's error from
+    // a downcast.
+    let missing_blob = error.chain().any(|e| {
+        let text = e.to_string();
+        text.starts_with("blob ") && text.contains(" is missing from the store")
+    });
+    if !missing_blob {
+        return None;
+    }
+    let store = velo_store::Store::open(&ctx.store_path).ok()?;
+    let remotes = velo_remote::list_remotes(&store).unwrap_or_default();
+    let hints: Vec<String> = store
+        .roots()
+        .ok()?
+        .into_iter()
+        .filter(|r| r.partial)
+        .filter_map(|r| {
+            let source = r.source.as_deref()?;
+            let (url, what) = source.rsplit_once("/roots/")?;
+            let local = r.name.clone().unwrap_or_else(|| r.root.clone());
+            Some(match remotes.iter().find(|c| c.url() == url) {
+                Some(remote) => format!("`velo pull {} {what}` (root {local})", remote.name),
+                None => format!("`velo pull REMOTE {what}` with a remote of {url} (root {local})"),
+            })
+        })
+        .take(3)
+        .collect();
+    (!hints.is_empty()).then(|| {
+        format!(
+            "roots here were fetched from a remote only in part (blobs come on first read in `velo mount --remote`); fetch the rest with {}",
+            hints.join(", or ")
+        )
+    })
 }

@@ -39,6 +39,16 @@ fn python(script: &str) -> Command {
     cmd
 }
 
+/// A child process killed when dropped (a failed assertion must not leave it running).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An S3 server on loopback, stopped when dropped.
 struct S3 {
     child: Child,
@@ -483,6 +493,10 @@ fn a_mount_with_a_remote_fetches_each_file_on_first_read() {
         "fetched ones stay"
     );
     drop(mounted);
+    // What was never read is not in the store: a checkout says which pull fetches it.
+    let copy = other.path("copy");
+    let said = other.fails(&["checkout", "app", copy.to_str().unwrap(), "--mode", "copy"]);
+    assert!(said.contains("`velo pull r app`"), "{said}");
     other.fsck_ok();
 }
 
@@ -549,4 +563,182 @@ fn remotes_whose_prefixes_nest_keep_to_their_own_objects() {
         &s3.endpoint,
     ]);
     assert!(said.contains("letters, digits"), "{said}");
+}
+
+/// A server that redirects every request to another host (which records what reaches
+/// it), and one that refuses every request with a long answer full of terminal escape
+/// sequences: velo follows no redirect (a session token never reaches the other host),
+/// and quotes a server's words bounded and printable. Needs only python3.
+#[test]
+fn redirects_are_refused_and_a_servers_words_are_quoted_tidily() {
+    let env = Env::new();
+    let record = env.path("reached");
+    let (redirecting, recording, loud) = (free_port(), free_port(), free_port());
+    let script = format!(
+        r#"
+import http.server, socketserver, threading
+class Recording(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def answer(self):
+        with open({record:?}, "a") as f:
+            f.write(self.requestline + "\n" + str(self.headers) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+class Redirecting(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def answer(self):
+        self.send_response(307)
+        self.send_header("Location", "http://127.0.0.1:{recording}" + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+class Loud(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def answer(self):
+        body = (b"\x1b[2J\x1b]0;owned\x07<Error>\r\n" + b"DENIED " * 20000)
+        self.send_response(403)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+for port, handler in (({recording}, Recording), ({redirecting}, Redirecting), ({loud}, Loud)):
+    threading.Thread(target=S(("127.0.0.1", port), handler).serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#
+    );
+    let mut servers = KillOnDrop(
+        Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(servers.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let velo = |args: &[&str]| {
+        env.cmd()
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "velo-test")
+            .env("AWS_SECRET_ACCESS_KEY", "velo-test-secret")
+            .env("AWS_SESSION_TOKEN", "the-session-token")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap()
+    };
+    for (name, port) in [("moved", redirecting), ("loud", loud)] {
+        let endpoint = format!("http://127.0.0.1:{port}");
+        env.ok(&[
+            "remote",
+            "add",
+            name,
+            "s3://bucket/p",
+            "--endpoint",
+            &endpoint,
+        ]);
+    }
+    let moved = velo(&["pull", "moved", "app"]);
+    let loud_pull = velo(&["pull", "loud", "app"]);
+    drop(servers);
+    assert!(!moved.status.success());
+    let said = String::from_utf8_lossy(&moved.stderr);
+    assert!(
+        said.contains("307") && said.contains("no redirect"),
+        "{said}"
+    );
+    let reached = fs::read_to_string(&record).unwrap_or_default();
+    assert!(
+        !reached.contains("the-session-token") && reached.is_empty(),
+        "a redirect was followed to another host:\n{reached}"
+    );
+    assert!(!loud_pull.status.success());
+    let said = String::from_utf8_lossy(&loud_pull.stderr);
+    assert!(said.contains("403"), "{said}");
+    assert!(said.contains("DENIED"), "{said}");
+    assert!(
+        !said.contains(['\x1b', '\x07', '\r']),
+        "control characters reached the terminal: {said:?}"
+    );
+    assert!(said.len() < 2000, "{} bytes of error: {said}", said.len());
+}
+
+/// Blobs of 4 MiB or more are streamed to a staged file as they arrive (a tree may say a
+/// blob is terabytes long): packed ones by their range, loose ones whole. A corrupt or
+/// truncated large blob is refused like any other, and leaves nothing staged behind.
+#[test]
+fn large_blobs_stream_into_the_store_and_bad_ones_leave_nothing() {
+    let Some(s3) = S3::start() else { return };
+    s3.bucket("big");
+    let env = Env::new();
+    let packed: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let loose: Vec<u8> = (0..(9u32 << 20)).map(|i| (i % 241) as u8).collect();
+    common::ingest_files(
+        &env,
+        "app",
+        &[
+            ("packed.bin", &packed),
+            ("loose.bin", &loose),
+            ("small", b"s\n"),
+        ],
+    );
+    add_remote(&env, "r", "s3://big", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    let other = Env::new();
+    add_remote(&other, "r", "s3://big", &s3.endpoint);
+    other.ok(&["status"]);
+    let before = objects(&other.store);
+    let object = s3
+        .keys("big", "objects/")
+        .pop()
+        .expect("the 9 MiB blob is stored alone");
+    let staged_files = |store: &Path| fs::read_dir(store.join("tmp")).unwrap().count();
+    let good = other.path("good");
+    fs::write(&good, &loose).unwrap();
+    for (how, change, want) in [
+        ("flipped", "b = bytearray(b); b[-1] ^= 1", "hash to"),
+        ("cut", "b = b[:len(b) // 2]", "truncated"),
+    ] {
+        s3.boto(&format!(
+            "b = open({good:?}, 'rb').read()\n{change}\ns3.put_object(Bucket='big', Key='{object}', Body=bytes(b))"
+        ));
+        let said = other.fails(&["pull", "r", "app"]);
+        assert!(
+            said.contains(&object) && said.contains(want),
+            "{how}: {said}"
+        );
+        assert_eq!(objects(&other.store), before, "{how}: the store changed");
+        assert_eq!(staged_files(&other.store), 0, "{how}: a staged file stayed");
+    }
+    s3.boto(&format!(
+        "s3.put_object(Bucket='big', Key='{object}', Body=open({good:?}, 'rb').read())"
+    ));
+    other.ok(&["pull", "r", "app"]);
+    assert_eq!(other.run(&["cat", "app", "packed.bin"]).stdout, packed);
+    let copy = other.path("copy");
+    other.ok(&["checkout", "app", copy.to_str().unwrap(), "--mode", "copy"]);
+    assert_eq!(fs::read(copy.join("packed.bin")).unwrap(), packed);
+    assert_eq!(fs::read(copy.join("loose.bin")).unwrap(), loose);
+    other.fsck_ok();
+    // Read lazily through a mount: streamed the same way, one blob at a time.
+    if !common::fuse_available() {
+        return;
+    }
+    let third = Env::new();
+    add_remote(&third, "r", "s3://big", &s3.endpoint);
+    let at = third.path("mnt");
+    fs::create_dir_all(&at).unwrap();
+    let mounted = common::mount_with(&third, "app", &at, &["--remote", "r"]);
+    assert_eq!(fs::read(at.join("loose.bin")).unwrap(), loose);
+    assert_eq!(fs::read(at.join("packed.bin")).unwrap(), packed);
+    drop(mounted);
+    assert_eq!(staged_files(&third.store), 0);
+    third.fsck_ok();
 }

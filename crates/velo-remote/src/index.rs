@@ -10,6 +10,10 @@ use velo_core::Hash;
 use crate::pack::{Kind, PackIndex};
 use crate::{Remote, RemoteError, Result, PARALLEL};
 
+/// The most objects the indexes of one remote may name (about 1.5 GiB of memory, and
+/// 200 kernel trees' worth of distinct files).
+const MAX_OBJECTS: usize = 16 << 20;
+
 /// Where an object is on the remote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Location {
@@ -87,7 +91,9 @@ impl Remote {
             .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect();
         let _ = std::fs::create_dir_all(&cache);
-        let loaded: Vec<(String, Vec<u8>)> = self.runtime.block_on(
+        // Each index is decoded into the map as it arrives: at most PARALLEL raw indexes
+        // are held at once, and the map is bounded by MAX_OBJECTS.
+        let mut index = self.runtime.block_on(
             futures::stream::iter(ids.into_iter().map(|id| {
                 let cached = cache.join(format!("{id}.idx"));
                 async move {
@@ -122,25 +128,34 @@ impl Remote {
                 }
             }))
             .buffer_unordered(PARALLEL)
-            .try_collect(),
+            .try_fold(RemoteIndex::default(), |mut index, (id, bytes)| async move {
+                let key = || self.key(&format!("packs/{id}.idx")).to_string();
+                let decoded = PackIndex::decode(&bytes).map_err(|e| RemoteError::Corrupt {
+                    key: key(),
+                    why: e.to_string(),
+                })?;
+                drop(bytes);
+                if index.objects.len() + decoded.entries.len() > MAX_OBJECTS {
+                    return Err(RemoteError::Corrupt {
+                        key: key(),
+                        why: format!(
+                            "the remote's indexes name more than {MAX_OBJECTS} objects, more than velo holds in memory; push to a new prefix"
+                        ),
+                    });
+                }
+                let pack = index.packs.len();
+                index.packs.push(id);
+                for e in decoded.entries {
+                    index.objects.entry(e.hash).or_insert(Location::Packed {
+                        pack,
+                        kind: e.kind,
+                        offset: e.offset,
+                        len: e.len,
+                    });
+                }
+                Ok(index)
+            }),
         )?;
-        let mut index = RemoteIndex::default();
-        for (id, bytes) in loaded {
-            let decoded = PackIndex::decode(&bytes).map_err(|e| RemoteError::Corrupt {
-                key: self.key(&format!("packs/{id}.idx")).to_string(),
-                why: e.to_string(),
-            })?;
-            let pack = index.packs.len();
-            index.packs.push(id);
-            for e in decoded.entries {
-                index.objects.entry(e.hash).or_insert(Location::Packed {
-                    pack,
-                    kind: e.kind,
-                    offset: e.offset,
-                    len: e.len,
-                });
-            }
-        }
         for meta in loose.iter().filter(|m| directly_in(m, &objects_prefix)) {
             if let Some(hash) = meta
                 .location

@@ -46,15 +46,14 @@ pub enum RemoteError {
     #[error("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give them in ~/.aws/credentials (profile from AWS_PROFILE, else [default])")]
     NoCredentials,
     /// The object storage refused or failed a request (after retries).
-    #[error("{what} {key}: {source}")]
+    #[error("{what} {key}: {why}")]
     Request {
         /// What was being done.
         what: &'static str,
         /// The object's key.
         key: String,
-        /// Why it failed.
-        #[source]
-        source: object_store::Error,
+        /// Why it failed, as [`tidy`] words it (the server's answer, bounded and printable).
+        why: String,
     },
     /// An object on the remote is not what its name says.
     #[error("remote object {key}: {why}; nothing of it entered the store")]
@@ -85,6 +84,57 @@ pub enum RemoteError {
 
 /// Results of this crate.
 pub type Result<T> = std::result::Result<T, RemoteError>;
+
+impl RemoteError {
+    /// A failed request, its error worded by [`tidy`].
+    fn request(what: &'static str, key: &ObjectPath, error: object_store::Error) -> RemoteError {
+        let mut why = tidy(&error);
+        if why.contains("status code: 30") {
+            why.push_str(" (velo follows no redirect: check the remote's --endpoint and --region)");
+        }
+        RemoteError::Request {
+            what,
+            key: key.to_string(),
+            why,
+        }
+    }
+}
+
+/// The longest a server's words may run in one of velo's messages.
+const MAX_QUOTED: usize = 400;
+
+/// An error of the object storage, for a terminal: its chain of causes without the
+/// repetitions (object_store's messages repeat their sources'), the server's answer cut
+/// to [`MAX_QUOTED`] characters, and control characters (a hostile server's escape
+/// sequences, its XML's newlines) shown as spaces.
+pub fn tidy(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        // A cause already quoted by the message above it adds nothing.
+        if !parts.iter().any(|p| p.contains(text.as_str())) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    let joined = parts.join(": ");
+    let mut out = String::with_capacity(joined.len().min(MAX_QUOTED + 3));
+    let mut last_space = false;
+    for c in joined.chars() {
+        if out.len() >= MAX_QUOTED {
+            out.push('…');
+            break;
+        }
+        let c = if c.is_control() { ' ' } else { c };
+        if c == ' ' && last_space {
+            continue;
+        }
+        last_space = c == ' ';
+        out.push(c);
+    }
+    out.trim_end().to_string()
+}
 
 /// Requests in flight at once.
 const PARALLEL: usize = 8;
@@ -131,11 +181,11 @@ impl Remote {
                 max_retries: 8,
                 retry_timeout: Duration::from_secs(120),
             })
-            .with_client_options(
-                object_store::ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(300)),
-            );
+            .with_http_connector(NoRedirects {
+                allow_http: endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            });
         if let Some(token) = &creds.token {
             builder = builder.with_token(token);
         }
@@ -179,12 +229,27 @@ impl Remote {
         range: Option<std::ops::Range<u64>>,
         cap: u64,
     ) -> Result<Option<Vec<u8>>> {
+        let mut out = Vec::new();
+        let found = self
+            .read_each(key, range, cap, &mut |chunk| {
+                out.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok(found.map(|_| out))
+    }
+
+    /// Reads `key` (or `range` of it) a chunk at a time into `each`, refusing more than
+    /// `cap` bytes as they come. Returns how many bytes came; `Ok(None)`: no such key.
+    async fn read_each(
+        &self,
+        key: &ObjectPath,
+        range: Option<std::ops::Range<u64>>,
+        cap: u64,
+        each: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<Option<u64>> {
         use futures::StreamExt;
-        let request = |e| RemoteError::Request {
-            what: "reading",
-            key: key.to_string(),
-            source: e,
-        };
+        let request = |e| RemoteError::request("reading", key, e);
         let options = object_store::GetOptions {
             range: range.map(object_store::GetRange::Bounded),
             ..object_store::GetOptions::default()
@@ -195,18 +260,19 @@ impl Remote {
             Err(e) => return Err(request(e)),
         };
         let mut stream = got.into_stream();
-        let mut out = Vec::new();
+        let mut read = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(request)?;
-            if out.len() as u64 + chunk.len() as u64 > cap {
+            read += chunk.len() as u64;
+            if read > cap {
                 return Err(RemoteError::Corrupt {
                     key: key.to_string(),
                     why: format!("longer than the {cap} bytes it may be"),
                 });
             }
-            out.extend_from_slice(&chunk);
+            each(&chunk)?;
         }
-        Ok(Some(out))
+        Ok(Some(read))
     }
 
     /// Every key under `prefix`, within bounds: keys that are no valid path (another
@@ -231,15 +297,12 @@ impl Remote {
                 }
                 Ok(None) => return Ok(out),
                 Ok(Some(Err(object_store::Error::InvalidPath { source }))) => {
-                    tracing::warn!("listing {prefix}: skipped a key that is no path ({source})");
+                    tracing::warn!(
+                        "listing {prefix}: skipped a key that is no path ({})",
+                        tidy(&source)
+                    );
                 }
-                Ok(Some(Err(e))) => {
-                    return Err(RemoteError::Request {
-                        what: "listing",
-                        key: prefix.to_string(),
-                        source: e,
-                    })
-                }
+                Ok(Some(Err(e))) => return Err(RemoteError::request("listing", prefix, e)),
                 Ok(Some(Ok(meta))) => {
                     out.push(meta);
                     if out.len() > MAX_LISTED {
@@ -308,10 +371,84 @@ impl Remote {
     }
 }
 
+/// The HTTP client of every remote: reqwest, as object_store builds it, except that a
+/// redirect is an error rather than followed. reqwest drops `Authorization` when it
+/// follows one to another host but keeps `x-amz-security-token`, so a session token
+/// would reach whatever host a server (or whoever answers for it) names; S3 itself never
+/// redirects a well-addressed request.
+#[derive(Debug)]
+struct NoRedirects {
+    allow_http: bool,
+}
+
+impl object_store::client::HttpConnector for NoRedirects {
+    fn connect(
+        &self,
+        _: &object_store::ClientOptions,
+    ) -> object_store::Result<object_store::client::HttpClient> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("velo/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(300))
+            .https_only(!self.allow_http)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(object_store::client::HttpClient::new(client))
+    }
+}
+
 /// `roots/<name>` on the remote.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PublishedRoot {
     v: u32,
     root: String,
     pushed_unix: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tidy;
+
+    #[derive(Debug)]
+    struct Layer(String, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn a_servers_words_are_quoted_once_printable_and_bounded() {
+        let body = format!(
+            "\x1b[2J\x1b]0;owned\x07<Error>\r\n{}",
+            "DENIED ".repeat(1000)
+        );
+        let inner = Layer(format!("403 Forbidden: {body}"), None);
+        let outer = Layer(
+            format!("reading p/roots/app: 403 Forbidden: {body}"),
+            Some(Box::new(inner)),
+        );
+        let said = tidy(&outer);
+        assert!(!said.contains(|c: char| c.is_control()), "{said:?}");
+        assert_eq!(said.matches("403 Forbidden").count(), 1, "{said}");
+        assert!(said.chars().count() <= 401, "{}", said.len());
+        assert!(said.ends_with('…'));
+        // A short cause that adds something is kept.
+        let chained = Layer(
+            "connecting".into(),
+            Some(Box::new(Layer("refused".into(), None))),
+        );
+        assert_eq!(tidy(&chained), "connecting: refused");
+    }
 }

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use futures::{StreamExt, TryStreamExt};
 use velo_core::{EntryKind, Hash, Tree};
-use velo_store::{Batch, Store};
+use velo_store::{Batch, Staged, Store};
 
 use crate::index::{Location, RemoteIndex};
 use crate::pack::Kind;
@@ -20,6 +20,17 @@ use crate::{Remote, RemoteError, Result, PARALLEL};
 const MAX_TREE: u64 = 256 << 20;
 /// Objects of a pack at most this far apart are read with one request.
 const COALESCE_GAP: u64 = 1 << 20;
+/// The most one such request may span (what it holds in memory at once).
+const MAX_COALESCED: u64 = 32 << 20;
+/// Blobs at least this large are streamed into a staged file as they arrive, never held
+/// in memory whole (the tree may say a blob is terabytes long).
+const STREAM_FROM: u64 = 4 << 20;
+
+/// A fetched object, verified: its bytes, or a large blob's staged file.
+pub(crate) enum Got<'s> {
+    Bytes(Vec<u8>),
+    Staged(Staged<'s>),
+}
 
 /// What a pull did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -97,7 +108,7 @@ impl Remote {
                     });
                 }
             }
-            for (hash, bytes) in self.fetch_all(&index, &wanted)? {
+            for (hash, bytes) in self.fetch_trees(store, &index, &wanted)? {
                 let tree = Tree::decode(&bytes).map_err(|e| RemoteError::Corrupt {
                     key: self.where_is(&index, &hash),
                     why: format!("tree {hash} does not decode ({e})"),
@@ -123,7 +134,7 @@ impl Remote {
                 .collect();
             let wanted: HashMap<Hash, ()> = missing.iter().map(|f| (f.hash, ())).collect();
             let forms = velo_store::first_forms(&fetched, root, &wanted);
-            self.fetch_blobs(&index, &missing, &batch, &forms)?;
+            self.fetch_blobs(store, &index, &missing, &batch, &forms)?;
             report.blobs = missing.len() as u64;
             report.bytes = missing.iter().filter_map(|f| f.size).sum();
         }
@@ -144,42 +155,64 @@ impl Remote {
         }
     }
 
-    /// Fetches and verifies `wanted` (whole objects in memory): (hash, bytes).
-    fn fetch_all(&self, index: &RemoteIndex, wanted: &[Fetch]) -> Result<Vec<(Hash, Vec<u8>)>> {
+    /// Fetches and verifies trees `wanted`: (hash, bytes).
+    fn fetch_trees(
+        &self,
+        store: &Store,
+        index: &RemoteIndex,
+        wanted: &[Fetch],
+    ) -> Result<Vec<(Hash, Vec<u8>)>> {
         let groups = self.group(index, wanted)?;
+        let trees = std::sync::Mutex::new(Vec::new());
+        let keep = |hash: Hash, got: Got<'_>| {
+            if let Got::Bytes(bytes) = got {
+                trees
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((hash, bytes));
+            }
+            Ok(())
+        };
         self.runtime.block_on(
             futures::stream::iter(
                 groups
                     .into_iter()
-                    .map(|(pack, items)| self.fetch_group(index, pack, items)),
+                    .map(|(pack, items)| self.fetch_group(store, index, pack, items, &keep)),
             )
             .buffer_unordered(PARALLEL)
-            .try_fold(Vec::new(), |mut all, got| async move {
-                all.extend(got);
-                Ok(all)
-            }),
-        )
+            .try_collect::<Vec<()>>(),
+        )?;
+        Ok(trees.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Fetches blobs into the batch, a pack's worth at a time.
+    /// Fetches blobs into the batch as they come.
     fn fetch_blobs(
         &self,
+        store: &Store,
         index: &RemoteIndex,
         wanted: &[Fetch],
         batch: &Batch<'_>,
         forms: &HashMap<Hash, velo_store::BlobForm>,
     ) -> Result<()> {
         let groups = self.group(index, wanted)?;
-        self.runtime.block_on(
-            futures::stream::iter(groups.into_iter().map(|(pack, items)| async move {
-                let got = self.fetch_group(index, pack, items).await?;
-                for (hash, bytes) in got {
-                    batch.insert_blob(&hash, forms.get(&hash).copied(), &mut |f| {
-                        f.write_all(&bytes)
-                    })?;
+        let insert = |hash: Hash, got: Got<'_>| {
+            let form = forms.get(&hash).copied();
+            match got {
+                Got::Bytes(bytes) => {
+                    batch.insert_blob(&hash, form, &mut |f| f.write_all(&bytes))?;
                 }
-                Ok::<(), RemoteError>(())
-            }))
+                Got::Staged(staged) => {
+                    batch.insert_staged_blob(staged, &hash, form)?;
+                }
+            }
+            Ok(())
+        };
+        self.runtime.block_on(
+            futures::stream::iter(
+                groups
+                    .into_iter()
+                    .map(|(pack, items)| self.fetch_group(store, index, pack, items, &insert)),
+            )
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<()>>(),
         )?;
@@ -256,85 +289,161 @@ impl Remote {
         Ok(out)
     }
 
-    /// Fetches one group and verifies each object against its hash.
-    async fn fetch_group(
+    /// Fetches one group, verifies each object against its hash and hands it to `sink`
+    /// as it comes: small objects of a pack by coalesced ranged reads, large blobs (and
+    /// loose ones) each streamed on its own.
+    async fn fetch_group<'s>(
         &self,
+        store: &'s Store,
         index: &RemoteIndex,
         pack: Option<usize>,
         items: Vec<(Fetch, u64, u64)>,
-    ) -> Result<Vec<(Hash, Vec<u8>)>> {
+        sink: &dyn Fn(Hash, Got<'s>) -> Result<()>,
+    ) -> Result<()> {
         let key = match pack {
             Some(p) => self.key(&format!("packs/{}.pack", index.packs[p])),
             None => self.key(&format!("objects/{}", items[0].0.hash.to_hex())),
         };
-        let gone = || RemoteError::Missing(format!("{key}: listed, then gone"));
-        let bodies: Vec<Vec<u8>> = match pack {
-            Some(_) => {
-                // Ranges close together are read as one (fewer requests); each read is
-                // capped at what was asked, and sliced only after its length is checked.
-                let mut order: Vec<usize> = (0..items.len()).collect();
-                order.sort_by_key(|&i| items[i].1);
-                let mut bodies = vec![Vec::new(); items.len()];
-                let mut at = 0;
-                while at < order.len() {
-                    let start = items[order[at]].1;
-                    let mut end = start + items[order[at]].2;
-                    let mut last = at + 1;
-                    while last < order.len() && items[order[last]].1 <= end + COALESCE_GAP {
-                        end = end.max(items[order[last]].1 + items[order[last]].2);
-                        last += 1;
-                    }
-                    if end > start {
-                        let got = self
-                            .read_capped(&key, Some(start..end), end - start)
-                            .await?
-                            .ok_or_else(gone)?;
-                        for &i in &order[at..last] {
-                            let (_, offset, len) = items[i];
-                            let from = (offset - start) as usize;
-                            if let Some(slice) = got.get(from..from + len as usize) {
-                                bodies[i] = slice.to_vec();
-                            } else if let Some(tail) = got.get(from..) {
-                                bodies[i] = tail.to_vec();
-                            }
-                        }
-                    }
-                    at = last;
-                }
-                bodies
-            }
-            None => {
-                let size = items[0].0.size.unwrap_or(0);
-                vec![self.read_capped(&key, None, size).await?.ok_or_else(gone)?]
-            }
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for ((f, offset, len), body) in items.iter().zip(bodies) {
-            if body.len() as u64 != *len {
-                return Err(RemoteError::Corrupt {
-                    key: key.to_string(),
-                    why: format!(
-                        "{} bytes at {offset} where {len} were asked for ({} {}): truncated",
-                        body.len(),
-                        f.kind.label(),
-                        f.hash
-                    ),
-                });
-            }
-            let actual = f.kind.hash(&body);
-            if actual != f.hash {
-                return Err(RemoteError::Corrupt {
-                    key: key.to_string(),
-                    why: format!(
-                        "the bytes of {} {} hash to {actual}",
-                        f.kind.label(),
-                        f.hash
-                    ),
-                });
-            }
-            out.push((f.hash, body));
+        let (large, mut small): (Vec<_>, Vec<_>) = items.into_iter().partition(|(f, _, len)| {
+            pack.is_none() || (f.kind == Kind::Blob && *len >= STREAM_FROM)
+        });
+        for (f, offset, len) in large {
+            let range = pack.map(|_| offset..offset + len);
+            let got = if len >= STREAM_FROM {
+                Got::Staged(self.stream_blob(store, &key, range, &f, len).await?)
+            } else {
+                let body = self
+                    .read_capped(&key, range, len)
+                    .await?
+                    .ok_or_else(|| gone(&key))?;
+                verify(&key, &f, offset, len, &body)?;
+                Got::Bytes(body)
+            };
+            sink(f.hash, got)?;
         }
-        Ok(out)
+        // Ranges close together are read as one (fewer requests, within MAX_COALESCED);
+        // each read is capped at what was asked, and sliced only after its length is
+        // checked.
+        small.sort_by_key(|&(_, offset, _)| offset);
+        let mut at = 0;
+        while at < small.len() {
+            let start = small[at].1;
+            let mut end = start + small[at].2;
+            let mut last = at + 1;
+            while let Some(&(_, offset, len)) = small.get(last) {
+                let reach = end.max(offset + len);
+                if offset > end + COALESCE_GAP || reach - start > MAX_COALESCED {
+                    break;
+                }
+                end = reach;
+                last += 1;
+            }
+            let got = if end > start {
+                self.read_capped(&key, Some(start..end), end - start)
+                    .await?
+                    .ok_or_else(|| gone(&key))?
+            } else {
+                Vec::new()
+            };
+            for &(f, offset, len) in &small[at..last] {
+                let from = (offset - start) as usize;
+                let body = got
+                    .get(from..from + len as usize)
+                    .or_else(|| got.get(from..))
+                    .unwrap_or_default();
+                verify(&key, &f, offset, len, body)?;
+                sink(f.hash, Got::Bytes(body.to_vec()))?;
+            }
+            at = last;
+        }
+        Ok(())
+    }
+
+    /// Streams blob `f` (`len` bytes: `range` of `key`, or all of it) into a staged file,
+    /// hashing as it comes; the file once its length and hash are checked.
+    async fn stream_blob<'s>(
+        &self,
+        store: &'s Store,
+        key: &object_store::path::Path,
+        range: Option<std::ops::Range<u64>>,
+        f: &Fetch,
+        len: u64,
+    ) -> Result<Staged<'s>> {
+        let mut staged = store.stage()?;
+        let mut hasher = blake3::Hasher::new();
+        let staging = store.root().join("tmp");
+        let file = staged.file();
+        let read = self
+            .read_each(key, range.clone(), len, &mut |chunk| {
+                hasher.update(chunk);
+                file.write_all(chunk).map_err(|source| RemoteError::Io {
+                    what: "staging a fetched blob in",
+                    path: staging.display().to_string(),
+                    source,
+                })
+            })
+            .await?
+            .ok_or_else(|| gone(key))?;
+        let offset = range.map_or(0, |r| r.start);
+        if read != len {
+            return Err(truncated(key, f, offset, len, read));
+        }
+        let actual = Hash(*hasher.finalize().as_bytes());
+        if actual != f.hash {
+            return Err(mismatched(key, f, actual));
+        }
+        Ok(staged)
+    }
+}
+
+/// An object the index listed is not there.
+fn gone(key: &object_store::path::Path) -> RemoteError {
+    RemoteError::Missing(format!("{key}: listed, then gone"))
+}
+
+/// Checks a fetched object's length and hash.
+fn verify(
+    key: &object_store::path::Path,
+    f: &Fetch,
+    offset: u64,
+    len: u64,
+    body: &[u8],
+) -> Result<()> {
+    if body.len() as u64 != len {
+        return Err(truncated(key, f, offset, len, body.len() as u64));
+    }
+    let actual = f.kind.hash(body);
+    if actual != f.hash {
+        return Err(mismatched(key, f, actual));
+    }
+    Ok(())
+}
+
+fn truncated(
+    key: &object_store::path::Path,
+    f: &Fetch,
+    offset: u64,
+    len: u64,
+    got: u64,
+) -> RemoteError {
+    RemoteError::Corrupt {
+        key: key.to_string(),
+        why: format!(
+            "{got} bytes at {offset} where {len} were asked for ({} {}): truncated",
+            f.kind.label(),
+            f.hash
+        ),
+    }
+}
+
+fn mismatched(key: &object_store::path::Path, f: &Fetch, actual: Hash) -> RemoteError {
+    RemoteError::Corrupt {
+        key: key.to_string(),
+        why: format!(
+            "the bytes of {} {} hash to {actual}",
+            f.kind.label(),
+            f.hash
+        ),
     }
 }
 
@@ -350,14 +459,16 @@ fn collect(tree: &Tree, dirs: &mut Vec<Hash>, files: &mut Vec<(Hash, u64, bool)>
 }
 
 impl Remote {
-    /// One blob's bytes, verified, within `timeout` (a reader waits no longer).
-    pub fn fetch_blob(
+    /// One blob, verified and staged in `store` (the caller commits it), within
+    /// `timeout` (a reader waits no longer).
+    pub fn fetch_blob<'s>(
         &self,
+        store: &'s Store,
         index: &RemoteIndex,
         hash: Hash,
         size: u64,
         timeout: std::time::Duration,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Staged<'s>> {
         let wanted = [Fetch {
             hash,
             kind: Kind::Blob,
@@ -365,10 +476,15 @@ impl Remote {
         }];
         let mut groups = self.group(index, &wanted)?;
         let (pack, items) = groups.pop().expect("one object, one group");
-        let got = self
-            .runtime
+        let got = std::sync::Mutex::new(None);
+        let keep = |_: Hash, one: Got<'s>| {
+            *got.lock().unwrap_or_else(|e| e.into_inner()) = Some(one);
+            Ok(())
+        };
+        self.runtime
             .block_on(async {
-                tokio::time::timeout(timeout, self.fetch_group(index, pack, items)).await
+                tokio::time::timeout(timeout, self.fetch_group(store, index, pack, items, &keep))
+                    .await
             })
             .map_err(|_| {
                 RemoteError::Missing(format!(
@@ -377,10 +493,21 @@ impl Remote {
                     timeout.as_secs()
                 ))
             })??;
-        Ok(got
-            .into_iter()
-            .next()
-            .map(|(_, bytes)| bytes)
-            .unwrap_or_default())
+        match got.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Got::Staged(staged)) => Ok(staged),
+            Some(Got::Bytes(bytes)) => {
+                let mut staged = store.stage()?;
+                staged
+                    .file()
+                    .write_all(&bytes)
+                    .map_err(|source| RemoteError::Io {
+                        what: "staging a fetched blob in",
+                        path: store.root().join("tmp").display().to_string(),
+                        source,
+                    })?;
+                Ok(staged)
+            }
+            None => Err(gone(&self.key(&format!("objects/{}", hash.to_hex())))),
+        }
     }
 }

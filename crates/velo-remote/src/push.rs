@@ -138,11 +138,7 @@ impl Remote {
             let bytes = serde_json::to_vec(&record).expect("a record serialises");
             self.runtime
                 .block_on(self.client.put(&key, bytes.into()))
-                .map_err(|e| RemoteError::Request {
-                    what: "publishing root",
-                    key: key.to_string(),
-                    source: e,
-                })?;
+                .map_err(|e| RemoteError::request("publishing root", &key, e))?;
             report.roots.push((name.clone(), root.to_hex()));
         }
         Ok(report)
@@ -171,11 +167,7 @@ impl Remote {
             self.client
                 .put(&key, bytes.into())
                 .await
-                .map_err(|e| RemoteError::Request {
-                    what,
-                    key: key.to_string(),
-                    source: e,
-                })?;
+                .map_err(|e| RemoteError::request(what, &key, e))?;
         }
         Ok(())
     }
@@ -187,10 +179,7 @@ impl Remote {
         let failed = |e: std::io::Error| RemoteError::Request {
             what: "writing",
             key: key.to_string(),
-            source: object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            },
+            why: crate::tidy(&e),
         };
         let mut file = store.open_blob(&w.hash)?;
         let mut writer = object_store::buffered::BufWriter::with_capacity(
