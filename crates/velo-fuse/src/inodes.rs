@@ -18,7 +18,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use fuser::{Errno, FileType};
 use rustix::fs::{AtFlags, OFlags, Stat};
@@ -127,14 +128,12 @@ pub(crate) struct Namespace {
     pub upper: Option<Upper>,
     /// `<store>/blobs`.
     pub blobs: std::path::PathBuf,
-    /// Blob files open for reads, by node: a bounded cache shared by every open of a
-    /// node, so a warm `cat` costs the server no `open(2)` (and many readers at once do
-    /// not run it out of descriptors).
-    pub blob_files: std::sync::Mutex<HashMap<u32, std::sync::Arc<File>>>,
+    /// Its share of the process's descriptor cache: blob files open for reads by node
+    /// (shared by every open of a node, so a warm `cat` costs the server no `open(2)`),
+    /// upper directories by inode (see [`Namespace::dir_of`]) and upper files by inode.
+    pub fds: FdCache,
     /// Where tree entries' extended attributes come from (the store's tree objects).
     pub tree_xattrs: Option<Box<crate::TreeXattrs>>,
-    /// Open upper directories by inode (see [`Namespace::dir_of`]).
-    pub dir_fds: std::sync::Mutex<HashMap<u64, Arc<OwnedFd>>>,
     /// Where this namespace's inode numbers start: tree node `i` is `base + i + 1`.
     pub base: u64,
     /// The view is a lower index of this host directory (a workspace's `--lower`): file
@@ -147,11 +146,125 @@ pub(crate) struct Namespace {
 /// Extended attributes as (name, value) pairs, ascending by name.
 pub(crate) type XattrPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Upper directories kept open at most.
-const OPEN_DIRS: usize = 4096;
+/// What the descriptor cache keeps, in one namespace.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum FdKey {
+    /// An upper directory, by inode.
+    Dir(u64),
+    /// A blob (or a host lower's file), by tree node.
+    Blob(u32),
+    /// An upper file, by inode (see `TreeFs::open_inode_file`).
+    File(u64),
+}
 
-/// Blob files kept open at most.
-const OPEN_BLOBS: usize = 1024;
+#[derive(Clone)]
+enum Cached {
+    Dir(Arc<OwnedFd>),
+    File(Arc<File>),
+}
+
+/// The descriptors kept open by the caches of every namespace of the process (a
+/// workspace server has one per branch): (namespace, key) → (descriptor, last use).
+/// One bound for all of them, so however many branches are used the server keeps
+/// descriptors for the files programs hold, the requests in flight and its connections.
+struct Fds {
+    entries: HashMap<(u64, FdKey), (Cached, u64)>,
+    clock: u64,
+}
+
+static FDS: LazyLock<Mutex<Fds>> = LazyLock::new(|| {
+    Mutex::new(Fds {
+        entries: HashMap::new(),
+        clock: 0,
+    })
+});
+
+static NEXT_FD_CACHE: AtomicU64 = AtomicU64::new(0);
+
+/// Descriptors the caches keep at most, together: half the process's limit (read when
+/// the cache is full: the server raises its limit before it serves), at most 8,192.
+fn fd_cache_limit() -> usize {
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        Some(cur) => (cur / 2).clamp(16, 8192) as usize,
+        None => 8192,
+    }
+}
+
+fn fds() -> std::sync::MutexGuard<'static, Fds> {
+    FDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One namespace's share of the process's descriptor cache (least recently used
+/// first out, whichever namespace it belongs to). Its entries go with it.
+pub(crate) struct FdCache(u64);
+
+impl FdCache {
+    pub(crate) fn new() -> FdCache {
+        FdCache(NEXT_FD_CACHE.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn get(&self, key: FdKey) -> Option<Cached> {
+        let mut fds = fds();
+        fds.clock += 1;
+        let now = fds.clock;
+        let (fd, used) = fds.entries.get_mut(&(self.0, key))?;
+        *used = now;
+        Some(fd.clone())
+    }
+
+    pub(crate) fn dir(&self, key: FdKey) -> Option<Arc<OwnedFd>> {
+        match self.get(key)? {
+            Cached::Dir(fd) => Some(fd),
+            Cached::File(_) => None,
+        }
+    }
+
+    pub(crate) fn file(&self, key: FdKey) -> Option<Arc<File>> {
+        match self.get(key)? {
+            Cached::File(file) => Some(file),
+            Cached::Dir(_) => None,
+        }
+    }
+
+    fn keep(&self, key: FdKey, fd: Cached) {
+        let mut fds = fds();
+        let limit = fd_cache_limit();
+        if fds.entries.len() >= limit {
+            // The least recently used quarter goes (an open keeps its own Arc).
+            let mut uses: Vec<u64> = fds.entries.values().map(|(_, used)| *used).collect();
+            let (_, oldest, _) = uses.select_nth_unstable(limit / 4);
+            let oldest = *oldest;
+            fds.entries.retain(|_, (_, used)| *used > oldest);
+        }
+        fds.clock += 1;
+        let now = fds.clock;
+        fds.entries.insert((self.0, key), (fd, now));
+    }
+
+    pub(crate) fn keep_dir(&self, ino: u64, fd: Arc<OwnedFd>) {
+        self.keep(FdKey::Dir(ino), Cached::Dir(fd));
+    }
+
+    pub(crate) fn keep_file(&self, key: FdKey, file: Arc<File>) {
+        self.keep(key, Cached::File(file));
+    }
+
+    pub(crate) fn remove(&self, key: FdKey) {
+        fds().entries.remove(&(self.0, key));
+    }
+
+    /// The process is out of descriptors: every cache lets go of its own (requests
+    /// using one keep theirs).
+    pub(crate) fn clear_all() {
+        fds().entries.clear();
+    }
+}
+
+impl Drop for FdCache {
+    fn drop(&mut self) {
+        fds().entries.retain(|(cache, _), _| *cache != self.0);
+    }
+}
 
 impl Namespace {
     /// The root directory's inode.
@@ -194,14 +307,8 @@ impl Namespace {
     }
 
     /// A tree file's blob, from the cache or opened now.
-    pub(crate) fn cached_blob(&self, node: &Node) -> Result<std::sync::Arc<File>, Errno> {
-        let cached = self
-            .blob_files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&node.index)
-            .cloned();
-        if let Some(file) = cached {
+    pub(crate) fn cached_blob(&self, node: &Node) -> Result<Arc<File>, Errno> {
+        if let Some(file) = self.fds.file(FdKey::Blob(node.index)) {
             // A host lower's file is checked again each time: one changed in place since
             // must not be read on.
             if self.host_lower.is_some() {
@@ -209,13 +316,8 @@ impl Namespace {
             }
             return Ok(file);
         }
-        let file = std::sync::Arc::new(self.blob_file(node)?);
-        let mut cache = self.blob_files.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= OPEN_BLOBS {
-            // Dropped from the cache, not closed under a reader: each open holds its Arc.
-            cache.clear();
-        }
-        cache.insert(node.index, file.clone());
+        let file = Arc::new(self.blob_file(node)?);
+        self.fds.keep_file(FdKey::Blob(node.index), file.clone());
         Ok(file)
     }
 
@@ -350,10 +452,7 @@ impl Namespace {
                     || code == rustix::io::Errno::NFILE.raw_os_error() =>
             {
                 // Out of descriptors for now: readers holding cached ones keep theirs.
-                self.blob_files
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clear();
+                FdCache::clear_all();
                 Errno::EAGAIN
             }
             _ => {
@@ -474,14 +573,7 @@ impl Namespace {
     /// above it is renamed, and opening it costs no walk from the top (a copy-up or a
     /// create made several). Dropped when the directory is removed ([`Self::forget_dir`]).
     pub(crate) fn dir_of(&self, st: &State, ino: u64) -> Result<Arc<OwnedFd>, Errno> {
-        let cached = |ino: u64| {
-            self.dir_fds
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&ino)
-                .cloned()
-        };
-        if let Some(fd) = cached(ino) {
+        if let Some(fd) = self.fds.dir(FdKey::Dir(ino)) {
             return Ok(fd);
         }
         // Opened from the nearest open ancestor down, one name at a time: no path is
@@ -490,9 +582,11 @@ impl Namespace {
         let mut current = ino;
         let mut fd = loop {
             if current == self.root() {
-                break Arc::new(self.upper()?.dir(b"")?);
+                let fd = Arc::new(self.upper()?.dir(b"")?);
+                self.fds.keep_dir(current, fd.clone());
+                break fd;
             }
-            if let Some(fd) = cached(current) {
+            if let Some(fd) = self.fds.dir(FdKey::Dir(current)) {
                 break fd;
             }
             if below.len() > MAX_DEPTH {
@@ -502,11 +596,6 @@ impl Namespace {
             below.push((current, name));
             current = parent;
         };
-        let mut fds = self.dir_fds.lock().unwrap_or_else(|e| e.into_inner());
-        if fds.len() >= OPEN_DIRS {
-            fds.clear();
-        }
-        fds.insert(current, fd.clone());
         for (dir, name) in below.into_iter().rev() {
             let opened = rustix::fs::openat(
                 &*fd,
@@ -516,17 +605,14 @@ impl Namespace {
             )
             .map_err(errno)?;
             fd = Arc::new(opened);
-            fds.insert(dir, fd.clone());
+            self.fds.keep_dir(dir, fd.clone());
         }
         Ok(fd)
     }
 
     /// Directory `ino` is gone from the upper (removed, or replaced by a rename).
     pub(crate) fn forget_dir(&self, ino: u64) {
-        self.dir_fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ino);
+        self.fds.remove(FdKey::Dir(ino));
     }
 
     /// `ino`'s upper object as its parent's open directory and its name (the root: its

@@ -88,18 +88,11 @@ struct Opens {
     by_handle: HashMap<u64, Open>,
     /// Without passthrough the kernel sends no open or release for files (see
     /// `TreeFs::open`): its reads and writes come with no handle, and are served from
-    /// these (a bounded cache, but for files held after their last name went).
-    by_inode: HashMap<u64, InodeFile>,
+    /// upper files kept open by inode, in the descriptor cache (`FdKey::File`), but for
+    /// these: files whose last name went while the kernel still had them (they may be
+    /// open, so are kept until the kernel forgets them).
+    held: HashMap<u64, Arc<File>>,
     next: u64,
-}
-
-/// An upper file kept open for requests without a handle.
-struct InodeFile {
-    /// Read-write (read-only only for a file executed outside the mount).
-    file: Arc<File>,
-    /// Its last name is gone while the kernel still had it: it may be open, and so is
-    /// kept until the kernel forgets it.
-    held: bool,
 }
 
 /// Fetches blobs the store lacks (a mount with `--remote`): the server asks on a tree
@@ -131,9 +124,6 @@ pub struct TreeFs {
     passthrough: Arc<std::sync::atomic::AtomicBool>,
     /// The most levels of directories a tree holds (the top counts as one).
     max_depth: usize,
-    /// Upper files kept open by inode at most (besides held ones): a share of the
-    /// descriptors the server may open.
-    inode_files: usize,
     /// How long the kernel may keep the root's attributes and entries (see
     /// [`TreeFs::with_shared_top`]).
     top_ttl: Duration,
@@ -198,9 +188,8 @@ impl TreeFs {
                 view,
                 upper,
                 blobs: store.join("blobs"),
-                blob_files: Mutex::new(HashMap::new()),
+                fds: inodes::FdCache::new(),
                 tree_xattrs: None,
-                dir_fds: Mutex::new(HashMap::new()),
                 base: 0,
                 host_lower: None,
                 fetcher: None,
@@ -212,7 +201,7 @@ impl TreeFs {
             listings: Mutex::new(HashMap::new()),
             opens: Mutex::new(Opens {
                 by_handle: HashMap::new(),
-                by_inode: HashMap::new(),
+                held: HashMap::new(),
                 next: 1,
             }),
             gate: Arc::new(RwLock::new(())),
@@ -220,7 +209,6 @@ impl TreeFs {
             want_passthrough: false,
             passthrough: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             max_depth: usize::MAX,
-            inode_files: ops::INODE_FILES,
             top_ttl: TTL,
             ttl: TTL,
             hidden_top_name: None,
@@ -311,8 +299,8 @@ pub struct MountOptions {
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted. Blocks.
-pub fn serve(mut fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<(), FuseError> {
-    fs.inode_files = fs.inode_files.min(inode_file_limit());
+pub fn serve(fs: TreeFs, mountpoint: &Path, options: &MountOptions) -> Result<(), FuseError> {
+    raise_descriptor_limit();
     let read_only = fs.ns.upper.is_none();
     mount_and_serve(fs, read_only, mountpoint, options)
 }
@@ -324,14 +312,13 @@ pub fn serve_workspace(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<(), FuseError> {
-    fs.set_inode_files(inode_file_limit());
+    raise_descriptor_limit();
     mount_and_serve(fs, false, mountpoint, options)
 }
 
-/// Raises the server's descriptor limit as far as allowed, and returns how many upper
-/// files a server may keep open by inode: never more than an eighth of the descriptors,
-/// so creates and copy-ups still find one.
-fn inode_file_limit() -> usize {
+/// Raises the server's descriptor limit as far as allowed (its caches take a share of
+/// it: see `inodes::FdCache`).
+fn raise_descriptor_limit() {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if limit
         .maximum
@@ -344,10 +331,6 @@ fn inode_file_limit() -> usize {
                 maximum: limit.maximum,
             },
         );
-    }
-    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-        Some(cur) => ops::INODE_FILES.min((cur / 8).max(16) as usize),
-        None => ops::INODE_FILES,
     }
 }
 

@@ -19,7 +19,7 @@ use fuser::{
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use velo_view::Kind;
 
-use crate::inodes::{kind_of, kind_of_mode, CopyUp, State};
+use crate::inodes::{kind_of, kind_of_mode, CopyUp, FdKey, State};
 use crate::upper::{self, errno, io_errno};
 use crate::workspace::shown;
 use crate::{Open, TreeFs};
@@ -42,10 +42,6 @@ const NO_ENTRY: FileAttr = FileAttr {
     blksize: 0,
     flags: 0,
 };
-
-/// Upper files kept open by inode at most, besides those held after their last name
-/// went (see `TreeFs::open_inode_file`).
-pub(crate) const INODE_FILES: usize = 1024;
 
 /// One entry of a directory listing.
 pub(crate) struct DirEntry {
@@ -258,12 +254,11 @@ impl TreeFs {
 
     /// An open file of `ino`, if any handle has one.
     fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
-        let opens = self.opens();
-        if let Some(f) = opens.by_inode.get(&ino) {
-            return Some(f.file.clone());
+        if let Some(file) = self.kept_inode_file(ino) {
+            return Some(file);
         }
         // Never a blob: what this is asked for may change the file.
-        opens
+        self.opens()
             .by_handle
             .values()
             .find(|o| o.ino == ino && !o.from_tree)
@@ -708,7 +703,7 @@ impl TreeFs {
                 let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
                 let st = self.state();
                 let file = self.open_lending(&st, ino)?;
-                Ok(self.keep_inode_file(ino, file, false))
+                Ok(self.keep_inode_file(ino, Arc::new(file), false))
             }
             other => other,
         }
@@ -716,7 +711,10 @@ impl TreeFs {
 
     /// `ino`'s upper file if it is kept open by inode.
     fn kept_inode_file(&self, ino: u64) -> Option<Arc<File>> {
-        self.opens().by_inode.get(&ino).map(|f| f.file.clone())
+        if let Some(file) = self.opens().held.get(&ino) {
+            return Some(file.clone());
+        }
+        self.ns.fds.file(FdKey::File(ino))
     }
 
     /// `ino`'s file for a request without a handle, with the state held: kept or opened
@@ -731,9 +729,8 @@ impl TreeFs {
         writable: bool,
         held: bool,
     ) -> Result<Arc<File>, Errno> {
-        if let Some(f) = self.opens().by_inode.get_mut(&ino) {
-            f.held |= held;
-            return Ok(f.file.clone());
+        if let Some(file) = self.kept_inode_file(ino) {
+            return Ok(self.keep_inode_file(ino, file, held));
         }
         let info = self.ns.info(st, ino)?;
         if info.kind == FileType::Directory {
@@ -756,31 +753,26 @@ impl TreeFs {
             }
             other => other?,
         };
-        Ok(self.keep_inode_file(ino, file, held))
+        Ok(self.keep_inode_file(ino, Arc::new(file), held))
     }
 
     /// A tree file deleted while a program may have it open, copied up on its first
     /// change into a file with no name, kept as long as the kernel keeps the inode.
     fn copy_up_deleted(&self, st: &mut State, ino: u64) -> Result<Arc<File>, Errno> {
         let file = self.ns.copy_up_unlinked(st, ino)?;
-        Ok(self.keep_inode_file(ino, file, true))
+        Ok(self.keep_inode_file(ino, Arc::new(file), true))
     }
 
-    /// Keeps `file` as `ino`'s upper file (`held`: until the kernel forgets `ino`).
-    fn keep_inode_file(&self, ino: u64, file: File, held: bool) -> Arc<File> {
-        let file = Arc::new(file);
+    /// Keeps `file` as `ino`'s upper file: in the descriptor cache, or (`held`, or held
+    /// before) until the kernel forgets `ino`.
+    fn keep_inode_file(&self, ino: u64, file: Arc<File>, held: bool) -> Arc<File> {
         let mut opens = self.opens();
-        if opens.by_inode.len() >= self.inode_files {
-            opens.by_inode.retain(|_, f| f.held);
+        if held || opens.held.contains_key(&ino) {
+            opens.held.insert(ino, file.clone());
+            self.ns.fds.remove(FdKey::File(ino));
+        } else {
+            self.ns.fds.keep_file(FdKey::File(ino), file.clone());
         }
-        let held = held || opens.by_inode.get(&ino).is_some_and(|f| f.held);
-        opens.by_inode.insert(
-            ino,
-            crate::InodeFile {
-                file: file.clone(),
-                held,
-            },
-        );
         file
     }
 
@@ -1605,7 +1597,8 @@ impl Filesystem for TreeFs {
         Self::drop_lookups(&mut st, ino, nlookup);
         if st.inodes.get(&ino).is_none_or(|i| i.nlookup == 0) {
             // The kernel has no file of it open any more.
-            self.opens().by_inode.remove(&ino);
+            self.opens().held.remove(&ino);
+            self.ns.fds.remove(FdKey::File(ino));
         }
     }
 
@@ -2312,7 +2305,7 @@ impl Filesystem for TreeFs {
                 // Kept by inode like every file the kernel opened itself, with handle 0:
                 // kernels before 6.9 send no release for any file once opens are
                 // refused, so a handle would never be given back.
-                self.keep_inode_file(ino, file, false);
+                self.keep_inode_file(ino, Arc::new(file), false);
                 reply.created(
                     &self.entry_ttl(parent.into()),
                     &Self::stat_attr(ino, &s),

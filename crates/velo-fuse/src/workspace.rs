@@ -128,8 +128,6 @@ pub struct Branches {
 }
 
 struct Table {
-    /// Upper files each branch keeps open by inode at most (see `TreeFs::inode_files`).
-    inode_files: usize,
     by_slot: HashMap<u64, Arc<TreeFs>>,
     by_name: BTreeMap<String, u64>,
     next_slot: u64,
@@ -171,7 +169,6 @@ impl Branches {
         let slot = table.next_slot;
         table.next_slot += 1;
         let mut fs = fs.in_slot(slot);
-        fs.inode_files = fs.inode_files.min(table.inode_files);
         if self.bindable {
             // Its directories may have two kernel inodes (see the module's doc).
             fs = fs.with_shared_tree();
@@ -434,7 +431,6 @@ impl WorkspaceFs {
                 table: RwLock::new(Table {
                     by_slot,
                     by_name,
-                    inode_files: crate::ops::INODE_FILES,
                     next_slot: 1,
                     changed: SystemTime::now(),
                 }),
@@ -447,12 +443,6 @@ impl WorkspaceFs {
             }),
             top,
         }
-    }
-
-    /// Branches added from now on keep at most `n` upper files open by inode (the top
-    /// keeps the limit it was made with).
-    pub(crate) fn set_inode_files(&self, n: usize) {
-        self.branches.table_mut().inode_files = n;
     }
 
     /// The handle to add and remove branches while the server runs.
