@@ -103,3 +103,121 @@ fn many_branches_never_run_a_server_with_few_descriptors_out_of_them() {
     drop(mounted);
     env.fsck_ok();
 }
+
+fn sh(script: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", script]).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The shell words that run `velo` on this test's store and workspace `ws`.
+fn velo_in(env: &Env, ws: &Path) -> String {
+    format!(
+        "{} --store {} branch -w {}",
+        common::velo_bin().display(),
+        env.store.display(),
+        ws.display()
+    )
+}
+
+#[test]
+fn branch_exec_never_leaves_its_command_in_a_directory_of_another_branch() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace_with(&env, "t", "true", &[]);
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    in_ws(&env, &ws, &["branch", "create", "c"]);
+    fs::create_dir(at.join("only-main")).unwrap();
+    fs::write(at.join("only-main/f"), b"main's\n").unwrap();
+    fs::create_dir(branch_dir(&at, "c").join("only-c")).unwrap();
+    fs::write(branch_dir(&at, "c").join("only-c/f"), b"c's\n").unwrap();
+    // Started in a directory branch b does not have (main's, or c's): the command must
+    // not run on in that directory, reading and writing another branch as b.
+    for dir in [at.join("only-main"), branch_dir(&at, "c").join("only-c")] {
+        let out = Command::new(common::velo_bin())
+            .arg("--store")
+            .arg(&env.store)
+            .args(["branch", "-w", ws.to_str().unwrap(), "exec", "b", "--"])
+            .args(["sh", "-c", "cat f; echo leak > from-b"])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            !text(&out.stdout).contains("'s"),
+            "{}: read {}",
+            dir.display(),
+            text(&out.stdout)
+        );
+        assert!(!dir.join("from-b").exists(), "{}", dir.display());
+        assert!(!out.status.success(), "{}", dir.display());
+        assert!(
+            text(&out.stderr).contains("working directory"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // Started in a directory b has too (at the top, or under .velo/branches/b), it runs
+    // there, in b.
+    fs::write(branch_dir(&at, "b").join("f"), b"b's own\n").unwrap();
+    for dir in [at.clone(), branch_dir(&at, "b")] {
+        let out = Command::new(common::velo_bin())
+            .arg("--store")
+            .arg(&env.store)
+            .args(["branch", "-w", ws.to_str().unwrap(), "exec", "b", "--"])
+            .args(["sh", "-c", "cat f; pwd"])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&out.stdout),
+            format!("b's own\n{}\n", at.display()),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    drop(mounted);
+}
+
+#[test]
+fn a_directory_renamed_into_itself_through_two_views_changes_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(
+        &env,
+        "t",
+        &[("a/sub/x/gone", b"deleted\n"), ("a/keep", b"keep\n")],
+    );
+    let (ws, mounted) = workspace_with(&env, "t", "true", &["--bindable"]);
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "b"]);
+    let b = branch_dir(&at, "b");
+    fs::remove_file(b.join("a/sub/x/gone")).unwrap();
+    // Bound to b, the shell reaches b's `a` at the top (alias numbers) and its `a/sub/x`
+    // under .velo/branches/b: the kernel sees no ancestry between them.
+    let out = sh(&format!(
+        "{velo} bind b --pid $$ >/dev/null && python3 -c 'import os,sys; os.rename(sys.argv[1], sys.argv[2])' {at}/a {bx}",
+        velo = velo_in(&env, &ws),
+        at = at.display(),
+        bx = b.join("a/sub/x").display(),
+    ));
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("Invalid argument"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Nothing moved, and what b deleted stays deleted.
+    assert_eq!(fs::read(b.join("a/keep")).unwrap(), b"keep\n");
+    assert!(!b.join("a/sub/x/gone").exists());
+    assert_eq!(fs::read_dir(b.join("a/sub/x")).unwrap().count(), 0);
+    drop(mounted);
+    env.fsck_ok();
+}
