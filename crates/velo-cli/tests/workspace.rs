@@ -1775,3 +1775,114 @@ fn a_host_lower_with_non_utf8_names_seals_exactly_and_leaves_no_roots() {
     drop(mounted);
     env.fsck_ok();
 }
+
+/// Fills the file system at `dir` but `kib` KiB (what `df` says is free, after a sync).
+fn fill_leaving(dir: &Path, kib: u64) {
+    let path = dir.join("fill");
+    let _ = fs::remove_file(&path);
+    let _ = Command::new("sync").arg("-f").arg(dir).status();
+    let df = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let free: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df {}: {df:?}", dir.display()));
+    let mut left = free.saturating_sub(kib << 10);
+    let mut file = fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        match file.write(&chunk[..n]) {
+            Ok(0) => break,
+            Ok(n) => left -= n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    file.sync_all().unwrap();
+}
+
+/// The workspace roots (`ws.*`) the store lists.
+fn workspace_roots(env: &Env) -> Vec<String> {
+    env.json(&["roots"])["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .filter(|n| n.starts_with("ws."))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A workspace init or branch create that fails on a full disk leaves nothing: once the
+/// third red team found a half-made workspace directory (`init` again refused it as not
+/// empty, and a root kept its base for good) and a half-made branch listed as an
+/// interrupted create.
+#[test]
+fn an_init_or_a_branch_create_that_fails_on_a_full_disk_leaves_nothing() {
+    let env = Env::new();
+    let Some(disk) =
+        common::LoopMount::new("ext4", &env.path("disk.img"), &env.path("disk"), 16, &[])
+    else {
+        return;
+    };
+    let env = Env {
+        store: disk.point.join("store"),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let kept = disk.point.join("kept");
+    env.ok(&["workspace", "init", kept.to_str().unwrap(), "--from", "t"]);
+    let first = workspace_roots(&env);
+    let ws = disk.point.join("ws");
+    let (mut inits_failed, mut creates_failed) = (0, 0);
+    for kib in 0..16 {
+        fill_leaving(&disk.point, kib);
+        let out = env.run(&["workspace", "init", ws.to_str().unwrap(), "--from", "t"]);
+        if out.status.success() {
+            fs::remove_dir_all(&ws).unwrap();
+            for root in workspace_roots(&env) {
+                if !first.contains(&root) {
+                    env.ok(&["forget", "--force", &root]);
+                }
+            }
+        } else {
+            inits_failed += 1;
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !ws.exists() || fs::read_dir(&ws).unwrap().next().is_none(),
+                "{kib} KiB free: {said}: left {:?}",
+                common::listed_names(&ws)
+            );
+            assert_eq!(workspace_roots(&env), first, "{kib} KiB free: {said}");
+        }
+        let name = format!("b{kib}");
+        let out = env.run(&["branch", "-w", kept.to_str().unwrap(), "create", &name]);
+        if !out.status.success() {
+            creates_failed += 1;
+            let said = String::from_utf8_lossy(&out.stderr);
+            let listed = env.json(&["branch", "-w", kept.to_str().unwrap(), "list"]);
+            assert_eq!(
+                listed["unfinished"],
+                serde_json::json!([]),
+                "{kib} KiB free: {said}"
+            );
+            assert_eq!(workspace_roots(&env), first, "{kib} KiB free: {said}");
+        } else {
+            env.ok(&["branch", "-w", kept.to_str().unwrap(), "delete", &name]);
+        }
+    }
+    assert!(
+        inits_failed > 0 && creates_failed > 0,
+        "the disk never filled"
+    );
+    // With room again, the same init and create go through.
+    fs::remove_file(disk.point.join("fill")).unwrap();
+    env.ok(&["workspace", "init", ws.to_str().unwrap(), "--from", "t"]);
+    env.ok(&["branch", "-w", kept.to_str().unwrap(), "create", "b0"]);
+    env.fsck_ok();
+}

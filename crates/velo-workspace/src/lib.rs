@@ -221,9 +221,16 @@ impl Workspace {
     /// `store`, with branch [`TOP_BRANCH`].
     pub fn init(dir: &Path, store: &Store, base: Hash, mount: Option<&Path>) -> Result<Workspace> {
         let ws = Workspace::init_records(dir, store, mount)?;
-        ws.create_branch(store, TOP_BRANCH, base, None)?;
-        // Written last: a directory without it is no workspace, and init may run again.
-        write_record(&ws.dir.join("workspace.json"), &ws.config)?;
+        let made = ws
+            .create_branch(store, TOP_BRANCH, base, None)
+            // Written last: a directory without it is no workspace, and init may run again.
+            .and_then(|_| write_record(&ws.dir.join("workspace.json"), &ws.config));
+        if let Err(e) = made {
+            // A failure (a full disk) leaves nothing: not a half-made directory that a
+            // second init refuses as not empty, nor a root keeping the base.
+            let _ = ws.remove(store);
+            return Err(e);
+        }
         Ok(ws)
     }
 
@@ -260,7 +267,10 @@ impl Workspace {
         };
         for sub in ["branches", "snapshots"] {
             let path = dir.join(sub);
-            std::fs::create_dir(&path).map_err(io("creating", &path))?;
+            if let Err(e) = std::fs::create_dir(&path) {
+                let _ = remove_dir(&dir);
+                return Err(io("creating", &path)(e));
+            }
         }
         Ok(Workspace { dir, config })
     }
@@ -574,9 +584,6 @@ impl Workspace {
         if dir.exists() {
             remove_dir(&dir)?;
         }
-        private_dir(&dir)?;
-        private_dir(&dir.join("upper"))?;
-        self.register(store, "base", name, base, None)?;
         let record = BranchRecord {
             v: VERSION,
             name: name.to_string(),
@@ -585,7 +592,17 @@ impl Workspace {
             from: from.map(str::to_string),
             lower: false,
         };
-        write_record(&record_path, &record)?;
+        let made = private_dir(&dir)
+            .and_then(|()| private_dir(&dir.join("upper")))
+            .and_then(|()| self.register(store, "base", name, base, None))
+            .and_then(|()| write_record(&record_path, &record));
+        if let Err(e) = made {
+            // A create that fails (a full disk) leaves nothing; only one that is killed
+            // leaves what `unfinished_branches` lists.
+            let _ = remove_dir(&dir);
+            let _ = self.unregister(store, "base", name);
+            return Err(e);
+        }
         Ok(record)
     }
 
