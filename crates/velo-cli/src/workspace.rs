@@ -763,7 +763,9 @@ pub fn snapshot_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
                     s.id,
                     &s.tree[..16],
                     s.branch,
-                    s.message.as_deref().unwrap_or("")
+                    // A message is the user's text: a newline in it must not forge a
+                    // second line of the listing.
+                    crate::fmt::shown(s.message.as_deref().unwrap_or("").as_bytes())
                 );
             }
         },
@@ -782,7 +784,7 @@ pub fn snapshot_show(ctx: &Ctx, ws: &Workspace, id: &str) -> Result<ExitCode> {
             s.created_unix
         );
         if let Some(m) = &s.message {
-            out!("message  {m}");
+            out!("message  {}", crate::fmt::shown(m.as_bytes()));
         }
     })
 }

@@ -1886,3 +1886,28 @@ fn an_init_or_a_branch_create_that_fails_on_a_full_disk_leaves_nothing() {
     env.ok(&["branch", "-w", kept.to_str().unwrap(), "create", "b0"]);
     env.fsck_ok();
 }
+
+/// Odd inputs of the third red team that need no mount; what each once did is said at it.
+#[test]
+fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"1\n"), ("d/x", b"x\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    // A message's newline does not make a second line of the listing (it once did).
+    env.ok(&[
+        "snapshot",
+        "-w",
+        w,
+        "create",
+        "-m",
+        "one\n2\tforged\tmain\tline",
+    ]);
+    let list = env.ok(&["snapshot", "-w", w, "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains("one\\n2\\tforged"), "{list}");
+    let shown = env.ok(&["snapshot", "-w", w, "show", "1"]);
+    assert_eq!(shown.lines().count(), 5, "{shown}");
+    env.fsck_ok();
+}
