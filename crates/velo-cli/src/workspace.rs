@@ -147,7 +147,9 @@ pub fn tree_of(ws: &Workspace, store: &Store, spec: &str) -> Result<Hash> {
 
 fn print(ctx: &Ctx, value: Value, text: impl FnOnce()) -> Result<ExitCode> {
     if ctx.json {
-        crate::fmt::try_print_json(&value)?;
+        // As every command's output: a reader gone away ends velo quietly, another
+        // failure (`> /dev/full`) is said as a failed write of the output.
+        crate::fmt::print_json(&value);
     } else {
         text();
     }

@@ -1909,5 +1909,18 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
     assert!(list.contains("one\\n2\\tforged"), "{list}");
     let shown = env.ok(&["snapshot", "-w", w, "show", "1"]);
     assert_eq!(shown.lines().count(), 5, "{shown}");
+    // --json into a full stdout: said as a failed write of the output (once a bare "No
+    // space left on device").
+    let out = env
+        .cmd()
+        .args(["snapshot", "-w", w, "create", "--json"])
+        .stdout(fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("writing the output"),
+        "{said}"
+    );
     env.fsck_ok();
 }
