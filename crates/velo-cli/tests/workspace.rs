@@ -1922,5 +1922,13 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
         !out.status.success() && said.contains("writing the output"),
         "{said}"
     );
+    // A file where a branch directory would be: listed as left over, and removable (once
+    // neither `delete` nor `create` could remove it).
+    fs::write(ws.join("branches/stray"), b"").unwrap();
+    let listed = env.json(&["branch", "-w", w, "list"]);
+    assert_eq!(listed["unfinished"], serde_json::json!(["stray"]));
+    env.ok(&["branch", "-w", w, "delete", "stray"]);
+    fs::write(ws.join("branches/stray"), b"").unwrap();
+    env.ok(&["branch", "-w", w, "create", "stray"]);
     env.fsck_ok();
 }

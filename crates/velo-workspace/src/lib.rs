@@ -917,6 +917,10 @@ fn remove_dir(path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // A file where a branch's directory would be (put there by hand): it goes too.
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            std::fs::remove_file(path).map_err(io("removing", path))
+        }
         Err(e) => Err(io("removing", path)(e)),
     }
 }
