@@ -1930,5 +1930,41 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
     env.ok(&["branch", "-w", w, "delete", "stray"]);
     fs::write(ws.join("branches/stray"), b"").unwrap();
     env.ok(&["branch", "-w", w, "create", "stray"]);
+    // An apply that fails after writing some of its changes says why it failed (once a
+    // bare "creating PATH"). The branch's changes are written into its upper directly
+    // (no server runs).
+    env.ok(&["branch", "-w", w, "create", "b"]);
+    let upper = ws.join("branches/b/upper");
+    fs::write(upper.join("a"), b"2\n").unwrap();
+    fs::create_dir(upper.join("d")).unwrap();
+    fs::write(upper.join("d/z"), b"z\n").unwrap();
+    let host = env.path("host");
+    fs::create_dir_all(host.join("d")).unwrap();
+    fs::write(host.join("a"), b"1\n").unwrap();
+    fs::write(host.join("d/x"), b"x\n").unwrap();
+    // Nothing can be made in the host's d (a is written first).
+    let immutable = common::is_root()
+        && Command::new("chattr")
+            .arg("+i")
+            .arg(host.join("d"))
+            .status()
+            .is_ok_and(|s| s.success());
+    if !immutable {
+        fs::set_permissions(host.join("d"), fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let said = env.fails(&["branch", "-w", w, "apply", "b", host.to_str().unwrap()]);
+    if immutable {
+        let _ = Command::new("chattr")
+            .arg("-i")
+            .arg(host.join("d"))
+            .status();
+    } else {
+        fs::set_permissions(host.join("d"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(
+        said.contains("1 of 2 changes were written before this") && said.contains("os error"),
+        "{said}"
+    );
+    assert_eq!(fs::read(host.join("a")).unwrap(), b"2\n");
     env.fsck_ok();
 }

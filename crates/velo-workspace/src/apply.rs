@@ -300,8 +300,16 @@ pub fn apply(store: &Store, base: Hash, new: Hash, dir: &Path, force: bool) -> R
         if done == 0 {
             return Err(e);
         }
+        // The error's causes are named here, since it becomes a message of its own: a
+        // bare "replacing PATH" said nothing of why.
+        let mut cause = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            cause.push_str(&format!(": {inner}"));
+            source = inner.source();
+        }
         return Err(WorkspaceError::Refused(format!(
-            "{e}; {done} of {total} changes were written before this, the rest were not: fix the cause and apply again with --force (the paths already written now differ from the base)"
+            "{cause}; {done} of {total} changes were written before this, the rest were not: fix the cause and apply again with --force (the paths already written now differ from the base)"
         )));
     }
     Ok(report)
