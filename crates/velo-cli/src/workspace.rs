@@ -995,11 +995,14 @@ pub fn branch_apply(
             "written": shown(&report.written), "removed": shown(&report.removed),
         }),
         || {
+            // Escaped as `velo diff` shows paths: a name holding a newline must not
+            // forge a second line.
+            use std::os::unix::ffi::OsStrExt;
             for p in &report.removed {
-                out!("D {}", p.display());
+                out!("D {}", crate::fmt::shown(p.as_os_str().as_bytes()));
             }
             for p in &report.written {
-                out!("W {}", p.display());
+                out!("W {}", crate::fmt::shown(p.as_os_str().as_bytes()));
             }
             note!(
                 "velo: applied branch {name} to {}: {} written, {} removed",

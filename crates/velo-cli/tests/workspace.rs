@@ -1966,5 +1966,15 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
         "{said}"
     );
     assert_eq!(fs::read(host.join("a")).unwrap(), b"2\n");
+    // An applied name holding a newline is one line of the report, escaped as `velo
+    // diff` shows it (it once forged a second "W" line).
+    env.ok(&["branch", "-w", w, "create", "nl"]);
+    fs::write(ws.join("branches/nl/upper/x\nW forged"), b"n\n").unwrap();
+    let host = env.path("host-nl");
+    fs::create_dir_all(host.join("d")).unwrap();
+    fs::write(host.join("a"), b"1\n").unwrap();
+    fs::write(host.join("d/x"), b"x\n").unwrap();
+    let out = env.ok(&["branch", "-w", w, "apply", "nl", host.to_str().unwrap()]);
+    assert_eq!(out, "W x\\nW forged\n");
     env.fsck_ok();
 }
