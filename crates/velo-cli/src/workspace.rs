@@ -967,6 +967,21 @@ pub fn branch_apply(
     force: bool,
 ) -> Result<ExitCode> {
     let record = ws.branch(name)?;
+    // Never into velo's own files: with --force, a branch's `workspace.json` once
+    // replaced the workspace's record, and every later command failed.
+    let target = velo_store::resolve_existing(dir);
+    for (what, own) in [
+        ("the workspace's own directory", ws.dir()),
+        ("the workspace's store", ws.config().store.as_path()),
+    ] {
+        if target.starts_with(velo_store::resolve_existing(own)) {
+            bail!(
+                "{}: inside {what} {}; an apply writes a branch's changes into a checkout. Choose another directory",
+                dir.display(),
+                own.display()
+            );
+        }
+    }
     if let Some(lower) = &ws.config().lower {
         let (target, lower) = (
             velo_store::resolve_existing(dir),

@@ -1976,5 +1976,21 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
     fs::write(host.join("d/x"), b"x\n").unwrap();
     let out = env.ok(&["branch", "-w", w, "apply", "nl", host.to_str().unwrap()]);
     assert_eq!(out, "W x\\nW forged\n");
+    // Never into the workspace's own files or its store, even with --force (a branch's
+    // workspace.json once replaced the workspace's record).
+    fs::write(ws.join("branches/nl/upper/workspace.json"), b"{}").unwrap();
+    for (target, extra) in [(ws.clone(), "--force"), (env.store.join("tmp"), "--force")] {
+        let said = env.fails(&[
+            "branch",
+            "-w",
+            w,
+            "apply",
+            "nl",
+            target.to_str().unwrap(),
+            extra,
+        ]);
+        assert!(said.contains("inside the workspace's"), "{said}");
+    }
+    env.ok(&["branch", "-w", w, "list"]);
     env.fsck_ok();
 }
