@@ -1994,3 +1994,50 @@ fn odd_inputs_of_the_third_red_team_get_exact_output_and_clear_errors() {
     env.ok(&["branch", "-w", w, "list"]);
     env.fsck_ok();
 }
+
+/// A host file its user may not read, in a `--lower` workspace: a snapshot of main is
+/// refused while main shows it, naming it, and made once main deleted it (every snapshot
+/// of main once failed for good, deleted or not: the seal's ingest read the whole host).
+#[test]
+fn a_host_file_the_user_may_not_read_blocks_a_snapshot_only_while_main_shows_it() {
+    if !common::require(common::is_root(), "root (to become uid 65534 with setpriv)")
+        || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+    {
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("work");
+    fs::create_dir_all(&work).unwrap();
+    let chown = Command::new("chown")
+        .args(["65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let run = format!(
+        "set -e; w=\"$1\"; cd \"$w\"; v() {{ \"{}\" --store \"$w/store\" \"$@\"; }}; \
+         mkdir host; echo a > host/a; echo s > host/secret; chmod 000 host/secret; \
+         v workspace init ws --lower host 2>/dev/null; \
+         if v snapshot -w ws create >/dev/null 2>err; then echo sealed-while-shown; fi; \
+         grep -q 'secret: this user may not read it' err && echo said; \
+         mknod ws/branches/main/upper/secret c 0 0; \
+         tree=$(v snapshot -w ws create 2>/dev/null | cut -d' ' -f2); \
+         v ls \"$tree\"",
+        common::velo_bin().display()
+    );
+    let out = common::as_nobody()
+        .args(["/bin/sh", "-c", &run, "sh"])
+        .arg(&work)
+        .env_remove("VR_THE_SOURCE")
+        .env_remove("VELO_WORKSPACE")
+        .env("HOME", &work)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "said\na\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

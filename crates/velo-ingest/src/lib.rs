@@ -82,9 +82,12 @@ pub struct Skipped {
     /// Path relative to the ingested directory.
     pub path: String,
     /// Why: `socket`, `fifo`, `block device`, `character device`, `excluded`,
-    /// `the velo store itself`.
+    /// `the velo store itself`, [`UNREADABLE`].
     pub reason: &'static str,
 }
+
+/// The reason [`Skipped`] gives for what `skip_unreadable` left out.
+pub const UNREADABLE: &str = "unreadable (permission denied)";
 
 /// The summary of an ingest.
 #[derive(Clone, Debug)]

@@ -237,8 +237,7 @@ fn build_excludes(patterns: &[String]) -> Result<(GlobSet, GlobSet), IngestError
     Ok((build(paths)?, build(names)?))
 }
 
-/// The reason recorded for what `--skip-unreadable` left out.
-const UNREADABLE: &str = "unreadable (permission denied)";
+use crate::UNREADABLE;
 
 pub(crate) use velo_store::treeops::join;
 

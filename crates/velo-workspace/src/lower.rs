@@ -240,11 +240,31 @@ pub fn ingest_checked(
         dir,
         &velo_ingest::IngestOptions {
             no_register: true,
+            // What this user may not read is left out here, and refused below only
+            // where the branch shows it (a file main deleted need not be readable).
+            skip_unreadable: true,
             ..velo_ingest::IngestOptions::default()
         },
         &velo_ingest::Progress::default(),
     )
     .map_err(|e| WorkspaceError::Refused(format!("ingesting --lower {}: {e}", dir.display())))?;
+    for skipped in &report.skipped {
+        if skipped.reason != velo_ingest::UNREADABLE {
+            continue;
+        }
+        let path = Path::new(&skipped.path);
+        let hidden = path
+            .ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| matches!(upper_at(upper, a), Upper::Hides));
+        if !hidden {
+            return Err(WorkspaceError::Refused(format!(
+                "--lower {}: /{}: this user may not read it, and the branch shows it, so the branch cannot be sealed; make it readable, or delete it in the branch",
+                dir.display(),
+                path.as_os_str().as_bytes().escape_ascii()
+            )));
+        }
+    }
     if let Some(e) = check_files() {
         return Err(e);
     }
