@@ -89,6 +89,26 @@ fn is_empty_dir(path: &Path) -> bool {
     std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
 }
 
+/// Branch `name`'s upper, locked, for a command that found no server answering (see
+/// [`server`]): one may still run unreachable, serving a `branch exec` command that
+/// entered the branch before the mount point was unmounted, until that command ends.
+fn lock_upper(store: &Store, ws: &Workspace, name: &str) -> Result<(PathBuf, OwnedFd)> {
+    let upper = ws.upper_of(name);
+    velo_project::session::prepare_upper(store.root(), &upper).map_err(|e| {
+        let held = std::fs::File::open(&upper).is_ok_and(|dir| {
+            rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+        });
+        if held {
+            anyhow::anyhow!(
+                "branch {name}: its upper {} is in use and no server answers at the workspace's mount point: a server unmounted while a `velo branch exec` command was in the branch serves that command until it ends (or another velo command holds the upper). End it, or wait, and try again",
+                upper.display()
+            )
+        } else {
+            e.into()
+        }
+    })
+}
+
 /// The shared commit routine on a branch's upper: the tree it shows.
 fn commit_branch(store: &Store, base: Hash, upper: &Path) -> Result<CommitReport> {
     let report = velo_project::commit::commit_upper(
@@ -132,7 +152,7 @@ fn branch_commit(ws: &Workspace, store: &Store, name: &str) -> Result<CommitRepo
         return crate::control::report_of(&reply);
     }
     // No server: take the upper's lock, so a server started meanwhile waits.
-    let (path, _lock) = velo_project::session::prepare_upper(store.root(), &upper)?;
+    let (path, _lock) = lock_upper(store, ws, name)?;
     commit_branch(store, ws.base_tree(store, &record)?, &path)
 }
 
@@ -918,8 +938,7 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
         }
         None => {
             // No server: the upper's lock keeps one starting meanwhile off it.
-            let (_, _upper) =
-                velo_project::session::prepare_upper(store.root(), &ws.upper_of(name))?;
+            let (_, _upper) = lock_upper(&store, ws, name)?;
             ws.delete_branch(&store, name)?;
         }
     }
@@ -945,8 +964,7 @@ pub fn branch_reset(ctx: &Ctx, ws: &Workspace, name: &str, to: &str) -> Result<E
             ws.branch(name)?
         }
         None => {
-            let (_, _upper) =
-                velo_project::session::prepare_upper(store.root(), &ws.upper_of(name))?;
+            let (_, _upper) = lock_upper(&store, ws, name)?;
             ws.reset_branch(&store, name, tree, to)?
         }
     };

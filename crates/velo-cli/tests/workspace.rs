@@ -2041,3 +2041,71 @@ fn a_host_file_the_user_may_not_read_blocks_a_snapshot_only_while_main_shows_it(
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The mount point unmounted by hand while a `branch exec` command still runs in its
+/// view: the server keeps serving that command, and a snapshot meanwhile says so (it
+/// once said "another run is using this upper ... two overlays"), and goes through once
+/// the command ended.
+#[test]
+fn a_snapshot_while_an_unmounted_server_still_serves_a_branch_exec_says_so() {
+    if !fuse_available() || !common::require(can_unshare(), "mount namespaces (unshare)") {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "k"]);
+    fs::write(branch_dir(&at, "k").join("f"), b"k\n").unwrap();
+    let mut child = env
+        .cmd()
+        .args(["branch", "-w", ws.to_str().unwrap(), "exec", "k", "--"])
+        .args(["sh", "-c", "echo in; read _; true"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "in\n");
+    let tool = common::find_tool("fusermount3").unwrap_or_else(|| "umount".into());
+    let unmounted = Command::new(&tool).arg("-u").arg(&at).status().unwrap();
+    assert!(unmounted.success());
+    let said = env.fails(&[
+        "snapshot",
+        "-w",
+        ws.to_str().unwrap(),
+        "create",
+        "--branch",
+        "k",
+    ]);
+    assert!(said.contains("branch exec"), "{said}");
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    // The server ends with the command's view; then the snapshot is made without it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = env.run(&[
+            "snapshot",
+            "-w",
+            ws.to_str().unwrap(),
+            "create",
+            "--branch",
+            "k",
+        ]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(mounted);
+}
