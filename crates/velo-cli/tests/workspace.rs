@@ -2109,3 +2109,42 @@ fn a_snapshot_while_an_unmounted_server_still_serves_a_branch_exec_says_so() {
     }
     drop(mounted);
 }
+
+/// A copy of a workspace directory (`cp -a ws ws2`) has the original's id, and so its
+/// roots: a snapshot deleted in the copy once unregistered the original's, and gc freed a
+/// tree the original's snapshot still named. A copy is refused while the original is
+/// there; a moved workspace works.
+#[test]
+fn a_copied_workspace_is_refused_while_its_original_is_there_and_a_moved_one_works() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    // A change only the snapshot keeps (written into main's upper: no server runs).
+    fs::write(
+        ws.join("branches/main/upper/only"),
+        b"only in the snapshot\n",
+    )
+    .unwrap();
+    env.ok(&["snapshot", "-w", w, "create"]);
+    fs::remove_file(ws.join("branches/main/upper/only")).unwrap();
+    let copy = env.path("copy");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&ws)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let said = env.fails(&["snapshot", "-w", copy.to_str().unwrap(), "delete", "1"]);
+    assert!(said.contains("a copy of workspace"), "{said}");
+    env.ok(&["gc", "--run"]);
+    env.ok(&["branch", "-w", w, "create", "b", "--from", "1"]);
+    // Moved: the same workspace, at its new path.
+    let moved = env.path("moved");
+    fs::rename(&ws, &moved).unwrap();
+    let list = env.ok(&["snapshot", "-w", moved.to_str().unwrap(), "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    env.fsck_ok();
+}

@@ -106,6 +106,10 @@ pub struct Config {
     /// The host directory branch `main` shows (`init --lower`), indexed in `lower.idx`.
     #[serde(default)]
     pub lower: Option<PathBuf>,
+    /// Where the workspace was made: a directory found elsewhere while this one still
+    /// holds a workspace of the same id is a copy (records of older versions lack it).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `branches/NAME/branch.json`.
@@ -264,6 +268,7 @@ impl Workspace {
             mount: mount.map(Path::to_path_buf),
             bindable: false,
             lower: None,
+            dir: Some(dir.clone()),
         };
         for sub in ["branches", "snapshots"] {
             let path = dir.join(sub);
@@ -382,6 +387,19 @@ impl Workspace {
                 path,
                 why: format!("version {} (this velo reads {VERSION})", config.v),
             });
+        }
+        // A copy (`cp -a`) has the original's id, so its roots in the store: a snapshot
+        // deleted in one would be freed under the other. A move leaves no original.
+        if let Some(made_at) = config.dir.as_ref().filter(|d| **d != dir) {
+            let original = read_record::<Config>(&made_at.join("workspace.json"));
+            if original.is_ok_and(|o| o.id == config.id) {
+                return Err(WorkspaceError::Refused(format!(
+                    "{}: a copy of workspace {} (the same id, {}): the two would share their roots in the store, and what one deletes gc would free under the other. Work in the original, or make a new workspace from one of its snapshots (`velo workspace init DIR --from TREE`)",
+                    dir.display(),
+                    made_at.display(),
+                    config.id
+                )));
+            }
         }
         Ok(Workspace { dir, config })
     }
