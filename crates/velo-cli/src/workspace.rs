@@ -1239,20 +1239,18 @@ fn enter_view(source: &Path, target: &Path) -> Result<()> {
         .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
     if let Some(cwd) = cwd {
         // The working directory was the top branch's (or, below `source`, this branch's),
-        // if it was in the mount: it is entered again in this branch, or the command
-        // would run on in another branch's directory.
+        // if it was in the mount: it is entered again in this branch. One the view does
+        // not have is refused: the command would run on in another branch's directory.
         let cwd = match cwd.strip_prefix(source) {
             Ok(rest) => target.join(rest),
             Err(_) => cwd,
         };
         if let Err(e) = std::env::set_current_dir(&cwd) {
             if cwd.starts_with(target) {
-                return Err(e).with_context(|| {
-                    format!(
-                        "the working directory {} is not in this branch: start the command from a directory the branch has",
-                        cwd.display()
-                    )
-                });
+                bail!(
+                    "the working directory {} is not in this branch's view ({e}): it is a directory only another branch has, or another branch's own. `cd` to the mount point, or outside it, first",
+                    cwd.display()
+                );
             }
         }
     }

@@ -2148,3 +2148,42 @@ fn a_copied_workspace_is_refused_while_its_original_is_there_and_a_moved_one_wor
     assert_eq!(list.lines().count(), 1, "{list}");
     env.fsck_ok();
 }
+
+/// `branch exec` from a working directory the branch's view does not have (one only main
+/// has, or another branch's directory) is refused: the command once ran there, in the
+/// other branch, with `$VELO_BRANCH` naming this one.
+#[test]
+fn branch_exec_from_a_directory_the_branch_does_not_have_is_refused() {
+    if !fuse_available() || !common::require(can_unshare(), "mount namespaces (unshare)") {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let (ws, mounted) = workspace(&env, "t");
+    let at = mounted.at.clone();
+    in_ws(&env, &ws, &["branch", "create", "k"]);
+    in_ws(&env, &ws, &["branch", "create", "x"]);
+    fs::create_dir(at.join("only-main")).unwrap();
+    for cwd in [at.join("only-main"), branch_dir(&at, "x")] {
+        let out = env
+            .cmd()
+            .args(["branch", "-w", ws.to_str().unwrap(), "exec", "k", "--"])
+            .args(["sh", "-c", "echo made > here"])
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{}: {said}", cwd.display());
+        assert!(said.contains("working directory"), "{said}");
+        assert!(!cwd.join("here").exists(), "{}", cwd.display());
+    }
+    // From the mount point itself, or outside it, as before.
+    exec_in(
+        &env,
+        &ws,
+        "k",
+        &format!("cd {} && echo ok > here", at.display()),
+    );
+    assert!(branch_dir(&at, "k").join("here").exists());
+    drop(mounted);
+}
