@@ -502,11 +502,16 @@ impl WorkspaceServer {
     fn delete(&self, name: &str) -> Result<Value> {
         let _one = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let ws = Workspace::open(&self.dir)?;
-        ws.branch(name)?;
+        // A damaged record (never served) is deleted too.
+        match ws.branch(name) {
+            Ok(_) | Err(velo_workspace::WorkspaceError::BadRecord { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         self.retire_locked(name)?;
         let store = Store::open(&self.store_root)?;
         let _lock = store.lock_shared()?;
         ws.delete_branch(&store, name)?;
+        self.failed().remove(name);
         Ok(json!({ "deleted": name }))
     }
 
@@ -656,7 +661,14 @@ pub fn serve(dir: &Path, mountpoint: &Path) -> Result<ExitCode> {
         admin: Mutex::new(()),
     });
     server.served().insert(TOP_BRANCH.to_string(), top_served);
-    for record in ws.branches()? {
+    let (branches, damaged) = ws.branches_and_damage()?;
+    for name in damaged {
+        server.failed().insert(
+            name.clone(),
+            format!("its record branches/{name}/branch.json is damaged"),
+        );
+    }
+    for record in branches {
         if record.name != TOP_BRANCH {
             // One broken branch (its base tree gone, its upper damaged) keeps the others
             // from nothing; `velo workspace mount` reports it.
@@ -881,7 +893,12 @@ fn branch_path(mount: &Path, name: &str) -> PathBuf {
 
 /// `velo branch list`.
 pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
-    let list = ws.branches()?;
+    let (list, damaged) = ws.branches_and_damage()?;
+    for name in &damaged {
+        note!(
+            "velo: branch {name}: its record branches/{name}/branch.json is damaged (not listed; `velo branch delete {name}` removes the branch)"
+        );
+    }
     let unfinished = ws.unfinished_branches(&store_of(ws)?)?;
     let rows: Vec<Value> = list
         .iter()
@@ -894,7 +911,7 @@ pub fn branch_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
         .collect();
     print(
         ctx,
-        json!({ "branches": rows, "unfinished": unfinished }),
+        json!({ "branches": rows, "unfinished": unfinished, "damaged": damaged }),
         || {
             for name in &unfinished {
                 note!(
@@ -921,14 +938,20 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
     }
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
-    if let Err(e) = ws.branch(name) {
-        // Not a branch, but maybe what a killed delete of one left.
-        if ws.finish_delete(&store, name)? {
-            return print(ctx, json!({ "deleted": name }), || {
-                note!("velo: removed what an interrupted create or delete of branch {name} left")
-            });
+    match ws.branch(name) {
+        // A damaged record is deleted as a branch is (below).
+        Ok(_) | Err(velo_workspace::WorkspaceError::BadRecord { .. }) => {}
+        Err(e) => {
+            // Not a branch, but maybe what a killed delete of one left.
+            if ws.finish_delete(&store, name)? {
+                return print(ctx, json!({ "deleted": name }), || {
+                    note!(
+                        "velo: removed what an interrupted create or delete of branch {name} left"
+                    )
+                });
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
     }
     match server(ws) {
         Some(mut client) => {

@@ -2187,3 +2187,48 @@ fn branch_exec_from_a_directory_the_branch_does_not_have_is_refused() {
     assert!(branch_dir(&at, "k").join("here").exists());
     drop(mounted);
 }
+
+/// A damaged branch record (emptied by hand, or by a disk) hides no other branch and can
+/// be deleted: it once made `branch list` and `workspace mount` fail outright, and
+/// `branch delete` of it fail too, while `branch create` of its name said it exists.
+#[test]
+fn a_damaged_branch_record_hides_no_other_branch_and_can_be_deleted() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    env.ok(&["branch", "-w", w, "create", "good"]);
+    env.ok(&["branch", "-w", w, "create", "bad"]);
+    fs::write(ws.join("branches/bad/branch.json"), b"").unwrap();
+    let out = env.run(&["branch", "-w", w, "list", "--json"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("bad") && said.contains("damaged"), "{said}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["damaged"], serde_json::json!(["bad"]), "{list}");
+    assert_eq!(list["branches"].as_array().unwrap().len(), 2, "{list}");
+    if fuse_available() {
+        let at = env.path("mnt");
+        fs::create_dir_all(&at).unwrap();
+        let out = env.run(&["workspace", "mount", w, at.to_str().unwrap()]);
+        let mounted = Mounted {
+            env: &env,
+            at: at.clone(),
+        };
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("branch bad is not served"), "{said}");
+        assert_eq!(
+            fs::read(branch_dir(&at, "good").join("f")).unwrap(),
+            b"base\n"
+        );
+        env.ok(&["branch", "-w", w, "delete", "bad"]);
+        drop(mounted);
+    } else {
+        env.ok(&["branch", "-w", w, "delete", "bad"]);
+    }
+    assert!(!ws.join("branches/bad").exists());
+    env.ok(&["branch", "-w", w, "create", "bad"]);
+    env.fsck_ok();
+}

@@ -504,10 +504,17 @@ impl Workspace {
         remove_dir(&self.dir)
     }
 
-    /// Every branch, by name.
+    /// Every branch, by name (damaged records left out).
     pub fn branches(&self) -> Result<Vec<BranchRecord>> {
+        Ok(self.branches_and_damage()?.0)
+    }
+
+    /// Every branch, by name, and the names of branches whose record is damaged (a
+    /// damaged record hides nothing else; `delete_branch` removes it).
+    pub fn branches_and_damage(&self) -> Result<(Vec<BranchRecord>, Vec<String>)> {
         let dir = self.dir.join("branches");
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
             let entry = entry.map_err(io("listing", &dir))?;
             if entry.file_name().as_encoded_bytes().starts_with(b".") {
@@ -516,11 +523,15 @@ impl Workspace {
             }
             let record = entry.path().join("branch.json");
             if record.exists() {
-                out.push(read_record::<BranchRecord>(&record)?);
+                match read_record::<BranchRecord>(&record) {
+                    Ok(branch) => out.push(branch),
+                    Err(_) => damaged.push(entry.file_name().to_string_lossy().into_owned()),
+                }
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        damaged.sort();
+        Ok((out, damaged))
     }
 
     /// Names of branches a create or delete killed half-way left behind: a directory
@@ -628,7 +639,11 @@ impl Workspace {
     /// unless something else keeps it.
     pub fn delete_branch(&self, store: &Store, name: &str) -> Result<()> {
         let _lock = self.lock_branches()?;
-        self.branch(name)?;
+        // A damaged record is deleted too: nothing else could remove it.
+        match self.branch(name) {
+            Ok(_) | Err(WorkspaceError::BadRecord { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let dir = self.branch_dir(name);
         // The record goes first: a delete killed half-way leaves no listed branch.
         let record = dir.join("branch.json");
