@@ -746,8 +746,16 @@ pub fn snapshot_create(
     let committed = branch_commit(ws, &store, &branch)?;
     let record = ws.add_snapshot(&store, committed.root, &branch, message)?;
     let mut value = serde_json::to_value(&record)?;
-    value["setid_dropped"] = json!(committed.setid_dropped);
-    value["not_committed"] = json!(committed.not_committed);
+    // Paths as text (lossy where not UTF-8), as the server's reply has them: `json!` of
+    // a path that is not UTF-8 panics.
+    let lossy = |paths: &[PathBuf]| -> Vec<String> {
+        paths
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
+    };
+    value["setid_dropped"] = json!(lossy(&committed.setid_dropped));
+    value["not_committed"] = json!(lossy(&committed.not_committed));
     print(ctx, value, || {
         for p in &committed.setid_dropped {
             note!("velo: {}: setuid/setgid bits and file capabilities not kept (a file written in a branch cannot grant privileges)", p.display());

@@ -2232,3 +2232,34 @@ fn a_damaged_branch_record_hides_no_other_branch_and_can_be_deleted() {
     env.ok(&["branch", "-w", w, "create", "bad"]);
     env.fsck_ok();
 }
+
+/// A fifo whose name is not UTF-8, in a branch sealed without a server: the snapshot
+/// names it as not kept (it once panicked making the JSON of that list, after the
+/// snapshot was recorded).
+#[test]
+fn a_snapshot_names_a_fifo_whose_name_is_not_utf8_without_panicking() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    let fifo = ws
+        .join("branches/main/upper")
+        .join(std::ffi::OsStr::from_bytes(b"fifo\xff"));
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for json in [false, true] {
+        let mut args = vec!["snapshot", "-w", w, "create"];
+        args.extend(json.then_some("--json"));
+        let out = env.run(&args);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        if json {
+            let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(made["not_committed"], serde_json::json!(["fifo\u{fffd}"]));
+        } else {
+            assert!(said.contains("not kept"), "{said}");
+        }
+    }
+}
