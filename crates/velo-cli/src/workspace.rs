@@ -803,7 +803,7 @@ pub fn snapshot_list(ctx: &Ctx, ws: &Workspace) -> Result<ExitCode> {
                 out!(
                     "{}\t{}\t{}\t{}",
                     s.id,
-                    &s.tree[..16],
+                    s.tree.get(..16).unwrap_or(&s.tree),
                     s.branch,
                     // A message is the user's text: a newline in it must not forge a
                     // second line of the listing.

@@ -2263,3 +2263,26 @@ fn a_snapshot_names_a_fifo_whose_name_is_not_utf8_without_panicking() {
         }
     }
 }
+
+/// A snapshot record whose tree is no hash (edited by hand) is reported as damaged, as
+/// one that is no JSON is: `snapshot list` once panicked on it.
+#[test]
+fn a_snapshot_record_naming_no_tree_is_reported_as_damaged() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("f", b"base\n")]);
+    let ws = env.path("ws");
+    let w = ws.to_str().unwrap();
+    env.ok(&["workspace", "init", w, "--from", "t"]);
+    env.ok(&["snapshot", "-w", w, "create"]);
+    env.ok(&["snapshot", "-w", w, "create"]);
+    let path = ws.join("snapshots/1.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    record["tree"] = "abc".into();
+    fs::write(&path, record.to_string()).unwrap();
+    let out = env.run(&["snapshot", "-w", w, "list"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("1.json: a damaged snapshot record"), "{said}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    env.ok(&["snapshot", "-w", w, "delete", "1"]);
+}

@@ -733,10 +733,13 @@ impl Workspace {
         let mut damaged = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
             let path = entry.map_err(io("listing", &dir))?.path();
-            if snapshot_id_of(&path).is_some() {
+            if let Some(id) = snapshot_id_of(&path) {
+                // A record naming no tree, or another id, is damaged too (edited by hand).
                 match read_record::<SnapshotRecord>(&path) {
-                    Ok(record) => out.push(record),
-                    Err(_) => damaged.push(path),
+                    Ok(record) if record.tree().is_ok() && record.id == id.to_string() => {
+                        out.push(record)
+                    }
+                    _ => damaged.push(path),
                 }
             }
         }
