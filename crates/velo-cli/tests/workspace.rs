@@ -2200,6 +2200,17 @@ fn a_damaged_branch_record_hides_no_other_branch_and_can_be_deleted() {
     env.ok(&["workspace", "init", w, "--from", "t"]);
     env.ok(&["branch", "-w", w, "create", "good"]);
     env.ok(&["branch", "-w", w, "create", "bad"]);
+    // One naming a branch other than its directory's (edited by hand) is damaged too.
+    let good = fs::read_to_string(ws.join("branches/good/branch.json")).unwrap();
+    fs::write(
+        ws.join("branches/bad/branch.json"),
+        good.replace("\"good\"", "\"../../elsewhere\""),
+    )
+    .unwrap();
+    let said = env.fails(&["branch", "-w", w, "reset", "bad", "main"]);
+    assert!(said.contains("names branch"), "{said}");
+    let list = env.json(&["branch", "-w", w, "list"]);
+    assert_eq!(list["damaged"], serde_json::json!(["bad"]), "{list}");
     fs::write(ws.join("branches/bad/branch.json"), b"").unwrap();
     let out = env.run(&["branch", "-w", w, "list", "--json"]);
     let said = String::from_utf8_lossy(&out.stderr);

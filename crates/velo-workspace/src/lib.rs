@@ -523,9 +523,10 @@ impl Workspace {
             }
             let record = entry.path().join("branch.json");
             if record.exists() {
+                let name = entry.file_name().to_string_lossy().into_owned();
                 match read_record::<BranchRecord>(&record) {
-                    Ok(branch) => out.push(branch),
-                    Err(_) => damaged.push(entry.file_name().to_string_lossy().into_owned()),
+                    Ok(branch) if branch.name == name => out.push(branch),
+                    _ => damaged.push(name),
                 }
             }
         }
@@ -586,7 +587,15 @@ impl Workspace {
                 self.dir.display()
             )));
         }
-        read_record(&path)
+        let record: BranchRecord = read_record(&path)?;
+        // Its name is its directory's: another (edited by hand) would lead elsewhere.
+        if record.name != name {
+            return Err(WorkspaceError::BadRecord {
+                path,
+                why: format!("it names branch {:?}", record.name),
+            });
+        }
+        Ok(record)
     }
 
     /// Makes branch `name` over tree `base` with an empty upper: no tree is read or
