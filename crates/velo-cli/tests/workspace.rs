@@ -2185,6 +2185,25 @@ fn branch_exec_from_a_directory_the_branch_does_not_have_is_refused() {
         &format!("cd {} && echo ok > here", at.display()),
     );
     assert!(branch_dir(&at, "k").join("here").exists());
+    // From the branch's own directory under .velo/branches: there, as the mount point.
+    fs::create_dir(branch_dir(&at, "k").join("sub")).unwrap();
+    let out = env
+        .cmd()
+        .args(["branch", "-w", ws.to_str().unwrap(), "exec", "k", "--"])
+        .args(["sh", "-c", "echo own > here-too; pwd"])
+        .current_dir(branch_dir(&at, "k").join("sub"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        at.join("sub").to_str().unwrap()
+    );
+    assert!(branch_dir(&at, "k").join("sub/here-too").exists());
     drop(mounted);
 }
 
