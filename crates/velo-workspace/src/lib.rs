@@ -390,7 +390,19 @@ impl Workspace {
         }
         // A copy (`cp -a`) has the original's id, so its roots in the store: a snapshot
         // deleted in one would be freed under the other. A move leaves no original.
-        if let Some(made_at) = config.dir.as_ref().filter(|d| **d != dir) {
+        // The same directory by another path (a bind mount) is no copy.
+        let same_dir = |a: &Path, b: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            match (std::fs::metadata(a), std::fs::metadata(b)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            }
+        };
+        if let Some(made_at) = config
+            .dir
+            .as_ref()
+            .filter(|d| **d != dir && !same_dir(d, &dir))
+        {
             let original = read_record::<Config>(&made_at.join("workspace.json"));
             if original.is_ok_and(|o| o.id == config.id) {
                 return Err(WorkspaceError::Refused(format!(
