@@ -29,6 +29,8 @@ const VERSION: u64 = velo_control::VERSION;
 const IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 /// Connections served at once.
 const MAX_CLIENTS: usize = 64;
+/// The reply to a connection beyond [`MAX_CLIENTS`].
+pub(crate) const BUSY: &str = "too many connections; try again";
 
 fn address(name: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::from_abstract_name(format!(
@@ -207,7 +209,7 @@ pub fn listen(name: &str, server: Arc<dyn Server>, at_exit: Arc<AtExit>) -> Resu
             if clients.fetch_add(1, SeqCst) >= MAX_CLIENTS {
                 clients.fetch_sub(1, SeqCst);
                 let mut stream = stream;
-                let _ = write_line(&mut stream, &error_reply("too many connections; try again"));
+                let _ = write_line(&mut stream, &error_reply(BUSY));
                 continue;
             }
             let (server, at_exit, clients) = (server.clone(), at_exit.clone(), clients.clone());
@@ -402,9 +404,16 @@ impl Client {
     pub fn ask(&mut self, request: &velo_control::Request) -> Result<Value> {
         let mut line = velo_control::encode(request);
         line.push(b'\n');
-        self.stream
-            .write_all(&line)
-            .context("talking to the mount's server")?;
+        if let Err(e) = self.stream.write_all(&line) {
+            // A server that turned the connection away (busy) answered first, then
+            // closed: its answer says why.
+            if let Ok(Some(reply)) = read_line(&mut self.reader) {
+                if let Some(why) = reply.get("error").and_then(Value::as_str) {
+                    bail!("{why}");
+                }
+            }
+            return Err(e).context("talking to the mount's server");
+        }
         self.reply()
     }
 

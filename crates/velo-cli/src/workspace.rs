@@ -72,17 +72,43 @@ fn store_of(ws: &Workspace) -> Result<Store> {
     })
 }
 
-/// A connection to the workspace's running server, if it runs.
-fn server(ws: &Workspace) -> Option<crate::control::Client> {
-    let mount = ws.config().mount.as_ref()?;
+/// A connection to the workspace's running server, if it runs. A server that answers
+/// but turns the request away (all its connections taken) is an error: working on the
+/// branches without it would meet its locks and say so misleadingly.
+fn server(ws: &Workspace) -> Result<Option<crate::control::Client>> {
+    let Some(mount) = ws.config().mount.as_ref() else {
+        return Ok(None);
+    };
     if !velo_fuse::is_fuse_mount(mount) {
-        return None;
+        return Ok(None);
     }
-    let mut client = crate::control::Client::connect(mount).ok()?;
-    let info = client.ask(&velo_control::Request::Info).ok()?;
+    let Ok(mut client) = crate::control::Client::connect(mount) else {
+        return Ok(None);
+    };
+    let mut tries = 0;
+    let info = loop {
+        match client.ask(&velo_control::Request::Info) {
+            Ok(info) => break info,
+            Err(e) if format!("{e:#}").contains(crate::control::BUSY) => {
+                tries += 1;
+                if tries == 20 {
+                    return Err(e.context(format!(
+                        "the server of {} is busy: every one of its control connections is taken (by other velo commands, or a program holding them); try again",
+                        mount.display()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                client = match crate::control::Client::connect(mount) {
+                    Ok(client) => client,
+                    Err(_) => return Ok(None),
+                };
+            }
+            Err(_) => return Ok(None),
+        }
+    };
     let serves =
         info.get("workspace").and_then(Value::as_str) == Some(&*ws.dir().to_string_lossy());
-    serves.then_some(client)
+    Ok(serves.then_some(client))
 }
 
 fn is_empty_dir(path: &Path) -> bool {
@@ -142,7 +168,7 @@ fn branch_commit(ws: &Workspace, store: &Store, name: &str) -> Result<CommitRepo
             not_committed: Vec::new(),
         });
     }
-    if let Some(mut client) = server(ws) {
+    if let Some(mut client) = server(ws)? {
         if let Some(mount) = &ws.config().mount {
             crate::mount::sync_mount(mount)?;
         }
@@ -284,7 +310,7 @@ pub fn mount(ctx: &Ctx, dir: &Path, mountpoint: &Path, bindable: bool) -> Result
             mountpoint.display()
         )
     })?;
-    if let (Some(at), Some(_)) = (&ws.config().mount, server(&ws)) {
+    if let (Some(at), Some(_)) = (&ws.config().mount, server(&ws)?) {
         bail!(
             "workspace {} is mounted already, at {} (`velo umount {}` first)",
             ws.dir().display(),
@@ -359,7 +385,7 @@ fn start(ctx: &Ctx, ws: &Workspace, store: &Store, mp: &Path) -> Result<()> {
     // Quiet on success: the caller says what it made.
     crate::mount::start_server(ctx, command, &log, "workspace", mp, false)?;
     // Branches that could not be served are said, not hidden.
-    if let Some(mut client) = server(ws) {
+    if let Some(mut client) = server(ws)? {
         if let Ok(reply) = client.ask(&velo_control::Request::Branches) {
             if let Some(failed) = reply.get("failed").and_then(Value::as_object) {
                 for (name, why) in failed {
@@ -858,7 +884,7 @@ pub fn branch_create(
     let base = tree_of(ws, &store, from)?;
     let record = ws.create_branch(&store, name, base, Some(from))?;
     let mut served = false;
-    if let Some(mut client) = server(ws) {
+    if let Some(mut client) = server(ws)? {
         let added = client.ask(&velo_control::Request::BranchAdd {
             branch: name.to_string(),
         });
@@ -961,7 +987,7 @@ pub fn branch_delete(ctx: &Ctx, ws: &Workspace, name: &str) -> Result<ExitCode> 
             return Err(e.into());
         }
     }
-    match server(ws) {
+    match server(ws)? {
         Some(mut client) => {
             client.ask(&velo_control::Request::BranchDelete {
                 branch: name.to_string(),
@@ -985,7 +1011,7 @@ pub fn branch_reset(ctx: &Ctx, ws: &Workspace, name: &str, to: &str) -> Result<E
     let store = store_of(ws)?;
     let _lock = store.lock_shared()?;
     let tree = tree_of(ws, &store, to)?;
-    let record = match server(ws) {
+    let record = match server(ws)? {
         Some(mut client) => {
             client.ask(&velo_control::Request::BranchReset {
                 branch: name.to_string(),
@@ -1083,7 +1109,7 @@ pub fn branch_bind(ctx: &Ctx, ws: &Workspace, name: Option<&str>, pid: u32) -> R
     if let Some(name) = name {
         ws.branch(name)?;
     }
-    let mut client = server(ws).with_context(|| {
+    let mut client = server(ws)?.with_context(|| {
         format!(
             "the workspace's server does not run: `velo workspace mount --bindable {} MOUNTPOINT` first",
             ws.dir().display()

@@ -221,3 +221,47 @@ fn a_directory_renamed_into_itself_through_two_views_changes_nothing() {
     drop(mounted);
     env.fsck_ok();
 }
+
+/// A program holding every control connection of the server (64) makes the commands that
+/// need the server wait a little, then say it is busy; before, they went on without it
+/// and reported its upper as used by "another run".
+#[test]
+fn a_server_whose_control_connections_are_all_taken_is_reported_busy() {
+    use std::os::linux::net::SocketAddrExt;
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"a\n")]);
+    let (ws, mounted) = workspace_with(&env, "t", "true", &[]);
+    // Something to seal: an empty upper is sealed without the server.
+    fs::write(mounted.at.join("b"), "b\n").unwrap();
+    // The server's socket is named after its mount's source, `velo-<name>`.
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let at = mounted.at.to_str().unwrap().to_string();
+    let source = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(at.as_str()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|rest| rest.split(' ').nth(1))
+        .expect("the mount is listed")
+        .to_string();
+    let name = source.strip_prefix("velo-").expect("a velo mount");
+    let address =
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("velo-mount-{name}")).unwrap();
+    let held: Vec<_> = (0..64)
+        .map(|_| std::os::unix::net::UnixStream::connect_addr(&address).unwrap())
+        .collect();
+    let out = env
+        .cmd()
+        .args(["snapshot", "--workspace", ws.to_str().unwrap(), "create"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("busy"), "{said}");
+    assert!(!said.contains("another run"), "{said}");
+    drop(held);
+    in_ws(&env, &ws, &["snapshot", "create"]);
+    drop(mounted);
+}
