@@ -106,9 +106,30 @@ fn server(ws: &Workspace) -> Result<Option<crate::control::Client>> {
             Err(_) => return Ok(None),
         }
     };
-    let serves =
-        info.get("workspace").and_then(Value::as_str) == Some(&*ws.dir().to_string_lossy());
-    Ok(serves.then_some(client))
+    let Some(served) = info
+        .get("workspace")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+    else {
+        return Ok(None);
+    };
+    if served == ws.dir() {
+        return Ok(Some(client));
+    }
+    // The server at this workspace's mount point serves a workspace that is gone from
+    // where it was: this one, moved while it ran. Working on without the server would
+    // make branches it never serves.
+    if !served.join("workspace.json").exists() {
+        bail!(
+            "workspace {} was moved from {} while its server ran, which still works there: unmount it (`velo umount {}`) and mount the workspace again (`velo workspace mount {} {}`)",
+            ws.dir().display(),
+            served.display(),
+            mount.display(),
+            ws.dir().display(),
+            mount.display()
+        );
+    }
+    Ok(None)
 }
 
 fn is_empty_dir(path: &Path) -> bool {

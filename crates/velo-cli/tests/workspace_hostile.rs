@@ -265,3 +265,36 @@ fn a_server_whose_control_connections_are_all_taken_is_reported_busy() {
     in_ws(&env, &ws, &["snapshot", "create"]);
     drop(mounted);
 }
+
+/// A workspace moved (`mv`) while its server runs: the commands say so and what to do;
+/// before, `branch create` made a branch the server never served, and a snapshot said
+/// the upper was used by another run.
+#[test]
+fn a_workspace_moved_while_served_is_reported_not_worked_around() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"a\n")]);
+    let (ws, mounted) = workspace_with(&env, "t", "true", &[]);
+    fs::write(mounted.at.join("b"), "b\n").unwrap();
+    let moved = env.path("moved");
+    fs::rename(&ws, &moved).unwrap();
+    let w = moved.to_str().unwrap();
+    for args in [
+        &["branch", "--workspace", w, "create", "k2"][..],
+        &["snapshot", "--workspace", w, "create"][..],
+    ] {
+        let said = env.fails(args);
+        assert!(
+            said.contains("was moved") && said.contains("velo umount"),
+            "{said}"
+        );
+    }
+    assert!(!moved.join("branches/k2").exists());
+    env.ok(&["umount", mounted.at.to_str().unwrap()]);
+    env.ok(&["workspace", "mount", w, mounted.at.to_str().unwrap()]);
+    assert_eq!(fs::read_to_string(mounted.at.join("b")).unwrap(), "b\n");
+    in_ws(&env, &moved, &["snapshot", "create"]);
+    drop(mounted);
+}
