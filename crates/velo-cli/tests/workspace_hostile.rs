@@ -298,3 +298,23 @@ fn a_workspace_moved_while_served_is_reported_not_worked_around() {
     in_ws(&env, &moved, &["snapshot", "create"]);
     drop(mounted);
 }
+
+/// A workspace made inside a velo mount (which refuses devices) could never record a
+/// deletion: init refuses it up front; before, every later `rm` of a base file failed
+/// with EPERM.
+#[test]
+fn a_workspace_on_a_file_system_without_whiteouts_is_refused_at_init() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"a\n")]);
+    let at = env.path("outer");
+    fs::create_dir_all(&at).unwrap();
+    let outer = common::mount_with(&env, "t", &at, &[]);
+    let inner = at.join("inner");
+    let said = env.fails(&["workspace", "init", inner.to_str().unwrap(), "--from", "t"]);
+    assert!(said.contains("whiteouts"), "{said}");
+    assert!(!inner.exists(), "init left {}", inner.display());
+    drop(outer);
+}

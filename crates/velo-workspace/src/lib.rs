@@ -277,6 +277,25 @@ impl Workspace {
                 return Err(io("creating", &path)(e));
             }
         }
+        // A branch records a deletion as a whiteout (a 0/0 character device) in its
+        // upper: on a file system that cannot hold one (a velo mount refuses devices)
+        // every delete of a file of the base would fail with EPERM, long after init.
+        let probe = dir.join("snapshots/.whiteout-probe");
+        let made = rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &probe,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        );
+        let _ = std::fs::remove_file(&probe);
+        if let Err(e) = made {
+            let _ = remove_dir(&dir);
+            return Err(WorkspaceError::Refused(format!(
+                "{}: this file system cannot hold the whiteouts that record deletions in a branch (mknod of a 0/0 character device: {e}); make the workspace on a local file system (ext4, xfs, btrfs, tmpfs), not inside a velo mount",
+                dir.display()
+            )));
+        }
         Ok(Workspace { dir, config })
     }
 
