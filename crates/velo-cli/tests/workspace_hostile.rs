@@ -318,3 +318,46 @@ fn a_workspace_on_a_file_system_without_whiteouts_is_refused_at_init() {
     assert!(!inner.exists(), "init left {}", inner.display());
     drop(outer);
 }
+
+/// Another user who may read the workspace but not its private branch directories sees
+/// an error naming the one it cannot read; before, `branch list` called every branch
+/// "interrupted" and told that user to delete it.
+#[test]
+fn branches_another_user_may_not_read_are_not_called_interrupted() {
+    use std::os::unix::fs::PermissionsExt;
+    if !common::require(common::is_root(), "root (to run a command as nobody)") {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"a\n")]);
+    let ws = env.path("ws");
+    env.ok(&["workspace", "init", ws.to_str().unwrap(), "--from", "t"]);
+    in_ws(&env, &ws, &["branch", "create", "b1"]);
+    // Everything readable but the branches' own (0700) directories.
+    let status = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&env.store)
+        .arg(ws.join("workspace.json"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for dir in [
+        env.path(""),
+        ws.clone(),
+        ws.join("branches"),
+        ws.join("snapshots"),
+    ] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = common::as_nobody()
+        .arg(common::velo_bin())
+        .arg("--store")
+        .arg(&env.store)
+        .args(["branch", "--workspace", ws.to_str().unwrap(), "list"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("Permission denied"), "{said}");
+    assert!(!said.contains("interrupted"), "{said}");
+}

@@ -586,13 +586,19 @@ impl Workspace {
                 }
             }
         }
-        Ok(names
-            .into_iter()
-            .filter(|name| {
-                validate_branch_name(name).is_ok()
-                    && !self.branch_dir(name).join("branch.json").exists()
-            })
-            .collect())
+        let mut out = Vec::new();
+        for name in names {
+            if validate_branch_name(&name).is_err() {
+                continue;
+            }
+            // Only a record known to be absent makes an unfinished branch: one this user
+            // may not see (EACCES) is an error, not a branch to clean up.
+            let record = self.branch_dir(&name).join("branch.json");
+            if !record.try_exists().map_err(io("reading", &record))? {
+                out.push(name);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes what an interrupted create or delete of branch `name` left (its
