@@ -361,3 +361,18 @@ fn branches_another_user_may_not_read_are_not_called_interrupted() {
     assert!(said.contains("Permission denied"), "{said}");
     assert!(!said.contains("interrupted"), "{said}");
 }
+
+/// What an init killed half-way leaves (its directories, no record) is named as such
+/// when init runs again, with what to do.
+#[test]
+fn an_init_killed_half_way_is_named_when_init_runs_again() {
+    let env = Env::new();
+    common::ingest_files(&env, "t", &[("a", b"a\n")]);
+    let ws = env.path("ws");
+    fs::create_dir_all(ws.join("branches/main/upper")).unwrap();
+    fs::create_dir_all(ws.join("snapshots")).unwrap();
+    let said = env.fails(&["workspace", "init", ws.to_str().unwrap(), "--from", "t"]);
+    assert!(said.contains("an init that was killed"), "{said}");
+    fs::remove_dir_all(&ws).unwrap();
+    env.ok(&["workspace", "init", ws.to_str().unwrap(), "--from", "t"]);
+}

@@ -244,8 +244,20 @@ impl Workspace {
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
+                    // What an init killed half-way leaves: its directories, no record.
+                    let killed = !dir.join("workspace.json").exists()
+                        && std::fs::read_dir(dir).is_ok_and(|entries| {
+                            entries.flatten().all(|e| {
+                                e.file_name() == "branches" || e.file_name() == "snapshots"
+                            })
+                        });
+                    let hint = if killed {
+                        " (it holds only branches/ and snapshots/: an init that was killed; remove it and run again)"
+                    } else {
+                        ""
+                    };
                     return Err(WorkspaceError::Refused(format!(
-                        "{}: not empty; a workspace is made in a new or empty directory",
+                        "{}: not empty; a workspace is made in a new or empty directory{hint}",
                         dir.display()
                     )));
                 }
