@@ -123,6 +123,9 @@ pub struct Branches {
     /// (the thread's start time, the slot). Emptied when a binding changes; an entry
     /// counts only for the thread that started then (not for a later one given its pid).
     views: std::sync::Mutex<HashMap<u32, (u64, Option<u64>)>>,
+    /// Counts changes of `bindings`: a view worked out while one changed is not kept
+    /// (it may be of the bindings before).
+    bindings_changed: std::sync::atomic::AtomicU64,
     uid: u32,
     gid: u32,
 }
@@ -236,6 +239,8 @@ impl Branches {
         bindings.retain(|&p, (s, _)| proc_parent_and_start(p).is_some_and(|(_, now)| now == *s));
         bindings.insert(pid, (start, slot));
         drop(bindings);
+        self.bindings_changed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(())
     }
@@ -248,6 +253,8 @@ impl Branches {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pid)
             .is_some();
+        self.bindings_changed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
         had
     }
@@ -274,12 +281,22 @@ impl Branches {
                 return *view;
             }
         }
+        let changes = self
+            .bindings_changed
+            .load(std::sync::atomic::Ordering::SeqCst);
         let view = self.resolve_view(tid);
         let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
         if views.len() > 4096 {
             views.clear();
         }
-        views.insert(tid, (started, view));
+        // A bind or unbind since the walk: its answer may be of the bindings before.
+        if self
+            .bindings_changed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == changes
+        {
+            views.insert(tid, (started, view));
+        }
         view
     }
 
@@ -438,6 +455,7 @@ impl WorkspaceFs {
                 bindable,
                 bindings: RwLock::new(HashMap::new()),
                 views: std::sync::Mutex::new(HashMap::new()),
+                bindings_changed: std::sync::atomic::AtomicU64::new(0),
                 uid,
                 gid,
             }),
