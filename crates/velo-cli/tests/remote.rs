@@ -395,6 +395,30 @@ fn remotes_are_checked_and_credentials_come_from_the_aws_files() {
         let said = env.fails(&["remote", "add", "r", url]);
         assert!(said.contains(why), "{url}: {said}");
     }
+    // Addresses and regions the S3 client cannot parse: refused when given, never a
+    // panic at the first request (each of these once panicked in object_store).
+    for (flag, value) in [
+        ("--endpoint", "http://"),
+        ("--endpoint", "http://127.0.0.1:99999"),
+        ("--endpoint", "http:// x"),
+        ("--region", "a b"),
+    ] {
+        let said = env.fails(&["remote", "add", "odd", "s3://creds", flag, value]);
+        assert!(said.contains(flag) && !said.contains("panicked"), "{said}");
+    }
+    env.ok(&["remote", "add", "plain", "s3://creds"]);
+    for (var, value) in [("AWS_ENDPOINT_URL", "http://"), ("AWS_REGION", "x y")] {
+        let out = env
+            .cmd()
+            .env(var, value)
+            .args(["remote", "ls", "plain"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        assert!(said.contains(var) && !said.contains("panicked"), "{said}");
+    }
+    env.ok(&["remote", "remove", "plain"]);
     add_remote(&env, "r", "s3://creds", &s3.endpoint);
     let said = env.fails(&["remote", "add", "r", "s3://creds"]);
     assert!(said.contains("exists already"), "{said}");
@@ -412,13 +436,43 @@ fn remotes_are_checked_and_credentials_come_from_the_aws_files() {
     without(&mut cmd);
     let out = cmd.args(["push", "r", "app"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no AWS credentials"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no AWS credentials"), "{said}");
+    // Where velo looked: once only "no AWS credentials", whatever was wrong.
+    assert!(
+        said.contains("there is no ") && said.contains(".aws/credentials"),
+        "{said}"
+    );
+    let mut cmd = env.cmd();
+    without(&mut cmd);
+    let out = cmd
+        .env("AWS_SHARED_CREDENTIALS_FILE", &home)
+        .args(["push", "r", "app"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("cannot be read"), "{said}");
     // From ~/.aws/credentials, profile AWS_PROFILE; the secret never shows.
     fs::write(
         home.join(".aws/credentials"),
         "[default]\naws_access_key_id = nope\n[ci]\naws_access_key_id = from-file\naws_secret_access_key = s3cr3t-value\n",
     )
     .unwrap();
+    // A profile the file does not have is named, with the file.
+    let mut cmd = env.cmd();
+    without(&mut cmd);
+    let out = cmd
+        .env("AWS_PROFILE", "nosuch")
+        .args(["push", "r", "app"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("has no profile [nosuch] (AWS_PROFILE)"),
+        "{said}"
+    );
     let mut cmd = env.cmd();
     without(&mut cmd);
     let out = cmd

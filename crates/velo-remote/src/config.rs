@@ -61,11 +61,10 @@ impl RemoteConfig {
             )));
         }
         if let Some(endpoint) = &endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(RemoteError::Config(format!(
-                    "--endpoint {endpoint}: not an http:// or https:// address"
-                )));
-            }
+            check_endpoint(endpoint, "--endpoint")?;
+        }
+        if let Some(region) = &region {
+            check_region(region, "--region")?;
         }
         Ok(RemoteConfig {
             name: name.to_string(),
@@ -101,6 +100,51 @@ impl RemoteConfig {
     }
 }
 
+/// Checks an endpoint (`whence` names where it came from): an http:// or https://
+/// address of a host, with a port and a path if need be. The S3 client panics on an
+/// address it cannot parse (`http://`, a port past 65535, a space), so whatever it could
+/// not parse is refused here; so is a user name or password, which would sit in the
+/// remote's record and show in `velo remote list`.
+pub(crate) fn check_endpoint(endpoint: &str, whence: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(RemoteError::Config(format!(
+            "{whence} {endpoint:?}: {why} (give an address such as http://127.0.0.1:9000 or https://s3.example.com)"
+        )))
+    };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return bad("not an http:// or https:// address");
+    }
+    if !endpoint
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~:/[]%".contains(c))
+    {
+        return bad("an address holds only letters, digits and - . _ ~ : / [ ] %, and no user, password, query or fragment");
+    }
+    match reqwest::Url::parse(endpoint) {
+        Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        Ok(_) => bad("no host"),
+        Err(e) => bad(&e.to_string()),
+    }
+}
+
+/// Checks a region (`whence` names where it came from): it becomes part of a host name
+/// (`s3.REGION.amazonaws.com`), where a space or a `/` made the S3 client panic or go to
+/// another host.
+pub(crate) fn check_region(region: &str, whence: &str) -> Result<()> {
+    let ok = (1..=64).contains(&region.len())
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !region.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RemoteError::Config(format!(
+            "{whence} {region:?}: not a region (1 to 64 of letters, digits, '-' and '_', such as eu-west-1)"
+        )))
+    }
+}
+
 fn dir(store: &Store) -> PathBuf {
     store.root().join("remotes")
 }
@@ -113,7 +157,7 @@ fn path(store: &Store, name: &str) -> Result<PathBuf> {
 
 fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RemoteError {
     let path = path.display().to_string();
-    move |source| RemoteError::Io { what, path, source }
+    move |cause| RemoteError::Io { what, path, cause }
 }
 
 /// Records a remote; refuses a name already taken.
@@ -217,6 +261,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--endpoint"), "{e}");
+        // Addresses the S3 client could not parse (it panicked on each at the first
+        // request), and regions that are no part of a host name.
+        for endpoint in [
+            "http://",
+            "http://[::1",
+            "http://127.0.0.1:99999",
+            "http:// x",
+            "http://h/a b",
+            "http://user:pw@h:9000",
+            "http://h:9000/?x=1",
+            "https://h\u{e9}",
+        ] {
+            let e = RemoteConfig::new("r", "s3://bkt", Some(endpoint.into()), None);
+            assert!(e.is_err(), "{endpoint}");
+        }
+        for endpoint in [
+            "http://127.0.0.1:9000",
+            "https://s3.example.com/base",
+            "http://[::1]:9000",
+        ] {
+            RemoteConfig::new("r", "s3://bkt", Some(endpoint.into()), None).unwrap();
+        }
+        for region in ["a b", "\u{fc}", "us-east-1/x", "", "-x"] {
+            let e = RemoteConfig::new("r", "s3://bkt", None, Some(region.into()));
+            assert!(e.is_err(), "{region:?}");
+        }
+        RemoteConfig::new("r", "s3://bkt", None, Some("eu-west-1".into())).unwrap();
         assert!(RemoteConfig::new("../x", "s3://bkt", None, None).is_err());
     }
 }

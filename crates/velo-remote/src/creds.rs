@@ -59,17 +59,40 @@ fn lookup(pairs: &[(String, String)], key: &str) -> Option<String> {
 }
 
 pub(crate) fn credentials() -> Result<Credentials> {
-    if let (Some(key_id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+    let (key_id, secret) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"));
+    if let (Some(key_id), Some(secret)) = (&key_id, &secret) {
         return Ok(Credentials {
-            key_id,
-            secret,
+            key_id: key_id.clone(),
+            secret: secret.clone(),
             token: env("AWS_SESSION_TOKEN"),
         });
     }
-    let text = aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials")
-        .and_then(|path| std::fs::read_to_string(path).ok())
-        .unwrap_or_default();
-    let pairs = section(&text, &profile());
+    // What the environment lacks, for the message if the file does not do either.
+    let half = match (key_id, secret) {
+        (Some(_), None) => "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not; ",
+        (None, Some(_)) => "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not; ",
+        _ => "",
+    };
+    let none = |why: String| RemoteError::NoCredentials(format!("{half}{why}"));
+    let Some(path) = aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials") else {
+        return Err(none(
+            "neither AWS_SHARED_CREDENTIALS_FILE nor HOME is set".to_string(),
+        ));
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(none(format!("there is no {}", path.display())))
+        }
+        Err(e) => return Err(none(format!("{} cannot be read: {e}", path.display()))),
+    };
+    let profile = profile();
+    let pairs = section(&text, &profile);
+    let from = if env("AWS_PROFILE").is_some() {
+        "AWS_PROFILE"
+    } else {
+        "the default"
+    };
     match (
         lookup(&pairs, "aws_access_key_id"),
         lookup(&pairs, "aws_secret_access_key"),
@@ -79,8 +102,25 @@ pub(crate) fn credentials() -> Result<Credentials> {
             secret,
             token: lookup(&pairs, "aws_session_token"),
         }),
-        _ => Err(RemoteError::NoCredentials),
+        _ if !has_section(&text, &profile) => Err(none(format!(
+            "{} has no profile [{profile}] ({from})",
+            path.display()
+        ))),
+        _ => Err(none(format!(
+            "profile [{profile}] of {} lacks aws_access_key_id or aws_secret_access_key",
+            path.display()
+        ))),
     }
+}
+
+/// Whether an INI file has section `section`.
+fn has_section(text: &str, section: &str) -> bool {
+    text.lines().any(|line| {
+        line.trim()
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .is_some_and(|name| name.trim() == section)
+    })
 }
 
 pub(crate) fn region() -> Option<String> {
@@ -117,5 +157,6 @@ mod tests {
             lookup(&section(text, "default"), "aws_secret_access_key"),
             None
         );
+        assert!(has_section(text, "other") && !has_section(text, "ci"));
     }
 }

@@ -42,9 +42,9 @@ pub enum RemoteError {
     /// A remote's configuration (or a name for one) is wrong.
     #[error("{0}")]
     Config(String),
-    /// No credentials were found.
-    #[error("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give them in ~/.aws/credentials (profile from AWS_PROFILE, else [default])")]
-    NoCredentials,
+    /// No credentials were found; says where velo looked and what it found there.
+    #[error("no AWS credentials ({0}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give them in ~/.aws/credentials (profile from AWS_PROFILE, else [default])")]
+    NoCredentials(String),
     /// The object storage refused or failed a request (after retries).
     #[error("{what} {key}: {why}")]
     Request {
@@ -70,15 +70,14 @@ pub enum RemoteError {
     #[error(transparent)]
     Store(#[from] velo_store::StoreError),
     /// A local file failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// Which file.
         path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (not a `source`: the message says it already, and would say it twice).
+        cause: std::io::Error,
     },
 }
 
@@ -138,6 +137,18 @@ pub fn tidy(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Requests in flight at once.
 const PARALLEL: usize = 8;
+/// The longest a server may keep velo waiting for an answer, or for the next bytes of one.
+const READ_IDLE: Duration = Duration::from_secs(300);
+/// A read slower on average than [`MIN_RATE`] bytes a second, after [`SLOW_GRACE`], is
+/// given up: a server that trickles (a byte a second) holds velo no longer than that,
+/// however long the object it claims.
+const MIN_RATE: u64 = 8 << 10;
+const SLOW_GRACE: Duration = Duration::from_secs(60);
+
+/// When a read that started at `started` and has `read` bytes must have its next ones.
+fn rate_deadline(started: tokio::time::Instant, read: u64) -> tokio::time::Instant {
+    started + SLOW_GRACE + Duration::from_secs(read / MIN_RATE)
+}
 /// The longest a root record may be.
 const MAX_ROOT_RECORD: u64 = 64 << 10;
 /// The most keys one listing may return, and how long it may take: a remote that pages
@@ -157,16 +168,29 @@ impl Remote {
     /// Connects to the remote `config` describes (no request is made yet).
     pub fn connect(config: RemoteConfig) -> Result<Remote> {
         let creds = creds::credentials()?;
-        let region = config
-            .region
-            .clone()
-            .or_else(creds::region)
-            .unwrap_or_else(|| "us-east-1".to_string());
-        let endpoint = config.endpoint.clone().or_else(|| {
-            std::env::var("AWS_ENDPOINT_URL")
+        let region = match config.region.clone() {
+            Some(region) => region,
+            None => match creds::region() {
+                Some(region) => {
+                    config::check_region(&region, "AWS_REGION (or the AWS config file's region)")?;
+                    region
+                }
+                None => "us-east-1".to_string(),
+            },
+        };
+        let endpoint = match config.endpoint.clone() {
+            Some(endpoint) => Some(endpoint),
+            None => match std::env::var("AWS_ENDPOINT_URL")
                 .ok()
                 .filter(|e| !e.is_empty())
-        });
+            {
+                Some(endpoint) => {
+                    config::check_endpoint(&endpoint, "AWS_ENDPOINT_URL")?;
+                    Some(endpoint)
+                }
+                None => None,
+            },
+        };
         let mut builder = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(&config.bucket)
             .with_region(region)
@@ -206,7 +230,7 @@ impl Remote {
             .map_err(|e| RemoteError::Io {
                 what: "starting the I/O runtime for",
                 path: config.url(),
-                source: e,
+                cause: e,
             })?;
         Ok(Remote {
             config,
@@ -261,8 +285,24 @@ impl Remote {
         };
         let mut stream = got.into_stream();
         let mut read = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(request)?;
+        let started = tokio::time::Instant::now();
+        loop {
+            let next = tokio::time::timeout_at(rate_deadline(started, read), stream.next());
+            let chunk = match next.await {
+                Ok(Some(chunk)) => chunk.map_err(request)?,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(RemoteError::Request {
+                        what: "reading",
+                        key: key.to_string(),
+                        why: format!(
+                            "{read} bytes in {} s, slower than {} KiB/s: a stalled or trickling server (try again later, or check the remote's --endpoint)",
+                            started.elapsed().as_secs(),
+                            MIN_RATE >> 10
+                        ),
+                    })
+                }
+            };
             read += chunk.len() as u64;
             if read > cap {
                 return Err(RemoteError::Corrupt {
@@ -390,7 +430,11 @@ impl object_store::client::HttpConnector for NoRedirects {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("velo/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(300))
+            // Until the answer starts, and then between two reads of it: never a
+            // deadline for a whole transfer (`timeout` was one, so a blob that took more
+            // than 300 s to come could never be pulled, however fast it came);
+            // read_each bounds a trickle by its average rate instead.
+            .read_timeout(READ_IDLE)
             .https_only(!self.allow_http)
             .build()
             .map_err(|e| object_store::Error::Generic {
@@ -411,7 +455,31 @@ struct PublishedRoot {
 
 #[cfg(test)]
 mod tests {
-    use super::tidy;
+    use super::{tidy, RemoteError};
+
+    #[test]
+    fn a_read_may_take_long_if_it_keeps_a_minimum_rate() {
+        use super::{rate_deadline, MIN_RATE, SLOW_GRACE};
+        let t0 = tokio::time::Instant::now();
+        // A gigabyte at ten times the minimum rate is never cut off, however long it runs.
+        let gib = 1u64 << 30;
+        let at = t0 + std::time::Duration::from_secs(gib / (10 * MIN_RATE));
+        assert!(rate_deadline(t0, gib / 2) > at);
+        // A trickle of a byte a second is, once the grace has passed.
+        assert_eq!(rate_deadline(t0, 70), t0 + SLOW_GRACE);
+    }
+
+    #[test]
+    fn a_local_failure_is_said_once() {
+        // Its cause was also its source, so `{:#}` said "No space left on device" twice.
+        let e = RemoteError::Io {
+            what: "reading",
+            path: "/s/x".into(),
+            cause: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(std::error::Error::source(&e).is_none());
+    }
 
     #[derive(Debug)]
     struct Layer(String, Option<Box<Layer>>);

@@ -325,19 +325,13 @@ impl Remote {
         // each read is capped at what was asked, and sliced only after its length is
         // checked.
         small.sort_by_key(|&(_, offset, _)| offset);
-        let mut at = 0;
-        while at < small.len() {
-            let start = small[at].1;
-            let mut end = start + small[at].2;
-            let mut last = at + 1;
-            while let Some(&(_, offset, len)) = small.get(last) {
-                let reach = end.max(offset + len);
-                if offset > end + COALESCE_GAP || reach - start > MAX_COALESCED {
-                    break;
-                }
-                end = reach;
-                last += 1;
-            }
+        let spans: Vec<(u64, u64)> = small
+            .iter()
+            .map(|&(_, offset, len)| (offset, len))
+            .collect();
+        for (items, bytes) in coalesce(&spans) {
+            let (at, last) = (items.start, items.end);
+            let (start, end) = (bytes.start, bytes.end);
             let got = if end > start {
                 self.read_capped(&key, Some(start..end), end - start)
                     .await?
@@ -354,7 +348,6 @@ impl Remote {
                 verify(&key, &f, offset, len, body)?;
                 sink(f.hash, Got::Bytes(body.to_vec()))?;
             }
-            at = last;
         }
         Ok(())
     }
@@ -376,10 +369,9 @@ impl Remote {
         let read = self
             .read_each(key, range.clone(), len, &mut |chunk| {
                 hasher.update(chunk);
-                file.write_all(chunk).map_err(|source| RemoteError::Io {
-                    what: "staging a fetched blob in",
-                    path: staging.display().to_string(),
-                    source,
+                // As the store words it: a full disk says how to free space.
+                file.write_all(chunk).map_err(|e| {
+                    velo_store::StoreError::io("staging a fetched blob in", &staging)(e).into()
                 })
             })
             .await?
@@ -394,6 +386,31 @@ impl Remote {
         }
         Ok(staged)
     }
+}
+
+/// The reads that fetch objects at `spans` (offset, length; sorted by offset): for each,
+/// the objects it covers (indexes into `spans`) and the bytes it reads. Objects at most
+/// [`COALESCE_GAP`] apart share a read spanning at most [`MAX_COALESCED`] bytes (one object
+/// longer than that is read alone). The offsets come from a remote's index, which may
+/// place them anywhere up to 2^64: no sum here may overflow.
+fn coalesce(spans: &[(u64, u64)]) -> Vec<(std::ops::Range<usize>, std::ops::Range<u64>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(&(start, len)) = spans.get(at) {
+        let mut end = start.saturating_add(len);
+        let mut last = at + 1;
+        while let Some(&(offset, len)) = spans.get(last) {
+            let reach = end.max(offset.saturating_add(len));
+            if offset > end.saturating_add(COALESCE_GAP) || reach - start > MAX_COALESCED {
+                break;
+            }
+            end = reach;
+            last += 1;
+        }
+        out.push((at..last, start..end));
+        at = last;
+    }
+    out
 }
 
 /// An object the index listed is not there.
@@ -497,17 +514,47 @@ impl Remote {
             Some(Got::Staged(staged)) => Ok(staged),
             Some(Got::Bytes(bytes)) => {
                 let mut staged = store.stage()?;
-                staged
-                    .file()
-                    .write_all(&bytes)
-                    .map_err(|source| RemoteError::Io {
-                        what: "staging a fetched blob in",
-                        path: store.root().join("tmp").display().to_string(),
-                        source,
-                    })?;
+                staged.file().write_all(&bytes).map_err(|e| {
+                    velo_store::StoreError::io(
+                        "staging a fetched blob in",
+                        store.root().join("tmp"),
+                    )(e)
+                })?;
                 Ok(staged)
             }
             None => Err(gone(&self.key(&format!("objects/{}", hash.to_hex())))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce, COALESCE_GAP, MAX_COALESCED};
+
+    #[test]
+    fn reads_coalesce_within_bounds_wherever_an_index_puts_objects() {
+        // Close together: one read; far apart: two.
+        assert_eq!(
+            coalesce(&[(0, 10), (20, 5), (COALESCE_GAP + 100, 1)]),
+            vec![
+                (0..2, 0..25),
+                (2..3, COALESCE_GAP + 100..COALESCE_GAP + 101)
+            ]
+        );
+        // Overlapping ranges (a hostile index): one read of their union.
+        assert_eq!(coalesce(&[(0, 100), (50, 10)]), vec![(0..2, 0..100)]);
+        // No read spans more than MAX_COALESCED.
+        let spans: Vec<(u64, u64)> = (0..100).map(|i| (i << 20, 1 << 20)).collect();
+        for (_, bytes) in coalesce(&spans) {
+            assert!(bytes.end - bytes.start <= MAX_COALESCED);
+        }
+        // Offsets at the top of the u64 range (an index may claim a pack that long):
+        // once an overflow, a panic.
+        let top = u64::MAX - 20;
+        assert_eq!(
+            coalesce(&[(top, 5), (top + 10, 5)]),
+            vec![(0..2, top..top + 15)]
+        );
+        assert!(coalesce(&[]).is_empty());
     }
 }

@@ -194,7 +194,7 @@ impl Remote {
             let n = file.read(&mut buf).map_err(|e| RemoteError::Io {
                 what: "reading",
                 path: store.blob_path(&w.hash).display().to_string(),
-                source: e,
+                cause: e,
             })?;
             if n == 0 {
                 break;
@@ -234,7 +234,7 @@ fn read_blob(store: &Store, hash: &Hash, size: u64) -> Result<Vec<u8>> {
         .map_err(|e| RemoteError::Io {
             what: "reading",
             path: store.blob_path(hash).display().to_string(),
-            source: e,
+            cause: e,
         })?;
     if bytes.len() as u64 != size || Hash::of_blob(&bytes) != *hash {
         return Err(damaged(*hash));
