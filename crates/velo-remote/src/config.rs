@@ -37,13 +37,15 @@ impl RemoteConfig {
             RemoteError::Config(format!("{url}: not an s3://BUCKET/PREFIX address"))
         })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
         let bucket_ok = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            && bucket.bytes().all(|b| alnum(&b) || b == b'-' || b == b'.')
+            && bucket.as_bytes().first().is_some_and(alnum)
+            && bucket.as_bytes().last().is_some_and(alnum)
+            && !bucket.contains("..");
         if !bucket_ok {
             return Err(RemoteError::Config(format!(
-                "{url}: {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-', '.')"
+                "{url}: {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-', '.', beginning and ending with a letter or digit, no '..')"
             )));
         }
         let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
@@ -246,6 +248,9 @@ mod tests {
             ("http://b/p", "not an s3://"),
             ("s3://B/p", "bucket name"),
             ("s3://ab/p", "bucket name"),
+            ("s3://-bkt/p", "bucket name"),
+            ("s3://bkt-/p", "bucket name"),
+            ("s3://bkt..x/p", "bucket name"),
             ("s3://bkt/a/../b", "'..'"),
             ("s3://bkt/a//b", "single '/'"),
             ("s3://bkt//b", "single '/'"),
