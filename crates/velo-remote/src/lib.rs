@@ -117,7 +117,15 @@ pub fn tidy(error: &(dyn std::error::Error + 'static)) -> String {
         }
         next = e.source();
     }
-    let joined = parts.join(": ");
+    // A layer that prefixes its cause's words with its own label ("Generic S3 error:
+    // Generic S3 error: ...") says it once.
+    let mut words: Vec<&str> = Vec::new();
+    for part in parts.iter().flat_map(|p| p.split(": ")) {
+        if words.last() != Some(&part) {
+            words.push(part);
+        }
+    }
+    let joined = words.join(": ");
     let mut out = String::with_capacity(joined.len().min(MAX_QUOTED + 3));
     let mut last_space = false;
     for c in joined.chars() {
@@ -518,5 +526,11 @@ mod tests {
             Some(Box::new(Layer("refused".into(), None))),
         );
         assert_eq!(tidy(&chained), "connecting: refused");
+        // A label its cause repeats is said once.
+        let doubled = Layer(
+            "Generic S3 error: Generic S3 error: Error performing GET".into(),
+            None,
+        );
+        assert_eq!(tidy(&doubled), "Generic S3 error: Error performing GET");
     }
 }
