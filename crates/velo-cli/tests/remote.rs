@@ -419,6 +419,19 @@ fn remotes_are_checked_and_credentials_come_from_the_aws_files() {
         assert!(said.contains(var) && !said.contains("panicked"), "{said}");
     }
     env.ok(&["remote", "remove", "plain"]);
+    // A record edited (or written by a velo that checked less): the error names it and
+    // says how to mend it, where it once quoted an `--endpoint` nobody had typed.
+    fs::write(
+        env.store.join("remotes/edited.json"),
+        r#"{"name":"edited","bucket":"creds","prefix":"","endpoint":"http://"}"#,
+    )
+    .unwrap();
+    let said = env.fails(&["remote", "list"]);
+    assert!(
+        said.contains("remotes/edited.json") && said.contains("velo remote remove edited"),
+        "{said}"
+    );
+    env.ok(&["remote", "remove", "edited"]);
     add_remote(&env, "r", "s3://creds", &s3.endpoint);
     let said = env.fails(&["remote", "add", "r", "s3://creds"]);
     assert!(said.contains("exists already"), "{said}");

@@ -197,8 +197,14 @@ pub fn load_remote(store: &Store, name: &str) -> Result<RemoteConfig> {
     let config: RemoteConfig = serde_json::from_slice(&bytes).map_err(|e| {
         RemoteError::Config(format!("{}: not a remote record ({e})", path.display()))
     })?;
-    // Checked again: the file may have been edited.
-    RemoteConfig::new(name, &config.url(), config.endpoint, config.region)
+    // Checked again: the file may have been edited, or written by a velo that checked
+    // less; the error names the record and how to mend it.
+    RemoteConfig::new(name, &config.url(), config.endpoint, config.region).map_err(|e| {
+        RemoteError::Config(format!(
+            "remote {name} ({}): {e}; `velo remote remove {name}` and add it again",
+            path.display()
+        ))
+    })
 }
 
 /// Every remote, by name.
