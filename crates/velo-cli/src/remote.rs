@@ -236,72 +236,133 @@ fn register(
 }
 
 /// The blob fetcher of a mount with `--remote`: one request per blob however many readers
-/// ask at once, each blob verified before it enters the store.
-pub(crate) struct LazyBlobs {
+/// ask at once, each blob verified before it enters the store. A fetch runs on a thread of
+/// its own: a reader waits for it [`FETCH_TIMEOUT`] at most, then gets `EIO`, while the
+/// fetch goes on, so a large blob on a slow link is there for a later read (had the
+/// reader's wait bounded the fetch, such a file could never be read).
+pub(crate) struct LazyBlobs(std::sync::Arc<Lazy>);
+
+struct Lazy {
     remote: Remote,
+    /// How long a reader waits ([`FETCH_TIMEOUT`], or `VRIFT_FETCH_WAIT`).
+    wait: std::time::Duration,
     index: velo_remote::RemoteIndex,
     store: velo_store::Store,
-    /// Per blob being fetched: the first reader's failure, which the readers that waited
-    /// for it share (each once started a fetch of its own, one after another).
-    in_flight: std::sync::Mutex<
-        std::collections::HashMap<Hash, std::sync::Arc<std::sync::Mutex<Option<String>>>>,
-    >,
+    /// The fetches running, by blob; each ends with its outcome, which the readers
+    /// waiting for it share (each once started a fetch of its own, one after another).
+    in_flight: std::sync::Mutex<std::collections::HashMap<Hash, std::sync::Arc<Fetching>>>,
 }
 
-/// How long a reader waits for a blob before it gets EIO.
+/// One blob's fetch: `None` while it runs, then its outcome.
+#[derive(Default)]
+struct Fetching {
+    outcome: std::sync::Mutex<Option<std::result::Result<(), String>>>,
+    ended: std::sync::Condvar,
+}
+
+/// How long a reader waits for a blob before it gets EIO, unless `VRIFT_FETCH_WAIT`
+/// (seconds, read when the mount starts) says otherwise.
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a fetch may run once started, whoever waits for it (a stalled server is cut
+/// off sooner, by velo-remote's minimum rate).
+const FETCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl LazyBlobs {
     pub(crate) fn new(remote: Remote, store: &velo_store::Store) -> Result<LazyBlobs> {
         let index = remote.index(store)?;
-        Ok(LazyBlobs {
+        let wait = match std::env::var("VRIFT_FETCH_WAIT") {
+            Ok(secs) => {
+                std::time::Duration::from_secs(secs.trim().parse().with_context(|| {
+                    format!("VRIFT_FETCH_WAIT={secs:?}: not a number of seconds")
+                })?)
+            }
+            Err(_) => FETCH_TIMEOUT,
+        };
+        Ok(LazyBlobs(std::sync::Arc::new(Lazy {
             remote,
+            wait,
             index,
             store: velo_store::Store::open(store.root())?,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
-        })
+        })))
+    }
+}
+
+impl Lazy {
+    /// Fetches blob `hash` into the store.
+    fn fetch_now(&self, hash: Hash, size: u64) -> Result<()> {
+        if self.store.has_blob(&hash) {
+            return Ok(());
+        }
+        // Verified as it streams into a staged file (never held whole in memory).
+        let staged = self
+            .remote
+            .fetch_blob(&self.store, &self.index, hash, size, FETCH_LIMIT)?;
+        // A writer of the store: gc's sweep waits for it, and it for the sweep.
+        let _lock = self.store.lock_shared()?;
+        self.store.commit_blob(staged, &hash)?;
+        Ok(())
     }
 }
 
 impl velo_fuse::BlobFetcher for LazyBlobs {
     fn fetch(&self, hash: &[u8; 32], size: u64) -> std::io::Result<()> {
         let hash = Hash(*hash);
-        let one = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(hash)
-            .or_default()
-            .clone();
-        let mut failed = one.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = failed.as_ref() {
-            return Err(std::io::Error::other(why.clone()));
-        }
-        let result = (|| -> Result<()> {
-            if self.store.has_blob(&hash) {
+        let lazy = &self.0;
+        let fetching = {
+            let mut in_flight = lazy.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if lazy.store.has_blob(&hash) {
                 return Ok(());
             }
-            // Verified as it streams into a staged file (never held whole in memory).
-            let staged =
-                self.remote
-                    .fetch_blob(&self.store, &self.index, hash, size, FETCH_TIMEOUT)?;
-            // A writer of the store: gc's sweep waits for it, and it for the sweep.
-            let _lock = self.store.lock_shared()?;
-            self.store.commit_blob(staged, &hash)?;
-            Ok(())
-        })();
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&hash);
-        result.map_err(|e| {
-            tracing::warn!(
-                "fetching blob {hash} from {}: {e:#}",
-                self.remote.config.url()
-            );
-            *failed = Some(format!("{e:#}"));
-            std::io::Error::other(format!("{e:#}"))
-        })
+            match in_flight.get(&hash) {
+                Some(fetching) => fetching.clone(),
+                None => {
+                    let fetching = std::sync::Arc::new(Fetching::default());
+                    in_flight.insert(hash, fetching.clone());
+                    let (lazy, ours) = (lazy.clone(), fetching.clone());
+                    std::thread::spawn(move || {
+                        let outcome = lazy.fetch_now(hash, size).map_err(|e| {
+                            tracing::warn!(
+                                "fetching blob {hash} from {}: {e:#}",
+                                lazy.remote.config.url()
+                            );
+                            format!("{e:#}")
+                        });
+                        *ours.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                        // Gone from the map first: a later reader starts anew (after a
+                        // failure) or finds the blob in the store.
+                        lazy.in_flight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&hash);
+                        ours.ended.notify_all();
+                    });
+                    fetching
+                }
+            }
+        };
+        let outcome = fetching.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let (outcome, waited) = fetching
+            .ended
+            .wait_timeout_while(outcome, lazy.wait, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        match outcome.as_ref() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(std::io::Error::other(why.clone())),
+            None => {
+                debug_assert!(waited.timed_out());
+                tracing::warn!(
+                    "blob {hash} ({size} bytes) not fetched from {} within {} s; the fetch goes on, and a later read finds it",
+                    lazy.remote.config.url(),
+                    lazy.wait.as_secs()
+                );
+                Err(std::io::Error::other(format!(
+                    "blob {hash}: still being fetched from {} after {} s",
+                    lazy.remote.config.url(),
+                    lazy.wait.as_secs()
+                )))
+            }
+        }
     }
 }
 

@@ -809,3 +809,98 @@ fn large_blobs_stream_into_the_store_and_bad_ones_leave_nothing() {
     assert_eq!(staged_files(&third.store), 0);
     third.fsck_ok();
 }
+
+/// A blob that takes longer to come than a reader waits (a slow link): the reader gets
+/// EIO when its wait ends, the fetch goes on, and a later read has the file. Before, the
+/// reader's wait bounded the fetch, so such a file could never be read lazily.
+#[test]
+fn a_fetch_slower_than_a_readers_wait_goes_on_for_the_next_read() {
+    let Some(s3) = S3::start() else { return };
+    if !common::fuse_available() {
+        return;
+    }
+    s3.bucket("slow");
+    let env = Env::new();
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    common::ingest_files(&env, "app", &[("big", &big)]);
+    add_remote(&env, "r", "s3://slow", &s3.endpoint);
+    env.ok(&["push", "r", "app"]);
+    // A proxy that holds every ranged read (a pack's object) for 4 s.
+    let port = free_port();
+    let proxy_script = format!(
+        r#"
+import http.client, http.server, socketserver, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def handle_one(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.headers.get("Range"):
+            time.sleep(4)
+        c = http.client.HTTPConnection("127.0.0.1", {upstream})
+        c.request(self.command, self.path, body=body, headers=dict(self.headers))
+        r = c.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+print("ready", flush=True)
+S(("127.0.0.1", {port}), H).serve_forever()
+"#,
+        upstream = s3.endpoint.rsplit(':').next().unwrap(),
+    );
+    let mut proxy = KillOnDrop(
+        Command::new("python3")
+            .arg("-c")
+            .arg(&proxy_script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(proxy.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let other = Env::new();
+    add_remote(
+        &other,
+        "r",
+        "s3://slow",
+        &format!("http://127.0.0.1:{port}"),
+    );
+    let at = other.path("mnt");
+    std::env::set_var("VRIFT_FETCH_WAIT", "1");
+    let mounted = common::mount_with(&other, "app", &at, &["--remote", "r"]);
+    let started = Instant::now();
+    let err = fs::read(at.join("big")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the reader waited for the fetch"
+    );
+    // The fetch went on: within a few seconds the file reads whole.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        match fs::read(at.join("big")) {
+            Ok(bytes) => break bytes,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("never fetched: {e}"),
+        }
+    };
+    assert_eq!(got, big);
+    drop(mounted);
+    drop(proxy);
+    other.fsck_ok();
+}
