@@ -49,6 +49,65 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A proxy on loopback in front of an S3 server, stopped when dropped: every request goes
+/// through `behaviour` (Python, indented for the handler; `n` counts requests, `body` is
+/// read), which may answer it itself (and return), before it is passed on.
+struct Proxy;
+
+impl Proxy {
+    fn start(s3: &S3, behaviour: &str) -> (KillOnDrop, String) {
+        let port = free_port();
+        let script = format!(
+            r#"
+import http.client, http.server, socketserver, threading, time
+count = [0]
+lock = threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def handle_one(self):
+        with lock:
+            count[0] += 1
+            n = count[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+{behaviour}
+        c = http.client.HTTPConnection("127.0.0.1", {upstream})
+        c.request(self.command, self.path, body=body, headers=dict(self.headers))
+        r = c.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+print("ready", flush=True)
+S(("127.0.0.1", {port}), H).serve_forever()
+"#,
+            upstream = s3.endpoint.rsplit(':').next().unwrap(),
+        );
+        let mut proxy = KillOnDrop(
+            Command::new("python3")
+                .arg("-c")
+                .arg(&script)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        BufReader::new(proxy.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        (proxy, format!("http://127.0.0.1:{port}"))
+    }
+}
+
 /// An S3 server on loopback, stopped when dropped.
 struct S3 {
     child: Child,
@@ -305,21 +364,9 @@ fn a_half_done_push_publishes_nothing_and_the_next_resumes() {
 fn transient_errors_are_retried_and_the_transfer_completes() {
     let Some(s3) = S3::start() else { return };
     s3.bucket("flaky");
-    let port = free_port();
-    let proxy_script = format!(
+    let (proxy, flaky) = Proxy::start(
+        &s3,
         r#"
-import http.client, http.server, socketserver, threading, sys
-count = [0]
-lock = threading.Lock()
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def handle_one(self):
-        with lock:
-            count[0] += 1
-            n = count[0]
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
         if n % 7 == 0:
             self.close_connection = True
             self.connection.close()
@@ -329,37 +376,8 @@ class H(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        c = http.client.HTTPConnection("127.0.0.1", {upstream})
-        c.request(self.command, self.path, body=body, headers=dict(self.headers))
-        r = c.getresponse()
-        data = r.read()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-print("ready", flush=True)
-S(("127.0.0.1", {port}), H).serve_forever()
 "#,
-        upstream = s3.endpoint.rsplit(':').next().unwrap(),
     );
-    let mut proxy = Command::new("python3")
-        .arg("-c")
-        .arg(&proxy_script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(proxy.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    let flaky = format!("http://127.0.0.1:{port}");
     let env = Env::new();
     let src = env.path("src");
     common::awkward_tree(&src);
@@ -369,8 +387,7 @@ S(("127.0.0.1", {port}), H).serve_forever()
     let other = Env::new();
     add_remote(&other, "r", "s3://flaky/p", &flaky);
     let pulled = other.run(&["pull", "r", "app"]);
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
     for out in [&pushed, &pulled] {
         assert!(
             out.status.success(),
@@ -826,57 +843,15 @@ fn a_fetch_slower_than_a_readers_wait_goes_on_for_the_next_read() {
     add_remote(&env, "r", "s3://slow", &s3.endpoint);
     env.ok(&["push", "r", "app"]);
     // A proxy that holds every ranged read (a pack's object) for 4 s.
-    let port = free_port();
-    let proxy_script = format!(
+    let (proxy, slow) = Proxy::start(
+        &s3,
         r#"
-import http.client, http.server, socketserver, time
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def handle_one(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
         if self.headers.get("Range"):
             time.sleep(4)
-        c = http.client.HTTPConnection("127.0.0.1", {upstream})
-        c.request(self.command, self.path, body=body, headers=dict(self.headers))
-        r = c.getresponse()
-        data = r.read()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-print("ready", flush=True)
-S(("127.0.0.1", {port}), H).serve_forever()
 "#,
-        upstream = s3.endpoint.rsplit(':').next().unwrap(),
     );
-    let mut proxy = KillOnDrop(
-        Command::new("python3")
-            .arg("-c")
-            .arg(&proxy_script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(proxy.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
     let other = Env::new();
-    add_remote(
-        &other,
-        "r",
-        "s3://slow",
-        &format!("http://127.0.0.1:{port}"),
-    );
+    add_remote(&other, "r", "s3://slow", &slow);
     let at = other.path("mnt");
     std::env::set_var("VRIFT_FETCH_WAIT", "1");
     let mounted = common::mount_with(&other, "app", &at, &["--remote", "r"]);

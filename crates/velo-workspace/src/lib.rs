@@ -606,8 +606,13 @@ impl Workspace {
             // Only a record known to be absent makes an unfinished branch: one this user
             // may not see (EACCES) is an error, not a branch to clean up.
             let record = self.branch_dir(&name).join("branch.json");
-            if !record.try_exists().map_err(io("reading", &record))? {
-                out.push(name);
+            match record.try_exists() {
+                Ok(true) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(io("reading", &record)(e));
+                }
+                // Absent, or no directory to hold it (a file put there by hand).
+                Ok(false) | Err(_) => out.push(name),
             }
         }
         Ok(out)
