@@ -363,12 +363,13 @@ impl Remote {
 
     /// Reads a published root: its tree. `Ok(None)` if there is no such root.
     pub fn root(&self, name: &str) -> Result<Option<velo_core::Hash>> {
+        self.runtime.block_on(self.read_root(name))
+    }
+
+    async fn read_root(&self, name: &str) -> Result<Option<velo_core::Hash>> {
         velo_store::validate_root_name(name)?;
         let key = self.key(&format!("roots/{name}"));
-        let Some(bytes) = self
-            .runtime
-            .block_on(self.read_capped(&key, None, MAX_ROOT_RECORD))?
-        else {
+        let Some(bytes) = self.read_capped(&key, None, MAX_ROOT_RECORD).await? else {
             return Ok(None);
         };
         let record: PublishedRoot =
@@ -390,7 +391,7 @@ impl Remote {
     pub fn roots(&self) -> Result<Vec<(String, String)>> {
         let prefix = self.key("roots/");
         let metas = self.runtime.block_on(self.list_keys(&prefix))?;
-        let mut out = Vec::new();
+        let mut names = Vec::new();
         for meta in metas {
             // Right below roots/ only (another remote's prefix may lie below this one's).
             let below = meta
@@ -407,7 +408,31 @@ impl Remote {
             if velo_store::validate_root_name(&name).is_err() {
                 continue;
             }
-            match self.root(&name) {
+            names.push(name);
+        }
+        // Read PARALLEL at a time, all within the time a listing may take: a remote of
+        // many roots (or a slow one) is not read one request after another for ever.
+        use futures::StreamExt;
+        let read = futures::stream::iter(names)
+            .map(|name| async move {
+                let tree = self.read_root(&name).await;
+                (name, tree)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<_>>();
+        let records = self
+            .runtime
+            .block_on(async { tokio::time::timeout(LIST_TIMEOUT, read).await })
+            .map_err(|_| RemoteError::Corrupt {
+                key: prefix.to_string(),
+                why: format!(
+                    "its root records were not read within {} s",
+                    LIST_TIMEOUT.as_secs()
+                ),
+            })?;
+        let mut out = Vec::new();
+        for (name, tree) in records {
+            match tree {
                 Ok(Some(tree)) => out.push((name, tree.to_hex())),
                 Ok(None) => {}
                 Err(e @ RemoteError::Corrupt { .. }) => tracing::warn!("{e}"),
