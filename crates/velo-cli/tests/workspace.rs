@@ -2316,3 +2316,43 @@ fn a_snapshot_record_naming_no_tree_is_reported_as_damaged() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
     env.ok(&["snapshot", "-w", w, "delete", "1"]);
 }
+
+/// `init --lower` over a host directory holding a subdirectory this user may not list:
+/// refused, naming it and what to do (it said a bare "listing ...: Permission denied").
+#[test]
+fn init_lower_over_a_directory_this_user_may_not_list_says_what_to_do() {
+    if !common::require(common::is_root(), "root (to run velo as nobody)")
+        || !common::require(common::find_tool("setpriv").is_some(), "setpriv")
+    {
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("work");
+    fs::create_dir_all(&work).unwrap();
+    let chown = Command::new("chown")
+        .args(["65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let run = format!(
+        "w=\"$1\"; cd \"$w\"; mkdir -p host/closed; echo a > host/a; chmod 000 host/closed; \
+         \"{}\" --store \"$w/store\" workspace init ws --lower host",
+        common::velo_bin().display()
+    );
+    let out = common::as_nobody()
+        .args(["/bin/sh", "-c", &run, "sh"])
+        .arg(&work)
+        .env_remove("VR_THE_SOURCE")
+        .env_remove("VELO_WORKSPACE")
+        .env("HOME", &work)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("closed") && said.contains("may not list it"),
+        "{said}"
+    );
+}

@@ -61,7 +61,20 @@ pub fn index_host_dir(dir: &Path) -> Result<(Vec<u8>, u64)> {
     let mut left_out = 0;
     while let Some((path, index)) = queue.pop_front() {
         let mut entries: Vec<(Vec<u8>, std::fs::Metadata)> = Vec::new();
-        for entry in std::fs::read_dir(&path).map_err(io("listing", &path))? {
+        let listing = std::fs::read_dir(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                // The whole host is indexed at init: a directory this user may not list
+                // cannot be part of the branch it shows.
+                WorkspaceError::Refused(format!(
+                    "--lower {}: {}: this user may not list it ({e}); make it readable (chmod a+rx), or init as a user who can",
+                    dir.display(),
+                    path.display()
+                ))
+            } else {
+                io("listing", &path)(e)
+            }
+        })?;
+        for entry in listing {
             let entry = entry.map_err(io("listing", &path))?;
             let meta = entry
                 .path()
