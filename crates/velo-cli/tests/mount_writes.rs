@@ -735,6 +735,47 @@ print("ok")
     env.fsck_ok();
 }
 
+/// `--passthrough`: a tree file never changed, opened for writing and then deleted,
+/// takes writes, and then chmod and truncation, through the open descriptor (to a copy
+/// with no name), as without passthrough; the write failed with ENOENT (the copy-up
+/// looked for its name).
+#[test]
+fn passthrough_writes_to_a_tree_file_deleted_while_open_go_on() {
+    if !passthrough_available() {
+        return;
+    }
+    let env = Env::new();
+    common::ingest_files(
+        &env,
+        "t",
+        &[("tree-unlinked", &[b'y'; 200_000]), ("kept", b"k\n")],
+    );
+    let at = env.path("mnt");
+    let _mounted = mount_with(&env, "t", &at, &["--passthrough"]);
+    let script = r#"
+import os
+g = open("tree-unlinked", "r+b")
+os.unlink("tree-unlinked")
+g.seek(5)
+g.write(b"Q")
+g.flush()
+os.fchmod(g.fileno(), 0o600)
+os.ftruncate(g.fileno(), 1000)
+g.seek(0)
+data = g.read()
+assert data == b"y" * 5 + b"Q" + b"y" * 994, data[:10]
+assert os.fstat(g.fileno()).st_mode & 0o777 == 0o600
+assert os.fstat(g.fileno()).st_nlink == 0
+g.close()
+assert not os.path.exists("tree-unlinked")
+print("ok")
+"#;
+    python_prints(&at, script, "ok\n");
+    env.ok(&["commit", at.to_str().unwrap(), "--name", "c"]);
+    assert_eq!(env.ok(&["ls", "c"]).trim(), "kept");
+    env.fsck_ok();
+}
+
 /// `--passthrough`: files of the upper (made on the mount, or copied up) are read and
 /// written by the kernel straight, so their bytes never pass through the server (its
 /// write count stays flat while 8 MiB are written), and everything the server still

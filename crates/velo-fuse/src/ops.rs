@@ -851,7 +851,13 @@ impl TreeFs {
         };
         if pending {
             let mut st = self.state();
-            if !self.ns.info(&st, ino)?.upper {
+            let info = self.ns.info(&st, ino)?;
+            if !info.upper && !info.linked {
+                // Deleted (or renamed over) while this handle had it open: its copy is a
+                // file with no name, as without handles.
+                let file = self.copy_up_deleted(&mut st, ino)?;
+                self.point_handles_at(ino, &file);
+            } else if !info.upper {
                 self.copy_up(&mut st, ino, how)?;
             } else {
                 // Copied up through another handle meanwhile: open the copy.
