@@ -42,6 +42,26 @@ fn python(script: &str) -> Command {
 /// A child process killed when dropped (a failed assertion must not leave it running).
 struct KillOnDrop(Child);
 
+impl KillOnDrop {
+    /// Runs Python `script`, which prints "ready" once it serves.
+    fn python_ready(script: &str) -> KillOnDrop {
+        let mut child = KillOnDrop(
+            Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -91,20 +111,10 @@ S(("127.0.0.1", {port}), H).serve_forever()
 "#,
             upstream = s3.endpoint.rsplit(':').next().unwrap(),
         );
-        let mut proxy = KillOnDrop(
-            Command::new("python3")
-                .arg("-c")
-                .arg(&script)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut line = String::new();
-        BufReader::new(proxy.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
-        (proxy, format!("http://127.0.0.1:{port}"))
+        (
+            KillOnDrop::python_ready(&script),
+            format!("http://127.0.0.1:{port}"),
+        )
     }
 }
 
@@ -695,19 +705,7 @@ print("ready", flush=True)
 threading.Event().wait()
 "#
     );
-    let mut servers = KillOnDrop(
-        Command::new("python3")
-            .arg("-c")
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(servers.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let servers = KillOnDrop::python_ready(&script);
     let velo = |args: &[&str]| {
         env.cmd()
             .args(args)

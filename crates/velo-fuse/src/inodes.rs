@@ -181,14 +181,15 @@ static FDS: LazyLock<Mutex<Fds>> = LazyLock::new(|| {
 
 static NEXT_FD_CACHE: AtomicU64 = AtomicU64::new(0);
 
-/// Descriptors the caches keep at most, together: half the process's limit (read when
-/// the cache is full: the server raises its limit before it serves), at most 8,192.
-fn fd_cache_limit() -> usize {
-    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-        Some(cur) => (cur / 2).clamp(16, 8192) as usize,
-        None => 8192,
-    }
-}
+/// Descriptors the caches keep at most, together: half the process's limit (read once,
+/// at the first insert: the server raises its limit before it serves), at most 8,192.
+static FD_CACHE_LIMIT: LazyLock<usize> =
+    LazyLock::new(
+        || match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            Some(cur) => (cur / 2).clamp(16, 8192) as usize,
+            None => 8192,
+        },
+    );
 
 fn fds() -> std::sync::MutexGuard<'static, Fds> {
     FDS.lock().unwrap_or_else(|e| e.into_inner())
@@ -228,7 +229,7 @@ impl FdCache {
 
     fn keep(&self, key: FdKey, fd: Cached) {
         let mut fds = fds();
-        let limit = fd_cache_limit();
+        let limit = *FD_CACHE_LIMIT;
         if fds.entries.len() >= limit {
             // The least recently used quarter goes (an open keeps its own Arc).
             let mut uses: Vec<u64> = fds.entries.values().map(|(_, used)| *used).collect();

@@ -162,7 +162,6 @@ impl Remote {
         index: &RemoteIndex,
         wanted: &[Fetch],
     ) -> Result<Vec<(Hash, Vec<u8>)>> {
-        let groups = self.group(index, wanted)?;
         let trees = std::sync::Mutex::new(Vec::new());
         let keep = |hash: Hash, got: Got<'_>| {
             if let Got::Bytes(bytes) = got {
@@ -173,15 +172,7 @@ impl Remote {
             }
             Ok(())
         };
-        self.runtime.block_on(
-            futures::stream::iter(
-                groups
-                    .into_iter()
-                    .map(|(pack, items)| self.fetch_group(store, index, pack, items, &keep)),
-            )
-            .buffer_unordered(PARALLEL)
-            .try_collect::<Vec<()>>(),
-        )?;
+        self.fetch_groups(store, index, wanted, &keep)?;
         Ok(trees.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -194,7 +185,6 @@ impl Remote {
         batch: &Batch<'_>,
         forms: &HashMap<Hash, velo_store::BlobForm>,
     ) -> Result<()> {
-        let groups = self.group(index, wanted)?;
         let insert = |hash: Hash, got: Got<'_>| {
             let form = forms.get(&hash).copied();
             match got {
@@ -207,11 +197,24 @@ impl Remote {
             }
             Ok(())
         };
+        self.fetch_groups(store, index, wanted, &insert)
+    }
+
+    /// Fetches `wanted`, [`PARALLEL`] groups at a time, each object verified and handed
+    /// to `sink` as it comes.
+    fn fetch_groups<'s>(
+        &self,
+        store: &'s Store,
+        index: &RemoteIndex,
+        wanted: &[Fetch],
+        sink: &dyn Fn(Hash, Got<'s>) -> Result<()>,
+    ) -> Result<()> {
+        let groups = self.group(index, wanted)?;
         self.runtime.block_on(
             futures::stream::iter(
                 groups
                     .into_iter()
-                    .map(|(pack, items)| self.fetch_group(store, index, pack, items, &insert)),
+                    .map(|(pack, items)| self.fetch_group(store, index, pack, items, sink)),
             )
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<()>>(),
